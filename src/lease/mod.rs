@@ -1,0 +1,1 @@
+//! Registries, the allocator and the lease manager.

@@ -1,0 +1,24 @@
+//! linen: a userspace UDP encapsulation router, compatible with flannel's udp backend.
+//!
+//! **Packet path** (data plane, std threads, no async): a worker reads a batch of IP packets from
+//! its TUN queue, checks each with a zero-copy [`wire`] view, looks the destination up in the
+//! current [`table::Snapshot`] (loaded once per batch), and sends the unchanged packet as the
+//! whole payload of a UDP datagram to the peer's `PublicIP:port` (flannel's wire format, port
+//! 8285). Datagrams arriving on the UDP socket are validated against the same snapshot (known
+//! sender, inner source inside the sender's subnet, inner destination inside ours) and written to
+//! the TUN.
+//!
+//! **Control path** (tokio): the [`lease`] manager reads the flannel network config
+//! ([`model::NetworkConfig`]) from a registry (etcd v3 or a directory), acquires and renews this
+//! host's subnet lease, and watches every other lease. Each change rebuilds a whole
+//! [`table::Snapshot`] and publishes it with one atomic pointer store; the data plane never waits
+//! on the control plane.
+//!
+//! Start reading at [`model`] (the shared vocabulary), then [`table`], then [`wire`].
+
+#![deny(unsafe_code)]
+
+pub mod lease;
+pub mod model;
+pub mod table;
+pub mod wire;

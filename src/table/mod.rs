@@ -1,0 +1,1 @@
+//! The forwarding table. Must not import tokio, `lease` or `daemon`.

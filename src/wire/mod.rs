@@ -1,0 +1,1 @@
+//! Zero-copy views of IP packet headers. Depends on nothing but `core`/`std`.
