@@ -1,0 +1,671 @@
+//! flannel's network config (`<prefix>/config`), read as Go's `encoding/json` reads it (keys
+//! case-insensitive, unknown keys ignored) and validated as flannel's `CheckNetworkConfig`
+//! validates it, with the same defaults (`flannel-compat.md` §a).
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde_json::{Map, Value};
+
+/// flannel's udp backend port.
+pub const DEFAULT_PORT: u16 = 8285;
+
+/// The config as written: every field optional, nothing defaulted or checked yet.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NetworkConfigSpec {
+    /// `Network`, host bits already masked off (Go parses it as a CIDR).
+    pub network: Option<Ipv4Network>,
+    /// `SubnetLen` (0 or absent: default).
+    pub subnet_len: Option<u8>,
+    /// `SubnetMin`.
+    pub subnet_min: Option<Ipv4Addr>,
+    /// `SubnetMax` (inclusive: the start of the last subnet).
+    pub subnet_max: Option<Ipv4Addr>,
+    /// `EnableIPv4` (default true).
+    pub enable_ipv4: Option<bool>,
+    /// `EnableIPv6` (default false).
+    pub enable_ipv6: Option<bool>,
+    /// `IPv6Network`.
+    pub ipv6_network: Option<Ipv6Network>,
+    /// `IPv6SubnetLen`.
+    pub ipv6_subnet_len: Option<u8>,
+    /// `IPv6SubnetMin`.
+    pub ipv6_subnet_min: Option<Ipv6Addr>,
+    /// `IPv6SubnetMax`.
+    pub ipv6_subnet_max: Option<Ipv6Addr>,
+    /// `EnableNFTables`.
+    pub enable_nftables: Option<bool>,
+    /// `Backend.Type`, lower-cased (absent: flannel picks `udp`).
+    pub backend_type: Option<String>,
+    /// `Backend.Port`.
+    pub backend_port: Option<u16>,
+}
+
+/// The udp backend's settings.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct BackendConfig {
+    /// UDP port every host listens on and sends to (flannel: 8285).
+    pub port: u16,
+}
+
+/// A validated network config with flannel's defaults filled in.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NetworkConfig {
+    /// The IPv4 cluster network, when IPv4 is enabled.
+    pub network: Option<Ipv4Network>,
+    /// Prefix length of each host's IPv4 subnet.
+    pub subnet_len: u8,
+    /// Start of the first IPv4 subnet that may be leased.
+    pub subnet_min: Ipv4Addr,
+    /// Start of the last IPv4 subnet that may be leased (inclusive).
+    pub subnet_max: Ipv4Addr,
+    /// The IPv6 cluster network, when IPv6 is enabled.
+    pub ipv6_network: Option<Ipv6Network>,
+    /// Prefix length of each host's IPv6 subnet.
+    pub ipv6_subnet_len: u8,
+    /// Start of the first IPv6 subnet that may be leased.
+    pub ipv6_subnet_min: Ipv6Addr,
+    /// Start of the last IPv6 subnet that may be leased (inclusive).
+    pub ipv6_subnet_max: Ipv6Addr,
+    /// Masquerade rules go to nftables instead of iptables.
+    pub enable_nftables: bool,
+    /// The udp backend's settings.
+    pub backend: BackendConfig,
+    /// The spec this was derived from (written back by `linen network init`).
+    pub spec: NetworkConfigSpec,
+}
+
+/// Why a network config was rejected. Messages quote the value and say what would be valid.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not a JSON object.
+    #[error("network config is not a JSON object: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field has the wrong JSON type or cannot be parsed.
+    #[error("network config field {field} is invalid: {value} (expected {expected})")]
+    Field {
+        /// Field name as flannel spells it.
+        field: &'static str,
+        /// The offending JSON text.
+        value: String,
+        /// What would be valid.
+        expected: &'static str,
+    },
+    /// A semantic rule was broken.
+    #[error("network config: {0}")]
+    Invalid(String),
+}
+
+impl NetworkConfigSpec {
+    /// Reads the JSON text of `<prefix>/config`.
+    pub fn from_json(text: &str) -> Result<NetworkConfigSpec, ConfigError> {
+        let map: Map<String, Value> = serde_json::from_str(text)?;
+        let mut spec = NetworkConfigSpec::default();
+        for (key, value) in map {
+            match key.to_ascii_lowercase().as_str() {
+                "network" => {
+                    spec.network = parse_str(&value, "Network", "a CIDR such as 198.19.0.0/16")?
+                        .map(|s| parse_v4_cidr(s, "Network"))
+                        .transpose()?
+                }
+                "subnetlen" => spec.subnet_len = parse_len(&value, "SubnetLen")?,
+                "subnetmin" => spec.subnet_min = parse_ip(&value, "SubnetMin", "an IPv4 address")?,
+                "subnetmax" => spec.subnet_max = parse_ip(&value, "SubnetMax", "an IPv4 address")?,
+                "enableipv4" => spec.enable_ipv4 = parse_bool(&value, "EnableIPv4")?,
+                "enableipv6" => spec.enable_ipv6 = parse_bool(&value, "EnableIPv6")?,
+                "enablenftables" => spec.enable_nftables = parse_bool(&value, "EnableNFTables")?,
+                "ipv6network" => {
+                    spec.ipv6_network =
+                        parse_str(&value, "IPv6Network", "a CIDR such as fd00:198:19::/48")?
+                            .map(parse_v6_cidr)
+                            .transpose()?
+                }
+                "ipv6subnetlen" => spec.ipv6_subnet_len = parse_len(&value, "IPv6SubnetLen")?,
+                "ipv6subnetmin" => {
+                    spec.ipv6_subnet_min = parse_ip(&value, "IPv6SubnetMin", "an IPv6 address")?
+                }
+                "ipv6subnetmax" => {
+                    spec.ipv6_subnet_max = parse_ip(&value, "IPv6SubnetMax", "an IPv6 address")?
+                }
+                "backend" => spec.read_backend(&value)?,
+                _ => {}
+            }
+        }
+        Ok(spec)
+    }
+
+    fn read_backend(&mut self, value: &Value) -> Result<(), ConfigError> {
+        let map = match value {
+            Value::Null => return Ok(()),
+            Value::Object(m) => m,
+            other => {
+                return Err(field_err(
+                    "Backend",
+                    other,
+                    "an object such as {\"Type\":\"udp\"}",
+                ));
+            }
+        };
+        for (key, value) in map {
+            match key.to_ascii_lowercase().as_str() {
+                "type" => {
+                    self.backend_type =
+                        parse_str(value, "Backend.Type", "a string such as \"udp\"")?
+                            .map(str::to_ascii_lowercase)
+                }
+                "port" => match value {
+                    Value::Null => {}
+                    Value::Number(n) => match n.as_u64() {
+                        Some(0) => {}
+                        Some(p) if p <= u64::from(u16::MAX) => self.backend_port = Some(p as u16),
+                        _ => return Err(field_err("Backend.Port", value, "a port 1..65535")),
+                    },
+                    other => return Err(field_err("Backend.Port", other, "a port 1..65535")),
+                },
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Writes the spec as flannel's JSON: only the fields that are set, flannel's spelling.
+    pub fn to_json(&self) -> String {
+        let mut map = Map::new();
+        let mut put = |k: &str, v: Option<Value>| {
+            if let Some(v) = v {
+                map.insert(k.to_owned(), v);
+            }
+        };
+        let s = |x: String| Value::String(x);
+        put("Network", self.network.map(|n| s(n.to_string())));
+        put("SubnetLen", self.subnet_len.map(Value::from));
+        put("SubnetMin", self.subnet_min.map(|a| s(a.to_string())));
+        put("SubnetMax", self.subnet_max.map(|a| s(a.to_string())));
+        put("EnableIPv4", self.enable_ipv4.map(Value::Bool));
+        put("EnableIPv6", self.enable_ipv6.map(Value::Bool));
+        put("IPv6Network", self.ipv6_network.map(|n| s(n.to_string())));
+        put("IPv6SubnetLen", self.ipv6_subnet_len.map(Value::from));
+        put(
+            "IPv6SubnetMin",
+            self.ipv6_subnet_min.map(|a| s(a.to_string())),
+        );
+        put(
+            "IPv6SubnetMax",
+            self.ipv6_subnet_max.map(|a| s(a.to_string())),
+        );
+        put("EnableNFTables", self.enable_nftables.map(Value::Bool));
+        let mut backend = Map::new();
+        backend.insert(
+            "Type".into(),
+            s(self.backend_type.clone().unwrap_or_else(|| "udp".into())),
+        );
+        if let Some(p) = self.backend_port {
+            backend.insert("Port".into(), Value::from(p));
+        }
+        map.insert("Backend".into(), Value::Object(backend));
+        // serde_json's map is sorted; flannel does not care about key order.
+        Value::Object(map).to_string()
+    }
+
+    /// Applies flannel's defaults and checks (`CheckNetworkConfig`, plus SubnetMin ≤ SubnetMax
+    /// and the backend type, which flannel checks elsewhere).
+    pub fn validate(self) -> Result<NetworkConfig, ConfigError> {
+        let enable_ipv4 = self.enable_ipv4.unwrap_or(true);
+        let enable_ipv6 = self.enable_ipv6.unwrap_or(false);
+        if !enable_ipv4 && !enable_ipv6 {
+            return invalid("EnableIPv4 and EnableIPv6 are both false; enable at least one".into());
+        }
+        let (network, subnet_len, subnet_min, subnet_max) = if enable_ipv4 {
+            let Some(net) = self.network else {
+                return invalid(
+                    "Network is missing: please define a correct Network parameter in the \
+                     flannel config, e.g. {\"Network\":\"198.19.0.0/16\"}"
+                        .into(),
+                );
+            };
+            let r = check_range(
+                &Family::V4,
+                u128::from(u32::from(net.network())),
+                net.prefix(),
+                self.subnet_len,
+                self.subnet_min.map(|a| u128::from(u32::from(a))),
+                self.subnet_max.map(|a| u128::from(u32::from(a))),
+            )?;
+            (
+                Some(net),
+                r.len,
+                Ipv4Addr::from(r.min as u32),
+                Ipv4Addr::from(r.max as u32),
+            )
+        } else {
+            (None, 0, Ipv4Addr::UNSPECIFIED, Ipv4Addr::UNSPECIFIED)
+        };
+        let (ipv6_network, ipv6_subnet_len, ipv6_subnet_min, ipv6_subnet_max) = if enable_ipv6 {
+            let Some(net) = self.ipv6_network else {
+                return invalid(
+                    "EnableIPv6 is true but IPv6Network is missing; add e.g. \
+                     \"IPv6Network\":\"fd00:198:19::/48\""
+                        .into(),
+                );
+            };
+            let r = check_range(
+                &Family::V6,
+                u128::from(net.network()),
+                net.prefix(),
+                self.ipv6_subnet_len,
+                self.ipv6_subnet_min.map(u128::from),
+                self.ipv6_subnet_max.map(u128::from),
+            )?;
+            (
+                Some(net),
+                r.len,
+                Ipv6Addr::from(r.min),
+                Ipv6Addr::from(r.max),
+            )
+        } else {
+            (None, 0, Ipv6Addr::UNSPECIFIED, Ipv6Addr::UNSPECIFIED)
+        };
+        match self.backend_type.as_deref() {
+            None | Some("udp") => {}
+            Some(other) => {
+                return invalid(format!(
+                    "Backend.Type is {other:?}, but linen implements only flannel's \"udp\" \
+                     backend; set \"Backend\":{{\"Type\":\"udp\"}}"
+                ));
+            }
+        }
+        Ok(NetworkConfig {
+            network,
+            subnet_len,
+            subnet_min,
+            subnet_max,
+            ipv6_network,
+            ipv6_subnet_len,
+            ipv6_subnet_min,
+            ipv6_subnet_max,
+            enable_nftables: self.enable_nftables.unwrap_or(false),
+            backend: BackendConfig {
+                port: self.backend_port.unwrap_or(DEFAULT_PORT),
+            },
+            spec: self,
+        })
+    }
+}
+
+impl NetworkConfig {
+    /// Parses and validates the JSON text of `<prefix>/config`.
+    pub fn from_json(text: &str) -> Result<NetworkConfig, ConfigError> {
+        NetworkConfigSpec::from_json(text)?.validate()
+    }
+
+    /// Whether an IPv4 subnet may be leased under this config: inside the network, of length
+    /// `SubnetLen`, and its start within `[SubnetMin, SubnetMax]`.
+    pub fn is_valid_v4_subnet(&self, subnet: Ipv4Network) -> bool {
+        let Some(net) = self.network else {
+            return false;
+        };
+        subnet.prefix() == self.subnet_len
+            && net.contains(subnet.network())
+            && subnet.network() >= self.subnet_min
+            && subnet.network() <= self.subnet_max
+    }
+
+    /// Whether an IPv6 subnet may be leased under this config.
+    pub fn is_valid_v6_subnet(&self, subnet: Ipv6Network) -> bool {
+        let Some(net) = self.ipv6_network else {
+            return false;
+        };
+        subnet.prefix() == self.ipv6_subnet_len
+            && net.contains(subnet.network())
+            && subnet.network() >= self.ipv6_subnet_min
+            && subnet.network() <= self.ipv6_subnet_max
+    }
+}
+
+enum Family {
+    V4,
+    V6,
+}
+
+struct Range {
+    len: u8,
+    min: u128,
+    max: u128,
+}
+
+/// flannel's checks for one family, on addresses widened to u128.
+fn check_range(
+    family: &Family,
+    net: u128,
+    prefix: u8,
+    len: Option<u8>,
+    min: Option<u128>,
+    max: Option<u128>,
+) -> Result<Range, ConfigError> {
+    let (bits, name, default_len, max_prefix, max_len) = match family {
+        Family::V4 => (32u8, "", 24u8, 28u8, 30u8),
+        Family::V6 => (128u8, "IPv6", 64u8, 124u8, 126u8),
+    };
+    let fmt = |a: u128| match family {
+        Family::V4 => Ipv4Addr::from(a as u32).to_string(),
+        Family::V6 => Ipv6Addr::from(a).to_string(),
+    };
+    let len = match len {
+        None | Some(0) => {
+            if prefix <= default_len - 2 {
+                default_len
+            } else if prefix <= max_prefix {
+                prefix + 2
+            } else {
+                return invalid(format!(
+                    "{name}Network {}/{prefix} is too small. Minimum useful network prefix is /{max_prefix}",
+                    fmt(net)
+                ));
+            }
+        }
+        Some(l) if l > max_len => {
+            return invalid(format!(
+                "{name}SubnetLen {l} is too long: {name}SubnetLen must be less than /{}",
+                max_len + 1
+            ));
+        }
+        Some(l) if u16::from(l) < u16::from(prefix) + 2 => {
+            return invalid(format!(
+                "{name}SubnetLen {l} is too short for {name}Network {}/{prefix}: the network must \
+                 be able to accommodate at least four subnets, so use at least /{}",
+                fmt(net),
+                prefix + 2
+            ));
+        }
+        Some(l) => l,
+    };
+    let host_bits = u32::from(bits - len);
+    let size: u128 = 1u128 << host_bits;
+    let net_size: u128 = if prefix == 0 {
+        u128::MAX // only reachable for v6 /0; treat as the whole space
+    } else {
+        1u128 << u32::from(bits - prefix)
+    };
+    let last = net.saturating_add(net_size - 1);
+    let check = |a: u128, field: &str| -> Result<u128, ConfigError> {
+        if a < net || a > last {
+            return invalid(format!(
+                "{name}{field} {} is outside {name}Network {}/{prefix}",
+                fmt(a),
+                fmt(net)
+            ));
+        }
+        if !a.is_multiple_of(size) {
+            return invalid(format!(
+                "{name}{field} {} is not on a {name}SubnetLen boundary (/{len}); use {}",
+                fmt(a),
+                fmt(a - a % size)
+            ));
+        }
+        Ok(a)
+    };
+    let min = match min {
+        None => net + size,
+        Some(a) => check(a, "SubnetMin")?,
+    };
+    let max = match max {
+        None => last - (size - 1),
+        Some(a) => check(a, "SubnetMax")?,
+    };
+    if min > max {
+        return invalid(format!(
+            "{name}SubnetMin {} is above {name}SubnetMax {}; no subnet could be leased",
+            fmt(min),
+            fmt(max)
+        ));
+    }
+    Ok(Range { len, min, max })
+}
+
+fn invalid<T>(msg: String) -> Result<T, ConfigError> {
+    Err(ConfigError::Invalid(msg))
+}
+
+fn field_err(field: &'static str, value: &Value, expected: &'static str) -> ConfigError {
+    ConfigError::Field {
+        field,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+fn parse_str<'a>(
+    value: &'a Value,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<Option<&'a str>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => Ok(Some(s)),
+        other => Err(field_err(field, other, expected)),
+    }
+}
+
+fn parse_v4_cidr(s: &str, field: &'static str) -> Result<Ipv4Network, ConfigError> {
+    let bad = || {
+        field_err(
+            field,
+            &Value::String(s.into()),
+            "an IPv4 CIDR such as 198.19.0.0/16",
+        )
+    };
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv4Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = Ipv4Network::new(addr, len).map_err(|_| bad())?;
+    Ipv4Network::new(net.network(), len).map_err(|_| bad())
+}
+
+fn parse_v6_cidr(s: &str) -> Result<Ipv6Network, ConfigError> {
+    let bad = || {
+        field_err(
+            "IPv6Network",
+            &Value::String(s.into()),
+            "an IPv6 CIDR such as fd00:198:19::/48",
+        )
+    };
+    let (addr, len) = s.split_once('/').ok_or_else(bad)?;
+    let addr: Ipv6Addr = addr.parse().map_err(|_| bad())?;
+    let len: u8 = len.parse().map_err(|_| bad())?;
+    let net = Ipv6Network::new(addr, len).map_err(|_| bad())?;
+    Ipv6Network::new(net.network(), len).map_err(|_| bad())
+}
+
+fn parse_ip<A: std::str::FromStr>(
+    value: &Value,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<Option<A>, ConfigError> {
+    parse_str(value, field, expected)?
+        .map(|s| s.parse().map_err(|_| field_err(field, value, expected)))
+        .transpose()
+}
+
+fn parse_len(value: &Value, field: &'static str) -> Result<Option<u8>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Number(n) => match n.as_u64() {
+            Some(l) if l <= 128 => Ok(Some(l as u8)),
+            _ => Err(field_err(field, value, "a prefix length such as 24")),
+        },
+        other => Err(field_err(field, other, "a prefix length such as 24")),
+    }
+}
+
+fn parse_bool(value: &Value, field: &'static str) -> Result<Option<bool>, ConfigError> {
+    match value {
+        Value::Null => Ok(None),
+        Value::Bool(b) => Ok(Some(*b)),
+        other => Err(field_err(field, other, "true or false")),
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn v4(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn err(text: &str) -> String {
+        NetworkConfig::from_json(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn flannel_defaults_lowercase_keys() {
+        let c = NetworkConfig::from_json(r#"{"network":"10.3.0.0/16"}"#).unwrap();
+        assert_eq!(c.network.unwrap().to_string(), "10.3.0.0/16");
+        assert_eq!(c.subnet_len, 24);
+        assert_eq!(c.subnet_min, v4("10.3.1.0"));
+        assert_eq!(c.subnet_max, v4("10.3.255.0"));
+        assert_eq!(c.backend.port, 8285);
+        assert!(c.ipv6_network.is_none());
+    }
+
+    #[test]
+    fn flannel_overrides_kept() {
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.5.0","SubnetMax":"10.3.8.0","SubnetLen":28}"#,
+        )
+        .unwrap();
+        assert_eq!(c.subnet_len, 28);
+        assert_eq!(c.subnet_min, v4("10.3.5.0"));
+        assert_eq!(c.subnet_max, v4("10.3.8.0"));
+    }
+
+    #[test]
+    fn observed_config_range() {
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"198.19.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.subnet_min, c.subnet_max),
+            (v4("198.19.1.0"), v4("198.19.255.0"))
+        );
+    }
+
+    #[test]
+    fn default_subnet_len_by_prefix() {
+        let len = |net: &str| {
+            NetworkConfig::from_json(&format!(r#"{{"Network":"{net}"}}"#))
+                .unwrap()
+                .subnet_len
+        };
+        assert_eq!(len("10.0.0.0/8"), 24);
+        assert_eq!(len("10.0.0.0/22"), 24);
+        assert_eq!(len("10.0.0.0/23"), 25);
+        assert_eq!(len("10.0.0.0/28"), 30);
+        assert!(
+            err(r#"{"Network":"10.0.0.0/29"}"#).contains("Minimum useful network prefix is /28")
+        );
+    }
+
+    #[test]
+    fn host_bits_masked_and_unknown_keys_ignored() {
+        let c = NetworkConfig::from_json(r#"{"NETWORK":"10.3.7.9/16","Whatever":[1,2]}"#).unwrap();
+        assert_eq!(c.network.unwrap().to_string(), "10.3.0.0/16");
+    }
+
+    #[test]
+    fn ipv6_defaults_and_overrides() {
+        let c = NetworkConfig::from_json(
+            r#"{"EnableIPv4":false,"enableIPv6":true,"IPv6Network":"fc00::/48"}"#,
+        )
+        .unwrap();
+        assert!(c.network.is_none());
+        assert_eq!(c.ipv6_subnet_len, 64);
+        assert_eq!(
+            c.ipv6_subnet_min,
+            "fc00:0:0:1::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            c.ipv6_subnet_max,
+            "fc00:0:0:ffff::".parse::<Ipv6Addr>().unwrap()
+        );
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.3.0.0/16","EnableIPv6":true,"IPv6Network":"fc00::/48","IPv6SubnetLen":56,"IPv6SubnetMin":"fc00:0:0:200::","IPv6SubnetMax":"fc00:0:0:f000::"}"#,
+        )
+        .unwrap();
+        assert_eq!(c.ipv6_subnet_len, 56);
+        assert_eq!(
+            c.ipv6_subnet_min,
+            "fc00:0:0:200::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            c.ipv6_subnet_max,
+            "fc00:0:0:f000::".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(
+            NetworkConfig::from_json(
+                r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"fc00::/120"}"#
+            )
+            .unwrap()
+            .ipv6_subnet_len,
+            122
+        );
+    }
+
+    #[test]
+    fn validation_errors_quote_the_value() {
+        assert!(err(r#"{}"#).contains("please define a correct Network parameter"));
+        assert!(err(r#"{"Network":"10.3.0.0/16","SubnetLen":31}"#).contains("less than /31"));
+        assert!(
+            err(r#"{"Network":"10.3.0.0/16","SubnetLen":17}"#).contains("at least four subnets")
+        );
+        let e = err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.5.7"}"#);
+        assert!(
+            e.contains("10.3.5.7") && e.contains("boundary") && e.contains("10.3.5.0"),
+            "{e}"
+        );
+        let e = err(r#"{"Network":"10.3.0.0/16","SubnetMax":"10.4.0.0"}"#);
+        assert!(e.contains("10.4.0.0") && e.contains("outside"), "{e}");
+        let e = err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.9.0","SubnetMax":"10.3.8.0"}"#);
+        assert!(e.contains("above"), "{e}");
+        let e = err(r#"{"Network":"10.3.0.0/33"}"#);
+        assert!(e.contains("10.3.0.0/33"), "{e}");
+        let e = err(r#"{"Network":"10.3.0.0/16","Backend":{"Type":"VXLAN"}}"#);
+        assert!(e.contains("vxlan") && e.contains("udp"), "{e}");
+        assert!(err(r#"{"Network":"10.3.0.0/16","Backend":{"Port":70000}}"#).contains("70000"));
+        assert!(err(r#"{"Network":"10.3.0.0/16","SubnetLen":"24"}"#).contains("SubnetLen"));
+        assert!(err(r#"{"EnableIPv6":true,"EnableIPv4":false}"#).contains("IPv6Network"));
+        assert!(err(r#"{"EnableIPv4":false}"#).contains("both false"));
+        assert!(err("[1]").contains("not a JSON object"));
+    }
+
+    #[test]
+    fn backend_type_and_port() {
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.3.0.0/16","backend":{"type":"UDP","port":9999}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.backend.port, 9999);
+    }
+
+    #[test]
+    fn spec_json_round_trips() {
+        let text = r#"{"Network":"10.3.0.0/16","SubnetLen":26,"EnableIPv6":true,"IPv6Network":"fd00::/48","Backend":{"Type":"udp","Port":8300}}"#;
+        let spec = NetworkConfigSpec::from_json(text).unwrap();
+        let again = NetworkConfigSpec::from_json(&spec.to_json()).unwrap();
+        assert_eq!(spec, again);
+        assert_eq!(again.validate().unwrap().subnet_len, 26);
+    }
+
+    #[test]
+    fn subnet_validity() {
+        let c = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let n = |s: &str| s.parse::<Ipv4Network>().unwrap();
+        assert!(c.is_valid_v4_subnet(n("198.19.1.0/24")));
+        assert!(c.is_valid_v4_subnet(n("198.19.255.0/24")));
+        assert!(!c.is_valid_v4_subnet(n("198.19.0.0/24")));
+        assert!(!c.is_valid_v4_subnet(n("198.19.1.0/25")));
+        assert!(!c.is_valid_v4_subnet(n("198.20.1.0/24")));
+    }
+}

@@ -1,0 +1,270 @@
+//! Lease values: flannel's `LeaseAttrs` JSON (`{"PublicIP":"198.18.1.1","PublicIPv6":null}`),
+//! read as Go's `encoding/json` reads it and written byte-identically.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::time::SystemTime;
+
+use serde_json::value::RawValue;
+use serde_json::{Map, Value};
+
+use super::SubnetKey;
+
+/// The value stored under a subnet key.
+///
+/// Written in flannel's field order: `PublicIP` (always), `PublicIPv6` (always, `null` when
+/// unset, as flannel has no `omitempty` on it), then `BackendType`, `BackendData` and
+/// `BackendV6Data` only when set. The udp backend writes only the first two.
+#[derive(Clone, Debug, Default)]
+pub struct LeaseAttrs {
+    /// The host's IPv4 underlay address, its identity, and where its datagrams go.
+    pub public_ip: Option<Ipv4Addr>,
+    /// The host's IPv6 underlay address.
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// Backend type (flannel's udp backend leaves it empty).
+    pub backend_type: Option<String>,
+    /// Backend data, kept verbatim so a renewal rewrites it unchanged.
+    pub backend_data: Option<Box<RawValue>>,
+    /// IPv6 backend data, kept verbatim.
+    pub backend_v6_data: Option<Box<RawValue>>,
+}
+
+impl PartialEq for LeaseAttrs {
+    fn eq(&self, other: &Self) -> bool {
+        fn raw(v: &Option<Box<RawValue>>) -> Option<&str> {
+            v.as_deref().map(RawValue::get)
+        }
+        self.public_ip == other.public_ip
+            && self.public_ipv6 == other.public_ipv6
+            && self.backend_type == other.backend_type
+            && raw(&self.backend_data) == raw(&other.backend_data)
+            && raw(&self.backend_v6_data) == raw(&other.backend_v6_data)
+    }
+}
+
+impl Eq for LeaseAttrs {}
+
+/// Why a lease value was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum LeaseValueError {
+    /// Not a JSON object.
+    #[error("lease value is not a JSON object: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field has the wrong type or an unparsable address.
+    #[error("lease value field {field} is invalid: {value} (expected {expected})")]
+    Field {
+        /// The field name as flannel spells it.
+        field: &'static str,
+        /// The offending JSON text.
+        value: String,
+        /// What would be valid.
+        expected: &'static str,
+    },
+    /// Neither `PublicIP` nor `PublicIPv6` is set.
+    #[error("lease value has neither PublicIP nor PublicIPv6; a lease must name its host")]
+    NoAddress,
+}
+
+impl LeaseAttrs {
+    /// Attributes of an IPv4-underlay host, as the udp backend writes them.
+    pub fn with_public_ip(ip: Ipv4Addr) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: Some(ip),
+            ..LeaseAttrs::default()
+        }
+    }
+
+    /// Parses a lease value. Keys match case-insensitively and unknown keys are ignored, as
+    /// in Go's `encoding/json`; `"0.0.0.0"` and `null` both mean "unset".
+    pub fn from_json(text: &str) -> Result<LeaseAttrs, LeaseValueError> {
+        let map: Map<String, Value> = serde_json::from_str(text)?;
+        let mut attrs = LeaseAttrs::default();
+        for (key, value) in map {
+            match key.to_ascii_lowercase().as_str() {
+                "publicip" => attrs.public_ip = parse_addr(value, "PublicIP", "an IPv4 address")?,
+                "publicipv6" => {
+                    attrs.public_ipv6 = parse_addr(value, "PublicIPv6", "an IPv6 address or null")?
+                }
+                "backendtype" => {
+                    attrs.backend_type = match value {
+                        Value::Null => None,
+                        Value::String(s) if s.is_empty() => None,
+                        Value::String(s) => Some(s),
+                        other => return Err(field_err("BackendType", &other, "a string")),
+                    }
+                }
+                "backenddata" => attrs.backend_data = raw(value)?,
+                "backendv6data" => attrs.backend_v6_data = raw(value)?,
+                _ => {}
+            }
+        }
+        if attrs.public_ip.is_none() && attrs.public_ipv6.is_none() {
+            return Err(LeaseValueError::NoAddress);
+        }
+        Ok(attrs)
+    }
+
+    /// The value as flannel writes it, e.g. `{"PublicIP":"198.18.1.1","PublicIPv6":null}`.
+    pub fn to_json(&self) -> String {
+        let mut out = String::with_capacity(64);
+        out.push_str("{\"PublicIP\":\"");
+        out.push_str(&self.public_ip.unwrap_or(Ipv4Addr::UNSPECIFIED).to_string());
+        out.push_str("\",\"PublicIPv6\":");
+        match self.public_ipv6 {
+            Some(ip) => {
+                out.push('"');
+                out.push_str(&ip.to_string());
+                out.push('"');
+            }
+            None => out.push_str("null"),
+        }
+        if let Some(t) = &self.backend_type {
+            out.push_str(",\"BackendType\":");
+            out.push_str(&Value::String(t.clone()).to_string());
+        }
+        if let Some(d) = &self.backend_data {
+            out.push_str(",\"BackendData\":");
+            out.push_str(d.get());
+        }
+        if let Some(d) = &self.backend_v6_data {
+            out.push_str(",\"BackendV6Data\":");
+            out.push_str(d.get());
+        }
+        out.push('}');
+        out
+    }
+}
+
+fn field_err(field: &'static str, value: &Value, expected: &'static str) -> LeaseValueError {
+    LeaseValueError::Field {
+        field,
+        value: value.to_string(),
+        expected,
+    }
+}
+
+fn parse_addr<A: std::str::FromStr + IsUnspecified>(
+    value: Value,
+    field: &'static str,
+    expected: &'static str,
+) -> Result<Option<A>, LeaseValueError> {
+    match &value {
+        Value::Null => Ok(None),
+        Value::String(s) if s.is_empty() => Ok(None),
+        Value::String(s) => match s.parse::<A>() {
+            Ok(a) if a.unspecified() => Ok(None),
+            Ok(a) => Ok(Some(a)),
+            Err(_) => Err(field_err(field, &value, expected)),
+        },
+        _ => Err(field_err(field, &value, expected)),
+    }
+}
+
+trait IsUnspecified {
+    fn unspecified(&self) -> bool;
+}
+impl IsUnspecified for Ipv4Addr {
+    fn unspecified(&self) -> bool {
+        self.is_unspecified()
+    }
+}
+impl IsUnspecified for Ipv6Addr {
+    fn unspecified(&self) -> bool {
+        self.is_unspecified()
+    }
+}
+
+/// Keeps a backend data value verbatim (compact JSON, as Go's `json.RawMessage` marshals it).
+fn raw(value: Value) -> Result<Option<Box<RawValue>>, LeaseValueError> {
+    if value.is_null() {
+        return Ok(None);
+    }
+    Ok(Some(RawValue::from_string(value.to_string())?))
+}
+
+/// A subnet lease: which subnet, held by which host, until when.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lease {
+    /// The leased subnet(s).
+    pub key: SubnetKey,
+    /// The value stored under the key.
+    pub attrs: LeaseAttrs,
+    /// When the lease runs out; `None` for a reservation (a key without a TTL).
+    pub expiration: Option<SystemTime>,
+    /// A registry-specific handle on the TTL holder (the etcd lease ID); `None` for the
+    /// directory registry and for reservations.
+    pub lease_id: Option<i64>,
+}
+
+impl Lease {
+    /// Whether this lease is a reservation (no expiry).
+    pub fn is_reservation(&self) -> bool {
+        self.expiration.is_none()
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn writes_flannel_udp_value_byte_identically() {
+        let attrs = LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 1, 1));
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"198.18.1.1","PublicIPv6":null}"#
+        );
+    }
+
+    #[test]
+    fn round_trips_flannel_values() {
+        for text in [
+            r#"{"PublicIP":"198.18.1.1","PublicIPv6":null}"#,
+            r#"{"PublicIP":"198.18.1.2","PublicIPv6":"fd00::2"}"#,
+            r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendType":"vxlan","BackendData":{"VNI":1,"VtepMAC":"c6:d2:00:00:00:01"}}"#,
+        ] {
+            let attrs = LeaseAttrs::from_json(text).unwrap();
+            assert_eq!(attrs.to_json(), text);
+        }
+    }
+
+    #[test]
+    fn reads_like_go() {
+        // Case-insensitive keys, unknown keys ignored, a hand-written value without PublicIPv6.
+        let attrs = LeaseAttrs::from_json(r#"{"publicip":"198.18.1.3","BackendType":"udp","X":1}"#)
+            .unwrap();
+        assert_eq!(attrs.public_ip, Some(Ipv4Addr::new(198, 18, 1, 3)));
+        assert_eq!(attrs.public_ipv6, None);
+        assert_eq!(attrs.backend_type.as_deref(), Some("udp"));
+        assert_eq!(
+            attrs.to_json(),
+            r#"{"PublicIP":"198.18.1.3","PublicIPv6":null,"BackendType":"udp"}"#
+        );
+        let v6only =
+            LeaseAttrs::from_json(r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00::1"}"#).unwrap();
+        assert_eq!(v6only.public_ip, None);
+    }
+
+    #[test]
+    fn rejects_bad_values() {
+        for text in [
+            "",
+            "null",
+            "[]",
+            r#"{"PublicIP":"300.1.1.1"}"#,
+            r#"{"PublicIP":12}"#,
+            r#"{"PublicIP":"fd00::1"}"#,
+            r#"{"PublicIP":"198.18.1.1","PublicIPv6":"198.18.1.1"}"#,
+            r#"{"PublicIPv6":null}"#,
+            r#"{"PublicIP":"198.18.1.1","BackendType":5}"#,
+        ] {
+            assert!(LeaseAttrs::from_json(text).is_err(), "{text:?}");
+        }
+        let msg = LeaseAttrs::from_json(r#"{"PublicIP":"300.1.1.1"}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            msg.contains("300.1.1.1") && msg.contains("PublicIP"),
+            "{msg}"
+        );
+    }
+}
