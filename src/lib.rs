@@ -18,6 +18,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod lab;
 pub mod lease;
 pub mod model;
 pub mod table;

@@ -1,0 +1,327 @@
+//! Test hosts on one machine: network namespaces joined by veth, for the namespace tests,
+//! `linen bench` and `linen demo`. Needs root. Imports nothing else of linen.
+//!
+//! Every namespace and process a [`Lab`] creates is removed when it is dropped (also when a test
+//! panics), and only those: processes are stopped by the PIDs it started. Addresses come from
+//! the benchmarking ranges only: underlay `198.18.0.0/16` and `fd00:18::/64`, overlays use
+//! `198.19.0.0/16` and `fd00:19::/48`. Namespaces get no default route.
+//!
+//! Host setup here runs `ip`; that is fine for a lab. The daemon itself uses netlink.
+
+use std::fmt;
+use std::io;
+use std::net::{Ipv4Addr, Ipv6Addr};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// Whether this process runs as root (namespaces and TUN devices need it).
+pub fn is_root() -> bool {
+    // /proc/self/status has "Uid:\t<real>\t<effective>…"; no libc call needed.
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("Uid:"))
+                .and_then(|l| l.split_whitespace().nth(2).map(|e| e == "0"))
+        })
+        .unwrap_or(false)
+}
+
+/// An error from a lab command, with the command line and its stderr.
+#[derive(Debug)]
+pub struct LabError {
+    /// What was run.
+    pub command: String,
+    /// What went wrong.
+    pub detail: String,
+}
+
+impl fmt::Display for LabError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "`{}` failed: {}", self.command, self.detail)
+    }
+}
+
+impl std::error::Error for LabError {}
+
+/// Result of lab operations.
+pub type Result<T> = std::result::Result<T, LabError>;
+
+static SEQ: AtomicU32 = AtomicU32::new(0);
+
+/// One test host: a network namespace whose `eth0` is joined to the lab's underlay.
+#[derive(Clone, Debug)]
+pub struct Host {
+    /// Namespace name.
+    pub ns: String,
+    /// Underlay IPv4 address on `eth0` (198.18.0.x/24).
+    pub ip: Ipv4Addr,
+    /// Underlay IPv6 address on `eth0` (fd00:18::x/64).
+    pub ip6: Ipv6Addr,
+    /// 1-based host number.
+    pub index: u8,
+}
+
+impl Host {
+    /// A command that runs inside this host's namespace.
+    pub fn command(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns, program]);
+        c
+    }
+
+    /// Runs a program in the namespace and returns its output (any exit status).
+    pub fn run(&self, program: &str, args: &[&str]) -> Result<Output> {
+        let mut c = self.command(program);
+        c.args(args);
+        output(c)
+    }
+
+    /// Runs a program in the namespace; fails unless it exits 0.
+    pub fn run_ok(&self, program: &str, args: &[&str]) -> Result<String> {
+        let out = self.run(program, args)?;
+        if out.status.success() {
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        } else {
+            Err(LabError {
+                command: format!("ip netns exec {} {program} {}", self.ns, args.join(" ")),
+                detail: format!(
+                    "{}: {}{}",
+                    out.status,
+                    String::from_utf8_lossy(&out.stderr).trim(),
+                    String::from_utf8_lossy(&out.stdout).trim()
+                ),
+            })
+        }
+    }
+
+    /// Runs `ip ARGS` in the namespace; fails unless it exits 0.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        self.run_ok("ip", args)
+    }
+}
+
+/// A set of test hosts and the processes started in them; all removed on drop.
+pub struct Lab {
+    prefix: String,
+    hosts: Vec<Host>,
+    switch: Option<String>,
+    children: Vec<(String, Child)>,
+}
+
+impl Lab {
+    /// Builds `n` hosts (1..=200) named `<prefix>-<pid>-<seq>-h<i>`. Two hosts are joined by one
+    /// veth pair; three or more by veth to a bridge in a switch namespace. Each host's `eth0`
+    /// gets 198.18.0.<i>/24 and fd00:18::<i>/64, MTU `mtu`, and loopback is up.
+    pub fn new(prefix: &str, n: u8, mtu: u32) -> Result<Lab> {
+        assert!((1..=200).contains(&n), "a lab has 1..=200 hosts");
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let prefix = format!("{prefix}-{}-{seq}", std::process::id());
+        let mut lab = Lab {
+            prefix: prefix.clone(),
+            hosts: Vec::new(),
+            switch: None,
+            children: Vec::new(),
+        };
+        // Names of veth ends in the root namespace must be unique and ≤ 15 bytes.
+        let tag = format!("{:x}{:x}", std::process::id() & 0xffff, seq & 0xff);
+        for i in 1..=n {
+            let ns = format!("{prefix}-h{i}");
+            run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
+            lab.hosts.push(Host {
+                ns,
+                ip: Ipv4Addr::new(198, 18, 0, i),
+                ip6: Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, u16::from(i)),
+                index: i,
+            });
+        }
+        let mtu_s = mtu.to_string();
+        if n == 2 {
+            let (a, b) = (format!("la{tag}"), format!("lb{tag}"));
+            run_ok(
+                Command::new("ip").args(["link", "add", &a, "type", "veth", "peer", "name", &b]),
+            )?;
+            for (end, host) in [(&a, &lab.hosts[0]), (&b, &lab.hosts[1])] {
+                run_ok(
+                    Command::new("ip")
+                        .args(["link", "set", end, "netns", &host.ns, "name", "eth0"]),
+                )?;
+            }
+        } else if n > 2 {
+            let sw = format!("{prefix}-sw");
+            run_ok(Command::new("ip").args(["netns", "add", &sw]))?;
+            lab.switch = Some(sw.clone());
+            ns_ok(&sw, &["ip", "link", "add", "br0", "type", "bridge"])?;
+            ns_ok(&sw, &["ip", "link", "set", "br0", "mtu", &mtu_s, "up"])?;
+            for host in lab.hosts.clone() {
+                let (a, b) = (
+                    format!("la{tag}{}", host.index),
+                    format!("lb{tag}{}", host.index),
+                );
+                run_ok(
+                    Command::new("ip")
+                        .args(["link", "add", &a, "type", "veth", "peer", "name", &b]),
+                )?;
+                run_ok(
+                    Command::new("ip").args(["link", "set", &a, "netns", &host.ns, "name", "eth0"]),
+                )?;
+                let port = format!("p{}", host.index);
+                run_ok(Command::new("ip").args(["link", "set", &b, "netns", &sw, "name", &port]))?;
+                ns_ok(
+                    &sw,
+                    &[
+                        "ip", "link", "set", &port, "mtu", &mtu_s, "master", "br0", "up",
+                    ],
+                )?;
+            }
+        }
+        for host in &lab.hosts {
+            host.ip(&["link", "set", "lo", "up"])?;
+            if n >= 2 {
+                host.ip(&["link", "set", "eth0", "mtu", &mtu_s, "up"])?;
+                host.ip(&["addr", "add", &format!("{}/24", host.ip), "dev", "eth0"])?;
+                host.ip(&[
+                    "-6",
+                    "addr",
+                    "add",
+                    &format!("{}/64", host.ip6),
+                    "dev",
+                    "eth0",
+                    "nodad",
+                ])?;
+            }
+        }
+        Ok(lab)
+    }
+
+    /// The lab's name prefix (unique per lab).
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// The hosts, in order.
+    pub fn hosts(&self) -> &[Host] {
+        &self.hosts
+    }
+
+    /// Host `i` (0-based).
+    pub fn host(&self, i: usize) -> &Host {
+        &self.hosts[i]
+    }
+
+    /// Starts a long-running program in a host's namespace; it is killed when the lab drops
+    /// (or by [`Lab::stop`]). Returns a handle number.
+    pub fn spawn(&mut self, mut cmd: Command, label: &str) -> Result<u32> {
+        let child = cmd.spawn().map_err(|e| LabError {
+            command: format!("{cmd:?}"),
+            detail: e.to_string(),
+        })?;
+        let pid = child.id();
+        self.children.push((label.to_owned(), child));
+        Ok(pid)
+    }
+
+    /// Sends SIGTERM to a process started by [`Lab::spawn`] and waits up to `timeout` for it to
+    /// exit (then SIGKILL). Returns its exit status.
+    pub fn stop(&mut self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let idx = self.children.iter().position(|(_, c)| c.id() == pid)?;
+        let (_, mut child) = self.children.remove(idx);
+        terminate(&mut child, timeout)
+    }
+
+    /// Whether a process started by [`Lab::spawn`] is still running.
+    pub fn is_running(&mut self, pid: u32) -> bool {
+        self.children
+            .iter_mut()
+            .find(|(_, c)| c.id() == pid)
+            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        for (_, mut child) in self.children.drain(..) {
+            terminate(&mut child, Duration::from_secs(3));
+        }
+        for host in &self.hosts {
+            let _ = output_quiet(Command::new("ip").args(["netns", "del", &host.ns]));
+        }
+        if let Some(sw) = &self.switch {
+            let _ = output_quiet(Command::new("ip").args(["netns", "del", sw]));
+        }
+    }
+}
+
+fn terminate(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
+    if let Ok(Some(status)) = child.try_wait() {
+        return Some(status);
+    }
+    // SIGTERM by PID through kill(1): we only ever signal processes we started.
+    let _ = output_quiet(Command::new("kill").args(["-TERM", &child.id().to_string()]));
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.kill();
+    child.wait().ok()
+}
+
+fn ns_ok(ns: &str, argv: &[&str]) -> Result<String> {
+    let mut c = Command::new("ip");
+    c.args(["netns", "exec", ns]).args(argv);
+    run_ok(&mut c)
+}
+
+fn output(mut c: Command) -> Result<Output> {
+    c.stdin(Stdio::null());
+    c.output().map_err(|e| LabError {
+        command: format!("{c:?}"),
+        detail: e.to_string(),
+    })
+}
+
+fn output_quiet(c: &mut Command) -> io::Result<Output> {
+    c.stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+}
+
+fn run_ok(c: &mut Command) -> Result<String> {
+    c.stdin(Stdio::null());
+    let cmdline = format!("{c:?}");
+    let out = c.output().map_err(|e| LabError {
+        command: cmdline.clone(),
+        detail: e.to_string(),
+    })?;
+    if out.status.success() {
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    } else {
+        Err(LabError {
+            command: cmdline,
+            detail: format!(
+                "{}: {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+        })
+    }
+}
+
+/// Polls `f` every 20 ms until it returns `Some` or `timeout` passes.
+pub fn wait_for<T>(timeout: Duration, mut f: impl FnMut() -> Option<T>) -> Option<T> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(v) = f() {
+            return Some(v);
+        }
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
