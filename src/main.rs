@@ -1,1 +1,57 @@
-fn main() {}
+//! The `linen` binary: parse flags, set up logging, dispatch. Exit codes: 0 success, 1 runtime
+//! failure (message on stderr), 2 bad flags or config.
+
+use clap::Parser;
+use linen::cli::{Cli, Command, LogFormat};
+use tracing_subscriber::EnvFilter;
+
+fn main() {
+    let cli = Cli::parse();
+    let filter = match EnvFilter::try_new(&cli.log_level) {
+        Ok(f) => f,
+        Err(e) => {
+            eprintln!(
+                "linen: --log-level {:?} is invalid ({e}); use error, warn, info, debug or trace",
+                cli.log_level
+            );
+            std::process::exit(2);
+        }
+    };
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cli.log_format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("linen: cannot start the async runtime: {e}");
+            std::process::exit(1);
+        }
+    };
+    let result = runtime.block_on(async move {
+        match cli.command {
+            Command::Run(args) => linen::daemon::run(*args).await,
+            Command::Network(cmd) => linen::cli::admin::network(cmd).await,
+            Command::Lease(cmd) => linen::cli::admin::lease(cmd).await,
+            Command::Bench(args) => linen::bench::run(args).await,
+        }
+    });
+    if let Err(e) = result {
+        eprintln!("linen: {e:#}");
+        let usage = e.chain().any(|c| {
+            c.downcast_ref::<linen::model::ConfigError>().is_some()
+                || matches!(
+                    c.downcast_ref::<linen::lease::RegistryError>(),
+                    Some(linen::lease::RegistryError::BadConfig { .. })
+                )
+        });
+        std::process::exit(if usage { 2 } else { 1 });
+    }
+}

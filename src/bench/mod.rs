@@ -1,0 +1,326 @@
+//! `linen bench`: the namespace benchmark. Builds two test hosts joined by veth and measures,
+//! in one run and between the same namespaces, the raw veth, kernel VXLAN and linen: TCP with 1
+//! and 4 streams (iperf3), the 64-byte UDP packet rate and loss, ping average and p99, and
+//! CPU-seconds per GB. Prints medians and ratios; on a shared machine the ratios are what count.
+
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{Context, Result, anyhow, bail};
+use clap::Args;
+use serde_json::Value;
+
+use crate::lab::{Host, Lab, is_root, wait_for};
+
+/// Flags of `linen bench`.
+#[derive(Clone, Debug, Args)]
+pub struct BenchArgs {
+    /// Repetitions of each measurement (the median is reported).
+    #[arg(long, default_value_t = 3)]
+    pub runs: usize,
+    /// Seconds per iperf3 measurement.
+    #[arg(long, default_value_t = 4)]
+    pub seconds: u32,
+    /// Paths to measure, comma-separated: veth, vxlan, linen.
+    #[arg(long, value_delimiter = ',', default_value = "veth,vxlan,linen")]
+    pub paths: Vec<String>,
+    /// Extra flags for `linen run` (e.g. `--no-offload`, `--workers=1`), space-separated.
+    #[arg(long, default_value = "")]
+    pub linen_flags: String,
+    /// Write the results as JSON to this file too.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+}
+
+/// One path's medians.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Results {
+    /// Path name.
+    pub path: String,
+    /// TCP, one stream, Gbit/s.
+    pub tcp1_gbps: f64,
+    /// TCP retransmits during the single-stream run.
+    pub tcp1_retransmits: f64,
+    /// TCP, four streams, Gbit/s.
+    pub tcp4_gbps: f64,
+    /// 64-byte UDP datagrams received per second.
+    pub udp64_pps: f64,
+    /// 64-byte UDP loss, percent.
+    pub udp64_loss_pct: f64,
+    /// Ping average, microseconds.
+    pub ping_avg_us: f64,
+    /// Ping 99th percentile, microseconds.
+    pub ping_p99_us: f64,
+    /// Machine CPU-seconds per GB received during the single-stream TCP run.
+    pub cpu_s_per_gb: f64,
+}
+
+/// Runs the benchmark (blocking work on a blocking thread).
+pub async fn run(args: BenchArgs) -> Result<()> {
+    tokio::task::spawn_blocking(move || run_blocking(&args)).await?
+}
+
+fn run_blocking(args: &BenchArgs) -> Result<()> {
+    if !is_root() {
+        bail!("linen bench builds network namespaces and needs root");
+    }
+    for tool in ["iperf3", "ping", "ip"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()?
+            .code()
+            != Some(0)
+        {
+            bail!("linen bench needs `{tool}`; install it (apt-get install iperf3 iputils-ping iproute2)");
+        }
+    }
+    let mut lab = Lab::new("lnbench", 2, 1500)?;
+    let mut all = Vec::new();
+    for path in &args.paths {
+        eprintln!("bench: measuring {path} ({} runs of {} s each)…", args.runs, args.seconds);
+        let r = match path.as_str() {
+            "veth" => {
+                let target = lab.host(1).ip.to_string();
+                measure(&mut lab, "veth", &target, args)?
+            }
+            "vxlan" => {
+                setup_vxlan(&lab)?;
+                let r = measure(&mut lab, "vxlan", "198.19.200.2", args);
+                teardown_vxlan(&lab);
+                r?
+            }
+            "linen" => {
+                let (pids, target) = start_linen(&mut lab, &args.linen_flags)?;
+                let r = measure(&mut lab, "linen", &target, args);
+                for pid in pids {
+                    lab.stop(pid, Duration::from_secs(5));
+                }
+                r?
+            }
+            other => bail!("unknown path {other:?}; use veth, vxlan or linen"),
+        };
+        all.push(r);
+    }
+    print_table(&all);
+    if let Some(path) = &args.json {
+        std::fs::write(path, serde_json::to_string_pretty(&all)?)
+            .with_context(|| format!("writing {}", path.display()))?;
+    }
+    Ok(())
+}
+
+fn setup_vxlan(lab: &Lab) -> Result<()> {
+    for (i, h) in lab.hosts().iter().enumerate() {
+        let other = &lab.hosts()[1 - i];
+        h.ip(&[
+            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", &h.ip.to_string(),
+            "remote", &other.ip.to_string(), "dstport", "4789", "dev", "eth0",
+        ])?;
+        h.ip(&["addr", "add", &format!("198.19.200.{}/24", h.index), "dev", "vx0"])?;
+        h.ip(&["link", "set", "vx0", "up"])?;
+    }
+    let ok = wait_for(Duration::from_secs(5), || {
+        lab.host(0)
+            .run("ping", &["-c1", "-W1", "198.19.200.2"])
+            .ok()
+            .filter(|o| o.status.success())
+    });
+    ok.map(|_| ()).ok_or_else(|| anyhow!("VXLAN baseline does not ping"))
+}
+
+fn teardown_vxlan(lab: &Lab) {
+    for h in lab.hosts() {
+        let _ = h.ip(&["link", "del", "vx0"]);
+    }
+}
+
+/// Starts `linen run` on both hosts with a shared directory registry; returns the PIDs and the
+/// second host's overlay address.
+fn start_linen(lab: &mut Lab, flags: &str) -> Result<(Vec<u32>, String)> {
+    let exe = std::env::current_exe()?;
+    let dir = std::env::temp_dir().join(format!("{}-registry", lab.prefix()));
+    let _ = std::fs::remove_dir_all(&dir);
+    let dir_s = dir.to_string_lossy().into_owned();
+    let status = Command::new(&exe)
+        .args(["network", "init", "--registry-dir", &dir_s, "--network", "198.19.0.0/16"])
+        .stdout(Stdio::null())
+        .status()?;
+    if !status.success() {
+        bail!("linen network init failed");
+    }
+    let mut pids = Vec::new();
+    for i in 0..2 {
+        let h = lab.host(i).clone();
+        let mut cmd = h.command(&exe.to_string_lossy());
+        cmd.args(["run", "--registry-dir", &dir_s, "--iface", "eth0", "--log-level", "warn"])
+            .arg("--subnet-file")
+            .arg(dir.join(format!("h{}.env", h.index)));
+        cmd.args(flags.split_whitespace());
+        pids.push(lab.spawn(cmd, &format!("linen-{}", h.index))?);
+    }
+    // Host 2's overlay address: the network address of its lease, from its subnet.env.
+    let env_path = dir.join("h2.env");
+    let target = wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&env_path).ok()?;
+        let key = crate::model::SubnetEnv::parse(&text).ok()?.previous_key()?;
+        Some(key.ipv4()?.network().to_string())
+    })
+    .ok_or_else(|| anyhow!("linen on host 2 did not write its subnet.env within 10 s"))?;
+    wait_for(Duration::from_secs(10), || {
+        lab.host(0)
+            .run("ping", &["-c1", "-W1", &target])
+            .ok()
+            .filter(|o| o.status.success())
+    })
+    .ok_or_else(|| anyhow!("linen overlay does not ping {target} within 10 s"))?;
+    Ok((pids, target))
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+}
+
+fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<Results> {
+    let mut tcp1 = Vec::new();
+    let mut retr = Vec::new();
+    let mut tcp4 = Vec::new();
+    let mut pps = Vec::new();
+    let mut loss = Vec::new();
+    let mut avg = Vec::new();
+    let mut p99 = Vec::new();
+    let mut cpu = Vec::new();
+    let secs = args.seconds.to_string();
+    for _ in 0..args.runs {
+        let before = cpu_jiffies()?;
+        let j = iperf(lab, target, &["-t", &secs])?;
+        let after = cpu_jiffies()?;
+        let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+        let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+        tcp1.push(bps / 1e9);
+        retr.push(j["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
+        if bytes > 0.0 {
+            // USER_HZ is 100 on Linux.
+            cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
+        }
+        let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
+        tcp4.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+        let j = iperf(lab, target, &["-t", &secs, "-u", "-l", "64", "-b", "0"])?;
+        let sum = &j["end"]["sum"];
+        let packets = sum["packets"].as_f64().unwrap_or(0.0);
+        let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
+        let seconds = sum["seconds"].as_f64().unwrap_or(f64::from(args.seconds)).max(0.001);
+        pps.push((packets - lost).max(0.0) / seconds);
+        loss.push(sum["lost_percent"].as_f64().unwrap_or(100.0));
+        let (a, p) = ping(lab.host(0), target)?;
+        avg.push(a);
+        p99.push(p);
+    }
+    Ok(Results {
+        path: name.to_owned(),
+        tcp1_gbps: median(tcp1),
+        tcp1_retransmits: median(retr),
+        tcp4_gbps: median(tcp4),
+        udp64_pps: median(pps),
+        udp64_loss_pct: median(loss),
+        ping_avg_us: median(avg),
+        ping_p99_us: median(p99),
+        cpu_s_per_gb: median(cpu),
+    })
+}
+
+/// Busy jiffies of the whole machine (all CPUs), from /proc/stat.
+fn cpu_jiffies() -> Result<u64> {
+    let stat = std::fs::read_to_string("/proc/stat")?;
+    let line = stat.lines().next().ok_or_else(|| anyhow!("empty /proc/stat"))?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal …: busy = all − idle − iowait.
+    let total: u64 = v.iter().take(8).sum();
+    Ok(total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0))
+}
+
+fn iperf(lab: &mut Lab, target: &str, client_args: &[&str]) -> Result<Value> {
+    let server_host = lab.host(1).clone();
+    let mut server = server_host.command("iperf3");
+    server
+        .args(["-s", "-1", "-p", "5201"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null());
+    let pid = lab.spawn(server, "iperf3-server")?;
+    // Wait until the server listens.
+    wait_for(Duration::from_secs(5), || {
+        let out = server_host.run("ss", &["-Hltn", "sport = :5201"]).ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    let mut args = vec!["-c", target, "-p", "5201", "-J"];
+    args.extend_from_slice(client_args);
+    let out = lab.host(0).run("iperf3", &args)?;
+    lab.stop(pid, Duration::from_secs(2));
+    let j: Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 {args:?} printed no JSON"))?;
+    if let Some(e) = j.get("error").and_then(Value::as_str) {
+        bail!("iperf3 {args:?}: {e}");
+    }
+    Ok(j)
+}
+
+/// 200 pings 10 ms apart; returns (average, p99) in microseconds.
+fn ping(host: &Host, target: &str) -> Result<(f64, f64)> {
+    let out = host.run("ping", &["-c", "200", "-i", "0.01", "-W", "1", target])?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let mut times: Vec<f64> = text
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1))
+        .filter_map(|t| t.split_whitespace().next()?.parse::<f64>().ok())
+        .map(|ms| ms * 1000.0)
+        .collect();
+    if times.is_empty() {
+        bail!("ping {target} got no replies");
+    }
+    times.sort_by(|a, b| a.total_cmp(b));
+    let avg = times.iter().sum::<f64>() / times.len() as f64;
+    let p99 = times[(times.len() * 99 / 100).min(times.len() - 1)];
+    Ok((avg, p99))
+}
+
+fn print_table(all: &[Results]) {
+    let get = |name: &str| all.iter().find(|r| r.path == name);
+    let (veth, vxlan, linen) = (get("veth"), get("vxlan"), get("linen"));
+    type Metric = (&'static str, fn(&Results) -> f64);
+    let metrics: [Metric; 8] = [
+        ("TCP 1 stream (Gbit/s)", |r| r.tcp1_gbps),
+        ("TCP 1 stream retransmits", |r| r.tcp1_retransmits),
+        ("TCP 4 streams (Gbit/s)", |r| r.tcp4_gbps),
+        ("UDP 64 B (kpps received)", |r| r.udp64_pps / 1000.0),
+        ("UDP 64 B loss (%)", |r| r.udp64_loss_pct),
+        ("ping avg (µs)", |r| r.ping_avg_us),
+        ("ping p99 (µs)", |r| r.ping_p99_us),
+        ("CPU-s per GB (TCP 1)", |r| r.cpu_s_per_gb),
+    ];
+    println!(
+        "| metric | veth | vxlan | linen | linen/veth | linen/vxlan |\n|---|---:|---:|---:|---:|---:|"
+    );
+    let cell = |r: Option<&Results>, f: fn(&Results) -> f64| {
+        r.map(|r| format!("{:.2}", f(r))).unwrap_or_else(|| "-".into())
+    };
+    let ratio = |a: Option<&Results>, b: Option<&Results>, f: fn(&Results) -> f64| match (a, b) {
+        (Some(a), Some(b)) if f(b) != 0.0 => format!("{:.2}", f(a) / f(b)),
+        _ => "-".into(),
+    };
+    for (label, f) in metrics {
+        println!(
+            "| {label} | {} | {} | {} | {} | {} |",
+            cell(veth, f),
+            cell(vxlan, f),
+            cell(linen, f),
+            ratio(linen, veth, f),
+            ratio(linen, vxlan, f)
+        );
+    }
+}

@@ -1,0 +1,224 @@
+//! Admin commands on a registry: `linen network init|show`, `linen lease list|reserve|release`.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result, anyhow, bail};
+use ipnetwork::IpNetwork;
+
+use super::{LeaseCommand, NetworkCommand, NetworkInitArgs};
+use crate::daemon::registry;
+use crate::lease::RegistryError;
+use crate::model::{LeaseAttrs, NetworkConfigSpec, SubnetKey};
+
+/// Runs `linen network …`.
+pub async fn network(cmd: NetworkCommand) -> Result<()> {
+    match cmd {
+        NetworkCommand::Init(args) => network_init(args).await,
+        NetworkCommand::Show { registry, json } => {
+            let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
+            let config = reg.get_network_config().await?;
+            if json {
+                println!("{}", config.spec.to_json());
+                return Ok(());
+            }
+            println!("registry      {}", reg.location());
+            if let Some(n) = config.network {
+                println!("network       {n}");
+                println!(
+                    "subnets       /{} from {} to {}",
+                    config.subnet_len, config.subnet_min, config.subnet_max
+                );
+            }
+            if let Some(n) = config.ipv6_network {
+                println!("ipv6 network  {n}");
+                println!(
+                    "ipv6 subnets  /{} from {} to {}",
+                    config.ipv6_subnet_len, config.ipv6_subnet_min, config.ipv6_subnet_max
+                );
+            }
+            println!("backend       udp, port {}", config.backend.port);
+            Ok(())
+        }
+    }
+}
+
+async fn network_init(args: NetworkInitArgs) -> Result<()> {
+    let mut spec = NetworkConfigSpec::default();
+    if let Some(n) = &args.network {
+        let net: ipnetwork::Ipv4Network = n
+            .parse()
+            .map_err(|_| anyhow!("--network {n:?} is not an IPv4 CIDR such as 198.19.0.0/16"))?;
+        spec.network = Some(ipnetwork::Ipv4Network::new(net.network(), net.prefix())?);
+    }
+    spec.subnet_len = args.subnet_len;
+    spec.subnet_min = args.subnet_min;
+    spec.subnet_max = args.subnet_max;
+    spec.backend_port = args.port;
+    if args.port == Some(0) {
+        bail!("--port 0 is not a port; use 1..65535 (flannel's default is 8285)");
+    }
+    if let Some(n) = &args.ipv6_network {
+        let net: ipnetwork::Ipv6Network = n
+            .parse()
+            .map_err(|_| anyhow!("--ipv6-network {n:?} is not an IPv6 CIDR such as fd00:19::/48"))?;
+        spec.ipv6_network = Some(ipnetwork::Ipv6Network::new(net.network(), net.prefix())?);
+        spec.enable_ipv6 = Some(true);
+    }
+    spec.ipv6_subnet_len = args.ipv6_subnet_len;
+    spec.ipv6_subnet_min = args.ipv6_subnet_min;
+    spec.ipv6_subnet_max = args.ipv6_subnet_max;
+    if args.no_ipv4 {
+        spec.enable_ipv4 = Some(false);
+    }
+    if spec.network.is_none() && !args.no_ipv4 {
+        bail!("--network is required (e.g. --network 198.19.0.0/16), or pass --no-ipv4 with --ipv6-network");
+    }
+    let config = spec.clone().validate()?;
+    let reg = registry::open(&args.registry, crate::model::LEASE_TTL).await?;
+    match reg.get_network_config().await {
+        Ok(existing) if !args.force => {
+            if existing.spec == spec {
+                println!("network config already set to {}", spec.to_json());
+                return Ok(());
+            }
+            bail!(
+                "a different network config exists at {}: {}; pass --force to replace it \
+                 (hosts keep their leases until restarted)",
+                reg.location(),
+                existing.spec.to_json()
+            );
+        }
+        Ok(_) | Err(RegistryError::ConfigNotFound { .. }) | Err(RegistryError::BadConfig { .. }) => {}
+        Err(e) => return Err(e.into()),
+    }
+    reg.put_network_config(&spec).await?;
+    println!("wrote network config to {}: {}", reg.location(), spec.to_json());
+    if let Some(n) = config.network {
+        println!(
+            "hosts will lease /{} subnets of {n} from {} to {}",
+            config.subnet_len, config.subnet_min, config.subnet_max
+        );
+    }
+    Ok(())
+}
+
+/// Parses `198.19.5.0/24` or `198.19.5.0-24` (or a dual-stack key).
+fn parse_subnet(text: &str) -> Result<SubnetKey> {
+    if let Ok(net) = text.parse::<IpNetwork>() {
+        let key = match net {
+            IpNetwork::V4(n) => SubnetKey::new(Some(n), None),
+            IpNetwork::V6(n) => SubnetKey::new(None, Some(n)),
+        };
+        return key.ok_or_else(|| anyhow!("{text:?} holds no subnet"));
+    }
+    SubnetKey::parse(text).map_err(|e| anyhow!("{e}; or give a CIDR such as 198.19.5.0/24"))
+}
+
+/// Runs `linen lease …`.
+pub async fn lease(cmd: LeaseCommand) -> Result<()> {
+    match cmd {
+        LeaseCommand::List { registry, json } => {
+            let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
+            let list = reg.list_leases().await?;
+            if json {
+                let items: Vec<serde_json::Value> = list
+                    .leases
+                    .iter()
+                    .map(|l| {
+                        serde_json::json!({
+                            "subnet": l.key.to_string(),
+                            "value": serde_json::from_str::<serde_json::Value>(&l.attrs.to_json()).unwrap_or_default(),
+                            "expires_unix": l.expiration.and_then(|t| t.duration_since(SystemTime::UNIX_EPOCH).ok()).map(|d| d.as_secs()),
+                            "reservation": l.is_reservation(),
+                        })
+                    })
+                    .collect();
+                println!("{}", serde_json::json!({"revision": list.revision, "leases": items}));
+                return Ok(());
+            }
+            println!("{:<40} {:<18} {:<24} EXPIRES", "SUBNET", "PUBLIC IP", "PUBLIC IPV6");
+            for l in &list.leases {
+                let expires = match l.expiration {
+                    None => "never (reservation)".to_owned(),
+                    Some(t) => match t.duration_since(SystemTime::now()) {
+                        Ok(d) => format!("in {}", human(d)),
+                        Err(_) => "expired".to_owned(),
+                    },
+                };
+                println!(
+                    "{:<40} {:<18} {:<24} {expires}",
+                    l.key.to_string(),
+                    l.attrs.public_ip.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    l.attrs.public_ipv6.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                );
+            }
+            println!("{} leases at revision {}", list.leases.len(), list.revision);
+            Ok(())
+        }
+        LeaseCommand::Reserve {
+            registry,
+            subnet,
+            public_ip,
+        } => {
+            let key = parse_subnet(&subnet)?;
+            let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
+            let config = reg.get_network_config().await?;
+            if let Some(n) = key.ipv4()
+                && !config.is_valid_v4_subnet(n)
+            {
+                bail!(
+                    "{n} is not a leasable subnet of this network: it must be a /{} between {} and {}",
+                    config.subnet_len,
+                    config.subnet_min,
+                    config.subnet_max
+                );
+            }
+            if let Some(n) = key.ipv6()
+                && !config.is_valid_v6_subnet(n)
+            {
+                bail!(
+                    "{n} is not a leasable IPv6 subnet of this network: it must be a /{} between {} and {}",
+                    config.ipv6_subnet_len,
+                    config.ipv6_subnet_min,
+                    config.ipv6_subnet_max
+                );
+            }
+            let attrs = match public_ip {
+                IpAddr::V4(ip) => LeaseAttrs::with_public_ip(ip),
+                IpAddr::V6(ip) => LeaseAttrs {
+                    public_ipv6: Some(ip),
+                    ..LeaseAttrs::default()
+                },
+            };
+            match reg.create_reservation(&key, &attrs).await {
+                Ok(_) => {
+                    println!("reserved {key} for {public_ip}");
+                    Ok(())
+                }
+                Err(RegistryError::AlreadyExists(_)) => bail!(
+                    "{key} is already leased; release it first with `linen lease release {key}`"
+                ),
+                Err(e) => Err(e).context("creating the reservation"),
+            }
+        }
+        LeaseCommand::Release { registry, subnet } => {
+            let key = parse_subnet(&subnet)?;
+            let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
+            reg.revoke_lease(&key).await?;
+            println!("released {key}");
+            Ok(())
+        }
+    }
+}
+
+fn human(d: Duration) -> String {
+    let s = d.as_secs();
+    if s >= 3600 {
+        format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
+    } else if s >= 60 {
+        format!("{}m{:02}s", s / 60, s % 60)
+    } else {
+        format!("{s}s")
+    }
+}

@@ -1,0 +1,217 @@
+//! The command line: clap definitions (every flag with a `LINEN_*` environment fallback),
+//! validation into typed options, and the admin commands. `main.rs` only parses and dispatches.
+
+pub mod admin;
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// linen: a flannel-compatible userspace UDP overlay (flannel's udp backend, port 8285).
+#[derive(Debug, Parser)]
+#[command(name = "linen", version, about, long_about = None)]
+pub struct Cli {
+    /// Log level: error, warn, info, debug or trace (or a tracing filter such as `linen=debug`).
+    #[arg(long, global = true, env = "LINEN_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+    /// Log format.
+    #[arg(long, global = true, env = "LINEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Log output formats.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the overlay on this host (needs root): lease a subnet, create the TUN device, forward.
+    Run(Box<RunArgs>),
+    /// Create or show the network config in the registry.
+    #[command(subcommand)]
+    Network(NetworkCommand),
+    /// List, reserve or release subnet leases in the registry.
+    #[command(subcommand)]
+    Lease(LeaseCommand),
+    /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts (root).
+    Bench(crate::bench::BenchArgs),
+}
+
+/// Where the registry is: the embedded directory store (default) or etcd v3.
+#[derive(Clone, Debug, Args)]
+pub struct RegistryArgs {
+    /// Directory of the embedded registry (used unless --etcd-endpoints is given).
+    #[arg(long, env = "LINEN_REGISTRY_DIR", default_value = "/var/lib/linen")]
+    pub registry_dir: PathBuf,
+    /// Comma-separated etcd v3 endpoints (e.g. http://127.0.0.1:2379); selects the etcd registry.
+    #[arg(long, env = "LINEN_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+    /// etcd key prefix, as flannel's -etcd-prefix.
+    #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
+    pub etcd_prefix: String,
+    /// CA certificate file for etcd TLS.
+    #[arg(long, env = "LINEN_ETCD_CAFILE")]
+    pub etcd_cafile: Option<PathBuf>,
+    /// Client certificate file for etcd TLS.
+    #[arg(long, env = "LINEN_ETCD_CERTFILE")]
+    pub etcd_certfile: Option<PathBuf>,
+    /// Client key file for etcd TLS.
+    #[arg(long, env = "LINEN_ETCD_KEYFILE")]
+    pub etcd_keyfile: Option<PathBuf>,
+    /// etcd user name.
+    #[arg(long, env = "LINEN_ETCD_USERNAME")]
+    pub etcd_username: Option<String>,
+    /// etcd password.
+    #[arg(long, env = "LINEN_ETCD_PASSWORD", hide_env_values = true)]
+    pub etcd_password: Option<String>,
+}
+
+/// `linen run`.
+#[derive(Clone, Debug, Args)]
+pub struct RunArgs {
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// Underlay interface, by name or by one of its addresses (default: the interface of the
+    /// default route, or the only interface with an address).
+    #[arg(long, env = "LINEN_IFACE")]
+    pub iface: Option<String>,
+    /// IPv4 address advertised in the lease (this host's identity; default: the interface's).
+    #[arg(long, env = "LINEN_PUBLIC_IP")]
+    pub public_ip: Option<Ipv4Addr>,
+    /// IPv6 address advertised in the lease (default: the interface's global IPv6 address, when
+    /// the network config enables IPv6).
+    #[arg(long, env = "LINEN_PUBLIC_IPV6")]
+    pub public_ipv6: Option<Ipv6Addr>,
+    /// TUN device name.
+    #[arg(long, env = "LINEN_TUN", default_value = "linen0")]
+    pub tun: String,
+    /// Overlay MTU (default: underlay MTU − 28 for an IPv4 underlay, − 48 for IPv6).
+    #[arg(long, env = "LINEN_MTU", value_parser = clap::value_parser!(u16).range(576..=65_000))]
+    pub mtu: Option<u16>,
+    /// Where to write flannel's subnet.env.
+    #[arg(long, env = "LINEN_SUBNET_FILE", default_value = "/run/linen/subnet.env")]
+    pub subnet_file: PathBuf,
+    /// Renew the lease this many minutes before it expires (flannel's default and range).
+    #[arg(long, env = "LINEN_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
+          value_parser = clap::value_parser!(u32).range(1..=1439))]
+    pub subnet_lease_renew_margin: u32,
+    /// Forwarding threads, each with its own TUN queue and UDP socket (default: one per core).
+    #[arg(long, env = "LINEN_WORKERS", value_parser = clap::value_parser!(u16).range(1..=256))]
+    pub workers: Option<u16>,
+    /// Accept datagrams from addresses that hold no lease (peers behind NAT). The inner source
+    /// must still lie inside a leased subnet.
+    #[arg(long, env = "LINEN_ACCEPT_UNKNOWN_SENDERS")]
+    pub accept_unknown_senders: bool,
+    /// Turn off TUN offloads and UDP GSO/GRO (for comparison or buggy kernels).
+    #[arg(long, env = "LINEN_NO_OFFLOAD")]
+    pub no_offload: bool,
+    /// UDP socket buffer size in bytes (SO_SNDBUF/SO_RCVBUF, forced when root).
+    #[arg(long, env = "LINEN_SOCKET_BUFFER", default_value_t = 4 << 20)]
+    pub socket_buffer: usize,
+    /// Lease TTL in seconds for new leases on the directory registry (flannel: 86400; shorter
+    /// values are for tests and demos).
+    #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]
+    pub lease_ttl: u64,
+}
+
+/// `linen network …`.
+#[derive(Debug, Subcommand)]
+pub enum NetworkCommand {
+    /// Write the network config (validated as flannel validates it).
+    Init(NetworkInitArgs),
+    /// Print the network config with defaults filled in.
+    Show {
+        /// Registry location.
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Print the stored JSON only.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+/// `linen network init`.
+#[derive(Debug, Args)]
+pub struct NetworkInitArgs {
+    /// Registry location.
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+    /// The IPv4 cluster network, e.g. 198.19.0.0/16.
+    #[arg(long)]
+    pub network: Option<String>,
+    /// Prefix length of each host's subnet (default 24, or prefix + 2 for small networks).
+    #[arg(long)]
+    pub subnet_len: Option<u8>,
+    /// First subnet that may be leased.
+    #[arg(long)]
+    pub subnet_min: Option<Ipv4Addr>,
+    /// Last subnet that may be leased (its start address; inclusive).
+    #[arg(long)]
+    pub subnet_max: Option<Ipv4Addr>,
+    /// UDP port of the overlay (flannel: 8285).
+    #[arg(long)]
+    pub port: Option<u16>,
+    /// The IPv6 cluster network (enables IPv6), e.g. fd00:19::/48.
+    #[arg(long)]
+    pub ipv6_network: Option<String>,
+    /// Prefix length of each host's IPv6 subnet (default 64).
+    #[arg(long)]
+    pub ipv6_subnet_len: Option<u8>,
+    /// First IPv6 subnet that may be leased.
+    #[arg(long)]
+    pub ipv6_subnet_min: Option<Ipv6Addr>,
+    /// Last IPv6 subnet that may be leased.
+    #[arg(long)]
+    pub ipv6_subnet_max: Option<Ipv6Addr>,
+    /// IPv6 only: no IPv4 network.
+    #[arg(long)]
+    pub no_ipv4: bool,
+    /// Replace an existing config.
+    #[arg(long)]
+    pub force: bool,
+}
+
+/// `linen lease …`.
+#[derive(Debug, Subcommand)]
+pub enum LeaseCommand {
+    /// List the live leases.
+    List {
+        /// Registry location.
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// Machine-readable output.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Reserve a subnet for a host: a lease without expiry, taken by the host whose public IP
+    /// matches.
+    Reserve {
+        /// Registry location.
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// The subnet, as 198.19.5.0/24 or in key form 198.19.5.0-24.
+        subnet: String,
+        /// The host's public IP.
+        #[arg(long)]
+        public_ip: IpAddr,
+    },
+    /// Delete a lease or reservation.
+    Release {
+        /// Registry location.
+        #[command(flatten)]
+        registry: RegistryArgs,
+        /// The subnet, as 198.19.5.0/24 or in key form 198.19.5.0-24.
+        subnet: String,
+    },
+}

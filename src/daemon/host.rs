@@ -1,0 +1,262 @@
+//! Host integration over netlink (`rtnetlink`, not by running `ip`): finding the underlay
+//! interface, its addresses and MTU; giving the TUN device its address and the route for the
+//! whole overlay network; writing `subnet.env` atomically.
+
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
+use std::path::Path;
+
+use anyhow::{Context, Result, anyhow, bail};
+use futures_util::TryStreamExt;
+use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
+
+/// The underlay interface: where datagrams to peers leave.
+#[derive(Clone, Debug)]
+pub struct Underlay {
+    /// Interface name.
+    pub name: String,
+    /// Interface index.
+    pub index: u32,
+    /// Its MTU.
+    pub mtu: u32,
+    /// Its first IPv4 address.
+    pub ipv4: Option<Ipv4Addr>,
+    /// Its first global IPv6 address.
+    pub ipv6: Option<Ipv6Addr>,
+}
+
+struct Link {
+    name: String,
+    index: u32,
+    mtu: u32,
+    addrs: Vec<IpAddr>,
+}
+
+/// A netlink connection (its task runs on the current tokio runtime).
+pub fn connect() -> Result<Handle> {
+    let (conn, handle, _) =
+        rtnetlink::new_connection().context("cannot open a netlink socket (are you root?)")?;
+    tokio::spawn(conn);
+    Ok(handle)
+}
+
+async fn links(handle: &Handle) -> Result<Vec<Link>> {
+    let mut out = Vec::new();
+    let mut stream = handle.link().get().execute();
+    while let Some(msg) = stream.try_next().await.context("netlink: listing links")? {
+        let mut name = String::new();
+        let mut mtu = 1500;
+        for attr in msg.attributes {
+            match attr {
+                LinkAttribute::IfName(n) => name = n,
+                LinkAttribute::Mtu(m) => mtu = m,
+                _ => {}
+            }
+        }
+        out.push(Link {
+            name,
+            index: msg.header.index,
+            mtu,
+            addrs: Vec::new(),
+        });
+    }
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream.try_next().await.context("netlink: listing addresses")? {
+        let index = msg.header.index;
+        let addr = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if let (Some(link), Some(addr)) = (out.iter_mut().find(|l| l.index == index), addr) {
+            link.addrs.push(addr);
+        }
+    }
+    Ok(out)
+}
+
+async fn default_route_index(handle: &Handle) -> Result<Option<u32>> {
+    let mut stream = handle
+        .route()
+        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+        .execute();
+    while let Some(msg) = stream.try_next().await.context("netlink: listing routes")? {
+        if msg.header.destination_prefix_length != 0 {
+            continue;
+        }
+        if let Some(idx) = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        }) {
+            return Ok(Some(idx));
+        }
+    }
+    Ok(None)
+}
+
+fn usable_v6(a: &Ipv6Addr) -> bool {
+    !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified()
+}
+
+/// Finds the underlay interface as flannel does: `iface` by name or address; else the one
+/// holding `public_ip`; else the default route's; else the only interface with an address.
+pub async fn discover_underlay(
+    handle: &Handle,
+    iface: Option<&str>,
+    public_ip: Option<Ipv4Addr>,
+    public_ipv6: Option<Ipv6Addr>,
+) -> Result<Underlay> {
+    let links = links(handle).await?;
+    let candidates: Vec<&Link> = links
+        .iter()
+        .filter(|l| l.name != "lo" && !l.addrs.is_empty())
+        .collect();
+    let pick = if let Some(want) = iface {
+        let as_ip: Option<IpAddr> = want.parse().ok();
+        links
+            .iter()
+            .find(|l| l.name == want || as_ip.is_some_and(|ip| l.addrs.contains(&ip)))
+            .ok_or_else(|| {
+                anyhow!(
+                    "--iface {want}: no interface has that name or address; interfaces here: {}",
+                    names(&links)
+                )
+            })?
+    } else if let Some(l) = links.iter().find(|l| {
+        public_ip.is_some_and(|ip| l.addrs.contains(&IpAddr::V4(ip)))
+            || public_ipv6.is_some_and(|ip| l.addrs.contains(&IpAddr::V6(ip)))
+    }) {
+        l
+    } else if let Some(idx) = default_route_index(handle).await? {
+        links
+            .iter()
+            .find(|l| l.index == idx)
+            .ok_or_else(|| anyhow!("the default route's interface (index {idx}) has vanished"))?
+    } else if candidates.len() == 1 {
+        candidates[0]
+    } else {
+        bail!(
+            "cannot tell which interface is the underlay (no default route, {} interfaces with \
+             addresses: {}); pass --iface NAME or --iface ADDRESS",
+            candidates.len(),
+            names(&links)
+        );
+    };
+    Ok(Underlay {
+        name: pick.name.clone(),
+        index: pick.index,
+        mtu: pick.mtu,
+        ipv4: pick.addrs.iter().find_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        }),
+        ipv6: pick.addrs.iter().find_map(|a| match a {
+            IpAddr::V6(v6) if usable_v6(v6) => Some(*v6),
+            _ => None,
+        }),
+    })
+}
+
+fn names(links: &[Link]) -> String {
+    links
+        .iter()
+        .map(|l| l.name.as_str())
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Gives the TUN device its addresses (as /32 and /128, flannel's choice of the subnet's network
+/// address), brings it up, and routes the whole overlay network(s) through it.
+pub async fn configure_tun(
+    handle: &Handle,
+    tun_name: &str,
+    v4: Option<(Ipv4Addr, Ipv4Network)>,
+    v6: Option<(Ipv6Addr, Ipv6Network)>,
+) -> Result<()> {
+    let index = links(handle)
+        .await?
+        .iter()
+        .find(|l| l.name == tun_name)
+        .map(|l| l.index)
+        .ok_or_else(|| anyhow!("TUN device {tun_name} vanished before it was configured"))?;
+    handle
+        .link()
+        .set(LinkUnspec::new_with_index(index).up().build())
+        .execute()
+        .await
+        .with_context(|| format!("netlink: bringing {tun_name} up"))?;
+    if let Some((addr, network)) = v4 {
+        add_address(handle, index, IpAddr::V4(addr), 32, tun_name).await?;
+        let route = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(network.network(), network.prefix())
+            .output_interface(index)
+            .pref_source(addr)
+            .build();
+        add_route(handle, route, IpNetwork::V4(network), tun_name).await?;
+    }
+    if let Some((addr, network)) = v6 {
+        add_address(handle, index, IpAddr::V6(addr), 128, tun_name).await?;
+        let route = RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(network.network(), network.prefix())
+            .output_interface(index)
+            .pref_source(addr)
+            .build();
+        add_route(handle, route, IpNetwork::V6(network), tun_name).await?;
+    }
+    Ok(())
+}
+
+async fn add_address(handle: &Handle, index: u32, ip: IpAddr, len: u8, dev: &str) -> Result<()> {
+    match handle.address().add(index, ip, len).execute().await {
+        Ok(()) => Ok(()),
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::EEXIST => Ok(()),
+        Err(e) => Err(anyhow!(e)).with_context(|| format!("netlink: adding {ip}/{len} to {dev}")),
+    }
+}
+
+async fn add_route(
+    handle: &Handle,
+    route: netlink_packet_route::route::RouteMessage,
+    net: IpNetwork,
+    dev: &str,
+) -> Result<()> {
+    match handle.route().add(route).replace().execute().await {
+        Ok(()) => Ok(()),
+        Err(e) => Err(anyhow!(e)).with_context(|| {
+            format!("netlink: routing {net} via {dev} (another route for it may exist)")
+        }),
+    }
+}
+
+/// Whether a route's destination equals `net` (used by tests and cleanup checks).
+pub fn route_matches(attrs: &[RouteAttribute], net: IpNetwork) -> bool {
+    attrs.iter().any(|a| match (a, net) {
+        (RouteAttribute::Destination(RouteAddress::Inet(d)), IpNetwork::V4(n)) => *d == n.network(),
+        (RouteAttribute::Destination(RouteAddress::Inet6(d)), IpNetwork::V6(n)) => *d == n.network(),
+        _ => false,
+    })
+}
+
+/// Writes `contents` to `path` atomically: a temporary file in the same directory, fsync, then
+/// rename (flannel writes `.subnet.env` and renames it). Creates the directory if needed.
+pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
+    use std::io::Write;
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    f.write_all(contents.as_bytes())
+        .and_then(|()| f.sync_all())
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    Ok(())
+}

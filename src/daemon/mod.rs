@@ -1,0 +1,263 @@
+//! `linen run`: wires the two planes together. Reads the network config, acquires the lease,
+//! sets up the host (TUN device, addresses, route, `subnet.env`), starts the data-plane workers,
+//! and turns every lease change into a freshly built table snapshot published with one atomic
+//! store. SIGTERM/SIGINT stop the workers and remove the device (and with it its route); the
+//! lease is kept so a restart gets the same subnet.
+
+pub mod host;
+pub mod registry;
+
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use ipnetwork::IpNetwork;
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::cli::RunArgs;
+use crate::dataplane::io::{TunOptions, open_tun, open_udp};
+use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerSetup};
+use crate::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
+use crate::lease::Registry;
+use crate::model::{Lease, LeaseAttrs, NetworkConfig, SubnetEnv, SubnetKey};
+use crate::table::{LocalSubnets, Route, Snapshot, Table};
+
+/// Exit code for a bad flag or config (what to fix is in the message).
+pub const EXIT_USAGE: i32 = 2;
+
+/// Routes to every peer: each lease's subnets via its public address and the network's port.
+/// An IPv4 subnet goes to the peer's IPv4 address when it has one, else to its IPv6 address;
+/// likewise for IPv6 subnets (the underlay family is independent of the overlay family).
+pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
+    let mut routes = Vec::with_capacity(peers.len() * 2);
+    for lease in peers {
+        let v4 = lease.attrs.public_ip.map(|ip| SocketAddr::from((ip, port)));
+        let v6 = lease.attrs.public_ipv6.map(|ip| SocketAddr::from((ip, port)));
+        if let Some(net) = lease.key.ipv4()
+            && let Some(hop) = v4.or(v6)
+        {
+            routes.push(Route {
+                subnet: IpNetwork::V4(net),
+                next_hop: hop,
+            });
+        }
+        if let Some(net) = lease.key.ipv6()
+            && let Some(hop) = v6.or(v4)
+        {
+            routes.push(Route {
+                subnet: IpNetwork::V6(net),
+                next_hop: hop,
+            });
+        }
+    }
+    routes
+}
+
+/// Builds the snapshot for a lease state.
+pub fn snapshot_for(own: &SubnetKey, peers: &[Lease], port: u16, generation: u64) -> Snapshot {
+    Snapshot::build(
+        LocalSubnets {
+            v4: own.ipv4(),
+            v6: own.ipv6(),
+        },
+        routes_for(peers, port),
+        generation,
+    )
+}
+
+/// The TUN addresses for a lease: the subnets' network addresses (flannel's choice; `.1` stays
+/// free for a bridge).
+fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    (
+        key.ipv4().map(|n| n.network()),
+        key.ipv6().map(|n| n.network()),
+    )
+}
+
+/// Runs the daemon until SIGTERM/SIGINT.
+pub async fn run(args: RunArgs) -> Result<()> {
+    let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
+    let config = wait_for_config(registry.as_ref()).await?;
+    let nl = host::connect()?;
+    let underlay =
+        host::discover_underlay(&nl, args.iface.as_deref(), args.public_ip, args.public_ipv6)
+            .await?;
+    let public_ip = args.public_ip.or(underlay.ipv4);
+    let public_ipv6 = args.public_ipv6.or(if config.ipv6_network.is_some() {
+        underlay.ipv6
+    } else {
+        None
+    });
+    if public_ip.is_none() && public_ipv6.is_none() {
+        bail!(
+            "interface {} has no usable address to advertise; pass --public-ip or --public-ipv6",
+            underlay.name
+        );
+    }
+    let attrs = LeaseAttrs {
+        public_ip,
+        public_ipv6,
+        ..LeaseAttrs::default()
+    };
+    let overhead = if public_ip.is_some() { 28 } else { 48 };
+    let mtu = match args.mtu {
+        Some(m) => m,
+        None => u16::try_from(underlay.mtu.saturating_sub(overhead))
+            .unwrap_or(u16::MAX)
+            .max(576),
+    };
+    let previous = std::fs::read_to_string(&args.subnet_file)
+        .ok()
+        .and_then(|text| SubnetEnv::parse(&text).ok())
+        .and_then(|env| env.previous_key());
+
+    let manager = LeaseManager::new(
+        Arc::clone(&registry),
+        attrs.clone(),
+        ManagerOptions {
+            renew_margin: Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60),
+            ..ManagerOptions::default()
+        },
+    );
+    let own = manager
+        .acquire(&config, previous)
+        .await
+        .context("acquiring a subnet lease")?;
+    tracing::info!(subnet = %own.key, public_ip = ?public_ip, public_ipv6 = ?public_ipv6,
+        expires = ?own.expiration, "lease acquired");
+
+    let workers = usize::from(args.workers.unwrap_or_else(|| {
+        std::thread::available_parallelism()
+            .map(|n| u16::try_from(n.get()).unwrap_or(1))
+            .unwrap_or(1)
+    }));
+    let tun = open_tun(&TunOptions {
+        name: args.tun.clone(),
+        mtu,
+        queues: workers,
+        offload: !args.no_offload,
+        tx_queue_len: 1000,
+    })
+    .with_context(|| format!("creating TUN device {} (needs root and /dev/net/tun)", args.tun))?;
+    let (tun_v4, tun_v6) = tun_addrs(&own.key);
+    host::configure_tun(
+        &nl,
+        &args.tun,
+        tun_v4.zip(config.network),
+        tun_v6.zip(config.ipv6_network),
+    )
+    .await?;
+
+    let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
+    let mut handles = Vec::with_capacity(workers);
+    for (id, queue) in tun.queues.into_iter().enumerate() {
+        let udp = open_udp(config.backend.port, args.socket_buffer).with_context(|| {
+            format!("opening UDP port {} for worker {id}", config.backend.port)
+        })?;
+        handles.push(WorkerHandle::spawn(WorkerSetup {
+            id,
+            tun: queue,
+            tun_offload: tun.offload,
+            udp,
+            table: table.reader(),
+            config: ForwardConfig {
+                mtu: usize::from(mtu),
+                tun_v4,
+                tun_v6,
+                accept_unknown_senders: args.accept_unknown_senders,
+            },
+            no_udp_offload: args.no_offload,
+        })?);
+    }
+    tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
+        port = config.backend.port, underlay = %underlay.name, "data plane running");
+
+    let env = SubnetEnv::for_lease(config.network, config.ipv6_network, &own.key, u32::from(mtu), false);
+    host::write_atomic(&args.subnet_file, &env.render())
+        .with_context(|| format!("writing {}", args.subnet_file.display()))?;
+
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut state = manager.spawn(own, config.clone(), stop_rx);
+    let port = config.backend.port;
+    let publisher = {
+        let table = table.clone();
+        let subnet_file = args.subnet_file.clone();
+        let config = config.clone();
+        tokio::spawn(async move {
+            let mut own_key = None;
+            loop {
+                let current: LeaseState = state.borrow_and_update().clone();
+                if let Some(own) = &current.own {
+                    if own_key != Some(own.key) {
+                        if own_key.is_some() {
+                            tracing::warn!(subnet = %own.key, "our lease changed; rewriting subnet.env");
+                            let env = SubnetEnv::for_lease(config.network, config.ipv6_network, &own.key, u32::from(mtu), false);
+                            if let Err(e) = host::write_atomic(&subnet_file, &env.render()) {
+                                tracing::error!(error = %e, "cannot rewrite subnet.env");
+                            }
+                        }
+                        own_key = Some(own.key);
+                    }
+                    let snap = snapshot_for(&own.key, &current.peers, port, current.generation);
+                    tracing::debug!(generation = current.generation, peers = snap.len(), "table published");
+                    table.publish(snap);
+                }
+                if state.changed().await.is_err() {
+                    break;
+                }
+            }
+        })
+    };
+
+    wait_for_signal().await?;
+    tracing::info!("stopping: workers first, then the device; the lease is kept");
+    let _ = stop_tx.send(true);
+    publisher.abort();
+    let mut total = LocalCounters::default();
+    for h in handles {
+        total.add(&h.counters());
+        if let Err(e) = h.join() {
+            tracing::warn!(error = %e, "worker ended with an error");
+        }
+    }
+    tracing::info!(
+        tun_rx = total.tun_rx_packets,
+        udp_tx = total.udp_tx_packets,
+        udp_rx = total.udp_rx_packets,
+        tun_tx = total.tun_tx_packets,
+        "stopped"
+    );
+    Ok(())
+}
+
+async fn wait_for_config(registry: &dyn Registry) -> Result<NetworkConfig> {
+    let mut logged = false;
+    let mut term = signal(SignalKind::terminate())?;
+    loop {
+        match registry.get_network_config().await {
+            Ok(c) => return Ok(c),
+            Err(e) if e.is_transient() || matches!(e, crate::lease::RegistryError::ConfigNotFound { .. }) => {
+                if !logged {
+                    tracing::warn!(error = %e, "waiting for the network config (retrying every second)");
+                    logged = true;
+                }
+            }
+            Err(e) => return Err(e.into()),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = term.recv() => bail!("stopped while waiting for the network config"),
+            _ = tokio::signal::ctrl_c() => bail!("stopped while waiting for the network config"),
+        }
+    }
+}
+
+async fn wait_for_signal() -> Result<()> {
+    let mut term = signal(SignalKind::terminate())?;
+    tokio::select! {
+        _ = term.recv() => {}
+        r = tokio::signal::ctrl_c() => r?,
+    }
+    Ok(())
+}

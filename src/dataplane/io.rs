@@ -1,0 +1,132 @@
+//! Opening the TUN device and the UDP sockets the workers use.
+//!
+//! - The TUN device comes from `tun-rs`, not `tun-tap`: tun-tap cannot open multi-queue
+//!   (`IFF_MULTI_QUEUE`) or virtio-header (`IFF_VNET_HDR`) devices, and tun-rs also brings the
+//!   GSO split / GRO coalescing that offloaded reads and writes need. One queue per worker.
+//! - Each worker has its own UDP socket bound with `SO_REUSEPORT` to the same port; batched
+//!   I/O with UDP GSO/GRO and its run-time fallback comes from `quinn-udp`.
+//!
+//! Must not import tokio, `lease` or `daemon`.
+
+use std::io;
+use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::os::fd::AsFd;
+
+use socket2::{Domain, Protocol, Socket, Type};
+use tun_rs::{DeviceBuilder, SyncDevice};
+
+use super::sys;
+
+/// How to open the TUN device.
+#[derive(Clone, Debug)]
+pub struct TunOptions {
+    /// Interface name (e.g. `linen0`).
+    pub name: String,
+    /// MTU of the device (the overlay MTU).
+    pub mtu: u16,
+    /// Number of queues (one per worker).
+    pub queues: usize,
+    /// Ask for virtio-net offloads (TSO/USO + checksum); falls back when refused.
+    pub offload: bool,
+    /// Transmit queue length (the kernel default of 500 is short for bursts).
+    pub tx_queue_len: u32,
+}
+
+/// The opened TUN queues, one per worker, and whether offloads are on.
+pub struct TunQueues {
+    /// One handle per queue.
+    pub queues: Vec<SyncDevice>,
+    /// Whether the device was opened with `IFF_VNET_HDR` offloads.
+    pub offload: bool,
+}
+
+/// Opens the device with `opts.queues` queues. With `offload`, tries `IFF_VNET_HDR` first and
+/// falls back to plain packets if the kernel refuses (old kernels return EINVAL).
+pub fn open_tun(opts: &TunOptions) -> io::Result<TunQueues> {
+    let build = |offload: bool| {
+        DeviceBuilder::new()
+            .name(&opts.name)
+            .mtu(opts.mtu)
+            .tx_queue_len(opts.tx_queue_len)
+            .offload(offload)
+            .multi_queue(opts.queues > 1)
+            .enable(true)
+            .build_sync()
+    };
+    let (first, offload) = if opts.offload {
+        match build(true) {
+            Ok(dev) => (dev, true),
+            Err(e) => {
+                tracing::warn!(error = %e, device = %opts.name, "TUN offloads refused; using plain packets");
+                (build(false)?, false)
+            }
+        }
+    } else {
+        (build(false)?, false)
+    };
+    let mut queues = Vec::with_capacity(opts.queues);
+    for _ in 1..opts.queues {
+        queues.push(first.try_clone()?);
+    }
+    queues.insert(0, first);
+    for q in &queues {
+        q.set_nonblocking(true)?;
+    }
+    Ok(TunQueues { queues, offload })
+}
+
+/// A worker's UDP socket.
+pub struct UdpEndpoint {
+    /// The socket (non-blocking).
+    pub socket: UdpSocket,
+    /// Whether it is an IPv6 dual-stack socket (IPv4 peers must be addressed as mapped).
+    pub dual_stack: bool,
+}
+
+/// Opens one UDP socket bound to `port` on all addresses, with `SO_REUSEPORT` so every worker
+/// can bind the same port, and socket buffers of `buffer_bytes` (forced past `rmem_max` when
+/// root). Dual-stack IPv6 when the host has IPv6, otherwise IPv4 only.
+pub fn open_udp(port: u16, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
+    let (socket, dual_stack) = match dual_stack_socket(port) {
+        Ok(s) => (s, true),
+        Err(e6) => {
+            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+            s.set_reuse_port(true)?;
+            let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
+            s.bind(&addr.into()).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot bind UDP port {port} (IPv6: {e6}; IPv4: {e}); is another overlay using it?"),
+                )
+            })?;
+            (s, false)
+        }
+    };
+    sys::set_socket_buffers(socket.as_fd(), buffer_bytes);
+    socket.set_nonblocking(true)?;
+    Ok(UdpEndpoint {
+        socket: socket.into(),
+        dual_stack,
+    })
+}
+
+fn dual_stack_socket(port: u16) -> io::Result<Socket> {
+    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
+    s.set_only_v6(false)?;
+    s.set_reuse_port(true)?;
+    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+    s.bind(&SocketAddr::V6(addr).into())?;
+    Ok(s)
+}
+
+/// The address to pass to `sendmsg` on a socket: IPv4 peers become IPv4-mapped IPv6 on a
+/// dual-stack socket.
+#[inline]
+pub fn socket_addr_for(peer: SocketAddr, dual_stack: bool) -> SocketAddr {
+    match peer {
+        SocketAddr::V4(v4) if dual_stack => {
+            SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
+        }
+        other => other,
+    }
+}

@@ -1,0 +1,20 @@
+//! The data plane: TUN ⇄ UDP forwarding in flannel's udp wire format (the inner IP packet,
+//! unchanged, is the whole UDP payload). std threads and mio, no async.
+//!
+//! - [`forward`]: the sans-IO per-packet decisions (egress and ingress rules of design.md).
+//! - [`worker`]: one thread per TUN queue + UDP socket, batching the I/O.
+//! - [`io`]: opening the TUN device (tun-rs) and the `SO_REUSEPORT` UDP sockets.
+//! - [`counters`]: per-worker packet and drop counters.
+//! - `sys`: the crate's only `unsafe` (socket options).
+//!
+//! Must not import tokio, `lease` or `daemon`.
+
+pub mod counters;
+pub mod forward;
+pub mod io;
+mod sys;
+pub mod worker;
+
+pub use counters::{Counters, DropReason, LocalCounters};
+pub use forward::{Egress, ForwardConfig, IcmpLimiter, Ingress};
+pub use worker::{WorkerHandle, WorkerSetup};

@@ -1,0 +1,517 @@
+//! A worker: one thread, one TUN queue, one UDP socket, one mio event loop. It reads a batch,
+//! asks [`forward`](super::forward) what to do with each packet against a snapshot loaded once
+//! for the batch, and carries the verdicts out in batches: runs of same-peer packets leave in
+//! one UDP GSO `sendmsg`, received datagrams arrive by `recvmmsg` (with UDP GRO when the kernel
+//! has it), packets for the TUN are written with GRO coalescing when offloads are on.
+//!
+//! Buffers are allocated once when the worker starts; the loop allocates nothing, takes no lock
+//! and logs nothing per packet. Must not import tokio, `lease` or `daemon`.
+
+use std::io::{self, IoSliceMut};
+use std::net::SocketAddr;
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token, Waker};
+use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
+use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+
+use super::counters::{Counters, DropReason, LocalCounters};
+use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
+use super::io::{UdpEndpoint, socket_addr_for};
+use crate::table::Reader;
+
+const TUN: Token = Token(0);
+const UDP: Token = Token(1);
+const WAKE: Token = Token(2);
+
+/// Packets read from the TUN per batch without offloads (one read each).
+const TUN_BATCH: usize = 64;
+/// Segment buffers for one offloaded TUN read: a 64 KiB super-packet split at an MSS as small as
+/// 536 bytes gives up to 123 segments (wireguard-go uses 128 too).
+const SEGMENTS: usize = 128;
+/// Largest UDP GSO send: 64 segments (what `quinn-udp` probes for) and under 64 KiB.
+const GSO_BYTES: usize = 65_000;
+/// Receive buffers per `recvmmsg`. With UDP GRO each holds up to 64 KiB of coalesced datagrams;
+/// 8 of them bound a worker's receive memory at 512 KiB.
+const RX_GRO_BUFS: usize = 8;
+/// Receive buffers per `recvmmsg` without GRO (one datagram each).
+const RX_BUFS: usize = 32;
+/// Packets queued for the TUN before a write flush.
+const TUN_OUT: usize = 128;
+
+/// Everything a worker needs; built by the daemon, moved into the thread.
+pub struct WorkerSetup {
+    /// Worker number, for thread names and logs.
+    pub id: usize,
+    /// This worker's TUN queue (non-blocking).
+    pub tun: SyncDevice,
+    /// Whether the TUN was opened with virtio-net headers.
+    pub tun_offload: bool,
+    /// This worker's UDP socket.
+    pub udp: UdpEndpoint,
+    /// The worker's handle on the forwarding table.
+    pub table: Reader,
+    /// Forwarding settings.
+    pub config: ForwardConfig,
+    /// Disable UDP GSO even if the kernel has it (`--no-offload`).
+    pub no_udp_offload: bool,
+}
+
+/// A running worker thread.
+pub struct WorkerHandle {
+    thread: Option<std::thread::JoinHandle<io::Result<()>>>,
+    waker: Arc<Waker>,
+    stop: Arc<AtomicBool>,
+    running: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+}
+
+impl WorkerHandle {
+    /// Starts the worker thread.
+    pub fn spawn(setup: WorkerSetup) -> io::Result<WorkerHandle> {
+        let poll = Poll::new()?;
+        let waker = Arc::new(Waker::new(poll.registry(), WAKE)?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let running = Arc::new(AtomicBool::new(true));
+        let counters = Arc::new(Counters::default());
+        let mut worker = Worker::new(setup, Arc::clone(&stop), Arc::clone(&counters))?;
+        let flag = Arc::clone(&running);
+        let thread = std::thread::Builder::new()
+            .name(format!("linen-worker-{}", worker.id))
+            .spawn(move || {
+                let result = worker.run(poll);
+                if let Err(e) = &result {
+                    tracing::error!(worker = worker.id, error = %e, "worker stopped on an error");
+                }
+                flag.store(false, Ordering::Release);
+                result
+            })?;
+        Ok(WorkerHandle {
+            thread: Some(thread),
+            waker,
+            stop,
+            running,
+            counters,
+        })
+    }
+
+    /// Whether the thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// The worker's counters.
+    pub fn counters(&self) -> LocalCounters {
+        self.counters.snapshot()
+    }
+
+    /// Asks the worker to stop (returns at once).
+    pub fn request_stop(&self) {
+        self.stop.store(true, Ordering::Release);
+        let _ = self.waker.wake();
+    }
+
+    /// Stops the worker and waits for it.
+    pub fn join(mut self) -> io::Result<()> {
+        self.request_stop();
+        match self.thread.take().map(|t| t.join()) {
+            Some(Ok(r)) => r,
+            Some(Err(_)) => Err(io::Error::other("worker thread panicked")),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        self.request_stop();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Worker {
+    id: usize,
+    tun: SyncDevice,
+    tun_offload: bool,
+    udp: UdpEndpoint,
+    udp_state: UdpSocketState,
+    table: Reader,
+    config: ForwardConfig,
+    stop: Arc<AtomicBool>,
+    shared: Arc<Counters>,
+    local: LocalCounters,
+    limiter: IcmpLimiter,
+    // TUN → UDP
+    tun_raw: Vec<u8>,
+    seg_bufs: Vec<Vec<u8>>,
+    seg_sizes: Vec<usize>,
+    gso_buf: Vec<u8>,
+    max_gso_segments: usize,
+    no_udp_offload: bool,
+    icmp_buf: Vec<u8>,
+    // UDP → TUN
+    rx_bufs: Vec<Vec<u8>>,
+    rx_meta: Vec<RecvMeta>,
+    tun_out: Vec<Vec<u8>>,
+    tun_out_len: usize,
+    gro_table: GROTable,
+}
+
+impl Worker {
+    fn new(setup: WorkerSetup, stop: Arc<AtomicBool>, shared: Arc<Counters>) -> io::Result<Worker> {
+        let udp_state = UdpSocketState::new(UdpSockRef::from(&setup.udp.socket))?;
+        let max_gso_segments = if setup.no_udp_offload {
+            1
+        } else {
+            udp_state.max_gso_segments().max(1)
+        };
+        let gro = udp_state.gro_segments() > 1;
+        let seg_len = (setup.config.mtu + 64).max(1600);
+        let (rx_count, rx_len) = if gro {
+            (RX_GRO_BUFS, 65_536)
+        } else {
+            (RX_BUFS, seg_len)
+        };
+        let headroom = if setup.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        let segs = if setup.tun_offload { SEGMENTS } else { TUN_BATCH };
+        tracing::debug!(
+            worker = setup.id,
+            tun_offload = setup.tun_offload,
+            max_gso_segments,
+            udp_gro = gro,
+            "worker buffers"
+        );
+        Ok(Worker {
+            id: setup.id,
+            tun_raw: if setup.tun_offload {
+                vec![0; VIRTIO_NET_HDR_LEN + 65_535]
+            } else {
+                Vec::new()
+            },
+            seg_bufs: vec![vec![0; seg_len]; segs],
+            seg_sizes: vec![0; segs],
+            gso_buf: Vec::with_capacity(GSO_BYTES + seg_len),
+            max_gso_segments,
+            no_udp_offload: setup.no_udp_offload,
+            icmp_buf: vec![0; 1280],
+            rx_bufs: vec![vec![0; rx_len]; rx_count],
+            rx_meta: vec![RecvMeta::default(); rx_count],
+            tun_out: (0..TUN_OUT)
+                .map(|_| Vec::with_capacity(headroom + seg_len))
+                .collect(),
+            tun_out_len: 0,
+            gro_table: GROTable::default(),
+            tun: setup.tun,
+            tun_offload: setup.tun_offload,
+            udp: setup.udp,
+            udp_state,
+            table: setup.table,
+            config: setup.config,
+            stop,
+            shared,
+            local: LocalCounters::default(),
+            limiter: IcmpLimiter::default(),
+        })
+    }
+
+    fn run(&mut self, mut poll: Poll) -> io::Result<()> {
+        let tun_fd = self.tun.as_raw_fd();
+        let udp_fd = self.udp.socket.as_raw_fd();
+        poll.registry()
+            .register(&mut SourceFd(&tun_fd), TUN, Interest::READABLE)?;
+        poll.registry()
+            .register(&mut SourceFd(&udp_fd), UDP, Interest::READABLE)?;
+        let mut events = Events::with_capacity(8);
+        // Edge-triggered: after a readiness event, drain until the kernel says WouldBlock.
+        let (mut tun_ready, mut udp_ready) = (true, true);
+        while !self.stop.load(Ordering::Acquire) {
+            while tun_ready || udp_ready {
+                if tun_ready {
+                    tun_ready = self.tun_batch()?;
+                }
+                if udp_ready {
+                    udp_ready = self.udp_batch()?;
+                }
+                self.shared.publish(&self.local);
+                self.local = LocalCounters::default();
+                if self.stop.load(Ordering::Acquire) {
+                    return Ok(());
+                }
+            }
+            match poll.poll(&mut events, None) {
+                Ok(()) => {}
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+            for ev in events.iter() {
+                match ev.token() {
+                    TUN => tun_ready = true,
+                    UDP => udp_ready = true,
+                    _ => {}
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads one batch from the TUN and sends it. Returns false once the TUN is drained.
+    fn tun_batch(&mut self) -> io::Result<bool> {
+        let mut count = 0;
+        let mut more = true;
+        if self.tun_offload {
+            match self.tun.recv_multiple(
+                &mut self.tun_raw,
+                &mut self.seg_bufs,
+                &mut self.seg_sizes,
+                0,
+            ) {
+                Ok(n) => count = n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
+                Err(e) if is_fatal(&e) => return Err(e),
+                Err(_) => self.local.drop(DropReason::Malformed),
+            }
+        } else {
+            while count < self.seg_bufs.len() {
+                match self.tun.recv(&mut self.seg_bufs[count]) {
+                    Ok(n) => {
+                        self.seg_sizes[count] = n;
+                        count += 1;
+                    }
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                        more = false;
+                        break;
+                    }
+                    Err(e) if is_fatal(&e) => return Err(e),
+                    Err(_) => self.local.drop(DropReason::Malformed),
+                }
+            }
+        }
+        if count == 0 {
+            return Ok(more);
+        }
+        if !self.no_udp_offload {
+            // quinn-udp lowers this to 1 after the kernel refuses GSO (EIO/EINVAL) at run time.
+            self.max_gso_segments = self.udp_state.max_gso_segments().max(1);
+        }
+        let now = Instant::now();
+        let snap = self.table.load();
+        // The current GSO run: destination, segment size, segments so far, whether closed.
+        let mut run: Option<(SocketAddr, usize, usize, bool)> = None;
+        for i in 0..count {
+            let size = self.seg_sizes[i];
+            self.local.tun_rx_packets += 1;
+            self.local.tun_rx_bytes += size as u64;
+            let pkt = &mut self.seg_bufs[i][..size];
+            match forward::egress(
+                pkt,
+                snap,
+                &self.config,
+                &mut self.limiter,
+                now,
+                &mut self.icmp_buf,
+            ) {
+                Egress::Send { peer, len } => {
+                    let fits = match run {
+                        Some((p, seg, n, closed)) => {
+                            p == peer
+                                && !closed
+                                && len <= seg
+                                && n < self.max_gso_segments
+                                && self.gso_buf.len() + len <= GSO_BYTES
+                        }
+                        None => false,
+                    };
+                    if !fits {
+                        if let Some((p, seg, n, _)) = run.take() {
+                            send_gso(
+                                &self.udp,
+                                &self.udp_state,
+                                &mut self.gso_buf,
+                                p,
+                                seg,
+                                n,
+                                &mut self.local,
+                            );
+                        }
+                        run = Some((peer, len, 0, false));
+                    }
+                    if let Some((_, seg, n, closed)) = &mut run {
+                        self.gso_buf.extend_from_slice(&self.seg_bufs[i][..len]);
+                        *n += 1;
+                        // A shorter segment must be the last of a GSO send.
+                        *closed = len < *seg;
+                    }
+                }
+                Egress::Icmp { len, reason } => {
+                    self.local.drop(reason);
+                    self.local.icmp_sent += 1;
+                    let headroom = if self.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+                    push_tun_out(
+                        &mut self.tun_out,
+                        &mut self.tun_out_len,
+                        headroom,
+                        &self.icmp_buf[..len],
+                    );
+                }
+                Egress::Drop(reason) => self.local.drop(reason),
+            }
+        }
+        if let Some((p, seg, n, _)) = run.take() {
+            send_gso(
+                &self.udp,
+                &self.udp_state,
+                &mut self.gso_buf,
+                p,
+                seg,
+                n,
+                &mut self.local,
+            );
+        }
+        self.flush_tun()?;
+        Ok(more)
+    }
+
+    /// Receives one `recvmmsg` batch and delivers it. Returns false once the socket is drained.
+    fn udp_batch(&mut self) -> io::Result<bool> {
+        let n = {
+            let mut iovs: [IoSliceMut<'_>; RX_BUFS] = std::array::from_fn(|_| IoSliceMut::new(&mut []));
+            for (iov, buf) in iovs.iter_mut().zip(self.rx_bufs.iter_mut()) {
+                *iov = IoSliceMut::new(buf);
+            }
+            let count = self.rx_bufs.len();
+            match self.udp_state.recv(
+                UdpSockRef::from(&self.udp.socket),
+                &mut iovs[..count],
+                &mut self.rx_meta,
+            ) {
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(false),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => return Ok(true),
+                Err(e) => {
+                    // ICMP errors queued on the socket (port unreachable from a peer that is
+                    // down) surface here as ECONNREFUSED and the like: not fatal.
+                    tracing::debug!(worker = self.id, error = %e, "UDP receive error");
+                    return Ok(true);
+                }
+            }
+        };
+        let snap = self.table.load();
+        let headroom = if self.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        for m in 0..n {
+            let meta = self.rx_meta[m];
+            let stride = meta.stride.max(1);
+            let buf = &self.rx_bufs[m][..meta.len.min(self.rx_bufs[m].len())];
+            for seg in buf.chunks(stride) {
+                self.local.udp_rx_packets += 1;
+                self.local.udp_rx_bytes += seg.len() as u64;
+                match forward::ingress(seg, meta.addr, snap, &self.config) {
+                    Ingress::Deliver { len } => {
+                        if self.tun_out_len == self.tun_out.len() {
+                            flush_tun_out(
+                                &self.tun,
+                                &mut self.gro_table,
+                                &mut self.tun_out,
+                                &mut self.tun_out_len,
+                                headroom,
+                                &mut self.local,
+                            )?;
+                        }
+                        self.local.tun_tx_packets += 1;
+                        self.local.tun_tx_bytes += len as u64;
+                        push_tun_out(&mut self.tun_out, &mut self.tun_out_len, headroom, &seg[..len]);
+                    }
+                    Ingress::Drop(reason) => self.local.drop(reason),
+                }
+            }
+        }
+        self.flush_tun()?;
+        Ok(true)
+    }
+
+    fn flush_tun(&mut self) -> io::Result<()> {
+        let headroom = if self.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        flush_tun_out(
+            &self.tun,
+            &mut self.gro_table,
+            &mut self.tun_out,
+            &mut self.tun_out_len,
+            headroom,
+            &mut self.local,
+        )
+    }
+}
+
+fn is_fatal(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV))
+}
+
+/// Queues a packet for the TUN, leaving `headroom` bytes for the virtio-net header.
+#[inline]
+fn push_tun_out(out: &mut [Vec<u8>], len: &mut usize, headroom: usize, pkt: &[u8]) {
+    let Some(buf) = out.get_mut(*len) else {
+        return;
+    };
+    buf.clear();
+    buf.resize(headroom, 0);
+    buf.extend_from_slice(pkt);
+    *len += 1;
+}
+
+/// Writes the queued packets to the TUN (GRO-coalesced when offloads are on).
+fn flush_tun_out(
+    tun: &SyncDevice,
+    gro: &mut GROTable,
+    out: &mut [Vec<u8>],
+    len: &mut usize,
+    headroom: usize,
+    local: &mut LocalCounters,
+) -> io::Result<()> {
+    if *len == 0 {
+        return Ok(());
+    }
+    let n = std::mem::take(len);
+    if let Err(e) = tun.send_multiple(gro, &mut out[..n], headroom) {
+        if is_fatal(&e) {
+            return Err(e);
+        }
+        local.drop(DropReason::TunWriteFailed);
+    }
+    Ok(())
+}
+
+/// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`.
+fn send_gso(
+    udp: &UdpEndpoint,
+    state: &UdpSocketState,
+    buf: &mut Vec<u8>,
+    peer: SocketAddr,
+    seg: usize,
+    n: usize,
+    local: &mut LocalCounters,
+) {
+    let transmit = Transmit {
+        destination: socket_addr_for(peer, udp.dual_stack),
+        ecn: None,
+        contents: buf,
+        segment_size: (n > 1).then_some(seg),
+        src_ip: None,
+    };
+    match state.send(UdpSockRef::from(&udp.socket), &transmit) {
+        Ok(()) => {
+            local.udp_tx_packets += n as u64;
+            local.udp_tx_bytes += buf.len() as u64;
+        }
+        Err(_) => {
+            for _ in 0..n {
+                local.drop(DropReason::SendFailed);
+            }
+        }
+    }
+    buf.clear();
+}
