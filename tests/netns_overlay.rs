@@ -1,0 +1,291 @@
+//! linen end to end in real network namespaces: three hosts joined by veth share one registry
+//! directory and run `linen run`. Root only; skipped with a message otherwise.
+
+use std::net::Ipv4Addr;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use linen::lab::{Lab, is_root, wait_for};
+use linen::model::SubnetEnv;
+
+const LINEN: &str = env!("CARGO_BIN_EXE_linen");
+
+fn skip() -> bool {
+    if !is_root() {
+        eprintln!("SKIPPED: network-namespace tests need root");
+        return true;
+    }
+    false
+}
+
+struct Overlay {
+    lab: Lab,
+    dir: tempfile::TempDir,
+    pids: Vec<Option<u32>>,
+}
+
+impl Overlay {
+    fn new(name: &str, hosts: u8) -> Overlay {
+        let lab = Lab::new(name, hosts, 1500).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let out = Command::new(LINEN)
+            .args(["network", "init", "--registry-dir"])
+            .arg(dir.path())
+            .args(["--network", "198.19.0.0/16", "--ipv6-network", "fd00:19::/48"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        Overlay {
+            lab,
+            dir,
+            pids: vec![None; usize::from(hosts)],
+        }
+    }
+
+    fn env_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("h{}.env", i + 1))
+    }
+
+    fn log_path(&self, i: usize) -> PathBuf {
+        self.dir.path().join(format!("h{}.log", i + 1))
+    }
+
+    fn start(&mut self, i: usize, extra: &[&str]) {
+        let host = self.lab.host(i).clone();
+        let mut cmd = host.command(LINEN);
+        cmd.args(["run", "--registry-dir"])
+            .arg(self.dir.path())
+            .args(["--iface", "eth0", "--log-level", "info", "--subnet-file"])
+            .arg(self.env_path(i))
+            .args(extra)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.log_path(i)).unwrap());
+        self.pids[i] = Some(self.lab.spawn(cmd, "linen").unwrap());
+    }
+
+    /// Stops host i's daemon; returns its exit status and log.
+    fn stop(&mut self, i: usize) -> (Option<std::process::ExitStatus>, String) {
+        let pid = self.pids[i].take().expect("running");
+        let status = self.lab.stop(pid, Duration::from_secs(10));
+        (status, std::fs::read_to_string(self.log_path(i)).unwrap_or_default())
+    }
+
+    /// Host i's subnet.env once it exists.
+    fn env(&self, i: usize) -> SubnetEnv {
+        let path = self.env_path(i);
+        wait_for(Duration::from_secs(15), || {
+            SubnetEnv::parse(&std::fs::read_to_string(&path).ok()?).ok()
+        })
+        .unwrap_or_else(|| {
+            panic!(
+                "host {} wrote no subnet.env; log:\n{}",
+                i + 1,
+                std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+            )
+        })
+    }
+
+    /// Host i's TUN addresses (the network addresses of its lease).
+    fn addrs(&self, i: usize) -> (String, String) {
+        let key = self.env(i).previous_key().unwrap();
+        (
+            key.ipv4().unwrap().network().to_string(),
+            key.ipv6().unwrap().network().to_string(),
+        )
+    }
+
+    fn ping_ok(&self, from: usize, to: &str, extra: &[&str]) -> bool {
+        let mut args = vec!["-c1", "-W1"];
+        args.extend_from_slice(extra);
+        args.push(to);
+        wait_for(Duration::from_secs(5), || {
+            self.lab
+                .host(from)
+                .run("ping", &args)
+                .ok()
+                .filter(|o| o.status.success())
+        })
+        .is_some()
+    }
+}
+
+fn ping_output(o: &Overlay, from: usize, args: &[&str]) -> String {
+    let out = o.lab.host(from).run("ping", args).unwrap();
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
+}
+
+#[test]
+fn three_hosts_mesh_transfer_icmp_and_expiry() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnmesh", 3);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    // Host 3 leases with a short TTL so its lease expires soon after it stops.
+    o.start(2, &["--lease-ttl", "4", "--subnet-lease-renew-margin", "1"]);
+    let addrs: Vec<_> = (0..3).map(|i| o.addrs(i)).collect();
+    assert_eq!(o.env(0).mtu, 1472, "MTU = 1500 - 28");
+    for a in 0..3 {
+        for b in 0..3 {
+            if a != b {
+                assert!(o.ping_ok(a, &addrs[b].0, &[]), "IPv4 ping {} -> {}", a + 1, b + 1);
+                assert!(o.ping_ok(a, &addrs[b].1, &["-6"]), "IPv6 ping {} -> {}", a + 1, b + 1);
+            }
+        }
+    }
+
+    // 50 MB over TCP arrives byte-identical.
+    let recv = o.lab.host(1).command("python3");
+    let script = r#"
+import hashlib, socket, sys
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 7000)); s.listen(1); c, _ = s.accept(); h = hashlib.sha256(); n = 0
+while True:
+    d = c.recv(1 << 16)
+    if not d: break
+    h.update(d); n += len(d)
+print(n, h.hexdigest())
+"#;
+    let mut recv = recv;
+    recv.args(["-c", script, &addrs[1].0]).stdout(Stdio::piped());
+    let child = recv.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let send = r#"
+import hashlib, random, socket, sys
+r = random.Random(7); data = r.randbytes(50 * 1000 * 1000)
+s = socket.create_connection((sys.argv[1], 7000)); s.sendall(data); s.close()
+print(len(data), hashlib.sha256(data).hexdigest())
+"#;
+    let sent = o.lab.host(0).run_ok("python3", &["-c", send, &addrs[1].0]).unwrap();
+    let got = child.wait_with_output().unwrap();
+    assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), sent.trim());
+    assert!(sent.starts_with("50000000 "));
+
+    // TTL 1: Time Exceeded from our own TUN address.
+    let out = ping_output(&o, 0, &["-c1", "-W2", "-t", "1", &addrs[1].0]);
+    assert!(out.contains("Time to live exceeded"), "{out}");
+
+    // Exactly the overlay MTU passes with DF; one byte more is refused with the MTU.
+    let payload = (1472 - 28).to_string();
+    assert!(o.ping_ok(0, &addrs[1].0, &["-M", "do", "-s", &payload]));
+    let over = (1472 - 28 + 1).to_string();
+    let out = ping_output(&o, 0, &["-c1", "-W1", "-M", "do", "-s", &over, &addrs[1].0]);
+    assert!(out.contains("mtu=1472") || out.contains("mtu = 1472"), "{out}");
+
+    // A subnet nobody leases answers net unreachable.
+    let out = ping_output(&o, 0, &["-c1", "-W2", "198.19.250.9"]);
+    assert!(
+        out.contains("Destination Net Unreachable") || out.contains("Unreachable"),
+        "{out}"
+    );
+
+    // Stop host 3: its lease expires (TTL 4 s) and the others stop routing to it.
+    let (status, _) = o.stop(2);
+    assert!(status.is_some_and(|s| s.success()), "SIGTERM exits 0");
+    let gone = wait_for(Duration::from_secs(12), || {
+        let out = ping_output(&o, 0, &["-c1", "-W1", &addrs[2].0]);
+        out.contains("Unreachable").then_some(())
+    });
+    assert!(gone.is_some(), "host 3's subnet still routed after its lease expired");
+    // The TUN device of a stopped host is gone.
+    let links = o.lab.host(2).ip(&["link"]).unwrap();
+    assert!(!links.contains("linen0"), "{links}");
+}
+
+/// Sends `payload` as one UDP datagram from `from`'s namespace to `to`:8285.
+fn send_datagram(o: &Overlay, from: usize, to: Ipv4Addr, payload: &[u8]) {
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    let script = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                  s.sendto(bytes.fromhex(sys.argv[2]), (sys.argv[1], 8285))";
+    o.lab
+        .host(from)
+        .run_ok("python3", &["-c", script, &to.to_string(), &hex])
+        .unwrap();
+}
+
+/// A minimal IPv4/ICMP echo packet from `src` to `dst` with a valid header checksum.
+fn ipv4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![
+        0x45, 0, 0, 28, 0, 1, 0, 0, 64, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, // IPv4
+        8, 0, 0xf7, 0xfe, 0, 1, 0, 0, // ICMP echo, checksum for these bytes
+    ];
+    p[12..16].copy_from_slice(&src.octets());
+    p[16..20].copy_from_slice(&dst.octets());
+    let mut sum: u32 = 0;
+    for w in p[..20].chunks(2) {
+        sum += u32::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    let c = !(sum as u16);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    p
+}
+
+fn counter(log: &str, name: &str) -> u64 {
+    // The daemon logs its final counters on shutdown as `name=value` fields.
+    log.split_whitespace()
+        .filter_map(|f| f.strip_prefix(&format!("{name}=")))
+        .filter_map(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
+        .last()
+        .unwrap_or(0)
+}
+
+#[test]
+fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnforge", 3);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (a1, _) = o.addrs(0);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    let h1 = o.lab.host(0).ip;
+    let tun1: Ipv4Addr = a1.parse().unwrap();
+    let tun2: Ipv4Addr = a2.parse().unwrap();
+    // From host 3's address, which holds no lease.
+    send_datagram(&o, 2, h1, &ipv4_echo(tun2, tun1));
+    // From host 2 (holds a lease) but with an inner source outside host 2's subnet.
+    send_datagram(&o, 1, h1, &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1));
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(counter(&log, "unknown_sender"), 1, "{log}");
+    assert_eq!(counter(&log, "spoofed_source"), 1, "{log}");
+
+    // A restarted daemon gets its old subnet back.
+    let before = o.env(0).previous_key();
+    std::fs::remove_file(o.env_path(0)).unwrap();
+    o.start(0, &[]);
+    assert_eq!(o.env(0).previous_key(), before);
+    assert!(o.ping_ok(0, &a2, &[]));
+
+    // A reservation made with `linen lease reserve` is honoured by the host whose IP matches.
+    let h3 = o.lab.host(2).ip.to_string();
+    // Dual-stack network, so the reservation holds both families (a key of the other shape
+    // would not fit the config).
+    reserve(o.dir.path(), "198.19.77.0-24&fd00:19:0:77::-64", &h3);
+    o.start(2, &[]);
+    let key = o.env(2).previous_key().unwrap();
+    assert_eq!(key.ipv4().unwrap().to_string(), "198.19.77.0/24");
+    assert!(o.ping_ok(0, "198.19.77.0", &[]));
+}
+
+fn reserve(dir: &Path, subnet: &str, ip: &str) {
+    let out = Command::new(LINEN)
+        .args(["lease", "reserve", "--registry-dir"])
+        .arg(dir)
+        .args([subnet, "--public-ip", ip])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
