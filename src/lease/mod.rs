@@ -16,6 +16,7 @@
 //!   set and consumers diff it against what they know.
 
 pub mod allocator;
+pub mod tracker;
 
 use std::time::Duration;
 
