@@ -16,6 +16,8 @@
 //!   set and consumers diff it against what they know.
 
 pub mod allocator;
+pub mod directory;
+pub mod manager;
 pub mod tracker;
 
 use std::time::Duration;
