@@ -15,6 +15,11 @@
 //!   stream, a reconnect, polling), it delivers a [`WatchEvent::Snapshot`] of the whole current
 //!   set and consumers diff it against what they know.
 
+pub mod allocator;
+pub mod directory;
+pub mod manager;
+pub mod tracker;
+
 use std::time::Duration;
 
 use async_trait::async_trait;

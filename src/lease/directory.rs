@@ -1,0 +1,620 @@
+//! The embedded default registry: flannel's keys as files under one directory, no server.
+//!
+//! Layout (`<dir>` is the registry location):
+//! - `<dir>/config`: the network config JSON, exactly as stored in etcd.
+//! - `<dir>/subnets/<key>`, e.g. `subnets/198.19.1.0-24`: line 1 is the lease value exactly as
+//!   flannel stores it (`{"PublicIP":"198.18.1.1","PublicIPv6":null}`); an optional line 2
+//!   `expires=<unix seconds>`. Without line 2 the key is a reservation, so configuration
+//!   management can drop static reservations in.
+//! - `<dir>/revision`: a decimal write counter, raised under the lock by every change linen
+//!   makes to `subnets/` (creates, renewals, deletions, takeovers of expired keys).
+//! - `<dir>/.lock`: the lock file. Writers hold an exclusive `flock`, readers a shared one, so
+//!   daemons in separate processes (or with separate handles) never interleave.
+//!
+//! Every write goes to a dot-file in the target's directory, is fsynced, then renamed over the
+//! target (the directory is fsynced too). Expired leases are invisible to readers; a create may
+//! take an expired key over. Malformed names or values are skipped with one warning per
+//! (file, content).
+//!
+//! Change notification is polling (every 200 ms by default): a watch compares the revision, a
+//! fingerprint of `subnets/` (names, sizes, mtimes: hand-made edits do not raise the revision)
+//! and the earliest expiry, and delivers a [`WatchEvent::Snapshot`] when any of them moved.
+//!
+//! Blocking I/O: every operation runs on tokio's blocking pool (`spawn_blocking`), because
+//! waiting for the flock of another daemon must not stall the runtime.
+
+use std::collections::HashMap;
+use std::fs::{self, File, OpenOptions};
+use std::hash::{DefaultHasher, Hash, Hasher};
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use async_trait::async_trait;
+
+use super::{LeaseList, LeaseWatch, Registry, RegistryError, Revision, WatchEvent};
+use crate::model::{LEASE_TTL, Lease, LeaseAttrs, NetworkConfig, NetworkConfigSpec, SubnetKey};
+
+/// How often a watch looks at the directory. A new lease reaches every watcher within this
+/// plus one list.
+pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
+
+/// flannel's key layout as files under one directory. See the module docs for the format.
+#[derive(Clone, Debug)]
+pub struct DirectoryRegistry {
+    store: Arc<Store>,
+    poll_interval: Duration,
+}
+
+impl DirectoryRegistry {
+    /// A registry in `dir` giving new leases flannel's 24 h TTL. The directory is created on
+    /// the first write.
+    pub fn new(dir: impl Into<PathBuf>) -> DirectoryRegistry {
+        DirectoryRegistry::with_ttl(dir, LEASE_TTL)
+    }
+
+    /// A registry giving new leases `ttl` (whole seconds are stored; at least 1 s).
+    pub fn with_ttl(dir: impl Into<PathBuf>, ttl: Duration) -> DirectoryRegistry {
+        DirectoryRegistry {
+            store: Arc::new(Store {
+                dir: dir.into(),
+                ttl: ttl.max(Duration::from_secs(1)),
+                warned: Mutex::new(HashMap::new()),
+            }),
+            poll_interval: DEFAULT_POLL_INTERVAL,
+        }
+    }
+
+    /// Sets how often watches poll the directory.
+    pub fn with_poll_interval(mut self, interval: Duration) -> DirectoryRegistry {
+        self.poll_interval = interval;
+        self
+    }
+
+    /// The registry directory.
+    pub fn dir(&self) -> &Path {
+        &self.store.dir
+    }
+
+    async fn blocking<T: Send + 'static>(
+        &self,
+        op: impl FnOnce(&Store) -> Result<T, RegistryError> + Send + 'static,
+    ) -> Result<T, RegistryError> {
+        let store = Arc::clone(&self.store);
+        tokio::task::spawn_blocking(move || op(&store))
+            .await
+            .map_err(|e| RegistryError::Unavailable {
+                location: self.location(),
+                reason: format!("registry task failed: {e}"),
+            })?
+    }
+}
+
+#[async_trait]
+impl Registry for DirectoryRegistry {
+    fn location(&self) -> String {
+        self.store.dir.display().to_string()
+    }
+
+    async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
+        self.blocking(Store::read_config).await
+    }
+
+    async fn put_network_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
+        let spec = spec.clone();
+        self.blocking(move |s| s.write_config(&spec)).await
+    }
+
+    async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+        self.blocking(|s| s.list()).await
+    }
+
+    async fn create_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+    ) -> Result<Lease, RegistryError> {
+        let (key, attrs) = (*key, attrs.clone());
+        self.blocking(move |s| s.create(key, attrs, true)).await
+    }
+
+    async fn create_reservation(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+    ) -> Result<Lease, RegistryError> {
+        let (key, attrs) = (*key, attrs.clone());
+        self.blocking(move |s| s.create(key, attrs, false)).await
+    }
+
+    async fn renew_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
+        let (lease, attrs) = (lease.clone(), attrs.clone());
+        self.blocking(move |s| s.renew(&lease, attrs)).await
+    }
+
+    async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+        let key = *key;
+        self.blocking(move |s| s.revoke(&key)).await
+    }
+
+    /// Polling cannot replay changes, so `after` is not needed: the first event is always a
+    /// snapshot of the current set, which the caller diffs against its list.
+    async fn watch_leases(&self, _after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
+        Ok(Box::new(DirectoryWatch {
+            registry: self.clone(),
+            seen: None,
+            next_expiry: None,
+        }))
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.store.ttl
+    }
+}
+
+/// What a poll compares: the revision and the shape of `subnets/`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Fingerprint {
+    revision: Revision,
+    files: u64,
+}
+
+/// A polling watch. Its first event is always a snapshot (which also covers any expiry
+/// between the caller's list and the watch); later ones come when the fingerprint changes or
+/// a lease passes its expiry.
+struct DirectoryWatch {
+    registry: DirectoryRegistry,
+    /// The fingerprint of the last snapshot delivered; `None` before the first or after an
+    /// error (so the next success is a snapshot, as the trait promises).
+    seen: Option<Fingerprint>,
+    next_expiry: Option<SystemTime>,
+}
+
+#[async_trait]
+impl LeaseWatch for DirectoryWatch {
+    async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
+        loop {
+            if let Some(seen) = self.seen {
+                tokio::time::sleep(self.registry.poll_interval).await;
+                let now = SystemTime::now();
+                let expired = self.next_expiry.is_some_and(|t| t <= now);
+                let current = self.registry.blocking(|s| s.fingerprint()).await;
+                match current {
+                    Ok(fp) if fp == seen && !expired => continue,
+                    Ok(_) => {}
+                    Err(e) => {
+                        self.seen = None;
+                        return Err(e);
+                    }
+                }
+            }
+            let (list, fp) = match self.registry.blocking(|s| s.list_with_fingerprint()).await {
+                Ok(v) => v,
+                Err(e) => {
+                    self.seen = None;
+                    return Err(e);
+                }
+            };
+            self.seen = Some(fp);
+            self.next_expiry = list.leases.iter().filter_map(|l| l.expiration).min();
+            return Ok(WatchEvent::Snapshot(list));
+        }
+    }
+}
+
+/// The synchronous store behind [`DirectoryRegistry`].
+#[derive(Debug)]
+struct Store {
+    dir: PathBuf,
+    ttl: Duration,
+    /// Malformed files already warned about: file name → hash of its content.
+    warned: Mutex<HashMap<String, u64>>,
+}
+
+/// One parsed `subnets/` file.
+enum Entry {
+    Live(Lease),
+    Expired,
+    Malformed,
+}
+
+impl Store {
+    fn subnets(&self) -> PathBuf {
+        self.dir.join("subnets")
+    }
+
+    fn key_path(&self, key: &SubnetKey) -> PathBuf {
+        self.subnets().join(key.to_string())
+    }
+
+    fn io_err(&self, what: &str, path: &Path, e: io::Error) -> RegistryError {
+        let location = self.dir.display().to_string();
+        if e.kind() == io::ErrorKind::PermissionDenied {
+            RegistryError::Refused {
+                location,
+                reason: format!(
+                    "{what} {}: {e}; give this user read and write access to the directory",
+                    path.display()
+                ),
+            }
+        } else {
+            RegistryError::Unavailable {
+                location,
+                reason: format!("{what} {}: {e}", path.display()),
+            }
+        }
+    }
+
+    /// Takes the store lock, creating the directory when `create` is set. `None` when the
+    /// directory does not exist and `create` is not set (an empty store).
+    fn lock(&self, exclusive: bool) -> Result<Option<File>, RegistryError> {
+        let path = self.dir.join(".lock");
+        if exclusive {
+            fs::create_dir_all(self.subnets())
+                .map_err(|e| self.io_err("cannot create", &self.subnets(), e))?;
+        }
+        let file = match OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+        {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !exclusive => return Ok(None),
+            Err(e) => return Err(self.io_err("cannot open lock file", &path, e)),
+        };
+        let locked = if exclusive {
+            file.lock()
+        } else {
+            file.lock_shared()
+        };
+        locked.map_err(|e| self.io_err("cannot lock", &path, e))?;
+        Ok(Some(file))
+    }
+
+    fn read_config(&self) -> Result<NetworkConfig, RegistryError> {
+        let path = self.dir.join("config");
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Err(RegistryError::ConfigNotFound {
+                    location: path.display().to_string(),
+                    hint: "; or write flannel's config JSON to that file, e.g. \
+                           {\"Network\":\"198.19.0.0/16\",\"Backend\":{\"Type\":\"udp\"}}"
+                        .to_owned(),
+                });
+            }
+            Err(e) => return Err(self.io_err("cannot read", &path, e)),
+        };
+        NetworkConfig::from_json(text.trim()).map_err(|source| RegistryError::BadConfig {
+            location: path.display().to_string(),
+            source,
+        })
+    }
+
+    fn write_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
+        let path = self.dir.join("config");
+        spec.clone()
+            .validate()
+            .map_err(|source| RegistryError::BadConfig {
+                location: path.display().to_string(),
+                source,
+            })?;
+        let _lock = self.lock(true)?;
+        self.write_atomic(&path, format!("{}\n", spec.to_json()).as_bytes())
+    }
+
+    fn revision(&self) -> Result<Revision, RegistryError> {
+        let path = self.dir.join("revision");
+        match fs::read_to_string(&path) {
+            Ok(t) => Ok(t.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(path = %path.display(), content = %t.trim(), "registry revision file is not a number; counting from 0");
+                0
+            })),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(0),
+            Err(e) => Err(self.io_err("cannot read", &path, e)),
+        }
+    }
+
+    /// Raises the revision; the caller holds the exclusive lock.
+    fn bump(&self) -> Result<Revision, RegistryError> {
+        let next = self.revision()? + 1;
+        self.write_atomic(&self.dir.join("revision"), format!("{next}\n").as_bytes())?;
+        Ok(next)
+    }
+
+    /// Writes `content` to a dot-file next to `path`, fsyncs it, renames it over `path` and
+    /// fsyncs the directory.
+    fn write_atomic(&self, path: &Path, content: &[u8]) -> Result<(), RegistryError> {
+        static COUNTER: AtomicU64 = AtomicU64::new(0);
+        let dir = path.parent().unwrap_or(Path::new("."));
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy())
+            .unwrap_or_default();
+        let tmp = dir.join(format!(
+            ".{name}.tmp.{}.{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed)
+        ));
+        let result = (|| {
+            let mut file = File::create(&tmp)?;
+            file.write_all(content)?;
+            file.sync_all()?;
+            fs::rename(&tmp, path)?;
+            // Directory fsync makes the rename durable; not every filesystem supports it.
+            if let Ok(d) = File::open(dir) {
+                let _ = d.sync_all();
+            }
+            Ok(())
+        })();
+        result.map_err(|e| {
+            let _ = fs::remove_file(&tmp);
+            self.io_err("cannot write", path, e)
+        })
+    }
+
+    /// Reads one `subnets/` file. `Ok(None)` when it does not exist.
+    fn read_entry(&self, name: &str, now: SystemTime) -> Result<Option<Entry>, RegistryError> {
+        let path = self.subnets().join(name);
+        let key = match SubnetKey::parse(name) {
+            Ok(k) if k.to_string() == name => k,
+            Ok(k) => {
+                self.warn_once(
+                    name,
+                    "",
+                    &format!("the file name is not canonical; rename it to {k}"),
+                );
+                return Ok(Some(Entry::Malformed));
+            }
+            Err(e) => {
+                self.warn_once(name, "", &e.to_string());
+                return Ok(Some(Entry::Malformed));
+            }
+        };
+        let text = match fs::read_to_string(&path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                self.warn_once(name, "<not UTF-8>", "the file is not UTF-8 text");
+                return Ok(Some(Entry::Malformed));
+            }
+            Err(e) => return Err(self.io_err("cannot read", &path, e)),
+        };
+        match parse_value(&text) {
+            Ok((attrs, expiration)) => {
+                self.forget_warning(name);
+                if expiration.is_some_and(|t| t <= now) {
+                    return Ok(Some(Entry::Expired));
+                }
+                Ok(Some(Entry::Live(Lease {
+                    key,
+                    attrs,
+                    expiration,
+                    lease_id: None,
+                })))
+            }
+            Err(why) => {
+                self.warn_once(name, &text, &why);
+                Ok(Some(Entry::Malformed))
+            }
+        }
+    }
+
+    fn warn_once(&self, name: &str, content: &str, why: &str) {
+        let mut h = DefaultHasher::new();
+        content.hash(&mut h);
+        let hash = h.finish();
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        if warned.insert(name.to_owned(), hash) != Some(hash) {
+            tracing::warn!(
+                file = %self.subnets().join(name).display(),
+                reason = why,
+                "skipping malformed lease file; fix or delete it"
+            );
+        }
+    }
+
+    fn forget_warning(&self, name: &str) {
+        let mut warned = self.warned.lock().unwrap_or_else(|e| e.into_inner());
+        warned.remove(name);
+    }
+
+    /// Names in `subnets/`, dot-files (temporaries) left out. Empty when it does not exist.
+    fn names(&self) -> Result<Vec<(String, u64)>, RegistryError> {
+        let dir = self.subnets();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+            Err(e) => return Err(self.io_err("cannot list", &dir, e)),
+        };
+        let mut names = Vec::new();
+        for entry in rd {
+            let entry = entry.map_err(|e| self.io_err("cannot list", &dir, e))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with('.') {
+                continue;
+            }
+            // Size and mtime stand for the content in the fingerprint.
+            let stamp = entry.metadata().ok().map_or(0, |m| {
+                let mut h = DefaultHasher::new();
+                m.len().hash(&mut h);
+                m.modified().ok().hash(&mut h);
+                h.finish()
+            });
+            names.push((name, stamp));
+        }
+        names.sort_unstable();
+        Ok(names)
+    }
+
+    fn fingerprint_of(&self, revision: Revision, names: &[(String, u64)]) -> Fingerprint {
+        let mut h = DefaultHasher::new();
+        names.hash(&mut h);
+        Fingerprint {
+            revision,
+            files: h.finish(),
+        }
+    }
+
+    /// The cheap part of a poll: no file is opened but `revision`.
+    fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
+        let revision = self.revision()?;
+        Ok(self.fingerprint_of(revision, &self.names()?))
+    }
+
+    fn list(&self) -> Result<LeaseList, RegistryError> {
+        Ok(self.list_with_fingerprint()?.0)
+    }
+
+    fn list_with_fingerprint(&self) -> Result<(LeaseList, Fingerprint), RegistryError> {
+        let _lock = self.lock(false)?;
+        let revision = self.revision()?;
+        let names = self.names()?;
+        let now = SystemTime::now();
+        let mut leases = Vec::with_capacity(names.len());
+        for (name, _) in &names {
+            if let Some(Entry::Live(lease)) = self.read_entry(name, now)? {
+                leases.push(lease);
+            }
+        }
+        leases.sort_by_key(|l| l.key);
+        let fp = self.fingerprint_of(revision, &names);
+        Ok((LeaseList { leases, revision }, fp))
+    }
+
+    fn expiry(&self) -> SystemTime {
+        let at = SystemTime::now() + self.ttl;
+        // Stored in whole seconds: round up so a lease never ends before its TTL.
+        let secs = at.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let whole = secs.as_secs() + u64::from(secs.subsec_nanos() > 0);
+        UNIX_EPOCH + Duration::from_secs(whole)
+    }
+
+    fn write_lease(&self, lease: &Lease) -> Result<(), RegistryError> {
+        let mut text = lease.attrs.to_json();
+        text.push('\n');
+        if let Some(t) = lease.expiration {
+            let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+            text.push_str(&format!("expires={secs}\n"));
+        }
+        self.write_atomic(&self.key_path(&lease.key), text.as_bytes())
+    }
+
+    fn create(&self, key: SubnetKey, attrs: LeaseAttrs, ttl: bool) -> Result<Lease, RegistryError> {
+        let _lock = self.lock(true)?;
+        let name = key.to_string();
+        match self.read_entry(&name, SystemTime::now())? {
+            None => {}
+            Some(Entry::Expired) => {
+                tracing::info!(subnet = %key, "taking over an expired lease");
+            }
+            // A malformed value under this key is someone's broken file: leave it alone.
+            Some(Entry::Live(_) | Entry::Malformed) => {
+                return Err(RegistryError::AlreadyExists(key));
+            }
+        }
+        let lease = Lease {
+            key,
+            attrs,
+            expiration: ttl.then(|| self.expiry()),
+            lease_id: None,
+        };
+        self.write_lease(&lease)?;
+        self.bump()?;
+        Ok(lease)
+    }
+
+    fn renew(&self, lease: &Lease, attrs: LeaseAttrs) -> Result<Lease, RegistryError> {
+        let _lock = self.lock(true)?;
+        let current = match self.read_entry(&lease.key.to_string(), SystemTime::now())? {
+            Some(Entry::Live(current)) => current,
+            _ => return Err(RegistryError::NotFound(lease.key)),
+        };
+        // If another host holds the key now (ours expired and was taken over), it is not ours
+        // to rewrite: flannel #1289.
+        if current.attrs.public_ip != lease.attrs.public_ip
+            || current.attrs.public_ipv6 != lease.attrs.public_ipv6
+        {
+            return Err(RegistryError::NotFound(lease.key));
+        }
+        let renewed = Lease {
+            key: lease.key,
+            attrs,
+            // A reservation stays a reservation.
+            expiration: current.expiration.map(|_| self.expiry()),
+            lease_id: None,
+        };
+        self.write_lease(&renewed)?;
+        self.bump()?;
+        Ok(renewed)
+    }
+
+    fn revoke(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+        let _lock = self.lock(true)?;
+        let path = self.key_path(key);
+        match fs::remove_file(&path) {
+            Ok(()) => {
+                if let Ok(d) = File::open(self.subnets()) {
+                    let _ = d.sync_all();
+                }
+                self.bump()?;
+                Ok(())
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(self.io_err("cannot delete", &path, e)),
+        }
+    }
+}
+
+/// Parses a lease file: the value on line 1, an optional `expires=<unix seconds>` on line 2.
+fn parse_value(text: &str) -> Result<(LeaseAttrs, Option<SystemTime>), String> {
+    let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
+    let value = lines.next().ok_or("the file is empty")?;
+    let attrs = LeaseAttrs::from_json(value).map_err(|e| e.to_string())?;
+    let expiration = match lines.next() {
+        None => None,
+        Some(line) => {
+            let secs = line
+                .strip_prefix("expires=")
+                .and_then(|s| s.parse::<u64>().ok())
+                .ok_or_else(|| format!("line 2 is {line:?}, expected expires=<unix seconds>"))?;
+            Some(UNIX_EPOCH + Duration::from_secs(secs))
+        }
+    };
+    if let Some(extra) = lines.next() {
+        return Err(format!("unexpected line {extra:?} after the expiry"));
+    }
+    Ok((attrs, expiration))
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn parses_lease_files() {
+        let (attrs, exp) =
+            parse_value("{\"PublicIP\":\"198.18.1.1\",\"PublicIPv6\":null}\nexpires=1700000000\n")
+                .unwrap();
+        assert_eq!(
+            attrs,
+            LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap())
+        );
+        assert_eq!(exp, Some(UNIX_EPOCH + Duration::from_secs(1_700_000_000)));
+        let (_, exp) = parse_value("{\"PublicIP\":\"198.18.1.1\"}").unwrap();
+        assert_eq!(exp, None, "no line 2 is a reservation");
+        for bad in [
+            "",
+            "{",
+            "{\"PublicIP\":\"198.18.1.1\"}\nexpires=soon",
+            "{\"PublicIP\":\"198.18.1.1\"}\nttl=5",
+            "{\"PublicIP\":\"198.18.1.1\"}\nexpires=1\nmore",
+        ] {
+            assert!(parse_value(bad).is_err(), "{bad:?}");
+        }
+    }
+}

@@ -1,0 +1,566 @@
+//! The lease manager: acquires this host's subnet, renews it, watches every other host's lease,
+//! and publishes the result as a [`LeaseState`] on a `tokio::sync::watch` channel.
+//!
+//! It fixes flannel's known defects (`flannel-compat.md` §h): a lost own lease (deleted,
+//! expired, taken, or a renewal answering "not found") is re-acquired — the same subnet when it
+//! is still free — and the manager keeps running instead of exiting (#904); reservations are
+//! never renewed and never get a TTL (#1242, #1329); registry outages are retried with capped
+//! backoff and logged once per change of state, not once per retry; after an outage, a
+//! renewal that fell due is done at once. On cancellation the lease is kept, as flannel keeps
+//! it, so a restart finds it again by PublicIP.
+//!
+//! The state, not a stream of events, is what a consumer sees: it can never miss a change, and
+//! a forwarding table is rebuilt from `own` and `peers` whenever `generation` moves.
+
+use std::fmt::Display;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+
+use super::allocator::{self, AllocError, Choice, Request};
+use super::tracker::{LeaseTracker, OwnChange, PeerEvent};
+use super::{Registry, RegistryError, Revision, WatchEvent};
+use crate::model::{Lease, LeaseAttrs, NetworkConfig, SubnetKey};
+
+/// flannel's `raceRetries`: how many lost creates an acquisition tolerates.
+pub const RACE_RETRIES: usize = 10;
+
+/// flannel's default `-subnet-lease-renew-margin`: renew one hour before expiry.
+pub const DEFAULT_RENEW_MARGIN: Duration = Duration::from_secs(60 * 60);
+
+/// Why a lease could not be acquired.
+#[derive(Debug, thiserror::Error)]
+pub enum AcquireError {
+    /// The registry failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    /// No subnet can be chosen.
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    /// Every create lost a race with another host.
+    #[error(
+        "Max retries reached trying to acquire a subnet: {tries} creates lost a race, the last \
+         for {subnet}; other hosts are acquiring at the same time, retry shortly"
+    )]
+    Races {
+        /// The last subnet tried.
+        subnet: SubnetKey,
+        /// How many creates were tried.
+        tries: usize,
+    },
+}
+
+/// Acquires a lease once, as flannel's `tryAcquireLease` does: list, decide with the
+/// [`allocator`], create atomically; on a lost race list again, at most [`RACE_RETRIES`]
+/// times. Own leases the config no longer allows are deleted on the way.
+pub async fn acquire(
+    registry: &dyn Registry,
+    config: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<SubnetKey>,
+    rng: &mut (impl Rng + Send),
+) -> Result<Lease, AcquireError> {
+    let mut lost: Vec<SubnetKey> = Vec::new();
+    for _ in 0..RACE_RETRIES {
+        let list = registry.list_leases().await?;
+        let plan = allocator::plan(
+            &Request {
+                config,
+                leases: &list.leases,
+                ours: attrs,
+                previous,
+                also_taken: &lost,
+            },
+            rng,
+        )?;
+        for old in &plan.incompatible {
+            tracing::warn!(subnet = %old.key, "Lease is not compatible with current config, deleting");
+            registry.revoke_lease(&old.key).await?;
+        }
+        let key = plan.choice.key();
+        let result = match plan.choice {
+            Choice::Reuse(lease) => {
+                tracing::info!(subnet = %key, reservation = lease.is_reservation(), "found a lease for this host's PublicIP, reusing it");
+                registry.renew_lease(&lease, attrs).await
+            }
+            Choice::Previous(_) => {
+                tracing::info!(subnet = %key, "the previous subnet is free, taking it again");
+                registry.create_lease(&key, attrs).await
+            }
+            Choice::Fresh(_) => {
+                tracing::info!(subnet = %key, range = %range(config), "picked a free subnet");
+                registry.create_lease(&key, attrs).await
+            }
+        };
+        match result {
+            Ok(lease) => return Ok(lease),
+            // Gone between the list and the renewal, or taken first: list again.
+            Err(RegistryError::AlreadyExists(_) | RegistryError::NotFound(_)) => {
+                tracing::debug!(subnet = %key, "lost a race for the subnet; listing again");
+                lost.push(key);
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(AcquireError::Races {
+        subnet: *lost.last().expect("RACE_RETRIES > 0"),
+        tries: RACE_RETRIES,
+    })
+}
+
+fn range(config: &NetworkConfig) -> String {
+    let mut parts = Vec::new();
+    if config.network.is_some() {
+        parts.push(format!(
+            "{} ... {} (/{})",
+            config.subnet_min, config.subnet_max, config.subnet_len
+        ));
+    }
+    if config.ipv6_network.is_some() {
+        parts.push(format!(
+            "{} ... {} (/{})",
+            config.ipv6_subnet_min, config.ipv6_subnet_max, config.ipv6_subnet_len
+        ));
+    }
+    parts.join(" & ")
+}
+
+/// How the manager behaves.
+#[derive(Clone, Debug)]
+pub struct ManagerOptions {
+    /// This host's lease value (its PublicIP is its identity).
+    pub attrs: LeaseAttrs,
+    /// The subnet from `subnet.env`, tried when no lease holds our PublicIP.
+    pub previous: Option<SubnetKey>,
+    /// Renew this long before expiry (flannel: `-subnet-lease-renew-margin`, default 60 min;
+    /// its range is validated by the caller).
+    pub renew_margin: Duration,
+    /// First delay after a failure; it doubles on every further failure…
+    pub backoff_min: Duration,
+    /// …up to this.
+    pub backoff_max: Duration,
+}
+
+impl ManagerOptions {
+    /// flannel's defaults: 60 min renew margin, retries backing off from 1 s to 60 s.
+    pub fn new(attrs: LeaseAttrs) -> ManagerOptions {
+        ManagerOptions {
+            attrs,
+            previous: None,
+            renew_margin: DEFAULT_RENEW_MARGIN,
+            backoff_min: Duration::from_secs(1),
+            backoff_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// The registry's health as the manager sees it, for logs, `/healthz` and metrics.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RegistryHealth {
+    /// Whether the last registry call succeeded.
+    pub connected: bool,
+    /// The last failure, kept after recovery for diagnosis.
+    pub last_error: Option<String>,
+    /// How many times the watch was re-established after a failure.
+    pub resyncs: u64,
+}
+
+/// Everything a daemon needs from the control plane, published whole on every change.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct LeaseState {
+    /// This host's lease; `None` before the first acquisition and while re-acquiring a lost
+    /// one. Its `expiration` is the lease expiry (`None`: a reservation).
+    pub own: Option<Lease>,
+    /// Every other host's live lease, sorted by key; the own subnet is never here.
+    pub peers: Vec<Lease>,
+    /// Raised whenever `own` or `peers` change: rebuild the forwarding table when it moves.
+    pub generation: u64,
+    /// Registry health; changes do not raise `generation`.
+    pub registry: RegistryHealth,
+}
+
+/// Doubling delays between `min` and `max`.
+#[derive(Clone, Debug)]
+struct Backoff {
+    min: Duration,
+    max: Duration,
+    next: Duration,
+}
+
+impl Backoff {
+    fn new(min: Duration, max: Duration) -> Backoff {
+        Backoff {
+            min,
+            max,
+            next: min,
+        }
+    }
+
+    fn next(&mut self) -> Duration {
+        let d = self.next;
+        self.next = (self.next * 2).min(self.max);
+        d
+    }
+
+    fn reset(&mut self) {
+        self.next = self.min;
+    }
+}
+
+/// What the watch task hands the manager.
+enum WatchMsg {
+    Event(WatchEvent),
+    Failed(RegistryError),
+}
+
+/// Acquires, renews and watches leases. Build it, take a receiver with [`subscribe`], then
+/// [`acquire`](LeaseManager::acquire) (optional: [`run`] acquires too, retrying) and [`run`].
+///
+/// [`subscribe`]: LeaseManager::subscribe
+/// [`run`]: LeaseManager::run
+pub struct LeaseManager {
+    registry: Arc<dyn Registry>,
+    config: NetworkConfig,
+    options: ManagerOptions,
+    rng: StdRng,
+    tracker: LeaseTracker,
+    state: watch::Sender<LeaseState>,
+    /// The last lease we held, kept while re-acquiring so the same subnet is asked for.
+    last_key: Option<SubnetKey>,
+    renew_at: Option<Instant>,
+    renew_backoff: Backoff,
+    renew_failed: bool,
+    last_acquire_error: Option<String>,
+}
+
+impl LeaseManager {
+    /// A manager for `config` (read by the caller from the same registry).
+    pub fn new(
+        registry: Arc<dyn Registry>,
+        config: NetworkConfig,
+        options: ManagerOptions,
+    ) -> LeaseManager {
+        let renew_backoff = Backoff::new(options.backoff_min, options.backoff_max);
+        LeaseManager {
+            registry,
+            config,
+            last_key: options.previous,
+            options,
+            rng: StdRng::from_rng(&mut rand::rng()),
+            tracker: LeaseTracker::new(None),
+            state: watch::Sender::new(LeaseState::default()),
+            renew_at: None,
+            renew_backoff,
+            renew_failed: false,
+            last_acquire_error: None,
+        }
+    }
+
+    /// A receiver of the current state; it stays valid after [`run`](LeaseManager::run) ends.
+    pub fn subscribe(&self) -> watch::Receiver<LeaseState> {
+        self.state.subscribe()
+    }
+
+    /// The config leases are acquired under.
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+
+    /// Acquires a lease now (one attempt with up to [`RACE_RETRIES`] races), publishes it and
+    /// schedules its renewal. The daemon calls this at start-up to fail fast.
+    pub async fn acquire(&mut self) -> Result<Lease, AcquireError> {
+        let result = acquire(
+            self.registry.as_ref(),
+            &self.config,
+            &self.options.attrs,
+            self.last_key,
+            &mut self.rng,
+        )
+        .await;
+        match result {
+            Ok(lease) => {
+                self.registry_ok();
+                self.last_acquire_error = None;
+                tracing::info!(subnet = %lease.key, expires = ?lease.expiration, "lease acquired");
+                self.hold(lease.clone());
+                Ok(lease)
+            }
+            Err(e) => {
+                if let AcquireError::Registry(re) = &e
+                    && re.is_transient()
+                {
+                    self.registry_failed(re);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs until `cancel` fires: acquires a lease if none is held (retrying with backoff),
+    /// renews it, watches the other leases and re-acquires a lost lease. The lease is kept
+    /// when it stops.
+    pub async fn run(mut self, cancel: CancellationToken) {
+        let (tx, mut rx) = mpsc::channel(16);
+        let watch_cancel = cancel.child_token();
+        let watcher = tokio::spawn(watch_task(
+            Arc::clone(&self.registry),
+            tx,
+            Backoff::new(self.options.backoff_min, self.options.backoff_max),
+            watch_cancel.clone(),
+        ));
+        let mut acquire_backoff = Backoff::new(self.options.backoff_min, self.options.backoff_max);
+        loop {
+            if self.tracker.own().is_none() {
+                match self.acquire().await {
+                    Ok(_) => acquire_backoff.reset(),
+                    Err(e) => {
+                        let msg = e.to_string();
+                        if self.last_acquire_error.as_ref() != Some(&msg) {
+                            tracing::warn!(error = %msg, "cannot acquire a lease; retrying with backoff");
+                            self.last_acquire_error = Some(msg);
+                        }
+                        tokio::select! {
+                            _ = cancel.cancelled() => break,
+                            _ = tokio::time::sleep(acquire_backoff.next()) => continue,
+                        }
+                    }
+                }
+            }
+            let renew_at = self.renew_at;
+            tokio::select! {
+                _ = cancel.cancelled() => break,
+                _ = sleep_until(renew_at) => self.renew().await,
+                msg = rx.recv() => match msg {
+                    Some(WatchMsg::Event(event)) => self.on_event(event),
+                    Some(WatchMsg::Failed(e)) => self.registry_failed(&e),
+                    None => break,
+                },
+            }
+        }
+        watch_cancel.cancel();
+        let _ = watcher.await;
+        if let Some(own) = self.tracker.own() {
+            tracing::info!(subnet = %own.key, "lease manager stopped; the lease is kept for the next start");
+        }
+    }
+
+    /// Holds `lease` as ours: tracker, renewal timer, published state.
+    fn hold(&mut self, lease: Lease) {
+        self.last_key = Some(lease.key);
+        self.renew_backoff.reset();
+        self.renew_failed = false;
+        self.renew_at = match lease.expiration {
+            None => {
+                tracing::info!(subnet = %lease.key, "the lease is a reservation; it has no expiry and is never renewed");
+                None
+            }
+            Some(exp) => {
+                let due = exp
+                    .checked_sub(self.options.renew_margin)
+                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
+                    .unwrap_or_default();
+                tracing::debug!(subnet = %lease.key, in_secs = due.as_secs(), "renewal scheduled");
+                Some(Instant::now() + due)
+            }
+        };
+        let events = self.tracker.set_own(Some(lease));
+        log_peers(&events);
+        self.publish(true);
+    }
+
+    async fn renew(&mut self) {
+        let Some(own) = self.tracker.own().cloned() else {
+            self.renew_at = None;
+            return;
+        };
+        match self.registry.renew_lease(&own, &self.options.attrs).await {
+            Ok(lease) => {
+                self.registry_ok();
+                tracing::info!(subnet = %lease.key, expires = ?lease.expiration, "lease renewed");
+                self.hold(lease);
+            }
+            Err(RegistryError::NotFound(key)) => {
+                self.registry_ok();
+                tracing::warn!(subnet = %key, "the lease is gone (deleted, expired or taken); re-acquiring");
+                self.lose();
+            }
+            Err(e) => {
+                self.registry_failed(&e);
+                self.renew_failed = true;
+                self.renew_at = Some(Instant::now() + self.renew_backoff.next());
+            }
+        }
+    }
+
+    fn on_event(&mut self, event: WatchEvent) {
+        self.registry_ok();
+        let applied = self.tracker.apply(event);
+        log_peers(&applied.peers);
+        let changed = !applied.peers.is_empty();
+        match applied.own {
+            None => {}
+            Some(OwnChange::Removed) => {
+                tracing::warn!(subnet = ?self.last_key.map(|k| k.to_string()), "the lease was deleted or expired; re-acquiring");
+                self.lose();
+                return;
+            }
+            Some(OwnChange::Put(lease)) => {
+                let ours = &self.options.attrs;
+                if lease.attrs.public_ip == ours.public_ip
+                    && lease.attrs.public_ipv6 == ours.public_ipv6
+                {
+                    // Our renewal seen through the watch, or someone renewed it for us.
+                    self.hold(lease);
+                    return;
+                }
+                tracing::warn!(subnet = %lease.key, holder = ?lease.attrs.public_ip, "another host holds our subnet now; re-acquiring");
+                self.lose();
+                return;
+            }
+        }
+        if changed {
+            self.publish(true);
+        }
+    }
+
+    /// The own lease is gone: drop it and let [`run`](LeaseManager::run) re-acquire.
+    fn lose(&mut self) {
+        self.renew_at = None;
+        self.renew_failed = false;
+        if let Some(own) = self.tracker.own() {
+            self.last_key = Some(own.key);
+        }
+        // From now on a write to the old key is another host's: the tracker reports it as a
+        // peer, and the next acquisition asks for the key again only if it is free.
+        let events = self.tracker.set_own(None);
+        log_peers(&events);
+        self.publish(true);
+    }
+
+    fn registry_ok(&mut self) {
+        let was = self.state.borrow().registry.connected;
+        if was {
+            return;
+        }
+        if self.state.borrow().registry.last_error.is_some() {
+            tracing::info!(registry = %self.registry.location(), "registry available again");
+        }
+        self.state.send_modify(|s| s.registry.connected = true);
+        if self.renew_failed {
+            // A renewal fell due while the registry was away: do it now.
+            self.renew_at = Some(Instant::now());
+        }
+    }
+
+    fn registry_failed(&mut self, error: &dyn Display) {
+        let msg = error.to_string();
+        let connected = self.state.borrow().registry.connected;
+        if connected || self.state.borrow().registry.last_error.is_none() {
+            tracing::warn!(registry = %self.registry.location(), error = %msg, "registry unavailable; retrying with backoff");
+        }
+        self.state.send_modify(|s| {
+            s.registry.connected = false;
+            s.registry.last_error = Some(msg);
+        });
+    }
+
+    fn publish(&mut self, leases_changed: bool) {
+        let own = self.tracker.own().cloned();
+        let peers: Vec<Lease> = self.tracker.peers().cloned().collect();
+        self.state.send_if_modified(|s| {
+            if s.own == own && s.peers == peers {
+                return false;
+            }
+            s.own = own;
+            s.peers = peers;
+            if leases_changed {
+                s.generation += 1;
+            }
+            true
+        });
+    }
+}
+
+fn log_peers(events: &[PeerEvent]) {
+    for e in events {
+        match e {
+            PeerEvent::Added(l) => {
+                tracing::info!(subnet = %l.key, public_ip = ?l.attrs.public_ip, public_ipv6 = ?l.attrs.public_ipv6, "subnet added")
+            }
+            PeerEvent::Updated { old, new } => {
+                tracing::info!(subnet = %new.key, old_ip = ?old.attrs.public_ip, public_ip = ?new.attrs.public_ip, "subnet updated")
+            }
+            PeerEvent::Removed(l) => tracing::info!(subnet = %l.key, "subnet removed"),
+        }
+    }
+}
+
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Owns the registry watch: list, watch from the list's revision, and after any failure
+/// back off and watch again from the last revision seen. Runs in its own task so the
+/// manager never drops a `next()` in flight (backends need not be cancel-safe).
+async fn watch_task(
+    registry: Arc<dyn Registry>,
+    tx: mpsc::Sender<WatchMsg>,
+    mut backoff: Backoff,
+    cancel: CancellationToken,
+) {
+    let mut revision: Option<Revision> = None;
+    let mut watch = None;
+    loop {
+        let result = {
+            let step = async {
+                let w = match (&mut watch, revision) {
+                    (Some(w), _) => w,
+                    (None, None) => {
+                        let list = registry.list_leases().await?;
+                        revision = Some(list.revision);
+                        watch = Some(registry.watch_leases(list.revision).await?);
+                        return Ok(WatchEvent::Snapshot(list));
+                    }
+                    (None, Some(rev)) => watch.insert(registry.watch_leases(rev).await?),
+                };
+                w.next().await
+            };
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                r = step => r,
+            }
+        };
+        let failed = result.is_err();
+        let msg = match result {
+            Ok(event) => {
+                revision = Some(match &event {
+                    WatchEvent::Changes { revision, .. } => *revision,
+                    WatchEvent::Snapshot(list) => list.revision,
+                });
+                backoff.reset();
+                WatchMsg::Event(event)
+            }
+            Err(e) => {
+                watch = None;
+                WatchMsg::Failed(e)
+            }
+        };
+        if tx.send(msg).await.is_err() {
+            return;
+        }
+        if failed {
+            tokio::select! {
+                _ = cancel.cancelled() => return,
+                _ = tokio::time::sleep(backoff.next()) => {}
+            }
+        }
+    }
+}
