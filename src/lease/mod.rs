@@ -15,6 +15,8 @@
 //!   stream, a reconnect, polling), it delivers a [`WatchEvent::Snapshot`] of the whole current
 //!   set and consumers diff it against what they know.
 
+pub mod etcd;
+
 use std::time::Duration;
 
 use async_trait::async_trait;
