@@ -32,10 +32,19 @@ impl Overlay {
         let out = Command::new(LINEN)
             .args(["network", "init", "--registry-dir"])
             .arg(dir.path())
-            .args(["--network", "198.19.0.0/16", "--ipv6-network", "fd00:19::/48"])
+            .args([
+                "--network",
+                "198.19.0.0/16",
+                "--ipv6-network",
+                "fd00:19::/48",
+            ])
             .output()
             .unwrap();
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
         Overlay {
             lab,
             dir,
@@ -68,7 +77,10 @@ impl Overlay {
     fn stop(&mut self, i: usize) -> (Option<std::process::ExitStatus>, String) {
         let pid = self.pids[i].take().expect("running");
         let status = self.lab.stop(pid, Duration::from_secs(10));
-        (status, std::fs::read_to_string(self.log_path(i)).unwrap_or_default())
+        (
+            status,
+            std::fs::read_to_string(self.log_path(i)).unwrap_or_default(),
+        )
     }
 
     /// Host i's subnet.env once it exists.
@@ -134,8 +146,18 @@ fn three_hosts_mesh_transfer_icmp_and_expiry() {
     for a in 0..3 {
         for b in 0..3 {
             if a != b {
-                assert!(o.ping_ok(a, &addrs[b].0, &[]), "IPv4 ping {} -> {}", a + 1, b + 1);
-                assert!(o.ping_ok(a, &addrs[b].1, &["-6"]), "IPv6 ping {} -> {}", a + 1, b + 1);
+                assert!(
+                    o.ping_ok(a, &addrs[b].0, &[]),
+                    "IPv4 ping {} -> {}",
+                    a + 1,
+                    b + 1
+                );
+                assert!(
+                    o.ping_ok(a, &addrs[b].1, &["-6"]),
+                    "IPv6 ping {} -> {}",
+                    a + 1,
+                    b + 1
+                );
             }
         }
     }
@@ -153,7 +175,8 @@ while True:
 print(n, h.hexdigest())
 "#;
     let mut recv = recv;
-    recv.args(["-c", script, &addrs[1].0]).stdout(Stdio::piped());
+    recv.args(["-c", script, &addrs[1].0])
+        .stdout(Stdio::piped());
     let child = recv.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let send = r#"
@@ -162,7 +185,11 @@ r = random.Random(7); data = r.randbytes(50 * 1000 * 1000)
 s = socket.create_connection((sys.argv[1], 7000)); s.sendall(data); s.close()
 print(len(data), hashlib.sha256(data).hexdigest())
 "#;
-    let sent = o.lab.host(0).run_ok("python3", &["-c", send, &addrs[1].0]).unwrap();
+    let sent = o
+        .lab
+        .host(0)
+        .run_ok("python3", &["-c", send, &addrs[1].0])
+        .unwrap();
     let got = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), sent.trim());
     assert!(sent.starts_with("50000000 "));
@@ -176,7 +203,10 @@ print(len(data), hashlib.sha256(data).hexdigest())
     assert!(o.ping_ok(0, &addrs[1].0, &["-M", "do", "-s", &payload]));
     let over = (1472 - 28 + 1).to_string();
     let out = ping_output(&o, 0, &["-c1", "-W1", "-M", "do", "-s", &over, &addrs[1].0]);
-    assert!(out.contains("mtu=1472") || out.contains("mtu = 1472"), "{out}");
+    assert!(
+        out.contains("mtu=1472") || out.contains("mtu = 1472"),
+        "{out}"
+    );
 
     // A subnet nobody leases answers net unreachable.
     let out = ping_output(&o, 0, &["-c1", "-W2", "198.19.250.9"]);
@@ -192,7 +222,10 @@ print(len(data), hashlib.sha256(data).hexdigest())
         let out = ping_output(&o, 0, &["-c1", "-W1", &addrs[2].0]);
         out.contains("Unreachable").then_some(())
     });
-    assert!(gone.is_some(), "host 3's subnet still routed after its lease expired");
+    assert!(
+        gone.is_some(),
+        "host 3's subnet still routed after its lease expired"
+    );
     // The TUN device of a stopped host is gone.
     let links = o.lab.host(2).ip(&["link"]).unwrap();
     assert!(!links.contains("linen0"), "{links}");
@@ -232,9 +265,9 @@ fn ipv4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
 fn counter(log: &str, name: &str) -> u64 {
     // The daemon logs its final counters on shutdown as `name=value` fields.
     log.split_whitespace()
+        .rev()
         .filter_map(|f| f.strip_prefix(&format!("{name}=")))
-        .filter_map(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-        .last()
+        .find_map(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
         .unwrap_or(0)
 }
 
@@ -287,5 +320,9 @@ fn reserve(dir: &Path, subnet: &str, ip: &str) {
         .args([subnet, "--public-ip", ip])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

@@ -73,13 +73,18 @@ fn run_blocking(args: &BenchArgs) -> Result<()> {
             .code()
             != Some(0)
         {
-            bail!("linen bench needs `{tool}`; install it (apt-get install iperf3 iputils-ping iproute2)");
+            bail!(
+                "linen bench needs `{tool}`; install it (apt-get install iperf3 iputils-ping iproute2)"
+            );
         }
     }
     let mut lab = Lab::new("lnbench", 2, 1500)?;
     let mut all = Vec::new();
     for path in &args.paths {
-        eprintln!("bench: measuring {path} ({} runs of {} s each)…", args.runs, args.seconds);
+        eprintln!(
+            "bench: measuring {path} ({} runs of {} s each)…",
+            args.runs, args.seconds
+        );
         let r = match path.as_str() {
             "veth" => {
                 let target = lab.host(1).ip.to_string();
@@ -115,10 +120,29 @@ fn setup_vxlan(lab: &Lab) -> Result<()> {
     for (i, h) in lab.hosts().iter().enumerate() {
         let other = &lab.hosts()[1 - i];
         h.ip(&[
-            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", &h.ip.to_string(),
-            "remote", &other.ip.to_string(), "dstport", "4789", "dev", "eth0",
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            "42",
+            "local",
+            &h.ip.to_string(),
+            "remote",
+            &other.ip.to_string(),
+            "dstport",
+            "4789",
+            "dev",
+            "eth0",
         ])?;
-        h.ip(&["addr", "add", &format!("198.19.200.{}/24", h.index), "dev", "vx0"])?;
+        h.ip(&[
+            "addr",
+            "add",
+            &format!("198.19.200.{}/24", h.index),
+            "dev",
+            "vx0",
+        ])?;
         h.ip(&["link", "set", "vx0", "up"])?;
     }
     let ok = wait_for(Duration::from_secs(5), || {
@@ -127,7 +151,8 @@ fn setup_vxlan(lab: &Lab) -> Result<()> {
             .ok()
             .filter(|o| o.status.success())
     });
-    ok.map(|_| ()).ok_or_else(|| anyhow!("VXLAN baseline does not ping"))
+    ok.map(|_| ())
+        .ok_or_else(|| anyhow!("VXLAN baseline does not ping"))
 }
 
 fn teardown_vxlan(lab: &Lab) {
@@ -144,7 +169,14 @@ fn start_linen(lab: &mut Lab, flags: &str) -> Result<(Vec<u32>, String)> {
     let _ = std::fs::remove_dir_all(&dir);
     let dir_s = dir.to_string_lossy().into_owned();
     let status = Command::new(&exe)
-        .args(["network", "init", "--registry-dir", &dir_s, "--network", "198.19.0.0/16"])
+        .args([
+            "network",
+            "init",
+            "--registry-dir",
+            &dir_s,
+            "--network",
+            "198.19.0.0/16",
+        ])
         .stdout(Stdio::null())
         .status()?;
     if !status.success() {
@@ -154,9 +186,17 @@ fn start_linen(lab: &mut Lab, flags: &str) -> Result<(Vec<u32>, String)> {
     for i in 0..2 {
         let h = lab.host(i).clone();
         let mut cmd = h.command(&exe.to_string_lossy());
-        cmd.args(["run", "--registry-dir", &dir_s, "--iface", "eth0", "--log-level", "warn"])
-            .arg("--subnet-file")
-            .arg(dir.join(format!("h{}.env", h.index)));
+        cmd.args([
+            "run",
+            "--registry-dir",
+            &dir_s,
+            "--iface",
+            "eth0",
+            "--log-level",
+            "warn",
+        ])
+        .arg("--subnet-file")
+        .arg(dir.join(format!("h{}.env", h.index)));
         cmd.args(flags.split_whitespace());
         pids.push(lab.spawn(cmd, &format!("linen-{}", h.index))?);
     }
@@ -197,7 +237,9 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         let before = cpu_jiffies()?;
         let j = iperf(lab, target, &["-t", &secs])?;
         let after = cpu_jiffies()?;
-        let bps = j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0);
+        let bps = j["end"]["sum_received"]["bits_per_second"]
+            .as_f64()
+            .unwrap_or(0.0);
         let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
         tcp1.push(bps / 1e9);
         retr.push(j["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
@@ -206,12 +248,20 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
             cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
         }
         let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
-        tcp4.push(j["end"]["sum_received"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e9);
+        tcp4.push(
+            j["end"]["sum_received"]["bits_per_second"]
+                .as_f64()
+                .unwrap_or(0.0)
+                / 1e9,
+        );
         let j = iperf(lab, target, &["-t", &secs, "-u", "-l", "64", "-b", "0"])?;
         let sum = &j["end"]["sum"];
         let packets = sum["packets"].as_f64().unwrap_or(0.0);
         let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-        let seconds = sum["seconds"].as_f64().unwrap_or(f64::from(args.seconds)).max(0.001);
+        let seconds = sum["seconds"]
+            .as_f64()
+            .unwrap_or(f64::from(args.seconds))
+            .max(0.001);
         pps.push((packets - lost).max(0.0) / seconds);
         loss.push(sum["lost_percent"].as_f64().unwrap_or(100.0));
         let (a, p) = ping(lab.host(0), target)?;
@@ -234,7 +284,10 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
 /// Busy jiffies of the whole machine (all CPUs), from /proc/stat.
 fn cpu_jiffies() -> Result<u64> {
     let stat = std::fs::read_to_string("/proc/stat")?;
-    let line = stat.lines().next().ok_or_else(|| anyhow!("empty /proc/stat"))?;
+    let line = stat
+        .lines()
+        .next()
+        .ok_or_else(|| anyhow!("empty /proc/stat"))?;
     let v: Vec<u64> = line
         .split_whitespace()
         .skip(1)
@@ -307,7 +360,8 @@ fn print_table(all: &[Results]) {
         "| metric | veth | vxlan | linen | linen/veth | linen/vxlan |\n|---|---:|---:|---:|---:|---:|"
     );
     let cell = |r: Option<&Results>, f: fn(&Results) -> f64| {
-        r.map(|r| format!("{:.2}", f(r))).unwrap_or_else(|| "-".into())
+        r.map(|r| format!("{:.2}", f(r)))
+            .unwrap_or_else(|| "-".into())
     };
     let ratio = |a: Option<&Results>, b: Option<&Results>, f: fn(&Results) -> f64| match (a, b) {
         (Some(a), Some(b)) if f(b) != 0.0 => format!("{:.2}", f(a) / f(b)),

@@ -59,9 +59,9 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         bail!("--port 0 is not a port; use 1..65535 (flannel's default is 8285)");
     }
     if let Some(n) = &args.ipv6_network {
-        let net: ipnetwork::Ipv6Network = n
-            .parse()
-            .map_err(|_| anyhow!("--ipv6-network {n:?} is not an IPv6 CIDR such as fd00:19::/48"))?;
+        let net: ipnetwork::Ipv6Network = n.parse().map_err(|_| {
+            anyhow!("--ipv6-network {n:?} is not an IPv6 CIDR such as fd00:19::/48")
+        })?;
         spec.ipv6_network = Some(ipnetwork::Ipv6Network::new(net.network(), net.prefix())?);
         spec.enable_ipv6 = Some(true);
     }
@@ -72,7 +72,9 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         spec.enable_ipv4 = Some(false);
     }
     if spec.network.is_none() && !args.no_ipv4 {
-        bail!("--network is required (e.g. --network 198.19.0.0/16), or pass --no-ipv4 with --ipv6-network");
+        bail!(
+            "--network is required (e.g. --network 198.19.0.0/16), or pass --no-ipv4 with --ipv6-network"
+        );
     }
     let config = spec.clone().validate()?;
     let reg = registry::open(&args.registry, crate::model::LEASE_TTL).await?;
@@ -89,11 +91,17 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
                 existing.spec.to_json()
             );
         }
-        Ok(_) | Err(RegistryError::ConfigNotFound { .. }) | Err(RegistryError::BadConfig { .. }) => {}
+        Ok(_)
+        | Err(RegistryError::ConfigNotFound { .. })
+        | Err(RegistryError::BadConfig { .. }) => {}
         Err(e) => return Err(e.into()),
     }
     reg.put_network_config(&spec).await?;
-    println!("wrote network config to {}: {}", reg.location(), spec.to_json());
+    println!(
+        "wrote network config to {}: {}",
+        reg.location(),
+        spec.to_json()
+    );
     if let Some(n) = config.network {
         println!(
             "hosts will lease /{} subnets of {n} from {} to {}",
@@ -134,10 +142,16 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                         })
                     })
                     .collect();
-                println!("{}", serde_json::json!({"revision": list.revision, "leases": items}));
+                println!(
+                    "{}",
+                    serde_json::json!({"revision": list.revision, "leases": items})
+                );
                 return Ok(());
             }
-            println!("{:<40} {:<18} {:<24} EXPIRES", "SUBNET", "PUBLIC IP", "PUBLIC IPV6");
+            println!(
+                "{:<40} {:<18} {:<24} EXPIRES",
+                "SUBNET", "PUBLIC IP", "PUBLIC IPV6"
+            );
             for l in &list.leases {
                 let expires = match l.expiration {
                     None => "never (reservation)".to_owned(),
@@ -149,8 +163,14 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                 println!(
                     "{:<40} {:<18} {:<24} {expires}",
                     l.key.to_string(),
-                    l.attrs.public_ip.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
-                    l.attrs.public_ipv6.map(|a| a.to_string()).unwrap_or_else(|| "-".into()),
+                    l.attrs
+                        .public_ip
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
+                    l.attrs
+                        .public_ipv6
+                        .map(|a| a.to_string())
+                        .unwrap_or_else(|| "-".into()),
                 );
             }
             println!("{} leases at revision {}", list.leases.len(), list.revision);

@@ -100,7 +100,11 @@ pub struct RunArgs {
     #[arg(long, env = "LINEN_MTU", value_parser = clap::value_parser!(u16).range(576..=65_000))]
     pub mtu: Option<u16>,
     /// Where to write flannel's subnet.env.
-    #[arg(long, env = "LINEN_SUBNET_FILE", default_value = "/run/linen/subnet.env")]
+    #[arg(
+        long,
+        env = "LINEN_SUBNET_FILE",
+        default_value = "/run/linen/subnet.env"
+    )]
     pub subnet_file: PathBuf,
     /// Renew the lease this many minutes before it expires (flannel's default and range).
     #[arg(long, env = "LINEN_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,

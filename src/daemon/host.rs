@@ -64,7 +64,11 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
         });
     }
     let mut stream = handle.address().get().execute();
-    while let Some(msg) = stream.try_next().await.context("netlink: listing addresses")? {
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .context("netlink: listing addresses")?
+    {
         let index = msg.header.index;
         let addr = msg.attributes.iter().find_map(|a| match a {
             AddressAttribute::Address(ip) => Some(*ip),
@@ -234,7 +238,9 @@ async fn add_route(
 pub fn route_matches(attrs: &[RouteAttribute], net: IpNetwork) -> bool {
     attrs.iter().any(|a| match (a, net) {
         (RouteAttribute::Destination(RouteAddress::Inet(d)), IpNetwork::V4(n)) => *d == n.network(),
-        (RouteAttribute::Destination(RouteAddress::Inet6(d)), IpNetwork::V6(n)) => *d == n.network(),
+        (RouteAttribute::Destination(RouteAddress::Inet6(d)), IpNetwork::V6(n)) => {
+            *d == n.network()
+        }
         _ => false,
     })
 }
@@ -252,7 +258,8 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
         .file_name()
         .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut f = std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
+    let mut f =
+        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;

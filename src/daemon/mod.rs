@@ -18,10 +18,11 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::cli::RunArgs;
 use crate::dataplane::io::{TunOptions, open_tun, open_udp};
 use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerSetup};
-use crate::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
 use crate::lease::Registry;
+use crate::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
 use crate::model::{Lease, LeaseAttrs, NetworkConfig, SubnetEnv, SubnetKey};
 use crate::table::{LocalSubnets, Route, Snapshot, Table};
+use tokio_util::sync::CancellationToken;
 
 /// Exit code for a bad flag or config (what to fix is in the message).
 pub const EXIT_USAGE: i32 = 2;
@@ -33,7 +34,10 @@ pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
     let mut routes = Vec::with_capacity(peers.len() * 2);
     for lease in peers {
         let v4 = lease.attrs.public_ip.map(|ip| SocketAddr::from((ip, port)));
-        let v6 = lease.attrs.public_ipv6.map(|ip| SocketAddr::from((ip, port)));
+        let v6 = lease
+            .attrs
+            .public_ipv6
+            .map(|ip| SocketAddr::from((ip, port)));
         if let Some(net) = lease.key.ipv4()
             && let Some(hop) = v4.or(v6)
         {
@@ -112,20 +116,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .and_then(|text| SubnetEnv::parse(&text).ok())
         .and_then(|env| env.previous_key());
 
-    let manager = LeaseManager::new(
-        Arc::clone(&registry),
-        attrs.clone(),
-        ManagerOptions {
-            renew_margin: Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60),
-            ..ManagerOptions::default()
-        },
-    );
+    let mut options = ManagerOptions::new(attrs.clone());
+    options.previous = previous;
+    options.renew_margin = Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60);
+    let mut manager = LeaseManager::new(Arc::clone(&registry), config.clone(), options);
     let own = manager
-        .acquire(&config, previous)
+        .acquire()
         .await
         .context("acquiring a subnet lease")?;
     tracing::info!(subnet = %own.key, public_ip = ?public_ip, public_ipv6 = ?public_ipv6,
-        expires = ?own.expiration, "lease acquired");
+        "this host's subnet");
 
     let workers = usize::from(args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -139,7 +139,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         offload: !args.no_offload,
         tx_queue_len: 1000,
     })
-    .with_context(|| format!("creating TUN device {} (needs root and /dev/net/tun)", args.tun))?;
+    .with_context(|| {
+        format!(
+            "creating TUN device {} (needs root and /dev/net/tun)",
+            args.tun
+        )
+    })?;
     let (tun_v4, tun_v6) = tun_addrs(&own.key);
     host::configure_tun(
         &nl,
@@ -152,9 +157,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
     let mut handles = Vec::with_capacity(workers);
     for (id, queue) in tun.queues.into_iter().enumerate() {
-        let udp = open_udp(config.backend.port, args.socket_buffer).with_context(|| {
-            format!("opening UDP port {} for worker {id}", config.backend.port)
-        })?;
+        let udp = open_udp(config.backend.port, args.socket_buffer)
+            .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;
         handles.push(WorkerHandle::spawn(WorkerSetup {
             id,
             tun: queue,
@@ -173,12 +177,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
         port = config.backend.port, underlay = %underlay.name, "data plane running");
 
-    let env = SubnetEnv::for_lease(config.network, config.ipv6_network, &own.key, u32::from(mtu), false);
+    let env = SubnetEnv::for_lease(
+        config.network,
+        config.ipv6_network,
+        &own.key,
+        u32::from(mtu),
+        false,
+    );
     host::write_atomic(&args.subnet_file, &env.render())
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
 
-    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
-    let mut state = manager.spawn(own, config.clone(), stop_rx);
+    let cancel = CancellationToken::new();
+    let mut state = manager.subscribe();
+    let control = tokio::spawn(manager.run(cancel.clone()));
     let port = config.backend.port;
     let publisher = {
         let table = table.clone();
@@ -192,7 +203,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     if own_key != Some(own.key) {
                         if own_key.is_some() {
                             tracing::warn!(subnet = %own.key, "our lease changed; rewriting subnet.env");
-                            let env = SubnetEnv::for_lease(config.network, config.ipv6_network, &own.key, u32::from(mtu), false);
+                            let env = SubnetEnv::for_lease(
+                                config.network,
+                                config.ipv6_network,
+                                &own.key,
+                                u32::from(mtu),
+                                false,
+                            );
                             if let Err(e) = host::write_atomic(&subnet_file, &env.render()) {
                                 tracing::error!(error = %e, "cannot rewrite subnet.env");
                             }
@@ -200,7 +217,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         own_key = Some(own.key);
                     }
                     let snap = snapshot_for(&own.key, &current.peers, port, current.generation);
-                    tracing::debug!(generation = current.generation, peers = snap.len(), "table published");
+                    tracing::debug!(
+                        generation = current.generation,
+                        peers = snap.len(),
+                        "table published"
+                    );
                     table.publish(snap);
                 }
                 if state.changed().await.is_err() {
@@ -212,7 +233,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     wait_for_signal().await?;
     tracing::info!("stopping: workers first, then the device; the lease is kept");
-    let _ = stop_tx.send(true);
+    cancel.cancel();
+    let _ = control.await;
     publisher.abort();
     let mut total = LocalCounters::default();
     for h in handles {
@@ -252,7 +274,10 @@ async fn wait_for_config(registry: &dyn Registry) -> Result<NetworkConfig> {
     loop {
         match registry.get_network_config().await {
             Ok(c) => return Ok(c),
-            Err(e) if e.is_transient() || matches!(e, crate::lease::RegistryError::ConfigNotFound { .. }) => {
+            Err(e)
+                if e.is_transient()
+                    || matches!(e, crate::lease::RegistryError::ConfigNotFound { .. }) =>
+            {
                 if !logged {
                     tracing::warn!(error = %e, "waiting for the network config (retrying every second)");
                     logged = true;

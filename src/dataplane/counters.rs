@@ -133,7 +133,11 @@ impl Counters {
 
     /// A copy of the current values.
     pub fn snapshot(&self) -> LocalCounters {
-        let v: Vec<u64> = self.values.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+        let v: Vec<u64> = self
+            .values
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
         let mut c = LocalCounters {
             tun_rx_packets: v[0],
             tun_rx_bytes: v[1],

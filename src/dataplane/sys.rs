@@ -14,10 +14,10 @@ pub fn set_socket_buffers(fd: BorrowedFd<'_>, bytes: usize) {
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "send"),
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "receive"),
     ] {
-        if setsockopt_int(fd, libc::SOL_SOCKET, force, value).is_err() {
-            if let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, plain, value) {
-                tracing::warn!(error = %e, bytes, "cannot set the UDP {name} buffer");
-            }
+        if setsockopt_int(fd, libc::SOL_SOCKET, force, value).is_err()
+            && let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, plain, value)
+        {
+            tracing::warn!(error = %e, bytes, "cannot set the UDP {name} buffer");
         }
     }
 }

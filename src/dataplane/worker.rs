@@ -178,8 +178,16 @@ impl Worker {
         } else {
             (RX_BUFS, seg_len)
         };
-        let headroom = if setup.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
-        let segs = if setup.tun_offload { SEGMENTS } else { TUN_BATCH };
+        let headroom = if setup.tun_offload {
+            VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        };
+        let segs = if setup.tun_offload {
+            SEGMENTS
+        } else {
+            TUN_BATCH
+        };
         tracing::debug!(
             worker = setup.id,
             tun_offload = setup.tun_offload,
@@ -351,7 +359,11 @@ impl Worker {
                 Egress::Icmp { len, reason } => {
                     self.local.drop(reason);
                     self.local.icmp_sent += 1;
-                    let headroom = if self.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+                    let headroom = if self.tun_offload {
+                        VIRTIO_NET_HDR_LEN
+                    } else {
+                        0
+                    };
                     push_tun_out(
                         &mut self.tun_out,
                         &mut self.tun_out_len,
@@ -380,11 +392,11 @@ impl Worker {
     /// Receives one `recvmmsg` batch and delivers it. Returns false once the socket is drained.
     fn udp_batch(&mut self) -> io::Result<bool> {
         let n = {
-            let mut iovs: [IoSliceMut<'_>; RX_BUFS] = std::array::from_fn(|_| IoSliceMut::new(&mut []));
-            for (iov, buf) in iovs.iter_mut().zip(self.rx_bufs.iter_mut()) {
-                *iov = IoSliceMut::new(buf);
-            }
             let count = self.rx_bufs.len();
+            let mut bufs = self.rx_bufs.iter_mut();
+            let mut iovs: [IoSliceMut<'_>; RX_BUFS] = std::array::from_fn(|_| {
+                IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
+            });
             match self.udp_state.recv(
                 UdpSockRef::from(&self.udp.socket),
                 &mut iovs[..count],
@@ -402,7 +414,11 @@ impl Worker {
             }
         };
         let snap = self.table.load();
-        let headroom = if self.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        let headroom = if self.tun_offload {
+            VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        };
         for m in 0..n {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
@@ -424,7 +440,12 @@ impl Worker {
                         }
                         self.local.tun_tx_packets += 1;
                         self.local.tun_tx_bytes += len as u64;
-                        push_tun_out(&mut self.tun_out, &mut self.tun_out_len, headroom, &seg[..len]);
+                        push_tun_out(
+                            &mut self.tun_out,
+                            &mut self.tun_out_len,
+                            headroom,
+                            &seg[..len],
+                        );
                     }
                     Ingress::Drop(reason) => self.local.drop(reason),
                 }
@@ -435,7 +456,11 @@ impl Worker {
     }
 
     fn flush_tun(&mut self) -> io::Result<()> {
-        let headroom = if self.tun_offload { VIRTIO_NET_HDR_LEN } else { 0 };
+        let headroom = if self.tun_offload {
+            VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        };
         flush_tun_out(
             &self.tun,
             &mut self.gro_table,
@@ -448,7 +473,10 @@ impl Worker {
 }
 
 fn is_fatal(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV)
+    )
 }
 
 /// Queues a packet for the TUN, leaving `headroom` bytes for the virtio-net header.
@@ -502,10 +530,31 @@ fn send_gso(
         segment_size: (n > 1).then_some(seg),
         src_ip: None,
     };
-    match state.send(UdpSockRef::from(&udp.socket), &transmit) {
+    match state.try_send(UdpSockRef::from(&udp.socket), &transmit) {
         Ok(()) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
+        }
+        Err(e) if n > 1 && e.kind() != std::io::ErrorKind::WouldBlock => {
+            // The kernel refused GSO (EIO/EINVAL: no checksum offload, a buggy driver); quinn-udp
+            // has stopped using it for later sends. Send this run's segments one by one so no
+            // traffic is lost to the fallback.
+            for chunk in buf.chunks(seg) {
+                let single = Transmit {
+                    destination: transmit.destination,
+                    ecn: None,
+                    contents: chunk,
+                    segment_size: None,
+                    src_ip: None,
+                };
+                match state.try_send(UdpSockRef::from(&udp.socket), &single) {
+                    Ok(()) => {
+                        local.udp_tx_packets += 1;
+                        local.udp_tx_bytes += chunk.len() as u64;
+                    }
+                    Err(_) => local.drop(DropReason::SendFailed),
+                }
+            }
         }
         Err(_) => {
             for _ in 0..n {

@@ -1,0 +1,629 @@
+//! The etcd v3 registry: flannel's keys and values (`flannel-compat.md` §b) through
+//! `etcd-client`. May depend on [`crate::model`] and the [`Registry`] trait; must not import
+//! the lease manager or anything outside `lease`.
+//!
+//! Layout, as flanneld v0.18+ writes it:
+//! - `<prefix>/config` — the network config JSON, no lease.
+//! - `<prefix>/subnets/<a.b.c.d-len>` — [`LeaseAttrs::to_json`], attached to an etcd lease
+//!   with the registry's TTL; a key without an etcd lease is a reservation and never expires.
+//!
+//! Where linen differs from flanneld, on purpose:
+//! - A renewal keeps the key's etcd lease (one keep-alive, then a put with the same lease)
+//!   instead of granting a new lease per renewal and leaving the old one to expire. The put is
+//!   a compare-and-swap on the key's mod revision, so a key deleted or taken over meanwhile is
+//!   reported as [`RegistryError::NotFound`] instead of being recreated (flannel #1289).
+//! - A reservation stays a reservation when renewed (flannel #1329).
+//! - Expiries come from a cache of lease TTLs plus concurrent `LeaseTimeToLive` lookups, one
+//!   per distinct lease ID, instead of one sequential lookup per key.
+//! - The watch is one long-lived stream; after compaction or any interruption it re-lists and
+//!   sends a [`WatchEvent::Snapshot`](crate::lease::WatchEvent::Snapshot) (flannel #1145,
+//!   #1714, #2470).
+
+mod connect;
+mod expiry;
+mod watch;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, DeleteOptions, GetOptions, KeyValue, LeaseTimeToLiveOptions,
+    PutOptions, Txn, TxnOp,
+};
+
+pub use connect::{DEFAULT_ENDPOINTS, EtcdOptions, EtcdSetupError};
+pub use watch::EtcdWatch;
+
+use super::{LeaseList, LeaseWatch, Registry, RegistryError, Revision};
+use crate::model::{Lease, LeaseAttrs, NetworkConfig, NetworkConfigSpec, SubnetKey};
+use connect::{registry_error, unavailable};
+use expiry::ExpiryCache;
+
+/// How often a renewal re-reads the key when it changed between the read and the write.
+const RENEW_ATTEMPTS: usize = 3;
+
+/// The largest list or watch response accepted (etcd's own default request limit is 1.5 MiB
+/// per value; a list of 100k leases is about 10 MiB).
+const MAX_MESSAGE_BYTES: usize = 64 * 1024 * 1024;
+
+/// A [`Registry`] stored in etcd v3, interoperable with flanneld v0.18+.
+#[derive(Clone)]
+pub struct EtcdRegistry {
+    shared: Arc<Shared>,
+}
+
+/// What a registry and its watches share.
+pub(crate) struct Shared {
+    client: Client,
+    /// Endpoints, comma-separated, for logs and errors.
+    location: String,
+    config_key: String,
+    /// `<prefix>/subnets/`, with the trailing slash.
+    subnets_prefix: String,
+    lease_ttl: Duration,
+    request_timeout: Duration,
+    expiry: ExpiryCache,
+}
+
+/// A subnet key as read from etcd, before its expiry is known.
+struct Entry {
+    key: SubnetKey,
+    attrs: LeaseAttrs,
+    /// The etcd lease ID; 0 for a reservation.
+    lease: i64,
+    /// The key's mod_revision.
+    written: i64,
+}
+
+impl EtcdRegistry {
+    /// Checks `options`, reads the TLS files and builds the client. No request is made unless
+    /// a username is given (then it authenticates), so a registry can be built while etcd is
+    /// still down; the first failing call says what is wrong.
+    pub async fn connect(options: &EtcdOptions) -> Result<EtcdRegistry, EtcdSetupError> {
+        let conn = connect::prepare(options)?;
+        let location = conn.endpoints.join(",");
+        let prefix = options.prefix.trim_end_matches('/');
+        let connecting = Client::connect(&conn.endpoints, Some(conn.options));
+        let client = match tokio::time::timeout(
+            options.connect_timeout + options.request_timeout,
+            connecting,
+        )
+        .await
+        {
+            Ok(Ok(client)) => client,
+            Ok(Err(e)) => return Err(registry_error(&location, "connect", &e).into()),
+            Err(_) => {
+                return Err(unavailable(
+                    &location,
+                    "connect",
+                    "no answer to authentication; is etcd running and reachable?",
+                )
+                .into());
+            }
+        };
+        tracing::info!(endpoints = %location, prefix, "using the etcd v3 registry");
+        Ok(EtcdRegistry {
+            shared: Arc::new(Shared {
+                client,
+                location,
+                config_key: format!("{prefix}/config"),
+                subnets_prefix: format!("{prefix}/subnets/"),
+                lease_ttl: Duration::from_secs(options.lease_ttl.as_secs()),
+                request_timeout: options.request_timeout,
+                expiry: ExpiryCache::default(),
+            }),
+        })
+    }
+
+    /// The underlying client, for tools and tests (e.g. to inspect etcd leases).
+    pub fn client(&self) -> Client {
+        self.shared.client.clone()
+    }
+
+    /// The etcd key that holds `key`'s lease.
+    pub fn subnet_path(&self, key: &SubnetKey) -> String {
+        self.shared.subnet_path(key)
+    }
+
+    /// The etcd key that holds the network config.
+    pub fn config_path(&self) -> &str {
+        &self.shared.config_key
+    }
+}
+
+impl Shared {
+    /// Runs one etcd call with the request timeout, naming `what` in errors.
+    async fn request<T>(
+        &self,
+        what: &str,
+        call: impl Future<Output = Result<T, etcd_client::Error>>,
+    ) -> Result<T, RegistryError> {
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(registry_error(&self.location, what, &e)),
+            Err(_) => Err(self.timed_out(what)),
+        }
+    }
+
+    fn timed_out(&self, what: &str) -> RegistryError {
+        unavailable(
+            &self.location,
+            what,
+            &format!(
+                "no answer within {:?}; is etcd running, reachable and does it have a leader?",
+                self.request_timeout
+            ),
+        )
+    }
+
+    fn ttl_secs(&self) -> i64 {
+        i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    fn subnet_path(&self, key: &SubnetKey) -> String {
+        format!("{}{key}", self.subnets_prefix)
+    }
+
+    /// The subnet key named by an etcd key under `subnets/`; `None` (with a warning) when it
+    /// is not one.
+    fn parse_key(&self, raw: &[u8]) -> Option<SubnetKey> {
+        let path = String::from_utf8_lossy(raw);
+        let name = path.strip_prefix(&self.subnets_prefix).unwrap_or(&path);
+        match SubnetKey::parse(name) {
+            Ok(key) => Some(key),
+            Err(error) => {
+                tracing::warn!(key = %path, %error, "skipping a malformed key under subnets/");
+                None
+            }
+        }
+    }
+
+    /// A subnet key and its value; `None` (with a warning) when either is malformed.
+    fn parse_kv(&self, kv: &KeyValue) -> Option<Entry> {
+        let key = self.parse_key(kv.key())?;
+        let text = String::from_utf8_lossy(kv.value());
+        match LeaseAttrs::from_json(&text) {
+            Ok(attrs) => Some(Entry {
+                key,
+                attrs,
+                lease: kv.lease(),
+                written: kv.mod_revision(),
+            }),
+            Err(error) => {
+                tracing::warn!(
+                    key = %String::from_utf8_lossy(kv.key()),
+                    value = %text,
+                    %error,
+                    "skipping a subnet key with a malformed value"
+                );
+                None
+            }
+        }
+    }
+
+    /// Completes entries with their expiry. An entry whose etcd lease has already run out
+    /// comes back as `None`: its key is being deleted, and a list must not show it.
+    async fn to_leases(&self, entries: Vec<Entry>) -> Result<Vec<Option<Lease>>, RegistryError> {
+        let wanted = entries
+            .iter()
+            .filter(|e| e.lease != 0)
+            .map(|e| (e.lease, e.written));
+        let expiries = expiry::expiries(self, wanted).await?;
+        Ok(entries
+            .into_iter()
+            .map(|e| {
+                let (expiration, lease_id) = if e.lease == 0 {
+                    (None, None)
+                } else {
+                    (
+                        Some(expiries.get(&e.lease).copied().flatten()?),
+                        Some(e.lease),
+                    )
+                };
+                Some(Lease {
+                    key: e.key,
+                    attrs: e.attrs,
+                    expiration,
+                    lease_id,
+                })
+            })
+            .collect())
+    }
+
+    /// One prefix read of `subnets/`, then the expiries.
+    async fn list(&self) -> Result<LeaseList, RegistryError> {
+        let mut kv = self
+            .client
+            .kv_client()
+            .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        let resp = self
+            .request(
+                "list subnet leases",
+                kv.get(
+                    self.subnets_prefix.as_bytes(),
+                    Some(GetOptions::new().with_prefix()),
+                ),
+            )
+            .await?;
+        let revision = resp.header().map_or(0, |h| h.revision());
+        let entries: Vec<Entry> = resp
+            .kvs()
+            .iter()
+            .filter_map(|kv| self.parse_kv(kv))
+            .collect();
+        let mut leases: Vec<Lease> = self
+            .to_leases(entries)
+            .await?
+            .into_iter()
+            .flatten()
+            .collect();
+        leases.sort_by_key(|l| l.key);
+        Ok(LeaseList { leases, revision })
+    }
+
+    /// Grants an etcd lease with the registry's TTL: (ID, expiry).
+    async fn grant(&self) -> Result<(i64, SystemTime), RegistryError> {
+        let mut client = self.client.clone();
+        let grant = self
+            .request(
+                "grant an etcd lease",
+                client.lease_grant(self.ttl_secs(), None),
+            )
+            .await?;
+        let granted = Duration::from_secs(grant.ttl().unsigned_abs());
+        Ok((grant.id(), SystemTime::now() + granted))
+    }
+
+    /// Revokes a lease that ended up unused. Failure only costs etcd memory until the TTL
+    /// runs out, so it is logged, not returned.
+    async fn revoke_unused(&self, lease: i64) {
+        let mut client = self.client.clone();
+        self.expiry.forget(lease);
+        if let Err(error) = self
+            .request("revoke an unused etcd lease", client.lease_revoke(lease))
+            .await
+        {
+            tracing::debug!(lease = format_args!("{lease:x}"), %error, "could not revoke an unused etcd lease; it will expire");
+        }
+    }
+
+    /// Runs a transaction that puts `path` = `value` (with `lease`, or none when 0) if
+    /// `condition` holds: the revision it committed at, or `None` when the condition failed.
+    async fn put_if(
+        &self,
+        what: &str,
+        condition: Compare,
+        path: &str,
+        value: String,
+        lease: i64,
+    ) -> Result<Option<Revision>, RegistryError> {
+        let options = (lease != 0).then(|| PutOptions::new().with_lease(lease));
+        let txn = Txn::new()
+            .when([condition])
+            .and_then([TxnOp::put(path, value, options)]);
+        let mut client = self.client.clone();
+        let resp = self.request(what, client.txn(txn)).await?;
+        Ok(resp
+            .succeeded()
+            .then(|| resp.header().map_or(0, |h| h.revision())))
+    }
+
+    /// Resets `lease` to its granted TTL with one keep-alive: the TTL in seconds, or `None`
+    /// when etcd no longer has the lease.
+    async fn keep_alive_once(&self, lease: i64) -> Result<Option<i64>, RegistryError> {
+        const WHAT: &str = "renew the etcd lease";
+        let mut client = self.client.lease_client();
+        let call = async {
+            let (mut keeper, mut replies) = client.keep_alive(lease).await?;
+            // `keep_alive` has consumed the first reply; a second one tells the TTL.
+            keeper.keep_alive().await?;
+            Ok::<_, etcd_client::Error>(replies.message().await?.map(|r| r.ttl()))
+        };
+        match tokio::time::timeout(self.request_timeout, call).await {
+            Ok(Ok(Some(ttl))) if ttl > 0 => Ok(Some(ttl)),
+            Ok(Ok(_)) => Ok(None),
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => Ok(None),
+            Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => {
+                Ok(None)
+            }
+            Ok(Err(e)) => Err(registry_error(&self.location, WHAT, &e)),
+            Err(_) => Err(self.timed_out(WHAT)),
+        }
+    }
+
+    /// One renewal attempt against the key as read (`kv`): the renewed lease, or `None` when
+    /// the key changed before the write and must be read again.
+    async fn renew_once(
+        &self,
+        lease: &Lease,
+        attrs: &LeaseAttrs,
+        kv: &KeyValue,
+    ) -> Result<Option<Lease>, RegistryError> {
+        let path = self.subnet_path(&lease.key);
+        let unchanged =
+            || Compare::mod_revision(path.as_str(), CompareOp::Equal, kv.mod_revision());
+        let renewed = |expiration, lease_id| Lease {
+            key: lease.key,
+            attrs: attrs.clone(),
+            expiration,
+            lease_id,
+        };
+        let current = kv.lease();
+        if current == 0 {
+            // A reservation: rewrite the value, attach nothing.
+            let done = self
+                .put_if(
+                    "rewrite the reservation",
+                    unchanged(),
+                    &path,
+                    attrs.to_json(),
+                    0,
+                )
+                .await?;
+            return Ok(done.map(|_| renewed(None, None)));
+        }
+        let alive = self.keep_alive_once(current).await?;
+        if alive == Some(self.ttl_secs()) {
+            // The put (even with an unchanged value) tells watchers the lease was renewed.
+            let done = self
+                .put_if(
+                    "rewrite the lease",
+                    unchanged(),
+                    &path,
+                    attrs.to_json(),
+                    current,
+                )
+                .await?;
+            return Ok(done.map(|revision| {
+                let expires = SystemTime::now() + self.lease_ttl;
+                self.expiry.record(current, expires, revision);
+                renewed(Some(expires), Some(current))
+            }));
+        }
+        // The etcd lease is gone (the key is about to be deleted: the write below then fails)
+        // or was granted with another TTL: move the key to a new lease.
+        let (new, expires) = self.grant().await?;
+        match self
+            .put_if(
+                "move the key to a new lease",
+                unchanged(),
+                &path,
+                attrs.to_json(),
+                new,
+            )
+            .await
+        {
+            Ok(Some(revision)) => {
+                self.expiry.record(new, expires, revision);
+                if alive.is_some() {
+                    self.release(current).await;
+                }
+                tracing::info!(
+                    subnet = %lease.key,
+                    old = format_args!("{current:x}"),
+                    new = format_args!("{new:x}"),
+                    "moved the subnet key to a new etcd lease"
+                );
+                Ok(Some(renewed(Some(expires), Some(new))))
+            }
+            Ok(None) => {
+                self.revoke_unused(new).await;
+                Ok(None)
+            }
+            Err(e) => {
+                self.revoke_unused(new).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Revokes `lease` if no key is attached to it any more (in linen and flanneld each key
+    /// has its own lease, but a hand-made key might share one: revoking would delete it).
+    async fn release(&self, lease: i64) {
+        let mut client = self.client.clone();
+        let reply = self
+            .request(
+                "look up an etcd lease's keys",
+                client.lease_time_to_live(lease, Some(LeaseTimeToLiveOptions::new().with_keys())),
+            )
+            .await;
+        match reply {
+            Ok(r) if r.ttl() > 0 && r.keys().is_empty() => self.revoke_unused(lease).await,
+            Ok(_) => self.expiry.forget(lease),
+            Err(error) => {
+                tracing::debug!(lease = format_args!("{lease:x}"), %error, "could not check an etcd lease's keys; leaving it to expire");
+            }
+        }
+    }
+}
+
+/// Whether the key as stored still belongs to the holder of `lease`: it carries the same etcd
+/// lease, or the same value (a reservation made from it, or a flanneld renewal).
+fn still_ours(lease: &Lease, kv: &KeyValue) -> bool {
+    if kv.lease() == lease.lease_id.unwrap_or(0) {
+        return true;
+    }
+    let text = String::from_utf8_lossy(kv.value());
+    LeaseAttrs::from_json(&text).is_ok_and(|stored| stored == lease.attrs)
+}
+
+#[async_trait]
+impl Registry for EtcdRegistry {
+    fn location(&self) -> String {
+        self.shared.location.clone()
+    }
+
+    async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
+        let s = &self.shared;
+        let mut client = s.client.clone();
+        let resp = s
+            .request(
+                "read the network config",
+                client.get(s.config_key.as_str(), None),
+            )
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(RegistryError::ConfigNotFound {
+                location: s.config_key.clone(),
+                hint: format!(
+                    " or `etcdctl put {} '{{\"Network\":\"198.19.0.0/16\",\"Backend\":{{\"Type\":\"udp\"}}}}'`; \
+                     did you create your config using the etcd v3 API? A config written through \
+                     the v2 API (ETCDCTL_API=2) is invisible to v3 clients",
+                    s.config_key
+                ),
+            });
+        };
+        NetworkConfig::from_json(&String::from_utf8_lossy(kv.value())).map_err(|source| {
+            RegistryError::BadConfig {
+                location: s.config_key.clone(),
+                source,
+            }
+        })
+    }
+
+    async fn put_network_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
+        let s = &self.shared;
+        spec.clone()
+            .validate()
+            .map_err(|source| RegistryError::BadConfig {
+                location: s.config_key.clone(),
+                source,
+            })?;
+        let mut client = s.client.clone();
+        s.request(
+            "write the network config",
+            client.put(s.config_key.as_str(), spec.to_json(), None),
+        )
+        .await?;
+        tracing::info!(key = %s.config_key, "wrote the network config");
+        Ok(())
+    }
+
+    async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+        self.shared.list().await
+    }
+
+    async fn create_lease(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+    ) -> Result<Lease, RegistryError> {
+        let s = &self.shared;
+        let path = s.subnet_path(key);
+        let (id, expires) = s.grant().await?;
+        let absent = Compare::version(path.as_str(), CompareOp::Equal, 0);
+        match s
+            .put_if("create the subnet key", absent, &path, attrs.to_json(), id)
+            .await
+        {
+            Ok(Some(revision)) => {
+                s.expiry.record(id, expires, revision);
+                tracing::info!(subnet = %key, lease = format_args!("{id:x}"), ttl = ?s.lease_ttl, "created a subnet lease");
+                Ok(Lease {
+                    key: *key,
+                    attrs: attrs.clone(),
+                    expiration: Some(expires),
+                    lease_id: Some(id),
+                })
+            }
+            Ok(None) => {
+                s.revoke_unused(id).await;
+                Err(RegistryError::AlreadyExists(*key))
+            }
+            Err(e) => {
+                // The outcome is unknown; revoking also deletes the key if it was written.
+                s.revoke_unused(id).await;
+                Err(e)
+            }
+        }
+    }
+
+    async fn create_reservation(
+        &self,
+        key: &SubnetKey,
+        attrs: &LeaseAttrs,
+    ) -> Result<Lease, RegistryError> {
+        let s = &self.shared;
+        let path = s.subnet_path(key);
+        let absent = Compare::version(path.as_str(), CompareOp::Equal, 0);
+        match s
+            .put_if("create the reservation", absent, &path, attrs.to_json(), 0)
+            .await?
+        {
+            Some(_) => {
+                tracing::info!(subnet = %key, "created a subnet reservation");
+                Ok(Lease {
+                    key: *key,
+                    attrs: attrs.clone(),
+                    expiration: None,
+                    lease_id: None,
+                })
+            }
+            None => Err(RegistryError::AlreadyExists(*key)),
+        }
+    }
+
+    async fn renew_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
+        let s = &self.shared;
+        let path = s.subnet_path(&lease.key);
+        for _ in 0..RENEW_ATTEMPTS {
+            let mut client = s.client.clone();
+            let resp = s
+                .request(
+                    "read the subnet key to renew",
+                    client.get(path.as_str(), None),
+                )
+                .await?;
+            let Some(kv) = resp.kvs().first() else {
+                return Err(RegistryError::NotFound(lease.key));
+            };
+            if !still_ours(lease, kv) {
+                tracing::warn!(
+                    subnet = %lease.key,
+                    value = %String::from_utf8_lossy(kv.value()),
+                    "the subnet key now holds another lease; not renewing it"
+                );
+                return Err(RegistryError::NotFound(lease.key));
+            }
+            if let Some(renewed) = s.renew_once(lease, attrs, kv).await? {
+                return Ok(renewed);
+            }
+        }
+        Err(unavailable(
+            &s.location,
+            "renew the subnet lease",
+            &format!("{path} changed under every one of {RENEW_ATTEMPTS} attempts; retry later"),
+        ))
+    }
+
+    async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+        let s = &self.shared;
+        let path = s.subnet_path(key);
+        let mut client = s.client.clone();
+        let resp = s
+            .request(
+                "delete the subnet key",
+                client.delete(path.as_str(), Some(DeleteOptions::new().with_prev_key())),
+            )
+            .await?;
+        for kv in resp.prev_kvs() {
+            tracing::info!(subnet = %key, "deleted the subnet lease");
+            if kv.lease() != 0 {
+                s.release(kv.lease()).await;
+            }
+        }
+        Ok(())
+    }
+
+    async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
+        Ok(Box::new(
+            EtcdWatch::start(Arc::clone(&self.shared), after).await?,
+        ))
+    }
+
+    fn lease_ttl(&self) -> Duration {
+        self.shared.lease_ttl
+    }
+}

@@ -1,0 +1,423 @@
+//! Connecting to etcd: [`EtcdOptions`] (flannel's `-etcd-*` flags), TLS and auth set-up, and
+//! turning `etcd-client` errors into [`RegistryError`]s that say what to fix.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
+
+use crate::lease::RegistryError;
+use crate::model::{DEFAULT_PREFIX, LEASE_TTL};
+
+/// flanneld's default `-etcd-endpoints`.
+pub const DEFAULT_ENDPOINTS: [&str; 2] = ["http://127.0.0.1:4001", "http://127.0.0.1:2379"];
+
+/// How to reach etcd: flanneld's `-etcd-*` flags plus linen's timeouts.
+///
+/// TLS is used when a client certificate and key are given (as flanneld does) or when a CA is
+/// given; it then needs the CA, as linen does not read the system trust store.
+#[derive(Clone)]
+pub struct EtcdOptions {
+    /// Client URLs, e.g. `https://10.0.0.1:2379`.
+    pub endpoints: Vec<String>,
+    /// Key prefix (flannel: `/coreos.com/network`).
+    pub prefix: String,
+    /// CA certificate (PEM) that signed etcd's server certificate.
+    pub cafile: Option<PathBuf>,
+    /// Client certificate (PEM).
+    pub certfile: Option<PathBuf>,
+    /// Client private key (PEM).
+    pub keyfile: Option<PathBuf>,
+    /// etcd user for password authentication.
+    pub username: Option<String>,
+    /// That user's password.
+    pub password: Option<String>,
+    /// TTL of the etcd lease attached to each subnet key (flannel: 24 h; whole seconds).
+    pub lease_ttl: Duration,
+    /// How long to wait for a TCP (and TLS) connection to an endpoint.
+    pub connect_timeout: Duration,
+    /// How long one request may take before the registry counts as unavailable.
+    pub request_timeout: Duration,
+}
+
+impl Default for EtcdOptions {
+    fn default() -> EtcdOptions {
+        EtcdOptions {
+            endpoints: DEFAULT_ENDPOINTS.iter().map(|e| e.to_string()).collect(),
+            prefix: DEFAULT_PREFIX.to_owned(),
+            cafile: None,
+            certfile: None,
+            keyfile: None,
+            username: None,
+            password: None,
+            lease_ttl: LEASE_TTL,
+            connect_timeout: Duration::from_secs(5),
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+}
+
+impl fmt::Debug for EtcdOptions {
+    // Hand-written so the password never reaches a log.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("EtcdOptions")
+            .field("endpoints", &self.endpoints)
+            .field("prefix", &self.prefix)
+            .field("cafile", &self.cafile)
+            .field("certfile", &self.certfile)
+            .field("keyfile", &self.keyfile)
+            .field("username", &self.username)
+            .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("lease_ttl", &self.lease_ttl)
+            .field("connect_timeout", &self.connect_timeout)
+            .field("request_timeout", &self.request_timeout)
+            .finish()
+    }
+}
+
+/// Why an [`EtcdRegistry`](super::EtcdRegistry) could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum EtcdSetupError {
+    /// The options contradict each other or are incomplete.
+    #[error("etcd options are invalid: {0}")]
+    Options(String),
+    /// A TLS file could not be read.
+    #[error("cannot read the etcd {what} {path}: {source}; check the {flag} flag")]
+    ReadFile {
+        /// Which file (e.g. "CA certificate").
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The flag that names it.
+        flag: &'static str,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A TLS file was read but holds no PEM block of the expected kind.
+    #[error("the etcd {what} {path} holds no PEM {expected} block; check the {flag} flag")]
+    NotPem {
+        /// Which file.
+        what: &'static str,
+        /// The path given.
+        path: PathBuf,
+        /// The flag that names it.
+        flag: &'static str,
+        /// The PEM label looked for.
+        expected: &'static str,
+    },
+    /// The first contact (authentication) failed.
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+}
+
+/// The validated connection settings, ready for `Client::connect`.
+pub(super) struct Connection {
+    pub endpoints: Vec<String>,
+    pub options: ConnectOptions,
+}
+
+/// Checks the options, reads the TLS files and builds the client options.
+pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> {
+    if opts.endpoints.is_empty() {
+        return Err(EtcdSetupError::Options(
+            "no endpoints given; pass at least one, e.g. http://127.0.0.1:2379".into(),
+        ));
+    }
+    if opts.lease_ttl.as_secs() == 0 {
+        return Err(EtcdSetupError::Options(format!(
+            "lease TTL {:?} is below etcd's one-second granularity; use at least 1 s",
+            opts.lease_ttl
+        )));
+    }
+    let mut options = ConnectOptions::new()
+        .with_connect_timeout(opts.connect_timeout)
+        .with_timeout(opts.request_timeout)
+        // Without a leader etcd cannot commit; fail (and re-list later) instead of waiting.
+        .with_require_leader(true)
+        // HTTP/2 pings find a dead connection under a silent watch stream.
+        .with_keep_alive(Duration::from_secs(10), opts.request_timeout)
+        .with_keep_alive_while_idle(true);
+
+    let tls = match (&opts.certfile, &opts.keyfile) {
+        (Some(cert), Some(key)) => Some(Some((cert, key))),
+        (None, None) if opts.cafile.is_some() => Some(None),
+        (None, None) => None,
+        (Some(_), None) => {
+            return Err(EtcdSetupError::Options(
+                "--etcd-certfile is given without --etcd-keyfile; a client certificate needs its key".into(),
+            ));
+        }
+        (None, Some(_)) => {
+            return Err(EtcdSetupError::Options(
+                "--etcd-keyfile is given without --etcd-certfile; a client key needs its certificate".into(),
+            ));
+        }
+    };
+    let mut endpoints = Vec::with_capacity(opts.endpoints.len());
+    for e in &opts.endpoints {
+        let e = e.trim();
+        let tls_url = e.starts_with("https://");
+        match (&tls, tls_url) {
+            (Some(_), false) if e.starts_with("http://") => {
+                return Err(EtcdSetupError::Options(format!(
+                    "endpoint {e} is plain HTTP but TLS files are given; use https://{}",
+                    &e["http://".len()..]
+                )));
+            }
+            (None, true) => {
+                return Err(EtcdSetupError::Options(format!(
+                    "endpoint {e} needs TLS; give --etcd-cafile (and --etcd-certfile/--etcd-keyfile \
+                     if etcd checks client certificates)"
+                )));
+            }
+            _ => {}
+        }
+        endpoints.push(e.to_owned());
+    }
+    match tls {
+        Some(identity) => {
+            let Some(ca) = &opts.cafile else {
+                return Err(EtcdSetupError::Options(
+                    "TLS needs --etcd-cafile: linen verifies etcd's certificate against that CA \
+                     and does not read the system trust store"
+                        .into(),
+                ));
+            };
+            let ca = read_pem(ca, "CA certificate", "--etcd-cafile", "CERTIFICATE")?;
+            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
+            if let Some((cert, key)) = identity {
+                let cert = read_pem(cert, "client certificate", "--etcd-certfile", "CERTIFICATE")?;
+                let key = read_pem(key, "client key", "--etcd-keyfile", "PRIVATE KEY")?;
+                config = config.identity(Identity::from_pem(cert, key));
+            }
+            options = options.with_tls(config);
+        }
+        None => {
+            tracing::warn!(
+                endpoints = %endpoints.join(","),
+                "no TLS files given: connecting to etcd with plain http"
+            );
+        }
+    }
+    match (&opts.username, &opts.password) {
+        (Some(user), password) => {
+            options = options
+                .with_user(user.clone(), password.clone().unwrap_or_default())
+                // etcd's simple tokens expire after 5 idle minutes; a daemon idles for hours.
+                .with_auto_token_refresh(true);
+        }
+        (None, Some(_)) => {
+            return Err(EtcdSetupError::Options(
+                "--etcd-password is given without --etcd-username".into(),
+            ));
+        }
+        (None, None) => {}
+    }
+    Ok(Connection { endpoints, options })
+}
+
+fn read_pem(
+    path: &Path,
+    what: &'static str,
+    flag: &'static str,
+    label: &'static str,
+) -> Result<Vec<u8>, EtcdSetupError> {
+    let bytes = std::fs::read(path).map_err(|source| EtcdSetupError::ReadFile {
+        what,
+        path: path.to_owned(),
+        flag,
+        source,
+    })?;
+    let text = String::from_utf8_lossy(&bytes);
+    // "PRIVATE KEY" also matches "RSA PRIVATE KEY" and "EC PRIVATE KEY".
+    let found = text
+        .lines()
+        .any(|l| l.starts_with("-----BEGIN ") && l.trim_end().ends_with(&format!("{label}-----")));
+    if !found {
+        return Err(EtcdSetupError::NotPem {
+            what,
+            path: path.to_owned(),
+            flag,
+            expected: label,
+        });
+    }
+    Ok(bytes)
+}
+
+/// Turns an `etcd-client` error from trying to `what` into a [`RegistryError`]: TLS and
+/// authentication problems are [`RegistryError::Refused`] with advice, everything else is
+/// [`RegistryError::Unavailable`] (retrying may help).
+pub(super) fn registry_error(
+    location: &str,
+    what: &str,
+    err: &etcd_client::Error,
+) -> RegistryError {
+    use etcd_client::Error as E;
+    use tonic::Code;
+
+    let detail = error_chain(err);
+    if looks_like_tls_failure(&detail) {
+        return refused_tls(location, &detail);
+    }
+    let refused = |advice: &str| RegistryError::Refused {
+        location: location.to_owned(),
+        reason: format!("{what}: {detail}; {advice}"),
+    };
+    match err {
+        E::GRpcStatus(status) => match status.code() {
+            Code::Unauthenticated | Code::PermissionDenied => refused(
+                "check --etcd-username/--etcd-password and that the user's role may read and \
+                 write the key prefix",
+            ),
+            Code::InvalidArgument if mentions_auth(status.message()) => {
+                refused("check --etcd-username/--etcd-password (etcd has authentication enabled)")
+            }
+            Code::InvalidArgument | Code::Unimplemented => {
+                refused("this etcd does not accept the request; linen needs etcd v3.3 or later")
+            }
+            _ => unavailable(location, what, &detail),
+        },
+        E::InvalidArgs(_) | E::InvalidUri(_) | E::InvalidMetadataValue(_) => {
+            refused("check the endpoint URLs and credentials")
+        }
+        _ => unavailable(location, what, &detail),
+    }
+}
+
+pub(super) fn unavailable(location: &str, what: &str, detail: &str) -> RegistryError {
+    RegistryError::Unavailable {
+        location: location.to_owned(),
+        reason: format!("{what}: {detail}"),
+    }
+}
+
+pub(super) fn refused_tls(location: &str, detail: &str) -> RegistryError {
+    RegistryError::Refused {
+        location: location.to_owned(),
+        reason: format!(
+            "TLS verification failed for {location}: {detail}; check that --etcd-cafile holds \
+             the CA that signed etcd's server certificate, that the certificate names the \
+             endpoint's host or IP, and that etcd trusts the client certificate"
+        ),
+    }
+}
+
+fn mentions_auth(message: &str) -> bool {
+    let m = message.to_ascii_lowercase();
+    m.contains("user name") || m.contains("authentication") || m.contains("password")
+}
+
+/// Whether an error text is a certificate or handshake failure (rustls and tonic wordings).
+pub(super) fn looks_like_tls_failure(detail: &str) -> bool {
+    let d = detail.to_ascii_lowercase();
+    [
+        "certificate",
+        "unknownissuer",
+        "unknown issuer",
+        "handshake",
+        "badsignature",
+        "tls",
+    ]
+    .iter()
+    .any(|needle| d.contains(needle))
+}
+
+/// The error and all its sources, joined, so the root cause (often a rustls alert) is shown.
+pub(super) fn error_chain(err: &etcd_client::Error) -> String {
+    use etcd_client::Error as E;
+    use std::error::Error;
+
+    let mut text = err.to_string();
+    // etcd-client's error does not expose its sources; its variants' payloads do.
+    let mut source: Option<&(dyn Error + 'static)> = match err {
+        E::GRpcStatus(s) => s.source(),
+        E::TransportError(t) => t.source(),
+        E::IoError(e) => e.source(),
+        _ => None,
+    };
+    while let Some(s) = source {
+        let s_text = s.to_string();
+        if !text.contains(&s_text) {
+            text.push_str(": ");
+            text.push_str(&s_text);
+        }
+        source = s.source();
+    }
+    text
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn options_debug_hides_the_password() {
+        let opts = EtcdOptions {
+            username: Some("root".into()),
+            password: Some("hunter2".into()),
+            ..EtcdOptions::default()
+        };
+        let text = format!("{opts:?}");
+        assert!(
+            !text.contains("hunter2") && text.contains("redacted"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn rejects_incomplete_tls_and_names_the_file() {
+        let opts = EtcdOptions {
+            certfile: Some("/c.pem".into()),
+            ..EtcdOptions::default()
+        };
+        let msg = prepare(&opts).err().unwrap().to_string();
+        assert!(msg.contains("--etcd-keyfile"), "{msg}");
+
+        let opts = EtcdOptions {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            cafile: Some("/nonexistent/linen-ca.pem".into()),
+            ..EtcdOptions::default()
+        };
+        let msg = prepare(&opts).err().unwrap().to_string();
+        assert!(
+            msg.contains("/nonexistent/linen-ca.pem") && msg.contains("--etcd-cafile"),
+            "{msg}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let junk = dir.path().join("ca.pem");
+        std::fs::write(&junk, "not a certificate").unwrap();
+        let opts = EtcdOptions {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            cafile: Some(junk.clone()),
+            ..EtcdOptions::default()
+        };
+        let msg = prepare(&opts).err().unwrap().to_string();
+        assert!(
+            msg.contains(junk.to_str().unwrap()) && msg.contains("PEM"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn scheme_must_match_tls() {
+        let opts = EtcdOptions {
+            endpoints: vec!["https://127.0.0.1:2379".into()],
+            ..EtcdOptions::default()
+        };
+        let msg = prepare(&opts).err().unwrap().to_string();
+        assert!(msg.contains("needs TLS"), "{msg}");
+    }
+
+    #[test]
+    fn classifies_tls_failures() {
+        assert!(looks_like_tls_failure(
+            "transport error: invalid peer certificate: UnknownIssuer"
+        ));
+        assert!(!looks_like_tls_failure(
+            "transport error: connection refused"
+        ));
+    }
+}

@@ -1,0 +1,222 @@
+//! The lease watch: one long-lived etcd watch stream on `<prefix>/subnets/`, resumed after any
+//! interruption by a re-list ([`WatchEvent::Snapshot`]) and a new stream from the list's
+//! revision + 1, so no change is lost between the two.
+
+use std::sync::Arc;
+
+use async_trait::async_trait;
+use etcd_client::{Event, EventType, WatchOptions, WatchStream};
+
+use super::connect::{registry_error, unavailable};
+use super::{Entry, Shared};
+use crate::lease::{LeaseChange, LeaseWatch, RegistryError, Revision, WatchEvent};
+
+/// A [`LeaseWatch`] on etcd.
+pub struct EtcdWatch {
+    shared: Arc<Shared>,
+    state: State,
+}
+
+enum State {
+    /// Streaming changes; `revision` is the last one delivered.
+    Streaming {
+        stream: Box<WatchStream>,
+        revision: Revision,
+    },
+    /// A snapshot was delivered; open a stream from `from` next.
+    Open { from: Revision },
+    /// Nothing is open and changes may have been missed: re-list first.
+    Resync,
+}
+
+impl EtcdWatch {
+    /// Opens the stream for changes after `after`.
+    pub(super) async fn start(
+        shared: Arc<Shared>,
+        after: Revision,
+    ) -> Result<EtcdWatch, RegistryError> {
+        let stream = open(&shared, after + 1).await?;
+        Ok(EtcdWatch {
+            shared,
+            state: State::Streaming {
+                stream,
+                revision: after,
+            },
+        })
+    }
+
+    /// Forgets the stream; the next call re-lists. Returns `err` for the caller.
+    fn interrupted(&mut self, err: RegistryError) -> RegistryError {
+        tracing::warn!(error = %err, "the subnet watch was interrupted; it re-lists on the next call");
+        self.state = State::Resync;
+        err
+    }
+}
+
+/// Opens a watch stream on `subnets/` from revision `from` (inclusive).
+async fn open(shared: &Shared, from: Revision) -> Result<Box<WatchStream>, RegistryError> {
+    let options = WatchOptions::new()
+        .with_prefix()
+        .with_start_revision(from)
+        // Empty progress responses keep the revision moving on a quiet prefix.
+        .with_progress_notify();
+    let mut client = shared.client.watch_client();
+    shared
+        .request(
+            "watch subnet leases",
+            client.watch(shared.subnets_prefix.as_bytes(), Some(options)),
+        )
+        .await
+        .map(Box::new)
+}
+
+#[async_trait]
+impl LeaseWatch for EtcdWatch {
+    async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
+        loop {
+            match &mut self.state {
+                State::Resync => {
+                    // On failure the state stays Resync: the caller backs off and calls again.
+                    let list = self.shared.list().await?;
+                    tracing::info!(
+                        leases = list.leases.len(),
+                        revision = list.revision,
+                        "re-listed subnet leases; resuming the watch after them"
+                    );
+                    self.state = State::Open {
+                        from: list.revision + 1,
+                    };
+                    return Ok(WatchEvent::Snapshot(list));
+                }
+                State::Open { from } => {
+                    let from = *from;
+                    match open(&self.shared, from).await {
+                        Ok(stream) => {
+                            self.state = State::Streaming {
+                                stream,
+                                revision: from - 1,
+                            }
+                        }
+                        Err(e) => return Err(self.interrupted(e)),
+                    }
+                }
+                State::Streaming { stream, revision } => {
+                    let resp = match stream.message().await {
+                        Ok(Some(resp)) => resp,
+                        Ok(None) => {
+                            let e = unavailable(
+                                &self.shared.location,
+                                "watch subnet leases",
+                                "etcd closed the watch stream",
+                            );
+                            return Err(self.interrupted(e));
+                        }
+                        Err(e) => {
+                            let e =
+                                registry_error(&self.shared.location, "watch subnet leases", &e);
+                            return Err(self.interrupted(e));
+                        }
+                    };
+                    if resp.compact_revision() != 0 {
+                        // Changes after `revision` were compacted away: only a list is exact.
+                        tracing::warn!(
+                            revision = *revision,
+                            compact_revision = resp.compact_revision(),
+                            "the subnet watch fell behind a compaction; re-listing"
+                        );
+                        self.state = State::Resync;
+                        continue;
+                    }
+                    if resp.canceled() {
+                        let reason = resp.cancel_reason().to_owned();
+                        let e = cancel_error(&self.shared.location, &reason);
+                        return Err(self.interrupted(e));
+                    }
+                    if resp.events().is_empty() {
+                        continue; // "created" or a progress notification
+                    }
+                    let batch = translate(&self.shared, resp.events()).await;
+                    match batch {
+                        Ok((last, changes)) => {
+                            *revision = last;
+                            if changes.is_empty() {
+                                continue;
+                            }
+                            return Ok(WatchEvent::Changes {
+                                revision: last,
+                                changes,
+                            });
+                        }
+                        Err(e) => return Err(self.interrupted(e)),
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Why etcd canceled a watch without a compaction (e.g. "permission denied").
+fn cancel_error(location: &str, reason: &str) -> RegistryError {
+    let reason = if reason.is_empty() {
+        "no reason given"
+    } else {
+        reason
+    };
+    if reason.contains("permission") || reason.contains("auth") {
+        RegistryError::Refused {
+            location: location.to_owned(),
+            reason: format!(
+                "etcd canceled the subnet watch: {reason}; check that the etcd user may read \
+                 the key prefix"
+            ),
+        }
+    } else {
+        unavailable(
+            location,
+            "watch subnet leases",
+            &format!("etcd canceled the watch: {reason}"),
+        )
+    }
+}
+
+/// One watch response's events as changes, oldest first, with the revision of the last one.
+/// Malformed keys and values are skipped; a put whose etcd lease has already run out is left
+/// out too (its delete follows).
+async fn translate(
+    shared: &Shared,
+    events: &[Event],
+) -> Result<(Revision, Vec<LeaseChange>), RegistryError> {
+    enum Step {
+        Put(usize),
+        Delete(crate::model::SubnetKey),
+    }
+    let mut last = 0;
+    let mut puts: Vec<Entry> = Vec::new();
+    let mut steps = Vec::with_capacity(events.len());
+    for event in events {
+        let Some(kv) = event.kv() else { continue };
+        last = last.max(kv.mod_revision());
+        match event.event_type() {
+            EventType::Put => {
+                if let Some(entry) = shared.parse_kv(kv) {
+                    steps.push(Step::Put(puts.len()));
+                    puts.push(entry);
+                }
+            }
+            EventType::Delete => {
+                if let Some(key) = shared.parse_key(kv.key()) {
+                    steps.push(Step::Delete(key));
+                }
+            }
+        }
+    }
+    let mut leases = shared.to_leases(puts).await?;
+    let changes = steps
+        .into_iter()
+        .filter_map(|step| match step {
+            Step::Put(i) => leases[i].take().map(LeaseChange::Put),
+            Step::Delete(key) => Some(LeaseChange::Delete(key)),
+        })
+        .collect();
+    Ok((last, changes))
+}

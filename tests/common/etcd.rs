@@ -1,0 +1,206 @@
+//! A throwaway single-member etcd for integration tests: loopback only, free ports, a temporary
+//! data directory (on tmpfs when there is one, so fsync is cheap), killed by PID on drop — also
+//! when the test panics. [`EtcdServer::stop`] and [`EtcdServer::start_again`] restart the same
+//! member on the same ports and data directory, to test outages.
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Server certificate files for a TLS etcd (PEM paths).
+#[derive(Clone, Debug)]
+pub struct ServerTls {
+    /// CA that client certificates must be signed by.
+    pub ca: PathBuf,
+    /// The server certificate (must name 127.0.0.1).
+    pub cert: PathBuf,
+    /// The server key.
+    pub key: PathBuf,
+}
+
+/// A running (or stopped) etcd started by this test.
+pub struct EtcdServer {
+    child: Option<Child>,
+    dir: tempfile::TempDir,
+    client_port: u16,
+    peer_port: u16,
+    metrics_port: u16,
+    tls: Option<ServerTls>,
+}
+
+/// How long etcd may take to become healthy on a busy machine.
+const START_DEADLINE: Duration = Duration::from_secs(30);
+
+impl EtcdServer {
+    /// Starts a plain-HTTP etcd, or returns `None` (after saying so on stderr) when the `etcd`
+    /// binary is not installed.
+    pub fn start() -> Option<EtcdServer> {
+        EtcdServer::start_with(None)
+    }
+
+    /// Starts etcd, serving clients over TLS with client-certificate auth when `tls` is set.
+    pub fn start_with(tls: Option<ServerTls>) -> Option<EtcdServer> {
+        if !binary_available() {
+            eprintln!("SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)");
+            return None;
+        }
+        let base = if Path::new("/dev/shm").is_dir() {
+            tempfile::Builder::new().prefix("linen-etcd-").tempdir_in("/dev/shm")
+        } else {
+            tempfile::Builder::new().prefix("linen-etcd-").tempdir()
+        };
+        let mut server = EtcdServer {
+            child: None,
+            dir: base.expect("create a temporary directory for etcd"),
+            client_port: free_port(),
+            peer_port: free_port(),
+            metrics_port: free_port(),
+            tls,
+        };
+        server.start_again();
+        Some(server)
+    }
+
+    /// The client URL, e.g. `http://127.0.0.1:23790`.
+    pub fn endpoint(&self) -> String {
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.client_port)
+    }
+
+    /// A directory for the test's own files; removed with the server.
+    pub fn scratch(&self) -> PathBuf {
+        self.dir.path().to_path_buf()
+    }
+
+    /// Kills etcd (SIGKILL, by PID) and waits for it to exit. The data directory is kept.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
+    /// Starts the member again on the same ports and data directory and waits until healthy.
+    pub fn start_again(&mut self) {
+        assert!(self.child.is_none(), "etcd is already running");
+        let data = self.dir.path().join("data");
+        let log_path = self.dir.path().join("etcd.log");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .expect("open etcd log");
+        let scheme = if self.tls.is_some() { "https" } else { "http" };
+        let client_url = format!("{scheme}://127.0.0.1:{}", self.client_port);
+        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
+        let mut cmd = Command::new("etcd");
+        cmd.arg("--name=linen-test")
+            .arg(format!("--data-dir={}", data.display()))
+            .arg(format!("--listen-client-urls={client_url}"))
+            .arg(format!("--advertise-client-urls={client_url}"))
+            .arg(format!("--listen-peer-urls={peer_url}"))
+            .arg(format!("--initial-advertise-peer-urls={peer_url}"))
+            .arg(format!("--initial-cluster=linen-test={peer_url}"))
+            .arg(format!(
+                "--listen-metrics-urls=http://127.0.0.1:{}",
+                self.metrics_port
+            ))
+            .arg("--initial-cluster-state=new")
+            .arg("--logger=zap")
+            .arg("--log-outputs=stderr")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("clone log handle"))
+            .stderr(log);
+        if let Some(tls) = &self.tls {
+            cmd.arg(format!("--cert-file={}", tls.cert.display()))
+                .arg(format!("--key-file={}", tls.key.display()))
+                .arg(format!("--trusted-ca-file={}", tls.ca.display()))
+                .arg("--client-cert-auth");
+        }
+        self.child = Some(cmd.spawn().expect("spawn etcd"));
+        let deadline = Instant::now() + START_DEADLINE;
+        while Instant::now() < deadline {
+            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+                self.child = None;
+                panic!(
+                    "etcd exited with {status} during start-up; log:\n{}",
+                    tail(&log_path)
+                );
+            }
+            if healthy(self.metrics_port) {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!(
+            "etcd did not become healthy within {START_DEADLINE:?}; log:\n{}",
+            tail(&log_path)
+        );
+    }
+
+    /// Runs `etcdctl` against this server with `args`, panicking with its output on failure.
+    pub fn etcdctl(&self, args: &[&str]) -> String {
+        let out = Command::new("etcdctl")
+            .env("ETCDCTL_API", "3")
+            .arg(format!("--endpoints={}", self.endpoint()))
+            .args(args)
+            .output()
+            .expect("run etcdctl");
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        assert!(
+            out.status.success(),
+            "etcdctl {args:?} failed: {}{}",
+            text,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        text
+    }
+}
+
+impl Drop for EtcdServer {
+    fn drop(&mut self) {
+        self.stop();
+    }
+}
+
+fn binary_available() -> bool {
+    Command::new("etcd")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false)
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("find a free loopback port")
+}
+
+/// `GET /health` on the plain-HTTP metrics listener (available even when clients need TLS).
+fn healthy(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
+    if stream
+        .write_all(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        .is_err()
+    {
+        return false;
+    }
+    let mut reply = String::new();
+    let _ = stream.read_to_string(&mut reply);
+    reply.contains("\"health\":\"true\"")
+}
+
+fn tail(path: &Path) -> String {
+    let bytes = std::fs::read(path).unwrap_or_default();
+    let start = bytes.len().saturating_sub(4000);
+    String::from_utf8_lossy(&bytes[start..]).into_owned()
+}
