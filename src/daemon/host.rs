@@ -193,6 +193,13 @@ pub async fn configure_tun(
         .with_context(|| format!("netlink: bringing {tun_name} up"))?;
     if let Some((addr, network)) = v4 {
         add_address(handle, index, IpAddr::V4(addr), 32, tun_name).await?;
+        // ICMP errors that linen writes into the TUN come from the TUN's own address; without
+        // accept_local the kernel drops them as martians whenever the offending packet also came
+        // from a local address (a ping from the host itself).
+        let sysctl = format!("/proc/sys/net/ipv4/conf/{tun_name}/accept_local");
+        if let Err(e) = std::fs::write(&sysctl, "1") {
+            tracing::warn!(error = %e, path = %sysctl, "cannot enable accept_local; ICMP errors for locally sent packets may be dropped");
+        }
         let route = RouteMessageBuilder::<Ipv4Addr>::new()
             .destination_prefix(network.network(), network.prefix())
             .output_interface(index)
@@ -202,10 +209,11 @@ pub async fn configure_tun(
     }
     if let Some((addr, network)) = v6 {
         add_address(handle, index, IpAddr::V6(addr), 128, tun_name).await?;
+        // No preferred source for IPv6: the kernel refuses one while the new address is still
+        // tentative, and source selection picks the device's address anyway.
         let route = RouteMessageBuilder::<Ipv6Addr>::new()
             .destination_prefix(network.network(), network.prefix())
             .output_interface(index)
-            .pref_source(addr)
             .build();
         add_route(handle, route, IpNetwork::V6(network), tun_name).await?;
     }
