@@ -166,7 +166,7 @@ pub struct RegistryHealth {
     pub connected: bool,
     /// The last failure, kept after recovery for diagnosis.
     pub last_error: Option<String>,
-    /// How many times the watch was re-established after a failure.
+    /// How many times the registry came back after a failure (each time the watch resyncs).
     pub resyncs: u64,
 }
 
@@ -447,10 +447,14 @@ impl LeaseManager {
         if was {
             return;
         }
-        if self.state.borrow().registry.last_error.is_some() {
+        let recovered = self.state.borrow().registry.last_error.is_some();
+        if recovered {
             tracing::info!(registry = %self.registry.location(), "registry available again");
         }
-        self.state.send_modify(|s| s.registry.connected = true);
+        self.state.send_modify(|s| {
+            s.registry.connected = true;
+            s.registry.resyncs += u64::from(recovered);
+        });
         if self.renew_failed {
             // A renewal fell due while the registry was away: do it now.
             self.renew_at = Some(Instant::now());
