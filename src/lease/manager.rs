@@ -66,8 +66,11 @@ pub async fn acquire(
     rng: &mut (impl Rng + Send),
 ) -> Result<Lease, AcquireError> {
     let mut lost: Vec<SubnetKey> = Vec::new();
+    let mut last_tried = None;
     for _ in 0..RACE_RETRIES {
         let list = registry.list_leases().await?;
+        // After losing our own lease mid-acquisition, ask for it again as the previous subnet.
+        let previous = previous.or(last_tried);
         let plan = allocator::plan(
             &Request {
                 config,
@@ -97,18 +100,24 @@ pub async fn acquire(
                 registry.create_lease(&key, attrs).await
             }
         };
+        last_tried = Some(key);
         match result {
             Ok(lease) => return Ok(lease),
-            // Gone between the list and the renewal, or taken first: list again.
-            Err(RegistryError::AlreadyExists(_) | RegistryError::NotFound(_)) => {
+            // Taken first by another host: list again, and do not ask for it again.
+            Err(RegistryError::AlreadyExists(_)) => {
                 tracing::debug!(subnet = %key, "lost a race for the subnet; listing again");
                 lost.push(key);
+            }
+            // Our own lease vanished between the list and the renewal: list again; it may be
+            // created anew as the previous subnet.
+            Err(RegistryError::NotFound(_)) => {
+                tracing::debug!(subnet = %key, "own lease gone before renewal; listing again");
             }
             Err(e) => return Err(e.into()),
         }
     }
     Err(AcquireError::Races {
-        subnet: *lost.last().expect("RACE_RETRIES > 0"),
+        subnet: last_tried.expect("RACE_RETRIES > 0"),
         tries: RACE_RETRIES,
     })
 }
@@ -166,7 +175,7 @@ pub struct RegistryHealth {
     pub connected: bool,
     /// The last failure, kept after recovery for diagnosis.
     pub last_error: Option<String>,
-    /// How many times the watch was re-established after a failure.
+    /// How many times the registry came back after a failure (each time the watch resyncs).
     pub resyncs: u64,
 }
 
@@ -447,10 +456,14 @@ impl LeaseManager {
         if was {
             return;
         }
-        if self.state.borrow().registry.last_error.is_some() {
+        let recovered = self.state.borrow().registry.last_error.is_some();
+        if recovered {
             tracing::info!(registry = %self.registry.location(), "registry available again");
         }
-        self.state.send_modify(|s| s.registry.connected = true);
+        self.state.send_modify(|s| {
+            s.registry.connected = true;
+            s.registry.resyncs += u64::from(recovered);
+        });
         if self.renew_failed {
             // A renewal fell due while the registry was away: do it now.
             self.renew_at = Some(Instant::now());
@@ -562,5 +575,97 @@ async fn watch_task(
                 _ = tokio::time::sleep(backoff.next()) => {}
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::lease::{LeaseList, LeaseWatch};
+    use crate::model::NetworkConfigSpec;
+
+    /// A registry where every create loses a race and nothing is ever listed.
+    struct AlwaysTaken {
+        creates: AtomicUsize,
+    }
+
+    #[async_trait]
+    impl Registry for AlwaysTaken {
+        fn location(&self) -> String {
+            "fake".into()
+        }
+        async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
+            unimplemented!()
+        }
+        async fn put_network_config(&self, _: &NetworkConfigSpec) -> Result<(), RegistryError> {
+            unimplemented!()
+        }
+        async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+            Ok(LeaseList::default())
+        }
+        async fn create_lease(
+            &self,
+            key: &SubnetKey,
+            _: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            self.creates.fetch_add(1, Ordering::SeqCst);
+            Err(RegistryError::AlreadyExists(*key))
+        }
+        async fn create_reservation(
+            &self,
+            key: &SubnetKey,
+            _: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            Err(RegistryError::AlreadyExists(*key))
+        }
+        async fn renew_lease(&self, l: &Lease, _: &LeaseAttrs) -> Result<Lease, RegistryError> {
+            Err(RegistryError::NotFound(l.key))
+        }
+        async fn revoke_lease(&self, _: &SubnetKey) -> Result<(), RegistryError> {
+            Ok(())
+        }
+        async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
+            unimplemented!()
+        }
+        fn lease_ttl(&self) -> Duration {
+            Duration::from_secs(60)
+        }
+    }
+
+    #[tokio::test]
+    async fn gives_up_after_ten_lost_races_naming_the_subnet() {
+        let reg = AlwaysTaken {
+            creates: AtomicUsize::new(0),
+        };
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let attrs = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
+        let mut rng = StdRng::seed_from_u64(3);
+        let err = acquire(&reg, &config, &attrs, None, &mut rng)
+            .await
+            .unwrap_err();
+        assert_eq!(reg.creates.load(Ordering::SeqCst), RACE_RETRIES);
+        let AcquireError::Races { subnet, tries } = &err else {
+            panic!("{err:?}")
+        };
+        assert_eq!(*tries, 10);
+        let msg = err.to_string();
+        assert!(
+            msg.starts_with("Max retries reached trying to acquire a subnet"),
+            "{msg}"
+        );
+        assert!(msg.contains(&subnet.to_string()), "{msg}");
+    }
+
+    #[test]
+    fn backoff_doubles_up_to_the_cap_and_resets() {
+        let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
+        let got: Vec<u64> = (0..5).map(|_| b.next().as_secs()).collect();
+        assert_eq!(got, vec![1, 2, 4, 5, 5]);
+        b.reset();
+        assert_eq!(b.next(), Duration::from_secs(1));
     }
 }

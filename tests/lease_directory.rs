@@ -1,0 +1,551 @@
+//! The directory registry and the lease manager together, as an ordinary user (no root, no
+//! network): concurrent acquisition, expiry, corrupt files, exhaustion, reservations, renewal,
+//! lost leases and a registry that goes away and comes back.
+
+use std::collections::BTreeSet;
+use std::fs;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use linen::lease::directory::DirectoryRegistry;
+use linen::lease::manager::{self, AcquireError, LeaseManager, LeaseState, ManagerOptions};
+use linen::lease::{Registry, RegistryError, WatchEvent};
+use linen::model::{Lease, LeaseAttrs, NetworkConfigSpec, SubnetKey};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+const NET: &str = r#"{"Network":"198.19.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
+
+fn setup(config: &str) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(dir.path().join("config"), config).unwrap();
+    dir
+}
+
+fn registry(dir: &Path, ttl_secs: u64) -> Arc<DirectoryRegistry> {
+    Arc::new(
+        DirectoryRegistry::with_ttl(dir, Duration::from_secs(ttl_secs))
+            .with_poll_interval(Duration::from_millis(50)),
+    )
+}
+
+fn host(n: u8) -> LeaseAttrs {
+    LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 1, n))
+}
+
+fn key(s: &str) -> SubnetKey {
+    SubnetKey::parse(s).unwrap()
+}
+
+fn options(n: u8) -> ManagerOptions {
+    let mut o = ManagerOptions::new(host(n));
+    o.backoff_min = Duration::from_millis(50);
+    o.backoff_max = Duration::from_millis(200);
+    o
+}
+
+async fn start(reg: Arc<DirectoryRegistry>, opts: ManagerOptions) -> Running {
+    let config = reg.get_network_config().await.unwrap();
+    let mut m = LeaseManager::new(reg, config, opts);
+    m.acquire().await.unwrap();
+    let state = m.subscribe();
+    let cancel = CancellationToken::new();
+    let task = tokio::spawn(m.run(cancel.clone()));
+    Running {
+        state,
+        cancel,
+        task,
+    }
+}
+
+struct Running {
+    state: watch::Receiver<LeaseState>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    /// Waits until the published state satisfies `ok`, failing after `secs`.
+    async fn wait(
+        &mut self,
+        secs: u64,
+        what: &str,
+        ok: impl Fn(&LeaseState) -> bool,
+    ) -> LeaseState {
+        let deadline = tokio::time::sleep(Duration::from_secs(secs));
+        tokio::pin!(deadline);
+        loop {
+            if ok(&self.state.borrow_and_update()) {
+                return self.state.borrow().clone();
+            }
+            tokio::select! {
+                _ = &mut deadline => panic!("timed out waiting for {what}; state: {:?}", *self.state.borrow()),
+                r = self.state.changed() => r.unwrap(),
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+async fn live(reg: &DirectoryRegistry) -> Vec<Lease> {
+    reg.list_leases().await.unwrap().leases
+}
+
+fn own_key(s: &LeaseState) -> Option<SubnetKey> {
+    s.own.as_ref().map(|l| l.key)
+}
+
+/// Child side of the 20-process test: acquire once and print the subnet.
+#[test]
+fn acquire_child() {
+    let Ok(dir) = std::env::var("LINEN_TEST_ACQUIRE_DIR") else {
+        return; // Only meaningful when re-executed by `twenty_processes_get_distinct_subnets`.
+    };
+    let n: u8 = std::env::var("LINEN_TEST_HOST").unwrap().parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let key = rt.block_on(async {
+        let reg = registry(Path::new(&dir), 60);
+        let config = reg.get_network_config().await.unwrap();
+        let mut rng = StdRng::from_rng(&mut rand::rng());
+        manager::acquire(reg.as_ref(), &config, &host(n), None, &mut rng)
+            .await
+            .unwrap()
+            .key
+    });
+    println!("SUBNET={key}");
+}
+
+#[test]
+fn twenty_processes_get_distinct_subnets() {
+    // A small range (/26 → 16 /30s... no: a /24 of /28s gives 15 candidates) would exhaust;
+    // use /27s inside a /21: 63 candidates, so collisions among 20 are likely and the lock and
+    // the race retries are exercised.
+    let dir = setup(r#"{"Network":"198.19.0.0/21","SubnetLen":27}"#);
+    let exe = std::env::current_exe().unwrap();
+    let children: Vec<_> = (1..=20u8)
+        .map(|n| {
+            std::process::Command::new(&exe)
+                .args([
+                    "--exact",
+                    "acquire_child",
+                    "--nocapture",
+                    "--test-threads=1",
+                ])
+                .env("LINEN_TEST_ACQUIRE_DIR", dir.path())
+                .env("LINEN_TEST_HOST", n.to_string())
+                .stdout(std::process::Stdio::piped())
+                .spawn()
+                .unwrap()
+        })
+        .collect();
+    let mut subnets = BTreeSet::new();
+    for child in children {
+        let out = child.wait_with_output().unwrap();
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(out.status.success(), "child failed: {text}");
+        // libtest prints "test acquire_child ... " on the same line, before ours.
+        let line = text
+            .split("SUBNET=")
+            .nth(1)
+            .and_then(|rest| rest.split_whitespace().next())
+            .unwrap_or_else(|| panic!("no SUBNET= in {text}"));
+        subnets.insert(line.to_owned());
+    }
+    assert_eq!(subnets.len(), 20, "{subnets:?}");
+    // And the registry agrees: 20 files, 20 distinct hosts.
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let list = rt.block_on(registry(dir.path(), 60).list_leases()).unwrap();
+    assert_eq!(list.leases.len(), 20);
+    assert_eq!(list.revision, 20);
+}
+
+#[test]
+fn twenty_threads_with_own_handles_get_distinct_subnets() {
+    let dir = setup(r#"{"Network":"198.19.0.0/21","SubnetLen":27}"#);
+    let threads: Vec<_> = (1..=20u8)
+        .map(|n| {
+            let path = dir.path().to_owned();
+            std::thread::spawn(move || {
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                rt.block_on(async {
+                    let reg = registry(&path, 60);
+                    let config = reg.get_network_config().await.unwrap();
+                    let mut rng = StdRng::seed_from_u64(u64::from(n));
+                    manager::acquire(reg.as_ref(), &config, &host(n), None, &mut rng)
+                        .await
+                        .unwrap()
+                        .key
+                })
+            })
+        })
+        .collect();
+    let keys: BTreeSet<SubnetKey> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    assert_eq!(keys.len(), 20, "{keys:?}");
+}
+
+#[tokio::test]
+async fn stored_value_is_flannels_and_config_round_trips() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = registry(dir.path(), 3600);
+    let err = reg.get_network_config().await.unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::ConfigNotFound { location, .. } if location.ends_with("config")),
+        "{err}"
+    );
+    let spec = NetworkConfigSpec::from_json(NET).unwrap();
+    reg.put_network_config(&spec).await.unwrap();
+    assert_eq!(
+        reg.get_network_config().await.unwrap().network,
+        spec.network
+    );
+    reg.create_lease(
+        &key("198.19.1.0-24"),
+        &LeaseAttrs::with_public_ip("1.2.3.4".parse().unwrap()),
+    )
+    .await
+    .unwrap();
+    let text = fs::read_to_string(dir.path().join("subnets/198.19.1.0-24")).unwrap();
+    let mut lines = text.lines();
+    assert_eq!(
+        lines.next(),
+        Some(r#"{"PublicIP":"1.2.3.4","PublicIPv6":null}"#)
+    );
+    assert!(lines.next().unwrap().starts_with("expires="), "{text}");
+    let again = reg
+        .create_lease(&key("198.19.1.0-24"), &host(9))
+        .await
+        .unwrap_err();
+    assert!(matches!(again, RegistryError::AlreadyExists(_)), "{again}");
+    reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap();
+    reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap();
+    assert!(reg.list_leases().await.unwrap().leases.is_empty());
+    assert_eq!(reg.list_leases().await.unwrap().revision, 2);
+}
+
+#[tokio::test]
+async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
+    let dir = setup(NET);
+    let short = registry(dir.path(), 1);
+    let long = registry(dir.path(), 3600);
+    // Host 2 holds a 1 s lease and stops renewing (its daemon died).
+    short
+        .create_lease(&key("198.19.7.0-24"), &host(2))
+        .await
+        .unwrap();
+    let mut a = start(Arc::clone(&long), options(1)).await;
+    a.wait(2, "host 2 as a peer", |s| {
+        s.peers.iter().any(|l| l.key == key("198.19.7.0-24"))
+    })
+    .await;
+    let gen_before = a.state.borrow().generation;
+    let s = a.wait(4, "host 2's expiry", |s| s.peers.is_empty()).await;
+    assert!(s.generation > gen_before);
+    // Another host asking for that subnet (its subnet.env) now gets it.
+    let mut opts = options(3);
+    opts.previous = Some(key("198.19.7.0-24"));
+    let b = start(Arc::clone(&long), opts).await;
+    assert_eq!(own_key(&b.state.borrow()), Some(key("198.19.7.0-24")));
+    a.wait(2, "host 3 as a peer", |s| {
+        s.peers
+            .iter()
+            .any(|l| l.key == key("198.19.7.0-24") && l.attrs == host(3))
+    })
+    .await;
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn new_host_is_seen_by_others_within_a_second() {
+    let dir = setup(NET);
+    let reg = Arc::new(DirectoryRegistry::with_ttl(
+        dir.path(),
+        Duration::from_secs(3600),
+    ));
+    let mut a = start(Arc::clone(&reg), options(1)).await;
+    let t0 = Instant::now();
+    let b = start(Arc::clone(&reg), options(2)).await;
+    let b_key = own_key(&b.state.borrow()).unwrap();
+    a.wait(1, "host 2 within 1 s", |s| {
+        s.peers.iter().any(|l| l.key == b_key)
+    })
+    .await;
+    assert!(t0.elapsed() < Duration::from_secs(1));
+    let s = a.state.borrow().clone();
+    assert_eq!(s.peers.len(), 1, "own lease never among peers: {s:?}");
+    assert!(s.registry.connected);
+    a.stop().await;
+    b.stop().await;
+}
+
+#[tokio::test]
+async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
+    let dir = setup(NET);
+    let subnets = dir.path().join("subnets");
+    fs::create_dir_all(&subnets).unwrap();
+    fs::write(subnets.join("198.19.3.0-24"), "{not json\n").unwrap();
+    fs::write(
+        subnets.join("198.19.4.0-24hi"),
+        r#"{"PublicIP":"198.18.1.4"}"#,
+    )
+    .unwrap();
+    fs::write(
+        subnets.join("198.19.5.0-24"),
+        "{\"PublicIP\":\"198.18.1.5\"}\nexpires=later\n",
+    )
+    .unwrap();
+    fs::write(
+        subnets.join("198.19.6.0-24"),
+        r#"{"PublicIP":"198.18.1.6","PublicIPv6":null}"#,
+    )
+    .unwrap();
+    let reg = registry(dir.path(), 3600);
+    let list = reg.list_leases().await.unwrap();
+    assert_eq!(
+        list.leases.iter().map(|l| l.key).collect::<Vec<_>>(),
+        vec![key("198.19.6.0-24")]
+    );
+    // A corrupt file still blocks its key: nobody overwrites someone's broken file.
+    let err = reg
+        .create_lease(&key("198.19.3.0-24"), &host(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::AlreadyExists(_)), "{err}");
+    // A manager whose subnet.env names the corrupt key gets another one, and sees host 6.
+    let mut opts = options(1);
+    opts.previous = Some(key("198.19.3.0-24"));
+    let mut a = start(Arc::clone(&reg), opts).await;
+    let s = a.wait(2, "host 6 as a peer", |s| s.peers.len() == 1).await;
+    let own = own_key(&s).unwrap();
+    assert!(
+        ![3, 4, 5, 6].contains(&own.ipv4().unwrap().network().octets()[2]),
+        "{own}"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn full_range_gives_the_exhaustion_error() {
+    let dir = setup(r#"{"Network":"198.19.0.0/24","SubnetLen":26}"#);
+    let reg = registry(dir.path(), 3600);
+    // /24 of /26s: candidates .64, .128, .192.
+    for (i, k) in ["198.19.0.64-26", "198.19.0.128-26", "198.19.0.192-26"]
+        .iter()
+        .enumerate()
+    {
+        reg.create_lease(&key(k), &host(10 + i as u8))
+            .await
+            .unwrap();
+    }
+    let config = reg.get_network_config().await.unwrap();
+    let mut rng = StdRng::seed_from_u64(1);
+    let err = manager::acquire(reg.as_ref(), &config, &host(1), None, &mut rng)
+        .await
+        .unwrap_err();
+    assert!(matches!(err, AcquireError::Alloc(_)), "{err:?}");
+    assert_eq!(
+        err.to_string(),
+        "no free subnet in 198.19.0.64 … 198.19.0.192 (/26): all 3 are leased; widen Network \
+         or SubnetMin/SubnetMax, or release leases with `linen lease release`"
+    );
+}
+
+#[tokio::test]
+async fn reservation_is_taken_by_its_public_ip_and_never_gets_an_expiry() {
+    let dir = setup(NET);
+    let subnets = dir.path().join("subnets");
+    fs::create_dir_all(&subnets).unwrap();
+    // Dropped in by configuration management: no expires line, no revision bump.
+    fs::write(
+        subnets.join("198.19.42.0-24"),
+        "{\"PublicIP\":\"198.18.1.1\",\"PublicIPv6\":null}\n",
+    )
+    .unwrap();
+    let reg = registry(dir.path(), 2);
+    let mut opts = options(1);
+    opts.renew_margin = Duration::from_secs(1);
+    let mut a = start(Arc::clone(&reg), opts).await;
+    let s = a.state.borrow().clone();
+    let own = s.own.unwrap();
+    assert_eq!(own.key, key("198.19.42.0-24"));
+    assert!(own.is_reservation());
+    // Renewing (as the acquisition did) keeps it a reservation.
+    let text = fs::read_to_string(subnets.join("198.19.42.0-24")).unwrap();
+    assert_eq!(
+        text.trim(),
+        r#"{"PublicIP":"198.18.1.1","PublicIPv6":null}"#
+    );
+    let renewed = reg.renew_lease(&own, &host(1)).await.unwrap();
+    assert!(renewed.is_reservation());
+    // Another host dropping a reservation in by hand is seen as a peer (fingerprint polling).
+    fs::write(
+        subnets.join("198.19.43.0-24"),
+        "{\"PublicIP\":\"198.18.1.2\"}\n",
+    )
+    .unwrap();
+    a.wait(2, "the hand-made reservation", |s| s.peers.len() == 1)
+        .await;
+    // Past the TTL the reservation is still there and still ours.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let s = a.state.borrow().clone();
+    assert_eq!(own_key(&s), Some(key("198.19.42.0-24")));
+    assert!(s.own.unwrap().is_reservation());
+    assert_eq!(reg.list_leases().await.unwrap().leases.len(), 2);
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn previous_subnet_held_by_another_host_is_not_taken() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    reg.create_lease(&key("198.19.9.0-24"), &host(2))
+        .await
+        .unwrap();
+    let mut opts = options(1);
+    opts.previous = Some(key("198.19.9.0-24"));
+    let a = start(Arc::clone(&reg), opts).await;
+    assert_ne!(own_key(&a.state.borrow()), Some(key("198.19.9.0-24")));
+    let list = reg.list_leases().await.unwrap();
+    let held = list
+        .leases
+        .iter()
+        .find(|l| l.key == key("198.19.9.0-24"))
+        .unwrap();
+    assert_eq!(held.attrs, host(2), "host 2's lease untouched");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn renewal_extends_expiry() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3);
+    let mut opts = options(1);
+    opts.renew_margin = Duration::from_secs(2);
+    let mut a = start(Arc::clone(&reg), opts).await;
+    let first = a.state.borrow().own.clone().unwrap();
+    let exp0 = first.expiration.unwrap();
+    let s = a
+        .wait(4, "a renewal", |s| {
+            s.own
+                .as_ref()
+                .and_then(|l| l.expiration)
+                .is_some_and(|e| e > exp0)
+        })
+        .await;
+    let own = s.own.unwrap();
+    assert_eq!(own.key, first.key);
+    assert!(own.expiration.unwrap() > SystemTime::now());
+    // Still there after the first TTL would have run out.
+    tokio::time::sleep_until(
+        tokio::time::Instant::now()
+            + exp0.duration_since(SystemTime::now()).unwrap_or_default()
+            + Duration::from_millis(300),
+    )
+    .await;
+    assert!(live(&reg).await.iter().any(|l| l.key == first.key));
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn own_lease_deleted_by_hand_is_reacquired() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let mut a = start(Arc::clone(&reg), options(1)).await;
+    let mine = own_key(&a.state.borrow()).unwrap();
+    fs::remove_file(dir.path().join("subnets").join(mine.to_string())).unwrap();
+    a.wait(2, "the lease to be lost", |s| s.own.is_none()).await;
+    a.wait(3, "the same subnet again", |s| own_key(s) == Some(mine))
+        .await;
+    assert!(
+        live(&reg)
+            .await
+            .iter()
+            .any(|l| l.key == mine && l.attrs == host(1))
+    );
+    assert!(
+        !a.task.is_finished(),
+        "the manager keeps running (flannel #904)"
+    );
+    a.stop().await;
+    // Stopping keeps the lease.
+    assert_eq!(reg.list_leases().await.unwrap().leases.len(), 1);
+}
+
+#[tokio::test]
+async fn manager_recovers_when_the_registry_comes_back() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let mut a = start(Arc::clone(&reg), options(1)).await;
+    let mine = own_key(&a.state.borrow()).unwrap();
+    a.wait(2, "a healthy registry", |s| s.registry.connected)
+        .await;
+    // Make subnets/ unusable in a way that also stops root: a file in its place.
+    let subnets = dir.path().join("subnets");
+    let away = dir.path().join("subnets.away");
+    fs::rename(&subnets, &away).unwrap();
+    fs::write(&subnets, "not a directory").unwrap();
+    let s = a
+        .wait(2, "the outage to be noticed", |s| !s.registry.connected)
+        .await;
+    assert!(
+        s.registry
+            .last_error
+            .as_deref()
+            .unwrap()
+            .contains("subnets"),
+        "{s:?}"
+    );
+    // Meanwhile another host joins (written into the real directory).
+    fs::remove_file(&subnets).unwrap();
+    fs::rename(&away, &subnets).unwrap();
+    registry(dir.path(), 3600)
+        .create_lease(&key("198.19.200.0-24"), &host(2))
+        .await
+        .unwrap();
+    let s = a
+        .wait(3, "recovery and host 2", |s| {
+            s.registry.connected && s.peers.iter().any(|l| l.key == key("198.19.200.0-24"))
+        })
+        .await;
+    assert_eq!(own_key(&s), Some(mine));
+    assert!(s.registry.resyncs >= 1, "{s:?}");
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn watch_delivers_a_snapshot_first_and_on_change() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let list = reg.list_leases().await.unwrap();
+    let mut w = reg.watch_leases(list.revision).await.unwrap();
+    let WatchEvent::Snapshot(first) = w.next().await.unwrap() else {
+        panic!("first event must be a snapshot")
+    };
+    assert!(first.leases.is_empty());
+    reg.create_lease(&key("198.19.8.0-24"), &host(8))
+        .await
+        .unwrap();
+    let ev = tokio::time::timeout(Duration::from_secs(1), w.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let WatchEvent::Snapshot(next) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(next.revision, 1);
+    assert_eq!(next.leases.len(), 1);
+}
