@@ -203,24 +203,30 @@ impl Shared {
         }
     }
 
-    /// Completes entries with their expiry. An entry whose etcd lease has already run out
-    /// comes back as `None`: its key is being deleted, and a list must not show it.
-    async fn to_leases(&self, entries: Vec<Entry>) -> Result<Vec<Option<Lease>>, RegistryError> {
+    /// Completes entries with their expiry. An entry whose etcd lease no longer exists has
+    /// run out or been revoked, so its key is deleted at a later revision: a list leaves it
+    /// out (`None`); a watch replaying history (`keep_gone`) reports it as expiring now, and
+    /// the delete follows.
+    async fn to_leases(
+        &self,
+        entries: Vec<Entry>,
+        keep_gone: bool,
+    ) -> Result<Vec<Option<Lease>>, RegistryError> {
         let wanted = entries
             .iter()
             .filter(|e| e.lease != 0)
             .map(|e| (e.lease, e.written));
         let expiries = expiry::expiries(self, wanted).await?;
+        let now = SystemTime::now();
         Ok(entries
             .into_iter()
             .map(|e| {
                 let (expiration, lease_id) = if e.lease == 0 {
                     (None, None)
                 } else {
-                    (
-                        Some(expiries.get(&e.lease).copied().flatten()?),
-                        Some(e.lease),
-                    )
+                    let known = expiries.get(&e.lease).copied().flatten();
+                    let expires = known.or_else(|| keep_gone.then_some(now))?;
+                    (Some(expires), Some(e.lease))
                 };
                 Some(Lease {
                     key: e.key,
@@ -254,7 +260,7 @@ impl Shared {
             .filter_map(|kv| self.parse_kv(kv))
             .collect();
         let mut leases: Vec<Lease> = self
-            .to_leases(entries)
+            .to_leases(entries, false)
             .await?
             .into_iter()
             .flatten()

@@ -43,11 +43,15 @@ impl EtcdServer {
     /// Starts etcd, serving clients over TLS with client-certificate auth when `tls` is set.
     pub fn start_with(tls: Option<ServerTls>) -> Option<EtcdServer> {
         if !binary_available() {
-            eprintln!("SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)");
+            eprintln!(
+                "SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)"
+            );
             return None;
         }
         let base = if Path::new("/dev/shm").is_dir() {
-            tempfile::Builder::new().prefix("linen-etcd-").tempdir_in("/dev/shm")
+            tempfile::Builder::new()
+                .prefix("linen-etcd-")
+                .tempdir_in("/dev/shm")
         } else {
             tempfile::Builder::new().prefix("linen-etcd-").tempdir()
         };
@@ -122,7 +126,11 @@ impl EtcdServer {
         self.child = Some(cmd.spawn().expect("spawn etcd"));
         let deadline = Instant::now() + START_DEADLINE;
         while Instant::now() < deadline {
-            if let Some(status) = self.child.as_mut().and_then(|c| c.try_wait().ok().flatten()) {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
                 self.child = None;
                 panic!(
                     "etcd exited with {status} during start-up; log:\n{}",

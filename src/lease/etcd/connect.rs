@@ -324,22 +324,23 @@ pub(super) fn looks_like_tls_failure(detail: &str) -> bool {
     .any(|needle| d.contains(needle))
 }
 
-/// The error and all its sources, joined, so the root cause (often a rustls alert) is shown.
+/// The error's message and its causes, joined, so the root cause (a refused connection, a
+/// rustls alert) is shown without the Debug noise of tonic's `Display`.
 pub(super) fn error_chain(err: &etcd_client::Error) -> String {
     use etcd_client::Error as E;
     use std::error::Error;
 
-    let mut text = err.to_string();
     // etcd-client's error does not expose its sources; its variants' payloads do.
-    let mut source: Option<&(dyn Error + 'static)> = match err {
-        E::GRpcStatus(s) => s.source(),
-        E::TransportError(t) => t.source(),
-        E::IoError(e) => e.source(),
-        _ => None,
+    let (mut text, mut source): (String, Option<&(dyn Error + 'static)>) = match err {
+        E::GRpcStatus(s) if !s.message().is_empty() => (s.message().to_owned(), s.source()),
+        E::GRpcStatus(s) => (s.code().description().to_owned(), s.source()),
+        E::TransportError(t) => (t.to_string(), t.source()),
+        E::IoError(e) => (e.to_string(), e.source()),
+        other => (other.to_string(), None),
     };
     while let Some(s) = source {
         let s_text = s.to_string();
-        if !text.contains(&s_text) {
+        if !text.contains(&s_text) && s_text != "transport error" {
             text.push_str(": ");
             text.push_str(&s_text);
         }

@@ -180,8 +180,8 @@ fn cancel_error(location: &str, reason: &str) -> RegistryError {
 }
 
 /// One watch response's events as changes, oldest first, with the revision of the last one.
-/// Malformed keys and values are skipped; a put whose etcd lease has already run out is left
-/// out too (its delete follows).
+/// Malformed keys and values are skipped. A put whose etcd lease is already gone is still
+/// reported (expiring now): it happened, and its delete follows.
 async fn translate(
     shared: &Shared,
     events: &[Event],
@@ -210,7 +210,7 @@ async fn translate(
             }
         }
     }
-    let mut leases = shared.to_leases(puts).await?;
+    let mut leases = shared.to_leases(puts, true).await?;
     let changes = steps
         .into_iter()
         .filter_map(|step| match step {

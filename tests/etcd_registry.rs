@@ -1,0 +1,767 @@
+//! `EtcdRegistry` against a real etcd on loopback (skipped, visibly, when `etcd` is missing).
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime};
+
+use common::etcd::{EtcdServer, ServerTls};
+use etcd_client::{Client, CompactionOptions, GetOptions};
+use ipnetwork::Ipv4Network;
+use linen::lease::etcd::{EtcdOptions, EtcdRegistry, EtcdSetupError};
+use linen::lease::{LeaseChange, LeaseWatch, Registry, RegistryError, WatchEvent};
+use linen::model::{DEFAULT_PREFIX, Lease, LeaseAttrs, NetworkConfigSpec, SubnetKey};
+
+fn options(server: &EtcdServer, ttl: Duration) -> EtcdOptions {
+    EtcdOptions {
+        endpoints: vec![server.endpoint()],
+        lease_ttl: ttl,
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(5),
+        ..EtcdOptions::default()
+    }
+}
+
+async fn registry(server: &EtcdServer, ttl: Duration) -> EtcdRegistry {
+    EtcdRegistry::connect(&options(server, ttl))
+        .await
+        .expect("connect to the test etcd")
+}
+
+fn subnet(third: u8) -> SubnetKey {
+    SubnetKey::v4(Ipv4Network::new(Ipv4Addr::new(198, 19, third, 0), 24).unwrap())
+}
+
+fn host(n: u8) -> LeaseAttrs {
+    LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 1, n))
+}
+
+/// etcd's own view of the etcd leases that exist.
+async fn etcd_lease_count(client: &mut Client) -> usize {
+    client.leases().await.unwrap().leases().len()
+}
+
+/// The key's etcd lease ID (0: none), or `None` when the key is absent.
+async fn key_lease(client: &mut Client, path: &str) -> Option<i64> {
+    let resp = client.get(path, None).await.unwrap();
+    resp.kvs().first().map(|kv| kv.lease())
+}
+
+/// Polls `check` until it returns `Some`, failing after `deadline`.
+async fn eventually<T, F: Future<Output = Option<T>>>(
+    what: &str,
+    deadline: Duration,
+    mut check: impl FnMut() -> F,
+) -> T {
+    let end = Instant::now() + deadline;
+    loop {
+        if let Some(v) = check().await {
+            return v;
+        }
+        assert!(
+            Instant::now() < end,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// What a watch consumer knows: the lease set it rebuilds from events.
+#[derive(Default)]
+struct Follower {
+    known: BTreeMap<SubnetKey, Lease>,
+    /// Every key ever reported present (by a put or a snapshot).
+    seen: BTreeSet<SubnetKey>,
+    snapshots: usize,
+    errors: usize,
+}
+
+impl Follower {
+    fn apply(&mut self, event: WatchEvent) {
+        match event {
+            WatchEvent::Snapshot(list) => {
+                self.snapshots += 1;
+                self.known = list.leases.into_iter().map(|l| (l.key, l)).collect();
+                self.seen.extend(self.known.keys().copied());
+            }
+            WatchEvent::Changes { changes, .. } => {
+                for change in changes {
+                    match change {
+                        LeaseChange::Put(l) => {
+                            self.seen.insert(l.key);
+                            self.known.insert(l.key, l);
+                        }
+                        LeaseChange::Delete(k) => {
+                            self.known.remove(&k);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// Applies events (backing off on errors) until `done` holds or `deadline` passes.
+    async fn follow_until(
+        &mut self,
+        watch: &mut Box<dyn LeaseWatch>,
+        deadline: Duration,
+        done: impl Fn(&Follower) -> bool,
+    ) {
+        let end = Instant::now() + deadline;
+        while !done(self) {
+            let left = end.saturating_duration_since(Instant::now());
+            assert!(
+                !left.is_zero(),
+                "watch did not reach the expected state in {deadline:?}"
+            );
+            match tokio::time::timeout(left, watch.next()).await {
+                Ok(Ok(event)) => self.apply(event),
+                Ok(Err(e)) => {
+                    assert!(e.is_transient(), "watch failed for good: {e}");
+                    self.errors += 1;
+                    tokio::time::sleep(Duration::from_millis(250)).await;
+                }
+                Err(_) => panic!("watch did not reach the expected state in {deadline:?}"),
+            }
+        }
+    }
+
+    fn keys(&self) -> BTreeSet<SubnetKey> {
+        self.known.keys().copied().collect()
+    }
+}
+
+async fn real_keys(reg: &EtcdRegistry) -> BTreeSet<SubnetKey> {
+    reg.list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .map(|l| l.key)
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stores_flannels_keys_and_values() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(60)).await;
+    let mut client = reg.client();
+
+    let err = reg.get_network_config().await.unwrap_err();
+    assert!(matches!(err, RegistryError::ConfigNotFound { .. }), "{err}");
+    assert!(err.to_string().contains("etcd v3 API"), "{err}");
+    assert!(
+        err.to_string().contains("/coreos.com/network/config"),
+        "{err}"
+    );
+
+    let spec =
+        NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/16","SubnetLen":24}"#).unwrap();
+    reg.put_network_config(&spec).await.unwrap();
+    let config = reg.get_network_config().await.unwrap();
+    assert_eq!(config.subnet_len, 24);
+    let bad = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/30"}"#).unwrap();
+    assert!(matches!(
+        reg.put_network_config(&bad).await,
+        Err(RegistryError::BadConfig { .. })
+    ));
+    client
+        .put(format!("{DEFAULT_PREFIX}/config"), "{\"Network\":12}", None)
+        .await
+        .unwrap();
+    assert!(matches!(
+        reg.get_network_config().await,
+        Err(RegistryError::BadConfig { .. })
+    ));
+
+    let lease = reg.create_lease(&subnet(1), &host(1)).await.unwrap();
+    let path = "/coreos.com/network/subnets/198.19.1.0-24";
+    assert_eq!(reg.subnet_path(&subnet(1)), path);
+    let resp = client.get(path, None).await.unwrap();
+    let kv = &resp.kvs()[0];
+    assert_eq!(
+        kv.value(),
+        br#"{"PublicIP":"198.18.1.1","PublicIPv6":null}"#
+    );
+    assert_eq!(Some(kv.lease()), lease.lease_id);
+    let ttl = client.lease_time_to_live(kv.lease(), None).await.unwrap();
+    assert_eq!(ttl.granted_ttl(), 60);
+    let expires_in = lease
+        .expiration
+        .unwrap()
+        .duration_since(SystemTime::now())
+        .unwrap();
+    assert!(expires_in > Duration::from_secs(55) && expires_in <= Duration::from_secs(60));
+
+    assert!(matches!(
+        reg.create_lease(&subnet(1), &host(2)).await,
+        Err(RegistryError::AlreadyExists(k)) if k == subnet(1)
+    ));
+    assert!(matches!(
+        reg.create_reservation(&subnet(1), &host(2)).await,
+        Err(RegistryError::AlreadyExists(_))
+    ));
+    // The losing create revoked its grant: only the winner's etcd lease exists.
+    assert_eq!(etcd_lease_count(&mut client).await, 1);
+
+    let reservation = reg.create_reservation(&subnet(2), &host(2)).await.unwrap();
+    assert_eq!((reservation.expiration, reservation.lease_id), (None, None));
+    assert_eq!(
+        key_lease(&mut client, &reg.subnet_path(&subnet(2))).await,
+        Some(0)
+    );
+
+    let list = reg.list_leases().await.unwrap();
+    assert_eq!(list.leases.len(), 2);
+    assert_eq!(list.leases[0].key, subnet(1));
+    assert_eq!(list.leases[0].lease_id, lease.lease_id);
+    assert!(list.leases[0].expiration.is_some());
+    assert!(list.leases[1].is_reservation());
+    assert!(list.revision > 0);
+
+    // Revoking deletes the key and frees its etcd lease; a missing key is fine.
+    reg.revoke_lease(&subnet(1)).await.unwrap();
+    reg.revoke_lease(&subnet(1)).await.unwrap();
+    assert_eq!(key_lease(&mut client, path).await, None);
+    assert_eq!(etcd_lease_count(&mut client).await, 0);
+    assert!(matches!(
+        reg.renew_lease(&lease, &host(1)).await,
+        Err(RegistryError::NotFound(_))
+    ));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fifty_concurrent_acquirers_get_distinct_subnets() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let options = options(&server, Duration::from_secs(300));
+    let mut tasks = Vec::new();
+    for n in 0..50u8 {
+        let options = options.clone();
+        tasks.push(tokio::spawn(async move {
+            let reg = EtcdRegistry::connect(&options).await.unwrap();
+            let me = host(n + 1);
+            for _ in 0..200 {
+                let taken: BTreeSet<u8> = reg
+                    .list_leases()
+                    .await
+                    .unwrap()
+                    .leases
+                    .iter()
+                    .map(|l| l.key.ipv4().unwrap().network().octets()[2])
+                    .collect();
+                // Like flannel: a random one of the first free candidates (here 10, to race).
+                let free: Vec<u8> = (1..=255u8)
+                    .filter(|t| !taken.contains(t))
+                    .take(10)
+                    .collect();
+                let pick = free[rand::random_range(0..free.len())];
+                match reg.create_lease(&subnet(pick), &me).await {
+                    Ok(lease) => return (lease.key, me),
+                    Err(RegistryError::AlreadyExists(_)) => continue,
+                    Err(e) => panic!("acquirer {n}: {e}"),
+                }
+            }
+            panic!("acquirer {n} lost 200 races");
+        }));
+    }
+    let mut won = BTreeMap::new();
+    for t in tasks {
+        let (key, attrs) = t.await.unwrap();
+        assert!(
+            won.insert(key, attrs).is_none(),
+            "{key} was handed out twice"
+        );
+    }
+    assert_eq!(won.len(), 50);
+    let reg = registry(&server, Duration::from_secs(300)).await;
+    let stored: BTreeMap<SubnetKey, LeaseAttrs> = reg
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .map(|l| (l.key, l.attrs))
+        .collect();
+    assert_eq!(stored, won);
+    // Every lost race revoked its grant.
+    assert_eq!(etcd_lease_count(&mut reg.client()).await, 50);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn renewal_extends_the_ttl_and_reuses_the_etcd_lease() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(5)).await;
+    let mut client = reg.client();
+    let path = reg.subnet_path(&subnet(3));
+
+    let first = reg.create_lease(&subnet(3), &host(3)).await.unwrap();
+    let id = first.lease_id.unwrap();
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let before = client.lease_time_to_live(id, None).await.unwrap().ttl();
+    assert!(before <= 3, "ttl before renewal: {before}");
+
+    let mut lease = first.clone();
+    for round in 0..3u8 {
+        // The last round changes the value: still the same etcd lease.
+        let attrs = if round == 2 { host(33) } else { host(3) };
+        lease = reg.renew_lease(&lease, &attrs).await.unwrap();
+        assert_eq!(lease.lease_id, Some(id));
+        assert_eq!(lease.attrs, attrs);
+        let ttl = client.lease_time_to_live(id, None).await.unwrap().ttl();
+        assert!(ttl >= 4, "ttl after renewal {round}: {ttl}");
+        assert_eq!(
+            etcd_lease_count(&mut client).await,
+            1,
+            "a renewal leaked an etcd lease"
+        );
+    }
+    assert!(lease.expiration.unwrap() > first.expiration.unwrap());
+    let resp = client.get(path.as_str(), None).await.unwrap();
+    assert_eq!(resp.kvs()[0].value(), host(33).to_json().as_bytes());
+    assert_eq!(resp.kvs()[0].lease(), id);
+
+    // Renewing keeps the key alive past its first TTL.
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        lease = reg.renew_lease(&lease, &host(33)).await.unwrap();
+    }
+    assert!(first.expiration.unwrap() < SystemTime::now());
+    assert_eq!(key_lease(&mut client, &path).await, Some(id));
+
+    // A key taken over by another host is not renewed.
+    reg.revoke_lease(&subnet(3)).await.unwrap();
+    let other = reg.create_lease(&subnet(3), &host(4)).await.unwrap();
+    assert!(matches!(
+        reg.renew_lease(&lease, &host(33)).await,
+        Err(RegistryError::NotFound(_))
+    ));
+    assert_eq!(key_lease(&mut client, &path).await, other.lease_id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reservation_stays_leaseless_when_renewed() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(5)).await;
+    let mut client = reg.client();
+    let reserved = reg.create_reservation(&subnet(4), &host(4)).await.unwrap();
+    let renewed = reg.renew_lease(&reserved, &host(4)).await.unwrap();
+    assert_eq!((renewed.expiration, renewed.lease_id), (None, None));
+    assert_eq!(
+        key_lease(&mut client, &reg.subnet_path(&subnet(4))).await,
+        Some(0)
+    );
+    assert_eq!(etcd_lease_count(&mut client).await, 0);
+
+    // A reservation an operator made from a lease (put without a lease) is honoured too.
+    let leased = reg.create_lease(&subnet(5), &host(5)).await.unwrap();
+    client
+        .put(reg.subnet_path(&subnet(5)), host(5).to_json(), None)
+        .await
+        .unwrap();
+    let renewed = reg.renew_lease(&leased, &host(5)).await.unwrap();
+    assert!(renewed.is_reservation());
+    assert_eq!(
+        key_lease(&mut client, &reg.subnet_path(&subnet(5))).await,
+        Some(0)
+    );
+    let list = reg.list_leases().await.unwrap();
+    assert!(list.leases.iter().all(Lease::is_reservation));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_watch_sees_create_renew_delete_and_expiry_in_order() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(60)).await;
+    let short = registry(&server, Duration::from_secs(2)).await;
+    let start = reg.list_leases().await.unwrap();
+    let mut watch = reg.watch_leases(start.revision).await.unwrap();
+
+    let a = reg.create_lease(&subnet(6), &host(6)).await.unwrap();
+    let a2 = reg.renew_lease(&a, &host(6)).await.unwrap();
+    reg.revoke_lease(&subnet(6)).await.unwrap();
+    short.create_lease(&subnet(7), &host(7)).await.unwrap();
+
+    let mut log = Vec::new();
+    let end = Instant::now() + Duration::from_secs(20);
+    while log.len() < 5 {
+        let left = end.saturating_duration_since(Instant::now());
+        let event = tokio::time::timeout(left, watch.next())
+            .await
+            .unwrap_or_else(|_| panic!("only saw {log:?}"))
+            .unwrap();
+        match event {
+            WatchEvent::Changes { changes, .. } => log.extend(changes),
+            WatchEvent::Snapshot(s) => panic!("unexpected snapshot {s:?}"),
+        }
+    }
+    let LeaseChange::Put(created) = &log[0] else {
+        panic!("{log:?}")
+    };
+    assert_eq!((created.key, created.lease_id), (subnet(6), a.lease_id));
+    assert!(created.expiration.is_some());
+    let LeaseChange::Put(renewed) = &log[1] else {
+        panic!("{log:?}")
+    };
+    assert_eq!((renewed.key, renewed.lease_id), (subnet(6), a2.lease_id));
+    assert!(renewed.expiration.is_some());
+    assert_eq!(log[2], LeaseChange::Delete(subnet(6)));
+    assert!(matches!(&log[3], LeaseChange::Put(l) if l.key == subnet(7)));
+    // The expiry of subnet 7's 2 s lease arrives as a delete.
+    assert_eq!(log[4], LeaseChange::Delete(subnet(7)));
+    assert_eq!(log.len(), 5, "{log:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compaction_while_events_flow_loses_nothing() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(300)).await;
+    let start = reg.list_leases().await.unwrap();
+    // Watches a live stream through the compaction.
+    let mut live = reg.watch_leases(start.revision).await.unwrap();
+
+    let writer = {
+        let reg = reg.clone();
+        tokio::spawn(async move {
+            let mut client = reg.client();
+            for t in 1..=60u8 {
+                reg.create_lease(&subnet(t), &host(t)).await.unwrap();
+                if t % 6 == 0 {
+                    reg.revoke_lease(&subnet(t - 1)).await.unwrap();
+                }
+                if t == 30 {
+                    let rev = client
+                        .get("x", None)
+                        .await
+                        .unwrap()
+                        .header()
+                        .unwrap()
+                        .revision();
+                    client
+                        .compact(rev, Some(CompactionOptions::new().with_physical()))
+                        .await
+                        .unwrap();
+                }
+            }
+        })
+    };
+    let mut follower = Follower::default();
+    let expected: BTreeSet<SubnetKey> = (1..=60u8)
+        .filter(|t| (t + 1) % 6 != 0)
+        .map(subnet)
+        .collect();
+    follower
+        .follow_until(&mut live, Duration::from_secs(60), |f| f.keys() == expected)
+        .await;
+    writer.await.unwrap();
+    assert_eq!(real_keys(&reg).await, expected);
+    assert_eq!(
+        follower.seen,
+        (1..=60u8).map(subnet).collect(),
+        "a created key was never seen"
+    );
+
+    // A watch that starts behind the compaction gets a snapshot instead of a hot loop.
+    let mut late = reg.watch_leases(start.revision).await.unwrap();
+    let mut behind = Follower::default();
+    behind
+        .follow_until(&mut late, Duration::from_secs(10), |f| f.snapshots == 1)
+        .await;
+    assert_eq!(behind.keys(), expected);
+    assert_eq!(behind.errors, 0);
+    // …and then follows live changes from the snapshot on.
+    reg.create_lease(&subnet(200), &host(200)).await.unwrap();
+    behind
+        .follow_until(&mut late, Duration::from_secs(10), |f| {
+            f.known.contains_key(&subnet(200))
+        })
+        .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_etcd_outage_yields_unavailable_then_a_snapshot_and_loses_nothing() {
+    let Some(mut server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(600)).await;
+    for t in 1..=3 {
+        reg.create_lease(&subnet(t), &host(t)).await.unwrap();
+    }
+    let start = reg.list_leases().await.unwrap();
+    let mut watch = reg.watch_leases(start.revision).await.unwrap();
+    let mut follower = Follower::default();
+    follower.apply(WatchEvent::Snapshot(start));
+    follower.snapshots = 0;
+
+    server.stop();
+    let down = Instant::now();
+    let err = tokio::time::timeout(Duration::from_secs(20), watch.next())
+        .await
+        .expect("the watch noticed the outage")
+        .expect_err("etcd is down");
+    assert!(err.is_transient(), "{err}");
+    // While etcd is down, calls fail promptly instead of hanging or spinning.
+    let t = Instant::now();
+    let again = watch.next().await.expect_err("etcd is still down");
+    assert!(again.is_transient(), "{again}");
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "a call took {:?}",
+        t.elapsed()
+    );
+    assert!(reg.list_leases().await.is_err());
+    tokio::time::sleep(Duration::from_secs(10).saturating_sub(down.elapsed())).await;
+
+    server.start_again();
+    // Changes made while the watcher is not looking: it must still learn them.
+    let writer = registry(&server, Duration::from_secs(600)).await;
+    eventually(
+        "a write after the restart",
+        Duration::from_secs(20),
+        || async { writer.create_lease(&subnet(9), &host(9)).await.ok() },
+    )
+    .await;
+    writer.revoke_lease(&subnet(2)).await.unwrap();
+
+    let expected: BTreeSet<SubnetKey> = [1, 3, 9].into_iter().map(subnet).collect();
+    follower
+        .follow_until(&mut watch, Duration::from_secs(30), |f| {
+            f.keys() == expected
+        })
+        .await;
+    assert!(follower.snapshots >= 1, "no snapshot after the reconnect");
+    // Back to exact changes after the snapshot.
+    writer.create_lease(&subnet(10), &host(10)).await.unwrap();
+    follower
+        .follow_until(&mut watch, Duration::from_secs(10), |f| {
+            f.known.contains_key(&subnet(10))
+        })
+        .await;
+    assert_eq!(follower.keys(), real_keys(&reg).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_entries_under_subnets_are_skipped() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(60)).await;
+    let mut client = reg.client();
+    let base = format!("{DEFAULT_PREFIX}/subnets/");
+    let junk = [
+        ("garbage", host(1).to_json()),
+        ("198.19.8.0-24hi", host(1).to_json()),
+        ("198.19.9.0-24", "not json".to_owned()),
+        ("198.19.10.0-24", r#"{"PublicIPv6":null}"#.to_owned()),
+    ];
+    for (k, v) in &junk {
+        client
+            .put(format!("{base}{k}"), v.as_str(), None)
+            .await
+            .unwrap();
+    }
+    reg.create_lease(&subnet(11), &host(11)).await.unwrap();
+    let list = reg.list_leases().await.unwrap();
+    assert_eq!(
+        list.leases.iter().map(|l| l.key).collect::<Vec<_>>(),
+        [subnet(11)]
+    );
+
+    let mut watch = reg.watch_leases(list.revision).await.unwrap();
+    for (k, v) in &junk {
+        client
+            .put(format!("{base}{k}"), v.as_str(), None)
+            .await
+            .unwrap();
+    }
+    client.delete(format!("{base}garbage"), None).await.unwrap();
+    reg.create_lease(&subnet(12), &host(12)).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    let WatchEvent::Changes { changes, .. } = event else {
+        panic!("{event:?}")
+    };
+    assert_eq!(changes.len(), 1, "{changes:?}");
+    assert!(matches!(&changes[0], LeaseChange::Put(l) if l.key == subnet(12)));
+    // The raw keys are still there: linen skips them, it does not delete them.
+    let all = client
+        .get(
+            base.as_str(),
+            Some(GetOptions::new().with_prefix().with_count_only()),
+        )
+        .await
+        .unwrap();
+    assert_eq!(all.count(), 5);
+}
+
+struct Pki {
+    ca: rcgen::Certificate,
+    ca_key: rcgen::KeyPair,
+    ca_params: rcgen::CertificateParams,
+}
+
+impl Pki {
+    fn new(name: &str) -> Pki {
+        let mut params = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        params.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::CrlSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        let ca_key = rcgen::KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        Pki {
+            ca,
+            ca_key,
+            ca_params: params,
+        }
+    }
+
+    /// Writes `<name>.pem` and `<name>-key.pem` for a leaf signed by this CA.
+    fn issue(&self, dir: &Path, name: &str, sans: &[&str], usage: rcgen::ExtendedKeyUsagePurpose) {
+        let mut params =
+            rcgen::CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>())
+                .unwrap();
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, name);
+        params.extended_key_usages = vec![usage];
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issuer = rcgen::Issuer::new(self.ca_params.clone(), &self.ca_key);
+        let cert = params.signed_by(&key, &issuer).unwrap();
+        std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+        std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+    }
+
+    fn write_ca(&self, path: &Path) {
+        std::fs::write(path, self.ca.pem()).unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new("linen test CA");
+    pki.write_ca(&d.join("ca.pem"));
+    pki.issue(
+        d,
+        "server",
+        &["127.0.0.1", "localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    pki.issue(d, "client", &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    Pki::new("some other CA").write_ca(&d.join("other-ca.pem"));
+
+    let Some(server) = EtcdServer::start_with(Some(ServerTls {
+        ca: d.join("ca.pem"),
+        cert: d.join("server.pem"),
+        key: d.join("server-key.pem"),
+    })) else {
+        return;
+    };
+    let tls = |ca: &str| EtcdOptions {
+        cafile: Some(d.join(ca)),
+        certfile: Some(d.join("client.pem")),
+        keyfile: Some(d.join("client-key.pem")),
+        ..options(&server, Duration::from_secs(60))
+    };
+    let reg = EtcdRegistry::connect(&tls("ca.pem")).await.unwrap();
+    reg.create_lease(&subnet(13), &host(13)).await.unwrap();
+    assert_eq!(reg.list_leases().await.unwrap().leases.len(), 1);
+
+    let wrong = EtcdRegistry::connect(&tls("other-ca.pem")).await.unwrap();
+    let t = Instant::now();
+    let err = wrong.list_leases().await.unwrap_err();
+    let msg = err.to_string();
+    assert!(
+        matches!(err, RegistryError::Refused { .. })
+            && msg.contains(&format!(
+                "TLS verification failed for {}",
+                server.endpoint()
+            )),
+        "{msg}"
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        t.elapsed()
+    );
+
+    // Plain http against a TLS-only etcd fails too (no hang), and a missing file is named.
+    let missing = EtcdOptions {
+        keyfile: Some(d.join("nope-key.pem")),
+        ..tls("ca.pem")
+    };
+    let Err(err) = EtcdRegistry::connect(&missing).await else {
+        panic!("connected")
+    };
+    assert!(matches!(err, EtcdSetupError::ReadFile { .. }), "{err}");
+    assert!(err.to_string().contains("nope-key.pem"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn user_and_password_authentication() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    server.etcdctl(&["user", "add", "root", "--new-user-password=s3cret"]);
+    server.etcdctl(&["auth", "enable"]);
+
+    let with = |user: Option<&str>, password: Option<&str>| EtcdOptions {
+        username: user.map(str::to_owned),
+        password: password.map(str::to_owned),
+        ..options(&server, Duration::from_secs(60))
+    };
+    let reg = EtcdRegistry::connect(&with(Some("root"), Some("s3cret")))
+        .await
+        .unwrap();
+    let spec = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+    reg.put_network_config(&spec).await.unwrap();
+    reg.create_lease(&subnet(14), &host(14)).await.unwrap();
+    let list = reg.list_leases().await.unwrap();
+    assert_eq!(list.leases.len(), 1);
+    let mut watch = reg.watch_leases(list.revision).await.unwrap();
+    reg.revoke_lease(&subnet(14)).await.unwrap();
+    let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(matches!(event, WatchEvent::Changes { .. }), "{event:?}");
+
+    let Err(err) = EtcdRegistry::connect(&with(Some("root"), Some("wrong"))).await else {
+        panic!("a wrong password connected");
+    };
+    assert!(
+        matches!(
+            &err,
+            EtcdSetupError::Registry(RegistryError::Refused { .. })
+        ),
+        "{err}"
+    );
+    assert!(err.to_string().contains("--etcd-password"), "{err}");
+
+    let anonymous = EtcdRegistry::connect(&with(None, None)).await.unwrap();
+    let err = anonymous.get_network_config().await.unwrap_err();
+    assert!(matches!(err, RegistryError::Refused { .. }), "{err}");
+}
