@@ -335,8 +335,8 @@ fn is_icmpv4_error(msg_type: u8) -> bool {
     )
 }
 
-/// Writes the ICMP header and the quote into `message` (which is exactly header + quote long)
-/// and returns the quote length.
+/// Writes the ICMP header (checksum zero) and the quote into `message`, which is exactly
+/// header + quote long; the quote is the prefix of `original` that fits.
 #[inline]
 fn write_icmp(message: &mut [u8], msg_type: u8, code: u8, rest: u32, original: &[u8]) {
     message[field::TYPE] = msg_type;
