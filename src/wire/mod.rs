@@ -69,12 +69,13 @@ mod transport;
 use core::fmt;
 
 pub use icmp::{
-    Icmpv4Error, Icmpv4Packet, Icmpv6Error, Icmpv6Packet, Suppress, build_icmpv4_error,
-    build_icmpv6_error, icmpv4_type, icmpv6_type,
+    HEADER_LEN as ICMP_HEADER_LEN, Icmpv4Error, Icmpv4Packet, Icmpv6Error, Icmpv6Packet,
+    MAX_ICMPV4_ERROR_LEN, MAX_ICMPV6_ERROR_LEN, Suppress, build_icmpv4_error, build_icmpv6_error,
+    icmpv4_type, icmpv6_type,
 };
 pub use ip::{IpPacket, protocol};
-pub use ipv4::Ipv4Packet;
-pub use ipv6::Ipv6Packet;
+pub use ipv4::{HEADER_LEN as IPV4_HEADER_LEN, Ipv4Packet};
+pub use ipv6::{HEADER_LEN as IPV6_HEADER_LEN, Ipv6Packet};
 pub use transport::{FlowKey, Transport, flow_hash, transport};
 
 /// Why a buffer is not a valid packet (or header) of the kind asked for.
