@@ -113,7 +113,10 @@ impl V4Lpm for SortedVec {
     }
 }
 
-/// FxHash (rustc's hasher): one rotate, xor and multiply per word.
+/// rustc-hash 2's FxHasher: add, multiply per word, and a rotate in `finish` so hashbrown's
+/// bucket index (the low bits) sees the high bits of the product. (The old FxHash, without the
+/// rotate, leaves the low bits of a /24 prefix's hash zero and collides every key into a few
+/// buckets: 5-10x slower here.)
 #[derive(Default, Clone, Copy)]
 pub struct FxHasher(u64);
 
@@ -130,11 +133,11 @@ impl Hasher for FxHasher {
     }
     #[inline]
     fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x51_7c_c1_b7_27_22_0a_95);
+        self.0 = self.0.wrapping_add(i).wrapping_mul(0xf135_7aea_2e62_a9c5);
     }
     #[inline]
     fn finish(&self) -> u64 {
-        self.0
+        self.0.rotate_left(26)
     }
 }
 

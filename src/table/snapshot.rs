@@ -12,6 +12,9 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use super::flatmap::{FlatMap, Key};
 use super::lpm::Lpm;
 
+/// Routes [`Snapshot::build`] reads at most (entry indices are `u32`, one value is reserved).
+pub const MAX_ROUTES: usize = u32::MAX as usize - 1;
+
 /// A route as the control plane hands it in: packets for `subnet` go to `next_hop`.
 ///
 /// The subnet may be IPv4 or IPv6 and the next hop either family too: the underlay family is
@@ -122,6 +125,7 @@ impl Snapshot {
     /// - Several routes for the same subnet: the last one wins.
     /// - A route equal to or inside one of `local`'s subnets is excluded (counted in
     ///   [`excluded`](Self::excluded)): our own addresses are never routed to a peer.
+    /// - At most [`MAX_ROUTES`] routes are read; any beyond are ignored.
     ///
     /// `generation` is carried for status output and for readers to order snapshots.
     pub fn build(
@@ -147,6 +151,8 @@ impl Snapshot {
         let mut excluded = 0;
         let all: Vec<Entry> = routes
             .into_iter()
+            // Positions and entry indices are `u32`; no registry comes near this.
+            .take(MAX_ROUTES)
             .map(|r| Entry {
                 subnet: normalise(r.subnet),
                 next_hop: r.next_hop,
