@@ -18,4 +18,4 @@ mod snapshot;
 mod tests;
 
 pub use publish::{Reader, Table};
-pub use snapshot::{Entry, LocalSubnets, Route, Snapshot};
+pub use snapshot::{Entry, LocalSubnets, MAX_ROUTES, Route, Snapshot};

@@ -12,6 +12,9 @@ use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use super::flatmap::{FlatMap, Key};
 use super::lpm::Lpm;
 
+/// Routes [`Snapshot::build`] reads at most (entry indices are `u32`, one value is reserved).
+pub const MAX_ROUTES: usize = u32::MAX as usize - 1;
+
 /// A route as the control plane hands it in: packets for `subnet` go to `next_hop`.
 ///
 /// The subnet may be IPv4 or IPv6 and the next hop either family too: the underlay family is
@@ -90,14 +93,6 @@ pub struct Snapshot {
     excluded: usize,
 }
 
-/// Sort key of a subnet: family, network address as `u128`, prefix length.
-fn subnet_key(net: &IpNetwork) -> (bool, u128, u8) {
-    match net {
-        IpNetwork::V4(n) => (false, u128::from(u32::from(n.network())), n.prefix()),
-        IpNetwork::V6(n) => (true, u128::from(n.network()), n.prefix()),
-    }
-}
-
 /// The subnet with its host bits cleared.
 fn normalise(net: IpNetwork) -> IpNetwork {
     match net {
@@ -130,6 +125,7 @@ impl Snapshot {
     /// - Several routes for the same subnet: the last one wins.
     /// - A route equal to or inside one of `local`'s subnets is excluded (counted in
     ///   [`excluded`](Self::excluded)): our own addresses are never routed to a peer.
+    /// - At most [`MAX_ROUTES`] routes are read; any beyond are ignored.
     ///
     /// `generation` is carried for status output and for readers to order snapshots.
     pub fn build(
@@ -153,8 +149,10 @@ impl Snapshot {
         });
 
         let mut excluded = 0;
-        let mut all: Vec<Entry> = routes
+        let all: Vec<Entry> = routes
             .into_iter()
+            // Positions and entry indices are `u32`; no registry comes near this.
+            .take(MAX_ROUTES)
             .map(|r| Entry {
                 subnet: normalise(r.subnet),
                 next_hop: r.next_hop,
@@ -168,15 +166,37 @@ impl Snapshot {
                 !ours
             })
             .collect();
-        // Stable: equal subnets keep their input order, so the last of each run is the last given.
-        all.sort_by_key(|e| subnet_key(&e.subnet));
-        let mut entries: Vec<Entry> = Vec::with_capacity(all.len());
-        for e in all {
-            match entries.last_mut() {
-                Some(last) if last.subnet == e.subnet => *last = e,
-                _ => entries.push(e),
+        // Sort by subnet with the input position as the last key, so of equal subnets the one
+        // given last ends each run. Sorting packed integer keys (one `u128` per IPv4 route)
+        // rather than the entries keeps a 10k-route build well inside its budget.
+        let mut v4: Vec<u128> = Vec::with_capacity(all.len());
+        let mut v6: Vec<(u128, u64)> = Vec::new();
+        for (seq, e) in all.iter().enumerate() {
+            match e.subnet {
+                IpNetwork::V4(n) => v4.push(
+                    u128::from(u32::from(n.network())) << 64
+                        | u128::from(n.prefix()) << 32
+                        | seq as u128,
+                ),
+                IpNetwork::V6(n) => v6.push((
+                    u128::from(n.network()),
+                    u64::from(n.prefix()) << 32 | seq as u64,
+                )),
             }
         }
+        v4.sort_unstable();
+        v6.sort_unstable();
+        // Each run of one subnet (same key above the position bits) keeps its last route.
+        let v4_runs = v4
+            .chunk_by(|a, b| a >> 32 == b >> 32)
+            .filter_map(|r| r.last().copied());
+        let v6_runs = v6
+            .chunk_by(|a, b| a.0 == b.0 && a.1 >> 32 == b.1 >> 32)
+            .filter_map(|r| r.last().map(|&(_, rest)| u128::from(rest)));
+        let entries: Vec<Entry> = v4_runs
+            .chain(v6_runs)
+            .filter_map(|key| all.get(key as u32 as usize).copied())
+            .collect();
 
         let lpm_v4 = Lpm::build(v4_prefixes(&entries));
         let lpm_v6 = Lpm::build(

@@ -9,7 +9,7 @@ use std::sync::{Arc, Barrier};
 
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 
-use super::alt::{Flat, SortedVec, StdHashMap, V4Lpm};
+use super::alt::{Flat, Rng, SortedVec, StdHashMap, V4Lpm};
 use super::{Entry, LocalSubnets, Route, Snapshot, Table};
 
 fn net(s: &str) -> IpNetwork {
@@ -244,24 +244,6 @@ fn ten_thousand_leases_stay_well_under_a_megabyte() {
 
 // ---------------------------------------------------------------- property tests
 
-/// xorshift64*: a tiny deterministic generator, enough to vary route sets.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    fn pick<T: Copy>(&mut self, items: &[T]) -> T {
-        items[self.below(items.len() as u64) as usize]
-    }
-}
-
 /// `(width, bits)` of an address, the reference's own view.
 fn bits(a: IpAddr) -> (u32, u128) {
     match a {
@@ -355,28 +337,35 @@ fn ref_known_sender(l: &LocalSubnets, routes: &[Route], sender: IpAddr) -> bool 
 
 /// A base address from a small pool, so that random prefixes nest and overlap.
 fn random_v4(rng: &mut Rng) -> u32 {
-    let base = rng.pick(&[
-        0x0A00_0000u32,
-        0x0A01_0000,
-        0x0AFF_FF00,
-        0,
-        0xFFFF_FFFF,
-        0xC0A8_0100,
-    ]);
-    base ^ (rng.next() as u32 & rng.pick(&[0, 0xFF, 0xFFFF, 0xFF_FFFF, u32::MAX]))
+    let base = rng
+        .pick(&[
+            0x0A00_0000u32,
+            0x0A01_0000,
+            0x0AFF_FF00,
+            0,
+            0xFFFF_FFFF,
+            0xC0A8_0100,
+        ])
+        .unwrap();
+    base ^ (rng.next() as u32 & rng.pick(&[0, 0xFF, 0xFFFF, 0xFF_FFFF, u32::MAX]).unwrap())
 }
 
 fn random_v6(rng: &mut Rng) -> u128 {
-    let base = rng.pick(&[0xfd00u128 << 112, (0xfd00_0001u128) << 96, 0, u128::MAX]);
+    let base = rng
+        .pick(&[0xfd00u128 << 112, (0xfd00_0001u128) << 96, 0, u128::MAX])
+        .unwrap();
     let noise = (u128::from(rng.next()) << 64) | u128::from(rng.next());
-    base ^ (noise & rng.pick(&[0, 0xFFFF, u128::from(u64::MAX), u128::MAX >> 8, u128::MAX]))
+    base ^ (noise
+        & rng
+            .pick(&[0, 0xFFFF, u128::from(u64::MAX), u128::MAX >> 8, u128::MAX])
+            .unwrap())
 }
 
 fn random_v4_len(rng: &mut Rng) -> u8 {
     if rng.below(4) == 0 {
         rng.below(33) as u8
     } else {
-        rng.pick(&[0, 1, 8, 16, 23, 24, 25, 31, 32])
+        rng.pick(&[0, 1, 8, 16, 23, 24, 25, 31, 32]).unwrap()
     }
 }
 
@@ -384,7 +373,7 @@ fn random_v6_len(rng: &mut Rng) -> u8 {
     if rng.below(4) == 0 {
         rng.below(129) as u8
     } else {
-        rng.pick(&[0, 1, 8, 48, 64, 96, 127, 128])
+        rng.pick(&[0, 1, 8, 48, 64, 96, 127, 128]).unwrap()
     }
 }
 
