@@ -133,7 +133,13 @@ impl LeaseWatch for EtcdWatch {
                         return Err(self.interrupted(e));
                     }
                     if resp.events().is_empty() {
-                        continue; // "created" or a progress notification
+                        // "created", or a progress notification: nothing changed up to the
+                        // header's revision.
+                        if !resp.created() {
+                            let at = resp.header().map_or(0, |h| h.revision());
+                            *revision = (*revision).max(at);
+                        }
+                        continue;
                     }
                     let batch = translate(&self.shared, resp.events()).await;
                     match batch {
