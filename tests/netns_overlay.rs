@@ -332,3 +332,99 @@ fn reserve(dir: &Path, subnet: &str, ip: &str) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn ipv6_underlay_carries_both_overlay_families() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnv6u", 2);
+    // Take the IPv4 underlay away: the hosts can only talk over fd00:18::/64.
+    for i in 0..2 {
+        let h = o.lab.host(i).clone();
+        h.ip(&["addr", "del", &format!("{}/24", h.ip), "dev", "eth0"])
+            .unwrap();
+    }
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (v4, v6) = o.addrs(1);
+    assert_eq!(o.env(0).mtu, 1452, "MTU = 1500 - 48 over an IPv6 underlay");
+    assert!(o.ping_ok(0, &v4, &[]), "IPv4 overlay over IPv6 underlay");
+    assert!(
+        o.ping_ok(0, &v6, &["-6"]),
+        "IPv6 overlay over IPv6 underlay"
+    );
+    let leases = Command::new(LINEN)
+        .args(["lease", "list", "--json", "--registry-dir"])
+        .arg(o.dir.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&leases.stdout);
+    assert!(text.contains("\"PublicIPv6\":\"fd00:18::2\""), "{text}");
+    assert!(text.contains("\"PublicIP\":\"0.0.0.0\""), "{text}");
+}
+
+#[test]
+fn accept_unknown_senders_relaxes_only_the_sender_check() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnnat", 3);
+    o.start(0, &["--accept-unknown-senders"]);
+    o.start(1, &[]);
+    let (a1, _) = o.addrs(0);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    let h1 = o.lab.host(0).ip;
+    let tun1: Ipv4Addr = a1.parse().unwrap();
+    let tun2: Ipv4Addr = a2.parse().unwrap();
+    // From an address without a lease but with an inner source inside host 2's subnet
+    // (a peer behind NAT): accepted and delivered.
+    send_datagram(&o, 2, h1, &ipv4_echo(tun2, tun1));
+    // From an address without a lease and an inner source no lease covers: still dropped.
+    send_datagram(&o, 2, h1, &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1));
+    std::thread::sleep(Duration::from_millis(300));
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(counter(&log, "unknown_sender"), 0, "{log}");
+    assert_eq!(counter(&log, "spoofed_source"), 1, "{log}");
+}
+
+#[test]
+fn bad_flags_and_configs_exit_2_with_a_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = |args: &[&str]| {
+        let out = Command::new(LINEN).args(args).output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    let (code, err) = run(&["run", "--subnet-lease-renew-margin", "0"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("subnet-lease-renew-margin"), "{err}");
+    let d = dir.path().to_str().unwrap();
+    let (code, err) = run(&[
+        "network",
+        "init",
+        "--registry-dir",
+        d,
+        "--network",
+        "10.0.0.0/29",
+    ]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(
+        err.contains("Minimum useful network prefix is /28"),
+        "{err}"
+    );
+    let (code, err) = run(&[
+        "network",
+        "init",
+        "--registry-dir",
+        d,
+        "--network",
+        "nonsense",
+    ]);
+    assert_ne!(code, Some(0), "{err}");
+    assert!(err.contains("nonsense"), "{err}");
+}

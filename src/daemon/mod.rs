@@ -88,11 +88,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
         host::discover_underlay(&nl, args.iface.as_deref(), args.public_ip, args.public_ipv6)
             .await?;
     let public_ip = args.public_ip.or(underlay.ipv4);
-    let public_ipv6 = args.public_ipv6.or(if config.ipv6_network.is_some() {
-        underlay.ipv6
-    } else {
-        None
-    });
+    // The IPv6 address is advertised when the overlay has IPv6, and also when there is no
+    // IPv4 underlay address at all (an IPv6-only underlay carries the IPv4 overlay too).
+    let public_ipv6 =
+        args.public_ipv6
+            .or(if config.ipv6_network.is_some() || public_ip.is_none() {
+                underlay.ipv6
+            } else {
+                None
+            });
     if public_ip.is_none() && public_ipv6.is_none() {
         bail!(
             "interface {} has no usable address to advertise; pass --public-ip or --public-ipv6",

@@ -118,7 +118,7 @@ pub fn is_compatible(config: &NetworkConfig, key: &SubnetKey) -> bool {
 /// Decides which lease this host should hold.
 pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     let config = req.config;
-    if config.network.is_some() && req.ours.public_ip.is_none() {
+    if config.network.is_some() && req.ours.public_ip.is_none() && req.ours.public_ipv6.is_none() {
         return Err(AllocError::NoIdentity {
             field: "PublicIP",
             family: "IPv4",
@@ -198,11 +198,22 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
 }
 
 /// Whether `lease` carries our identity: PublicIP, or PublicIPv6 when the config is IPv6-only.
+/// Whether a lease is ours. flannel's identity is PublicIP for an IPv4 network and PublicIPv6
+/// for an IPv6-only one; a host without the address of that family (an IPv4 overlay over an
+/// IPv6-only underlay) is known by the address it has.
 fn is_ours(config: &NetworkConfig, ours: &LeaseAttrs, lease: &Lease) -> bool {
-    if config.network.is_some() {
-        ours.public_ip.is_some() && lease.attrs.public_ip == ours.public_ip
-    } else {
-        ours.public_ipv6.is_some() && lease.attrs.public_ipv6 == ours.public_ipv6
+    let by_v4 = ours.public_ip.is_some() && lease.attrs.public_ip == ours.public_ip;
+    let by_v6 = ours.public_ipv6.is_some() && lease.attrs.public_ipv6 == ours.public_ipv6;
+    match (
+        config.network.is_some(),
+        ours.public_ip.is_some(),
+        ours.public_ipv6.is_some(),
+    ) {
+        (true, true, _) => by_v4,
+        (false, _, true) => by_v6,
+        (_, true, false) => by_v4,
+        (_, false, true) => by_v6,
+        (_, false, false) => false,
     }
 }
 
