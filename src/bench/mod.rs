@@ -254,16 +254,9 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
                 .unwrap_or(0.0)
                 / 1e9,
         );
-        let j = iperf(lab, target, &["-t", &secs, "-u", "-l", "64", "-b", "0"])?;
-        let sum = &j["end"]["sum"];
-        let packets = sum["packets"].as_f64().unwrap_or(0.0);
-        let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
-        let seconds = sum["seconds"]
-            .as_f64()
-            .unwrap_or(f64::from(args.seconds))
-            .max(0.001);
-        pps.push((packets - lost).max(0.0) / seconds);
-        loss.push(sum["lost_percent"].as_f64().unwrap_or(100.0));
+        let (rate, lost) = udp_rate(lab, target, &secs)?;
+        pps.push(rate);
+        loss.push(lost);
         let (a, p) = ping(lab.host(0), target)?;
         avg.push(a);
         p99.push(p);
