@@ -143,5 +143,96 @@ fn bench_ttl(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_icmp, bench_ttl);
+/// A table of 1,000 peers (198.19.2.0/24 … in 198.19.0.0/16 and beyond) as the daemon builds it.
+fn table_1000() -> linen::table::Snapshot {
+    use linen::table::{LocalSubnets, Route, Snapshot};
+    use std::net::SocketAddr;
+    let routes = (0..1000u32).map(|i| {
+        let n = 2 + i; // subnets 198.19.2.0/24 upwards, spilling into 198.20.x.0
+        let a = Ipv4Addr::from(u32::from(Ipv4Addr::new(198, 19, 0, 0)) + (n << 8));
+        Route {
+            subnet: ipnetwork::IpNetwork::V4(ipnetwork::Ipv4Network::new(a, 24).unwrap()),
+            next_hop: SocketAddr::from((Ipv4Addr::from(0xc612_0000 + n), 8285)),
+        }
+    });
+    Snapshot::build(
+        LocalSubnets {
+            v4: Some("198.19.1.0/24".parse().unwrap()),
+            v6: None,
+        },
+        routes,
+        1,
+    )
+}
+
+/// The whole egress decision (parse, TTL check, lookup, MTU check, TTL decrement, verdict) over
+/// a batch of 64, against a 1,000-lease table; and the ingress decision (sender check, inner
+/// source check, local destination) over the same packets as they arrive at their peer.
+fn bench_decisions(c: &mut Criterion) {
+    use linen::dataplane::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
+    use std::net::SocketAddr;
+    use std::time::Instant;
+    let snap = table_1000();
+    let cfg = ForwardConfig {
+        mtu: 1472,
+        tun_v4: Some(Ipv4Addr::new(198, 19, 1, 0)),
+        tun_v6: None,
+        accept_unknown_senders: false,
+    };
+    let batch = batch64();
+    let bytes: usize = batch.iter().map(Vec::len).sum();
+    let mut group = c.benchmark_group("packet/egress");
+    group.throughput(Throughput::Elements(BATCH as u64));
+    group.bench_function("decide_batch64", |b| {
+        let mut limiter = IcmpLimiter::default();
+        let mut icmp = [0u8; 1280];
+        b.iter_batched_ref(
+            || batch.clone(),
+            |packets| {
+                let now = Instant::now();
+                let mut sent = 0usize;
+                for buf in packets.iter_mut() {
+                    if let Egress::Send { len, .. } =
+                        forward::egress(buf, &snap, &cfg, &mut limiter, now, &mut icmp)
+                    {
+                        sent += len;
+                    }
+                }
+                black_box(sent)
+            },
+            BatchSize::SmallInput,
+        )
+    });
+    group.finish();
+
+    // The receiving host owns 198.19.2.0/24 and knows 198.19.1.0/24 as the sender's subnet.
+    let peer_snap = linen::table::Snapshot::build(
+        linen::table::LocalSubnets {
+            v4: Some("198.19.2.0/24".parse().unwrap()),
+            v6: None,
+        },
+        [linen::table::Route {
+            subnet: "198.19.1.0/24".parse().unwrap(),
+            next_hop: SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), 8285)),
+        }],
+        1,
+    );
+    let sender = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 1), 8285));
+    let mut group = c.benchmark_group("packet/ingress");
+    group.throughput(Throughput::Bytes(bytes as u64));
+    group.bench_function("decide_batch64", |b| {
+        b.iter(|| {
+            let mut delivered = 0usize;
+            for buf in &batch {
+                if let Ingress::Deliver { len } = forward::ingress(buf, sender, &peer_snap, &cfg) {
+                    delivered += len;
+                }
+            }
+            black_box(delivered)
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, bench_icmp, bench_ttl, bench_decisions);
 criterion_main!(benches);

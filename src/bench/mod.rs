@@ -378,7 +378,9 @@ fn print_table(all: &[Results]) {
         ("TCP 1 stream (Gbit/s)", |r| r.tcp1_gbps),
         ("TCP 1 stream retransmits", |r| r.tcp1_retransmits),
         ("TCP 4 streams (Gbit/s)", |r| r.tcp4_gbps),
-        ("UDP 64 B, <10 % loss (kpps received)", |r| r.udp64_pps / 1000.0),
+        ("UDP 64 B, <10 % loss (kpps received)", |r| {
+            r.udp64_pps / 1000.0
+        }),
         ("UDP 64 B loss at that rate (%)", |r| r.udp64_loss_pct),
         ("ping avg (µs)", |r| r.ping_avg_us),
         ("ping p99 (µs)", |r| r.ping_p99_us),

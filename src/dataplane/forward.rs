@@ -255,3 +255,294 @@ fn icmp(
         Err(_) => Egress::Drop(reason),
     }
 }
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::table::{LocalSubnets, Route};
+    use crate::wire::{Icmpv4Packet, Icmpv6Packet, Ipv4Packet, Ipv6Packet};
+
+    const TUN4: Ipv4Addr = Ipv4Addr::new(198, 19, 1, 0);
+
+    fn tun6() -> Ipv6Addr {
+        "fd00:19:0:1::".parse().unwrap()
+    }
+
+    fn cfg() -> ForwardConfig {
+        ForwardConfig {
+            mtu: 1400,
+            tun_v4: Some(TUN4),
+            tun_v6: Some(tun6()),
+            accept_unknown_senders: false,
+        }
+    }
+
+    fn peer2() -> SocketAddr {
+        SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8285))
+    }
+
+    /// We are 198.19.1.0/24 + fd00:19:0:1::/64; host 2 (198.18.0.2) holds 198.19.2.0/24 and
+    /// fd00:19:0:2::/64.
+    fn snap() -> Snapshot {
+        Snapshot::build(
+            LocalSubnets {
+                v4: Some("198.19.1.0/24".parse().unwrap()),
+                v6: Some("fd00:19:0:1::/64".parse().unwrap()),
+            },
+            [
+                Route {
+                    subnet: "198.19.2.0/24".parse().unwrap(),
+                    next_hop: peer2(),
+                },
+                Route {
+                    subnet: "fd00:19:0:2::/64".parse().unwrap(),
+                    next_hop: peer2(),
+                },
+            ],
+            1,
+        )
+    }
+
+    /// An IPv4 UDP packet of `len` bytes; checksum filled.
+    fn v4(src: [u8; 4], dst: [u8; 4], ttl: u8, len: usize, df: bool) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let mut ip = Ipv4Packet::new_unchecked(&mut buf[..]);
+        ip.set_version(4);
+        ip.set_header_len(20);
+        ip.set_total_len(len as u16);
+        ip.set_frag(df, false, 0);
+        ip.set_ttl(ttl);
+        ip.set_protocol(17);
+        ip.set_src_addr(src.into());
+        ip.set_dst_addr(dst.into());
+        ip.fill_checksum();
+        buf
+    }
+
+    fn v6(src: &str, dst: &str, hops: u8, len: usize) -> Vec<u8> {
+        let mut buf = vec![0u8; len];
+        let mut ip = Ipv6Packet::new_unchecked(&mut buf[..]);
+        ip.set_version(6);
+        ip.set_payload_len((len - 40) as u16);
+        ip.set_next_header(17);
+        ip.set_hop_limit(hops);
+        ip.set_src_addr(src.parse().unwrap());
+        ip.set_dst_addr(dst.parse().unwrap());
+        buf
+    }
+
+    fn run_egress(pkt: &mut [u8], limiter: &mut IcmpLimiter, out: &mut [u8]) -> Egress {
+        egress(pkt, &snap(), &cfg(), limiter, Instant::now(), out)
+    }
+
+    #[test]
+    fn forwards_with_one_ttl_less_and_a_valid_checksum() {
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 200, true);
+        let mut out = [0u8; 1280];
+        let verdict = run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out);
+        assert_eq!(
+            verdict,
+            Egress::Send {
+                peer: peer2(),
+                len: 200
+            }
+        );
+        let ip = Ipv4Packet::new_checked(&pkt[..]).unwrap();
+        assert_eq!(ip.ttl(), 63);
+        assert!(ip.verify_checksum());
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 9, 120);
+        let verdict = run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out);
+        assert_eq!(
+            verdict,
+            Egress::Send {
+                peer: peer2(),
+                len: 120
+            }
+        );
+        assert_eq!(Ipv6Packet::new_checked(&pkt[..]).unwrap().hop_limit(), 8);
+    }
+
+    #[test]
+    fn malformed_packets_are_dropped() {
+        let mut out = [0u8; 1280];
+        for mut bad in [vec![], vec![0x45; 10], vec![0x60; 39], {
+            let mut p = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 100, true);
+            p.truncate(60); // total length says 100
+            p
+        }] {
+            assert_eq!(
+                run_egress(&mut bad, &mut IcmpLimiter::default(), &mut out),
+                Egress::Drop(DropReason::Malformed)
+            );
+            assert_eq!(
+                ingress(&bad, peer2(), &snap(), &cfg()),
+                Ingress::Drop(DropReason::Malformed)
+            );
+        }
+    }
+
+    #[test]
+    fn ttl_one_gets_time_exceeded_from_the_tun_address() {
+        let mut out = [0u8; 1280];
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 1, 100, true);
+        let Egress::Icmp { len, reason } =
+            run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out)
+        else {
+            panic!("expected ICMP");
+        };
+        assert_eq!(reason, DropReason::TtlExceeded);
+        let ip = Ipv4Packet::new_checked(&out[..len]).unwrap();
+        assert_eq!(ip.src_addr(), TUN4);
+        assert_eq!(ip.dst_addr(), Ipv4Addr::new(198, 19, 1, 5));
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((icmp.msg_type(), icmp.code()), (11, 0));
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 1, 100);
+        let Egress::Icmp { len, .. } = run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out)
+        else {
+            panic!("expected ICMPv6");
+        };
+        let ip = Ipv6Packet::new_checked(&out[..len]).unwrap();
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(icmp.msg_type(), 3);
+        assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+    }
+
+    #[test]
+    fn table_miss_gets_net_unreachable_but_never_for_an_icmp_error() {
+        let mut out = [0u8; 1280];
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
+        let Egress::Icmp { len, reason } =
+            run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out)
+        else {
+            panic!("expected ICMP");
+        };
+        assert_eq!(reason, DropReason::NoRoute);
+        let ip = Ipv4Packet::new_checked(&out[..len]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((icmp.msg_type(), icmp.code()), (3, 0));
+        // The ICMP error itself, sent again to an unleased subnet: dropped, not answered.
+        let mut err = out[..len].to_vec();
+        let mut e = Ipv4Packet::new_unchecked(&mut err[..]);
+        e.set_dst_addr(Ipv4Addr::new(198, 19, 9, 1));
+        e.fill_checksum();
+        assert_eq!(
+            run_egress(&mut err, &mut IcmpLimiter::default(), &mut out),
+            Egress::Drop(DropReason::NoRoute)
+        );
+    }
+
+    #[test]
+    fn oversize_packets_get_frag_needed_or_packet_too_big_with_the_mtu() {
+        let mut out = [0u8; 1280];
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1401, true);
+        let Egress::Icmp { len, reason } =
+            run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out)
+        else {
+            panic!("expected ICMP");
+        };
+        assert_eq!(reason, DropReason::TooBig);
+        let ip = Ipv4Packet::new_checked(&out[..len]).unwrap();
+        let icmp = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(
+            (icmp.msg_type(), icmp.code(), icmp.mtu()),
+            (3, 4, Some(1400))
+        );
+        // Exactly the MTU passes.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1400, true);
+        assert!(matches!(
+            run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out),
+            Egress::Send { .. }
+        ));
+        // Without DF we cannot fragment: dropped and counted.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1401, false);
+        assert_eq!(
+            run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out),
+            Egress::Drop(DropReason::TooBig)
+        );
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 64, 1401);
+        let Egress::Icmp { len, .. } = run_egress(&mut pkt, &mut IcmpLimiter::default(), &mut out)
+        else {
+            panic!("expected ICMPv6");
+        };
+        let ip = Ipv6Packet::new_checked(&out[..len]).unwrap();
+        let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((icmp.msg_type(), icmp.mtu()), (2, Some(1400)));
+    }
+
+    #[test]
+    fn icmp_errors_are_rate_limited() {
+        let mut out = [0u8; 1280];
+        let mut limiter = IcmpLimiter::new(1, 3);
+        let now = Instant::now();
+        let mut icmp = 0;
+        for _ in 0..10 {
+            let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
+            if let Egress::Icmp { .. } =
+                egress(&mut pkt, &snap(), &cfg(), &mut limiter, now, &mut out)
+            {
+                icmp += 1;
+            }
+        }
+        assert_eq!(
+            icmp, 3,
+            "a burst of 3, then nothing within the same instant"
+        );
+        let later = now + std::time::Duration::from_secs(2);
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
+        assert!(matches!(
+            egress(&mut pkt, &snap(), &cfg(), &mut limiter, later, &mut out),
+            Egress::Icmp { .. }
+        ));
+    }
+
+    #[test]
+    fn ingress_checks_sender_inner_source_and_destination() {
+        let s = snap();
+        let c = cfg();
+        let ok = v4([198, 19, 2, 7], [198, 19, 1, 5], 63, 100, true);
+        assert_eq!(ingress(&ok, peer2(), &s, &c), Ingress::Deliver { len: 100 });
+        // A dual-stack socket reports IPv4 senders as mapped IPv6.
+        let mapped = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2).to_ipv6_mapped(), 8285));
+        assert_eq!(ingress(&ok, mapped, &s, &c), Ingress::Deliver { len: 100 });
+        // To the TUN address itself.
+        let to_tun = v4([198, 19, 2, 7], [198, 19, 1, 0], 63, 100, true);
+        assert_eq!(
+            ingress(&to_tun, peer2(), &s, &c),
+            Ingress::Deliver { len: 100 }
+        );
+        let stranger = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 9), 8285));
+        assert_eq!(
+            ingress(&ok, stranger, &s, &c),
+            Ingress::Drop(DropReason::UnknownSender)
+        );
+        let spoofed = v4([198, 19, 3, 7], [198, 19, 1, 5], 63, 100, true);
+        assert_eq!(
+            ingress(&spoofed, peer2(), &s, &c),
+            Ingress::Drop(DropReason::SpoofedSource)
+        );
+        let elsewhere = v4([198, 19, 2, 7], [198, 19, 5, 5], 63, 100, true);
+        assert_eq!(
+            ingress(&elsewhere, peer2(), &s, &c),
+            Ingress::Drop(DropReason::NotForUs)
+        );
+        let v6ok = v6("fd00:19:0:2::7", "fd00:19:0:1::5", 9, 80);
+        assert_eq!(
+            ingress(&v6ok, peer2(), &s, &c),
+            Ingress::Deliver { len: 80 }
+        );
+        // NAT: unknown senders accepted, but only with a leased inner source.
+        let nat = ForwardConfig {
+            accept_unknown_senders: true,
+            ..c
+        };
+        assert_eq!(
+            ingress(&ok, stranger, &s, &nat),
+            Ingress::Deliver { len: 100 }
+        );
+        let unleased = v4([198, 19, 9, 7], [198, 19, 1, 5], 63, 100, true);
+        assert_eq!(
+            ingress(&unleased, stranger, &s, &nat),
+            Ingress::Drop(DropReason::SpoofedSource)
+        );
+    }
+}
