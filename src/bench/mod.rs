@@ -186,17 +186,12 @@ fn start_linen(lab: &mut Lab, flags: &str) -> Result<(Vec<u32>, String)> {
     for i in 0..2 {
         let h = lab.host(i).clone();
         let mut cmd = h.command(&exe.to_string_lossy());
-        cmd.args([
-            "run",
-            "--registry-dir",
-            &dir_s,
-            "--iface",
-            "eth0",
-            "--log-level",
-            "warn",
-        ])
-        .arg("--subnet-file")
-        .arg(dir.join(format!("h{}.env", h.index)));
+        cmd.args(["run", "--registry-dir", &dir_s, "--iface", "eth0"])
+            .arg("--subnet-file")
+            .arg(dir.join(format!("h{}.env", h.index)));
+        if !flags.contains("--log-level") {
+            cmd.args(["--log-level", "warn"]);
+        }
         cmd.args(flags.split_whitespace());
         pids.push(lab.spawn(cmd, &format!("linen-{}", h.index))?);
     }

@@ -149,9 +149,10 @@ struct Worker {
     limiter: IcmpLimiter,
     // TUN → UDP
     tun_raw: Vec<u8>,
-    seg_bufs: Vec<Vec<u8>>,
+    /// Packets read from the TUN, one per `stride` bytes.
+    arena: Vec<u8>,
+    stride: usize,
     seg_sizes: Vec<usize>,
-    gso_buf: Vec<u8>,
     max_gso_segments: usize,
     no_udp_offload: bool,
     icmp_buf: Vec<u8>,
@@ -173,6 +174,8 @@ impl Worker {
         };
         let gro = udp_state.gro_segments() > 1;
         let seg_len = (setup.config.mtu + 64).max(1600);
+        // Full-size segments of a split super-packet are exactly MTU bytes long.
+        let stride = setup.config.mtu.max(576);
         let (rx_count, rx_len) = if gro {
             (RX_GRO_BUFS, 65_536)
         } else {
@@ -202,9 +205,9 @@ impl Worker {
             } else {
                 Vec::new()
             },
-            seg_bufs: vec![vec![0; seg_len]; segs],
-            seg_sizes: vec![0; segs],
-            gso_buf: Vec::with_capacity(GSO_BYTES + seg_len),
+            arena: vec![0; segs * stride],
+            stride,
+            seg_sizes: vec![0; SEGMENTS],
             max_gso_segments,
             no_udp_offload: setup.no_udp_offload,
             icmp_buf: vec![0; 1280],
@@ -269,24 +272,32 @@ impl Worker {
     }
 
     /// Reads one batch from the TUN and sends it. Returns false once the TUN is drained.
+    ///
+    /// Packets land in one arena at a fixed stride of the MTU, so the full-size segments of a
+    /// split TCP super-packet already lie back to back, as a UDP GSO send wants them: a run of
+    /// same-peer packets of exactly `stride` bytes (the last may be shorter) leaves in one
+    /// `sendmsg` straight from the arena, with no copy.
     fn tun_batch(&mut self) -> io::Result<bool> {
+        let stride = self.stride;
         let mut count = 0;
         let mut more = true;
         if self.tun_offload {
-            match self.tun.recv_multiple(
-                &mut self.tun_raw,
-                &mut self.seg_bufs,
-                &mut self.seg_sizes,
-                0,
-            ) {
+            let mut chunks = self.arena.chunks_exact_mut(stride);
+            let mut bufs: [&mut [u8]; SEGMENTS] =
+                std::array::from_fn(|_| chunks.next().unwrap_or(&mut []));
+            match self
+                .tun
+                .recv_multiple(&mut self.tun_raw, &mut bufs, &mut self.seg_sizes, 0)
+            {
                 Ok(n) => count = n,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
                 Err(e) if is_fatal(&e) => return Err(e),
                 Err(_) => self.local.drop(DropReason::Malformed),
             }
         } else {
-            while count < self.seg_bufs.len() {
-                match self.tun.recv(&mut self.seg_bufs[count]) {
+            while count < TUN_BATCH {
+                let buf = &mut self.arena[count * stride..(count + 1) * stride];
+                match self.tun.recv(buf) {
                     Ok(n) => {
                         self.seg_sizes[count] = n;
                         count += 1;
@@ -307,81 +318,88 @@ impl Worker {
             // quinn-udp lowers this to 1 after the kernel refuses GSO (EIO/EINVAL) at run time.
             self.max_gso_segments = self.udp_state.max_gso_segments().max(1);
         }
+        // A UDP GSO send carries at most 64 KiB.
+        let max_run = self.max_gso_segments.min(GSO_BYTES / stride).max(1);
         let now = Instant::now();
         let snap = self.table.load();
-        // The current GSO run: destination, segment size, segments so far, whether closed.
-        let mut run: Option<(SocketAddr, usize, usize, bool)> = None;
+        let headroom = if self.tun_offload {
+            VIRTIO_NET_HDR_LEN
+        } else {
+            0
+        };
+        // The open run: peer, first index, segments, bytes.
+        let mut run: Option<(SocketAddr, usize, usize, usize)> = None;
         for i in 0..count {
-            let size = self.seg_sizes[i];
+            let size = self.seg_sizes[i].min(stride);
             self.local.tun_rx_packets += 1;
             self.local.tun_rx_bytes += size as u64;
-            let pkt = &mut self.seg_bufs[i][..size];
-            match forward::egress(
-                pkt,
+            let at = i * stride;
+            let verdict = forward::egress(
+                &mut self.arena[at..at + size],
                 snap,
                 &self.config,
                 &mut self.limiter,
                 now,
                 &mut self.icmp_buf,
-            ) {
-                Egress::Send { peer, len } => {
-                    let fits = match run {
-                        Some((p, seg, n, closed)) => {
-                            p == peer
-                                && !closed
-                                && len <= seg
-                                && n < self.max_gso_segments
-                                && self.gso_buf.len() + len <= GSO_BYTES
-                        }
-                        None => false,
-                    };
-                    if !fits {
-                        if let Some((p, seg, n, _)) = run.take() {
-                            send_gso(
-                                &self.udp,
-                                &self.udp_state,
-                                &mut self.gso_buf,
-                                p,
-                                seg,
-                                n,
-                                &mut self.local,
-                            );
-                        }
-                        run = Some((peer, len, 0, false));
-                    }
-                    if let Some((_, seg, n, closed)) = &mut run {
-                        self.gso_buf.extend_from_slice(&self.seg_bufs[i][..len]);
-                        *n += 1;
-                        // A shorter segment must be the last of a GSO send.
-                        *closed = len < *seg;
-                    }
-                }
-                Egress::Icmp { len, reason } => {
-                    self.local.drop(reason);
-                    self.local.icmp_sent += 1;
-                    let headroom = if self.tun_offload {
-                        VIRTIO_NET_HDR_LEN
-                    } else {
-                        0
-                    };
-                    push_tun_out(
-                        &mut self.tun_out,
-                        &mut self.tun_out_len,
-                        headroom,
-                        &self.icmp_buf[..len],
+            );
+            let Egress::Send { peer, len } = verdict else {
+                // Anything not sent breaks contiguity: send the open run first.
+                if let Some(r) = run.take() {
+                    send_run(
+                        &self.udp,
+                        &self.udp_state,
+                        &self.arena,
+                        stride,
+                        r,
+                        &mut self.local,
                     );
                 }
-                Egress::Drop(reason) => self.local.drop(reason),
+                match verdict {
+                    Egress::Icmp { len, reason } => {
+                        self.local.drop(reason);
+                        self.local.icmp_sent += 1;
+                        push_tun_out(
+                            &mut self.tun_out,
+                            &mut self.tun_out_len,
+                            headroom,
+                            &self.icmp_buf[..len],
+                        );
+                    }
+                    Egress::Drop(reason) => self.local.drop(reason),
+                    Egress::Send { .. } => {}
+                }
+                continue;
+            };
+            match &mut run {
+                // Extend: same peer, every earlier segment full-size, room left.
+                Some((p, first, n, bytes))
+                    if *p == peer && *bytes == *n * stride && *n < max_run && *first + *n == i =>
+                {
+                    *n += 1;
+                    *bytes += len;
+                }
+                _ => {
+                    if let Some(r) = run.take() {
+                        send_run(
+                            &self.udp,
+                            &self.udp_state,
+                            &self.arena,
+                            stride,
+                            r,
+                            &mut self.local,
+                        );
+                    }
+                    run = Some((peer, i, 1, len));
+                }
             }
         }
-        if let Some((p, seg, n, _)) = run.take() {
-            send_gso(
+        if let Some(r) = run.take() {
+            send_run(
                 &self.udp,
                 &self.udp_state,
-                &mut self.gso_buf,
-                p,
-                seg,
-                n,
+                &self.arena,
+                stride,
+                r,
                 &mut self.local,
             );
         }
@@ -513,11 +531,25 @@ fn flush_tun_out(
     Ok(())
 }
 
+/// Sends `n` packets starting at arena slot `first` to `peer`: one GSO `sendmsg` when there are
+/// several (all full-size but the last), a plain one otherwise.
+fn send_run(
+    udp: &UdpEndpoint,
+    state: &UdpSocketState,
+    arena: &[u8],
+    stride: usize,
+    (peer, first, n, bytes): (SocketAddr, usize, usize, usize),
+    local: &mut LocalCounters,
+) {
+    let at = first * stride;
+    send_gso(udp, state, &arena[at..at + bytes], peer, stride, n, local);
+}
+
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`.
 fn send_gso(
     udp: &UdpEndpoint,
     state: &UdpSocketState,
-    buf: &mut Vec<u8>,
+    buf: &[u8],
     peer: SocketAddr,
     seg: usize,
     n: usize,
@@ -562,5 +594,4 @@ fn send_gso(
             }
         }
     }
-    buf.clear();
 }
