@@ -5,7 +5,7 @@ use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
 use serde_json::value::RawValue;
-use serde_json::{Map, Value};
+use serde_json::Value;
 
 use super::SubnetKey;
 
@@ -76,10 +76,23 @@ impl LeaseAttrs {
     /// Parses a lease value. Keys match case-insensitively and unknown keys are ignored, as
     /// in Go's `encoding/json`; `"0.0.0.0"` and `null` both mean "unset".
     pub fn from_json(text: &str) -> Result<LeaseAttrs, LeaseValueError> {
-        let map: Map<String, Value> = serde_json::from_str(text)?;
+        // Values stay raw until a field needs them, so BackendData keeps its exact bytes (a
+        // parse into `Value` and back would reprint floats differently: found by fuzzing).
+        let map: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(text)?;
         let mut attrs = LeaseAttrs::default();
-        for (key, value) in map {
-            match key.to_ascii_lowercase().as_str() {
+        for (key, raw_value) in map {
+            let lower = key.to_ascii_lowercase();
+            if lower == "backenddata" || lower == "backendv6data" {
+                let kept = (raw_value.get() != "null").then_some(raw_value);
+                if lower == "backenddata" {
+                    attrs.backend_data = kept;
+                } else {
+                    attrs.backend_v6_data = kept;
+                }
+                continue;
+            }
+            let value: Value = serde_json::from_str(raw_value.get())?;
+            match lower.as_str() {
                 "publicip" => attrs.public_ip = parse_addr(value, "PublicIP", "an IPv4 address")?,
                 "publicipv6" => {
                     attrs.public_ipv6 = parse_addr(value, "PublicIPv6", "an IPv6 address or null")?
@@ -92,8 +105,6 @@ impl LeaseAttrs {
                         other => return Err(field_err("BackendType", &other, "a string")),
                     }
                 }
-                "backenddata" => attrs.backend_data = raw(value)?,
-                "backendv6data" => attrs.backend_v6_data = raw(value)?,
                 _ => {}
             }
         }
@@ -173,14 +184,6 @@ impl IsUnspecified for Ipv6Addr {
     }
 }
 
-/// Keeps a backend data value verbatim (compact JSON, as Go's `json.RawMessage` marshals it).
-fn raw(value: Value) -> Result<Option<Box<RawValue>>, LeaseValueError> {
-    if value.is_null() {
-        return Ok(None);
-    }
-    Ok(Some(RawValue::from_string(value.to_string())?))
-}
-
 /// A subnet lease: which subnet, held by which host, until when.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Lease {
@@ -242,6 +245,20 @@ mod test {
         let v6only =
             LeaseAttrs::from_json(r#"{"PublicIP":"0.0.0.0","PublicIPv6":"fd00::1"}"#).unwrap();
         assert_eq!(v6only.public_ip, None);
+    }
+
+    #[test]
+    fn backend_data_is_kept_byte_for_byte() {
+        // Found by fuzzing: a float that a parse-and-print round trip would change.
+        let text = r#"{"PublicIP":"192.168.64.3","PublicIPv6":null,"BackendData":{"x":1.7777777777777782e+55, "y" : [1,2]}}"#;
+        let attrs = LeaseAttrs::from_json(text).unwrap();
+        assert_eq!(
+            attrs.backend_data.as_deref().map(RawValue::get),
+            Some(r#"{"x":1.7777777777777782e+55, "y" : [1,2]}"#)
+        );
+        let again = LeaseAttrs::from_json(&attrs.to_json()).unwrap();
+        assert_eq!(again, attrs);
+        assert_eq!(again.to_json(), attrs.to_json());
     }
 
     #[test]
