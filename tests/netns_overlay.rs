@@ -197,10 +197,11 @@ r = random.Random(7); data = r.randbytes(int(sys.argv[2]) * 1000 * 1000)
 s = socket.create_connection((sys.argv[1], 7000)); s.sendall(data); s.close()
 print(len(data), hashlib.sha256(data).hexdigest())
 "#;
+    let mb = megabytes.to_string();
     let sent = o
         .lab
         .host(0)
-        .run_ok("python3", &["-c", send, &addrs[1].0])
+        .run_ok("python3", &["-c", send, &addrs[1].0, &mb])
         .unwrap();
     let got = child.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&got.stdout).trim(), sent.trim());
