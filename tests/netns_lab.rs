@@ -45,6 +45,18 @@ fn two_and_three_hosts_reach_each_other_and_vanish_on_drop() {
                     }
                 }
             }
+            // The switch namespace joins the underlay as one more host, when there is one.
+            let switch = lab.switch_host().unwrap();
+            assert_eq!(switch.is_some(), n > 2);
+            if let Some(sw) = switch {
+                for a in lab.hosts() {
+                    a.run_ok("ping", &["-c1", "-W2", &sw.ip.to_string()])
+                        .unwrap();
+                }
+                sw.run_ok("ping", &["-6", "-c1", "-W2", &lab.host(0).ip6.to_string()])
+                    .unwrap();
+                assert!(lab.switch_host().is_ok(), "a second call changes nothing");
+            }
             // No default route: an address outside the lab is unreachable.
             let out = lab
                 .host(0)

@@ -50,6 +50,12 @@ pub type Result<T> = std::result::Result<T, LabError>;
 
 static SEQ: AtomicU32 = AtomicU32::new(0);
 
+/// The switch namespace's underlay IPv4 address (see [`Lab::switch_host`]).
+pub const SWITCH_IP: Ipv4Addr = Ipv4Addr::new(198, 18, 0, 254);
+
+/// The switch namespace's underlay IPv6 address.
+pub const SWITCH_IP6: Ipv6Addr = Ipv6Addr::new(0xfd00, 0x18, 0, 0, 0, 0, 0, 0xfe);
+
 /// One test host: a network namespace whose `eth0` is joined to the lab's underlay.
 #[derive(Clone, Debug)]
 pub struct Host {
@@ -208,6 +214,36 @@ impl Lab {
     /// Host `i` (0-based).
     pub fn host(&self, i: usize) -> &Host {
         &self.hosts[i]
+    }
+
+    /// The switch namespace of a lab with three or more hosts, as one more host on the
+    /// underlay, for services every host must reach (a registry such as etcd): its bridge `br0`
+    /// gets [`SWITCH_IP`]/24 and [`SWITCH_IP6`]/64 (again on every call; nothing changes) and
+    /// its loopback is up. It is none of [`Lab::hosts`]; its `index` is 254. Processes started
+    /// in it with [`Lab::spawn`] are stopped on drop like any other. `None` for smaller labs,
+    /// which have no switch.
+    pub fn switch_host(&self) -> Result<Option<Host>> {
+        let Some(sw) = &self.switch else {
+            return Ok(None);
+        };
+        let host = Host {
+            ns: sw.clone(),
+            ip: SWITCH_IP,
+            ip6: SWITCH_IP6,
+            index: 254,
+        };
+        host.ip(&["link", "set", "lo", "up"])?;
+        host.ip(&["addr", "replace", &format!("{SWITCH_IP}/24"), "dev", "br0"])?;
+        host.ip(&[
+            "-6",
+            "addr",
+            "replace",
+            &format!("{SWITCH_IP6}/64"),
+            "dev",
+            "br0",
+            "nodad",
+        ])?;
+        Ok(Some(host))
     }
 
     /// Starts a long-running program in a host's namespace; it is killed when the lab drops

@@ -1,10 +1,13 @@
-//! A throwaway single-member etcd for integration tests: loopback only, free ports, a temporary
-//! data directory (on tmpfs when there is one, so fsync is cheap), killed by PID on drop — also
-//! when the test panics. [`EtcdServer::stop`] and [`EtcdServer::start_again`] restart the same
-//! member on the same ports and data directory, to test outages.
+//! A throwaway single-member etcd for integration tests and examples: on loopback with free
+//! ports ([`EtcdServer::start`]), or inside a network namespace on one of its addresses
+//! ([`EtcdServer::start_in_netns`], for daemons that run in namespaces and cannot reach the
+//! root namespace's loopback). A temporary data directory (on tmpfs when there is one, so fsync
+//! is cheap); killed by PID on drop — also when the test panics. [`EtcdServer::stop`] and
+//! [`EtcdServer::start_again`] restart the same member on the same address, ports and data
+//! directory, to test outages.
 
 use std::io::{Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::{IpAddr, Ipv4Addr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -24,6 +27,10 @@ pub struct ServerTls {
 pub struct EtcdServer {
     child: Option<Child>,
     dir: tempfile::TempDir,
+    /// The network namespace etcd runs in (`None`: this process's).
+    netns: Option<String>,
+    /// The address every listener binds.
+    ip: IpAddr,
     client_port: u16,
     peer_port: u16,
     metrics_port: u16,
@@ -42,6 +49,28 @@ impl EtcdServer {
 
     /// Starts etcd, serving clients over TLS with client-certificate auth when `tls` is set.
     pub fn start_with(tls: Option<ServerTls>) -> Option<EtcdServer> {
+        let ports = [free_port(), free_port(), free_port()];
+        EtcdServer::launch(None, IpAddr::V4(Ipv4Addr::LOCALHOST), ports, tls)
+    }
+
+    /// Starts a plain-HTTP etcd inside the network namespace `netns` (which must exist and
+    /// have `ip` on an up interface), listening on `ip` only: clients on port 2379, peers on
+    /// 2380, metrics on 2381 (a namespace made for the test has them all free).
+    pub fn start_in_netns(netns: &str, ip: Ipv4Addr) -> Option<EtcdServer> {
+        EtcdServer::launch(
+            Some(netns.to_owned()),
+            IpAddr::V4(ip),
+            [2379, 2380, 2381],
+            None,
+        )
+    }
+
+    fn launch(
+        netns: Option<String>,
+        ip: IpAddr,
+        [client_port, peer_port, metrics_port]: [u16; 3],
+        tls: Option<ServerTls>,
+    ) -> Option<EtcdServer> {
         if !binary_available() {
             eprintln!(
                 "SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)"
@@ -58,9 +87,11 @@ impl EtcdServer {
         let mut server = EtcdServer {
             child: None,
             dir: base.expect("create a temporary directory for etcd"),
-            client_port: free_port(),
-            peer_port: free_port(),
-            metrics_port: free_port(),
+            netns,
+            ip,
+            client_port,
+            peer_port,
+            metrics_port,
             tls,
         };
         server.start_again();
@@ -70,7 +101,24 @@ impl EtcdServer {
     /// The client URL, e.g. `http://127.0.0.1:23790`.
     pub fn endpoint(&self) -> String {
         let scheme = if self.tls.is_some() { "https" } else { "http" };
-        format!("{scheme}://127.0.0.1:{}", self.client_port)
+        format!("{scheme}://{}:{}", self.ip, self.client_port)
+    }
+
+    /// The PID of the running etcd, if it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// A command that runs `program` where etcd runs (inside its namespace, if any).
+    fn command(&self, program: &str) -> Command {
+        match &self.netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, program]);
+                c
+            }
+            None => Command::new(program),
+        }
     }
 
     /// A directory for the test's own files; removed with the server.
@@ -96,10 +144,10 @@ impl EtcdServer {
             .append(true)
             .open(&log_path)
             .expect("open etcd log");
-        let scheme = if self.tls.is_some() { "https" } else { "http" };
-        let client_url = format!("{scheme}://127.0.0.1:{}", self.client_port);
-        let peer_url = format!("http://127.0.0.1:{}", self.peer_port);
-        let mut cmd = Command::new("etcd");
+        let client_url = self.endpoint();
+        let peer_url = format!("http://{}:{}", self.ip, self.peer_port);
+        // `ip netns exec` execs etcd in place, so the child's PID is etcd's.
+        let mut cmd = self.command("etcd");
         cmd.arg("--name=linen-test")
             .arg(format!("--data-dir={}", data.display()))
             .arg(format!("--listen-client-urls={client_url}"))
@@ -108,8 +156,8 @@ impl EtcdServer {
             .arg(format!("--initial-advertise-peer-urls={peer_url}"))
             .arg(format!("--initial-cluster=linen-test={peer_url}"))
             .arg(format!(
-                "--listen-metrics-urls=http://127.0.0.1:{}",
-                self.metrics_port
+                "--listen-metrics-urls=http://{}:{}",
+                self.ip, self.metrics_port
             ))
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
@@ -137,7 +185,7 @@ impl EtcdServer {
                     tail(&log_path)
                 );
             }
-            if healthy(self.metrics_port) {
+            if self.healthy() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -148,9 +196,28 @@ impl EtcdServer {
         );
     }
 
+    /// Whether etcd answers `GET /health` with true (on the plain-HTTP metrics listener,
+    /// available even when clients need TLS).
+    fn healthy(&self) -> bool {
+        match &self.netns {
+            None => healthy(self.ip, self.metrics_port),
+            // Not reachable from this namespace: ask from inside.
+            Some(_) => self
+                .command("python3")
+                .args(["-c", HEALTH_PY, &self.ip.to_string()])
+                .arg(self.metrics_port.to_string())
+                .stdin(Stdio::null())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .is_ok_and(|s| s.success()),
+        }
+    }
+
     /// Runs `etcdctl` against this server with `args`, panicking with its output on failure.
     pub fn etcdctl(&self, args: &[&str]) -> String {
-        let out = Command::new("etcdctl")
+        let out = self
+            .command("etcdctl")
             .env("ETCDCTL_API", "3")
             .arg(format!("--endpoints={}", self.endpoint()))
             .args(args)
@@ -190,9 +257,15 @@ fn free_port() -> u16 {
         .expect("find a free loopback port")
 }
 
-/// `GET /health` on the plain-HTTP metrics listener (available even when clients need TLS).
-fn healthy(port: u16) -> bool {
-    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+/// `GET /health` on `ip:port`, for [`EtcdServer::healthy`] inside a namespace; exits 0 when
+/// healthy.
+const HEALTH_PY: &str = "import sys, urllib.request\n\
+    r = urllib.request.urlopen(f'http://{sys.argv[1]}:{sys.argv[2]}/health', timeout=2).read()\n\
+    sys.exit(0 if b'\"health\":\"true\"' in r else 1)";
+
+/// `GET /health` on the plain-HTTP metrics listener.
+fn healthy(ip: IpAddr, port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect((ip, port)) else {
         return false;
     };
     let _ = stream.set_read_timeout(Some(Duration::from_secs(2)));
