@@ -41,6 +41,7 @@ fn main() {
             Command::Network(cmd) => linen::cli::admin::network(cmd).await,
             Command::Lease(cmd) => linen::cli::admin::lease(cmd).await,
             Command::Bench(args) => linen::bench::run(args).await,
+            Command::Status(args) => linen::cli::status::run(&args),
         }
     });
     if let Err(e) = result {

@@ -2,6 +2,7 @@
 //! validation into typed options, and the admin commands. `main.rs` only parses and dispatches.
 
 pub mod admin;
+pub mod status;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -45,6 +46,8 @@ pub enum Command {
     Lease(LeaseCommand),
     /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts (root).
     Bench(crate::bench::BenchArgs),
+    /// Show the local daemon's lease, peers and counters (asks its --metrics-addr).
+    Status(status::StatusArgs),
 }
 
 /// Where the registry is: the embedded directory store (default) or etcd v3.
@@ -127,6 +130,9 @@ pub struct RunArgs {
     /// values are for tests and demos).
     #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]
     pub lease_ttl: u64,
+    /// Serve /metrics (Prometheus), /healthz and /status on this IP:PORT, or `off`.
+    #[arg(long, env = "LINEN_METRICS_ADDR", default_value = status::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: status::MetricsAddr,
 }
 
 /// `linen network …`.
