@@ -255,30 +255,45 @@ fn metrics_health_and_status_of_running_daemons() {
     assert_eq!(val(&before, "linen_workers_running"), 2.0);
     let expiry = val(&before, "linen_lease_expiry_seconds");
     assert!(expiry > 86_000.0 && expiry <= 86_400.0, "{expiry}");
-    // The peer shows up in the table (it may arrive a moment after health turns green).
-    assert!(
-        wait_for(Duration::from_secs(5), || {
-            (val(&d.metrics(0, 9418), "linen_table_routes") == 1.0).then_some(())
-        })
-        .is_some()
-    );
+    // Each host has the other in its table (it may arrive a moment after health turns green).
+    for (i, port) in [(0, 9418), (1, 9500)] {
+        assert!(
+            wait_for(Duration::from_secs(5), || {
+                (val(&d.metrics(i, port), "linen_table_routes") == 1.0).then_some(())
+            })
+            .is_some(),
+            "host {} never routed to its peer",
+            i + 1
+        );
+    }
 
-    // Ten pings host 1 → host 2: every direction counts at least ten packets more.
+    // Ten pings host 1 → host 2: ten more packets out, and as many in as ping saw answered.
     let ping = d
         .lab
         .host(0)
         .run("ping", &["-c10", "-i0.05", "-W1", &tun2])
         .unwrap();
-    assert!(ping.status.success(), "{ping:?}");
+    let ping = String::from_utf8_lossy(&ping.stdout).into_owned();
+    let received: f64 = ping
+        .split(", ")
+        .find_map(|p| p.strip_suffix(" received")?.parse().ok())
+        .unwrap_or_else(|| panic!("no reply count in {ping}"));
+    assert!(received >= 1.0, "{ping}");
     // Unroutable (198.19.250.0/24 is in nobody's lease): a no_route drop and an ICMP error.
     let _ = d.lab.host(0).run("ping", &["-c1", "-W1", "198.19.250.9"]);
     let after = d.metrics(0, 9418);
-    for dir in ["tun_rx", "udp_tx", "udp_rx", "tun_tx"] {
+    for (dir, n) in [
+        ("tun_rx", 10.0),
+        ("udp_tx", 10.0),
+        ("udp_rx", received),
+        ("tun_tx", received),
+    ] {
         let p = format!("linen_packets_total{{direction=\"{dir}\"}}");
         let b = format!("linen_bytes_total{{direction=\"{dir}\"}}");
-        assert!(val(&after, &p) >= val(&before, &p) + 10.0, "{p}: {after:?}");
+        // An echo of ping's default 56 bytes is an 84-byte IPv4 packet.
+        assert!(val(&after, &p) >= val(&before, &p) + n, "{p}: {after:?}");
         assert!(
-            val(&after, &b) >= val(&before, &b) + 840.0,
+            val(&after, &b) >= val(&before, &b) + 84.0 * n,
             "{b}: {after:?}"
         );
     }
