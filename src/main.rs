@@ -40,6 +40,7 @@ fn main() {
             Command::Run(args) => linen::daemon::run(*args).await,
             Command::Network(cmd) => linen::cli::admin::network(cmd).await,
             Command::Lease(cmd) => linen::cli::admin::lease(cmd).await,
+            Command::Status(args) => linen::cli::status::run(&args),
             Command::Bench(args) => linen::bench::run(args).await,
         }
     });

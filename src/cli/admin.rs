@@ -233,7 +233,11 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
 }
 
 fn human(d: Duration) -> String {
-    let s = d.as_secs();
+    human_secs(d.as_secs())
+}
+
+/// A duration in seconds as `1h05m`, `4m09s` or `7s`.
+pub(crate) fn human_secs(s: u64) -> String {
     if s >= 3600 {
         format!("{}h{:02}m", s / 3600, (s % 3600) / 60)
     } else if s >= 60 {

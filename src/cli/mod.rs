@@ -2,6 +2,7 @@
 //! validation into typed options, and the admin commands. `main.rs` only parses and dispatches.
 
 pub mod admin;
+pub mod status;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
@@ -43,6 +44,8 @@ pub enum Command {
     /// List, reserve or release subnet leases in the registry.
     #[command(subcommand)]
     Lease(LeaseCommand),
+    /// Show the local daemon's lease, peers and counters (asks its --metrics-addr).
+    Status(status::StatusArgs),
     /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts (root).
     Bench(crate::bench::BenchArgs),
 }
@@ -123,6 +126,9 @@ pub struct RunArgs {
     /// UDP socket buffer size in bytes (SO_SNDBUF/SO_RCVBUF, forced when root).
     #[arg(long, env = "LINEN_SOCKET_BUFFER", default_value_t = 4 << 20)]
     pub socket_buffer: usize,
+    /// Serve /metrics (Prometheus), /healthz and /status on this IP:PORT, or `off`.
+    #[arg(long, env = "LINEN_METRICS_ADDR", default_value = status::DEFAULT_METRICS_ADDR)]
+    pub metrics_addr: status::MetricsAddr,
     /// Lease TTL in seconds for new leases on the directory registry (flannel: 86400; shorter
     /// values are for tests and demos).
     #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]

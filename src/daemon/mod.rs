@@ -5,7 +5,10 @@
 //! lease is kept so a restart gets the same subnet.
 
 pub mod host;
+pub mod http;
+pub mod metrics;
 pub mod registry;
+pub mod status;
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
@@ -81,6 +84,8 @@ fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
+    // First, so /healthz says "starting" while the config and lease are awaited.
+    let ops = http::OpsServer::start(args.metrics_addr).await?;
     let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
     let config = wait_for_config(registry.as_ref()).await?;
     let nl = host::connect()?;
@@ -193,6 +198,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let cancel = CancellationToken::new();
     let mut state = manager.subscribe();
+    ops.attach(status::Sources {
+        state: manager.subscribe(),
+        table: table.clone(),
+        workers: handles.iter().map(WorkerHandle::monitor).collect(),
+        registry: registry.location(),
+    });
     let control = tokio::spawn(manager.run(cancel.clone()));
     let port = config.backend.port;
     let publisher = {

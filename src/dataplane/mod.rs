@@ -17,4 +17,4 @@ pub mod worker;
 
 pub use counters::{Counters, DropReason, LocalCounters};
 pub use forward::{Egress, ForwardConfig, IcmpLimiter, Ingress};
-pub use worker::{WorkerHandle, WorkerSetup};
+pub use worker::{WorkerHandle, WorkerMonitor, WorkerSetup};

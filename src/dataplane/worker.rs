@@ -109,6 +109,15 @@ impl WorkerHandle {
         self.counters.snapshot()
     }
 
+    /// A read-only view of the worker's liveness and counters that outlives the handle, for
+    /// metrics and status (read on demand; the worker's hot path is untouched).
+    pub fn monitor(&self) -> WorkerMonitor {
+        WorkerMonitor {
+            running: Arc::clone(&self.running),
+            counters: Arc::clone(&self.counters),
+        }
+    }
+
     /// Asks the worker to stop (returns at once).
     pub fn request_stop(&self) {
         self.stop.store(true, Ordering::Release);
@@ -132,6 +141,25 @@ impl Drop for WorkerHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// What the control plane may read of a worker: whether it runs, and its published counters.
+#[derive(Clone, Debug)]
+pub struct WorkerMonitor {
+    running: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+}
+
+impl WorkerMonitor {
+    /// Whether the worker thread is still running.
+    pub fn is_running(&self) -> bool {
+        self.running.load(Ordering::Acquire)
+    }
+
+    /// The worker's counters as last published (at most one batch behind).
+    pub fn counters(&self) -> LocalCounters {
+        self.counters.snapshot()
     }
 }
 

@@ -1,0 +1,299 @@
+//! The daemon's local HTTP endpoint (`--metrics-addr`, default 127.0.0.1:9418): `GET /metrics`
+//! (Prometheus text), `GET /healthz` (200 "ok" or 503 with the reason) and `GET /status` (the
+//! JSON `linen status` renders).
+//!
+//! Hand-rolled HTTP/1.1 over `tokio::net::TcpListener` rather than hyper: three GET paths on a
+//! loopback port, one request per connection (`Connection: close`), no bodies to read, no
+//! keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring hyper,
+//! hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB head,
+//! 5 s to send it, 16 connections at a time) so a stuck client cannot pile up tasks.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, OnceLock};
+use std::time::{Duration, SystemTime};
+
+use anyhow::{Context, Result};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+
+use super::metrics;
+use super::status::{self, Sources};
+use crate::cli::status::MetricsAddr;
+
+/// Largest request head read.
+const MAX_HEAD: usize = 8 * 1024;
+/// Time a client gets to send its request head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections served at once; more wait in the listen backlog.
+const MAX_CONNECTIONS: usize = 16;
+
+/// The running endpoint; stops when dropped. With `--metrics-addr off` it is inert.
+#[derive(Debug)]
+pub struct OpsServer {
+    sources: Arc<OnceLock<Sources>>,
+    cancel: CancellationToken,
+    local: Option<SocketAddr>,
+}
+
+impl OpsServer {
+    /// Binds `addr` and serves on the current tokio runtime. Until [`attach`](Self::attach) is
+    /// called, `/healthz` answers 503 "starting…".
+    pub async fn start(addr: MetricsAddr) -> Result<OpsServer> {
+        let sources = Arc::new(OnceLock::new());
+        let cancel = CancellationToken::new();
+        let MetricsAddr::On(addr) = addr else {
+            return Ok(OpsServer {
+                sources,
+                cancel,
+                local: None,
+            });
+        };
+        let listener = TcpListener::bind(addr).await.with_context(|| {
+            format!(
+                "cannot listen on --metrics-addr {addr} (is another linen running?); \
+                 pass another address or --metrics-addr off"
+            )
+        })?;
+        let local = listener.local_addr()?;
+        tracing::info!(addr = %local, "serving /metrics, /healthz and /status");
+        tokio::spawn(accept_loop(listener, Arc::clone(&sources), cancel.clone()));
+        Ok(OpsServer {
+            sources,
+            cancel,
+            local: Some(local),
+        })
+    }
+
+    /// Hands over the running daemon's handles; from now on answers come from them.
+    pub fn attach(&self, sources: Sources) {
+        let _ = self.sources.set(sources);
+    }
+
+    /// The bound address (`None` when off).
+    pub fn local_addr(&self) -> Option<SocketAddr> {
+        self.local
+    }
+}
+
+impl Drop for OpsServer {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    sources: Arc<OnceLock<Sources>>,
+    cancel: CancellationToken,
+) {
+    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    loop {
+        let accepted = tokio::select! {
+            _ = cancel.cancelled() => return,
+            a = listener.accept() => a,
+        };
+        let stream = match accepted {
+            Ok((stream, _)) => stream,
+            Err(e) => {
+                // Out of file descriptors and the like: wait instead of spinning.
+                tracing::warn!(error = %e, "metrics endpoint: accept failed");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
+            return;
+        };
+        let sources = Arc::clone(&sources);
+        tokio::spawn(async move {
+            serve(stream, sources.get()).await;
+            drop(permit);
+        });
+    }
+}
+
+async fn serve(mut stream: TcpStream, sources: Option<&Sources>) {
+    let response = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+        Ok(Ok(Some(head))) => respond(&head, sources, SystemTime::now()),
+        Ok(Ok(None)) => Response::text(431, "request head too large\n"),
+        // Timed out, reset or closed early: nobody to answer.
+        _ => return,
+    };
+    let _ = stream.write_all(&response.to_bytes()).await;
+    let _ = stream.shutdown().await;
+}
+
+/// Reads up to the blank line ending the request head: `Ok(None)` when it exceeds
+/// [`MAX_HEAD`].
+async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut buf = Vec::with_capacity(1024);
+    let mut chunk = [0u8; 1024];
+    loop {
+        let n = stream.read(&mut chunk).await?;
+        if n == 0 {
+            return Err(std::io::ErrorKind::UnexpectedEof.into());
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+            return Ok(Some(buf));
+        }
+        if buf.len() > MAX_HEAD {
+            return Ok(None);
+        }
+    }
+}
+
+/// An HTTP response about to be written.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Response {
+    /// Status code.
+    pub status: u16,
+    /// `Content-Type`.
+    pub content_type: &'static str,
+    /// The body (left out for HEAD requests).
+    pub body: String,
+    /// Whether only the head is sent (HEAD).
+    pub head_only: bool,
+}
+
+impl Response {
+    fn text(status: u16, body: impl Into<String>) -> Response {
+        Response {
+            status,
+            content_type: "text/plain; charset=utf-8",
+            body: body.into(),
+            head_only: false,
+        }
+    }
+
+    /// The bytes on the wire.
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let reason = match self.status {
+            200 => "OK",
+            400 => "Bad Request",
+            404 => "Not Found",
+            405 => "Method Not Allowed",
+            431 => "Request Header Fields Too Large",
+            503 => "Service Unavailable",
+            505 => "HTTP Version Not Supported",
+            _ => "Internal Server Error",
+        };
+        let mut out = format!(
+            "HTTP/1.1 {} {reason}\r\nContent-Type: {}\r\nContent-Length: {}\r\nCache-Control: no-store\r\nConnection: close\r\n",
+            self.status,
+            self.content_type,
+            self.body.len()
+        );
+        if self.status == 405 {
+            out.push_str("Allow: GET, HEAD\r\n");
+        }
+        out.push_str("\r\n");
+        let mut bytes = out.into_bytes();
+        if !self.head_only {
+            bytes.extend_from_slice(self.body.as_bytes());
+        }
+        bytes
+    }
+}
+
+/// Answers one request head (sans-IO, so routing is unit-tested without sockets).
+pub fn respond(head: &[u8], sources: Option<&Sources>, now: SystemTime) -> Response {
+    let text = String::from_utf8_lossy(head);
+    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Response::text(400, "bad request line\n");
+    };
+    if !version.starts_with("HTTP/1.") {
+        return Response::text(505, "only HTTP/1.x is served\n");
+    }
+    let head_only = match method {
+        "GET" => false,
+        "HEAD" => true,
+        _ => return Response::text(405, "only GET and HEAD are served\n"),
+    };
+    let path = target.split('?').next().unwrap_or(target);
+    let mut response = match path {
+        "/metrics" => Response {
+            status: 200,
+            content_type: metrics::CONTENT_TYPE,
+            body: metrics::render(status::collect(sources, now)),
+            head_only: false,
+        },
+        "/healthz" => {
+            let health = status::collect(sources, now).health;
+            match health.reason {
+                None if health.ok => Response::text(200, "ok\n"),
+                reason => Response::text(503, format!("{}\n", reason.unwrap_or_default())),
+            }
+        }
+        "/status" => Response {
+            status: 200,
+            content_type: "application/json",
+            body: serde_json::to_string(&status::collect(sources, now))
+                .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
+            head_only: false,
+        },
+        _ => Response::text(
+            404,
+            "not found; linen serves /metrics, /healthz and /status\n",
+        ),
+    };
+    response.head_only = head_only;
+    response
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn get(path: &str) -> Response {
+        respond(
+            format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            None,
+            SystemTime::now(),
+        )
+    }
+
+    #[test]
+    fn routes_and_errors() {
+        let r = get("/healthz");
+        assert_eq!(r.status, 503);
+        assert_eq!(r.body, format!("{}\n", status::STARTING));
+        let r = get("/metrics?x=1");
+        assert_eq!(r.status, 200);
+        assert!(r.body.contains("linen_healthy 0"), "{}", r.body);
+        let r = get("/status");
+        let s: status::Status = serde_json::from_str(&r.body).unwrap();
+        assert!(!s.health.ok);
+        assert_eq!(get("/nope").status, 404);
+        let now = SystemTime::now();
+        assert_eq!(
+            respond(b"POST /metrics HTTP/1.1\r\n\r\n", None, now).status,
+            405
+        );
+        assert_eq!(
+            respond(b"GET /metrics SPDY/3\r\n\r\n", None, now).status,
+            505
+        );
+        assert_eq!(respond(b"garbage\r\n\r\n", None, now).status, 400);
+    }
+
+    #[test]
+    fn head_sends_no_body_but_its_length() {
+        let r = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", None, SystemTime::now());
+        let wire = String::from_utf8(r.to_bytes()).unwrap();
+        assert!(
+            wire.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),
+            "{wire}"
+        );
+        assert!(
+            wire.contains(&format!("Content-Length: {}\r\n", r.body.len())),
+            "{wire}"
+        );
+        assert!(wire.ends_with("\r\n\r\n"), "{wire}");
+    }
+}

@@ -1,0 +1,272 @@
+//! `GET /metrics`: a [`Status`] rendered in the Prometheus text format (0.0.4) with
+//! `prometheus-client`. The values are taken on each scrape (see [`super::status`]), so the
+//! metrics are a `Collector` over one status snapshot rather than registered live metrics that
+//! the data plane would have to update.
+//!
+//! Metric names (all prefixed `linen_`):
+//! - `packets_total{direction}`, `bytes_total{direction}`: `tun_rx`, `udp_tx`, `udp_rx`, `tun_tx`
+//! - `drops_total{reason}`: every [`DropReason`](crate::dataplane::DropReason) name, zeros too
+//! - `icmp_errors_sent_total`
+//! - `table_routes`, `table_generation`, `peers`
+//! - `lease_held`, `lease_reservation`, `lease_expiry_seconds` (seconds until the own lease
+//!   expires; absent for a reservation or without a lease)
+//! - `registry_connected`, `registry_resyncs_total`, `registry_last_error_info{error}`
+//! - `workers_configured`, `workers_running`, `healthy`
+
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
+use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::info::Info;
+use prometheus_client::registry::Registry;
+
+use super::status::{DIRECTIONS, Status, Traffic};
+
+pub use prometheus_client::encoding::prometheus_text::CONTENT_TYPE;
+
+/// The status as Prometheus text.
+pub fn render(status: Status) -> String {
+    let mut registry = Registry::default();
+    registry.register_collector(Box::new(StatusCollector(status)));
+    let mut out = String::with_capacity(4096);
+    // Writing into a String cannot fail.
+    let _ = prometheus_client::encoding::prometheus_text::encode(&mut out, &registry);
+    out
+}
+
+#[derive(Debug)]
+struct StatusCollector(Status);
+
+/// Encodes one metric without labels.
+fn one(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    metric: &impl EncodeMetric,
+) -> Result<(), std::fmt::Error> {
+    let m = enc.encode_descriptor(name, help, None, metric.metric_type())?;
+    metric.encode(m)
+}
+
+/// Encodes a counter family with one label.
+fn family(
+    enc: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: &[(&str, u64)],
+) -> Result<(), std::fmt::Error> {
+    let mut m = enc.encode_descriptor(
+        name,
+        help,
+        None,
+        prometheus_client::metrics::MetricType::Counter,
+    )?;
+    for (value, n) in values {
+        let labels = [(label, *value)];
+        ConstCounter::new(*n).encode(m.encode_family(&labels)?)?;
+    }
+    Ok(())
+}
+
+fn flag(b: bool) -> ConstGauge<i64> {
+    ConstGauge::new(i64::from(b))
+}
+
+fn count(n: usize) -> ConstGauge<i64> {
+    ConstGauge::new(i64::try_from(n).unwrap_or(i64::MAX))
+}
+
+impl Collector for StatusCollector {
+    fn encode(&self, mut enc: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let s = &self.0;
+        let c = &s.counters;
+        for (name, help, pick) in [
+            (
+                "linen_packets",
+                "Packets by direction: tun_rx (read from the TUN), udp_tx (sent to peers), udp_rx (received from peers), tun_tx (written to the TUN)",
+                (|t: Traffic| t.packets) as fn(Traffic) -> u64,
+            ),
+            (
+                "linen_bytes",
+                "Bytes by direction (IP packet bytes; UDP payload bytes on the udp side)",
+                |t: Traffic| t.bytes,
+            ),
+        ] {
+            let values: Vec<(&str, u64)> = DIRECTIONS
+                .iter()
+                .map(|(d, _)| (*d, pick(c.traffic(d))))
+                .collect();
+            family(&mut enc, name, help, "direction", &values)?;
+        }
+        let drops: Vec<(&str, u64)> = c.drops.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        family(
+            &mut enc,
+            "linen_drops",
+            "Packets not forwarded, by reason",
+            "reason",
+            &drops,
+        )?;
+        one(
+            &mut enc,
+            "linen_icmp_errors_sent",
+            "ICMP errors (time exceeded, unreachable, too big) written back into the TUN",
+            &ConstCounter::new(c.icmp_sent),
+        )?;
+        one(
+            &mut enc,
+            "linen_table_routes",
+            "Routes to peers in the forwarding table",
+            &count(s.table.routes),
+        )?;
+        one(
+            &mut enc,
+            "linen_table_generation",
+            "Lease-state generation the forwarding table was built from",
+            &ConstGauge::new(i64::try_from(s.table.generation).unwrap_or(i64::MAX)),
+        )?;
+        one(
+            &mut enc,
+            "linen_peers",
+            "Other hosts' live leases",
+            &count(s.peers.len()),
+        )?;
+        one(
+            &mut enc,
+            "linen_lease_held",
+            "1 while this host holds a lease",
+            &flag(s.lease.is_some()),
+        )?;
+        one(
+            &mut enc,
+            "linen_lease_reservation",
+            "1 when this host's lease is a reservation (no expiry)",
+            &flag(s.lease.as_ref().is_some_and(|l| l.reservation)),
+        )?;
+        if let Some(secs) = s.lease.as_ref().and_then(|l| l.expires_in_secs) {
+            one(
+                &mut enc,
+                "linen_lease_expiry_seconds",
+                "Seconds until this host's lease expires (negative: expired)",
+                &ConstGauge::new(secs),
+            )?;
+        }
+        one(
+            &mut enc,
+            "linen_registry_connected",
+            "1 when the last registry call succeeded",
+            &flag(s.registry.connected),
+        )?;
+        one(
+            &mut enc,
+            "linen_registry_resyncs",
+            "Times the registry came back after a failure",
+            &ConstCounter::new(s.registry.resyncs),
+        )?;
+        if let Some(e) = &s.registry.last_error {
+            one(
+                &mut enc,
+                "linen_registry_last_error",
+                "The last registry failure (kept after recovery)",
+                &Info::new([("error", e.as_str())]),
+            )?;
+        }
+        one(
+            &mut enc,
+            "linen_workers_configured",
+            "Forwarding workers started",
+            &count(s.workers.configured),
+        )?;
+        one(
+            &mut enc,
+            "linen_workers_running",
+            "Forwarding workers whose thread runs",
+            &count(s.workers.running),
+        )?;
+        one(
+            &mut enc,
+            "linen_healthy",
+            "1 when /healthz answers 200",
+            &flag(s.health.ok),
+        )
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+    use crate::daemon::status::{Health, LeaseView, RegistryView, WorkersView};
+
+    fn sample() -> Status {
+        let mut s = crate::daemon::status::collect(None, std::time::SystemTime::now());
+        s.counters.traffic.get_mut("tun_rx").unwrap().packets = 7;
+        s.counters.traffic.get_mut("udp_rx").unwrap().bytes = 840;
+        *s.counters.drops.get_mut("spoofed_source").unwrap() = 2;
+        s.lease = Some(LeaseView {
+            subnet: "198.19.1.0-24".into(),
+            expires_in_secs: Some(86_000),
+            ..LeaseView::default()
+        });
+        s.registry = RegistryView {
+            location: "/var/lib/linen".into(),
+            connected: true,
+            last_error: Some("a \"quoted\" failure".into()),
+            resyncs: 1,
+        };
+        s.workers = WorkersView {
+            configured: 2,
+            running: 2,
+        };
+        s.health = Health {
+            ok: true,
+            reason: None,
+        };
+        s
+    }
+
+    #[test]
+    fn renders_prometheus_text_with_every_family() {
+        let text = render(sample());
+        for line in [
+            "# TYPE linen_packets_total counter",
+            "linen_packets_total{direction=\"tun_rx\"} 7",
+            "linen_bytes_total{direction=\"udp_rx\"} 840",
+            "linen_drops_total{reason=\"spoofed_source\"} 2",
+            "linen_drops_total{reason=\"malformed\"} 0",
+            "linen_icmp_errors_sent_total 0",
+            "linen_lease_held 1",
+            "linen_lease_reservation 0",
+            "linen_lease_expiry_seconds 86000",
+            "linen_registry_connected 1",
+            "linen_registry_resyncs_total 1",
+            "linen_registry_last_error_info{error=\"a \\\"quoted\\\" failure\"} 1",
+            "linen_workers_configured 2",
+            "linen_workers_running 2",
+            "linen_healthy 1",
+        ] {
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing {line:?} in\n{text}"
+            );
+        }
+        assert_eq!(
+            text.lines()
+                .filter(|l| l.starts_with("linen_drops_total{"))
+                .count(),
+            crate::dataplane::DropReason::COUNT
+        );
+    }
+
+    #[test]
+    fn no_expiry_gauge_for_a_reservation_or_without_lease() {
+        let mut s = sample();
+        s.lease.as_mut().unwrap().reservation = true;
+        s.lease.as_mut().unwrap().expires_in_secs = None;
+        let text = render(s.clone());
+        assert!(text.contains("linen_lease_reservation 1"), "{text}");
+        assert!(!text.contains("linen_lease_expiry_seconds"), "{text}");
+        s.lease = None;
+        let text = render(s);
+        assert!(text.contains("linen_lease_held 0"), "{text}");
+    }
+}
