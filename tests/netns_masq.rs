@@ -2,8 +2,10 @@
 //! only that has no route to the overlay. Traffic from host 1's overlay (a bridge address, as a
 //! container would use) reaches the outside host only because host 1 masquerades it; traffic
 //! between overlay addresses keeps its source. The rules come back when deleted and are gone
-//! after SIGTERM. Root only; skipped otherwise.
+//! after SIGTERM. Host 2 also reports to a systemd-style `NOTIFY_SOCKET` (READY=1 after
+//! subnet.env, STOPPING=1 on SIGTERM). Root only; skipped otherwise.
 
+use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -114,7 +116,7 @@ fn has_jump(h: &Host, program: &str) -> bool {
         .any(|l| l.starts_with("-A POSTROUTING") && l.contains("-j LINEN-POSTRTG"))
 }
 
-fn start(lab: &mut Lab, i: usize, dir: &Path) -> (u32, PathBuf, PathBuf) {
+fn start(lab: &mut Lab, i: usize, dir: &Path, notify: Option<&Path>) -> (u32, PathBuf, PathBuf) {
     let host = lab.host(i).clone();
     let env = dir.join(format!("h{}.env", i + 1));
     let log = dir.join(format!("h{}.log", i + 1));
@@ -125,6 +127,9 @@ fn start(lab: &mut Lab, i: usize, dir: &Path) -> (u32, PathBuf, PathBuf) {
         .arg(&env)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(socket) = notify {
+        cmd.env("NOTIFY_SOCKET", socket);
+    }
     (lab.spawn(cmd, "linen").unwrap(), env, log)
 }
 
@@ -176,8 +181,18 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let (pid1, env1, log1) = start(&mut lab, 0, dir.path());
-    let (_pid2, env2, log2) = start(&mut lab, 1, dir.path());
+    let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None);
+    // Host 2 reports to a systemd-style notify socket: READY=1 only once subnet.env exists.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let (pid2, env2, log2) = start(&mut lab, 1, dir.path(), Some(&notify_path));
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("no READY=1 from linen run");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(env2.exists(), "READY=1 before subnet.env was written");
     let (e1, e2) = (read_env(&env1, &log1), read_env(&env2, &log2));
     assert!(e1.ipmasq && e2.ipmasq, "FLANNEL_IPMASQ=true with --ip-masq");
     let (h1, h2) = (lab.host(0).clone(), lab.host(1).clone());
@@ -293,6 +308,11 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
             "{p} still has linen rules:\n{rules}"
         );
     }
+    let status = lab.stop(pid2, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()));
+    let n = notify.recv(&mut buf).expect("no STOPPING=1 from linen run");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+
     // Without masquerade the outside host cannot answer: the test above could fail.
     let (answered, _) = udp_exchange(&h1, &b1, &outside, "198.18.1.2");
     assert!(
