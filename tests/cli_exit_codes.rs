@@ -37,68 +37,37 @@ fn assert_usage(args: &[&str], mentions: &[&str]) {
 fn bad_flags_exit_2_and_say_what_to_fix() {
     let dir = tempfile::tempdir().unwrap();
     let reg = dir.path().to_str().unwrap();
-    assert_usage(&["run", "--no-such-flag"], &["--no-such-flag"]);
-    assert_usage(&["run", "--mtu", "10"], &["--mtu", "576"]);
-    assert_usage(&["run", "--subnet-lease-renew-margin", "0"], &["1..=1439"]);
-    assert_usage(&["demo", "--seconds", "0"], &["--seconds"]);
-    assert_usage(
-        &["--log-level", "[[", "lease", "list"],
-        &["--log-level", "info"],
-    );
-    assert_usage(
-        &[
-            "network",
-            "init",
-            "--registry-dir",
-            reg,
-            "--network",
-            "nonsense",
-        ],
-        &["--network", "198.19.0.0/16"],
-    );
-    assert_usage(
-        &[
-            "network",
-            "init",
-            "--registry-dir",
-            reg,
-            "--port",
-            "0",
-            "--network",
-            "198.19.0.0/16",
-        ],
-        &["--port 0", "8285"],
-    );
-    assert_usage(
-        &["network", "init", "--registry-dir", reg],
-        &["--network is required"],
-    );
-    assert_usage(
-        &[
-            "lease",
-            "reserve",
-            "--registry-dir",
-            reg,
-            "garbage",
-            "--public-ip",
-            "198.18.0.9",
-        ],
-        &["198.19.5.0/24"],
-    );
-    // The config itself is refused by flannel's validation.
-    assert_usage(
-        &[
-            "network",
-            "init",
-            "--registry-dir",
-            reg,
-            "--network",
-            "198.19.0.0/16",
-            "--subnet-len",
-            "8",
-        ],
-        &["SubnetLen"],
-    );
+    let init = format!("network init --registry-dir {reg}");
+    // (arguments, what stderr must mention)
+    let cases: Vec<(String, &[&str])> = vec![
+        ("run --no-such-flag".into(), &["--no-such-flag"]),
+        ("run --mtu 10".into(), &["--mtu", "576"]),
+        ("run --subnet-lease-renew-margin 0".into(), &["1..=1439"]),
+        ("demo --seconds 0".into(), &["--seconds"]),
+        ("--log-level [[ lease list".into(), &["--log-level", "info"]),
+        (
+            format!("{init} --network nonsense"),
+            &["--network", "198.19.0.0/16"],
+        ),
+        (
+            format!("{init} --network 198.19.0.0/16 --port 0"),
+            &["--port 0", "8285"],
+        ),
+        (init.clone(), &["--network is required"]),
+        (
+            format!("lease reserve --registry-dir {reg} garbage --public-ip 198.18.0.9"),
+            &["198.19.5.0/24"],
+        ),
+        // The config itself is refused by flannel's validation.
+        (
+            format!("{init} --network 198.19.0.0/16 --subnet-len 8"),
+            &["SubnetLen"],
+        ),
+    ];
+    for (args, mentions) in cases {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        assert_usage(&args, mentions);
+    }
 }
 
 #[test]

@@ -1,22 +1,13 @@
 //! `linen demo` end to end: a full run reports every pair and both throughput figures, and a run
 //! interrupted by SIGINT removes its namespaces and processes. Root only; skipped otherwise.
 
+mod common;
+use common::{LINEN, skip};
+
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-
-use linen::lab::is_root;
-
-const LINEN: &str = env!("CARGO_BIN_EXE_linen");
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
-        return true;
-    }
-    false
-}
 
 /// Namespaces and processes (other than the demo itself) that still carry the demo's lab
 /// prefix `lndemo-<pid>-`: every namespace and every `linen run` it starts has it in its name

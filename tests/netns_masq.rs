@@ -5,23 +5,16 @@
 //! after SIGTERM. Host 2 also reports to a systemd-style `NOTIFY_SOCKET` (READY=1 after
 //! subnet.env, STOPPING=1 on SIGTERM). Root only; skipped otherwise.
 
+mod common;
+use common::{LINEN, skip};
+
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use linen::lab::{Host, Lab, is_root, wait_for};
+use linen::lab::{Host, Lab, wait_for};
 use linen::model::SubnetEnv;
-
-const LINEN: &str = env!("CARGO_BIN_EXE_linen");
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
-        return true;
-    }
-    false
-}
 
 /// Receives one UDP datagram on port 9000, answers it, prints the sender's address.
 const SERVER: &str = r#"
@@ -165,22 +158,7 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
     let mut lab = Lab::new("lnmasq", 2, 1500).unwrap();
     let outside = lab.add_outside(0).unwrap();
     let dir = tempfile::tempdir().unwrap();
-    let out = Command::new(LINEN)
-        .args(["network", "init", "--registry-dir"])
-        .arg(dir.path())
-        .args([
-            "--network",
-            "198.19.0.0/16",
-            "--ipv6-network",
-            "fd00:19::/48",
-        ])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::network_init(dir.path());
     let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None);
     // Host 2 reports to a systemd-style notify socket: READY=1 only once subnet.env exists.
     let notify_path = dir.path().join("notify.sock");
