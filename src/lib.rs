@@ -22,6 +22,7 @@ pub mod bench;
 pub mod cli;
 pub mod daemon;
 pub mod dataplane;
+pub mod demo;
 pub mod lab;
 pub mod lease;
 pub mod model;

@@ -1,5 +1,5 @@
-//! The `linen` binary: parse flags, set up logging, dispatch. Exit codes: 0 success, 1 runtime
-//! failure (message on stderr), 2 bad flags or config.
+//! The `linen` binary: parse flags, set up logging, dispatch. Exit codes (`cli::exit`): 0
+//! success, 1 runtime failure (message on stderr), 2 bad flags or config, 130 interrupted.
 
 use clap::Parser;
 use linen::cli::{Cli, Command, LogFormat};
@@ -42,17 +42,11 @@ fn main() {
             Command::Lease(cmd) => linen::cli::admin::lease(cmd).await,
             Command::Status(args) => linen::cli::status::run(&args),
             Command::Bench(args) => linen::bench::run(args).await,
+            Command::Demo(args) => linen::demo::run(args).await,
         }
     });
     if let Err(e) = result {
         eprintln!("linen: {e:#}");
-        let usage = e.chain().any(|c| {
-            c.downcast_ref::<linen::model::ConfigError>().is_some()
-                || matches!(
-                    c.downcast_ref::<linen::lease::RegistryError>(),
-                    Some(linen::lease::RegistryError::BadConfig { .. })
-                )
-        });
-        std::process::exit(if usage { 2 } else { 1 });
+        std::process::exit(linen::cli::exit::code_for(&e));
     }
 }

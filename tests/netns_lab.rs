@@ -1,14 +1,9 @@
 //! The lab itself: namespaces, veth, a bridge, cleanup. Root only.
 
-use linen::lab::{Lab, is_root};
+mod common;
+use common::skip;
 
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
-        return true;
-    }
-    false
-}
+use linen::lab::Lab;
 
 fn namespaces() -> String {
     String::from_utf8(

@@ -1,23 +1,16 @@
 //! linen end to end in real network namespaces: three hosts joined by veth share one registry
 //! directory and run `linen run`. Root only; skipped with a message otherwise.
 
+mod common;
+use common::{LINEN, skip};
+
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
-use linen::lab::{Lab, is_root, wait_for};
+use linen::lab::{Lab, wait_for};
 use linen::model::SubnetEnv;
-
-const LINEN: &str = env!("CARGO_BIN_EXE_linen");
-
-fn skip() -> bool {
-    if !is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
-        return true;
-    }
-    false
-}
 
 struct Overlay {
     lab: Lab,
@@ -29,22 +22,7 @@ impl Overlay {
     fn new(name: &str, hosts: u8) -> Overlay {
         let lab = Lab::new(name, hosts, 1500).unwrap();
         let dir = tempfile::tempdir().unwrap();
-        let out = Command::new(LINEN)
-            .args(["network", "init", "--registry-dir"])
-            .arg(dir.path())
-            .args([
-                "--network",
-                "198.19.0.0/16",
-                "--ipv6-network",
-                "fd00:19::/48",
-            ])
-            .output()
-            .unwrap();
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        common::network_init(dir.path());
         Overlay {
             lab,
             dir,

@@ -3,7 +3,7 @@
 //! and 4 streams (iperf3), the 64-byte UDP packet rate and loss, ping average and p99, and
 //! CPU-seconds per GB. Prints medians and ratios; on a shared machine the ratios are what count.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::lab::{Host, Lab, is_root, wait_for};
+use crate::model::{SubnetEnv, SubnetKey};
 
 /// Flags of `linen bench`.
 #[derive(Clone, Debug, Args)]
@@ -62,22 +63,7 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn run_blocking(args: &BenchArgs) -> Result<()> {
-    if !is_root() {
-        bail!("linen bench builds network namespaces and needs root");
-    }
-    for tool in ["iperf3", "ping", "ip"] {
-        if Command::new("sh")
-            .args(["-c", &format!("command -v {tool}")])
-            .stdout(Stdio::null())
-            .status()?
-            .code()
-            != Some(0)
-        {
-            bail!(
-                "linen bench needs `{tool}`; install it (apt-get install iperf3 iputils-ping iproute2)"
-            );
-        }
-    }
+    require_root_and_tools("linen bench")?;
     let mut lab = Lab::new("lnbench", 2, 1500)?;
     let mut all = Vec::new();
     for path in &args.paths {
@@ -92,12 +78,13 @@ fn run_blocking(args: &BenchArgs) -> Result<()> {
             }
             "vxlan" => {
                 setup_vxlan(&lab)?;
-                let r = measure(&mut lab, "vxlan", "198.19.200.2", args);
+                let r = measure(&mut lab, "vxlan", VXLAN_TARGET, args);
                 teardown_vxlan(&lab);
                 r?
             }
             "linen" => {
-                let (pids, target) = start_linen(&mut lab, &args.linen_flags)?;
+                let flags: Vec<&str> = args.linen_flags.split_whitespace().collect();
+                let (pids, target) = start_linen(&mut lab, &flags)?;
                 let r = measure(&mut lab, "linen", &target, args);
                 for pid in pids {
                     lab.stop(pid, Duration::from_secs(5));
@@ -116,9 +103,32 @@ fn run_blocking(args: &BenchArgs) -> Result<()> {
     Ok(())
 }
 
-fn setup_vxlan(lab: &Lab) -> Result<()> {
-    for (i, h) in lab.hosts().iter().enumerate() {
-        let other = &lab.hosts()[1 - i];
+/// Fails with what to install unless this runs as root with `iperf3`, `ping` and `ip` present.
+pub(crate) fn require_root_and_tools(what: &str) -> Result<()> {
+    if !is_root() {
+        bail!("{what} builds network namespaces and needs root; run it with sudo");
+    }
+    for tool in ["iperf3", "ping", "ip"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()?
+            .code()
+            != Some(0)
+        {
+            bail!(
+                "{what} needs `{tool}`; install it (apt-get install iperf3 iputils-ping iproute2)"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// Joins hosts 1 and 2 of the lab with kernel VXLAN (`vx0`, 198.19.200.<i>/24, VNI 42) and
+/// waits until host 1 pings 198.19.200.2.
+pub(crate) fn setup_vxlan(lab: &Lab) -> Result<()> {
+    for i in 0..2 {
+        let (h, other) = (lab.host(i), lab.host(1 - i));
         h.ip(&[
             "link",
             "add",
@@ -145,69 +155,121 @@ fn setup_vxlan(lab: &Lab) -> Result<()> {
         ])?;
         h.ip(&["link", "set", "vx0", "up"])?;
     }
-    let ok = wait_for(Duration::from_secs(5), || {
-        lab.host(0)
-            .run("ping", &["-c1", "-W1", "198.19.200.2"])
-            .ok()
-            .filter(|o| o.status.success())
-    });
-    ok.map(|_| ())
-        .ok_or_else(|| anyhow!("VXLAN baseline does not ping"))
+    wait_for(Duration::from_secs(5), || {
+        pings(lab.host(0), "198.19.200.2").then_some(())
+    })
+    .ok_or_else(|| anyhow!("VXLAN baseline does not ping"))
 }
 
-fn teardown_vxlan(lab: &Lab) {
-    for h in lab.hosts() {
+/// Host 2's VXLAN address once [`setup_vxlan`] succeeded.
+pub(crate) const VXLAN_TARGET: &str = "198.19.200.2";
+
+/// Removes what [`setup_vxlan`] added.
+pub(crate) fn teardown_vxlan(lab: &Lab) {
+    for h in &lab.hosts()[..2] {
         let _ = h.ip(&["link", "del", "vx0"]);
     }
 }
 
+/// One `ping -c1 -W1` from `host`; whether it got an answer.
+pub(crate) fn pings(host: &Host, target: &str) -> bool {
+    ping_once(host, target).is_some()
+}
+
+/// One `ping -c1 -W1` from `host` (IPv6 targets get `-6`); the round trip in milliseconds when
+/// it was answered.
+pub(crate) fn ping_once(host: &Host, target: &str) -> Option<f64> {
+    let family = if target.contains(':') { "-6" } else { "-4" };
+    let out = host.run("ping", &[family, "-c1", "-W1", target]).ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ms = text
+        .split("time=")
+        .nth(1)
+        .and_then(|t| t.split_whitespace().next()?.parse().ok());
+    Some(ms.unwrap_or(0.0))
+}
+
+/// Writes the demo/bench network config (198.19.0.0/16, plus `extra` flags such as
+/// `--ipv6-network`) into a directory registry with `linen network init`.
+pub(crate) fn init_network(dir: &Path, extra: &[&str]) -> Result<()> {
+    let out = Command::new(std::env::current_exe()?)
+        .args(["network", "init", "--registry-dir"])
+        .arg(dir)
+        .args(["--network", "198.19.0.0/16"])
+        .args(extra)
+        .stdin(Stdio::null())
+        .output()?;
+    if !out.status.success() {
+        bail!(
+            "linen network init failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Where host `index` (1-based) writes its subnet.env inside the registry directory.
+pub(crate) fn subnet_file(dir: &Path, index: u8) -> PathBuf {
+    dir.join(format!("h{index}.env"))
+}
+
+/// Starts `linen run` on host `i` (0-based) with the directory registry `dir`; its subnet.env
+/// goes to [`subnet_file`] and its log (stderr) to `log` when given. Returns the PID.
+pub(crate) fn spawn_linen(
+    lab: &mut Lab,
+    i: usize,
+    dir: &Path,
+    flags: &[&str],
+    log: Option<std::fs::File>,
+) -> Result<u32> {
+    let exe = std::env::current_exe()?;
+    let h = lab.host(i).clone();
+    let mut cmd = h.command(&exe.to_string_lossy());
+    cmd.args(["run", "--registry-dir"])
+        .arg(dir)
+        .args(["--iface", "eth0", "--subnet-file"])
+        .arg(subnet_file(dir, h.index))
+        .args(
+            (!flags.iter().any(|f| f.starts_with("--log-level")))
+                .then_some(["--log-level", "warn"])
+                .into_iter()
+                .flatten(),
+        )
+        .args(flags)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null());
+    if let Some(f) = log {
+        cmd.stderr(f);
+    }
+    Ok(lab.spawn(cmd, &format!("linen-{}", h.index))?)
+}
+
+/// The lease a host's daemon wrote into its subnet.env, once it is there.
+pub(crate) fn read_lease(env_path: &Path) -> Option<SubnetKey> {
+    let text = std::fs::read_to_string(env_path).ok()?;
+    SubnetEnv::parse(&text).ok()?.previous_key()
+}
+
 /// Starts `linen run` on both hosts with a shared directory registry; returns the PIDs and the
 /// second host's overlay address.
-fn start_linen(lab: &mut Lab, flags: &str) -> Result<(Vec<u32>, String)> {
-    let exe = std::env::current_exe()?;
-    let dir = std::env::temp_dir().join(format!("{}-registry", lab.prefix()));
-    let _ = std::fs::remove_dir_all(&dir);
-    let dir_s = dir.to_string_lossy().into_owned();
-    let status = Command::new(&exe)
-        .args([
-            "network",
-            "init",
-            "--registry-dir",
-            &dir_s,
-            "--network",
-            "198.19.0.0/16",
-        ])
-        .stdout(Stdio::null())
-        .status()?;
-    if !status.success() {
-        bail!("linen network init failed");
-    }
+fn start_linen(lab: &mut Lab, flags: &[&str]) -> Result<(Vec<u32>, String)> {
+    let dir = lab.scratch_dir()?.join("registry");
+    init_network(&dir, &[])?;
     let mut pids = Vec::new();
     for i in 0..2 {
-        let h = lab.host(i).clone();
-        let mut cmd = h.command(&exe.to_string_lossy());
-        cmd.args(["run", "--registry-dir", &dir_s, "--iface", "eth0"])
-            .arg("--subnet-file")
-            .arg(dir.join(format!("h{}.env", h.index)));
-        if !flags.contains("--log-level") {
-            cmd.args(["--log-level", "warn"]);
-        }
-        cmd.args(flags.split_whitespace());
-        pids.push(lab.spawn(cmd, &format!("linen-{}", h.index))?);
+        pids.push(spawn_linen(lab, i, &dir, flags, None)?);
     }
     // Host 2's overlay address: the network address of its lease, from its subnet.env.
-    let env_path = dir.join("h2.env");
+    let env_path = subnet_file(&dir, 2);
     let target = wait_for(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&env_path).ok()?;
-        let key = crate::model::SubnetEnv::parse(&text).ok()?.previous_key()?;
-        Some(key.ipv4()?.network().to_string())
+        Some(read_lease(&env_path)?.ipv4()?.network().to_string())
     })
     .ok_or_else(|| anyhow!("linen on host 2 did not write its subnet.env within 10 s"))?;
     wait_for(Duration::from_secs(10), || {
-        lab.host(0)
-            .run("ping", &["-c1", "-W1", &target])
-            .ok()
-            .filter(|o| o.status.success())
+        pings(lab.host(0), &target).then_some(())
     })
     .ok_or_else(|| anyhow!("linen overlay does not ping {target} within 10 s"))?;
     Ok((pids, target))
@@ -232,23 +294,15 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         let before = cpu_jiffies()?;
         let j = iperf(lab, target, &["-t", &secs])?;
         let after = cpu_jiffies()?;
-        let bps = j["end"]["sum_received"]["bits_per_second"]
-            .as_f64()
-            .unwrap_or(0.0);
         let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-        tcp1.push(bps / 1e9);
+        tcp1.push(received_gbps(&j));
         retr.push(j["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
         if bytes > 0.0 {
             // USER_HZ is 100 on Linux.
             cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
         }
         let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
-        tcp4.push(
-            j["end"]["sum_received"]["bits_per_second"]
-                .as_f64()
-                .unwrap_or(0.0)
-                / 1e9,
-        );
+        tcp4.push(received_gbps(&j));
         let (rate, lost) = udp_rate(lab, target, &secs)?;
         pps.push(rate);
         loss.push(lost);
@@ -321,7 +375,17 @@ fn cpu_jiffies() -> Result<u64> {
     Ok(total - v.get(3).copied().unwrap_or(0) - v.get(4).copied().unwrap_or(0))
 }
 
-fn iperf(lab: &mut Lab, target: &str, client_args: &[&str]) -> Result<Value> {
+/// Gbit/s the receiver counted in an iperf3 TCP result.
+pub(crate) fn received_gbps(j: &Value) -> f64 {
+    j["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0)
+        / 1e9
+}
+
+/// Runs one iperf3 client on host 1 against a one-off server on host 2 (reached at `target`);
+/// returns iperf3's JSON result.
+pub(crate) fn iperf(lab: &mut Lab, target: &str, client_args: &[&str]) -> Result<Value> {
     let server_host = lab.host(1).clone();
     let mut server = server_host.command("iperf3");
     server

@@ -3,9 +3,10 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Context, Result, bail};
 use ipnetwork::IpNetwork;
 
+use super::exit::usage;
 use super::{LeaseCommand, NetworkCommand, NetworkInitArgs};
 use crate::daemon::registry;
 use crate::lease::RegistryError;
@@ -46,9 +47,11 @@ pub async fn network(cmd: NetworkCommand) -> Result<()> {
 async fn network_init(args: NetworkInitArgs) -> Result<()> {
     let mut spec = NetworkConfigSpec::default();
     if let Some(n) = &args.network {
-        let net: ipnetwork::Ipv4Network = n
-            .parse()
-            .map_err(|_| anyhow!("--network {n:?} is not an IPv4 CIDR such as 198.19.0.0/16"))?;
+        let net: ipnetwork::Ipv4Network = n.parse().map_err(|_| {
+            usage(format!(
+                "--network {n:?} is not an IPv4 CIDR such as 198.19.0.0/16"
+            ))
+        })?;
         spec.network = Some(ipnetwork::Ipv4Network::new(net.network(), net.prefix())?);
     }
     spec.subnet_len = args.subnet_len;
@@ -56,11 +59,15 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     spec.subnet_max = args.subnet_max;
     spec.backend_port = args.port;
     if args.port == Some(0) {
-        bail!("--port 0 is not a port; use 1..65535 (flannel's default is 8285)");
+        return Err(usage(
+            "--port 0 is not a port; use 1..65535 (flannel's default is 8285)",
+        ));
     }
     if let Some(n) = &args.ipv6_network {
         let net: ipnetwork::Ipv6Network = n.parse().map_err(|_| {
-            anyhow!("--ipv6-network {n:?} is not an IPv6 CIDR such as fd00:19::/48")
+            usage(format!(
+                "--ipv6-network {n:?} is not an IPv6 CIDR such as fd00:19::/48"
+            ))
         })?;
         spec.ipv6_network = Some(ipnetwork::Ipv6Network::new(net.network(), net.prefix())?);
         spec.enable_ipv6 = Some(true);
@@ -72,9 +79,9 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         spec.enable_ipv4 = Some(false);
     }
     if spec.network.is_none() && !args.no_ipv4 {
-        bail!(
-            "--network is required (e.g. --network 198.19.0.0/16), or pass --no-ipv4 with --ipv6-network"
-        );
+        return Err(usage(
+            "--network is required (e.g. --network 198.19.0.0/16), or pass --no-ipv4 with --ipv6-network",
+        ));
     }
     let config = spec.clone().validate()?;
     let reg = registry::open(&args.registry, crate::model::LEASE_TTL).await?;
@@ -118,9 +125,9 @@ fn parse_subnet(text: &str) -> Result<SubnetKey> {
             IpNetwork::V4(n) => SubnetKey::new(Some(n), None),
             IpNetwork::V6(n) => SubnetKey::new(None, Some(n)),
         };
-        return key.ok_or_else(|| anyhow!("{text:?} holds no subnet"));
+        return key.ok_or_else(|| usage(format!("{text:?} holds no subnet")));
     }
-    SubnetKey::parse(text).map_err(|e| anyhow!("{e}; or give a CIDR such as 198.19.5.0/24"))
+    SubnetKey::parse(text).map_err(|e| usage(format!("{e}; or give a CIDR such as 198.19.5.0/24")))
 }
 
 /// Runs `linen lease …`.
@@ -187,22 +194,18 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             if let Some(n) = key.ipv4()
                 && !config.is_valid_v4_subnet(n)
             {
-                bail!(
+                return Err(usage(format!(
                     "{n} is not a leasable subnet of this network: it must be a /{} between {} and {}",
-                    config.subnet_len,
-                    config.subnet_min,
-                    config.subnet_max
-                );
+                    config.subnet_len, config.subnet_min, config.subnet_max
+                )));
             }
             if let Some(n) = key.ipv6()
                 && !config.is_valid_v6_subnet(n)
             {
-                bail!(
+                return Err(usage(format!(
                     "{n} is not a leasable IPv6 subnet of this network: it must be a /{} between {} and {}",
-                    config.ipv6_subnet_len,
-                    config.ipv6_subnet_min,
-                    config.ipv6_subnet_max
-                );
+                    config.ipv6_subnet_len, config.ipv6_subnet_min, config.ipv6_subnet_max
+                )));
             }
             let attrs = match public_ip {
                 IpAddr::V4(ip) => LeaseAttrs::with_public_ip(ip),

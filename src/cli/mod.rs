@@ -2,6 +2,7 @@
 //! validation into typed options, and the admin commands. `main.rs` only parses and dispatches.
 
 pub mod admin;
+pub mod exit;
 pub mod status;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
@@ -48,6 +49,9 @@ pub enum Command {
     Status(status::StatusArgs),
     /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts (root).
     Bench(crate::bench::BenchArgs),
+    /// Show linen working: three namespace hosts, pings between all, throughput against kernel
+    /// VXLAN; removes everything afterwards, also on Ctrl-C (root).
+    Demo(crate::demo::DemoArgs),
 }
 
 /// Where the registry is: the embedded directory store (default) or etcd v3.
@@ -120,6 +124,11 @@ pub struct RunArgs {
     /// must still lie inside a leased subnet.
     #[arg(long, env = "LINEN_ACCEPT_UNKNOWN_SENDERS")]
     pub accept_unknown_senders: bool,
+    /// Install flannel's masquerade rules (iptables chain LINEN-POSTRTG in table nat; ip6tables
+    /// too when the network has IPv6): traffic from the overlay to outside it leaves with this
+    /// host's address. Re-checked every 5 s, removed on shutdown.
+    #[arg(long, env = "LINEN_IP_MASQ")]
+    pub ip_masq: bool,
     /// Turn off TUN offloads and UDP GSO/GRO (for comparison or buggy kernels).
     #[arg(long, env = "LINEN_NO_OFFLOAD")]
     pub no_offload: bool,

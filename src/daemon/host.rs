@@ -123,10 +123,10 @@ pub async fn discover_underlay(
             .iter()
             .find(|l| l.name == want || as_ip.is_some_and(|ip| l.addrs.contains(&ip)))
             .ok_or_else(|| {
-                anyhow!(
+                crate::cli::exit::usage(format!(
                     "--iface {want}: no interface has that name or address; interfaces here: {}",
                     names(&links)
-                )
+                ))
             })?
     } else if let Some(l) = links.iter().find(|l| {
         public_ip.is_some_and(|ip| l.addrs.contains(&IpAddr::V4(ip)))

@@ -6,7 +6,9 @@
 
 pub mod host;
 pub mod http;
+pub mod masq;
 pub mod metrics;
+pub mod notify;
 pub mod registry;
 pub mod status;
 
@@ -191,12 +193,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
         config.ipv6_network,
         &own.key,
         u32::from(mtu),
-        false,
+        args.ip_masq,
     );
     host::write_atomic(&args.subnet_file, &env.render())
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
 
     let cancel = CancellationToken::new();
+    let masq = match args.ip_masq {
+        true => Some(masq::spawn_resync(
+            masq::install(&config, &own.key).await?,
+            manager.subscribe(),
+            cancel.clone(),
+        )),
+        false => None,
+    };
+    notify::notify_logged("READY=1");
     let mut state = manager.subscribe();
     ops.attach(status::Sources {
         state: manager.subscribe(),
@@ -210,6 +221,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let table = table.clone();
         let subnet_file = args.subnet_file.clone();
         let config = config.clone();
+        let ip_masq = args.ip_masq;
         tokio::spawn(async move {
             let mut own_key = None;
             loop {
@@ -223,7 +235,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 config.ipv6_network,
                                 &own.key,
                                 u32::from(mtu),
-                                false,
+                                ip_masq,
                             );
                             if let Err(e) = host::write_atomic(&subnet_file, &env.render()) {
                                 tracing::error!(error = %e, "cannot rewrite subnet.env");
@@ -247,9 +259,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
 
     wait_for_signal().await?;
+    notify::notify_logged("STOPPING=1");
     tracing::info!("stopping: workers first, then the device; the lease is kept");
     cancel.cancel();
     let _ = control.await;
+    if let Some(masq) = masq {
+        let _ = masq.await;
+    }
     publisher.abort();
     let mut total = LocalCounters::default();
     for h in handles {

@@ -11,6 +11,7 @@
 use std::fmt;
 use std::io;
 use std::net::{Ipv4Addr, Ipv6Addr};
+use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -111,8 +112,13 @@ impl Host {
 /// A set of test hosts and the processes started in them; all removed on drop.
 pub struct Lab {
     prefix: String,
+    /// Short unique tag for names in the root namespace (veth ends).
+    tag: String,
     hosts: Vec<Host>,
     switch: Option<String>,
+    /// Namespaces added after construction ([`Lab::add_outside`]).
+    extra: Vec<String>,
+    scratch: Option<PathBuf>,
     children: Vec<(String, Child)>,
 }
 
@@ -124,14 +130,17 @@ impl Lab {
         assert!((1..=200).contains(&n), "a lab has 1..=200 hosts");
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{prefix}-{}-{seq}", std::process::id());
-        let mut lab = Lab {
-            prefix: prefix.clone(),
-            hosts: Vec::new(),
-            switch: None,
-            children: Vec::new(),
-        };
         // Names of veth ends in the root namespace must be unique and ≤ 15 bytes.
         let tag = format!("{:x}{:x}", std::process::id() & 0xffff, seq & 0xff);
+        let mut lab = Lab {
+            prefix: prefix.clone(),
+            tag: tag.clone(),
+            hosts: Vec::new(),
+            switch: None,
+            extra: Vec::new(),
+            scratch: None,
+            children: Vec::new(),
+        };
         for i in 1..=n {
             let ns = format!("{prefix}-h{i}");
             run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
@@ -246,6 +255,54 @@ impl Lab {
         Ok(Some(host))
     }
 
+    /// A directory for this lab's files (registry, logs), created on first use and removed with
+    /// the lab.
+    pub fn scratch_dir(&mut self) -> Result<PathBuf> {
+        if let Some(dir) = &self.scratch {
+            return Ok(dir.clone());
+        }
+        let dir = std::env::temp_dir().join(&self.prefix);
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).map_err(|e| LabError {
+            command: format!("mkdir {}", dir.display()),
+            detail: e.to_string(),
+        })?;
+        self.scratch = Some(dir.clone());
+        Ok(dir)
+    }
+
+    /// Adds an "outside" host (a namespace outside the underlay, like a machine on the
+    /// internet) linked to host `gateway` (0-based) only: the gateway's `out0` gets
+    /// 198.18.1.1/24 and fd00:18:1::1/64, the outside host's `eth0` 198.18.1.2/24 and
+    /// fd00:18:1::2/64. The outside host has no other route, so it can answer only packets
+    /// whose source lies in 198.18.1.0/24 (e.g. masqueraded by the gateway). Removed on drop.
+    pub fn add_outside(&mut self, gateway: usize) -> Result<Host> {
+        let ns = format!("{}-out", self.prefix);
+        run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
+        self.extra.push(ns.clone());
+        let gw = self.hosts[gateway].clone();
+        let (a, b) = (format!("lo{}", self.tag), format!("lp{}", self.tag));
+        run_ok(Command::new("ip").args(["link", "add", &a, "type", "veth", "peer", "name", &b]))?;
+        run_ok(Command::new("ip").args(["link", "set", &a, "netns", &gw.ns, "name", "out0"]))?;
+        run_ok(Command::new("ip").args(["link", "set", &b, "netns", &ns, "name", "eth0"]))?;
+        let outside = Host {
+            ns,
+            ip: Ipv4Addr::new(198, 18, 1, 2),
+            ip6: Ipv6Addr::new(0xfd00, 0x18, 1, 0, 0, 0, 0, 2),
+            index: 0,
+        };
+        for (h, dev, v4, v6) in [
+            (&gw, "out0", "198.18.1.1/24", "fd00:18:1::1/64"),
+            (&outside, "eth0", "198.18.1.2/24", "fd00:18:1::2/64"),
+        ] {
+            h.ip(&["link", "set", "lo", "up"])?;
+            h.ip(&["link", "set", dev, "up"])?;
+            h.ip(&["addr", "add", v4, "dev", dev])?;
+            h.ip(&["-6", "addr", "add", v6, "dev", dev, "nodad"])?;
+        }
+        Ok(outside)
+    }
+
     /// Starts a long-running program in a host's namespace; it is killed when the lab drops
     /// (or by [`Lab::stop`]). Returns a handle number.
     pub fn spawn(&mut self, mut cmd: Command, label: &str) -> Result<u32> {
@@ -283,8 +340,11 @@ impl Drop for Lab {
         for host in &self.hosts {
             let _ = output_quiet(Command::new("ip").args(["netns", "del", &host.ns]));
         }
-        if let Some(sw) = &self.switch {
-            let _ = output_quiet(Command::new("ip").args(["netns", "del", sw]));
+        for ns in self.switch.iter().chain(&self.extra) {
+            let _ = output_quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        if let Some(dir) = &self.scratch {
+            let _ = std::fs::remove_dir_all(dir);
         }
     }
 }

@@ -4,8 +4,8 @@
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::time::SystemTime;
 
-use serde_json::value::RawValue;
 use serde_json::Value;
+use serde_json::value::RawValue;
 
 use super::SubnetKey;
 

@@ -1,0 +1,105 @@
+//! Exit codes of the binary: bad flags and invalid configs exit 2 with a message that names what
+//! to fix. No root needed (everything here fails before touching the network).
+
+use std::process::Command;
+
+const LINEN: &str = env!("CARGO_BIN_EXE_linen");
+
+/// Runs linen with `args`; returns (exit code, stderr).
+fn linen(args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(LINEN)
+        .args(args)
+        .env_remove("LINEN_IP_MASQ")
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn assert_usage(args: &[&str], mentions: &[&str]) {
+    let (code, stderr) = linen(args);
+    assert_eq!(
+        code,
+        Some(2),
+        "linen {args:?} should exit 2; stderr:\n{stderr}"
+    );
+    for m in mentions {
+        assert!(
+            stderr.contains(m),
+            "linen {args:?}: stderr should mention {m:?}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn bad_flags_exit_2_and_say_what_to_fix() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().to_str().unwrap();
+    let init = format!("network init --registry-dir {reg}");
+    // (arguments, what stderr must mention)
+    let cases: Vec<(String, &[&str])> = vec![
+        ("run --no-such-flag".into(), &["--no-such-flag"]),
+        ("run --mtu 10".into(), &["--mtu", "576"]),
+        ("run --subnet-lease-renew-margin 0".into(), &["1..=1439"]),
+        ("demo --seconds 0".into(), &["--seconds"]),
+        ("--log-level [[ lease list".into(), &["--log-level", "info"]),
+        (
+            format!("{init} --network nonsense"),
+            &["--network", "198.19.0.0/16"],
+        ),
+        (
+            format!("{init} --network 198.19.0.0/16 --port 0"),
+            &["--port 0", "8285"],
+        ),
+        (init.clone(), &["--network is required"]),
+        (
+            format!("lease reserve --registry-dir {reg} garbage --public-ip 198.18.0.9"),
+            &["198.19.5.0/24"],
+        ),
+        // The config itself is refused by flannel's validation.
+        (
+            format!("{init} --network 198.19.0.0/16 --subnet-len 8"),
+            &["SubnetLen"],
+        ),
+    ];
+    for (args, mentions) in cases {
+        let args: Vec<&str> = args.split_whitespace().collect();
+        assert_usage(&args, mentions);
+    }
+}
+
+#[test]
+fn an_invalid_stored_config_exits_2_before_anything_is_set_up() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("config"), r#"{"Network": "not-a-cidr"}"#).unwrap();
+    let reg = dir.path().to_str().unwrap();
+    let env = dir.path().join("subnet.env");
+    let (code, stderr) = linen(&[
+        "run",
+        "--registry-dir",
+        reg,
+        "--subnet-file",
+        env.to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("Network"), "{stderr}");
+    assert!(stderr.contains("config"), "{stderr}");
+    assert!(!env.exists(), "nothing may be written for a bad config");
+    let (code, stderr) = linen(&["network", "show", "--registry-dir", reg]);
+    assert_eq!(code, Some(2), "{stderr}");
+}
+
+#[test]
+fn runtime_failures_exit_1() {
+    // A registry path that cannot be a directory: a runtime failure, not bad input.
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let (code, stderr) = linen(&[
+        "lease",
+        "list",
+        "--registry-dir",
+        file.path().join("sub").to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(1), "{stderr}");
+}

@@ -1,0 +1,300 @@
+//! `linen run --ip-masq` in namespaces: two overlay hosts, and an "outside" host linked to host 1
+//! only that has no route to the overlay. Traffic from host 1's overlay (a bridge address, as a
+//! container would use) reaches the outside host only because host 1 masquerades it; traffic
+//! between overlay addresses keeps its source. The rules come back when deleted and are gone
+//! after SIGTERM. Host 2 also reports to a systemd-style `NOTIFY_SOCKET` (READY=1 after
+//! subnet.env, STOPPING=1 on SIGTERM). Root only; skipped otherwise.
+
+mod common;
+use common::{LINEN, skip};
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use linen::lab::{Host, Lab, wait_for};
+use linen::model::SubnetEnv;
+
+/// Receives one UDP datagram on port 9000, answers it, prints the sender's address.
+const SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 9000)); s.settimeout(15)
+d, a = s.recvfrom(100); s.sendto(d, a); print(a[0], flush=True)
+"#;
+
+/// Sends from source address argv[1] to argv[2]:9000 until answered (3 tries); prints
+/// "reply" or "no reply".
+const CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], 0)); s.settimeout(1)
+for _ in range(3):
+    s.sendto(b"x", (sys.argv[2], 9000))
+    try:
+        s.recvfrom(100); print("reply"); break
+    except socket.timeout:
+        pass
+else:
+    print("no reply")
+"#;
+
+/// Sends a datagram from `src` on `from` to `dst` on `to`; returns whether it was answered and
+/// the source address the receiver saw (when it got the datagram).
+fn udp_exchange(from: &Host, src: &str, to: &Host, dst: &str) -> (bool, Option<String>) {
+    let bind = if dst.contains(':') { "::" } else { "0.0.0.0" };
+    let server = to
+        .command("python3")
+        .args(["-c", SERVER, bind])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let reply = from.run_ok("python3", &["-c", CLIENT, src, dst]).unwrap();
+    let seen = if reply.trim() == "reply" {
+        let out = server.wait_with_output().unwrap();
+        Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    } else {
+        // The server may still wait; stop it by PID (we started it).
+        let _ = Command::new("kill")
+            .args(["-TERM", &server.id().to_string()])
+            .status();
+        let out = server.wait_with_output().unwrap();
+        let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+        (!s.is_empty()).then_some(s)
+    };
+    (reply.trim() == "reply", seen)
+}
+
+fn nat_rules(h: &Host, program: &str) -> String {
+    h.run_ok(program, &["-w", "5", "-t", "nat", "-S"]).unwrap()
+}
+
+/// Packets counted by the MASQUERADE rules of LINEN-POSTRTG.
+fn masquerade_packets(h: &Host, program: &str) -> u64 {
+    let out = h
+        .run_ok(
+            program,
+            &[
+                "-w",
+                "5",
+                "-t",
+                "nat",
+                "-L",
+                "LINEN-POSTRTG",
+                "-n",
+                "-v",
+                "-x",
+            ],
+        )
+        .unwrap();
+    out.lines()
+        .filter(|l| l.contains("MASQUERADE"))
+        .filter_map(|l| l.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+fn chain_rule_count(h: &Host, program: &str) -> usize {
+    nat_rules(h, program)
+        .lines()
+        .filter(|l| l.starts_with("-A LINEN-POSTRTG") && l.contains("linen masq"))
+        .count()
+}
+
+fn has_jump(h: &Host, program: &str) -> bool {
+    nat_rules(h, program)
+        .lines()
+        .any(|l| l.starts_with("-A POSTROUTING") && l.contains("-j LINEN-POSTRTG"))
+}
+
+fn start(lab: &mut Lab, i: usize, dir: &Path, notify: Option<&Path>) -> (u32, PathBuf, PathBuf) {
+    let host = lab.host(i).clone();
+    let env = dir.join(format!("h{}.env", i + 1));
+    let log = dir.join(format!("h{}.log", i + 1));
+    let mut cmd = host.command(LINEN);
+    cmd.args(["run", "--ip-masq", "--iface", "eth0", "--registry-dir"])
+        .arg(dir)
+        .arg("--subnet-file")
+        .arg(&env)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    if let Some(socket) = notify {
+        cmd.env("NOTIFY_SOCKET", socket);
+    }
+    (lab.spawn(cmd, "linen").unwrap(), env, log)
+}
+
+fn read_env(env: &Path, log: &Path) -> SubnetEnv {
+    wait_for(Duration::from_secs(15), || {
+        SubnetEnv::parse(&std::fs::read_to_string(env).ok()?).ok()
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "no subnet.env; log:\n{}",
+            std::fs::read_to_string(log).unwrap_or_default()
+        )
+    })
+}
+
+/// Gives `h` a bridge `cbr0` carrying the first address of its lease(s), as docker/CNI would.
+fn bridge(h: &Host, env: &SubnetEnv) -> (String, String) {
+    let (v4, v6) = (env.subnet.unwrap(), env.ipv6_subnet.unwrap());
+    h.ip(&["link", "add", "cbr0", "type", "bridge"]).unwrap();
+    h.ip(&["addr", "add", &v4.to_string(), "dev", "cbr0"])
+        .unwrap();
+    h.ip(&["-6", "addr", "add", &v6.to_string(), "dev", "cbr0", "nodad"])
+        .unwrap();
+    h.ip(&["link", "set", "cbr0", "up"]).unwrap();
+    (v4.ip().to_string(), v6.ip().to_string())
+}
+
+#[test]
+fn masquerade_to_outside_but_not_inside_the_overlay() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("lnmasq", 2, 1500).unwrap();
+    let outside = lab.add_outside(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::network_init(dir.path());
+    let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None);
+    // Host 2 reports to a systemd-style notify socket: READY=1 only once subnet.env exists.
+    let notify_path = dir.path().join("notify.sock");
+    let notify = UnixDatagram::bind(&notify_path).unwrap();
+    notify
+        .set_read_timeout(Some(Duration::from_secs(15)))
+        .unwrap();
+    let (pid2, env2, log2) = start(&mut lab, 1, dir.path(), Some(&notify_path));
+    let mut buf = [0u8; 64];
+    let n = notify.recv(&mut buf).expect("no READY=1 from linen run");
+    assert_eq!(&buf[..n], b"READY=1");
+    assert!(env2.exists(), "READY=1 before subnet.env was written");
+    let (e1, e2) = (read_env(&env1, &log1), read_env(&env2, &log2));
+    assert!(e1.ipmasq && e2.ipmasq, "FLANNEL_IPMASQ=true with --ip-masq");
+    let (h1, h2) = (lab.host(0).clone(), lab.host(1).clone());
+
+    // The rules are there (6 in each family's chain, plus the jump).
+    let rules_there = || {
+        ["iptables", "ip6tables"]
+            .iter()
+            .all(|p| chain_rule_count(&h1, p) == 6 && has_jump(&h1, p))
+            .then_some(())
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), rules_there).is_some(),
+        "{}\n{}",
+        nat_rules(&h1, "iptables"),
+        nat_rules(&h1, "ip6tables")
+    );
+    let v4_rules = nat_rules(&h1, "iptables");
+    let n = "198.19.0.0/16";
+    let l = e1.subnet.unwrap().network().to_string();
+    for want in [
+        "--mark 0x4000/0x4000".to_owned(),
+        format!("-s {l}/24 -d {n}"),
+        format!("-s {n} -d {l}/24"),
+        format!("! -s {n} -d {l}/24"),
+        format!("-s {n} ! -d 224.0.0.0/4"),
+        format!("! -s {n} -d {n}"),
+        "--random-fully".to_owned(),
+    ] {
+        assert!(v4_rules.contains(&want), "missing {want:?} in\n{v4_rules}");
+    }
+
+    let (b1, b1v6) = bridge(&h1, &e1);
+    let (b2, _) = bridge(&h2, &e2);
+    let tun2 = e2.subnet.unwrap().network().to_string();
+
+    // Overlay → overlay, both directions: the receiver sees the overlay source.
+    let wait_overlay = wait_for(Duration::from_secs(10), || {
+        h1.run("ping", &["-c1", "-W1", "-I", &b1, &tun2])
+            .ok()
+            .filter(|o| o.status.success())
+    });
+    assert!(wait_overlay.is_some(), "overlay does not work");
+    let (answered, seen) = udp_exchange(&h1, &b1, &h2, &tun2);
+    assert!(answered);
+    assert_eq!(
+        seen.as_deref(),
+        Some(b1.as_str()),
+        "h1 → h2 keeps its source"
+    );
+    let (answered, seen) = udp_exchange(&h2, &b2, &h1, &b1);
+    assert!(answered);
+    assert_eq!(
+        seen.as_deref(),
+        Some(b2.as_str()),
+        "h2 → h1 keeps its source"
+    );
+    assert_eq!(
+        masquerade_packets(&h1, "iptables"),
+        0,
+        "overlay traffic was masqueraded"
+    );
+    assert_eq!(
+        masquerade_packets(&h2, "iptables"),
+        0,
+        "overlay traffic was masqueraded"
+    );
+
+    // Overlay → outside: answered only because host 1 rewrote the source to its own address
+    // (the outside host has no route to the overlay).
+    let (answered, seen) = udp_exchange(&h1, &b1, &outside, "198.18.1.2");
+    assert!(answered, "no answer from outside through masquerade");
+    assert_eq!(seen.as_deref(), Some("198.18.1.1"));
+    assert!(masquerade_packets(&h1, "iptables") > 0);
+    let (answered, seen) = udp_exchange(&h1, &b1v6, &outside, "fd00:18:1::2");
+    assert!(answered, "no IPv6 answer from outside through masquerade");
+    assert_eq!(seen.as_deref(), Some("fd00:18:1::1"));
+
+    // Deleted rules come back within the resync period (5 s).
+    h1.run_ok("iptables", &["-t", "nat", "-D", "LINEN-POSTRTG", "2"])
+        .unwrap();
+    h1.run_ok(
+        "iptables",
+        &[
+            "-t",
+            "nat",
+            "-D",
+            "POSTROUTING",
+            "-m",
+            "comment",
+            "--comment",
+            "linen masq",
+            "-j",
+            "LINEN-POSTRTG",
+        ],
+    )
+    .unwrap();
+    assert!(chain_rule_count(&h1, "iptables") == 5 && !has_jump(&h1, "iptables"));
+    assert!(
+        wait_for(Duration::from_secs(8), rules_there).is_some(),
+        "rules not restored:\n{}",
+        nat_rules(&h1, "iptables")
+    );
+
+    // SIGTERM removes every rule and the chain, and exits 0.
+    let status = lab.stop(pid1, Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log1).unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    for p in ["iptables", "ip6tables"] {
+        let rules = nat_rules(&h1, p);
+        assert!(
+            !rules.contains("LINEN"),
+            "{p} still has linen rules:\n{rules}"
+        );
+    }
+    let status = lab.stop(pid2, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()));
+    let n = notify.recv(&mut buf).expect("no STOPPING=1 from linen run");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+
+    // Without masquerade the outside host cannot answer: the test above could fail.
+    let (answered, _) = udp_exchange(&h1, &b1, &outside, "198.18.1.2");
+    assert!(
+        !answered,
+        "outside answered an unmasqueraded overlay source"
+    );
+}
