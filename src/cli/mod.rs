@@ -138,7 +138,7 @@ pub struct RunArgs {
     /// Serve /metrics (Prometheus), /healthz and /status on this IP:PORT, or `off`.
     #[arg(long, env = "LINEN_METRICS_ADDR", default_value = status::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: status::MetricsAddr,
-    /// Lease TTL in seconds for new leases on the directory registry (flannel: 86400; shorter
+    /// Lease TTL in seconds for new leases, on either registry (flannel: 86400, fixed; shorter
     /// values are for tests and demos).
     #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]
     pub lease_ttl: u64,

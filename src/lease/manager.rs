@@ -156,14 +156,16 @@ pub struct ManagerOptions {
 }
 
 impl ManagerOptions {
-    /// flannel's defaults: 60 min renew margin, retries backing off from 1 s to 60 s.
+    /// flannel's 60 min renew margin; retries back off from 1 s to 8 s. The cap is low on
+    /// purpose: after an outage the watch must resume (and a due renewal happen) within seconds
+    /// of the registry's return, and flannel itself retries every second.
     pub fn new(attrs: LeaseAttrs) -> ManagerOptions {
         ManagerOptions {
             attrs,
             previous: None,
             renew_margin: DEFAULT_RENEW_MARGIN,
             backoff_min: Duration::from_secs(1),
-            backoff_max: Duration::from_secs(60),
+            backoff_max: Duration::from_secs(8),
         }
     }
 }
