@@ -55,6 +55,8 @@ pub struct Results {
     pub ping_p99_us: f64,
     /// Machine CPU-seconds per GB received during the single-stream TCP run.
     pub cpu_s_per_gb: f64,
+    /// Peak resident memory of one linen daemon over the whole run, MiB (linen only).
+    pub peak_rss_mib: f64,
 }
 
 /// Runs the benchmark (blocking work on a blocking thread).
@@ -86,10 +88,17 @@ fn run_blocking(args: &BenchArgs) -> Result<()> {
                 let flags: Vec<&str> = args.linen_flags.split_whitespace().collect();
                 let (pids, target) = start_linen(&mut lab, &flags)?;
                 let r = measure(&mut lab, "linen", &target, args);
+                let rss = pids
+                    .iter()
+                    .filter_map(|&p| peak_rss_kib(p))
+                    .max()
+                    .unwrap_or(0);
                 for pid in pids {
                     lab.stop(pid, Duration::from_secs(5));
                 }
-                r?
+                let mut r = r?;
+                r.peak_rss_mib = rss as f64 / 1024.0;
+                r
             }
             other => bail!("unknown path {other:?}; use veth, vxlan or linen"),
         };
@@ -320,7 +329,17 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         ping_avg_us: median(avg),
         ping_p99_us: median(p99),
         cpu_s_per_gb: median(cpu),
+        peak_rss_mib: 0.0,
     })
+}
+
+/// A process's peak resident set (`VmHWM`), KiB.
+fn peak_rss_kib(pid: u32) -> Option<u64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
 }
 
 /// One 64-byte UDP run at `bps` offered (0 = unlimited): (received datagrams/s, loss %).
@@ -433,7 +452,7 @@ fn print_table(all: &[Results]) {
     let get = |name: &str| all.iter().find(|r| r.path == name);
     let (veth, vxlan, linen) = (get("veth"), get("vxlan"), get("linen"));
     type Metric = (&'static str, fn(&Results) -> f64);
-    let metrics: [Metric; 8] = [
+    let metrics: [Metric; 9] = [
         ("TCP 1 stream (Gbit/s)", |r| r.tcp1_gbps),
         ("TCP 1 stream retransmits", |r| r.tcp1_retransmits),
         ("TCP 4 streams (Gbit/s)", |r| r.tcp4_gbps),
@@ -444,6 +463,7 @@ fn print_table(all: &[Results]) {
         ("ping avg (µs)", |r| r.ping_avg_us),
         ("ping p99 (µs)", |r| r.ping_p99_us),
         ("CPU-s per GB (TCP 1)", |r| r.cpu_s_per_gb),
+        ("peak RSS of one daemon (MiB)", |r| r.peak_rss_mib),
     ];
     println!(
         "| metric | veth | vxlan | linen | linen/veth | linen/vxlan |\n|---|---:|---:|---:|---:|---:|"

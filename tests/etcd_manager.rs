@@ -1,0 +1,274 @@
+//! The lease manager and the admin commands on a real etcd (skipped, visibly, when `etcd` is
+//! missing): the behaviours flannel gets wrong, checked against the registry it gets them wrong
+//! on.
+
+mod common;
+
+use std::net::Ipv4Addr;
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use common::LINEN;
+use common::etcd::EtcdServer;
+use linen::lease::Registry;
+use linen::lease::etcd::{EtcdOptions, EtcdRegistry};
+use linen::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
+use linen::model::{DEFAULT_PREFIX, LeaseAttrs, NetworkConfigSpec, SubnetKey};
+use tokio::sync::watch;
+use tokio_util::sync::CancellationToken;
+
+async fn registry(server: &EtcdServer) -> Arc<EtcdRegistry> {
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        endpoints: vec![server.endpoint()],
+        lease_ttl: Duration::from_secs(3600),
+        connect_timeout: Duration::from_secs(2),
+        request_timeout: Duration::from_secs(3),
+        ..EtcdOptions::default()
+    })
+    .await
+    .expect("connect to the test etcd");
+    Arc::new(reg)
+}
+
+async fn with_config(server: &EtcdServer) -> Arc<EtcdRegistry> {
+    let reg = registry(server).await;
+    let spec = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+    reg.put_network_config(&spec).await.unwrap();
+    reg
+}
+
+fn host(n: u8) -> LeaseAttrs {
+    LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 1, n))
+}
+
+fn key(s: &str) -> SubnetKey {
+    SubnetKey::parse(s).unwrap()
+}
+
+fn options(n: u8) -> ManagerOptions {
+    let mut o = ManagerOptions::new(host(n));
+    o.backoff_min = Duration::from_millis(100);
+    o.backoff_max = Duration::from_millis(500);
+    o
+}
+
+struct Running {
+    state: watch::Receiver<LeaseState>,
+    cancel: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Running {
+    async fn start(reg: Arc<EtcdRegistry>, opts: ManagerOptions) -> Running {
+        let config = reg.get_network_config().await.unwrap();
+        let mut m = LeaseManager::new(reg, config, opts);
+        m.acquire().await.unwrap();
+        let state = m.subscribe();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        Running {
+            state,
+            cancel,
+            task,
+        }
+    }
+
+    fn own(&self) -> Option<SubnetKey> {
+        self.state.borrow().own.as_ref().map(|l| l.key)
+    }
+
+    async fn wait(&mut self, secs: u64, what: &str, ok: impl Fn(&LeaseState) -> bool) {
+        let deadline = tokio::time::sleep(Duration::from_secs(secs));
+        tokio::pin!(deadline);
+        loop {
+            if ok(&self.state.borrow_and_update()) {
+                return;
+            }
+            tokio::select! {
+                _ = &mut deadline => panic!("timed out waiting for {what}; state: {:?}", *self.state.borrow()),
+                r = self.state.changed() => r.unwrap(),
+            }
+        }
+    }
+
+    async fn stop(self) {
+        self.cancel.cancel();
+        self.task.await.unwrap();
+    }
+}
+
+#[tokio::test]
+async fn a_previous_subnet_held_by_another_host_is_not_taken() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = with_config(&server).await;
+    reg.create_lease(&key("198.19.9.0-24"), &host(2))
+        .await
+        .unwrap();
+    let mut opts = options(1);
+    opts.previous = Some(key("198.19.9.0-24"));
+    let a = Running::start(Arc::clone(&reg), opts).await;
+    let mine = a.own().unwrap();
+    assert_ne!(mine, key("198.19.9.0-24"));
+    let held = reg
+        .list_leases()
+        .await
+        .unwrap()
+        .leases
+        .into_iter()
+        .find(|l| l.key == key("198.19.9.0-24"))
+        .unwrap();
+    assert_eq!(
+        held.attrs,
+        host(2),
+        "host 2's lease untouched (flannel #1289)"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn a_lease_key_deleted_by_hand_is_reacquired() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = with_config(&server).await;
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
+    let mine = a.own().unwrap();
+    let path = format!("{DEFAULT_PREFIX}/subnets/{mine}");
+    let created = create_revision(&server, &path).expect("our key exists");
+    server.etcdctl(&["del", &path]);
+    // The key comes back, written anew (a later create revision), by the running manager.
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while create_revision(&server, &path).is_none_or(|r| r <= created) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the lease was not re-acquired"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    a.wait(5, "the same subnet again", |s| {
+        s.own.as_ref().is_some_and(|l| l.key == mine) && s.registry.connected
+    })
+    .await;
+    let list = reg.list_leases().await.unwrap().leases;
+    assert!(list.iter().any(|l| l.key == mine && l.attrs == host(1)));
+    assert!(
+        !a.task.is_finished(),
+        "keeps running (flannel #904 exits 0)"
+    );
+    a.stop().await;
+}
+
+#[tokio::test]
+async fn etcd_down_for_10_s_keeps_the_lease_and_catches_up() {
+    let Some(mut server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = with_config(&server).await;
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
+    let mine = a.own().unwrap();
+    // A peer joins before the outage; the manager sees it.
+    let other = registry(&server).await;
+    other
+        .create_lease(&key("198.19.50.0-24"), &host(2))
+        .await
+        .unwrap();
+    a.wait(5, "host 2", |s| s.peers.len() == 1).await;
+    server.stop();
+    a.wait(10, "the outage to be noticed", |s| !s.registry.connected)
+        .await;
+    tokio::time::sleep(Duration::from_secs(10)).await;
+    server.start_again();
+    // After the restart: host 2 leaves and host 3 joins; both changes arrive, the lease stays.
+    let other = registry(&server).await;
+    other.revoke_lease(&key("198.19.50.0-24")).await.unwrap();
+    other
+        .create_lease(&key("198.19.51.0-24"), &host(3))
+        .await
+        .unwrap();
+    a.wait(15, "recovery with host 3 only", |s| {
+        s.registry.connected && s.peers.len() == 1 && s.peers[0].key == key("198.19.51.0-24")
+    })
+    .await;
+    assert_eq!(a.own(), Some(mine), "still our lease");
+    let list = reg.list_leases().await.unwrap().leases;
+    assert!(list.iter().any(|l| l.key == mine && l.attrs == host(1)));
+    a.stop().await;
+}
+
+/// The key's create revision, or `None` when it is absent.
+fn create_revision(server: &EtcdServer, path: &str) -> Option<u64> {
+    let json = server.etcdctl(&["get", "-w", "json", path]);
+    let v: serde_json::Value = serde_json::from_str(&json).ok()?;
+    v["kvs"][0]["create_revision"].as_u64()
+}
+
+fn linen(server: &EtcdServer, args: &[&str]) -> (bool, String) {
+    let out = Command::new(LINEN)
+        .args(args)
+        .args(["--etcd-endpoints", &server.endpoint()])
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+#[tokio::test]
+async fn admin_commands_work_against_etcd() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let (ok, out) = linen(&server, &["network", "init", "--network", "198.19.0.0/16"]);
+    assert!(ok, "{out}");
+    let stored = server.etcdctl(&[
+        "get",
+        "--print-value-only",
+        &format!("{DEFAULT_PREFIX}/config"),
+    ]);
+    assert!(stored.contains("\"Network\":\"198.19.0.0/16\""), "{stored}");
+    let (ok, out) = linen(&server, &["network", "show"]);
+    assert!(
+        ok && out.contains("198.19.1.0") && out.contains("198.19.255.0"),
+        "{out}"
+    );
+    let (ok, out) = linen(
+        &server,
+        &[
+            "lease",
+            "reserve",
+            "198.19.7.0/24",
+            "--public-ip",
+            "198.18.1.7",
+        ],
+    );
+    assert!(ok, "{out}");
+    // A reservation has no etcd lease attached.
+    let kv = server.etcdctl(&[
+        "get",
+        "-w",
+        "json",
+        &format!("{DEFAULT_PREFIX}/subnets/198.19.7.0-24"),
+    ]);
+    assert!(kv.contains("\"kvs\""), "{kv}");
+    assert!(
+        !kv.contains("\"lease\""),
+        "reservation must be lease-less: {kv}"
+    );
+    let (ok, out) = linen(&server, &["lease", "list", "--json"]);
+    assert!(
+        ok && out.contains("198.19.7.0-24") && out.contains("\"reservation\":true"),
+        "{out}"
+    );
+    let (ok, out) = linen(&server, &["lease", "release", "198.19.7.0/24"]);
+    assert!(ok, "{out}");
+    let (ok, out) = linen(&server, &["lease", "list", "--json"]);
+    assert!(ok && !out.contains("198.19.7.0-24"), "{out}");
+}
