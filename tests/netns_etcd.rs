@@ -171,7 +171,7 @@ fn ping_summary(path: &Path) -> String {
 #[test]
 fn mesh_survives_an_etcd_outage_and_a_later_host_joins() {
     if !is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
+        common::skipped("network-namespace tests need root");
         return;
     }
     let started = Instant::now();

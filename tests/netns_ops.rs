@@ -15,7 +15,12 @@ const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
 fn skip() -> bool {
     if !is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
+        use std::io::Write;
+        // Written to the stderr handle, not with eprintln!, so libtest does not capture it.
+        let _ = writeln!(
+            std::io::stderr(),
+            "SKIPPED: network-namespace tests need root"
+        );
         return true;
     }
     false

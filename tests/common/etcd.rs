@@ -72,7 +72,10 @@ impl EtcdServer {
         tls: Option<ServerTls>,
     ) -> Option<EtcdServer> {
         if !binary_available() {
-            eprintln!(
+            use std::io::Write;
+            // The stderr handle, not eprintln!: libtest would capture it in a passing test.
+            let _ = writeln!(
+                std::io::stderr(),
                 "SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)"
             );
             return None;

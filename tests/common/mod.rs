@@ -10,10 +10,17 @@ use std::process::Command;
 /// The linen binary under test.
 pub const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
+/// Says that a test was skipped and why, on the real stderr: libtest captures `eprintln!`
+/// output of passing tests, but not writes to the stderr handle, so the message stays visible.
+pub fn skipped(why: &str) {
+    use std::io::Write;
+    let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
+}
+
 /// Whether to skip a namespace test (not root); says so on stderr.
 pub fn skip() -> bool {
     if !linen::lab::is_root() {
-        eprintln!("SKIPPED: network-namespace tests need root");
+        skipped("network-namespace tests need root");
         return true;
     }
     false
