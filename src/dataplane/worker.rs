@@ -42,6 +42,9 @@ const RX_GRO_BUFS: usize = 8;
 const RX_BUFS: usize = 32;
 /// Packets queued for the TUN before a write flush.
 const TUN_OUT: usize = 128;
+/// Smallest capacity of a TUN write buffer (virtio header + an MTU-sized packet, rounded up);
+/// one grown past four times its base capacity by GRO coalescing is given back after a flush.
+const TUN_OUT_CAPACITY: usize = 2048;
 
 /// Everything a worker needs; built by the daemon, moved into the thread.
 pub struct WorkerSetup {
@@ -189,6 +192,7 @@ struct Worker {
     rx_meta: Vec<RecvMeta>,
     tun_out: Vec<Vec<u8>>,
     tun_out_len: usize,
+    tun_out_capacity: usize,
     gro_table: GROTable,
 }
 
@@ -202,17 +206,13 @@ impl Worker {
         };
         let gro = udp_state.gro_segments() > 1;
         let seg_len = (setup.config.mtu + 64).max(1600);
+        let tun_out_capacity = (VIRTIO_NET_HDR_LEN + seg_len).max(TUN_OUT_CAPACITY);
         // Full-size segments of a split super-packet are exactly MTU bytes long.
         let stride = setup.config.mtu.max(576);
         let (rx_count, rx_len) = if gro {
             (RX_GRO_BUFS, 65_536)
         } else {
             (RX_BUFS, seg_len)
-        };
-        let headroom = if setup.tun_offload {
-            VIRTIO_NET_HDR_LEN
-        } else {
-            0
         };
         let segs = if setup.tun_offload {
             SEGMENTS
@@ -242,8 +242,9 @@ impl Worker {
             rx_bufs: vec![vec![0; rx_len]; rx_count],
             rx_meta: vec![RecvMeta::default(); rx_count],
             tun_out: (0..TUN_OUT)
-                .map(|_| Vec::with_capacity(headroom + seg_len))
+                .map(|_| Vec::with_capacity(tun_out_capacity))
                 .collect(),
+            tun_out_capacity,
             tun_out_len: 0,
             gro_table: GROTable::default(),
             tun: setup.tun,
@@ -481,6 +482,7 @@ impl Worker {
                                 &mut self.tun_out,
                                 &mut self.tun_out_len,
                                 headroom,
+                                self.tun_out_capacity,
                                 &mut self.local,
                             )?;
                         }
@@ -513,6 +515,7 @@ impl Worker {
             &mut self.tun_out,
             &mut self.tun_out_len,
             headroom,
+            self.tun_out_capacity,
             &mut self.local,
         )
     }
@@ -544,13 +547,23 @@ fn flush_tun_out(
     out: &mut [Vec<u8>],
     len: &mut usize,
     headroom: usize,
+    base_capacity: usize,
     local: &mut LocalCounters,
 ) -> io::Result<()> {
     if *len == 0 {
         return Ok(());
     }
     let n = std::mem::take(len);
-    if let Err(e) = tun.send_multiple(gro, &mut out[..n], headroom) {
+    let result = tun.send_multiple(gro, &mut out[..n], headroom);
+    // GRO coalescing grows the head buffer of each flow to up to 64 KiB, and over time the heads
+    // land on every slot: 128 × 64 KiB per worker. Give the few grown buffers back after each
+    // flush (a handful of frees per batch, none per packet) to keep the daemon small.
+    for buf in &mut out[..n] {
+        if buf.capacity() > 4 * base_capacity {
+            *buf = Vec::with_capacity(base_capacity);
+        }
+    }
+    if let Err(e) = result {
         if is_fatal(&e) {
             return Err(e);
         }
