@@ -129,6 +129,12 @@ pub struct RunArgs {
     /// host's address. Re-checked every 5 s, removed on shutdown.
     #[arg(long, env = "LINEN_IP_MASQ")]
     pub ip_masq: bool,
+    /// Microseconds a worker keeps polling after traffic before it sleeps (0: sleep at once).
+    /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM): on
+    /// 2 cores, 100 cut ping from 244 to 173 µs but TCP throughput from 5.0 to 3.8 Gbit/s.
+    #[arg(long, env = "LINEN_BUSY_POLL_US", default_value_t = 0,
+          value_parser = clap::value_parser!(u32).range(0..=10_000))]
+    pub busy_poll_us: u32,
     /// Turn off TUN offloads and UDP GSO/GRO (for comparison or buggy kernels).
     #[arg(long, env = "LINEN_NO_OFFLOAD")]
     pub no_offload: bool,

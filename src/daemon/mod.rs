@@ -183,6 +183,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 accept_unknown_senders: args.accept_unknown_senders,
             },
             no_udp_offload: args.no_offload,
+            busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
         })?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
