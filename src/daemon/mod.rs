@@ -281,23 +281,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// `name=value` pairs of every counter, for the shutdown log line.
 pub fn counters_summary(c: &LocalCounters) -> String {
-    use std::fmt::Write as _;
-    let mut s = format!(
-        "tun_rx={} tun_rx_bytes={} udp_tx={} udp_tx_bytes={} udp_rx={} udp_rx_bytes={} tun_tx={} tun_tx_bytes={} icmp_sent={}",
-        c.tun_rx_packets,
-        c.tun_rx_bytes,
-        c.udp_tx_packets,
-        c.udp_tx_bytes,
-        c.udp_rx_packets,
-        c.udp_rx_bytes,
-        c.tun_tx_packets,
-        c.tun_tx_bytes,
-        c.icmp_sent
-    );
-    for r in crate::dataplane::DropReason::ALL {
-        let _ = write!(s, " {}={}", r.name(), c.drops_for(r));
-    }
-    s
+    c.named()
+        .map(|(name, value)| format!("{name}={value}"))
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 async fn wait_for_config(registry: &dyn Registry) -> Result<NetworkConfig> {

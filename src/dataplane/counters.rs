@@ -156,19 +156,31 @@ impl Counters {
 }
 
 fn flatten(c: &LocalCounters) -> impl Iterator<Item = u64> + '_ {
-    [
-        c.tun_rx_packets,
-        c.tun_rx_bytes,
-        c.udp_tx_packets,
-        c.udp_tx_bytes,
-        c.udp_rx_packets,
-        c.udp_rx_bytes,
-        c.tun_tx_packets,
-        c.tun_tx_bytes,
-        c.icmp_sent,
-    ]
-    .into_iter()
-    .chain(c.drops.iter().copied())
+    c.named().map(|(_, v)| v)
+}
+
+impl LocalCounters {
+    /// Every counter with a stable name (traffic first, then one per drop reason), in the
+    /// order [`Counters`] stores them: for log lines and status output.
+    pub fn named(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        [
+            ("tun_rx", self.tun_rx_packets),
+            ("tun_rx_bytes", self.tun_rx_bytes),
+            ("udp_tx", self.udp_tx_packets),
+            ("udp_tx_bytes", self.udp_tx_bytes),
+            ("udp_rx", self.udp_rx_packets),
+            ("udp_rx_bytes", self.udp_rx_bytes),
+            ("tun_tx", self.tun_tx_packets),
+            ("tun_tx_bytes", self.tun_tx_bytes),
+            ("icmp_sent", self.icmp_sent),
+        ]
+        .into_iter()
+        .chain(
+            DropReason::ALL
+                .iter()
+                .map(|r| (r.name(), self.drops_for(*r))),
+        )
+    }
 }
 
 #[cfg(test)]
