@@ -292,9 +292,9 @@ impl Worker {
             // arrives within tens of microseconds, and catching it here saves a thread wakeup,
             // which costs ~50 µs on a virtual machine (ping over linen: see README). Only after
             // activity, so an idle worker does not spin.
-            let spin_until = Instant::now() + self.busy_poll;
+            let spin_until = (!self.busy_poll.is_zero()).then(|| Instant::now() + self.busy_poll);
             loop {
-                let timeout = if Instant::now() < spin_until {
+                let timeout = if spin_until.is_some_and(|t| Instant::now() < t) {
                     Some(std::time::Duration::ZERO)
                 } else {
                     None
