@@ -64,7 +64,8 @@ fn check_error(original: &Ipv6Packet<&[u8]>, kind: Icmpv6Error, out_len: usize) 
     let mut out = [0u8; 2 * MAX_ICMPV6_ERROR_LEN];
     let len = match build_icmpv6_error(original.into_inner(), kind, TUN, &mut out[..out_len]) {
         Ok(len) => len,
-        Err(Suppress::Malformed(e)) if e == linen::wire::Error::Truncated => return, // ext chain
+        // The header checked out, so only the extension header chain can be truncated.
+        Err(Suppress::Malformed(linen::wire::Error::Truncated)) => return,
         Err(Suppress::Malformed(e)) => panic!("checked packet refused as malformed: {e}"),
         Err(_) => return,
     };
