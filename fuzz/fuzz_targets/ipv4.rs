@@ -32,7 +32,9 @@ fuzz_target!(|data: &[u8]| {
     for out_len in [MAX_ICMPV4_ERROR_LEN, short] {
         for kind in [
             Icmpv4Error::NetUnreachable,
-            Icmpv4Error::FragNeeded { mtu: u16::from_le_bytes([data[0], data[1]]) },
+            Icmpv4Error::FragNeeded {
+                mtu: u16::from_le_bytes([data[0], data[1]]),
+            },
             Icmpv4Error::TimeExceeded,
         ] {
             check_error(&packet, kind, out_len);
@@ -41,8 +43,20 @@ fuzz_target!(|data: &[u8]| {
 });
 
 fn read_every_field(p: &Ipv4Packet<&[u8]>, buffer_len: usize) {
-    let _ = (p.version(), p.dscp_ecn(), p.ident(), p.dont_frag(), p.more_frags());
-    let _ = (p.frag_offset(), p.ttl(), p.protocol(), p.checksum(), p.verify_checksum());
+    let _ = (
+        p.version(),
+        p.dscp_ecn(),
+        p.ident(),
+        p.dont_frag(),
+        p.more_frags(),
+    );
+    let _ = (
+        p.frag_offset(),
+        p.ttl(),
+        p.protocol(),
+        p.checksum(),
+        p.verify_checksum(),
+    );
     let _ = (p.src_addr(), p.dst_addr());
     let header_len = usize::from(p.header_len());
     assert!(header_len >= IPV4_HEADER_LEN);
@@ -92,7 +106,11 @@ fn check_error(original: &Ipv4Packet<&[u8]>, kind: Icmpv4Error, out_len: usize) 
     }
     let quote = icmp.data();
     let room = out_len.min(MAX_ICMPV4_ERROR_LEN) - IPV4_HEADER_LEN - ICMP_HEADER_LEN;
-    assert_eq!(quote.len(), original.packet_len().min(room), "quotes as much as fits");
+    assert_eq!(
+        quote.len(),
+        original.packet_len().min(room),
+        "quotes as much as fits"
+    );
     assert_eq!(quote, &original.packet()[..quote.len()]);
     // Never answered: ICMP errors and non-first fragments.
     assert_eq!(original.frag_offset(), 0);

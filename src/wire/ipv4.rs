@@ -135,15 +135,18 @@ impl<T: AsRef<[u8]>> Ipv4Packet<T> {
     /// The source address.
     #[inline]
     pub fn src_addr(&self) -> Ipv4Addr {
-        let d = self.buffer.as_ref();
-        Ipv4Addr::new(d[12], d[13], d[14], d[15])
+        self.addr(field::SRC_ADDR.start)
     }
 
     /// The destination address.
     #[inline]
     pub fn dst_addr(&self) -> Ipv4Addr {
-        let d = self.buffer.as_ref();
-        Ipv4Addr::new(d[16], d[17], d[18], d[19])
+        self.addr(field::DST_ADDR.start)
+    }
+
+    #[inline]
+    fn addr(&self, at: usize) -> Ipv4Addr {
+        Ipv4Addr::from_bits(super::read_u32(self.buffer.as_ref(), at))
     }
 
     /// The header bytes, options included (clamped to the buffer).
