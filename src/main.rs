@@ -25,7 +25,9 @@ fn main() {
         LogFormat::Json => builder.json().init(),
     }
     let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(2)
+        // The control plane is light (registry I/O, one table build per change, an HTTP
+        // endpoint); one runtime thread keeps the daemon small. Forwarding has its own threads.
+        .worker_threads(1)
         .enable_all()
         .build()
     {

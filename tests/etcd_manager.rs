@@ -2,6 +2,8 @@
 //! missing): the behaviours flannel gets wrong, checked against the registry it gets them wrong
 //! on.
 
+#![cfg(feature = "etcd")]
+
 mod common;
 
 use std::net::Ipv4Addr;

@@ -1,5 +1,7 @@
 //! `EtcdRegistry` against a real etcd on loopback (skipped, visibly, when `etcd` is missing).
 
+#![cfg(feature = "etcd")]
+
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -6,6 +6,8 @@
 //! must learn its lease through the resumed watches. Root only; skipped with a message when not
 //! root or when `etcd` is not installed.
 
+#![cfg(feature = "etcd")]
+
 mod common;
 
 use std::path::{Path, PathBuf};

@@ -4,11 +4,12 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result};
+use anyhow::Result;
 
 use crate::cli::RegistryArgs;
 use crate::lease::Registry;
 use crate::lease::directory::DirectoryRegistry;
+#[cfg(feature = "etcd")]
 use crate::lease::etcd::{EtcdOptions, EtcdRegistry};
 
 /// Opens the registry. `lease_ttl` applies to new leases (flannel: 24 h).
@@ -19,6 +20,21 @@ pub async fn open(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Re
             lease_ttl,
         )));
     }
+    open_etcd(args, lease_ttl).await
+}
+
+#[cfg(not(feature = "etcd"))]
+async fn open_etcd(_: &RegistryArgs, _: Duration) -> Result<Arc<dyn Registry>> {
+    Err(crate::cli::exit::usage(
+        "--etcd-endpoints given, but this linen was built without etcd support \
+         (cargo build --no-default-features); rebuild with the default features or use \
+         --registry-dir",
+    ))
+}
+
+#[cfg(feature = "etcd")]
+async fn open_etcd(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Registry>> {
+    use anyhow::Context;
     let options = EtcdOptions {
         endpoints: args.etcd_endpoints.clone(),
         prefix: args.etcd_prefix.clone(),

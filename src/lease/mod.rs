@@ -17,6 +17,7 @@
 
 pub mod allocator;
 pub mod directory;
+#[cfg(feature = "etcd")]
 pub mod etcd;
 pub mod manager;
 pub mod tracker;
