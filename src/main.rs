@@ -1,6 +1,8 @@
 //! The `linen` binary: parse flags, set up logging, dispatch. Exit codes (`cli::exit`): 0
 //! success, 1 runtime failure (message on stderr), 2 bad flags or config, 130 interrupted.
 
+#![deny(unsafe_code)]
+
 use clap::Parser;
 use linen::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::EnvFilter;
