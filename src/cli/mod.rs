@@ -135,6 +135,11 @@ pub struct RunArgs {
     #[arg(long, env = "LINEN_BUSY_POLL_US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub busy_poll_us: u32,
+    /// Send every datagram from the overlay port (8285) as flannel does, instead of one
+    /// ephemeral source port per worker (which lets peers spread flows over their workers).
+    /// Only needed where firewalls match the source port.
+    #[arg(long, env = "LINEN_FIXED_SOURCE_PORT")]
+    pub fixed_source_port: bool,
     /// Turn off TUN offloads and UDP GSO/GRO (for comparison or buggy kernels).
     #[arg(long, env = "LINEN_NO_OFFLOAD")]
     pub no_offload: bool,

@@ -170,11 +170,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for (id, queue) in tun.queues.into_iter().enumerate() {
         let udp = open_udp(config.backend.port, args.socket_buffer)
             .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;
+        // With several workers each sends from its own ephemeral port, so a peer spreads our
+        // flows over its workers too; one worker sends from the overlay port, as flannel does.
+        let tx = if workers > 1 && !args.fixed_source_port {
+            Some(
+                open_udp(0, args.socket_buffer)
+                    .with_context(|| format!("opening a send socket for worker {id}"))?,
+            )
+        } else {
+            None
+        };
         handles.push(WorkerHandle::spawn(WorkerSetup {
             id,
             tun: queue,
             tun_offload: tun.offload,
             udp,
+            tx,
             table: table.reader(),
             config: ForwardConfig {
                 mtu: usize::from(mtu),

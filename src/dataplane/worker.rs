@@ -55,8 +55,13 @@ pub struct WorkerSetup {
     pub tun: SyncDevice,
     /// Whether the TUN was opened with virtio-net headers.
     pub tun_offload: bool,
-    /// This worker's UDP socket.
+    /// This worker's UDP socket (bound to the overlay port; receives, and sends when `tx` is
+    /// `None`).
     pub udp: UdpEndpoint,
+    /// A send-only socket on an ephemeral port, one per worker. Peers' `SO_REUSEPORT` then
+    /// spreads what different workers send over different receiving workers (the kernel hashes
+    /// the source port), while each flow, pinned to one worker here, stays on one worker there.
+    pub tx: Option<UdpEndpoint>,
     /// The worker's handle on the forwarding table.
     pub table: Reader,
     /// Forwarding settings.
@@ -175,6 +180,7 @@ struct Worker {
     tun_offload: bool,
     udp: UdpEndpoint,
     udp_state: UdpSocketState,
+    tx: Option<(UdpEndpoint, UdpSocketState)>,
     table: Reader,
     config: ForwardConfig,
     stop: Arc<AtomicBool>,
@@ -203,10 +209,18 @@ struct Worker {
 impl Worker {
     fn new(setup: WorkerSetup, stop: Arc<AtomicBool>, shared: Arc<Counters>) -> io::Result<Worker> {
         let udp_state = UdpSocketState::new(UdpSockRef::from(&setup.udp.socket))?;
+        let tx = match setup.tx {
+            Some(ep) => {
+                let state = UdpSocketState::new(UdpSockRef::from(&ep.socket))?;
+                Some((ep, state))
+            }
+            None => None,
+        };
+        let send_state = tx.as_ref().map_or(&udp_state, |(_, st)| st);
         let max_gso_segments = if setup.no_udp_offload {
             1
         } else {
-            udp_state.max_gso_segments().max(1)
+            send_state.max_gso_segments().max(1)
         };
         let gro = udp_state.gro_segments() > 1;
         let seg_len = (setup.config.mtu + 64).max(1600);
@@ -256,6 +270,7 @@ impl Worker {
             tun_offload: setup.tun_offload,
             udp: setup.udp,
             udp_state,
+            tx,
             table: setup.table,
             config: setup.config,
             stop,
@@ -366,7 +381,8 @@ impl Worker {
         }
         if !self.no_udp_offload {
             // quinn-udp lowers this to 1 after the kernel refuses GSO (EIO/EINVAL) at run time.
-            self.max_gso_segments = self.udp_state.max_gso_segments().max(1);
+            let state = self.tx.as_ref().map_or(&self.udp_state, |(_, st)| st);
+            self.max_gso_segments = state.max_gso_segments().max(1);
         }
         // A UDP GSO send carries at most 64 KiB.
         let max_run = self.max_gso_segments.min(GSO_BYTES / stride).max(1);
@@ -396,8 +412,7 @@ impl Worker {
                 // Anything not sent breaks contiguity: send the open run first.
                 if let Some(r) = run.take() {
                     send_run(
-                        &self.udp,
-                        &self.udp_state,
+                        sender(&self.tx, &self.udp, &self.udp_state),
                         &self.arena,
                         stride,
                         r,
@@ -431,8 +446,7 @@ impl Worker {
                 _ => {
                     if let Some(r) = run.take() {
                         send_run(
-                            &self.udp,
-                            &self.udp_state,
+                            sender(&self.tx, &self.udp, &self.udp_state),
                             &self.arena,
                             stride,
                             r,
@@ -445,8 +459,7 @@ impl Worker {
         }
         if let Some(r) = run.take() {
             send_run(
-                &self.udp,
-                &self.udp_state,
+                sender(&self.tx, &self.udp, &self.udp_state),
                 &self.arena,
                 stride,
                 r,
@@ -593,11 +606,20 @@ fn flush_tun_out(
     Ok(())
 }
 
+/// The socket egress sends on: the worker's send-only socket when it has one.
+#[inline]
+fn sender<'a>(
+    tx: &'a Option<(UdpEndpoint, UdpSocketState)>,
+    udp: &'a UdpEndpoint,
+    state: &'a UdpSocketState,
+) -> (&'a UdpEndpoint, &'a UdpSocketState) {
+    tx.as_ref().map_or((udp, state), |(ep, st)| (ep, st))
+}
+
 /// Sends `n` packets starting at arena slot `first` to `peer`: one GSO `sendmsg` when there are
 /// several (all full-size but the last), a plain one otherwise.
 fn send_run(
-    udp: &UdpEndpoint,
-    state: &UdpSocketState,
+    (udp, state): (&UdpEndpoint, &UdpSocketState),
     arena: &[u8],
     stride: usize,
     (peer, first, n, bytes): (SocketAddr, usize, usize, usize),
