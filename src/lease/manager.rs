@@ -371,10 +371,13 @@ impl LeaseManager {
                 None
             }
             Some(exp) => {
-                let due = exp
+                // Renew `renew_margin` before expiry; when the margin is longer than what is
+                // left (short test TTLs), at half the remaining time instead of at once and
+                // again and again.
+                let remaining = exp.duration_since(SystemTime::now()).unwrap_or_default();
+                let due = remaining
                     .checked_sub(self.options.renew_margin)
-                    .and_then(|t| t.duration_since(SystemTime::now()).ok())
-                    .unwrap_or_default();
+                    .unwrap_or(remaining / 2);
                 tracing::debug!(subnet = %lease.key, in_secs = due.as_secs(), "renewal scheduled");
                 Some(Instant::now() + due)
             }
