@@ -9,6 +9,7 @@
 //!
 //! Must not import tokio, `lease` or `daemon`.
 
+pub mod coalesce;
 pub mod counters;
 pub mod forward;
 pub mod io;

@@ -7,7 +7,7 @@
 //! Buffers are allocated once when the worker starts; the loop allocates nothing, takes no lock
 //! and logs nothing per packet. Must not import tokio, `lease` or `daemon`.
 
-use std::io::{self, IoSliceMut};
+use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
@@ -19,6 +19,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
 
+use super::coalesce::{self, Segment};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
 use super::io::{UdpEndpoint, socket_addr_for};
@@ -203,6 +204,8 @@ struct Worker {
     tun_out: Vec<Vec<u8>>,
     tun_out_len: usize,
     tun_out_capacity: usize,
+    /// Virtio-net + IPv4/TCP header of a coalesced TUN write.
+    hdr_buf: [u8; 128],
     gro_table: GROTable,
 }
 
@@ -265,6 +268,7 @@ impl Worker {
                 .collect(),
             tun_out_capacity,
             tun_out_len: 0,
+            hdr_buf: [0; 128],
             gro_table: GROTable::default(),
             tun: setup.tun,
             tun_offload: setup.tun_offload,
@@ -504,33 +508,93 @@ impl Worker {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
             let buf = &self.rx_bufs[m][..meta.len.min(self.rx_bufs[m].len())];
-            for seg in buf.chunks(stride) {
+            // An open TCP run (offloads only): first chunk index, segment count, its first and
+            // last segments, payload bytes.
+            let mut run: Option<(usize, usize, Segment, Segment, usize)> = None;
+            for (k, seg) in buf.chunks(stride).enumerate() {
                 self.local.udp_rx_packets += 1;
                 self.local.udp_rx_bytes += seg.len() as u64;
-                match forward::ingress(seg, meta.addr, snap, &self.config) {
-                    Ingress::Deliver { len } => {
-                        if self.tun_out_len == self.tun_out.len() {
-                            flush_tun_out(
-                                &self.tun,
-                                &mut self.gro_table,
-                                &mut self.tun_out,
-                                &mut self.tun_out_len,
-                                headroom,
-                                self.tun_out_capacity,
-                                &mut self.local,
-                            )?;
-                        }
-                        self.local.tun_tx_packets += 1;
-                        self.local.tun_tx_bytes += len as u64;
-                        push_tun_out(
-                            &mut self.tun_out,
-                            &mut self.tun_out_len,
-                            headroom,
-                            &seg[..len],
-                        );
+                let len = match forward::ingress(seg, meta.addr, snap, &self.config) {
+                    Ingress::Deliver { len } => len,
+                    Ingress::Drop(reason) => {
+                        self.local.drop(reason);
+                        continue;
                     }
-                    Ingress::Drop(reason) => self.local.drop(reason),
+                };
+                self.local.tun_tx_packets += 1;
+                self.local.tun_tx_bytes += len as u64;
+                let info = if self.tun_offload {
+                    coalesce::tcp_v4(&seg[..len])
+                } else {
+                    None
+                };
+                if let (Some(next), Some((first, count, head, last, payload))) = (info, &mut run)
+                    && *count < MAX_RUN
+                    && coalesce::can_append(
+                        &buf[*first * stride..],
+                        head,
+                        last,
+                        *payload,
+                        seg,
+                        &next,
+                    )
+                {
+                    *count += 1;
+                    *last = next;
+                    *payload += next.payload_len;
+                    continue;
                 }
+                if let Some(r) = run.take() {
+                    write_run(
+                        &self.tun,
+                        &mut self.gro_table,
+                        &mut self.tun_out,
+                        &mut self.tun_out_len,
+                        headroom,
+                        self.tun_out_capacity,
+                        &mut self.hdr_buf,
+                        buf,
+                        stride,
+                        r,
+                        &mut self.local,
+                    )?;
+                }
+                if let Some(info) = info {
+                    run = Some((k, 1, info, info, info.payload_len));
+                    continue;
+                }
+                if self.tun_out_len == self.tun_out.len() {
+                    flush_tun_out(
+                        &self.tun,
+                        &mut self.gro_table,
+                        &mut self.tun_out,
+                        &mut self.tun_out_len,
+                        headroom,
+                        self.tun_out_capacity,
+                        &mut self.local,
+                    )?;
+                }
+                push_tun_out(
+                    &mut self.tun_out,
+                    &mut self.tun_out_len,
+                    headroom,
+                    &seg[..len],
+                );
+            }
+            if let Some(r) = run.take() {
+                write_run(
+                    &self.tun,
+                    &mut self.gro_table,
+                    &mut self.tun_out,
+                    &mut self.tun_out_len,
+                    headroom,
+                    self.tun_out_capacity,
+                    &mut self.hdr_buf,
+                    buf,
+                    stride,
+                    r,
+                    &mut self.local,
+                )?;
             }
         }
         self.flush_tun()?;
@@ -560,6 +624,61 @@ fn is_fatal(e: &io::Error) -> bool {
         e.raw_os_error(),
         Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV)
     )
+}
+
+/// Segments in one coalesced TUN write (a 64 KiB GRO buffer holds about 44).
+const MAX_RUN: usize = 64;
+
+/// Writes a run of consecutive TCP segments from one receive buffer to the TUN: a single
+/// segment is queued like any packet; several become one TSO super-packet written with
+/// `writev` straight from the receive buffer (queued packets are flushed first, so nothing is
+/// reordered). A write the kernel refuses falls back to queueing the segments one by one.
+#[allow(clippy::too_many_arguments)]
+fn write_run(
+    tun: &SyncDevice,
+    gro: &mut GROTable,
+    out: &mut [Vec<u8>],
+    out_len: &mut usize,
+    headroom: usize,
+    base_capacity: usize,
+    hdr_buf: &mut [u8],
+    buf: &[u8],
+    stride: usize,
+    (first, count, head, last, payload): (usize, usize, Segment, Segment, usize),
+    local: &mut LocalCounters,
+) -> io::Result<()> {
+    let segment = |j: usize| -> &[u8] {
+        let at = j * stride;
+        let len = if j + 1 == first + count {
+            last.header_len + last.payload_len
+        } else {
+            head.header_len + head.payload_len
+        };
+        &buf[at..at + len]
+    };
+    if count > 1 {
+        flush_tun_out(tun, gro, out, out_len, headroom, base_capacity, local)?;
+        let head_pkt = segment(first);
+        let n = coalesce::write_header(head_pkt, &head, payload, last.flags, hdr_buf);
+        let mut iovs: [IoSlice<'_>; MAX_RUN + 1] = [IoSlice::new(&[]); MAX_RUN + 1];
+        iovs[0] = IoSlice::new(&hdr_buf[..n]);
+        for (i, j) in (first..first + count).enumerate() {
+            iovs[i + 1] = IoSlice::new(&segment(j)[head.header_len..]);
+        }
+        match tun.send_vectored(&iovs[..count + 1]) {
+            Ok(_) => return Ok(()),
+            Err(e) if is_fatal(&e) => return Err(e),
+            // Refused (an old kernel's virtio-net rules): write the segments one by one below.
+            Err(_) => {}
+        }
+    }
+    for j in first..first + count {
+        if *out_len == out.len() {
+            flush_tun_out(tun, gro, out, out_len, headroom, base_capacity, local)?;
+        }
+        push_tun_out(out, out_len, headroom, segment(j));
+    }
+    Ok(())
 }
 
 /// Queues a packet for the TUN, leaving `headroom` bytes for the virtio-net header.
