@@ -201,12 +201,7 @@ struct Worker {
     // UDP → TUN
     rx_bufs: Vec<Vec<u8>>,
     rx_meta: Vec<RecvMeta>,
-    tun_out: Vec<Vec<u8>>,
-    tun_out_len: usize,
-    tun_out_capacity: usize,
-    /// Virtio-net + IPv4/TCP header of a coalesced TUN write.
-    hdr_buf: [u8; 128],
-    gro_table: GROTable,
+    tun_out: TunWriter,
 }
 
 impl Worker {
@@ -227,7 +222,6 @@ impl Worker {
         };
         let gro = udp_state.gro_segments() > 1;
         let seg_len = (setup.config.mtu + 64).max(1600);
-        let tun_out_capacity = (VIRTIO_NET_HDR_LEN + seg_len).max(TUN_OUT_CAPACITY);
         // Full-size segments of a split super-packet are exactly MTU bytes long.
         let stride = setup.config.mtu.max(576);
         let (rx_count, rx_len) = if gro {
@@ -263,13 +257,7 @@ impl Worker {
             icmp_buf: vec![0; 1280],
             rx_bufs: vec![vec![0; rx_len]; rx_count],
             rx_meta: vec![RecvMeta::default(); rx_count],
-            tun_out: (0..TUN_OUT)
-                .map(|_| Vec::with_capacity(tun_out_capacity))
-                .collect(),
-            tun_out_capacity,
-            tun_out_len: 0,
-            hdr_buf: [0; 128],
-            gro_table: GROTable::default(),
+            tun_out: TunWriter::new(setup.tun_offload, seg_len),
             tun: setup.tun,
             tun_offload: setup.tun_offload,
             udp: setup.udp,
@@ -392,11 +380,6 @@ impl Worker {
         let max_run = self.max_gso_segments.min(GSO_BYTES / stride).max(1);
         let now = Instant::now();
         let snap = self.table.load();
-        let headroom = if self.tun_offload {
-            VIRTIO_NET_HDR_LEN
-        } else {
-            0
-        };
         // The open run: peer, first index, segments, bytes.
         let mut run: Option<(SocketAddr, usize, usize, usize)> = None;
         for i in 0..count {
@@ -427,12 +410,8 @@ impl Worker {
                     Egress::Icmp { len, reason } => {
                         self.local.drop(reason);
                         self.local.icmp_sent += 1;
-                        push_tun_out(
-                            &mut self.tun_out,
-                            &mut self.tun_out_len,
-                            headroom,
-                            &self.icmp_buf[..len],
-                        );
+                        self.tun_out
+                            .push(&self.tun, &self.icmp_buf[..len], &mut self.local)?;
                     }
                     Egress::Drop(reason) => self.local.drop(reason),
                     Egress::Send { .. } => {}
@@ -499,11 +478,6 @@ impl Worker {
             }
         };
         let snap = self.table.load();
-        let headroom = if self.tun_offload {
-            VIRTIO_NET_HDR_LEN
-        } else {
-            0
-        };
         for m in 0..n {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
@@ -545,56 +519,18 @@ impl Worker {
                     continue;
                 }
                 if let Some(r) = run.take() {
-                    write_run(
-                        &self.tun,
-                        &mut self.gro_table,
-                        &mut self.tun_out,
-                        &mut self.tun_out_len,
-                        headroom,
-                        self.tun_out_capacity,
-                        &mut self.hdr_buf,
-                        buf,
-                        stride,
-                        r,
-                        &mut self.local,
-                    )?;
+                    self.tun_out
+                        .write_run(&self.tun, buf, stride, r, &mut self.local)?;
                 }
                 if let Some(info) = info {
                     run = Some((k, 1, info, info, info.payload_len));
                     continue;
                 }
-                if self.tun_out_len == self.tun_out.len() {
-                    flush_tun_out(
-                        &self.tun,
-                        &mut self.gro_table,
-                        &mut self.tun_out,
-                        &mut self.tun_out_len,
-                        headroom,
-                        self.tun_out_capacity,
-                        &mut self.local,
-                    )?;
-                }
-                push_tun_out(
-                    &mut self.tun_out,
-                    &mut self.tun_out_len,
-                    headroom,
-                    &seg[..len],
-                );
+                self.tun_out.push(&self.tun, &seg[..len], &mut self.local)?;
             }
             if let Some(r) = run.take() {
-                write_run(
-                    &self.tun,
-                    &mut self.gro_table,
-                    &mut self.tun_out,
-                    &mut self.tun_out_len,
-                    headroom,
-                    self.tun_out_capacity,
-                    &mut self.hdr_buf,
-                    buf,
-                    stride,
-                    r,
-                    &mut self.local,
-                )?;
+                self.tun_out
+                    .write_run(&self.tun, buf, stride, r, &mut self.local)?;
             }
         }
         self.flush_tun()?;
@@ -602,20 +538,7 @@ impl Worker {
     }
 
     fn flush_tun(&mut self) -> io::Result<()> {
-        let headroom = if self.tun_offload {
-            VIRTIO_NET_HDR_LEN
-        } else {
-            0
-        };
-        flush_tun_out(
-            &self.tun,
-            &mut self.gro_table,
-            &mut self.tun_out,
-            &mut self.tun_out_len,
-            headroom,
-            self.tun_out_capacity,
-            &mut self.local,
-        )
+        self.tun_out.flush(&self.tun, &mut self.local)
     }
 }
 
@@ -629,100 +552,123 @@ fn is_fatal(e: &io::Error) -> bool {
 /// Segments in one coalesced TUN write (a 64 KiB GRO buffer holds about 44).
 const MAX_RUN: usize = 64;
 
-/// Writes a run of consecutive TCP segments from one receive buffer to the TUN: a single
-/// segment is queued like any packet; several become one TSO super-packet written with
-/// `writev` straight from the receive buffer (queued packets are flushed first, so nothing is
-/// reordered). A write the kernel refuses falls back to queueing the segments one by one.
-#[allow(clippy::too_many_arguments)]
-fn write_run(
-    tun: &SyncDevice,
-    gro: &mut GROTable,
-    out: &mut [Vec<u8>],
-    out_len: &mut usize,
-    headroom: usize,
+/// Everything written to the TUN goes through here: a queue of packets (each with headroom
+/// for the virtio-net header when offloads are on) flushed with tun-rs's `send_multiple`, and
+/// coalesced TCP runs written with `writev`. Flushing the queue before a run keeps packets in
+/// order.
+struct TunWriter {
+    queue: Vec<Vec<u8>>,
+    queued: usize,
+    /// Capacity a queue buffer starts with and is given back to after GRO grew it.
     base_capacity: usize,
-    hdr_buf: &mut [u8],
-    buf: &[u8],
-    stride: usize,
-    (first, count, head, last, payload): (usize, usize, Segment, Segment, usize),
-    local: &mut LocalCounters,
-) -> io::Result<()> {
-    let segment = |j: usize| -> &[u8] {
-        let at = j * stride;
-        let len = if j + 1 == first + count {
-            last.header_len + last.payload_len
-        } else {
-            head.header_len + head.payload_len
+    /// Bytes reserved in front of each packet for the virtio-net header (0 without offloads).
+    headroom: usize,
+    gro: GROTable,
+    /// Virtio-net + IPv4/TCP header of a coalesced write.
+    header: [u8; 128],
+}
+
+impl TunWriter {
+    fn new(offload: bool, seg_len: usize) -> TunWriter {
+        let base_capacity = (VIRTIO_NET_HDR_LEN + seg_len).max(TUN_OUT_CAPACITY);
+        TunWriter {
+            queue: (0..TUN_OUT)
+                .map(|_| Vec::with_capacity(base_capacity))
+                .collect(),
+            queued: 0,
+            base_capacity,
+            headroom: if offload { VIRTIO_NET_HDR_LEN } else { 0 },
+            gro: GROTable::default(),
+            header: [0; 128],
+        }
+    }
+
+    /// Queues a packet, flushing first when the queue is full.
+    #[inline]
+    fn push(&mut self, tun: &SyncDevice, pkt: &[u8], local: &mut LocalCounters) -> io::Result<()> {
+        if self.queued == self.queue.len() {
+            self.flush(tun, local)?;
+        }
+        let buf = &mut self.queue[self.queued];
+        buf.clear();
+        buf.resize(self.headroom, 0);
+        buf.extend_from_slice(pkt);
+        self.queued += 1;
+        Ok(())
+    }
+
+    /// Writes the queued packets (GRO-coalesced by tun-rs when offloads are on).
+    fn flush(&mut self, tun: &SyncDevice, local: &mut LocalCounters) -> io::Result<()> {
+        if self.queued == 0 {
+            return Ok(());
+        }
+        let n = std::mem::take(&mut self.queued);
+        let result = tun.send_multiple(&mut self.gro, &mut self.queue[..n], self.headroom);
+        // GRO coalescing grows the head buffer of each flow to up to 64 KiB, and over time the
+        // heads land on every slot: 128 × 64 KiB per worker. Give the few grown buffers back
+        // after each flush (a handful of frees per batch, none per packet).
+        for buf in &mut self.queue[..n] {
+            if buf.capacity() > 4 * self.base_capacity {
+                *buf = Vec::with_capacity(self.base_capacity);
+            }
+        }
+        match result {
+            Err(e) if is_fatal(&e) => Err(e),
+            Err(_) => {
+                local.drop(DropReason::TunWriteFailed);
+                Ok(())
+            }
+            Ok(_) => Ok(()),
+        }
+    }
+
+    /// Writes a run of consecutive TCP segments of one receive buffer (chunks `first..` at
+    /// `stride`): one segment is queued like any packet; several become one TSO super-packet
+    /// written with `writev` straight from the receive buffer. A write the kernel refuses falls
+    /// back to queueing the segments one by one.
+    fn write_run(
+        &mut self,
+        tun: &SyncDevice,
+        buf: &[u8],
+        stride: usize,
+        (first, count, head, last, payload): (usize, usize, Segment, Segment, usize),
+        local: &mut LocalCounters,
+    ) -> io::Result<()> {
+        let segment = |j: usize| -> &[u8] {
+            let at = j * stride;
+            let len = if j + 1 == first + count {
+                last.header_len + last.payload_len
+            } else {
+                head.header_len + head.payload_len
+            };
+            &buf[at..at + len]
         };
-        &buf[at..at + len]
-    };
-    if count > 1 {
-        flush_tun_out(tun, gro, out, out_len, headroom, base_capacity, local)?;
-        let head_pkt = segment(first);
-        let n = coalesce::write_header(head_pkt, &head, payload, last.flags, hdr_buf);
-        let mut iovs: [IoSlice<'_>; MAX_RUN + 1] = [IoSlice::new(&[]); MAX_RUN + 1];
-        iovs[0] = IoSlice::new(&hdr_buf[..n]);
-        for (i, j) in (first..first + count).enumerate() {
-            iovs[i + 1] = IoSlice::new(&segment(j)[head.header_len..]);
+        if count > 1 && self.headroom > 0 {
+            self.flush(tun, local)?;
+            let n = coalesce::write_header(
+                segment(first),
+                &head,
+                payload,
+                last.flags,
+                &mut self.header,
+            );
+            let mut iovs: [IoSlice<'_>; MAX_RUN + 1] = [IoSlice::new(&[]); MAX_RUN + 1];
+            iovs[0] = IoSlice::new(&self.header[..n]);
+            for (i, j) in (first..first + count).enumerate() {
+                iovs[i + 1] = IoSlice::new(&segment(j)[head.header_len..]);
+            }
+            match tun.send_vectored(&iovs[..count + 1]) {
+                Ok(_) => return Ok(()),
+                Err(e) if is_fatal(&e) => return Err(e),
+                // Refused (an old kernel's virtio-net rules): queue the segments one by one.
+                Err(_) => {}
+            }
         }
-        match tun.send_vectored(&iovs[..count + 1]) {
-            Ok(_) => return Ok(()),
-            Err(e) if is_fatal(&e) => return Err(e),
-            // Refused (an old kernel's virtio-net rules): write the segments one by one below.
-            Err(_) => {}
+        for j in first..first + count {
+            self.push(tun, segment(j), local)?;
         }
+        Ok(())
     }
-    for j in first..first + count {
-        if *out_len == out.len() {
-            flush_tun_out(tun, gro, out, out_len, headroom, base_capacity, local)?;
-        }
-        push_tun_out(out, out_len, headroom, segment(j));
-    }
-    Ok(())
-}
-
-/// Queues a packet for the TUN, leaving `headroom` bytes for the virtio-net header.
-#[inline]
-fn push_tun_out(out: &mut [Vec<u8>], len: &mut usize, headroom: usize, pkt: &[u8]) {
-    let Some(buf) = out.get_mut(*len) else {
-        return;
-    };
-    buf.clear();
-    buf.resize(headroom, 0);
-    buf.extend_from_slice(pkt);
-    *len += 1;
-}
-
-/// Writes the queued packets to the TUN (GRO-coalesced when offloads are on).
-fn flush_tun_out(
-    tun: &SyncDevice,
-    gro: &mut GROTable,
-    out: &mut [Vec<u8>],
-    len: &mut usize,
-    headroom: usize,
-    base_capacity: usize,
-    local: &mut LocalCounters,
-) -> io::Result<()> {
-    if *len == 0 {
-        return Ok(());
-    }
-    let n = std::mem::take(len);
-    let result = tun.send_multiple(gro, &mut out[..n], headroom);
-    // GRO coalescing grows the head buffer of each flow to up to 64 KiB, and over time the heads
-    // land on every slot: 128 × 64 KiB per worker. Give the few grown buffers back after each
-    // flush (a handful of frees per batch, none per packet) to keep the daemon small.
-    for buf in &mut out[..n] {
-        if buf.capacity() > 4 * base_capacity {
-            *buf = Vec::with_capacity(base_capacity);
-        }
-    }
-    if let Err(e) = result {
-        if is_fatal(&e) {
-            return Err(e);
-        }
-        local.drop(DropReason::TunWriteFailed);
-    }
-    Ok(())
 }
 
 /// The socket egress sends on: the worker's send-only socket when it has one.
