@@ -115,7 +115,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         public_ipv6,
         ..LeaseAttrs::default()
     };
-    let overhead = if public_ip.is_some() { 28 } else { 48 };
+    // Outer IPv4 + UDP is 28 bytes, outer IPv6 + UDP 48. One MTU covers the device, so when
+    // this host advertises an IPv6 underlay address (peers then send IPv6 overlay traffic to it
+    // over IPv6) the larger overhead applies to all traffic; an IPv4-only cluster keeps flannel's
+    // interface MTU − 28.
+    let overhead = if public_ipv6.is_some() { 48 } else { 28 };
     let mtu = match args.mtu {
         Some(m) => m,
         None => u16::try_from(underlay.mtu.saturating_sub(overhead))
