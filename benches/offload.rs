@@ -2,12 +2,15 @@
 //! MTU-sized segments with their headers and checksums fixed, as every offloaded TUN read does
 //! (tun-rs `gso_split`, which linen's workers call through `recv_multiple`).
 //!
-//! GRO coalescing on the write side runs inside tun-rs's `send_multiple` and needs a device; the
-//! namespace benchmark (`linen bench`) measures it end to end.
+//! And the write side: walking a UDP GRO receive buffer of segments and deciding which coalesce
+//! into one TSO/USO super-packet (linen's `dataplane::coalesce`), plus building its header —
+//! everything but the `writev` itself, which the namespace benchmark (`linen bench`) measures
+//! end to end.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use linen::dataplane::coalesce::{self, MAX_HEADER, Segment};
 use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr, gso_split};
 
 /// Overlay MTU over a 1500-byte IPv4 underlay.
@@ -82,5 +85,73 @@ fn bench_gso_split(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gso_split);
+/// A receive buffer as UDP GRO fills it: `n` segments at a stride of their size, each a full
+/// copy of `first` with the TCP sequence number advanced (TCP) or as is (UDP).
+fn gro_buffer(first: &[u8], n: usize, tcp: bool) -> Vec<u8> {
+    let mut buf = Vec::with_capacity(first.len() * n);
+    for i in 0..n {
+        let mut seg = first.to_vec();
+        if tcp {
+            let seq = (i * (first.len() - 52)) as u32;
+            seg[24..28].copy_from_slice(&seq.to_be_bytes());
+        }
+        buf.extend_from_slice(&seg);
+    }
+    buf
+}
+
+/// The decisions the worker makes per received segment, then the super-packet header: returns
+/// the segments coalesced and the header length.
+fn coalesce_run(buf: &[u8], stride: usize, uso: bool, header: &mut [u8]) -> (usize, usize) {
+    let mut run: Option<(Segment, Segment, usize, usize)> = None;
+    for seg in buf.chunks(stride) {
+        let next = coalesce::classify(seg, uso).expect("a coalescable segment");
+        match &mut run {
+            Some((head, last, payload, count))
+                if coalesce::can_append(buf, head, last, *payload, seg, &next) =>
+            {
+                *last = next;
+                *payload += next.payload_len;
+                *count += 1;
+            }
+            Some(_) => break,
+            None => run = Some((next, next, next.payload_len, 1)),
+        }
+    }
+    let (head, last, payload, count) = run.expect("at least one segment");
+    (
+        count,
+        coalesce::write_header(buf, &head, payload, last.flags, header),
+    )
+}
+
+fn bench_coalesce(c: &mut Criterion) {
+    let mut group = c.benchmark_group("offload/coalesce");
+    let mut header = [0u8; MAX_HEADER];
+    // 44 full-size TCP segments (one 64 KiB GRO buffer), as a bulk transfer receives them.
+    let (sp, _) = super_packet(1);
+    let mut first = sp[..MTU].to_vec();
+    first[33] = 0x10; // ACK only: PSH would end the run
+    let tcp = gro_buffer(&first, 44, true);
+    // 64 UDP datagrams of 64 bytes (iperf3 -l 64), as the 64-byte rate test receives them.
+    let mut udp = vec![0u8; 20 + 8 + 64];
+    udp[..20].copy_from_slice(&first[..20]);
+    udp[2..4].copy_from_slice(&(92u16).to_be_bytes());
+    udp[9] = 17;
+    udp[20..28].copy_from_slice(&[0x1f, 0x90, 0x14, 0x51, 0, 72, 0x12, 0x34]);
+    let udp = gro_buffer(&udp, 64, false);
+    for (name, buf, stride, segments) in [
+        ("tcpv4_44_segments", &tcp, MTU, 44),
+        ("udpv4_64_datagrams_of_64_bytes", &udp, 92, 64),
+    ] {
+        assert_eq!(coalesce_run(buf, stride, true, &mut header).0, segments);
+        group.throughput(Throughput::Bytes(buf.len() as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| black_box(coalesce_run(black_box(buf), stride, true, &mut header)))
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gso_split, bench_coalesce);
 criterion_main!(benches);

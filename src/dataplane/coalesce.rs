@@ -1,56 +1,121 @@
-//! Receive-side TCP coalescing for the TUN, sans-IO: consecutive IPv4/TCP segments of one flow,
-//! as a peer's GSO send produced them, become one TSO super-packet written with `writev` —
-//! a virtio-net header plus the first segment's headers, then every segment's payload in
-//! place, with no copy (the rule set is Linux GRO's: same flow, contiguous sequence numbers,
-//! equal-size segments but the last, identical TCP options, ACK-only flags, PSH on the last).
+//! Receive-side coalescing for the TUN, sans-IO: consecutive segments of one flow, as a peer's
+//! GSO send produced them, become one super-packet written with `writev` — a virtio-net header
+//! plus the first segment's headers, then every segment's payload in place, with no copy.
 //!
-//! Must not import tokio, `lease` or `daemon`.
+//! - TCP over IPv4 and IPv6 becomes a TSO super-packet. The rule set is Linux GRO's: same flow,
+//!   contiguous sequence numbers, equal-size segments but the last, identical TCP options,
+//!   ACK-only flags, PSH on the last.
+//! - UDP over IPv4 and IPv6 becomes a USO super-packet (`VIRTIO_NET_HDR_GSO_UDP_L4`, kernel 6.2+,
+//!   only when the device accepted `TUN_F_USO4|6`): same flow, equal-size datagrams but the last.
+//!   The receiving kernel splits it again before any socket sees it.
+//!
+//! IPv4 options, IPv6 extension headers and fragments never coalesce; such packets are written
+//! one by one. Must not import tokio, `lease` or `daemon`.
 
 /// What coalescing needs to know of one segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
-    /// IPv4 + TCP header bytes.
+    /// IPv6 (else IPv4).
+    pub v6: bool,
+    /// UDP (else TCP).
+    pub udp: bool,
+    /// IP header bytes (20 or 40).
+    pub ip_len: usize,
+    /// IP + TCP/UDP header bytes.
     pub header_len: usize,
-    /// TCP payload bytes.
+    /// Transport payload bytes.
     pub payload_len: usize,
-    /// TCP sequence number.
+    /// TCP sequence number (0 for UDP).
     pub seq: u32,
-    /// TCP flags byte.
+    /// TCP flags byte (0 for UDP).
     pub flags: u8,
 }
 
 const ACK: u8 = 0x10;
 const PSH: u8 = 0x08;
+const TCP: u8 = 6;
+const UDP: u8 = 17;
 
-/// The segment's coalescing facts, or `None` when it cannot take part: not IPv4 without
-/// options, not TCP, a fragment, flags other than ACK (and PSH), or no payload.
-pub fn tcp_v4(pkt: &[u8]) -> Option<Segment> {
-    if pkt.len() < 40 || pkt[0] != 0x45 || pkt[9] != 6 {
+/// virtio-net `gso_type` values.
+const GSO_TCPV4: u8 = 1;
+const GSO_TCPV6: u8 = 4;
+const GSO_UDP_L4: u8 = 5;
+/// virtio-net header length (no `num_buffers`).
+pub const VNET_HDR_LEN: usize = 10;
+
+/// Largest header `write_header` produces: virtio-net + IPv6 + TCP with 40 bytes of options.
+pub const MAX_HEADER: usize = VNET_HDR_LEN + 40 + 60;
+
+/// The segment's coalescing facts, or `None` when it cannot take part: IPv4 with options,
+/// IPv6 with extension headers, a fragment, no payload, TCP with flags other than ACK (and
+/// PSH), UDP with a length field that disagrees with the IP header or, over IPv4, no checksum
+/// (coalescing would give it one), or UDP at all when `udp` is false (the device has no USO).
+pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
+    let (v6, ip_len, total, proto) = match pkt.first()? >> 4 {
+        4 if pkt.len() >= 20 && pkt[0] == 0x45 => {
+            // MF or a fragment offset: not a whole segment.
+            if u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0 {
+                return None;
+            }
+            (
+                false,
+                20,
+                usize::from(u16::from_be_bytes([pkt[2], pkt[3]])),
+                pkt[9],
+            )
+        }
+        6 if pkt.len() >= 40 => {
+            let payload = usize::from(u16::from_be_bytes([pkt[4], pkt[5]]));
+            (true, 40, 40 + payload, pkt[6])
+        }
+        _ => return None,
+    };
+    if total > pkt.len() {
         return None;
     }
-    let total = usize::from(u16::from_be_bytes([pkt[2], pkt[3]]));
-    // MF or a fragment offset: not a whole segment.
-    if u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0 || total > pkt.len() {
-        return None;
+    let l4 = &pkt[ip_len..total];
+    match proto {
+        TCP if l4.len() >= 20 => {
+            let tcp_len = usize::from(l4[12] >> 4) * 4;
+            let flags = l4[13];
+            if tcp_len < 20 || tcp_len >= l4.len() || flags & !(ACK | PSH) != 0 || flags & ACK == 0
+            {
+                return None;
+            }
+            Some(Segment {
+                v6,
+                udp: false,
+                ip_len,
+                header_len: ip_len + tcp_len,
+                payload_len: l4.len() - tcp_len,
+                seq: u32::from_be_bytes([l4[4], l4[5], l4[6], l4[7]]),
+                flags,
+            })
+        }
+        UDP if udp && l4.len() > 8 => {
+            let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
+            if len != l4.len() || (!v6 && l4[6..8] == [0, 0]) {
+                return None;
+            }
+            Some(Segment {
+                v6,
+                udp: true,
+                ip_len,
+                header_len: ip_len + 8,
+                payload_len: len - 8,
+                seq: 0,
+                flags: 0,
+            })
+        }
+        _ => None,
     }
-    let tcp_len = usize::from(pkt[32] >> 4) * 4;
-    let header_len = 20 + tcp_len;
-    let flags = pkt[33];
-    if tcp_len < 20 || header_len >= total || flags & !(ACK | PSH) != 0 || flags & ACK == 0 {
-        return None;
-    }
-    Some(Segment {
-        header_len,
-        payload_len: total - header_len,
-        seq: u32::from_be_bytes([pkt[24], pkt[25], pkt[26], pkt[27]]),
-        flags,
-    })
 }
 
-/// Whether `next` may follow a run that starts with `head` and ends with `last`: same flow and
-/// header shape (addresses, ports, ack, window, options, TTL, TOS, DF), the next sequence number,
-/// the run's segments so far all `head`'s size, `next` no larger, no PSH before the end, and the
-/// super-packet under 64 KiB.
+/// Whether `next` may follow a run that starts with `head` and ends with `last`: the same
+/// flow and header shape (addresses, ports, TOS/traffic class, DF, TTL/hop limit, flow label;
+/// for TCP also ack, window and options), the run's segments so far all `head`'s size, `next`
+/// no larger, the super-packet under 64 KiB, and for TCP the next sequence number and no PSH
+/// before the end.
 pub fn can_append(
     head_pkt: &[u8],
     head: &Segment,
@@ -60,27 +125,42 @@ pub fn can_append(
     next: &Segment,
 ) -> bool {
     let h = head.header_len;
-    next.header_len == h
+    let o = head.ip_len;
+    let same_shape = next.v6 == head.v6
+        && next.udp == head.udp
+        && next.header_len == h
         && last.payload_len == head.payload_len
-        && last.flags & PSH == 0
         && next.payload_len <= head.payload_len
-        && next.seq == last.seq.wrapping_add(last.payload_len as u32)
-        && h + run_payload + next.payload_len <= 65_535
-        // TOS, DF, TTL, protocol and addresses (bytes 1, 6, 8..10, 12..20), ports and ack and
-        // window (20..24, 28..32, 34..36), and the TCP options (40..h).
-        && head_pkt[1] == next_pkt[1]
-        && head_pkt[6] & 0x40 == next_pkt[6] & 0x40
-        && head_pkt[8..10] == next_pkt[8..10]
-        && head_pkt[12..24] == next_pkt[12..24]
-        && head_pkt[28..32] == next_pkt[28..32]
-        && head_pkt[34..36] == next_pkt[34..36]
-        && head_pkt[40..h] == next_pkt[40..h]
+        && h + run_payload + next.payload_len <= 65_535;
+    if !same_shape {
+        return false;
+    }
+    let same_ip = if head.v6 {
+        // Version, traffic class, flow label; next header, hop limit; addresses.
+        head_pkt[0..4] == next_pkt[0..4] && head_pkt[6..40] == next_pkt[6..40]
+    } else {
+        // TOS, DF, TTL, protocol, addresses.
+        head_pkt[1] == next_pkt[1]
+            && head_pkt[6] & 0x40 == next_pkt[6] & 0x40
+            && head_pkt[8..10] == next_pkt[8..10]
+            && head_pkt[12..20] == next_pkt[12..20]
+    };
+    if !same_ip || head_pkt[o..o + 4] != next_pkt[o..o + 4] {
+        return false;
+    }
+    head.udp
+        || (last.flags & PSH == 0
+            && next.seq == last.seq.wrapping_add(last.payload_len as u32)
+            // Ack, window, options.
+            && head_pkt[o + 8..o + 12] == next_pkt[o + 8..o + 12]
+            && head_pkt[o + 14..o + 16] == next_pkt[o + 14..o + 16]
+            && head_pkt[o + 20..h] == next_pkt[o + 20..h])
 }
 
-/// Writes the virtio-net header and the super-packet's IPv4/TCP headers into `out` (at least
-/// 10 + `head.header_len` bytes) and returns their length: the head's headers with the total
-/// length and IPv4 checksum for `payload` bytes, PSH when the last segment had it, and the TCP
-/// checksum field holding the pseudo-header sum, as `VIRTIO_NET_HDR_F_NEEDS_CSUM` asks.
+/// Writes the virtio-net header and the super-packet's headers into `out` (at least
+/// [`MAX_HEADER`] bytes) and returns their length: the head's headers with the lengths (and
+/// the IPv4 checksum) for `payload` bytes, PSH when the last TCP segment had it, and the
+/// TCP/UDP checksum field holding the pseudo-header sum, as `VIRTIO_NET_HDR_F_NEEDS_CSUM` asks.
 pub fn write_header(
     head_pkt: &[u8],
     head: &Segment,
@@ -89,26 +169,42 @@ pub fn write_header(
     out: &mut [u8],
 ) -> usize {
     let h = head.header_len;
-    // virtio_net_hdr, native endian (TUN's default): NEEDS_CSUM, GSO_TCPV4, hdr_len,
-    // gso_size, csum_start, csum_offset.
+    let o = head.ip_len;
+    let (gso_type, csum_offset) = match (head.udp, head.v6) {
+        (true, _) => (GSO_UDP_L4, 6u16),
+        (false, false) => (GSO_TCPV4, 16),
+        (false, true) => (GSO_TCPV6, 16),
+    };
+    // virtio_net_hdr, native endian (TUN's default): NEEDS_CSUM, gso_type, hdr_len, gso_size,
+    // csum_start, csum_offset.
     out[0] = 1;
-    out[1] = 1;
+    out[1] = gso_type;
     out[2..4].copy_from_slice(&(h as u16).to_ne_bytes());
     out[4..6].copy_from_slice(&(head.payload_len as u16).to_ne_bytes());
-    out[6..8].copy_from_slice(&20u16.to_ne_bytes());
-    out[8..10].copy_from_slice(&16u16.to_ne_bytes());
-    let ip = &mut out[10..10 + h];
+    out[6..8].copy_from_slice(&(o as u16).to_ne_bytes());
+    out[8..10].copy_from_slice(&csum_offset.to_ne_bytes());
+    let ip = &mut out[VNET_HDR_LEN..VNET_HDR_LEN + h];
     ip.copy_from_slice(&head_pkt[..h]);
-    let total = (h + payload) as u16;
-    ip[2..4].copy_from_slice(&total.to_be_bytes());
-    ip[10..12].copy_from_slice(&[0, 0]);
-    let c = !fold(sum(&ip[..20]));
-    ip[10..12].copy_from_slice(&c.to_be_bytes());
-    ip[33] = (ip[33] & !PSH) | (last_flags & PSH);
-    let tcp_len = (total as usize - 20) as u32;
-    let pseudo = fold(sum(&ip[12..20]) + 6 + tcp_len);
-    ip[36..38].copy_from_slice(&pseudo.to_be_bytes());
-    10 + h
+    let l4_len = h - o + payload;
+    let pseudo = if head.v6 {
+        ip[4..6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        sum(&ip[8..40]) + u32::from(ip[6]) + l4_len as u32
+    } else {
+        ip[2..4].copy_from_slice(&((o + l4_len) as u16).to_be_bytes());
+        ip[10..12].copy_from_slice(&[0, 0]);
+        let c = !fold(sum(&ip[..20]));
+        ip[10..12].copy_from_slice(&c.to_be_bytes());
+        sum(&ip[12..20]) + u32::from(ip[9]) + l4_len as u32
+    };
+    let check = if head.udp {
+        ip[o + 4..o + 6].copy_from_slice(&(l4_len as u16).to_be_bytes());
+        o + 6
+    } else {
+        ip[o + 13] = (ip[o + 13] & !PSH) | (last_flags & PSH);
+        o + 16
+    };
+    ip[check..check + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
+    VNET_HDR_LEN + h
 }
 
 fn sum(bytes: &[u8]) -> u32 {
@@ -128,6 +224,10 @@ fn fold(mut s: u32) -> u16 {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    fn classify_tcp(p: &[u8]) -> Option<Segment> {
+        classify(p, false)
+    }
 
     /// An IPv4/TCP segment with the timestamp option, `payload` bytes, sequence `seq`.
     fn seg(seq: u32, payload: usize, flags: u8) -> Vec<u8> {
@@ -173,9 +273,9 @@ mod test {
         let b = seg(2420, 1420, ACK);
         let c = seg(3840, 500, ACK | PSH);
         let (sa, sb, sc) = (
-            tcp_v4(&a).unwrap(),
-            tcp_v4(&b).unwrap(),
-            tcp_v4(&c).unwrap(),
+            classify_tcp(&a).unwrap(),
+            classify_tcp(&b).unwrap(),
+            classify_tcp(&c).unwrap(),
         );
         assert_eq!(sa.header_len, 52);
         assert!(can_append(&a, &sa, &sa, 1420, &b, &sb));
@@ -196,7 +296,7 @@ mod test {
     #[test]
     fn gaps_flow_changes_and_odd_segments_break_a_run() {
         let a = seg(1000, 1420, ACK);
-        let sa = tcp_v4(&a).unwrap();
+        let sa = classify_tcp(&a).unwrap();
         let gap = seg(9999, 1420, ACK);
         assert!(!can_append(
             &a,
@@ -204,7 +304,7 @@ mod test {
             &sa,
             1420,
             &gap,
-            &tcp_v4(&gap).unwrap()
+            &classify_tcp(&gap).unwrap()
         ));
         let bigger = seg(2420, 1421, ACK);
         assert!(!can_append(
@@ -213,7 +313,7 @@ mod test {
             &sa,
             1420,
             &bigger,
-            &tcp_v4(&bigger).unwrap()
+            &classify_tcp(&bigger).unwrap()
         ));
         let mut other_port = seg(2420, 1420, ACK);
         other_port[21] = 0xbc;
@@ -223,7 +323,7 @@ mod test {
             &sa,
             1420,
             &other_port,
-            &tcp_v4(&other_port).unwrap()
+            &classify_tcp(&other_port).unwrap()
         ));
         let mut other_ts = seg(2420, 1420, ACK);
         other_ts[47] = 10;
@@ -233,11 +333,11 @@ mod test {
             &sa,
             1420,
             &other_ts,
-            &tcp_v4(&other_ts).unwrap()
+            &classify_tcp(&other_ts).unwrap()
         ));
         // After a short segment nothing more may follow.
         let short = seg(2420, 100, ACK);
-        let ss = tcp_v4(&short).unwrap();
+        let ss = classify_tcp(&short).unwrap();
         let after = seg(2520, 100, ACK);
         assert!(!can_append(
             &a,
@@ -245,14 +345,181 @@ mod test {
             &ss,
             1520,
             &after,
-            &tcp_v4(&after).unwrap()
+            &classify_tcp(&after).unwrap()
         ));
         // SYN, FIN, pure ACKs without payload and fragments do not take part.
-        assert!(tcp_v4(&seg(1, 10, 0x02 | ACK)).is_none());
-        assert!(tcp_v4(&seg(1, 10, 0x01 | ACK)).is_none());
-        assert!(tcp_v4(&seg(1, 0, ACK)).is_none());
+        assert!(classify_tcp(&seg(1, 10, 0x02 | ACK)).is_none());
+        assert!(classify_tcp(&seg(1, 10, 0x01 | ACK)).is_none());
+        assert!(classify_tcp(&seg(1, 0, ACK)).is_none());
         let mut frag = seg(1, 10, ACK);
         frag[6] = 0x20;
-        assert!(tcp_v4(&frag).is_none());
+        assert!(classify_tcp(&frag).is_none());
+    }
+
+    /// An IPv6/TCP segment with the timestamp option.
+    fn seg6(seq: u32, payload: usize, flags: u8) -> Vec<u8> {
+        let v4 = seg(seq, payload, flags);
+        let mut p = vec![0u8; 40 + v4.len() - 20];
+        p[0] = 0x60;
+        p[4..6].copy_from_slice(&((v4.len() - 20) as u16).to_be_bytes());
+        p[6] = TCP;
+        p[7] = 64;
+        p[8..24].copy_from_slice(&[0xfd, 0, 0, 0x19, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p[24..40].copy_from_slice(&[0xfd, 0, 0, 0x19, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
+        p[40..].copy_from_slice(&v4[20..]);
+        p
+    }
+
+    /// A UDP datagram of `payload` bytes over IPv4 or IPv6, checksum field non-zero.
+    fn udp(v6: bool, payload: usize) -> Vec<u8> {
+        let ip = if v6 { 40 } else { 20 };
+        let mut p = if v6 { seg6(0, 0, ACK) } else { seg(0, 0, ACK) };
+        p.truncate(ip);
+        p.resize(ip + 8 + payload, 0xab);
+        if v6 {
+            p[4..6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+            p[6] = UDP;
+        } else {
+            p[2..4].copy_from_slice(&((ip + 8 + payload) as u16).to_be_bytes());
+            p[9] = UDP;
+        }
+        p[ip..ip + 4].copy_from_slice(&[0x1f, 0x90, 0x14, 0x51]);
+        p[ip + 4..ip + 6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
+        p[ip + 6..ip + 8].copy_from_slice(&[0x12, 0x34]);
+        p
+    }
+
+    #[test]
+    fn ipv6_tcp_coalesces_with_a_tcpv6_header() {
+        let a = seg6(1000, 1400, ACK);
+        let b = seg6(2400, 1400, ACK);
+        let c = seg6(3800, 10, ACK | PSH);
+        let (sa, sb, sc) = (
+            classify_tcp(&a).unwrap(),
+            classify_tcp(&b).unwrap(),
+            classify_tcp(&c).unwrap(),
+        );
+        assert_eq!((sa.ip_len, sa.header_len, sa.payload_len), (40, 72, 1400));
+        assert!(can_append(&a, &sa, &sa, 1400, &b, &sb));
+        assert!(can_append(&a, &sa, &sb, 2800, &c, &sc));
+        let mut flow = seg6(2400, 1400, ACK);
+        flow[9] = 0x99; // another source address
+        assert!(!can_append(
+            &a,
+            &sa,
+            &sa,
+            1400,
+            &flow,
+            &classify_tcp(&flow).unwrap()
+        ));
+        let mut label = seg6(2400, 1400, ACK);
+        label[3] = 1; // another flow label
+        assert!(!can_append(
+            &a,
+            &sa,
+            &sa,
+            1400,
+            &label,
+            &classify_tcp(&label).unwrap()
+        ));
+        let mut out = [0u8; MAX_HEADER];
+        let n = write_header(&a, &sa, 2810, sc.flags, &mut out);
+        assert_eq!(n, 82);
+        assert_eq!(&out[..2], &[1, GSO_TCPV6]);
+        assert_eq!(u16::from_ne_bytes([out[2], out[3]]), 72, "hdr_len");
+        assert_eq!(u16::from_ne_bytes([out[4], out[5]]), 1400, "gso_size");
+        assert_eq!(u16::from_ne_bytes([out[6], out[7]]), 40, "csum_start");
+        assert_eq!(u16::from_ne_bytes([out[8], out[9]]), 16, "csum_offset");
+        let ip = &out[10..82];
+        assert_eq!(
+            u16::from_be_bytes([ip[4], ip[5]]),
+            32 + 2810,
+            "payload length"
+        );
+        assert_eq!(ip[53], ACK | PSH);
+        let expected = fold(sum(&ip[8..40]) + 6 + 32 + 2810);
+        assert_eq!(u16::from_be_bytes([ip[56], ip[57]]), expected);
+        // An extension header (here: hop-by-hop) keeps a packet out.
+        let mut ext = seg6(1, 10, ACK);
+        ext[6] = 0;
+        assert!(classify_tcp(&ext).is_none());
+    }
+
+    #[test]
+    fn udp_coalesces_into_uso_only_when_the_device_has_it() {
+        for v6 in [false, true] {
+            let ip = if v6 { 40 } else { 20 };
+            let (a, b, short) = (udp(v6, 1000), udp(v6, 1000), udp(v6, 300));
+            assert!(classify(&a, false).is_none(), "no USO, no UDP runs");
+            let (sa, sb, ss) = (
+                classify(&a, true).unwrap(),
+                classify(&b, true).unwrap(),
+                classify(&short, true).unwrap(),
+            );
+            assert_eq!((sa.header_len, sa.payload_len), (ip + 8, 1000));
+            assert!(can_append(&a, &sa, &sa, 1000, &b, &sb));
+            assert!(can_append(&a, &sa, &sb, 2000, &short, &ss));
+            // Nothing after a short datagram, nothing larger than the first.
+            assert!(!can_append(&a, &sa, &ss, 2300, &b, &sb));
+            let big = udp(v6, 1001);
+            assert!(!can_append(
+                &a,
+                &sa,
+                &sa,
+                1000,
+                &big,
+                &classify(&big, true).unwrap()
+            ));
+            let mut port = udp(v6, 1000);
+            port[ip + 1] ^= 1;
+            assert!(!can_append(
+                &a,
+                &sa,
+                &sa,
+                1000,
+                &port,
+                &classify(&port, true).unwrap()
+            ));
+            let mut out = [0u8; MAX_HEADER];
+            let n = write_header(&a, &sa, 2300, 0, &mut out);
+            assert_eq!(n, 10 + ip + 8);
+            assert_eq!(&out[..2], &[1, GSO_UDP_L4]);
+            assert_eq!(u16::from_ne_bytes([out[4], out[5]]), 1000, "gso_size");
+            assert_eq!(
+                u16::from_ne_bytes([out[6], out[7]]),
+                ip as u16,
+                "csum_start"
+            );
+            assert_eq!(u16::from_ne_bytes([out[8], out[9]]), 6, "csum_offset");
+            let h = &out[10..n];
+            assert_eq!(
+                u16::from_be_bytes([h[ip + 4], h[ip + 5]]),
+                2308,
+                "UDP length"
+            );
+            let (pseudo, ip_total) = if v6 {
+                (sum(&h[8..40]) + 17 + 2308, u16::from_be_bytes([h[4], h[5]]))
+            } else {
+                assert_eq!(fold(sum(&h[..20])), 0xffff, "valid IPv4 checksum");
+                (
+                    sum(&h[12..20]) + 17 + 2308,
+                    u16::from_be_bytes([h[2], h[3]]),
+                )
+            };
+            assert_eq!(usize::from(ip_total), if v6 { 2308 } else { 2328 });
+            assert_eq!(u16::from_be_bytes([h[ip + 6], h[ip + 7]]), fold(pseudo));
+        }
+        // IPv4 UDP without a checksum, or with a length that disagrees, stays out.
+        let mut zero = udp(false, 100);
+        zero[26..28].copy_from_slice(&[0, 0]);
+        assert!(classify(&zero, true).is_none());
+        let mut bad_len = udp(false, 100);
+        bad_len[25] ^= 1;
+        assert!(classify(&bad_len, true).is_none());
+        // Truncated and odd inputs are refused, never a panic.
+        for n in 0..60 {
+            let _ = classify(&udp(false, 100)[..n], true);
+            let _ = classify(&seg6(1, 10, ACK)[..n], true);
+        }
     }
 }

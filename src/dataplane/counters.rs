@@ -81,6 +81,10 @@ pub struct LocalCounters {
     pub tun_tx_bytes: u64,
     /// ICMP errors written back into the TUN device.
     pub icmp_sent: u64,
+    /// Coalesced TCP super-packets (TSO) written to the TUN device.
+    pub tun_tx_tso: u64,
+    /// Coalesced UDP super-packets (USO) written to the TUN device.
+    pub tun_tx_uso: u64,
     /// Drops by reason, indexed by `DropReason as usize`.
     pub drops: [u64; DropReason::COUNT],
 }
@@ -108,16 +112,21 @@ impl LocalCounters {
         self.tun_tx_packets += other.tun_tx_packets;
         self.tun_tx_bytes += other.tun_tx_bytes;
         self.icmp_sent += other.icmp_sent;
+        self.tun_tx_tso += other.tun_tx_tso;
+        self.tun_tx_uso += other.tun_tx_uso;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }
     }
 }
 
+/// Traffic counters before the drop counters in [`Counters`].
+const TRAFFIC: usize = 11;
+
 /// One worker's published counters: written only by that worker, read by anyone.
 #[derive(Debug, Default)]
 pub struct Counters {
-    values: [AtomicU64; 9 + DropReason::COUNT],
+    values: [AtomicU64; TRAFFIC + DropReason::COUNT],
 }
 
 impl Counters {
@@ -148,9 +157,11 @@ impl Counters {
             tun_tx_packets: v[6],
             tun_tx_bytes: v[7],
             icmp_sent: v[8],
+            tun_tx_tso: v[9],
+            tun_tx_uso: v[10],
             ..LocalCounters::default()
         };
-        c.drops.copy_from_slice(&v[9..]);
+        c.drops.copy_from_slice(&v[TRAFFIC..]);
         c
     }
 }
@@ -173,6 +184,8 @@ impl LocalCounters {
             ("tun_tx", self.tun_tx_packets),
             ("tun_tx_bytes", self.tun_tx_bytes),
             ("icmp_sent", self.icmp_sent),
+            ("tun_tx_tso", self.tun_tx_tso),
+            ("tun_tx_uso", self.tun_tx_uso),
         ]
         .into_iter()
         .chain(
@@ -204,6 +217,7 @@ mod test {
         assert_eq!(s.tun_rx_packets, 6);
         assert_eq!(s.udp_tx_bytes, 8400);
         assert_eq!(s.icmp_sent, 2);
+        assert_eq!(s.named().count(), TRAFFIC + DropReason::COUNT);
         assert_eq!(s.drops_for(DropReason::SpoofedSource), 4);
         assert_eq!(s.drops_for(DropReason::Malformed), 0);
         let mut sum = LocalCounters::default();

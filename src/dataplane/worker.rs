@@ -2,7 +2,8 @@
 //! asks [`forward`](super::forward) what to do with each packet against a snapshot loaded once
 //! for the batch, and carries the verdicts out in batches: runs of same-peer packets leave in
 //! one UDP GSO `sendmsg`, received datagrams arrive by `recvmmsg` (with UDP GRO when the kernel
-//! has it), packets for the TUN are written with GRO coalescing when offloads are on.
+//! has it), and consecutive segments of one flow are written to the TUN as one super-packet
+//! when offloads are on ([`coalesce`]).
 //!
 //! Buffers are allocated once when the worker starts; the loop allocates nothing, takes no lock
 //! and logs nothing per packet. Must not import tokio, `lease` or `daemon`.
@@ -17,7 +18,7 @@ use std::time::Instant;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
-use tun_rs::{GROTable, SyncDevice, VIRTIO_NET_HDR_LEN};
+use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::coalesce::{self, Segment};
 use super::counters::{Counters, DropReason, LocalCounters};
@@ -29,7 +30,8 @@ const TUN: Token = Token(0);
 const UDP: Token = Token(1);
 const WAKE: Token = Token(2);
 
-/// Packets read from the TUN per batch without offloads (one read each).
+/// Packets read from the TUN per batch without offloads (one read each); with offloads, reads
+/// go on while at most this many segments are in the batch.
 const TUN_BATCH: usize = 64;
 /// Segment buffers for one offloaded TUN read: a 64 KiB super-packet split at an MSS as small as
 /// 536 bytes gives up to 123 segments (wireguard-go uses 128 too).
@@ -42,11 +44,6 @@ const GSO_BYTES: usize = 65_000;
 const RX_GRO_BUFS: usize = 4;
 /// Receive buffers per `recvmmsg` without GRO (one datagram each).
 const RX_BUFS: usize = 32;
-/// Packets queued for the TUN before a write flush.
-const TUN_OUT: usize = 128;
-/// Smallest capacity of a TUN write buffer (virtio header + an MTU-sized packet, rounded up);
-/// one grown past four times its base capacity by GRO coalescing is given back after a flush.
-const TUN_OUT_CAPACITY: usize = 2048;
 
 /// Everything a worker needs; built by the daemon, moved into the thread.
 pub struct WorkerSetup {
@@ -195,6 +192,8 @@ struct Worker {
     stride: usize,
     seg_sizes: Vec<usize>,
     max_gso_segments: usize,
+    /// Where runs of packets smaller than the stride are gathered for one GSO send.
+    staging: Vec<u8>,
     no_udp_offload: bool,
     busy_poll: std::time::Duration,
     icmp_buf: Vec<u8>,
@@ -230,7 +229,7 @@ impl Worker {
             (RX_BUFS, seg_len)
         };
         let segs = if setup.tun_offload {
-            SEGMENTS
+            TUN_BATCH + SEGMENTS
         } else {
             TUN_BATCH
         };
@@ -239,6 +238,7 @@ impl Worker {
             tun_offload = setup.tun_offload,
             max_gso_segments,
             udp_gro = gro,
+            tun_uso = setup.tun.udp_gso(),
             "worker buffers"
         );
         Ok(Worker {
@@ -250,14 +250,15 @@ impl Worker {
             },
             arena: vec![0; segs * stride],
             stride,
-            seg_sizes: vec![0; SEGMENTS],
+            seg_sizes: vec![0; segs],
             max_gso_segments,
+            staging: vec![0; if max_gso_segments > 1 { GSO_BYTES } else { 0 }],
             no_udp_offload: setup.no_udp_offload,
             busy_poll: setup.busy_poll,
             icmp_buf: vec![0; 1280],
             rx_bufs: vec![vec![0; rx_len]; rx_count],
             rx_meta: vec![RecvMeta::default(); rx_count],
-            tun_out: TunWriter::new(setup.tun_offload, seg_len),
+            tun_out: TunWriter::new(setup.tun_offload, setup.tun_offload && setup.tun.udp_gso()),
             tun: setup.tun,
             tun_offload: setup.tun_offload,
             udp: setup.udp,
@@ -332,24 +333,35 @@ impl Worker {
     ///
     /// Packets land in one arena at a fixed stride of the MTU, so the full-size segments of a
     /// split TCP super-packet already lie back to back, as a UDP GSO send wants them: a run of
-    /// same-peer packets of exactly `stride` bytes (the last may be shorter) leaves in one
-    /// `sendmsg` straight from the arena, with no copy.
+    /// consecutive same-peer packets of one size (the last may be shorter) leaves in one
+    /// `sendmsg`, straight from the arena when that size is the stride, else gathered into a
+    /// staging buffer first (small packets: a copy of a few dozen bytes each saves a system call
+    /// each, and lets the peer receive them as one GRO buffer).
     fn tun_batch(&mut self) -> io::Result<bool> {
         let stride = self.stride;
         let mut count = 0;
         let mut more = true;
         if self.tun_offload {
-            let mut chunks = self.arena.chunks_exact_mut(stride);
-            let mut bufs: [&mut [u8]; SEGMENTS] =
-                std::array::from_fn(|_| chunks.next().unwrap_or(&mut []));
-            match self
-                .tun
-                .recv_multiple(&mut self.tun_raw, &mut bufs, &mut self.seg_sizes, 0)
-            {
-                Ok(n) => count = n,
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
-                Err(e) if is_fatal(&e) => return Err(e),
-                Err(_) => self.local.drop(DropReason::Malformed),
+            // Each read may be a super-packet of up to SEGMENTS segments, or one small packet:
+            // keep reading while a whole super-packet still fits, so small packets are batched
+            // too (up to TUN_BATCH reads) and bulk TCP moves two super-packets per batch.
+            let mut reads = 0;
+            while more && count <= TUN_BATCH && reads < TUN_BATCH {
+                reads += 1;
+                let mut chunks = self.arena[count * stride..].chunks_exact_mut(stride);
+                let mut bufs: [&mut [u8]; SEGMENTS] =
+                    std::array::from_fn(|_| chunks.next().unwrap_or(&mut []));
+                match self.tun.recv_multiple(
+                    &mut self.tun_raw,
+                    &mut bufs,
+                    &mut self.seg_sizes[count..count + SEGMENTS],
+                    0,
+                ) {
+                    Ok(n) => count += n,
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
+                    Err(e) if is_fatal(&e) => return Err(e),
+                    Err(_) => self.local.drop(DropReason::Malformed),
+                }
             }
         } else {
             while count < TUN_BATCH {
@@ -376,12 +388,24 @@ impl Worker {
             let state = self.tx.as_ref().map_or(&self.udp_state, |(_, st)| st);
             self.max_gso_segments = state.max_gso_segments().max(1);
         }
-        // A UDP GSO send carries at most 64 KiB.
-        let max_run = self.max_gso_segments.min(GSO_BYTES / stride).max(1);
         let now = Instant::now();
         let snap = self.table.load();
-        // The open run: peer, first index, segments, bytes.
-        let mut run: Option<(SocketAddr, usize, usize, usize)> = None;
+        // Anything not sent breaks a run: send the open run first.
+        macro_rules! flush {
+            ($run:expr) => {
+                if let Some(r) = $run.take() {
+                    send_run(
+                        sender(&self.tx, &self.udp, &self.udp_state),
+                        &self.arena,
+                        &mut self.staging,
+                        stride,
+                        r,
+                        &mut self.local,
+                    );
+                }
+            };
+        }
+        let mut run: Option<Run> = None;
         for i in 0..count {
             let size = self.seg_sizes[i].min(stride);
             self.local.tun_rx_packets += 1;
@@ -396,22 +420,16 @@ impl Worker {
                 &mut self.icmp_buf,
             );
             let Egress::Send { peer, len } = verdict else {
-                // Anything not sent breaks contiguity: send the open run first.
-                if let Some(r) = run.take() {
-                    send_run(
-                        sender(&self.tx, &self.udp, &self.udp_state),
-                        &self.arena,
-                        stride,
-                        r,
-                        &mut self.local,
-                    );
-                }
+                flush!(run);
                 match verdict {
                     Egress::Icmp { len, reason } => {
                         self.local.drop(reason);
                         self.local.icmp_sent += 1;
-                        self.tun_out
-                            .push(&self.tun, &self.icmp_buf[..len], &mut self.local)?;
+                        self.tun_out.write_one(
+                            &self.tun,
+                            &self.icmp_buf[..len],
+                            &mut self.local,
+                        )?;
                     }
                     Egress::Drop(reason) => self.local.drop(reason),
                     Egress::Send { .. } => {}
@@ -419,37 +437,30 @@ impl Worker {
                 continue;
             };
             match &mut run {
-                // Extend: same peer, every earlier segment full-size, room left.
-                Some((p, first, n, bytes))
-                    if *p == peer && *bytes == *n * stride && *n < max_run && *first + *n == i =>
+                // Extend: same peer, every earlier packet the run's size, this one no larger,
+                // room left in one GSO send.
+                Some(r)
+                    if r.peer == peer
+                        && r.bytes == r.n * r.seg
+                        && len <= r.seg
+                        && r.n < self.max_gso_segments.min(GSO_BYTES / r.seg) =>
                 {
-                    *n += 1;
-                    *bytes += len;
+                    r.n += 1;
+                    r.bytes += len;
                 }
                 _ => {
-                    if let Some(r) = run.take() {
-                        send_run(
-                            sender(&self.tx, &self.udp, &self.udp_state),
-                            &self.arena,
-                            stride,
-                            r,
-                            &mut self.local,
-                        );
-                    }
-                    run = Some((peer, i, 1, len));
+                    flush!(run);
+                    run = Some(Run {
+                        peer,
+                        first: i,
+                        n: 1,
+                        seg: len.max(1),
+                        bytes: len,
+                    });
                 }
             }
         }
-        if let Some(r) = run.take() {
-            send_run(
-                sender(&self.tx, &self.udp, &self.udp_state),
-                &self.arena,
-                stride,
-                r,
-                &mut self.local,
-            );
-        }
-        self.flush_tun()?;
+        flush!(run);
         Ok(more)
     }
 
@@ -482,7 +493,7 @@ impl Worker {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
             let buf = &self.rx_bufs[m][..meta.len.min(self.rx_bufs[m].len())];
-            // An open TCP run (offloads only): first chunk index, segment count, its first and
+            // An open run (offloads only): first chunk index, segment count, its first and
             // last segments, payload bytes.
             let mut run: Option<(usize, usize, Segment, Segment, usize)> = None;
             for (k, seg) in buf.chunks(stride).enumerate() {
@@ -498,7 +509,7 @@ impl Worker {
                 self.local.tun_tx_packets += 1;
                 self.local.tun_tx_bytes += len as u64;
                 let info = if self.tun_offload {
-                    coalesce::tcp_v4(&seg[..len])
+                    coalesce::classify(&seg[..len], self.tun_out.uso)
                 } else {
                     None
                 };
@@ -526,19 +537,15 @@ impl Worker {
                     run = Some((k, 1, info, info, info.payload_len));
                     continue;
                 }
-                self.tun_out.push(&self.tun, &seg[..len], &mut self.local)?;
+                self.tun_out
+                    .write_one(&self.tun, &seg[..len], &mut self.local)?;
             }
             if let Some(r) = run.take() {
                 self.tun_out
                     .write_run(&self.tun, buf, stride, r, &mut self.local)?;
             }
         }
-        self.flush_tun()?;
         Ok(true)
-    }
-
-    fn flush_tun(&mut self) -> io::Result<()> {
-        self.tun_out.flush(&self.tun, &mut self.local)
     }
 }
 
@@ -549,83 +556,60 @@ fn is_fatal(e: &io::Error) -> bool {
     )
 }
 
-/// Segments in one coalesced TUN write (a 64 KiB GRO buffer holds about 44).
+/// Segments in one coalesced TUN write (a 64 KiB GRO buffer holds about 44 full-size ones).
 const MAX_RUN: usize = 64;
 
-/// Everything written to the TUN goes through here: a queue of packets (each with headroom
-/// for the virtio-net header when offloads are on) flushed with tun-rs's `send_multiple`, and
-/// coalesced TCP runs written with `writev`. Flushing the queue before a run keeps packets in
-/// order.
+/// Everything written to the TUN goes through here, in arrival order and without copying: a
+/// single packet is written at once (behind a zeroed virtio-net header when offloads are on),
+/// and a run of segments of one flow as one TSO/USO super-packet with `writev`, straight from
+/// the receive buffer. No per-worker queue or GRO table: the coalescing decisions are made as
+/// the receive buffer is walked ([`coalesce`]), which keeps a worker's memory to its buffers.
 struct TunWriter {
-    queue: Vec<Vec<u8>>,
-    queued: usize,
-    /// Capacity a queue buffer starts with and is given back to after GRO grew it.
-    base_capacity: usize,
-    /// Bytes reserved in front of each packet for the virtio-net header (0 without offloads).
-    headroom: usize,
-    gro: GROTable,
-    /// Virtio-net + IPv4/TCP header of a coalesced write.
-    header: [u8; 128],
+    /// The device takes virtio-net headers.
+    offload: bool,
+    /// The device accepted USO (`TUN_F_USO4|6`): UDP runs may coalesce.
+    uso: bool,
+    /// Virtio-net + IP + TCP/UDP header of a coalesced write.
+    header: [u8; coalesce::MAX_HEADER],
 }
 
 impl TunWriter {
-    fn new(offload: bool, seg_len: usize) -> TunWriter {
-        let base_capacity = (VIRTIO_NET_HDR_LEN + seg_len).max(TUN_OUT_CAPACITY);
+    fn new(offload: bool, uso: bool) -> TunWriter {
         TunWriter {
-            queue: (0..TUN_OUT)
-                .map(|_| Vec::with_capacity(base_capacity))
-                .collect(),
-            queued: 0,
-            base_capacity,
-            headroom: if offload { VIRTIO_NET_HDR_LEN } else { 0 },
-            gro: GROTable::default(),
-            header: [0; 128],
+            offload,
+            uso,
+            header: [0; coalesce::MAX_HEADER],
         }
     }
 
-    /// Queues a packet, flushing first when the queue is full.
+    /// Writes one packet.
     #[inline]
-    fn push(&mut self, tun: &SyncDevice, pkt: &[u8], local: &mut LocalCounters) -> io::Result<()> {
-        if self.queued == self.queue.len() {
-            self.flush(tun, local)?;
-        }
-        let buf = &mut self.queue[self.queued];
-        buf.clear();
-        buf.resize(self.headroom, 0);
-        buf.extend_from_slice(pkt);
-        self.queued += 1;
-        Ok(())
-    }
-
-    /// Writes the queued packets (GRO-coalesced by tun-rs when offloads are on).
-    fn flush(&mut self, tun: &SyncDevice, local: &mut LocalCounters) -> io::Result<()> {
-        if self.queued == 0 {
-            return Ok(());
-        }
-        let n = std::mem::take(&mut self.queued);
-        let result = tun.send_multiple(&mut self.gro, &mut self.queue[..n], self.headroom);
-        // GRO coalescing grows the head buffer of each flow to up to 64 KiB, and over time the
-        // heads land on every slot: 128 × 64 KiB per worker. Give the few grown buffers back
-        // after each flush (a handful of frees per batch, none per packet).
-        for buf in &mut self.queue[..n] {
-            if buf.capacity() > 4 * self.base_capacity {
-                *buf = Vec::with_capacity(self.base_capacity);
-            }
-        }
+    fn write_one(
+        &mut self,
+        tun: &SyncDevice,
+        pkt: &[u8],
+        local: &mut LocalCounters,
+    ) -> io::Result<()> {
+        let result = if self.offload {
+            const NO_OFFLOAD: [u8; VIRTIO_NET_HDR_LEN] = [0; VIRTIO_NET_HDR_LEN];
+            tun.send_vectored(&[IoSlice::new(&NO_OFFLOAD), IoSlice::new(pkt)])
+        } else {
+            tun.send(pkt)
+        };
         match result {
+            Ok(_) => Ok(()),
             Err(e) if is_fatal(&e) => Err(e),
             Err(_) => {
                 local.drop(DropReason::TunWriteFailed);
                 Ok(())
             }
-            Ok(_) => Ok(()),
         }
     }
 
-    /// Writes a run of consecutive TCP segments of one receive buffer (chunks `first..` at
-    /// `stride`): one segment is queued like any packet; several become one TSO super-packet
-    /// written with `writev` straight from the receive buffer. A write the kernel refuses falls
-    /// back to queueing the segments one by one.
+    /// Writes a run of consecutive segments of one flow from one receive buffer (chunks
+    /// `first..` at `stride`): one segment as it is; several as one super-packet written with
+    /// `writev` straight from the receive buffer. A super-packet the kernel refuses is written
+    /// again segment by segment.
     fn write_run(
         &mut self,
         tun: &SyncDevice,
@@ -643,8 +627,7 @@ impl TunWriter {
             };
             &buf[at..at + len]
         };
-        if count > 1 && self.headroom > 0 {
-            self.flush(tun, local)?;
+        if count > 1 && self.offload {
             let n = coalesce::write_header(
                 segment(first),
                 &head,
@@ -658,14 +641,21 @@ impl TunWriter {
                 iovs[i + 1] = IoSlice::new(&segment(j)[head.header_len..]);
             }
             match tun.send_vectored(&iovs[..count + 1]) {
-                Ok(_) => return Ok(()),
+                Ok(_) => {
+                    if head.udp {
+                        local.tun_tx_uso += 1;
+                    } else {
+                        local.tun_tx_tso += 1;
+                    }
+                    return Ok(());
+                }
                 Err(e) if is_fatal(&e) => return Err(e),
-                // Refused (an old kernel's virtio-net rules): queue the segments one by one.
+                // Refused (an old kernel's virtio-net rules): write the segments one by one.
                 Err(_) => {}
             }
         }
         for j in first..first + count {
-            self.push(tun, segment(j), local)?;
+            self.write_one(tun, segment(j), local)?;
         }
         Ok(())
     }
@@ -681,17 +671,48 @@ fn sender<'a>(
     tx.as_ref().map_or((udp, state), |(ep, st)| (ep, st))
 }
 
-/// Sends `n` packets starting at arena slot `first` to `peer`: one GSO `sendmsg` when there are
-/// several (all full-size but the last), a plain one otherwise.
+/// An open run of packets for one peer: arena slots `first..first + n`, each `seg` bytes but
+/// the last, `bytes` in all.
+struct Run {
+    peer: SocketAddr,
+    first: usize,
+    n: usize,
+    seg: usize,
+    bytes: usize,
+}
+
+/// Sends a run: one GSO `sendmsg` when it has several packets, a plain one otherwise. Packets
+/// of exactly `stride` bytes lie back to back in the arena already; others are gathered into
+/// `staging` first.
 fn send_run(
     (udp, state): (&UdpEndpoint, &UdpSocketState),
     arena: &[u8],
+    staging: &mut [u8],
     stride: usize,
-    (peer, first, n, bytes): (SocketAddr, usize, usize, usize),
+    run: Run,
     local: &mut LocalCounters,
 ) {
-    let at = first * stride;
-    send_gso(udp, state, &arena[at..at + bytes], peer, stride, n, local);
+    let at = run.first * stride;
+    if run.n == 1 || run.seg == stride {
+        send_gso(
+            udp,
+            state,
+            &arena[at..at + run.bytes],
+            run.peer,
+            run.seg,
+            run.n,
+            local,
+        );
+        return;
+    }
+    let mut off = 0;
+    for k in 0..run.n {
+        let len = run.seg.min(run.bytes - off);
+        let src = at + k * stride;
+        staging[off..off + len].copy_from_slice(&arena[src..src + len]);
+        off += len;
+    }
+    send_gso(udp, state, &staging[..off], run.peer, run.seg, run.n, local);
 }
 
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`.
