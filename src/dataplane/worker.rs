@@ -192,8 +192,6 @@ struct Worker {
     stride: usize,
     seg_sizes: Vec<usize>,
     max_gso_segments: usize,
-    /// Where runs of packets smaller than the stride are gathered for one GSO send.
-    staging: Vec<u8>,
     no_udp_offload: bool,
     busy_poll: std::time::Duration,
     icmp_buf: Vec<u8>,
@@ -252,7 +250,6 @@ impl Worker {
             stride,
             seg_sizes: vec![0; segs],
             max_gso_segments,
-            staging: vec![0; if max_gso_segments > 1 { GSO_BYTES } else { 0 }],
             no_udp_offload: setup.no_udp_offload,
             busy_poll: setup.busy_poll,
             icmp_buf: vec![0; 1280],
@@ -334,8 +331,8 @@ impl Worker {
     /// Packets land in one arena at a fixed stride of the MTU, so the full-size segments of a
     /// split TCP super-packet already lie back to back, as a UDP GSO send wants them: a run of
     /// consecutive same-peer packets of one size (the last may be shorter) leaves in one
-    /// `sendmsg`, straight from the arena when that size is the stride, else gathered into a
-    /// staging buffer first (small packets: a copy of a few dozen bytes each saves a system call
+    /// `sendmsg`, straight from the arena when that size is the stride, else moved together in
+    /// the arena first (small packets: a copy of a few dozen bytes each saves a system call
     /// each, and lets the peer receive them as one GRO buffer).
     fn tun_batch(&mut self) -> io::Result<bool> {
         let stride = self.stride;
@@ -396,8 +393,7 @@ impl Worker {
                 if let Some(r) = $run.take() {
                     send_run(
                         sender(&self.tx, &self.udp, &self.udp_state),
-                        &self.arena,
-                        &mut self.staging,
+                        &mut self.arena,
                         stride,
                         r,
                         &mut self.local,
@@ -682,37 +678,33 @@ struct Run {
 }
 
 /// Sends a run: one GSO `sendmsg` when it has several packets, a plain one otherwise. Packets
-/// of exactly `stride` bytes lie back to back in the arena already; others are gathered into
-/// `staging` first.
+/// of exactly `stride` bytes lie back to back in the arena already; smaller ones are first
+/// moved together in place (each lands at or before where it was, so nothing is overwritten
+/// before it is moved).
 fn send_run(
     (udp, state): (&UdpEndpoint, &UdpSocketState),
-    arena: &[u8],
-    staging: &mut [u8],
+    arena: &mut [u8],
     stride: usize,
     run: Run,
     local: &mut LocalCounters,
 ) {
     let at = run.first * stride;
-    if run.n == 1 || run.seg == stride {
-        send_gso(
-            udp,
-            state,
-            &arena[at..at + run.bytes],
-            run.peer,
-            run.seg,
-            run.n,
-            local,
-        );
-        return;
+    if run.n > 1 && run.seg != stride {
+        for k in 1..run.n {
+            let len = run.seg.min(run.bytes - k * run.seg);
+            let src = at + k * stride;
+            arena.copy_within(src..src + len, at + k * run.seg);
+        }
     }
-    let mut off = 0;
-    for k in 0..run.n {
-        let len = run.seg.min(run.bytes - off);
-        let src = at + k * stride;
-        staging[off..off + len].copy_from_slice(&arena[src..src + len]);
-        off += len;
-    }
-    send_gso(udp, state, &staging[..off], run.peer, run.seg, run.n, local);
+    send_gso(
+        udp,
+        state,
+        &arena[at..at + run.bytes],
+        run.peer,
+        run.seg,
+        run.n,
+        local,
+    );
 }
 
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`.
