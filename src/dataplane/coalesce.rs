@@ -70,7 +70,7 @@ pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
         }
         _ => return None,
     };
-    if total > pkt.len() {
+    if total > pkt.len() || total < ip_len {
         return None;
     }
     let l4 = &pkt[ip_len..total];
@@ -516,6 +516,10 @@ mod test {
         let mut bad_len = udp(false, 100);
         bad_len[25] ^= 1;
         assert!(classify(&bad_len, true).is_none());
+        // An IPv4 total length shorter than the header (found by fuzzing) is refused.
+        let mut short_total = udp(false, 100);
+        short_total[2..4].copy_from_slice(&5u16.to_be_bytes());
+        assert!(classify(&short_total, true).is_none());
         // Truncated and odd inputs are refused, never a panic.
         for n in 0..60 {
             let _ = classify(&udp(false, 100)[..n], true);
