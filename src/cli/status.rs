@@ -206,6 +206,13 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
     }
     table(&mut out, &rows);
     let _ = writeln!(out, "icmp errors sent: {}", c.icmp_sent);
+    let coalesced = |proto: &str| c.coalesced.get(proto).copied().unwrap_or(0);
+    let _ = writeln!(
+        out,
+        "coalesced TUN writes: {} TCP (TSO), {} UDP (USO)",
+        coalesced("tcp"),
+        coalesced("udp")
+    );
 
     let _ = writeln!(out);
     let mut rows = vec![[

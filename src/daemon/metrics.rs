@@ -5,6 +5,7 @@
 //!
 //! Metric names (all prefixed `linen_`):
 //! - `packets_total{direction}`, `bytes_total{direction}`: `tun_rx`, `udp_tx`, `udp_rx`, `tun_tx`
+//! - `tun_coalesced_writes_total{proto}`: TSO (`tcp`) and USO (`udp`) super-packets written
 //! - `drops_total{reason}`: every [`DropReason`](crate::dataplane::DropReason) name, zeros too
 //! - `icmp_errors_sent_total`
 //! - `table_routes`, `table_generation`, `peers`
@@ -107,6 +108,15 @@ impl Collector for StatusCollector {
             "reason",
             &drops,
         )?;
+        let coalesced: Vec<(&str, u64)> =
+            c.coalesced.iter().map(|(k, v)| (k.as_str(), *v)).collect();
+        family(
+            &mut enc,
+            "linen_tun_coalesced_writes",
+            "Super-packets written to the TUN, each coalesced from several received segments: tcp (TSO), udp (USO)",
+            "proto",
+            &coalesced,
+        )?;
         one(
             &mut enc,
             "linen_icmp_errors_sent",
@@ -202,6 +212,7 @@ mod test {
         s.counters.traffic.get_mut("tun_rx").unwrap().packets = 7;
         s.counters.traffic.get_mut("udp_rx").unwrap().bytes = 840;
         *s.counters.drops.get_mut("spoofed_source").unwrap() = 2;
+        *s.counters.coalesced.get_mut("udp").unwrap() = 5;
         s.lease = Some(LeaseView {
             subnet: "198.19.1.0-24".into(),
             expires_in_secs: Some(86_000),
@@ -234,6 +245,8 @@ mod test {
             "linen_drops_total{reason=\"spoofed_source\"} 2",
             "linen_drops_total{reason=\"malformed\"} 0",
             "linen_icmp_errors_sent_total 0",
+            "linen_tun_coalesced_writes_total{proto=\"tcp\"} 0",
+            "linen_tun_coalesced_writes_total{proto=\"udp\"} 5",
             "linen_lease_held 1",
             "linen_lease_reservation 0",
             "linen_lease_expiry_seconds 86000",

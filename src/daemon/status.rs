@@ -160,6 +160,9 @@ pub struct CountersView {
     pub traffic: BTreeMap<String, Traffic>,
     /// ICMP errors written back into the TUN device.
     pub icmp_sent: u64,
+    /// Coalesced super-packets written to the TUN device, by protocol (`tcp`: TSO, `udp`: USO).
+    #[serde(default)]
+    pub coalesced: BTreeMap<String, u64>,
     /// Drops by [`DropReason::name`], every reason present.
     pub drops: BTreeMap<String, u64>,
 }
@@ -188,6 +191,10 @@ impl From<&LocalCounters> for CountersView {
                 })
                 .collect(),
             icmp_sent: c.icmp_sent,
+            coalesced: [("tcp", c.tun_tx_tso), ("udp", c.tun_tx_uso)]
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect(),
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))
