@@ -2,14 +2,16 @@
 //! MTU-sized segments with their headers and checksums fixed, as every offloaded TUN read does
 //! (tun-rs `gso_split`, which linen's workers call through `recv_multiple`).
 //!
-//! And the write side: walking a UDP GRO receive buffer of segments and deciding which coalesce
-//! into one TSO/USO super-packet (linen's `dataplane::coalesce`), plus building its header —
-//! everything but the `writev` itself, which the namespace benchmark (`linen bench`) measures
-//! end to end.
+//! Then the send-side batching that follows it: runs of packets for one peer gathered for one
+//! UDP GSO send (`dataplane::batch`). And the write side: walking a UDP GRO receive buffer of
+//! segments and deciding which coalesce into one TSO/USO super-packet (`dataplane::coalesce`),
+//! plus building its header — everything but the `writev` itself, which the namespace
+//! benchmark (`linen bench`) measures end to end.
 
 use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
+use linen::dataplane::batch::Run;
 use linen::dataplane::coalesce::{self, MAX_HEADER, Segment};
 use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr, gso_split};
 
@@ -153,5 +155,34 @@ fn bench_coalesce(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_gso_split, bench_coalesce);
+/// The send side of a TUN batch: packets for one peer in MTU-stride arena slots join a run
+/// (`Run::try_extend`) and are made contiguous for one UDP GSO send (`Run::gather`).
+fn bench_gso_batch(c: &mut Criterion) {
+    let mut group = c.benchmark_group("offload/gso_batch");
+    let peer = std::net::SocketAddr::from(([198, 18, 0, 2], 8285));
+    for (name, len, count) in [
+        ("64_packets_of_92_bytes", 92usize, 64usize),
+        ("44_packets_of_mtu", MTU, 44),
+    ] {
+        let mut arena = vec![0x5au8; MTU * count];
+        let run_of = || {
+            let mut run = Run::new(peer, 0, len);
+            for _ in 1..count {
+                assert!(run.try_extend(peer, len, 64));
+            }
+            run
+        };
+        assert_eq!(run_of().n, count);
+        group.throughput(Throughput::Bytes((len * count) as u64));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let run = run_of();
+                black_box(run.gather(black_box(&mut arena), MTU))
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, bench_gso_split, bench_coalesce, bench_gso_batch);
 criterion_main!(benches);

@@ -3,12 +3,15 @@
 //!
 //! - [`forward`]: the sans-IO per-packet decisions (egress and ingress rules of design.md).
 //! - [`worker`]: one thread per TUN queue + UDP socket, batching the I/O.
+//! - [`batch`] and [`coalesce`]: sans-IO send-side runs for UDP GSO, and receive-side
+//!   TSO/USO super-packets for the TUN.
 //! - [`io`]: opening the TUN device (tun-rs) and the `SO_REUSEPORT` UDP sockets.
 //! - [`counters`]: per-worker packet and drop counters.
 //! - `sys`: the crate's only `unsafe` (socket options).
 //!
 //! Must not import tokio, `lease` or `daemon`.
 
+pub mod batch;
 pub mod coalesce;
 pub mod counters;
 pub mod forward;

@@ -20,6 +20,7 @@ use mio::{Events, Interest, Poll, Token, Waker};
 use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
+use super::batch::Run;
 use super::coalesce::{self, Segment};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
@@ -36,8 +37,6 @@ const TUN_BATCH: usize = 64;
 /// Segment buffers for one offloaded TUN read: a 64 KiB super-packet split at an MSS as small as
 /// 536 bytes gives up to 123 segments (wireguard-go uses 128 too).
 const SEGMENTS: usize = 128;
-/// Largest UDP GSO send: 64 segments (what `quinn-udp` probes for) and under 64 KiB.
-const GSO_BYTES: usize = 65_000;
 /// Receive buffers per `recvmmsg`. With UDP GRO each holds up to 64 KiB of coalesced datagrams
 /// (about 44 full-size segments); 4 of them bound a worker's receive memory at 256 KiB, for the
 /// embedded memory budget, and still move ~176 segments per system call.
@@ -432,28 +431,12 @@ impl Worker {
                 }
                 continue;
             };
-            match &mut run {
-                // Extend: same peer, every earlier packet the run's size, this one no larger,
-                // room left in one GSO send.
-                Some(r)
-                    if r.peer == peer
-                        && r.bytes == r.n * r.seg
-                        && len <= r.seg
-                        && r.n < self.max_gso_segments.min(GSO_BYTES / r.seg) =>
-                {
-                    r.n += 1;
-                    r.bytes += len;
-                }
-                _ => {
-                    flush!(run);
-                    run = Some(Run {
-                        peer,
-                        first: i,
-                        n: 1,
-                        seg: len.max(1),
-                        bytes: len,
-                    });
-                }
+            let extended = run
+                .as_mut()
+                .is_some_and(|r| r.try_extend(peer, len, self.max_gso_segments));
+            if !extended {
+                flush!(run);
+                run = Some(Run::new(peer, i, len));
             }
         }
         flush!(run);
@@ -667,20 +650,8 @@ fn sender<'a>(
     tx.as_ref().map_or((udp, state), |(ep, st)| (ep, st))
 }
 
-/// An open run of packets for one peer: arena slots `first..first + n`, each `seg` bytes but
-/// the last, `bytes` in all.
-struct Run {
-    peer: SocketAddr,
-    first: usize,
-    n: usize,
-    seg: usize,
-    bytes: usize,
-}
-
-/// Sends a run: one GSO `sendmsg` when it has several packets, a plain one otherwise. Packets
-/// of exactly `stride` bytes lie back to back in the arena already; smaller ones are first
-/// moved together in place (each lands at or before where it was, so nothing is overwritten
-/// before it is moved).
+/// Sends a run: one GSO `sendmsg` when it has several packets, a plain one otherwise
+/// ([`Run::gather`] makes its packets contiguous first).
 fn send_run(
     (udp, state): (&UdpEndpoint, &UdpSocketState),
     arena: &mut [u8],
@@ -688,23 +659,8 @@ fn send_run(
     run: Run,
     local: &mut LocalCounters,
 ) {
-    let at = run.first * stride;
-    if run.n > 1 && run.seg != stride {
-        for k in 1..run.n {
-            let len = run.seg.min(run.bytes - k * run.seg);
-            let src = at + k * stride;
-            arena.copy_within(src..src + len, at + k * run.seg);
-        }
-    }
-    send_gso(
-        udp,
-        state,
-        &arena[at..at + run.bytes],
-        run.peer,
-        run.seg,
-        run.n,
-        local,
-    );
+    let range = run.gather(arena, stride);
+    send_gso(udp, state, &arena[range], run.peer, run.seg, run.n, local);
 }
 
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`.
