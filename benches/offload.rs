@@ -12,7 +12,7 @@ use std::hint::black_box;
 
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use linen::dataplane::batch::Run;
-use linen::dataplane::coalesce::{self, MAX_HEADER, Segment};
+use linen::dataplane::coalesce::{self, MAX_HEADER};
 use tun_rs::{VIRTIO_NET_HDR_GSO_TCPV4, VirtioNetHdr, gso_split};
 
 /// Overlay MTU over a 1500-byte IPv4 underlay.
@@ -105,26 +105,20 @@ fn gro_buffer(first: &[u8], n: usize, tcp: bool) -> Vec<u8> {
 /// The decisions the worker makes per received segment, then the super-packet header: returns
 /// the segments coalesced and the header length.
 fn coalesce_run(buf: &[u8], stride: usize, uso: bool, header: &mut [u8]) -> (usize, usize) {
-    let mut run: Option<(Segment, Segment, usize, usize)> = None;
-    for seg in buf.chunks(stride) {
+    let mut run: Option<coalesce::Run> = None;
+    for (k, seg) in buf.chunks(stride).enumerate() {
         let next = coalesce::classify(seg, uso).expect("a coalescable segment");
         match &mut run {
-            Some((head, last, payload, count))
-                if coalesce::can_append(buf, head, last, *payload, seg, &next) =>
-            {
-                *last = next;
-                *payload += next.payload_len;
-                *count += 1;
+            Some(r) => {
+                if !r.try_append(buf, stride, seg, next) {
+                    break;
+                }
             }
-            Some(_) => break,
-            None => run = Some((next, next, next.payload_len, 1)),
+            None => run = Some(coalesce::Run::new(k, next)),
         }
     }
-    let (head, last, payload, count) = run.expect("at least one segment");
-    (
-        count,
-        coalesce::write_header(buf, &head, payload, last.flags, header),
-    )
+    let run = run.expect("at least one segment");
+    (run.count, run.write_header(buf, stride, header))
 }
 
 fn bench_coalesce(c: &mut Criterion) {

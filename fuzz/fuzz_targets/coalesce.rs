@@ -5,7 +5,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use linen::dataplane::coalesce::{self, MAX_HEADER, Segment, VNET_HDR_LEN};
+use linen::dataplane::coalesce::{self, MAX_HEADER, MAX_RUN, Run, VNET_HDR_LEN};
 
 fuzz_target!(|data: &[u8]| {
     let Some((&ctl, buf)) = data.split_first() else {
@@ -14,16 +14,14 @@ fuzz_target!(|data: &[u8]| {
     let uso = ctl & 1 == 1;
     let stride = usize::from(ctl >> 1).max(1) * 12;
     let mut header = [0u8; MAX_HEADER];
-    // (first chunk, head, last, payload)
-    let mut run: Option<(usize, Segment, Segment, usize)> = None;
-    let mut check = |buf: &[u8], (first, head, last, payload): (usize, Segment, Segment, usize)| {
-        let head_pkt = &buf[first * stride..];
-        let n = coalesce::write_header(head_pkt, &head, payload, last.flags, &mut header);
-        assert_eq!(n, VNET_HDR_LEN + head.header_len);
+    let mut check = |buf: &[u8], run: Run| {
+        let n = run.write_header(buf, stride, &mut header);
+        assert_eq!(n, VNET_HDR_LEN + run.head.header_len);
+        assert!(run.count <= MAX_RUN);
         let ip = &header[VNET_HDR_LEN..n];
-        let total = head.header_len + payload;
+        let total = run.head.header_len + run.payload;
         assert!(total <= 65_535);
-        let declared = if head.v6 {
+        let declared = if run.head.v6 {
             40 + usize::from(u16::from_be_bytes([ip[4], ip[5]]))
         } else {
             usize::from(u16::from_be_bytes([ip[2], ip[3]]))
@@ -31,9 +29,15 @@ fuzz_target!(|data: &[u8]| {
         assert_eq!(declared, total);
         assert_eq!(
             usize::from(u16::from_ne_bytes([header[4], header[5]])),
-            head.payload_len
+            run.head.payload_len
         );
+        // The segments' payloads add up to the run's.
+        let sum: usize = (run.first..run.first + run.count)
+            .map(|j| run.segment(buf, stride, j).len() - run.head.header_len)
+            .sum();
+        assert_eq!(sum, run.payload);
     };
+    let mut run: Option<Run> = None;
     for (k, seg) in buf.chunks(stride).enumerate() {
         let Some(next) = coalesce::classify(seg, uso) else {
             if let Some(r) = run.take() {
@@ -42,17 +46,15 @@ fuzz_target!(|data: &[u8]| {
             continue;
         };
         assert!(next.header_len + next.payload_len <= seg.len());
-        if let Some((first, head, last, payload)) = &mut run
-            && coalesce::can_append(&buf[*first * stride..], head, last, *payload, seg, &next)
+        if let Some(r) = &mut run
+            && r.try_append(buf, stride, seg, next)
         {
-            *last = next;
-            *payload += next.payload_len;
             continue;
         }
         if let Some(r) = run.take() {
             check(buf, r);
         }
-        run = Some((k, next, next, next.payload_len));
+        run = Some(Run::new(k, next));
     }
     if let Some(r) = run.take() {
         check(buf, r);

@@ -36,11 +36,20 @@ fuzz_target!(|data: &[u8]| {
         accept_unknown_senders: data.first().is_some_and(|b| b & 1 == 1),
     };
     let mut pkt = data.to_vec();
-    let before = IpPacket::new_checked(data).ok().map(|p| (p.packet_len(), p.hop_limit()));
+    let before = IpPacket::new_checked(data)
+        .ok()
+        .map(|p| (p.packet_len(), p.hop_limit()));
     let v4_ok_before = Ipv4Packet::new_checked(data).is_ok_and(|p| p.verify_checksum());
     let mut icmp = [0u8; 1280];
     let mut limiter = IcmpLimiter::default();
-    match forward::egress(&mut pkt, &snap, &cfg, &mut limiter, Instant::now(), &mut icmp) {
+    match forward::egress(
+        &mut pkt,
+        &snap,
+        &cfg,
+        &mut limiter,
+        Instant::now(),
+        &mut icmp,
+    ) {
         Egress::Send { len, .. } => {
             let (plen, ttl) = before.expect("only parsed packets are sent");
             assert_eq!(len, plen);
@@ -57,7 +66,11 @@ fuzz_target!(|data: &[u8]| {
             assert_eq!(reply.packet_len(), len);
             if let IpPacket::V4(v4) = &reply {
                 assert!(v4.verify_checksum());
-                assert!(Icmpv4Packet::new_checked(v4.payload()).unwrap().verify_checksum());
+                assert!(
+                    Icmpv4Packet::new_checked(v4.payload())
+                        .unwrap()
+                        .verify_checksum()
+                );
             }
         }
         Egress::Drop(_) => {}
@@ -66,7 +79,10 @@ fuzz_target!(|data: &[u8]| {
     if let Ingress::Deliver { len } = forward::ingress(data, sender, &snap, &cfg) {
         let p = IpPacket::new_checked(data).expect("only parsed packets are delivered");
         assert_eq!(len, p.packet_len());
-        assert!(snap.is_local(p.dst_addr()) || p.dst_addr() == std::net::IpAddr::V4(cfg.tun_v4.unwrap()));
+        assert!(
+            snap.is_local(p.dst_addr())
+                || p.dst_addr() == std::net::IpAddr::V4(cfg.tun_v4.unwrap())
+        );
         assert!(snap.sender_owns(sender.ip(), p.src_addr()));
     }
 });

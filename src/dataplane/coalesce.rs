@@ -207,6 +207,87 @@ pub fn write_header(
     VNET_HDR_LEN + h
 }
 
+/// Most segments in one super-packet (a 64 KiB GRO buffer holds about 44 full-size ones).
+pub const MAX_RUN: usize = 64;
+
+/// An open run: segments `first..first + count` of one receive buffer (chunks at the buffer's
+/// stride) that are to become one super-packet.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Run {
+    /// Chunk index of the first segment.
+    pub first: usize,
+    /// Segments in the run.
+    pub count: usize,
+    /// The first segment.
+    pub head: Segment,
+    /// The last segment.
+    pub last: Segment,
+    /// Payload bytes in all.
+    pub payload: usize,
+}
+
+impl Run {
+    /// A run of the one segment `seg`, chunk `first`.
+    pub fn new(first: usize, seg: Segment) -> Run {
+        Run {
+            first,
+            count: 1,
+            head: seg,
+            last: seg,
+            payload: seg.payload_len,
+        }
+    }
+
+    /// Takes `next` (the bytes `next_pkt`, the chunk after the run's last) when it may follow
+    /// ([`can_append`]) and the run has room ([`MAX_RUN`]).
+    #[inline]
+    pub fn try_append(
+        &mut self,
+        buf: &[u8],
+        stride: usize,
+        next_pkt: &[u8],
+        next: Segment,
+    ) -> bool {
+        let joins = self.count < MAX_RUN
+            && can_append(
+                &buf[self.first * stride..],
+                &self.head,
+                &self.last,
+                self.payload,
+                next_pkt,
+                &next,
+            );
+        if joins {
+            self.count += 1;
+            self.last = next;
+            self.payload += next.payload_len;
+        }
+        joins
+    }
+
+    /// Chunk `j`'s headers and payload (trailing bytes of the chunk excluded).
+    pub fn segment<'a>(&self, buf: &'a [u8], stride: usize, j: usize) -> &'a [u8] {
+        let seg = if j + 1 == self.first + self.count {
+            self.last
+        } else {
+            self.head
+        };
+        let at = j * stride;
+        &buf[at..at + seg.header_len + seg.payload_len]
+    }
+
+    /// Writes the super-packet's virtio-net and IP/TCP/UDP headers into `out` ([`write_header`]).
+    pub fn write_header(&self, buf: &[u8], stride: usize, out: &mut [u8]) -> usize {
+        write_header(
+            self.segment(buf, stride, self.first),
+            &self.head,
+            self.payload,
+            self.last.flags,
+            out,
+        )
+    }
+}
+
 fn sum(bytes: &[u8]) -> u32 {
     bytes
         .chunks(2)
@@ -525,5 +606,36 @@ mod test {
             let _ = classify(&udp(false, 100)[..n], true);
             let _ = classify(&seg6(1, 10, ACK)[..n], true);
         }
+    }
+
+    #[test]
+    fn a_run_walks_a_receive_buffer_and_stops_at_max_run() {
+        // A GRO buffer: full-size segments at a stride of their size, the last one shorter.
+        let stride = 52 + 100;
+        let mut buf = Vec::new();
+        for i in 0..MAX_RUN as u32 + 2 {
+            buf.extend_from_slice(&seg(1000 + i * 100, 100, ACK));
+        }
+        buf.extend_from_slice(&seg(1000 + (MAX_RUN as u32 + 2) * 100, 30, ACK | PSH));
+        let chunks: Vec<&[u8]> = buf.chunks(stride).collect();
+        let mut run = Run::new(0, classify_tcp(chunks[0]).unwrap());
+        for (k, c) in chunks.iter().enumerate().skip(1) {
+            if !run.try_append(&buf, stride, c, classify_tcp(c).unwrap()) {
+                assert_eq!(k, MAX_RUN, "a run stops at MAX_RUN");
+                break;
+            }
+        }
+        assert_eq!((run.count, run.payload), (MAX_RUN, MAX_RUN * 100));
+        assert_eq!(run.segment(&buf, stride, 3), chunks[3]);
+        // The next run takes the rest, ending with the short segment.
+        let mut rest = Run::new(MAX_RUN, classify_tcp(chunks[MAX_RUN]).unwrap());
+        for c in &chunks[MAX_RUN + 1..] {
+            assert!(rest.try_append(&buf, stride, c, classify_tcp(c).unwrap()));
+        }
+        assert_eq!((rest.count, rest.payload), (3, 230));
+        assert_eq!(rest.segment(&buf, stride, MAX_RUN + 2).len(), 52 + 30);
+        let mut out = [0u8; MAX_HEADER];
+        assert_eq!(rest.write_header(&buf, stride, &mut out), 62);
+        assert_eq!(out[10 + 33], ACK | PSH, "PSH of the last segment");
     }
 }

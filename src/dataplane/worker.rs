@@ -21,7 +21,7 @@ use quinn_udp::{RecvMeta, Transmit, UdpSockRef, UdpSocketState};
 use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 
 use super::batch::Run;
-use super::coalesce::{self, Segment};
+use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
 use super::io::{UdpEndpoint, socket_addr_for};
@@ -472,9 +472,8 @@ impl Worker {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
             let buf = &self.rx_bufs[m][..meta.len.min(self.rx_bufs[m].len())];
-            // An open run (offloads only): first chunk index, segment count, its first and
-            // last segments, payload bytes.
-            let mut run: Option<(usize, usize, Segment, Segment, usize)> = None;
+            // An open run of segments to coalesce (offloads only).
+            let mut run: Option<CoalesceRun> = None;
             for (k, seg) in buf.chunks(stride).enumerate() {
                 self.local.udp_rx_packets += 1;
                 self.local.udp_rx_bytes += seg.len() as u64;
@@ -492,20 +491,9 @@ impl Worker {
                 } else {
                     None
                 };
-                if let (Some(next), Some((first, count, head, last, payload))) = (info, &mut run)
-                    && *count < MAX_RUN
-                    && coalesce::can_append(
-                        &buf[*first * stride..],
-                        head,
-                        last,
-                        *payload,
-                        seg,
-                        &next,
-                    )
+                if let (Some(next), Some(r)) = (info, &mut run)
+                    && r.try_append(buf, stride, seg, next)
                 {
-                    *count += 1;
-                    *last = next;
-                    *payload += next.payload_len;
                     continue;
                 }
                 if let Some(r) = run.take() {
@@ -513,7 +501,7 @@ impl Worker {
                         .write_run(&self.tun, buf, stride, r, &mut self.local)?;
                 }
                 if let Some(info) = info {
-                    run = Some((k, 1, info, info, info.payload_len));
+                    run = Some(CoalesceRun::new(k, info));
                     continue;
                 }
                 self.tun_out
@@ -534,9 +522,6 @@ fn is_fatal(e: &io::Error) -> bool {
         Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV)
     )
 }
-
-/// Segments in one coalesced TUN write (a 64 KiB GRO buffer holds about 44 full-size ones).
-const MAX_RUN: usize = 64;
 
 /// Everything written to the TUN goes through here, in arrival order and without copying: a
 /// single packet is written at once (behind a zeroed virtio-net header when offloads are on),
@@ -594,34 +579,20 @@ impl TunWriter {
         tun: &SyncDevice,
         buf: &[u8],
         stride: usize,
-        (first, count, head, last, payload): (usize, usize, Segment, Segment, usize),
+        run: CoalesceRun,
         local: &mut LocalCounters,
     ) -> io::Result<()> {
-        let segment = |j: usize| -> &[u8] {
-            let at = j * stride;
-            let len = if j + 1 == first + count {
-                last.header_len + last.payload_len
-            } else {
-                head.header_len + head.payload_len
-            };
-            &buf[at..at + len]
-        };
-        if count > 1 && self.offload {
-            let n = coalesce::write_header(
-                segment(first),
-                &head,
-                payload,
-                last.flags,
-                &mut self.header,
-            );
+        let segments = run.first..run.first + run.count;
+        if run.count > 1 && self.offload {
+            let n = run.write_header(buf, stride, &mut self.header);
             let mut iovs: [IoSlice<'_>; MAX_RUN + 1] = [IoSlice::new(&[]); MAX_RUN + 1];
             iovs[0] = IoSlice::new(&self.header[..n]);
-            for (i, j) in (first..first + count).enumerate() {
-                iovs[i + 1] = IoSlice::new(&segment(j)[head.header_len..]);
+            for (i, j) in segments.clone().enumerate() {
+                iovs[i + 1] = IoSlice::new(&run.segment(buf, stride, j)[run.head.header_len..]);
             }
-            match tun.send_vectored(&iovs[..count + 1]) {
+            match tun.send_vectored(&iovs[..run.count + 1]) {
                 Ok(_) => {
-                    if head.udp {
+                    if run.head.udp {
                         local.tun_tx_uso += 1;
                     } else {
                         local.tun_tx_tso += 1;
@@ -633,8 +604,8 @@ impl TunWriter {
                 Err(_) => {}
             }
         }
-        for j in first..first + count {
-            self.write_one(tun, segment(j), local)?;
+        for j in segments {
+            self.write_one(tun, run.segment(buf, stride, j), local)?;
         }
         Ok(())
     }
