@@ -6,19 +6,17 @@
 
 mod common;
 
-use std::net::Ipv4Addr;
 use std::process::Command;
 use std::sync::Arc;
 use std::time::Duration;
 
 use common::LINEN;
 use common::etcd::EtcdServer;
+use common::manager::{Running, host, key};
 use linen::lease::Registry;
 use linen::lease::etcd::{EtcdOptions, EtcdRegistry};
-use linen::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
-use linen::model::{DEFAULT_PREFIX, LeaseAttrs, NetworkConfigSpec, SubnetKey};
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
+use linen::lease::manager::ManagerOptions;
+use linen::model::{DEFAULT_PREFIX, NetworkConfigSpec};
 
 async fn registry(server: &EtcdServer) -> Arc<EtcdRegistry> {
     let reg = EtcdRegistry::connect(&EtcdOptions {
@@ -40,64 +38,11 @@ async fn with_config(server: &EtcdServer) -> Arc<EtcdRegistry> {
     reg
 }
 
-fn host(n: u8) -> LeaseAttrs {
-    LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 1, n))
-}
-
-fn key(s: &str) -> SubnetKey {
-    SubnetKey::parse(s).unwrap()
-}
-
 fn options(n: u8) -> ManagerOptions {
     let mut o = ManagerOptions::new(host(n));
     o.backoff_min = Duration::from_millis(100);
     o.backoff_max = Duration::from_millis(500);
     o
-}
-
-struct Running {
-    state: watch::Receiver<LeaseState>,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    async fn start(reg: Arc<EtcdRegistry>, opts: ManagerOptions) -> Running {
-        let config = reg.get_network_config().await.unwrap();
-        let mut m = LeaseManager::new(reg, config, opts);
-        m.acquire().await.unwrap();
-        let state = m.subscribe();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(m.run(cancel.clone()));
-        Running {
-            state,
-            cancel,
-            task,
-        }
-    }
-
-    fn own(&self) -> Option<SubnetKey> {
-        self.state.borrow().own.as_ref().map(|l| l.key)
-    }
-
-    async fn wait(&mut self, secs: u64, what: &str, ok: impl Fn(&LeaseState) -> bool) {
-        let deadline = tokio::time::sleep(Duration::from_secs(secs));
-        tokio::pin!(deadline);
-        loop {
-            if ok(&self.state.borrow_and_update()) {
-                return;
-            }
-            tokio::select! {
-                _ = &mut deadline => panic!("timed out waiting for {what}; state: {:?}", *self.state.borrow()),
-                r = self.state.changed() => r.unwrap(),
-            }
-        }
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap();
-    }
 }
 
 #[tokio::test]

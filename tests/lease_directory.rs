@@ -2,21 +2,21 @@
 //! network): concurrent acquisition, expiry, corrupt files, exhaustion, reservations, renewal,
 //! lost leases and a registry that goes away and comes back.
 
+mod common;
+use common::manager::{Running, host, key};
+
 use std::collections::BTreeSet;
 use std::fs;
-use std::net::Ipv4Addr;
 use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use linen::lease::directory::DirectoryRegistry;
-use linen::lease::manager::{self, AcquireError, LeaseManager, LeaseState, ManagerOptions};
+use linen::lease::manager::{self, AcquireError, LeaseState, ManagerOptions};
 use linen::lease::{Registry, RegistryError, WatchEvent};
 use linen::model::{Lease, LeaseAttrs, NetworkConfigSpec, SubnetKey};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
-use tokio::sync::watch;
-use tokio_util::sync::CancellationToken;
 
 const NET: &str = r#"{"Network":"198.19.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
 
@@ -33,66 +33,11 @@ fn registry(dir: &Path, ttl_secs: u64) -> Arc<DirectoryRegistry> {
     )
 }
 
-fn host(n: u8) -> LeaseAttrs {
-    LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 1, n))
-}
-
-fn key(s: &str) -> SubnetKey {
-    SubnetKey::parse(s).unwrap()
-}
-
 fn options(n: u8) -> ManagerOptions {
     let mut o = ManagerOptions::new(host(n));
     o.backoff_min = Duration::from_millis(50);
     o.backoff_max = Duration::from_millis(200);
     o
-}
-
-async fn start(reg: Arc<DirectoryRegistry>, opts: ManagerOptions) -> Running {
-    let config = reg.get_network_config().await.unwrap();
-    let mut m = LeaseManager::new(reg, config, opts);
-    m.acquire().await.unwrap();
-    let state = m.subscribe();
-    let cancel = CancellationToken::new();
-    let task = tokio::spawn(m.run(cancel.clone()));
-    Running {
-        state,
-        cancel,
-        task,
-    }
-}
-
-struct Running {
-    state: watch::Receiver<LeaseState>,
-    cancel: CancellationToken,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl Running {
-    /// Waits until the published state satisfies `ok`, failing after `secs`.
-    async fn wait(
-        &mut self,
-        secs: u64,
-        what: &str,
-        ok: impl Fn(&LeaseState) -> bool,
-    ) -> LeaseState {
-        let deadline = tokio::time::sleep(Duration::from_secs(secs));
-        tokio::pin!(deadline);
-        loop {
-            if ok(&self.state.borrow_and_update()) {
-                return self.state.borrow().clone();
-            }
-            tokio::select! {
-                _ = &mut deadline => panic!("timed out waiting for {what}; state: {:?}", *self.state.borrow()),
-                r = self.state.changed() => r.unwrap(),
-            }
-        }
-    }
-
-    async fn stop(self) {
-        self.cancel.cancel();
-        self.task.await.unwrap();
-    }
 }
 
 async fn live(reg: &DirectoryRegistry) -> Vec<Lease> {
@@ -246,7 +191,7 @@ async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
         .create_lease(&key("198.19.7.0-24"), &host(2))
         .await
         .unwrap();
-    let mut a = start(Arc::clone(&long), options(1)).await;
+    let mut a = Running::start(Arc::clone(&long), options(1)).await;
     a.wait(2, "host 2 as a peer", |s| {
         s.peers.iter().any(|l| l.key == key("198.19.7.0-24"))
     })
@@ -257,7 +202,7 @@ async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
     // Another host asking for that subnet (its subnet.env) now gets it.
     let mut opts = options(3);
     opts.previous = Some(key("198.19.7.0-24"));
-    let b = start(Arc::clone(&long), opts).await;
+    let b = Running::start(Arc::clone(&long), opts).await;
     assert_eq!(own_key(&b.state.borrow()), Some(key("198.19.7.0-24")));
     a.wait(2, "host 3 as a peer", |s| {
         s.peers
@@ -276,9 +221,9 @@ async fn new_host_is_seen_by_others_within_a_second() {
         dir.path(),
         Duration::from_secs(3600),
     ));
-    let mut a = start(Arc::clone(&reg), options(1)).await;
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let t0 = Instant::now();
-    let b = start(Arc::clone(&reg), options(2)).await;
+    let b = Running::start(Arc::clone(&reg), options(2)).await;
     let b_key = own_key(&b.state.borrow()).unwrap();
     a.wait(1, "host 2 within 1 s", |s| {
         s.peers.iter().any(|l| l.key == b_key)
@@ -328,7 +273,7 @@ async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
     // A manager whose subnet.env names the corrupt key gets another one, and sees host 6.
     let mut opts = options(1);
     opts.previous = Some(key("198.19.3.0-24"));
-    let mut a = start(Arc::clone(&reg), opts).await;
+    let mut a = Running::start(Arc::clone(&reg), opts).await;
     let s = a.wait(2, "host 6 as a peer", |s| s.peers.len() == 1).await;
     let own = own_key(&s).unwrap();
     assert!(
@@ -378,7 +323,7 @@ async fn reservation_is_taken_by_its_public_ip_and_never_gets_an_expiry() {
     let reg = registry(dir.path(), 2);
     let mut opts = options(1);
     opts.renew_margin = Duration::from_secs(1);
-    let mut a = start(Arc::clone(&reg), opts).await;
+    let mut a = Running::start(Arc::clone(&reg), opts).await;
     let s = a.state.borrow().clone();
     let own = s.own.unwrap();
     assert_eq!(own.key, key("198.19.42.0-24"));
@@ -417,7 +362,7 @@ async fn previous_subnet_held_by_another_host_is_not_taken() {
         .unwrap();
     let mut opts = options(1);
     opts.previous = Some(key("198.19.9.0-24"));
-    let a = start(Arc::clone(&reg), opts).await;
+    let a = Running::start(Arc::clone(&reg), opts).await;
     assert_ne!(own_key(&a.state.borrow()), Some(key("198.19.9.0-24")));
     let list = reg.list_leases().await.unwrap();
     let held = list
@@ -435,7 +380,7 @@ async fn renewal_extends_expiry() {
     let reg = registry(dir.path(), 3);
     let mut opts = options(1);
     opts.renew_margin = Duration::from_secs(2);
-    let mut a = start(Arc::clone(&reg), opts).await;
+    let mut a = Running::start(Arc::clone(&reg), opts).await;
     let first = a.state.borrow().own.clone().unwrap();
     let exp0 = first.expiration.unwrap();
     let s = a
@@ -464,7 +409,7 @@ async fn renewal_extends_expiry() {
 async fn own_lease_deleted_by_hand_is_reacquired() {
     let dir = setup(NET);
     let reg = registry(dir.path(), 3600);
-    let mut a = start(Arc::clone(&reg), options(1)).await;
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let mine = own_key(&a.state.borrow()).unwrap();
     fs::remove_file(dir.path().join("subnets").join(mine.to_string())).unwrap();
     a.wait(2, "the lease to be lost", |s| s.own.is_none()).await;
@@ -489,7 +434,7 @@ async fn own_lease_deleted_by_hand_is_reacquired() {
 async fn manager_recovers_when_the_registry_comes_back() {
     let dir = setup(NET);
     let reg = registry(dir.path(), 3600);
-    let mut a = start(Arc::clone(&reg), options(1)).await;
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let mine = own_key(&a.state.borrow()).unwrap();
     a.wait(2, "a healthy registry", |s| s.registry.connected)
         .await;

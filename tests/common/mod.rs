@@ -3,6 +3,7 @@
 #![allow(dead_code)]
 
 pub mod etcd;
+pub mod manager;
 
 use std::path::Path;
 use std::process::Command;
