@@ -109,6 +109,36 @@ async fn a_lease_key_deleted_by_hand_is_reacquired() {
 }
 
 #[tokio::test]
+async fn our_key_taken_by_another_host_is_routed_to_at_once() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = with_config(&server).await;
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
+    let mine = a.own().unwrap();
+    a.wait(5, "the watch to run", |s| s.registry.connected)
+        .await;
+    // Host 2 writes its lease over ours (a stale subnet.env and a hand-made put, say).
+    let path = format!("{DEFAULT_PREFIX}/subnets/{mine}");
+    let value = server.etcdctl(&["get", "--print-value-only", &path]);
+    let theirs = value.trim().replace("198.18.1.1", "198.18.1.2");
+    assert_ne!(value.trim(), theirs, "{value}");
+    let grant = server.etcdctl(&["lease", "grant", "3600"]);
+    let id = grant.split_whitespace().nth(1).expect("lease id");
+    server.etcdctl(&["put", "--lease", id, &path, &theirs]);
+    // We move to another subnet, and host 2 is a peer from the event that showed it: nothing
+    // else is written to its key until its renewal, hours later.
+    let s = a
+        .wait(5, "a new subnet and host 2 as a peer", |s| {
+            s.own.as_ref().is_some_and(|l| l.key != mine)
+                && s.peers.iter().any(|l| l.key == mine && l.attrs == host(2))
+        })
+        .await;
+    assert_eq!(s.peers.len(), 1, "{s:?}");
+    a.stop().await;
+}
+
+#[tokio::test]
 async fn etcd_down_for_10_s_keeps_the_lease_and_catches_up() {
     let Some(mut server) = EtcdServer::start() else {
         return;

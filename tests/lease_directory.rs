@@ -431,6 +431,33 @@ async fn own_lease_deleted_by_hand_is_reacquired() {
 }
 
 #[tokio::test]
+async fn own_subnet_taken_by_another_host_becomes_a_peer_at_once() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let mut a = Running::start(Arc::clone(&reg), options(1)).await;
+    let mine = own_key(&a.state.borrow()).unwrap();
+    // Host 2 overwrites our lease file (an operator's mistake, or a host with a stale
+    // subnet.env and no lock): same key, its PublicIP.
+    let path = dir.path().join("subnets").join(mine.to_string());
+    let text = fs::read_to_string(&path).unwrap();
+    let theirs = text.replace("198.18.1.1", "198.18.1.2");
+    assert_ne!(text, theirs, "{text}");
+    let tmp = dir.path().join("taken.tmp");
+    fs::write(&tmp, theirs).unwrap();
+    fs::rename(&tmp, &path).unwrap();
+    // We move to a new subnet, and host 2's lease is routed to from the event that showed it,
+    // not only from its next renewal (which may be hours away).
+    let s = a
+        .wait(3, "a new subnet and host 2 as a peer", |s| {
+            own_key(s).is_some_and(|k| k != mine)
+                && s.peers.iter().any(|l| l.key == mine && l.attrs == host(2))
+        })
+        .await;
+    assert_eq!(s.peers.len(), 1, "{s:?}");
+    a.stop().await;
+}
+
+#[tokio::test]
 async fn manager_recovers_when_the_registry_comes_back() {
     let dir = setup(NET);
     let reg = registry(dir.path(), 3600);

@@ -433,6 +433,12 @@ impl LeaseManager {
                     return;
                 }
                 tracing::warn!(subnet = %lease.key, holder = ?lease.attrs.public_ip, "another host holds our subnet now; re-acquiring");
+                // The holder is a peer from now on: nothing else may be written to its key
+                // until its renewal, hours away, so waiting for another event would leave its
+                // subnet unrouted that long.
+                self.last_key = Some(lease.key);
+                let events = self.tracker.yield_own();
+                log_peers(&events);
                 self.lose();
                 return;
             }

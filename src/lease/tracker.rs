@@ -94,6 +94,21 @@ impl LeaseTracker {
         events
     }
 
+    /// Gives the own key up to the host that wrote it last (an [`OwnChange::Put`] with other
+    /// attributes): that lease becomes a peer at once, so its subnet is routed to while this
+    /// host acquires another, and this host holds no lease. Nothing happens when there is no
+    /// own lease.
+    pub fn yield_own(&mut self) -> Vec<PeerEvent> {
+        self.own_key = None;
+        match self.own.take() {
+            Some(taker) => {
+                self.peers.insert(taker.key, taker.clone());
+                vec![PeerEvent::Added(taker)]
+            }
+            None => Vec::new(),
+        }
+    }
+
     /// This host's lease as last known.
     pub fn own(&self) -> Option<&Lease> {
         self.own.as_ref()
@@ -335,6 +350,30 @@ mod test {
         let mine = lease("198.19.5.0-24", "198.18.1.1", 5000);
         assert_eq!(t.set_own(Some(mine)), vec![PeerEvent::Added(thief.clone())]);
         assert_eq!(t.peers().cloned().collect::<Vec<_>>(), vec![thief]);
+    }
+
+    #[test]
+    fn yielding_the_own_key_makes_its_taker_a_peer_at_once() {
+        let mut t = LeaseTracker::new(Some(own()));
+        t.apply(snapshot(1, &[own(), a()]));
+        let thief = lease("198.19.1.0-24", "198.18.7.7", 5000);
+        let out = t.apply(changes(2, vec![LeaseChange::Put(thief.clone())]));
+        assert_eq!(out.own, Some(OwnChange::Put(thief.clone())));
+        assert_eq!(t.yield_own(), vec![PeerEvent::Added(thief.clone())]);
+        assert_eq!(t.own(), None);
+        assert_eq!(
+            t.peers().cloned().collect::<Vec<_>>(),
+            vec![thief.clone(), a()]
+        );
+        // Its renewal is a peer's renewal now, and a new own subnet leaves it alone.
+        let renewed = lease("198.19.1.0-24", "198.18.7.7", 9000);
+        assert!(
+            t.apply(changes(3, vec![LeaseChange::Put(renewed)]))
+                .is_empty()
+        );
+        let mine = lease("198.19.5.0-24", "198.18.1.1", 5000);
+        assert!(t.set_own(Some(mine)).is_empty());
+        assert_eq!(t.peers().len(), 2);
     }
 
     #[test]
