@@ -429,6 +429,143 @@ fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
     assert!(o.ping_ok(0, "198.19.77.0", &[]));
 }
 
+/// With two workers on each host, what a worker sends reaches the peer's worker of the same
+/// number, chosen by the class of the source port, whatever the kernel's hash would pick, so TCP
+/// flows spread over both workers and keep to matching ones in both directions.
+#[test]
+fn flows_spread_over_workers_and_stay_on_matching_ones() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnsteer", 2);
+    o.start(0, &["--workers", "2"]);
+    o.start(1, &["--workers", "2"]);
+    let (a1, _) = o.addrs(0);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    assert!(o.ping_ok(1, &a1, &[]));
+
+    // Echo requests from chosen source ports of host 1's underlay address: classes 64 and 66
+    // name worker 0, 65 and 67 worker 1. Distinct counts per port, so a hash that happened to
+    // agree for one port would not pass for all four.
+    let before = per_worker(&o, 1);
+    let echo = ipv4_echo(a1.parse().unwrap(), a2.parse().unwrap());
+    let to = o.lab.host(1).ip;
+    for (port, count) in [(40000, 10), (40001, 20), (40002, 40), (40003, 80)] {
+        send_datagrams_from(&o, 0, port, to, &echo, count);
+    }
+    let received = wait_for(Duration::from_secs(5), || {
+        let now = per_worker(&o, 1);
+        let d: Vec<u64> = (0..2).map(|i| now[i].2 - before[i].2).collect();
+        (d.iter().sum::<u64>() >= 150).then_some(d)
+    });
+    assert_eq!(
+        received,
+        Some(vec![50, 100]),
+        "datagrams per receiving worker"
+    );
+
+    // Twelve TCP connections of different sizes: both workers of host 1 carry some, and every
+    // datagram a worker sends arrives at the peer's worker of the same number, data and ACKs.
+    let before = [per_worker(&o, 0), per_worker(&o, 1)];
+    let script = r#"
+import socket, sys, threading
+def serve():
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((sys.argv[1], 7001)); s.listen(16)
+    for _ in range(12):
+        c, _ = s.accept(); threading.Thread(target=lambda c=c: [None for _ in iter(lambda: c.recv(65536), b"")]).start()
+if sys.argv[2] == "serve":
+    serve()
+else:
+    def send(k):
+        c = socket.create_connection((sys.argv[1], 7001)); c.sendall(bytes((k + 1) * 300000)); c.close()
+    ts = [threading.Thread(target=send, args=(k,)) for k in range(12)]
+    [t.start() for t in ts]; [t.join() for t in ts]
+"#;
+    let mut server = o.lab.host(1).command("python3");
+    server.args(["-c", script, &a2, "serve"]);
+    let server = server.spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    o.lab
+        .host(0)
+        .run_ok("python3", &["-c", script, &a2, "send"])
+        .unwrap();
+    let out = server.wait_with_output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    std::thread::sleep(Duration::from_millis(300));
+    let after = [per_worker(&o, 0), per_worker(&o, 1)];
+    let delta = |h: usize, i: usize| {
+        let (b, a) = (before[h][i], after[h][i]);
+        (a.0 - b.0, a.1 - b.1, a.2 - b.2)
+    };
+    for i in 0..2 {
+        assert!(
+            delta(0, i).0 > 0,
+            "host 1's worker {i} read no packets: {after:?}"
+        );
+        for (from, to) in [(0, 1), (1, 0)] {
+            let (sent, got) = (delta(from, i).1, delta(to, i).2);
+            assert!(
+                got <= sent && got + sent / 100 + 5 >= sent,
+                "worker {i} of host {} sent {sent} datagrams, worker {i} of host {} got {got}: \
+                 {before:?} → {after:?}",
+                from + 1,
+                to + 1
+            );
+        }
+    }
+}
+
+/// Host `i`'s (packets read from the TUN, datagrams sent, datagrams received) per worker, from
+/// `linen status --json`.
+fn per_worker(o: &Overlay, i: usize) -> Vec<(u64, u64, u64)> {
+    let out = o.lab.host(i).run_ok(LINEN, &["status", "--json"]).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    v["per_worker"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no per_worker in {out}"))
+        .iter()
+        .map(|w| {
+            let n = |k: &str| w[k].as_u64().unwrap();
+            (
+                n("tun_rx_packets"),
+                n("udp_tx_packets"),
+                n("udp_rx_packets"),
+            )
+        })
+        .collect()
+}
+
+/// Sends `payload` `count` times from `from`'s namespace, source port `port`, to `to`:8285.
+fn send_datagrams_from(
+    o: &Overlay,
+    from: usize,
+    port: u16,
+    to: Ipv4Addr,
+    payload: &[u8],
+    count: usize,
+) {
+    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
+    let script = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                  s.bind(('', int(sys.argv[3]))); \
+                  [s.sendto(bytes.fromhex(sys.argv[2]), (sys.argv[1], 8285)) for _ in range(int(sys.argv[4]))]";
+    o.lab
+        .host(from)
+        .run_ok(
+            "python3",
+            &[
+                "-c",
+                script,
+                &to.to_string(),
+                &hex,
+                &port.to_string(),
+                &count.to_string(),
+            ],
+        )
+        .unwrap();
+}
+
 fn reserve(dir: &Path, subnet: &str, ip: &str) {
     let out = Command::new(LINEN)
         .args(["lease", "reserve", "--registry-dir"])

@@ -136,8 +136,9 @@ pub struct RunArgs {
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub busy_poll_us: u32,
     /// Send every datagram from the overlay port (8285) as flannel does, instead of one
-    /// ephemeral source port per worker (which lets peers spread flows over their workers).
-    /// Only needed where firewalls match the source port.
+    /// source port per worker from ip_local_port_range (the port modulo 256 names the worker,
+    /// so a peer receives each worker's flows on one of its workers and answers through the
+    /// same one). Only needed where firewalls match the source port.
     #[arg(long, env = "LINEN_FIXED_SOURCE_PORT")]
     pub fixed_source_port: bool,
     /// Turn off TUN offloads and UDP GSO/GRO (for comparison or buggy kernels).

@@ -14,7 +14,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 
-use crate::daemon::status::{DIRECTIONS, LeaseView, Status};
+use crate::daemon::status::{DIRECTIONS, LeaseView, Status, WorkerTraffic};
 
 /// Where the daemon serves metrics, health and status unless told otherwise.
 pub const DEFAULT_METRICS_ADDR: &str = "127.0.0.1:9418";
@@ -164,11 +164,27 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
             .map(|e| format!(", last error: {e}"))
             .unwrap_or_default()
     );
-    let _ = writeln!(
+    let _ = write!(
         out,
         "workers   {} of {} running",
         s.workers.running, s.workers.configured
     );
+    if s.per_worker.len() > 1 {
+        let list = |f: fn(&WorkerTraffic) -> u64| {
+            s.per_worker
+                .iter()
+                .map(|w| f(w).to_string())
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        let _ = write!(
+            out,
+            "; packets read per worker: {}; datagrams received: {}",
+            list(|w| w.tun_rx_packets),
+            list(|w| w.udp_rx_packets)
+        );
+    }
+    let _ = writeln!(out);
     let _ = writeln!(
         out,
         "table     {} routes, generation {}",
@@ -320,6 +336,18 @@ mod test {
             configured: 2,
             running: 2,
         };
+        s.per_worker = vec![
+            WorkerTraffic {
+                tun_rx_packets: 5,
+                udp_tx_packets: 5,
+                udp_rx_packets: 7,
+            },
+            WorkerTraffic {
+                tun_rx_packets: 6,
+                udp_tx_packets: 6,
+                udp_rx_packets: 0,
+            },
+        ];
         s.counters.traffic.insert(
             "udp_tx".into(),
             crate::daemon::status::Traffic {
@@ -341,7 +369,7 @@ mod test {
             "public    198.18.0.1",
             "expires   in 23h59m",
             "registry  /var/lib/linen (connected, 0 resyncs)",
-            "workers   2 of 2 running",
+            "workers   2 of 2 running; packets read per worker: 5 6; datagrams received: 7 0",
             "PEER SUBNET    PUBLIC IP   EXPIRES",
             "198.19.2.0/24  198.18.0.2  never (reservation)",
             "udp_tx (sent to peers)              12       1008",

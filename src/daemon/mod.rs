@@ -21,7 +21,7 @@ use ipnetwork::IpNetwork;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::RunArgs;
-use crate::dataplane::io::{TunOptions, open_tun, open_udp};
+use crate::dataplane::io::{TunOptions, open_tun, open_udp, open_udp_send, steer_by_source_port};
 use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerSetup};
 use crate::lease::Registry;
 use crate::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
@@ -174,13 +174,27 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for (id, queue) in tun.queues.into_iter().enumerate() {
         let udp = open_udp(config.backend.port, args.socket_buffer)
             .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;
-        // With several workers each sends from its own ephemeral port, so a peer spreads our
-        // flows over its workers too; one worker sends from the overlay port, as flannel does.
+        if id == 0
+            && workers > 1
+            && let Err(e) = steer_by_source_port(&udp, config.backend.port, workers)
+        {
+            tracing::warn!(error = %e, "cannot steer received datagrams by the sender's port; \
+                the kernel's hash picks the worker, so flows may share or change workers");
+        }
+        // With several workers each sends from its own port, whose class names the worker, so a
+        // peer receives each of our workers' flows on one of its workers and answers from the
+        // matching one (dataplane::steer); one worker sends from the overlay port, as flannel.
         let tx = if workers > 1 && !args.fixed_source_port {
-            Some(
-                open_udp(0, args.socket_buffer)
-                    .with_context(|| format!("opening a send socket for worker {id}"))?,
-            )
+            let (ep, classed) = open_udp_send(id, args.socket_buffer)
+                .with_context(|| format!("opening a send socket for worker {id}"))?;
+            if !classed {
+                tracing::warn!(
+                    worker = id,
+                    "no free send port of this worker's class in \
+                    ip_local_port_range; sending from an ephemeral port"
+                );
+            }
+            Some(ep)
         } else {
             None
         };
@@ -284,13 +298,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     publisher.abort();
     let mut total = LocalCounters::default();
+    let mut per_worker = Vec::with_capacity(handles.len());
     for h in handles {
-        total.add(&h.counters());
+        let c = h.counters();
+        total.add(&c);
+        per_worker.push([c.tun_rx_packets, c.udp_tx_packets, c.udp_rx_packets]);
         if let Err(e) = h.join() {
             tracing::warn!(error = %e, "worker ended with an error");
         }
     }
-    tracing::info!("stopped; counters: {}", counters_summary(&total));
+    // Per worker, comma-separated in worker order: how flows spread.
+    let list = |i: usize| {
+        per_worker
+            .iter()
+            .map(|w| w[i].to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    tracing::info!(
+        "stopped; counters: {} worker_tun_rx={} worker_udp_tx={} worker_udp_rx={}",
+        counters_summary(&total),
+        list(0),
+        list(1),
+        list(2)
+    );
     Ok(())
 }
 

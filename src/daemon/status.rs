@@ -51,6 +51,20 @@ pub struct Status {
     pub workers: WorkersView,
     /// Packet counters summed over the workers.
     pub counters: CountersView,
+    /// What each worker moved, in worker order: how flows spread over the workers.
+    #[serde(default)]
+    pub per_worker: Vec<WorkerTraffic>,
+}
+
+/// One worker's share of the traffic.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WorkerTraffic {
+    /// Packets read from its TUN queue (super-packets count once).
+    pub tun_rx_packets: u64,
+    /// Datagrams it sent to peers.
+    pub udp_tx_packets: u64,
+    /// Datagrams received on its UDP socket.
+    pub udp_rx_packets: u64,
 }
 
 /// Healthy, or why not.
@@ -225,8 +239,15 @@ pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
     let snapshot = src.table.load_full();
     let mut total = LocalCounters::default();
     let mut running = 0;
+    let mut per_worker = Vec::with_capacity(src.workers.len());
     for w in &src.workers {
-        total.add(&w.counters());
+        let c = w.counters();
+        total.add(&c);
+        per_worker.push(WorkerTraffic {
+            tun_rx_packets: c.tun_rx_packets,
+            udp_tx_packets: c.udp_tx_packets,
+            udp_rx_packets: c.udp_rx_packets,
+        });
         running += usize::from(w.is_running());
     }
     let lease = state.own.as_ref().map(|l| LeaseView::new(l, now));
@@ -252,6 +273,7 @@ pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
         registry,
         workers,
         counters: CountersView::from(&total),
+        per_worker,
     }
 }
 

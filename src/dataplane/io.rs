@@ -3,8 +3,10 @@
 //! - The TUN device comes from `tun-rs`, not `tun-tap`: tun-tap cannot open multi-queue
 //!   (`IFF_MULTI_QUEUE`) or virtio-header (`IFF_VNET_HDR`) devices, and tun-rs also brings the
 //!   GSO split / GRO coalescing that offloaded reads and writes need. One queue per worker.
-//! - Each worker has its own UDP socket bound with `SO_REUSEPORT` to the same port; batched
-//!   I/O with UDP GSO/GRO and its run-time fallback comes from `quinn-udp`.
+//! - Each worker has its own UDP socket bound with `SO_REUSEPORT` to the same port, steered by
+//!   the sender's port class (see [`steer`](super::steer)), and with several workers a send-only
+//!   socket on a port of its class; batched I/O with UDP GSO/GRO and its run-time fallback comes
+//!   from `quinn-udp`.
 //!
 //! Must not import tokio, `lease` or `daemon`.
 
@@ -15,6 +17,7 @@ use std::os::fd::AsFd;
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
+use super::steer::send_port_candidates;
 use super::sys;
 
 /// How to open the TUN device.
@@ -87,21 +90,85 @@ pub struct UdpEndpoint {
 /// can bind the same port, and socket buffers of `buffer_bytes` (forced past `rmem_max` when
 /// root). Dual-stack IPv6 when the host has IPv6, otherwise IPv4 only.
 pub fn open_udp(port: u16, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
-    let (socket, dual_stack) = match dual_stack_socket(port) {
-        Ok(s) => (s, true),
-        Err(e6) => {
-            let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-            s.set_reuse_port(true)?;
-            let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
-            s.bind(&addr.into()).map_err(|e| {
-                io::Error::new(
-                    e.kind(),
-                    format!("cannot bind UDP port {port} (IPv6: {e6}; IPv4: {e}); is another overlay using it?"),
-                )
-            })?;
-            (s, false)
+    let (socket, dual_stack) = bind_udp(port, true).map_err(|(e6, e)| {
+        io::Error::new(
+            e.kind(),
+            format!(
+                "cannot bind UDP port {port} (IPv6: {e6}; IPv4: {e}); is another overlay using it?"
+            ),
+        )
+    })?;
+    finish(socket, dual_stack, buffer_bytes)
+}
+
+/// Opens worker `id`'s send-only socket on a free port of its class in the local port range
+/// (see [`steer`](super::steer)), without `SO_REUSEPORT` so it never joins another program's
+/// group. Returns whether a port of the class was found; if every one is taken, an ephemeral
+/// port is used and peers fall back to hashing (correct, but without the steering).
+pub fn open_udp_send(id: usize, buffer_bytes: usize) -> io::Result<(UdpEndpoint, bool)> {
+    let (lo, hi) = local_port_range();
+    let start = lo.saturating_add(rand::random::<u16>() % hi.saturating_sub(lo).max(1));
+    let mut found = None;
+    for port in send_port_candidates(id, lo, hi, start) {
+        match bind_udp(port, false) {
+            Ok(bound) => {
+                found = Some(bound);
+                break;
+            }
+            Err((_, e)) if e.kind() == io::ErrorKind::AddrInUse => continue,
+            Err((_, e)) => return Err(e),
         }
+    }
+    let classed = found.is_some();
+    let (socket, dual_stack) = match found {
+        Some(bound) => bound,
+        None => bind_udp(0, false).map_err(|(_, e)| e)?,
     };
+    let ep = finish(socket, dual_stack, buffer_bytes)?;
+    // Nothing reads it: whatever strays to this port may hold only the kernel's minimum.
+    socket2::SockRef::from(&ep.socket).set_recv_buffer_size(0)?;
+    Ok((ep, classed))
+}
+
+/// Makes the receive sockets bound to `listen_port` pick the worker by the sender's port class
+/// (the BPF program of [`steer::program`](super::steer::program)); `ep` is any socket of the
+/// group. Fails on kernels before 4.5, where the kernel's hash stays in charge.
+pub fn steer_by_source_port(ep: &UdpEndpoint, listen_port: u16, workers: usize) -> io::Result<()> {
+    sys::attach_reuseport_cbpf(
+        ep.socket.as_fd(),
+        &super::steer::program(listen_port, workers),
+    )
+}
+
+/// `net.ipv4.ip_local_port_range` of this network namespace (the kernel default if unreadable).
+fn local_port_range() -> (u16, u16) {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|text| {
+            let mut it = text.split_whitespace().map(|v| v.parse::<u16>().ok());
+            Some((it.next()??, it.next()??))
+        })
+        .filter(|(lo, hi)| lo <= hi)
+        .unwrap_or((32768, 60999))
+}
+
+/// Binds a UDP socket to `port`: dual-stack IPv6, else IPv4. The error carries both attempts'.
+fn bind_udp(port: u16, reuse_port: bool) -> Result<(Socket, bool), (io::Error, io::Error)> {
+    let e6 = match dual_stack_socket(port, reuse_port) {
+        Ok(s) => return Ok((s, true)),
+        Err(e6) => e6,
+    };
+    let v4 = || -> io::Result<Socket> {
+        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
+        s.set_reuse_port(reuse_port)?;
+        let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
+        s.bind(&addr.into())?;
+        Ok(s)
+    };
+    v4().map(|s| (s, false)).map_err(|e| (e6, e))
+}
+
+fn finish(socket: Socket, dual_stack: bool, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
     sys::set_socket_buffers(socket.as_fd(), buffer_bytes);
     socket.set_nonblocking(true)?;
     Ok(UdpEndpoint {
@@ -110,10 +177,10 @@ pub fn open_udp(port: u16, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
     })
 }
 
-fn dual_stack_socket(port: u16) -> io::Result<Socket> {
+fn dual_stack_socket(port: u16, reuse_port: bool) -> io::Result<Socket> {
     let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
     s.set_only_v6(false)?;
-    s.set_reuse_port(true)?;
+    s.set_reuse_port(reuse_port)?;
     let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
     s.bind(&SocketAddr::V6(addr).into())?;
     Ok(s)

@@ -16,6 +16,7 @@ pub mod coalesce;
 pub mod counters;
 pub mod forward;
 pub mod io;
+pub mod steer;
 mod sys;
 pub mod worker;
 

@@ -28,15 +28,50 @@ fn setsockopt_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> std::io::Result<()> {
-    // SAFETY: `fd` is a valid open descriptor for the lifetime of the borrow; we pass a pointer to
-    // a live `c_int` on our stack and its exact size, which is what these SOL_SOCKET options read.
+    // SAFETY: these SOL_SOCKET options read exactly one `c_int`, which is what we pass.
+    unsafe { setsockopt(fd, level, name, &value) }
+}
+
+/// Attaches a classic BPF program to the `SO_REUSEPORT` group of `fd`
+/// (`SO_ATTACH_REUSEPORT_CBPF`): it then picks which socket of the group receives each
+/// datagram. The kernel copies the program.
+pub fn attach_reuseport_cbpf(
+    fd: BorrowedFd<'_>,
+    program: &[libc::sock_filter],
+) -> std::io::Result<()> {
+    let prog = libc::sock_fprog {
+        len: u16::try_from(program.len())
+            .map_err(|_| std::io::Error::from(std::io::ErrorKind::InvalidInput))?,
+        filter: program.as_ptr().cast_mut(),
+    };
+    // SAFETY: the option reads one `sock_fprog`, whose `filter` points at `len` initialised
+    // instructions borrowed for the whole call; the kernel copies them before returning and
+    // never writes through the `*mut` they are typed with.
+    unsafe { setsockopt(fd, libc::SOL_SOCKET, libc::SO_ATTACH_REUSEPORT_CBPF, &prog) }
+}
+
+/// `setsockopt(fd, level, name, value, size_of::<T>())`.
+///
+/// # Safety
+///
+/// `T` must be the type the option `name` reads, and any pointer inside `value` must be valid
+/// for what the kernel reads through it during the call.
+unsafe fn setsockopt<T>(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+    value: &T,
+) -> std::io::Result<()> {
+    // SAFETY: `fd` is open for the lifetime of the borrow; `value` is a live `T` and we pass its
+    // exact size, so the kernel reads only memory we own; the caller vouches for the option's
+    // type and for pointers inside `value`.
     let rc = unsafe {
         libc::setsockopt(
             fd.as_raw_fd(),
             level,
             name,
-            (&value as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
         )
     };
     if rc == 0 {
