@@ -32,6 +32,12 @@ pub struct BenchArgs {
     /// Write the results as JSON to this file too.
     #[arg(long)]
     pub json: Option<PathBuf>,
+    /// Socket buffer for the 64-byte UDP runs on every path (iperf3 `-w`, e.g. `2M`); the
+    /// default is the kernel's (about 210 KiB, some 240 small datagrams). A diagnostic: on a
+    /// shared 2-core machine, loss at the receiving program's socket then depends less on when
+    /// the scheduler runs it.
+    #[arg(long, value_name = "SIZE")]
+    pub udp_window: Option<String>,
 }
 
 /// One path's medians.
@@ -45,6 +51,9 @@ pub struct Results {
     pub tcp1_retransmits: f64,
     /// TCP, four streams, Gbit/s.
     pub tcp4_gbps: f64,
+    /// TCP retransmits during the four-stream run (flows spread over workers must not be
+    /// reordered).
+    pub tcp4_retransmits: f64,
     /// 64-byte UDP datagrams received per second.
     pub udp64_pps: f64,
     /// 64-byte UDP loss, percent.
@@ -293,6 +302,7 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
     let mut tcp1 = Vec::new();
     let mut retr = Vec::new();
     let mut tcp4 = Vec::new();
+    let mut retr4 = Vec::new();
     let mut pps = Vec::new();
     let mut loss = Vec::new();
     let mut avg = Vec::new();
@@ -312,7 +322,8 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         }
         let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
         tcp4.push(received_gbps(&j));
-        let (rate, lost) = udp_rate(lab, target, &secs)?;
+        retr4.push(j["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
+        let (rate, lost) = udp_rate(lab, target, &secs, args.udp_window.as_deref())?;
         pps.push(rate);
         loss.push(lost);
         let (a, p) = ping(lab.host(0), target)?;
@@ -324,6 +335,7 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         tcp1_gbps: median(tcp1),
         tcp1_retransmits: median(retr),
         tcp4_gbps: median(tcp4),
+        tcp4_retransmits: median(retr4),
         udp64_pps: median(pps),
         udp64_loss_pct: median(loss),
         ping_avg_us: median(avg),
@@ -343,9 +355,19 @@ fn peak_rss_kib(pid: u32) -> Option<u64> {
 }
 
 /// One 64-byte UDP run at `bps` offered (0 = unlimited): (received datagrams/s, loss %).
-fn udp_run(lab: &mut Lab, target: &str, secs: &str, bps: u64) -> Result<(f64, f64)> {
+fn udp_run(
+    lab: &mut Lab,
+    target: &str,
+    secs: &str,
+    bps: u64,
+    window: Option<&str>,
+) -> Result<(f64, f64)> {
     let b = bps.to_string();
-    let j = iperf(lab, target, &["-t", secs, "-u", "-l", "64", "-b", &b])?;
+    let mut args = vec!["-t", secs, "-u", "-l", "64", "-b", &b];
+    if let Some(w) = window {
+        args.extend(["-w", w]);
+    }
+    let j = iperf(lab, target, &args)?;
     let sum = &j["end"]["sum"];
     let packets = sum["packets"].as_f64().unwrap_or(0.0);
     let lost = sum["lost_packets"].as_f64().unwrap_or(0.0);
@@ -363,8 +385,8 @@ const UDP_MAX_LOSS_PCT: f64 = 5.0;
 /// unlimited run finds what arrives at saturation, then offered rates step down from there
 /// (×0.85) until the loss is under the bar (at most 7 steps). Returns (received datagrams/s,
 /// loss %) of that run.
-fn udp_rate(lab: &mut Lab, target: &str, secs: &str) -> Result<(f64, f64)> {
-    let (saturated, loss) = udp_run(lab, target, secs, 0)?;
+fn udp_rate(lab: &mut Lab, target: &str, secs: &str, window: Option<&str>) -> Result<(f64, f64)> {
+    let (saturated, loss) = udp_run(lab, target, secs, 0, window)?;
     if loss < UDP_MAX_LOSS_PCT {
         return Ok((saturated, loss));
     }
@@ -372,7 +394,7 @@ fn udp_rate(lab: &mut Lab, target: &str, secs: &str) -> Result<(f64, f64)> {
     let mut last = (saturated, loss);
     for _ in 0..7 {
         // iperf3's -b counts payload bits: 64 bytes per datagram.
-        last = udp_run(lab, target, secs, (offered * 64.0 * 8.0) as u64)?;
+        last = udp_run(lab, target, secs, (offered * 64.0 * 8.0) as u64, window)?;
         if last.1 < UDP_MAX_LOSS_PCT {
             break;
         }
@@ -456,10 +478,11 @@ fn print_table(all: &[Results]) {
     let get = |name: &str| all.iter().find(|r| r.path == name);
     let (veth, vxlan, linen) = (get("veth"), get("vxlan"), get("linen"));
     type Metric = (&'static str, fn(&Results) -> f64);
-    let metrics: [Metric; 9] = [
+    let metrics: [Metric; 10] = [
         ("TCP 1 stream (Gbit/s)", |r| r.tcp1_gbps),
         ("TCP 1 stream retransmits", |r| r.tcp1_retransmits),
         ("TCP 4 streams (Gbit/s)", |r| r.tcp4_gbps),
+        ("TCP 4 streams retransmits", |r| r.tcp4_retransmits),
         ("UDP 64 B, <5 % loss (kpps received)", |r| {
             r.udp64_pps / 1000.0
         }),
