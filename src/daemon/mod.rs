@@ -21,7 +21,9 @@ use ipnetwork::IpNetwork;
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::RunArgs;
-use crate::dataplane::io::{TunOptions, open_tun, open_udp, open_udp_send, steer_by_source_port};
+use crate::dataplane::io::{
+    TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
+};
 use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerSetup};
 use crate::lease::Registry;
 use crate::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
@@ -171,6 +173,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
     let mut handles = Vec::with_capacity(workers);
+    ensure_port_free(config.backend.port)?;
     for (id, queue) in tun.queues.into_iter().enumerate() {
         let udp = open_udp(config.backend.port, args.socket_buffer)
             .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;
@@ -185,7 +188,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         // peer receives each of our workers' flows on one of its workers and answers from the
         // matching one (dataplane::steer); one worker sends from the overlay port, as flannel.
         let tx = if workers > 1 && !args.fixed_source_port {
-            let (ep, classed) = open_udp_send(id, args.socket_buffer)
+            let (ep, classed) = open_udp_send(id, args.socket_buffer, udp.dual_stack)
                 .with_context(|| format!("opening a send socket for worker {id}"))?;
             if !classed {
                 tracing::warn!(

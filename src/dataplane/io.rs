@@ -101,28 +101,48 @@ pub fn open_udp(port: u16, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
     finish(socket, dual_stack, buffer_bytes)
 }
 
-/// Opens worker `id`'s send-only socket on a free port of its class in the local port range
-/// (see [`steer`](super::steer)), without `SO_REUSEPORT` so it never joins another program's
-/// group. Returns whether a port of the class was found; if every one is taken, an ephemeral
-/// port is used and peers fall back to hashing (correct, but without the steering).
-pub fn open_udp_send(id: usize, buffer_bytes: usize) -> io::Result<(UdpEndpoint, bool)> {
-    let (lo, hi) = local_port_range();
-    let start = lo.saturating_add(rand::random::<u16>() % hi.saturating_sub(lo).max(1));
-    let mut found = None;
-    for port in send_port_candidates(id, lo, hi, start) {
-        match bind_udp(port, false) {
-            Ok(bound) => {
-                found = Some(bound);
-                break;
-            }
-            Err((_, e)) if e.kind() == io::ErrorKind::AddrInUse => continue,
-            Err((_, e)) => return Err(e),
+/// Fails with a clear error when another program holds UDP `port`. `SO_REUSEPORT` would
+/// otherwise let the workers join the group of another process of the same user (a second
+/// linen, an old one still stopping) and silently share its datagrams.
+pub fn ensure_port_free(port: u16) -> io::Result<()> {
+    match bind_udp(port, false) {
+        Ok(_) => Ok(()),
+        Err((e6, e))
+            if e6.kind() == io::ErrorKind::AddrInUse || e.kind() == io::ErrorKind::AddrInUse =>
+        {
+            Err(io::Error::new(
+                io::ErrorKind::AddrInUse,
+                format!(
+                    "UDP port {port} is in use by another program (another linen or flanneld?); \
+                     stop it, or give this network another Backend.Port"
+                ),
+            ))
         }
+        // Anything else is for the real bind to report.
+        Err(_) => Ok(()),
     }
-    let classed = found.is_some();
-    let (socket, dual_stack) = match found {
-        Some(bound) => bound,
-        None => bind_udp(0, false).map_err(|(_, e)| e)?,
+}
+
+/// Opens worker `id`'s send-only socket, of the same family as the receive sockets
+/// (`dual_stack`), on a free port of its class in the local port range that is not reserved
+/// (see [`steer`](super::steer)), without `SO_REUSEPORT` so it never joins another program's
+/// group. Returns whether a port of the class was found; if none is free an ephemeral port is
+/// used, which peers steer by that port's class: correct, but the flow may share a worker.
+pub fn open_udp_send(
+    id: usize,
+    buffer_bytes: usize,
+    dual_stack: bool,
+) -> io::Result<(UdpEndpoint, bool)> {
+    let (lo, hi) = local_port_range();
+    let reserved = reserved_ports();
+    let start = lo.saturating_add(rand::random::<u16>() % hi.saturating_sub(lo).max(1));
+    let socket = send_port_candidates(id, lo, hi, start)
+        .filter(|p| !reserved.iter().any(|(a, b)| (a..=b).contains(&p)))
+        .find_map(|port| bind_family(port, false, dual_stack).ok());
+    let classed = socket.is_some();
+    let socket = match socket {
+        Some(s) => s,
+        None => bind_family(0, false, dual_stack)?,
     };
     let ep = finish(socket, dual_stack, buffer_bytes)?;
     // Nothing reads it: whatever strays to this port may hold only the kernel's minimum.
@@ -152,20 +172,50 @@ fn local_port_range() -> (u16, u16) {
         .unwrap_or((32768, 60999))
 }
 
+/// `net.ipv4.ip_local_reserved_ports` (`8285,9000-9100`): ports an administrator keeps out of
+/// automatic assignment, which linen's own choice of send ports respects too.
+fn reserved_ports() -> Vec<(u16, u16)> {
+    let text =
+        std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_reserved_ports").unwrap_or_default();
+    parse_port_ranges(&text)
+}
+
+fn parse_port_ranges(text: &str) -> Vec<(u16, u16)> {
+    text.trim()
+        .split(',')
+        .filter_map(|r| {
+            let (a, b) = r.split_once('-').unwrap_or((r, r));
+            Some((a.trim().parse().ok()?, b.trim().parse().ok()?))
+        })
+        .collect()
+}
+
 /// Binds a UDP socket to `port`: dual-stack IPv6, else IPv4. The error carries both attempts'.
 fn bind_udp(port: u16, reuse_port: bool) -> Result<(Socket, bool), (io::Error, io::Error)> {
-    let e6 = match dual_stack_socket(port, reuse_port) {
-        Ok(s) => return Ok((s, true)),
-        Err(e6) => e6,
+    match bind_family(port, reuse_port, true) {
+        Ok(s) => Ok((s, true)),
+        Err(e6) => match bind_family(port, reuse_port, false) {
+            Ok(s) => Ok((s, false)),
+            Err(e) => Err((e6, e)),
+        },
+    }
+}
+
+/// Binds a UDP socket to `port` on all addresses: dual-stack IPv6, or IPv4 only.
+fn bind_family(port: u16, reuse_port: bool, dual_stack: bool) -> io::Result<Socket> {
+    let (domain, addr) = if dual_stack {
+        let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
+        (Domain::IPV6, SocketAddr::V6(addr))
+    } else {
+        (Domain::IPV4, (std::net::Ipv4Addr::UNSPECIFIED, port).into())
     };
-    let v4 = || -> io::Result<Socket> {
-        let s = Socket::new(Domain::IPV4, Type::DGRAM, Some(Protocol::UDP))?;
-        s.set_reuse_port(reuse_port)?;
-        let addr: SocketAddr = (std::net::Ipv4Addr::UNSPECIFIED, port).into();
-        s.bind(&addr.into())?;
-        Ok(s)
-    };
-    v4().map(|s| (s, false)).map_err(|e| (e6, e))
+    let s = Socket::new(domain, Type::DGRAM, Some(Protocol::UDP))?;
+    if dual_stack {
+        s.set_only_v6(false)?;
+    }
+    s.set_reuse_port(reuse_port)?;
+    s.bind(&addr.into())?;
+    Ok(s)
 }
 
 fn finish(socket: Socket, dual_stack: bool, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
@@ -177,15 +227,6 @@ fn finish(socket: Socket, dual_stack: bool, buffer_bytes: usize) -> io::Result<U
     })
 }
 
-fn dual_stack_socket(port: u16, reuse_port: bool) -> io::Result<Socket> {
-    let s = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP))?;
-    s.set_only_v6(false)?;
-    s.set_reuse_port(reuse_port)?;
-    let addr = SocketAddrV6::new(Ipv6Addr::UNSPECIFIED, port, 0, 0);
-    s.bind(&SocketAddr::V6(addr).into())?;
-    Ok(s)
-}
-
 /// The address to pass to `sendmsg` on a socket: IPv4 peers become IPv4-mapped IPv6 on a
 /// dual-stack socket.
 #[inline]
@@ -195,5 +236,21 @@ pub fn socket_addr_for(peer: SocketAddr, dual_stack: bool) -> SocketAddr {
             SocketAddr::V6(SocketAddrV6::new(v4.ip().to_ipv6_mapped(), v4.port(), 0, 0))
         }
         other => other,
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn reserved_port_ranges_parse_and_skip_junk() {
+        assert_eq!(parse_port_ranges(""), vec![]);
+        assert_eq!(parse_port_ranges("\n"), vec![]);
+        assert_eq!(
+            parse_port_ranges("8285,9000-9100\n"),
+            vec![(8285, 8285), (9000, 9100)]
+        );
+        assert_eq!(parse_port_ranges("x,40000-y,5"), vec![(5, 5)]);
     }
 }

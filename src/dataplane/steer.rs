@@ -100,18 +100,23 @@ pub fn program(listen_port: u16, workers: usize) -> Vec<sock_filter> {
         // 3: IPv4: X = header length, A = the UDP source port behind it.
         stmt(BPF_LDX | BPF_B | BPF_MSH, NET),
         stmt(BPF_LD | BPF_H | BPF_IND, NET),
-        stmt(BPF_JMP | BPF_JA, 1),
-        // 6: IPv6: the source port behind the fixed header.
+        stmt(BPF_JMP | BPF_JA, 3),
+        // 6: IPv6: UDP right behind the fixed header, else (extension headers) → the hash.
+        stmt(BPF_LD | BPF_B | BPF_ABS, NET + 6),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(IPPROTO_UDP), 0, 5),
         stmt(BPF_LD | BPF_H | BPF_ABS, NET + 40),
-        // 7: from the overlay port → the kernel's hash.
+        // 9: from the overlay port → the hash.
         jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(listen_port), 3, 0),
         stmt(BPF_ALU | BPF_AND | BPF_K, u32::from(PORT_CLASSES - 1)),
         stmt(BPF_ALU | BPF_MOD | BPF_K, workers),
         stmt(BPF_RET | libc::BPF_A, 0),
-        // 11:
+        // 13:
         stmt(BPF_RET | BPF_K, FALLBACK),
     ]
 }
+
+/// The IPv6 next-header value of UDP.
+const IPPROTO_UDP: u8 = 17;
 
 #[cfg(test)]
 mod test {
@@ -163,6 +168,7 @@ mod test {
     fn v6(sport: u16) -> Vec<u8> {
         let mut p = vec![0u8; 40 + 8 + 40];
         p[0] = 0x60;
+        p[6] = IPPROTO_UDP;
         p[40..42].copy_from_slice(&sport.to_be_bytes());
         p
     }
@@ -183,11 +189,15 @@ mod test {
     }
 
     #[test]
-    fn the_overlay_port_keeps_the_kernel_hash() {
+    fn the_overlay_port_and_ipv6_extension_headers_keep_the_kernel_hash() {
         let prog = program(8285, 4);
         assert_eq!(run(&prog, &v4(0, 8285)), FALLBACK);
         assert_eq!(run(&prog, &v6(8285)), FALLBACK);
         assert_eq!(run(&prog, &v4(0, 8286)), 8286 % 256 % 4);
+        // IPv6 with an extension header (hop-by-hop, 0) first: the port is not at +40.
+        let mut ext = v6(40001);
+        ext[6] = 0;
+        assert_eq!(run(&prog, &ext), FALLBACK);
     }
 
     #[test]
