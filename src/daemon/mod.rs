@@ -259,24 +259,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut own_key = None;
             loop {
                 let current: LeaseState = state.borrow_and_update().clone();
-                if let Some(own) = &current.own {
-                    if own_key != Some(own.key) {
-                        if own_key.is_some() {
-                            tracing::warn!(subnet = %own.key, "our lease changed; rewriting subnet.env");
-                            let env = SubnetEnv::for_lease(
-                                config.network,
-                                config.ipv6_network,
-                                &own.key,
-                                u32::from(mtu),
-                                ip_masq,
-                            );
-                            if let Err(e) = host::write_atomic(&subnet_file, &env.render()) {
-                                tracing::error!(error = %e, "cannot rewrite subnet.env");
-                            }
+                if let Some(own) = &current.own
+                    && own_key != Some(own.key)
+                {
+                    if own_key.is_some() {
+                        tracing::warn!(subnet = %own.key, "our lease changed; rewriting subnet.env");
+                        let env = SubnetEnv::for_lease(
+                            config.network,
+                            config.ipv6_network,
+                            &own.key,
+                            u32::from(mtu),
+                            ip_masq,
+                        );
+                        if let Err(e) = host::write_atomic(&subnet_file, &env.render()) {
+                            tracing::error!(error = %e, "cannot rewrite subnet.env");
                         }
-                        own_key = Some(own.key);
                     }
-                    let snap = snapshot_for(&own.key, &current.peers, port, current.generation);
+                    own_key = Some(own.key);
+                }
+                // While a lost lease is re-acquired the device still carries the old subnet:
+                // it stays local, and peer changes (a new host, one that left) still apply.
+                if let Some(key) = &own_key {
+                    let snap = snapshot_for(key, &current.peers, port, current.generation);
                     tracing::debug!(
                         generation = current.generation,
                         peers = snap.len(),

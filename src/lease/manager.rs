@@ -436,7 +436,6 @@ impl LeaseManager {
                 // The holder is a peer from now on: nothing else may be written to its key
                 // until its renewal, hours away, so waiting for another event would leave its
                 // subnet unrouted that long.
-                self.last_key = Some(lease.key);
                 let events = self.tracker.yield_own();
                 log_peers(&events);
                 self.lose();

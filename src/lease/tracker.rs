@@ -96,8 +96,7 @@ impl LeaseTracker {
 
     /// Gives the own key up to the host that wrote it last (an [`OwnChange::Put`] with other
     /// attributes): that lease becomes a peer at once, so its subnet is routed to while this
-    /// host acquires another, and this host holds no lease. Nothing happens when there is no
-    /// own lease.
+    /// host acquires another, and this host holds no lease (nor any key to reclaim).
     pub fn yield_own(&mut self) -> Vec<PeerEvent> {
         self.own_key = None;
         match self.own.take() {
