@@ -35,7 +35,7 @@ pub struct BenchArgs {
     /// Socket buffer for the 64-byte UDP runs on every path (iperf3 `-w`, e.g. `2M`); the
     /// default is the kernel's (about 210 KiB, some 240 small datagrams). A diagnostic: on a
     /// shared 2-core machine, loss at the receiving program's socket then depends less on when
-    /// the scheduler runs it.
+    /// the scheduler runs it. iperf3 refuses sizes above `net.core.rmem_max`/`wmem_max`.
     #[arg(long, value_name = "SIZE")]
     pub udp_window: Option<String>,
 }
@@ -315,14 +315,14 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         let after = cpu_jiffies()?;
         let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
         tcp1.push(received_gbps(&j));
-        retr.push(j["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
+        retr.push(retransmits(&j));
         if bytes > 0.0 {
             // USER_HZ is 100 on Linux.
             cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
         }
         let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
         tcp4.push(received_gbps(&j));
-        retr4.push(j["end"]["sum_sent"]["retransmits"].as_f64().unwrap_or(0.0));
+        retr4.push(retransmits(&j));
         let (rate, lost) = udp_rate(lab, target, &secs, args.udp_window.as_deref())?;
         pps.push(rate);
         loss.push(lost);
@@ -343,6 +343,14 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
         cpu_s_per_gb: median(cpu),
         peak_rss_mib: 0.0,
     })
+}
+
+/// The sender's TCP retransmits of an iperf3 run; NaN (shown as such) if iperf3 did not report
+/// them, rather than a 0 that would read as "nothing reordered".
+fn retransmits(j: &Value) -> f64 {
+    j["end"]["sum_sent"]["retransmits"]
+        .as_f64()
+        .unwrap_or(f64::NAN)
 }
 
 /// A process's peak resident set (`VmHWM`), KiB.
