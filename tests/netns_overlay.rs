@@ -526,6 +526,57 @@ else:
     }
 }
 
+/// A host whose subnet is taken over moves to another: subnet.env, the TUN device's addresses
+/// and the overlay route's source all follow, so traffic the host itself sends is answered to
+/// its new subnet, not to the old one that now routes to the taker.
+#[test]
+fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnmove", 2);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let old = o.env(0).previous_key().unwrap();
+    let (old_v4, old_v6) = o.addrs(0);
+    let (b_v4, b_v6) = o.addrs(1);
+    assert!(o.ping_ok(0, &b_v4, &[]));
+    // A reservation for another machine replaces host 1's lease file.
+    let path = o.dir.path().join("subnets").join(old.to_string());
+    let tmp = o.dir.path().join("subnets").join(".taken.test");
+    std::fs::write(&tmp, "{\"PublicIP\":\"198.18.0.99\",\"PublicIPv6\":null}\n").unwrap();
+    std::fs::rename(&tmp, &path).unwrap();
+    let env_path = o.env_path(0);
+    let moved = wait_for(Duration::from_secs(10), || {
+        let env = SubnetEnv::parse(&std::fs::read_to_string(&env_path).ok()?).ok()?;
+        env.previous_key().filter(|k| *k != old)
+    });
+    let new = moved.unwrap_or_else(|| {
+        panic!(
+            "host 1 kept {old}: {}",
+            std::fs::read_to_string(o.log_path(0)).unwrap_or_default()
+        )
+    });
+    let (new_v4, new_v6) = (
+        new.ipv4().unwrap().network().to_string(),
+        new.ipv6().unwrap().network().to_string(),
+    );
+    let h0 = o.lab.host(0).clone();
+    let addrs = wait_for(Duration::from_secs(5), || {
+        let a = h0.ip(&["-o", "addr", "show", "dev", "linen0"]).ok()?;
+        (a.contains(&format!("{new_v4}/32")) && !a.contains(&format!("{old_v4}/32"))).then_some(a)
+    });
+    let addrs =
+        addrs.unwrap_or_else(|| panic!("{:?}", h0.ip(&["-o", "addr", "show", "dev", "linen0"])));
+    assert!(addrs.contains(&format!("{new_v6}/128")), "{addrs}");
+    assert!(!addrs.contains(&format!("{old_v6}/128")), "{addrs}");
+    let route = h0.ip(&["route", "get", &b_v4]).unwrap();
+    assert!(route.contains(&format!("src {new_v4}")), "{route}");
+    // Without -I: the host's own pings leave from the new address and their replies come back.
+    assert!(o.ping_ok(0, &b_v4, &[]), "IPv4 ping after the move");
+    assert!(o.ping_ok(0, &b_v6, &["-6"]), "IPv6 ping after the move");
+}
+
 /// Another program holding the overlay port with `SO_REUSEPORT` (as a second linen would) is a
 /// clear error, not a group the workers silently join and share datagrams with.
 #[test]

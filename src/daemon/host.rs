@@ -220,6 +220,43 @@ pub async fn configure_tun(
     Ok(())
 }
 
+/// Moves the TUN device to a new lease's addresses: adds the new ones and re-points the overlay
+/// routes at them (their preferred source is the host's source address for overlay traffic),
+/// then removes the old addresses, which belong to another host's subnet now.
+pub async fn readdress_tun(
+    handle: &Handle,
+    tun_name: &str,
+    old: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    v4: Option<(Ipv4Addr, Ipv4Network)>,
+    v6: Option<(Ipv6Addr, Ipv6Network)>,
+) -> Result<()> {
+    configure_tun(handle, tun_name, v4, v6).await?;
+    let stale = [
+        old.0
+            .filter(|a| Some(*a) != v4.map(|n| n.0))
+            .map(IpAddr::V4),
+        old.1
+            .filter(|a| Some(*a) != v6.map(|n| n.0))
+            .map(IpAddr::V6),
+    ];
+    for ip in stale.into_iter().flatten() {
+        let mut found = handle.address().get().set_address_filter(ip).execute();
+        while let Some(msg) = found
+            .try_next()
+            .await
+            .with_context(|| format!("netlink: looking up {ip} on {tun_name}"))?
+        {
+            handle
+                .address()
+                .del(msg)
+                .execute()
+                .await
+                .with_context(|| format!("netlink: removing {ip} from {tun_name}"))?;
+        }
+    }
+    Ok(())
+}
+
 async fn add_address(handle: &Handle, index: u32, ip: IpAddr, len: u8, dev: &str) -> Result<()> {
     match handle.address().add(index, ip, len).execute().await {
         Ok(()) => Ok(()),

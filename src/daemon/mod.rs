@@ -255,15 +255,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let subnet_file = args.subnet_file.clone();
         let config = config.clone();
         let ip_masq = args.ip_masq;
+        let nl = nl.clone();
+        let tun_name = args.tun.clone();
         tokio::spawn(async move {
-            let mut own_key = None;
+            let mut own_key: Option<SubnetKey> = None;
             loop {
                 let current: LeaseState = state.borrow_and_update().clone();
                 if let Some(own) = &current.own
                     && own_key != Some(own.key)
                 {
-                    if own_key.is_some() {
-                        tracing::warn!(subnet = %own.key, "our lease changed; rewriting subnet.env");
+                    if let Some(old) = own_key {
+                        tracing::warn!(subnet = %own.key, "our lease changed; moving the TUN device to it and rewriting subnet.env");
+                        let (v4, v6) = tun_addrs(&own.key);
+                        if let Err(e) = host::readdress_tun(
+                            &nl,
+                            &tun_name,
+                            tun_addrs(&old),
+                            v4.zip(config.network),
+                            v6.zip(config.ipv6_network),
+                        )
+                        .await
+                        {
+                            tracing::error!(error = %format!("{e:#}"), "cannot move the TUN device to the new subnet");
+                        }
                         let env = SubnetEnv::for_lease(
                             config.network,
                             config.ipv6_network,
