@@ -6,6 +6,8 @@
 //! Metric names (all prefixed `linen_`):
 //! - `packets_total{direction}`, `bytes_total{direction}`: `tun_rx`, `udp_tx`, `udp_rx`, `tun_tx`
 //! - `tun_coalesced_writes_total{proto}`: TSO (`tcp`) and USO (`udp`) super-packets written
+//! - `worker_packets_total{worker, direction}`: `tun_rx`, `udp_tx`, `udp_rx` per worker (how
+//!   flows spread over the workers)
 //! - `drops_total{reason}`: every [`DropReason`](crate::dataplane::DropReason) name, zeros too
 //! - `icmp_errors_sent_total`
 //! - `table_routes`, `table_generation`, `peers`
@@ -117,6 +119,23 @@ impl Collector for StatusCollector {
             "proto",
             &coalesced,
         )?;
+        let ids: Vec<String> = (0..s.per_worker.len()).map(|i| i.to_string()).collect();
+        let mut m = enc.encode_descriptor(
+            "linen_worker_packets",
+            "Packets per worker and direction: tun_rx (read from its TUN queue), udp_tx, udp_rx",
+            None,
+            prometheus_client::metrics::MetricType::Counter,
+        )?;
+        for (id, w) in ids.iter().zip(&s.per_worker) {
+            for (direction, v) in [
+                ("tun_rx", w.tun_rx_packets),
+                ("udp_tx", w.udp_tx_packets),
+                ("udp_rx", w.udp_rx_packets),
+            ] {
+                let labels = [("worker", id.as_str()), ("direction", direction)];
+                ConstCounter::new(v).encode(m.encode_family(&labels)?)?;
+            }
+        }
         one(
             &mut enc,
             "linen_icmp_errors_sent",
@@ -205,7 +224,7 @@ impl Collector for StatusCollector {
 #[cfg(test)]
 mod test {
     use super::*;
-    use crate::daemon::status::{Health, LeaseView, RegistryView, WorkersView};
+    use crate::daemon::status::{Health, LeaseView, RegistryView, WorkerTraffic, WorkersView};
 
     fn sample() -> Status {
         let mut s = crate::daemon::status::collect(None, std::time::SystemTime::now());
@@ -228,6 +247,18 @@ mod test {
             configured: 2,
             running: 2,
         };
+        s.per_worker = vec![
+            WorkerTraffic {
+                tun_rx_packets: 3,
+                udp_tx_packets: 4,
+                udp_rx_packets: 0,
+            },
+            WorkerTraffic {
+                tun_rx_packets: 4,
+                udp_tx_packets: 4,
+                udp_rx_packets: 9,
+            },
+        ];
         s.health = Health {
             ok: true,
             reason: None,
@@ -256,6 +287,10 @@ mod test {
             "linen_workers_configured 2",
             "linen_workers_running 2",
             "linen_healthy 1",
+            "# TYPE linen_worker_packets_total counter",
+            "linen_worker_packets_total{worker=\"0\",direction=\"tun_rx\"} 3",
+            "linen_worker_packets_total{worker=\"0\",direction=\"udp_rx\"} 0",
+            "linen_worker_packets_total{worker=\"1\",direction=\"udp_rx\"} 9",
         ] {
             assert!(
                 text.lines().any(|l| l == line),
