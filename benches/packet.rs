@@ -176,8 +176,6 @@ fn bench_decisions(c: &mut Criterion) {
     let snap = table_1000();
     let cfg = ForwardConfig {
         mtu: 1472,
-        tun_v4: Some(Ipv4Addr::new(198, 19, 1, 0)),
-        tun_v6: None,
         accept_unknown_senders: false,
     };
     let batch = batch64();

@@ -210,8 +210,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
             table: table.reader(),
             config: ForwardConfig {
                 mtu: usize::from(mtu),
-                tun_v4,
-                tun_v6,
                 accept_unknown_senders: args.accept_unknown_senders,
             },
             no_udp_offload: args.no_offload,

@@ -12,15 +12,13 @@ use crate::wire::{self, Icmpv4Error, Icmpv6Error, IpPacket};
 
 use super::counters::DropReason;
 
-/// Settings the decisions need; fixed for a worker's life.
+/// Settings the decisions need; fixed for a worker's life. The TUN device's addresses (the
+/// source of ICMP errors) are not among them: they are the network addresses of the
+/// snapshot's local subnets, so they follow the lease when it moves.
 #[derive(Clone, Copy, Debug)]
 pub struct ForwardConfig {
     /// The overlay MTU: the largest inner packet that fits one UDP datagram on the underlay.
     pub mtu: usize,
-    /// The TUN device's IPv4 address (source of ICMPv4 errors); none without an IPv4 lease.
-    pub tun_v4: Option<Ipv4Addr>,
-    /// The TUN device's IPv6 address (source of ICMPv6 errors).
-    pub tun_v6: Option<Ipv6Addr>,
     /// Accept datagrams from addresses that hold no lease (NAT). The inner source must still
     /// lie inside some leased subnet.
     pub accept_unknown_senders: bool,
@@ -125,7 +123,7 @@ pub fn egress(
         return icmp(
             ip.packet(),
             IcmpKind::TimeExceeded,
-            cfg,
+            snap,
             limiter,
             now,
             icmp_out,
@@ -136,7 +134,7 @@ pub fn egress(
         return icmp(
             ip.packet(),
             IcmpKind::Unreachable,
-            cfg,
+            snap,
             limiter,
             now,
             icmp_out,
@@ -157,7 +155,7 @@ pub fn egress(
         return icmp(
             ip.packet(),
             IcmpKind::TooBig(cfg.mtu),
-            cfg,
+            snap,
             limiter,
             now,
             icmp_out,
@@ -188,7 +186,7 @@ pub fn ingress(pkt: &[u8], sender: SocketAddr, snap: &Snapshot, cfg: &ForwardCon
         return Ingress::Drop(DropReason::SpoofedSource);
     }
     let dst = ip.dst_addr();
-    if !snap.is_local(dst) && !is_tun_addr(dst, cfg) {
+    if !snap.is_local(dst) && !is_tun_addr(dst, snap) {
         return Ingress::Drop(DropReason::NotForUs);
     }
     if ip.hop_limit() == 0 {
@@ -199,11 +197,21 @@ pub fn ingress(pkt: &[u8], sender: SocketAddr, snap: &Snapshot, cfg: &ForwardCon
     }
 }
 
-fn is_tun_addr(addr: IpAddr, cfg: &ForwardConfig) -> bool {
+fn is_tun_addr(addr: IpAddr, snap: &Snapshot) -> bool {
     match addr {
-        IpAddr::V4(a) => cfg.tun_v4 == Some(a),
-        IpAddr::V6(a) => cfg.tun_v6 == Some(a),
+        IpAddr::V4(a) => tun_v4(snap) == Some(a),
+        IpAddr::V6(a) => tun_v6(snap) == Some(a),
     }
+}
+
+/// The TUN device's IPv4 address: the local subnet's network address (flannel's choice).
+fn tun_v4(snap: &Snapshot) -> Option<Ipv4Addr> {
+    snap.local().v4.map(|n| n.network())
+}
+
+/// The TUN device's IPv6 address: the local subnet's network address.
+fn tun_v6(snap: &Snapshot) -> Option<Ipv6Addr> {
+    snap.local().v6.map(|n| n.network())
 }
 
 enum IcmpKind {
@@ -215,7 +223,7 @@ enum IcmpKind {
 fn icmp(
     original: &[u8],
     kind: IcmpKind,
-    cfg: &ForwardConfig,
+    snap: &Snapshot,
     limiter: &mut IcmpLimiter,
     now: Instant,
     out: &mut [u8],
@@ -223,7 +231,7 @@ fn icmp(
 ) -> Egress {
     let built = match original.first().map(|b| b >> 4) {
         Some(4) => {
-            let Some(src) = cfg.tun_v4 else {
+            let Some(src) = tun_v4(snap) else {
                 return Egress::Drop(reason);
             };
             let kind = match kind {
@@ -236,7 +244,7 @@ fn icmp(
             wire::build_icmpv4_error(original, kind, src, out)
         }
         _ => {
-            let Some(src) = cfg.tun_v6 else {
+            let Some(src) = tun_v6(snap) else {
                 return Egress::Drop(reason);
             };
             let kind = match kind {
@@ -271,8 +279,6 @@ mod test {
     fn cfg() -> ForwardConfig {
         ForwardConfig {
             mtu: 1400,
-            tun_v4: Some(TUN4),
-            tun_v6: Some(tun6()),
             accept_unknown_senders: false,
         }
     }
@@ -402,9 +408,39 @@ mod test {
             panic!("expected ICMPv6");
         };
         let ip = Ipv6Packet::new_checked(&out[..len]).unwrap();
+        assert_eq!(ip.src_addr(), tun6());
         let icmp = Icmpv6Packet::new_checked(ip.payload()).unwrap();
         assert_eq!(icmp.msg_type(), 3);
         assert!(icmp.verify_checksum(&ip.src_addr(), &ip.dst_addr()));
+    }
+
+    #[test]
+    fn icmp_errors_come_from_the_current_lease_after_it_moves() {
+        // The lease moved to 198.19.5.0/24: the device's address, and so the errors' source,
+        // moved with it (the worker's settings did not change).
+        let moved = Snapshot::build(
+            LocalSubnets {
+                v4: Some("198.19.5.0/24".parse().unwrap()),
+                v6: None,
+            },
+            [],
+            2,
+        );
+        let mut out = [0u8; 1280];
+        let mut pkt = v4([198, 19, 5, 9], [198, 19, 9, 7], 64, 100, true);
+        let verdict = egress(
+            &mut pkt,
+            &moved,
+            &cfg(),
+            &mut IcmpLimiter::default(),
+            Instant::now(),
+            &mut out,
+        );
+        let Egress::Icmp { len, .. } = verdict else {
+            panic!("expected ICMP, got {verdict:?}");
+        };
+        let ip = Ipv4Packet::new_checked(&out[..len]).unwrap();
+        assert_eq!(ip.src_addr(), Ipv4Addr::new(198, 19, 5, 0));
     }
 
     #[test]
