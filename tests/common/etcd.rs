@@ -48,9 +48,20 @@ impl EtcdServer {
     }
 
     /// Starts etcd, serving clients over TLS with client-certificate auth when `tls` is set.
+    ///
+    /// The ports are picked free, then released for etcd to bind; another test running in
+    /// parallel may take one in between, so a start that fails with "address already in use"
+    /// is retried on new ports.
     pub fn start_with(tls: Option<ServerTls>) -> Option<EtcdServer> {
-        let ports = [free_port(), free_port(), free_port()];
-        EtcdServer::launch(None, IpAddr::V4(Ipv4Addr::LOCALHOST), ports, tls)
+        for attempt in 1.. {
+            let ports = [free_port(), free_port(), free_port()];
+            match EtcdServer::launch(None, IpAddr::V4(Ipv4Addr::LOCALHOST), ports, tls.clone()) {
+                Ok(server) => return server,
+                Err(log) if attempt < 5 && log.contains("address already in use") => continue,
+                Err(log) => panic!("etcd did not start; log:\n{log}"),
+            }
+        }
+        unreachable!()
     }
 
     /// Starts a plain-HTTP etcd inside the network namespace `netns` (which must exist and
@@ -63,6 +74,7 @@ impl EtcdServer {
             [2379, 2380, 2381],
             None,
         )
+        .unwrap_or_else(|log| panic!("etcd did not start; log:\n{log}"))
     }
 
     fn launch(
@@ -70,7 +82,7 @@ impl EtcdServer {
         ip: IpAddr,
         [client_port, peer_port, metrics_port]: [u16; 3],
         tls: Option<ServerTls>,
-    ) -> Option<EtcdServer> {
+    ) -> Result<Option<EtcdServer>, String> {
         if !binary_available() {
             use std::io::Write;
             // The stderr handle, not eprintln!: libtest would capture it in a passing test.
@@ -78,7 +90,7 @@ impl EtcdServer {
                 std::io::stderr(),
                 "SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)"
             );
-            return None;
+            return Ok(None);
         }
         let base = if Path::new("/dev/shm").is_dir() {
             tempfile::Builder::new()
@@ -97,8 +109,8 @@ impl EtcdServer {
             metrics_port,
             tls,
         };
-        server.start_again();
-        Some(server)
+        server.try_start()?;
+        Ok(Some(server))
     }
 
     /// The client URL, e.g. `http://127.0.0.1:23790`.
@@ -139,6 +151,13 @@ impl EtcdServer {
 
     /// Starts the member again on the same ports and data directory and waits until healthy.
     pub fn start_again(&mut self) {
+        if let Err(log) = self.try_start() {
+            panic!("etcd did not start again; log:\n{log}");
+        }
+    }
+
+    /// Starts the member and waits until healthy; the log's tail if it exits or stays unhealthy.
+    fn try_start(&mut self) -> Result<(), String> {
         assert!(self.child.is_none(), "etcd is already running");
         let data = self.dir.path().join("data");
         let log_path = self.dir.path().join("etcd.log");
@@ -183,20 +202,21 @@ impl EtcdServer {
                 .and_then(|c| c.try_wait().ok().flatten())
             {
                 self.child = None;
-                panic!(
-                    "etcd exited with {status} during start-up; log:\n{}",
+                return Err(format!(
+                    "etcd exited with {status} during start-up:\n{}",
                     tail(&log_path)
-                );
+                ));
             }
             if self.healthy() {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
-        panic!(
-            "etcd did not become healthy within {START_DEADLINE:?}; log:\n{}",
+        self.stop();
+        Err(format!(
+            "etcd did not become healthy within {START_DEADLINE:?}:\n{}",
             tail(&log_path)
-        );
+        ))
     }
 
     /// Whether etcd answers `GET /health` with true (on the plain-HTTP metrics listener,
