@@ -4,7 +4,7 @@
 mod common;
 use common::{LINEN, skip};
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -445,25 +445,31 @@ fn flows_spread_over_workers_and_stay_on_matching_ones() {
     assert!(o.ping_ok(0, &a2, &[]));
     assert!(o.ping_ok(1, &a1, &[]));
 
-    // Echo requests from chosen source ports of host 1's underlay address: classes 64 and 66
+    // Datagrams from chosen source ports of host 1's underlay addresses: classes 64 and 66
     // name worker 0, 65 and 67 worker 1. Distinct counts per port, so a hash that happened to
-    // agree for one port would not pass for all four.
-    let before = per_worker(&o, 1);
+    // agree for one port would not pass for all four. Over IPv4 echo requests; over IPv6 (the
+    // program's other branch) junk, which is counted as received and then dropped.
     let echo = ipv4_echo(a1.parse().unwrap(), a2.parse().unwrap());
-    let to = o.lab.host(1).ip;
-    for (port, count) in [(40000, 10), (40001, 20), (40002, 40), (40003, 80)] {
-        send_datagrams_from(&o, 0, port, to, &echo, count);
+    let h2 = o.lab.host(1).clone();
+    for (to, payload) in [
+        (IpAddr::V4(h2.ip), echo),
+        (IpAddr::V6(h2.ip6), vec![0u8; 20]),
+    ] {
+        let before = per_worker(&o, 1);
+        for (port, count) in [(40000, 10), (40001, 20), (40002, 40), (40003, 80)] {
+            send_datagrams_from(&o, 0, port, to, &payload, count);
+        }
+        let received = wait_for(Duration::from_secs(5), || {
+            let now = per_worker(&o, 1);
+            let d: Vec<u64> = (0..2).map(|i| now[i].2 - before[i].2).collect();
+            (d.iter().sum::<u64>() >= 150).then_some(d)
+        });
+        assert_eq!(
+            received,
+            Some(vec![50, 100]),
+            "datagrams per receiving worker, to {to}"
+        );
     }
-    let received = wait_for(Duration::from_secs(5), || {
-        let now = per_worker(&o, 1);
-        let d: Vec<u64> = (0..2).map(|i| now[i].2 - before[i].2).collect();
-        (d.iter().sum::<u64>() >= 150).then_some(d)
-    });
-    assert_eq!(
-        received,
-        Some(vec![50, 100]),
-        "datagrams per receiving worker"
-    );
 
     // Twelve TCP connections of different sizes: both workers of host 1 carry some, and every
     // datagram a worker sends arrives at the peer's worker of the same number, data and ACKs.
@@ -655,12 +661,13 @@ fn send_datagrams_from(
     o: &Overlay,
     from: usize,
     port: u16,
-    to: Ipv4Addr,
+    to: IpAddr,
     payload: &[u8],
     count: usize,
 ) {
     let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-    let script = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+    let script = "import socket,sys; \
+                  s=socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM); \
                   s.bind(('', int(sys.argv[3]))); \
                   [s.sendto(bytes.fromhex(sys.argv[2]), (sys.argv[1], 8285)) for _ in range(int(sys.argv[4]))]";
     o.lab
