@@ -347,17 +347,6 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
     }
 }
 
-/// Sends `payload` as one UDP datagram from `from`'s namespace to `to`:8285.
-fn send_datagram(o: &Overlay, from: usize, to: Ipv4Addr, payload: &[u8]) {
-    let hex: String = payload.iter().map(|b| format!("{b:02x}")).collect();
-    let script = "import socket,sys; s=socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
-                  s.sendto(bytes.fromhex(sys.argv[2]), (sys.argv[1], 8285))";
-    o.lab
-        .host(from)
-        .run_ok("python3", &["-c", script, &to.to_string(), &hex])
-        .unwrap();
-}
-
 /// A minimal IPv4/ICMP echo packet from `src` to `dst` with a valid header checksum.
 fn ipv4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     let mut p = vec![
@@ -402,9 +391,16 @@ fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
     let tun1: Ipv4Addr = a1.parse().unwrap();
     let tun2: Ipv4Addr = a2.parse().unwrap();
     // From host 3's address, which holds no lease.
-    send_datagram(&o, 2, h1, &ipv4_echo(tun2, tun1));
+    send_datagrams_from(&o, 2, 0, IpAddr::V4(h1), &ipv4_echo(tun2, tun1), 1);
     // From host 2 (holds a lease) but with an inner source outside host 2's subnet.
-    send_datagram(&o, 1, h1, &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1));
+    send_datagrams_from(
+        &o,
+        1,
+        0,
+        IpAddr::V4(h1),
+        &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1),
+        1,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let (status, log) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{log}");
@@ -494,13 +490,7 @@ else:
         .args(["-c", script, &a2, "serve"])
         .stdout(Stdio::piped());
     let mut server = server.spawn().unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    wait_ready(&mut server);
     o.lab
         .host(0)
         .run_ok("python3", &["-c", script, &a2, "send"])
@@ -601,13 +591,7 @@ fn a_port_held_by_another_program_is_a_clear_error() {
         ])
         .stdout(Stdio::piped());
     let mut holder = holder.spawn().unwrap();
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(holder.stdout.as_mut().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    wait_ready(&mut holder);
     o.start(0, &[]);
     let said = wait_for(Duration::from_secs(15), || {
         let log = std::fs::read_to_string(o.log_path(0)).ok()?;
@@ -619,6 +603,17 @@ fn a_port_held_by_another_program_is_a_clear_error() {
     let (status, log) = o.stop(0);
     assert!(said.is_some(), "{log}");
     assert!(status.is_some_and(|s| !s.success()), "{status:?} {log}");
+}
+
+/// Waits for a helper script's first line on its (piped) stdout, which must be `ready`.
+fn wait_ready(child: &mut std::process::Child) {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout")),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
 }
 
 /// Both hosts' [`per_worker`] counters once they stop moving (two reads 200 ms apart agree), so
@@ -656,7 +651,8 @@ fn per_worker(o: &Overlay, i: usize) -> Vec<(u64, u64, u64)> {
         .collect()
 }
 
-/// Sends `payload` `count` times from `from`'s namespace, source port `port`, to `to`:8285.
+/// Sends `payload` `count` times from `from`'s namespace, source port `port` (0: any), to
+/// `to`:8285.
 fn send_datagrams_from(
     o: &Overlay,
     from: usize,
@@ -747,9 +743,16 @@ fn accept_unknown_senders_relaxes_only_the_sender_check() {
     let tun2: Ipv4Addr = a2.parse().unwrap();
     // From an address without a lease but with an inner source inside host 2's subnet
     // (a peer behind NAT): accepted and delivered.
-    send_datagram(&o, 2, h1, &ipv4_echo(tun2, tun1));
+    send_datagrams_from(&o, 2, 0, IpAddr::V4(h1), &ipv4_echo(tun2, tun1), 1);
     // From an address without a lease and an inner source no lease covers: still dropped.
-    send_datagram(&o, 2, h1, &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1));
+    send_datagrams_from(
+        &o,
+        2,
+        0,
+        IpAddr::V4(h1),
+        &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1),
+        1,
+    );
     std::thread::sleep(Duration::from_millis(300));
     let (status, log) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{log}");

@@ -133,6 +133,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .and_then(|text| SubnetEnv::parse(&text).ok())
         .and_then(|env| env.previous_key());
 
+    // Before anything is acquired or created: a port held by another program is an error.
+    ensure_port_free(config.backend.port)?;
     let mut options = ManagerOptions::new(attrs.clone());
     options.previous = previous;
     options.renew_margin = Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60);
@@ -173,7 +175,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
     let mut handles = Vec::with_capacity(workers);
-    ensure_port_free(config.backend.port)?;
     for (id, queue) in tun.queues.into_iter().enumerate() {
         let udp = open_udp(config.backend.port, args.socket_buffer)
             .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;

@@ -93,9 +93,7 @@ pub fn open_udp(port: u16, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
     let (socket, dual_stack) = bind_udp(port, true).map_err(|(e6, e)| {
         io::Error::new(
             e.kind(),
-            format!(
-                "cannot bind UDP port {port} (IPv6: {e6}; IPv4: {e}); is another overlay using it?"
-            ),
+            format!("cannot bind UDP port {port} (IPv6: {e6}; IPv4: {e})"),
         )
     })?;
     finish(socket, dual_stack, buffer_bytes)
