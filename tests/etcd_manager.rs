@@ -146,10 +146,11 @@ async fn etcd_down_for_10_s_keeps_the_lease_and_catches_up() {
     let reg = with_config(&server).await;
     let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let mine = a.own().unwrap();
-    // A peer joins before the outage; the manager sees it.
+    // A peer joins before the outage; the manager sees it. Its subnets lie beyond the first
+    // 100 free ones, among which ours was picked at random: never the same as ours.
     let other = registry(&server).await;
     other
-        .create_lease(&key("198.19.50.0-24"), &host(2))
+        .create_lease(&key("198.19.150.0-24"), &host(2))
         .await
         .unwrap();
     a.wait(5, "host 2", |s| s.peers.len() == 1).await;
@@ -160,13 +161,13 @@ async fn etcd_down_for_10_s_keeps_the_lease_and_catches_up() {
     server.start_again();
     // After the restart: host 2 leaves and host 3 joins; both changes arrive, the lease stays.
     let other = registry(&server).await;
-    other.revoke_lease(&key("198.19.50.0-24")).await.unwrap();
+    other.revoke_lease(&key("198.19.150.0-24")).await.unwrap();
     other
-        .create_lease(&key("198.19.51.0-24"), &host(3))
+        .create_lease(&key("198.19.151.0-24"), &host(3))
         .await
         .unwrap();
     a.wait(15, "recovery with host 3 only", |s| {
-        s.registry.connected && s.peers.len() == 1 && s.peers[0].key == key("198.19.51.0-24")
+        s.registry.connected && s.peers.len() == 1 && s.peers[0].key == key("198.19.151.0-24")
     })
     .await;
     assert_eq!(a.own(), Some(mine), "still our lease");
