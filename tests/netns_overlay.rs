@@ -605,6 +605,39 @@ fn a_port_held_by_another_program_is_a_clear_error() {
     assert!(status.is_some_and(|s| !s.success()), "{status:?} {log}");
 }
 
+#[test]
+fn a_deleted_tun_device_stops_the_daemon_with_an_error() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lntungone", 2);
+    o.start(0, &["--workers", "2"]);
+    o.start(1, &[]);
+    let (b4, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &b4, &[]), "the overlay works before");
+    o.lab.host(0).ip(&["link", "del", "linen0"]).unwrap();
+    // Without its device the daemon forwards nothing: it must exit, with an error that says
+    // why, so that a supervisor restarts it, rather than run on with no data plane.
+    let pid = o.pids[0].unwrap();
+    let exited = wait_for(Duration::from_secs(10), || {
+        (!o.lab.is_running(pid)).then_some(())
+    });
+    let (status, log) = o.stop(0);
+    assert!(exited.is_some(), "still running: {log}");
+    assert!(
+        status.is_some_and(|s| s.code() == Some(1)),
+        "{status:?} {log}"
+    );
+    assert!(log.contains("was the device deleted?"), "{log}");
+    assert!(log.contains("every forwarding worker has stopped"), "{log}");
+    // The lease is kept, as on any stop: a restarted daemon finds it again.
+    let before = o.env(0).previous_key();
+    std::fs::remove_file(o.env_path(0)).unwrap();
+    o.start(0, &[]);
+    assert_eq!(o.env(0).previous_key(), before);
+    assert!(o.ping_ok(0, &b4, &[]), "the overlay works after a restart");
+}
+
 /// Waits for a helper script's first line on its (piped) stdout, which must be `ready`.
 fn wait_ready(child: &mut std::process::Child) {
     let mut line = String::new();

@@ -16,7 +16,7 @@ use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::IpNetwork;
 use tokio::signal::unix::{SignalKind, signal};
 
@@ -24,7 +24,7 @@ use crate::cli::RunArgs;
 use crate::dataplane::io::{
     TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
 };
-use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerSetup};
+use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerMonitor, WorkerSetup};
 use crate::lease::Registry;
 use crate::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
 use crate::model::{Lease, LeaseAttrs, NetworkConfig, SubnetEnv, SubnetKey};
@@ -308,7 +308,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         })
     };
 
-    wait_for_signal().await?;
+    let monitors: Vec<WorkerMonitor> = handles.iter().map(WorkerHandle::monitor).collect();
+    let outcome = tokio::select! {
+        r = wait_for_signal() => r,
+        () = all_stopped(&monitors) => Err(anyhow!(
+            "every forwarding worker has stopped (see the errors above; was the TUN device {} \
+             deleted?); exiting so that a supervisor can restart linen, which finds its lease \
+             again",
+            args.tun
+        )),
+    };
+    if let Err(e) = &outcome {
+        tracing::error!("{e}");
+    }
     notify::notify_logged("STOPPING=1");
     tracing::info!("stopping: workers first, then the device; the lease is kept");
     cancel.cancel();
@@ -342,7 +354,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         list(1),
         list(2)
     );
-    Ok(())
+    outcome
+}
+
+/// Returns once no worker runs any more: the data plane is gone (its TUN device was deleted,
+/// say) and the daemon forwards nothing until it is restarted. Polled: a control-plane check,
+/// twice a second, that costs the workers nothing.
+async fn all_stopped(workers: &[WorkerMonitor]) {
+    while workers.iter().any(WorkerMonitor::is_running) {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
 }
 
 /// `name=value` pairs of every counter, for the shutdown log line.

@@ -355,7 +355,7 @@ impl Worker {
                 ) {
                     Ok(n) => count += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
-                    Err(e) if is_fatal(&e) => return Err(e),
+                    Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                     Err(_) => self.local.drop(DropReason::Malformed),
                 }
             }
@@ -371,7 +371,7 @@ impl Worker {
                         more = false;
                         break;
                     }
-                    Err(e) if is_fatal(&e) => return Err(e),
+                    Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                     Err(_) => self.local.drop(DropReason::Malformed),
                 }
             }
@@ -516,10 +516,21 @@ impl Worker {
     }
 }
 
+/// Whether a TUN error means the queue is gone for good (the device was deleted, say).
 fn is_fatal(e: &io::Error) -> bool {
     matches!(
         e.raw_os_error(),
         Some(libc::EBADF) | Some(libc::EBADFD) | Some(libc::ENODEV)
+    )
+}
+
+/// A fatal TUN error, said in a way an operator can act on ("File descriptor in bad state" is
+/// what deleting the device looks like from a queue).
+#[cold]
+fn tun_lost(e: io::Error) -> io::Error {
+    io::Error::new(
+        e.kind(),
+        format!("the TUN queue failed ({e}); was the device deleted?"),
     )
 }
 
@@ -562,7 +573,7 @@ impl TunWriter {
         };
         match result {
             Ok(_) => Ok(()),
-            Err(e) if is_fatal(&e) => Err(e),
+            Err(e) if is_fatal(&e) => Err(tun_lost(e)),
             Err(_) => {
                 local.drop(DropReason::TunWriteFailed);
                 Ok(())
@@ -599,7 +610,7 @@ impl TunWriter {
                     }
                     return Ok(());
                 }
-                Err(e) if is_fatal(&e) => return Err(e),
+                Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                 // Refused (an old kernel's virtio-net rules): write the segments one by one.
                 Err(_) => {}
             }
