@@ -670,6 +670,167 @@ mod test {
         assert!(msg.contains(&subnet.to_string()), "{msg}");
     }
 
+    /// An in-memory registry that a test can take down: while down, every call fails as an
+    /// unreachable etcd does (transiently). It keeps the leases created in it and records when
+    /// each renewal succeeded.
+    #[derive(Default)]
+    struct Outage {
+        shared: Arc<OutageShared>,
+        renewals: std::sync::Mutex<Vec<Instant>>,
+    }
+
+    #[derive(Default)]
+    struct OutageShared {
+        down: std::sync::atomic::AtomicBool,
+        leases: std::sync::Mutex<Vec<Lease>>,
+    }
+
+    impl OutageShared {
+        fn up(&self) -> Result<(), RegistryError> {
+            if self.down.load(Ordering::SeqCst) {
+                return Err(RegistryError::Unavailable {
+                    location: "fake".into(),
+                    reason: "down for the test".into(),
+                });
+            }
+            Ok(())
+        }
+
+        fn list(&self) -> LeaseList {
+            LeaseList {
+                leases: self.leases.lock().unwrap().clone(),
+                revision: 1,
+            }
+        }
+    }
+
+    fn sixty_seconds(key: SubnetKey, attrs: &LeaseAttrs) -> Lease {
+        Lease {
+            key,
+            attrs: attrs.clone(),
+            expiration: Some(SystemTime::now() + Duration::from_secs(60)),
+            lease_id: None,
+        }
+    }
+
+    /// The watch of [`Outage`]: a snapshot first, as after any reconnect, then nothing until
+    /// the registry goes down.
+    struct OutageWatch {
+        shared: Arc<OutageShared>,
+        listed: bool,
+    }
+
+    #[async_trait]
+    impl LeaseWatch for OutageWatch {
+        async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
+            loop {
+                self.shared.up()?;
+                if !self.listed {
+                    self.listed = true;
+                    return Ok(WatchEvent::Snapshot(self.shared.list()));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+
+    #[async_trait]
+    impl Registry for Outage {
+        fn location(&self) -> String {
+            "fake".into()
+        }
+        async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
+            unimplemented!()
+        }
+        async fn put_network_config(&self, _: &NetworkConfigSpec) -> Result<(), RegistryError> {
+            unimplemented!()
+        }
+        async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+            self.shared.up()?;
+            Ok(self.shared.list())
+        }
+        async fn create_lease(
+            &self,
+            key: &SubnetKey,
+            attrs: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            self.shared.up()?;
+            let lease = sixty_seconds(*key, attrs);
+            self.shared.leases.lock().unwrap().push(lease.clone());
+            Ok(lease)
+        }
+        async fn create_reservation(
+            &self,
+            _: &SubnetKey,
+            _: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            unimplemented!()
+        }
+        async fn renew_lease(&self, l: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
+            self.shared.up()?;
+            self.renewals.lock().unwrap().push(Instant::now());
+            let lease = sixty_seconds(l.key, attrs);
+            *self.shared.leases.lock().unwrap() = vec![lease.clone()];
+            Ok(lease)
+        }
+        async fn revoke_lease(&self, _: &SubnetKey) -> Result<(), RegistryError> {
+            unimplemented!()
+        }
+        async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
+            self.shared.up()?;
+            Ok(Box::new(OutageWatch {
+                shared: Arc::clone(&self.shared),
+                listed: false,
+            }))
+        }
+        fn lease_ttl(&self) -> Duration {
+            Duration::from_secs(60)
+        }
+    }
+
+    /// In tokio's paused time. A 60 s lease is due for renewal at 10 s; the registry is down
+    /// from 5 s to 18 s. Renewal retries back off to 11, 13, 17 and 25 s; the watch, failed at
+    /// 5.1 s, retries at 6.1, 8.1, 12.1 and 20.1 s, finds the registry back and re-lists. The
+    /// renewal must follow that first answer, not wait for its own retry at 25 s.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_missed_in_an_outage_is_made_when_the_registry_answers_again() {
+        let reg = Arc::new(Outage::default());
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let mut opts =
+            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        opts.renew_margin = Duration::from_secs(50);
+        opts.backoff_min = Duration::from_secs(1);
+        opts.backoff_max = Duration::from_secs(8);
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        let own = m.acquire().await.unwrap();
+        let state = m.subscribe();
+        let start = Instant::now();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        reg.shared.down.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(13)).await;
+        assert!(
+            reg.renewals.lock().unwrap().is_empty(),
+            "renewed while down"
+        );
+        assert!(
+            !state.borrow().registry.connected,
+            "the outage went unnoticed"
+        );
+        reg.shared.down.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        let first = reg.renewals.lock().unwrap()[0] - start;
+        assert!(
+            first >= Duration::from_secs(20) && first < Duration::from_secs(21),
+            "first renewal after {first:?}"
+        );
+        assert_eq!(state.borrow().own.as_ref().map(|l| l.key), Some(own.key));
+        assert!(state.borrow().registry.connected);
+    }
+
     #[test]
     fn backoff_doubles_up_to_the_cap_and_resets() {
         let mut b = Backoff::new(Duration::from_secs(1), Duration::from_secs(5));
