@@ -26,10 +26,11 @@ fn main() {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
     }
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
+    let runtime = match tokio::runtime::Builder::new_current_thread()
         // The control plane is light (registry I/O, one table build per change, an HTTP
-        // endpoint); one runtime thread keeps the daemon small. Forwarding has its own threads.
-        .worker_threads(1)
+        // endpoint): it runs on the main thread, and forwarding has its own threads. The
+        // single-threaded scheduler is also the smaller one: with it the daemon does not link
+        // libm (the multi-threaded one's poll-time statistics call `pow`), 0.5 MiB less RSS.
         .enable_all()
         .build()
     {
