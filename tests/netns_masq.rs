@@ -214,15 +214,32 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
             .filter(|o| o.status.success())
     });
     assert!(wait_overlay.is_some(), "overlay does not work");
+    // What both daemons saw, for a failure that does not reproduce at will.
+    let diagnose = || {
+        let mut out = String::new();
+        for (h, log) in [(&h1, &log1), (&h2, &log2)] {
+            let status = h
+                .run(LINEN, &["status"])
+                .map(|o| o.stdout)
+                .unwrap_or_default();
+            out += &format!(
+                "--- {}: linen status\n{}--- log\n{}\n",
+                h.ns,
+                String::from_utf8_lossy(&status),
+                std::fs::read_to_string(log).unwrap_or_default()
+            );
+        }
+        out
+    };
     let (answered, seen) = udp_exchange(&h1, &b1, &h2, &tun2);
-    assert!(answered);
+    assert!(answered, "no answer h1 → h2\n{}", diagnose());
     assert_eq!(
         seen.as_deref(),
         Some(b1.as_str()),
         "h1 → h2 keeps its source"
     );
     let (answered, seen) = udp_exchange(&h2, &b2, &h1, &b1);
-    assert!(answered);
+    assert!(answered, "no answer h2 → h1\n{}", diagnose());
     assert_eq!(
         seen.as_deref(),
         Some(b2.as_str()),
