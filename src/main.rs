@@ -5,26 +5,27 @@
 
 use clap::Parser;
 use linen::cli::{Cli, Command, LogFormat};
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::layer::SubscriberExt;
+use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() {
     let cli = Cli::parse();
-    let filter = match EnvFilter::try_new(&cli.log_level) {
+    let filter = match linen::cli::log_filter(&cli.log_level) {
         Ok(f) => f,
         Err(e) => {
             eprintln!(
-                "linen: --log-level {:?} is invalid ({e}); use error, warn, info, debug or trace",
+                "linen: --log-level {:?} is invalid ({e}); use error, warn, info, debug or trace, \
+                 or target=level pairs such as linen=debug,warn",
                 cli.log_level
             );
             std::process::exit(2);
         }
     };
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    let registry = tracing_subscriber::registry().with(filter);
     match cli.log_format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => registry.with(fmt).init(),
+        LogFormat::Json => registry.with(fmt.json()).init(),
     }
     let runtime = match tokio::runtime::Builder::new_current_thread()
         // The control plane is light (registry I/O, one table build per change, an HTTP
