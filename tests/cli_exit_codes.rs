@@ -46,7 +46,10 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
         ("demo --seconds 0".into(), &["--seconds"]),
         ("--log-level [[ lease list".into(), &["--log-level", "info"]),
         // A typo is an error, not a filter that enables a target named "debg".
-        ("--log-level debg lease list".into(), &["--log-level", "debg"]),
+        (
+            "--log-level debg lease list".into(),
+            &["--log-level", "debg"],
+        ),
         (
             format!("{init} --network nonsense"),
             &["--network", "198.19.0.0/16"],
