@@ -87,15 +87,17 @@ impl WorkerHandle {
         let running = Arc::new(AtomicBool::new(true));
         let counters = Arc::new(Counters::default());
         let mut worker = Worker::new(setup, Arc::clone(&stop), Arc::clone(&counters))?;
-        let flag = Arc::clone(&running);
+        let flag = ClearOnExit(Arc::clone(&running));
         let thread = std::thread::Builder::new()
             .name(format!("linen-worker-{}", worker.id))
             .spawn(move || {
+                // Cleared when the thread ends, by returning or by unwinding from a panic: the
+                // daemon counts a worker whose flag is down as gone.
+                let _flag = flag;
                 let result = worker.run(poll);
                 if let Err(e) = &result {
                     tracing::error!(worker = worker.id, error = %e, "worker stopped on an error");
                 }
-                flag.store(false, Ordering::Release);
                 result
             })?;
         Ok(WorkerHandle {
@@ -149,6 +151,15 @@ impl Drop for WorkerHandle {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Lowers a worker's `running` flag when dropped: at the end of its thread, however it ends.
+struct ClearOnExit(Arc<AtomicBool>);
+
+impl Drop for ClearOnExit {
+    fn drop(&mut self) {
+        self.0.store(false, Ordering::Release);
     }
 }
 
@@ -692,6 +703,27 @@ fn send_gso(
             for _ in 0..n {
                 local.drop(DropReason::SendFailed);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    /// A worker thread that panics must count as stopped (the daemon exits when none runs):
+    /// the flag comes down while unwinding, not only on a normal return.
+    #[test]
+    fn the_running_flag_comes_down_on_a_panic_too() {
+        for panics in [false, true] {
+            let running = Arc::new(AtomicBool::new(true));
+            let flag = ClearOnExit(Arc::clone(&running));
+            let thread = std::thread::spawn(move || {
+                let _flag = flag;
+                assert!(!panics, "a worker bug");
+            });
+            assert_eq!(thread.join().is_err(), panics);
+            assert!(!running.load(Ordering::Acquire), "panics: {panics}");
         }
     }
 }
