@@ -354,6 +354,9 @@ impl LeaseManager {
             }
         }
         watch_cancel.cancel();
+        // The watcher may be waiting to hand over an event (the channel fills while a slow
+        // renewal runs): closing the channel ends that wait.
+        drop(rx);
         let _ = watcher.await;
         if let Some(own) = self.tracker.own() {
             tracing::info!(subnet = %own.key, "lease manager stopped; the lease is kept for the next start");
@@ -829,6 +832,94 @@ mod test {
         );
         assert_eq!(state.borrow().own.as_ref().map(|l| l.key), Some(own.key));
         assert!(state.borrow().registry.connected);
+    }
+
+    /// The watch of [`Outage`] when the registry is busy: a snapshot at every call, at once.
+    struct Firehose {
+        shared: Arc<OutageShared>,
+    }
+
+    #[async_trait]
+    impl LeaseWatch for Firehose {
+        async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
+            tokio::task::yield_now().await;
+            Ok(WatchEvent::Snapshot(self.shared.list()))
+        }
+    }
+
+    /// A registry whose watch never pauses and whose renewals are slow, so the watcher fills
+    /// the manager's channel while it renews.
+    struct Busy(Outage);
+
+    #[async_trait]
+    impl Registry for Busy {
+        fn location(&self) -> String {
+            self.0.location()
+        }
+        async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
+            self.0.get_network_config().await
+        }
+        async fn put_network_config(&self, s: &NetworkConfigSpec) -> Result<(), RegistryError> {
+            self.0.put_network_config(s).await
+        }
+        async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+            self.0.list_leases().await
+        }
+        async fn create_lease(
+            &self,
+            k: &SubnetKey,
+            a: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            self.0.create_lease(k, a).await
+        }
+        async fn create_reservation(
+            &self,
+            k: &SubnetKey,
+            a: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            self.0.create_reservation(k, a).await
+        }
+        async fn renew_lease(&self, l: &Lease, a: &LeaseAttrs) -> Result<Lease, RegistryError> {
+            // A slow registry: the manager reads no events meanwhile.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            self.0.renew_lease(l, a).await
+        }
+        async fn revoke_lease(&self, k: &SubnetKey) -> Result<(), RegistryError> {
+            self.0.revoke_lease(k).await
+        }
+        async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
+            Ok(Box::new(Firehose {
+                shared: Arc::clone(&self.0.shared),
+            }))
+        }
+        fn lease_ttl(&self) -> Duration {
+            self.0.lease_ttl()
+        }
+    }
+
+    /// Stopping must not wait on a watcher that is blocked handing over an event nobody will
+    /// read any more.
+    #[tokio::test]
+    async fn stops_while_the_watch_keeps_the_channel_full() {
+        let reg: Arc<dyn Registry> = Arc::new(Busy(Outage::default()));
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let attrs = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
+        for _ in 0..10 {
+            let mut opts = ManagerOptions::new(attrs.clone());
+            // The 60 s lease is renewed after 10 ms, and the stop comes during that renewal,
+            // while the watcher fills the channel.
+            opts.renew_margin = Duration::from_millis(59_990);
+            let mut m = LeaseManager::new(Arc::clone(&reg), config.clone(), opts);
+            m.acquire().await.unwrap();
+            let cancel = CancellationToken::new();
+            let task = tokio::spawn(m.run(cancel.clone()));
+            tokio::time::sleep(Duration::from_millis(30)).await;
+            cancel.cancel();
+            tokio::time::timeout(Duration::from_secs(5), task)
+                .await
+                .expect("the manager did not stop")
+                .unwrap();
+        }
     }
 
     #[test]
