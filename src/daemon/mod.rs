@@ -318,8 +318,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.tun
         )),
     };
-    if let Err(e) = &outcome {
-        tracing::error!("{e}");
+    if outcome.is_err() {
+        // The reason is the daemon's exit message (printed once, on the way out).
+        tracing::error!("no forwarding worker is left; stopping");
     }
     notify::notify_logged("STOPPING=1");
     tracing::info!("stopping: workers first, then the device; the lease is kept");
