@@ -1,4 +1,4 @@
-//! Exit codes of the binary: bad flags and invalid configs exit 2 with a message that names what
+//! Exit codes and logging flags of the binary: bad flags and invalid configs exit 2 with a message that names what
 //! to fix. No root needed (everything here fails before touching the network).
 
 use std::process::Command;
@@ -107,4 +107,68 @@ fn runtime_failures_exit_1() {
         file.path().join("sub").to_str().unwrap(),
     ]);
     assert_eq!(code, Some(1), "{stderr}");
+}
+
+/// `--log-format json` writes one JSON object per event to stderr, and `--log-level` filters:
+/// a malformed lease file is skipped with a warning that names it, which `error` hides.
+#[test]
+fn log_format_and_level_apply_to_what_is_logged() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().to_str().unwrap();
+    let (code, stderr) = linen(&[
+        "network",
+        "init",
+        "--registry-dir",
+        reg,
+        "--network",
+        "198.19.0.0/16",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    std::fs::create_dir_all(dir.path().join("subnets")).unwrap();
+    std::fs::write(dir.path().join("subnets/198.19.5.0-24"), "garbage\n").unwrap();
+
+    let (code, stderr) = linen(&[
+        "--log-format",
+        "json",
+        "lease",
+        "list",
+        "--registry-dir",
+        reg,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let warning = stderr
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v["level"] == "WARN")
+        .unwrap_or_else(|| panic!("no JSON warning in:\n{stderr}"));
+    assert!(
+        warning["fields"]["file"]
+            .as_str()
+            .is_some_and(|f| f.ends_with("198.19.5.0-24")),
+        "{warning}"
+    );
+    assert_eq!(warning["target"], "linen::lease::directory", "{warning}");
+
+    let (code, stderr) = linen(&[
+        "--log-level",
+        "error",
+        "lease",
+        "list",
+        "--registry-dir",
+        reg,
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        !stderr.contains("malformed"),
+        "--log-level error:\n{stderr}"
+    );
+    let (_, stderr) = linen(&[
+        "--log-level",
+        "linen::lease=warn,error",
+        "lease",
+        "list",
+        "--registry-dir",
+        reg,
+    ]);
+    assert!(stderr.contains("malformed"), "linen::lease=warn:\n{stderr}");
 }
