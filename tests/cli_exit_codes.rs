@@ -1,5 +1,5 @@
-//! Exit codes and logging flags of the binary: bad flags and invalid configs exit 2 with a message that names what
-//! to fix. No root needed (everything here fails before touching the network).
+//! Exit codes and logging flags of the binary: bad flags and invalid configs exit 2 with a
+//! message that names what to fix. No root needed (nothing here touches the network).
 
 use std::process::Command;
 
