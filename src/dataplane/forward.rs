@@ -4,7 +4,7 @@
 //!
 //! Must not import tokio, `lease` or `daemon`.
 
-use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::Instant;
 
 use crate::table::Snapshot;
@@ -186,7 +186,8 @@ pub fn ingress(pkt: &[u8], sender: SocketAddr, snap: &Snapshot, cfg: &ForwardCon
         return Ingress::Drop(DropReason::SpoofedSource);
     }
     let dst = ip.dst_addr();
-    if !snap.is_local(dst) && !is_tun_addr(dst, snap) {
+    // The TUN device's own address is the local subnet's network address: local too.
+    if !snap.is_local(dst) {
         return Ingress::Drop(DropReason::NotForUs);
     }
     if ip.hop_limit() == 0 {
@@ -194,13 +195,6 @@ pub fn ingress(pkt: &[u8], sender: SocketAddr, snap: &Snapshot, cfg: &ForwardCon
     }
     Ingress::Deliver {
         len: ip.packet_len(),
-    }
-}
-
-fn is_tun_addr(addr: IpAddr, snap: &Snapshot) -> bool {
-    match addr {
-        IpAddr::V4(a) => tun_v4(snap) == Some(a),
-        IpAddr::V6(a) => tun_v6(snap) == Some(a),
     }
 }
 

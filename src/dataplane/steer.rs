@@ -103,7 +103,7 @@ pub fn program(listen_port: u16, workers: usize) -> Vec<sock_filter> {
         stmt(BPF_JMP | BPF_JA, 3),
         // 6: IPv6: UDP right behind the fixed header, else (extension headers) → the hash.
         stmt(BPF_LD | BPF_B | BPF_ABS, NET + 6),
-        jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(IPPROTO_UDP), 0, 5),
+        jump(BPF_JMP | BPF_JEQ | BPF_K, libc::IPPROTO_UDP as u32, 0, 5),
         stmt(BPF_LD | BPF_H | BPF_ABS, NET + 40),
         // 9: from the overlay port → the hash.
         jump(BPF_JMP | BPF_JEQ | BPF_K, u32::from(listen_port), 3, 0),
@@ -114,9 +114,6 @@ pub fn program(listen_port: u16, workers: usize) -> Vec<sock_filter> {
         stmt(BPF_RET | BPF_K, FALLBACK),
     ]
 }
-
-/// The IPv6 next-header value of UDP.
-const IPPROTO_UDP: u8 = 17;
 
 #[cfg(test)]
 mod test {
@@ -168,7 +165,7 @@ mod test {
     fn v6(sport: u16) -> Vec<u8> {
         let mut p = vec![0u8; 40 + 8 + 40];
         p[0] = 0x60;
-        p[6] = IPPROTO_UDP;
+        p[6] = libc::IPPROTO_UDP as u8;
         p[40..42].copy_from_slice(&sport.to_be_bytes());
         p
     }
