@@ -680,12 +680,17 @@ mod test {
     struct Outage {
         shared: Arc<OutageShared>,
         renewals: std::sync::Mutex<Vec<Instant>>,
+        /// How long each renewal takes (a slow registry).
+        renew_delay: Duration,
     }
 
     #[derive(Default)]
     struct OutageShared {
         down: std::sync::atomic::AtomicBool,
         leases: std::sync::Mutex<Vec<Lease>>,
+        /// The watch sends a snapshot at every call instead of pausing after the first (a
+        /// registry full of changes).
+        firehose: bool,
     }
 
     impl OutageShared {
@@ -717,7 +722,7 @@ mod test {
     }
 
     /// The watch of [`Outage`]: a snapshot first, as after any reconnect, then nothing until
-    /// the registry goes down.
+    /// the registry goes down (or, with `firehose`, a snapshot at every call).
     struct OutageWatch {
         shared: Arc<OutageShared>,
         listed: bool,
@@ -728,8 +733,9 @@ mod test {
         async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
             loop {
                 self.shared.up()?;
-                if !self.listed {
+                if !self.listed || self.shared.firehose {
                     self.listed = true;
+                    tokio::task::yield_now().await;
                     return Ok(WatchEvent::Snapshot(self.shared.list()));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
@@ -770,6 +776,7 @@ mod test {
             unimplemented!()
         }
         async fn renew_lease(&self, l: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
+            tokio::time::sleep(self.renew_delay).await;
             self.shared.up()?;
             self.renewals.lock().unwrap().push(Instant::now());
             let lease = sixty_seconds(l.key, attrs);
@@ -834,74 +841,20 @@ mod test {
         assert!(state.borrow().registry.connected);
     }
 
-    /// The watch of [`Outage`] when the registry is busy: a snapshot at every call, at once.
-    struct Firehose {
-        shared: Arc<OutageShared>,
-    }
-
-    #[async_trait]
-    impl LeaseWatch for Firehose {
-        async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
-            tokio::task::yield_now().await;
-            Ok(WatchEvent::Snapshot(self.shared.list()))
-        }
-    }
-
-    /// A registry whose watch never pauses and whose renewals are slow, so the watcher fills
-    /// the manager's channel while it renews.
-    struct Busy(Outage);
-
-    #[async_trait]
-    impl Registry for Busy {
-        fn location(&self) -> String {
-            self.0.location()
-        }
-        async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
-            self.0.get_network_config().await
-        }
-        async fn put_network_config(&self, s: &NetworkConfigSpec) -> Result<(), RegistryError> {
-            self.0.put_network_config(s).await
-        }
-        async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
-            self.0.list_leases().await
-        }
-        async fn create_lease(
-            &self,
-            k: &SubnetKey,
-            a: &LeaseAttrs,
-        ) -> Result<Lease, RegistryError> {
-            self.0.create_lease(k, a).await
-        }
-        async fn create_reservation(
-            &self,
-            k: &SubnetKey,
-            a: &LeaseAttrs,
-        ) -> Result<Lease, RegistryError> {
-            self.0.create_reservation(k, a).await
-        }
-        async fn renew_lease(&self, l: &Lease, a: &LeaseAttrs) -> Result<Lease, RegistryError> {
-            // A slow registry: the manager reads no events meanwhile.
-            tokio::time::sleep(Duration::from_millis(50)).await;
-            self.0.renew_lease(l, a).await
-        }
-        async fn revoke_lease(&self, k: &SubnetKey) -> Result<(), RegistryError> {
-            self.0.revoke_lease(k).await
-        }
-        async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
-            Ok(Box::new(Firehose {
-                shared: Arc::clone(&self.0.shared),
-            }))
-        }
-        fn lease_ttl(&self) -> Duration {
-            self.0.lease_ttl()
-        }
-    }
-
     /// Stopping must not wait on a watcher that is blocked handing over an event nobody will
     /// read any more.
     #[tokio::test]
     async fn stops_while_the_watch_keeps_the_channel_full() {
-        let reg: Arc<dyn Registry> = Arc::new(Busy(Outage::default()));
+        // A watch that never pauses, so the watcher fills the manager's channel while a
+        // renewal takes 50 ms.
+        let reg: Arc<dyn Registry> = Arc::new(Outage {
+            shared: Arc::new(OutageShared {
+                firehose: true,
+                ..OutageShared::default()
+            }),
+            renew_delay: Duration::from_millis(50),
+            ..Outage::default()
+        });
         let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
         let attrs = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
         for _ in 0..10 {
