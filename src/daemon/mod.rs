@@ -335,25 +335,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     for h in handles {
         let c = h.counters();
         total.add(&c);
-        per_worker.push([c.tun_rx_packets, c.udp_tx_packets, c.udp_rx_packets]);
+        per_worker.push(status::WorkerTraffic::from(&c));
         if let Err(e) = h.join() {
             tracing::warn!(error = %e, "worker ended with an error");
         }
     }
     // Per worker, comma-separated in worker order: how flows spread.
-    let list = |i: usize| {
+    let list = |f: fn(&status::WorkerTraffic) -> u64| {
         per_worker
             .iter()
-            .map(|w| w[i].to_string())
+            .map(|w| f(w).to_string())
             .collect::<Vec<_>>()
             .join(",")
     };
     tracing::info!(
         "stopped; counters: {} worker_tun_rx={} worker_udp_tx={} worker_udp_rx={}",
         counters_summary(&total),
-        list(0),
-        list(1),
-        list(2)
+        list(|w| w.tun_rx_packets),
+        list(|w| w.udp_tx_packets),
+        list(|w| w.udp_rx_packets)
     );
     outcome
 }

@@ -67,6 +67,16 @@ pub struct WorkerTraffic {
     pub udp_rx_packets: u64,
 }
 
+impl From<&LocalCounters> for WorkerTraffic {
+    fn from(c: &LocalCounters) -> WorkerTraffic {
+        WorkerTraffic {
+            tun_rx_packets: c.tun_rx_packets,
+            udp_tx_packets: c.udp_tx_packets,
+            udp_rx_packets: c.udp_rx_packets,
+        }
+    }
+}
+
 /// Healthy, or why not.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Health {
@@ -243,11 +253,7 @@ pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
     for w in &src.workers {
         let c = w.counters();
         total.add(&c);
-        per_worker.push(WorkerTraffic {
-            tun_rx_packets: c.tun_rx_packets,
-            udp_tx_packets: c.udp_tx_packets,
-            udp_rx_packets: c.udp_rx_packets,
-        });
+        per_worker.push(WorkerTraffic::from(&c));
         running += usize::from(w.is_running());
     }
     let lease = state.own.as_ref().map(|l| LeaseView::new(l, now));
