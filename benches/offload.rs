@@ -110,7 +110,7 @@ fn coalesce_run(buf: &[u8], stride: usize, uso: bool, header: &mut [u8]) -> (usi
         let next = coalesce::classify(seg, uso).expect("a coalescable segment");
         match &mut run {
             Some(r) => {
-                if !r.try_append(buf, stride, seg, next) {
+                if !r.try_append(buf, stride, k, seg, next) {
                     break;
                 }
             }

@@ -47,7 +47,7 @@ fuzz_target!(|data: &[u8]| {
         };
         assert!(next.header_len + next.payload_len <= seg.len());
         if let Some(r) = &mut run
-            && r.try_append(buf, stride, seg, next)
+            && r.try_append(buf, stride, k, seg, next)
         {
             continue;
         }

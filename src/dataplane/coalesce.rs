@@ -238,17 +238,22 @@ impl Run {
         }
     }
 
-    /// Takes `next` (the bytes `next_pkt`, the chunk after the run's last) when it may follow
-    /// ([`can_append`]) and the run has room ([`MAX_RUN`]).
+    /// Takes `next` (the bytes `next_pkt`, chunk `chunk` of `buf`) when it is the chunk right
+    /// after the run's last, may follow ([`can_append`]) and the run has room ([`MAX_RUN`]).
+    /// A run is written as its chunks `first..first + count`, so a chunk that is not adjacent
+    /// (one in between was dropped) must start a new run, or the dropped chunk's bytes would be
+    /// written in its place.
     #[inline]
     pub fn try_append(
         &mut self,
         buf: &[u8],
         stride: usize,
+        chunk: usize,
         next_pkt: &[u8],
         next: Segment,
     ) -> bool {
         let joins = self.count < MAX_RUN
+            && chunk == self.first + self.count
             && can_append(
                 &buf[self.first * stride..],
                 &self.head,
@@ -620,7 +625,7 @@ mod test {
         let chunks: Vec<&[u8]> = buf.chunks(stride).collect();
         let mut run = Run::new(0, classify_tcp(chunks[0]).unwrap());
         for (k, c) in chunks.iter().enumerate().skip(1) {
-            if !run.try_append(&buf, stride, c, classify_tcp(c).unwrap()) {
+            if !run.try_append(&buf, stride, k, c, classify_tcp(c).unwrap()) {
                 assert_eq!(k, MAX_RUN, "a run stops at MAX_RUN");
                 break;
             }
@@ -629,13 +634,34 @@ mod test {
         assert_eq!(run.segment(&buf, stride, 3), chunks[3]);
         // The next run takes the rest, ending with the short segment.
         let mut rest = Run::new(MAX_RUN, classify_tcp(chunks[MAX_RUN]).unwrap());
-        for c in &chunks[MAX_RUN + 1..] {
-            assert!(rest.try_append(&buf, stride, c, classify_tcp(c).unwrap()));
+        for (k, c) in chunks.iter().enumerate().skip(MAX_RUN + 1) {
+            assert!(rest.try_append(&buf, stride, k, c, classify_tcp(c).unwrap()));
         }
         assert_eq!((rest.count, rest.payload), (3, 230));
         assert_eq!(rest.segment(&buf, stride, MAX_RUN + 2).len(), 52 + 30);
         let mut out = [0u8; MAX_HEADER];
         assert_eq!(rest.write_header(&buf, stride, &mut out), 62);
         assert_eq!(out[10 + 33], ACK | PSH, "PSH of the last segment");
+    }
+
+    #[test]
+    fn a_run_takes_only_the_adjacent_chunk() {
+        // Chunks 0 and 2 of a receive buffer follow each other in sequence, but chunk 1 was
+        // dropped (a forged sender, say). The run is written as chunks first..first + count, so
+        // taking chunk 2 would write chunk 1's bytes into the flow.
+        let stride = 52 + 100;
+        let mut buf = seg(1000, 100, ACK);
+        buf.extend_from_slice(&seg(5000, 100, ACK));
+        buf.extend_from_slice(&seg(1100, 100, ACK));
+        let chunks: Vec<&[u8]> = buf.chunks(stride).collect();
+        let mut run = Run::new(0, classify_tcp(chunks[0]).unwrap());
+        let third = classify_tcp(chunks[2]).unwrap();
+        assert!(!run.try_append(&buf, stride, 2, chunks[2], third));
+        assert_eq!(run.count, 1);
+        // The same segment right after the head joins.
+        let mut adjacent = seg(1000, 100, ACK);
+        adjacent.extend_from_slice(chunks[2]);
+        let mut run = Run::new(0, classify_tcp(&adjacent[..stride]).unwrap());
+        assert!(run.try_append(&adjacent, stride, 1, &adjacent[stride..], third));
     }
 }

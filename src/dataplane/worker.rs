@@ -503,7 +503,7 @@ impl Worker {
                     None
                 };
                 if let (Some(next), Some(r)) = (info, &mut run)
-                    && r.try_append(buf, stride, seg, next)
+                    && r.try_append(buf, stride, k, seg, next)
                 {
                     continue;
                 }
