@@ -13,6 +13,8 @@ use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
+use crate::dataplane::worker::SEGMENTS;
+
 /// The underlay interface: where datagrams to peers leave.
 #[derive(Clone, Debug)]
 pub struct Underlay {
@@ -185,6 +187,15 @@ pub async fn configure_tun(
         .find(|l| l.name == tun_name)
         .map(|l| l.index)
         .ok_or_else(|| anyhow!("TUN device {tun_name} vanished before it was configured"))?;
+    // A worker splits one offloaded TUN read into at most SEGMENTS packets. Without this cap a
+    // TCP flow with an MSS under ~512 bytes would get super-packets of more segments, which a
+    // worker must drop whole (and their retransmits too); with it the kernel builds smaller ones.
+    let cap = LinkUnspec::new_with_index(index)
+        .append_extra_attribute(LinkAttribute::GsoMaxSegs(SEGMENTS as u32))
+        .build();
+    if let Err(e) = handle.link().set(cap).execute().await {
+        tracing::warn!(error = %e, device = %tun_name, "cannot cap the TUN device's gso_max_segs at {SEGMENTS}; TCP flows with an MSS under 512 bytes will stall (run with --no-offload if you have such flows)");
+    }
     handle
         .link()
         .set(LinkUnspec::new_with_index(index).up().build())

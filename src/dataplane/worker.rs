@@ -35,8 +35,10 @@ const WAKE: Token = Token(2);
 /// go on while at most this many segments are in the batch.
 const TUN_BATCH: usize = 64;
 /// Segment buffers for one offloaded TUN read: a 64 KiB super-packet split at an MSS as small as
-/// 536 bytes gives up to 123 segments (wireguard-go uses 128 too).
-const SEGMENTS: usize = 128;
+/// 536 bytes gives up to 123 segments (wireguard-go uses 128 too). The daemon caps the device's
+/// `gso_max_segs` at this, so the kernel never hands a worker more (a flow with a smaller MSS
+/// gets smaller super-packets).
+pub const SEGMENTS: usize = 128;
 /// Receive buffers per `recvmmsg`. With UDP GRO each holds up to 64 KiB of coalesced datagrams
 /// (about 44 full-size segments); 4 of them bound a worker's receive memory at 256 KiB, for the
 /// embedded memory budget, and still move ~176 segments per system call.
