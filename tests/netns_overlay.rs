@@ -430,11 +430,14 @@ fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
         &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1),
         1,
     );
+    // An empty datagram from host 2: counted as received and dropped as malformed.
+    send_datagrams_from(&o, 1, 0, IpAddr::V4(h1), &[], 1);
     std::thread::sleep(Duration::from_millis(300));
     let (status, log) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{log}");
     assert_eq!(counter(&log, "unknown_sender"), 1, "{log}");
     assert_eq!(counter(&log, "spoofed_source"), 1, "{log}");
+    assert_eq!(counter(&log, "malformed"), 1, "{log}");
 
     // A restarted daemon gets its old subnet back.
     let before = o.env(0).previous_key();

@@ -432,12 +432,13 @@ impl Worker {
                 match verdict {
                     Egress::Icmp { len, reason } => {
                         self.local.drop(reason);
-                        self.local.icmp_sent += 1;
-                        self.tun_out.write_one(
+                        if self.tun_out.write_one(
                             &self.tun,
                             &self.icmp_buf[..len],
                             &mut self.local,
-                        )?;
+                        )? {
+                            self.local.icmp_sent += 1;
+                        }
                     }
                     Egress::Drop(reason) => self.local.drop(reason),
                     Egress::Send { .. } => {}
@@ -485,6 +486,12 @@ impl Worker {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
             let buf = &self.rx_bufs[m][..meta.len.min(self.rx_bufs[m].len())];
+            if buf.is_empty() {
+                // An empty datagram has no chunks to walk below.
+                self.local.udp_rx_packets += 1;
+                self.local.drop(DropReason::Malformed);
+                continue;
+            }
             // An open run of segments to coalesce (offloads only).
             let mut run: Option<CoalesceRun> = None;
             for (k, seg) in buf.chunks(stride).enumerate() {
@@ -497,8 +504,6 @@ impl Worker {
                         continue;
                     }
                 };
-                self.local.tun_tx_packets += 1;
-                self.local.tun_tx_bytes += len as u64;
                 let info = if self.tun_offload {
                     coalesce::classify(&seg[..len], self.tun_out.uso)
                 } else {
@@ -517,8 +522,13 @@ impl Worker {
                     run = Some(CoalesceRun::new(k, info));
                     continue;
                 }
-                self.tun_out
-                    .write_one(&self.tun, &seg[..len], &mut self.local)?;
+                if self
+                    .tun_out
+                    .write_one(&self.tun, &seg[..len], &mut self.local)?
+                {
+                    self.local.tun_tx_packets += 1;
+                    self.local.tun_tx_bytes += len as u64;
+                }
             }
             if let Some(r) = run.take() {
                 self.tun_out
@@ -570,14 +580,14 @@ impl TunWriter {
         }
     }
 
-    /// Writes one packet.
+    /// Writes one packet; false when the kernel refused it (counted as `TunWriteFailed`).
     #[inline]
     fn write_one(
         &mut self,
         tun: &SyncDevice,
         pkt: &[u8],
         local: &mut LocalCounters,
-    ) -> io::Result<()> {
+    ) -> io::Result<bool> {
         let result = if self.offload {
             const NO_OFFLOAD: [u8; VIRTIO_NET_HDR_LEN] = [0; VIRTIO_NET_HDR_LEN];
             tun.send_vectored(&[IoSlice::new(&NO_OFFLOAD), IoSlice::new(pkt)])
@@ -585,11 +595,11 @@ impl TunWriter {
             tun.send(pkt)
         };
         match result {
-            Ok(_) => Ok(()),
+            Ok(_) => Ok(true),
             Err(e) if is_fatal(&e) => Err(tun_lost(e)),
             Err(_) => {
                 local.drop(DropReason::TunWriteFailed);
-                Ok(())
+                Ok(false)
             }
         }
     }
@@ -597,7 +607,7 @@ impl TunWriter {
     /// Writes a run of consecutive segments of one flow from one receive buffer (chunks
     /// `first..` at `stride`): one segment as it is; several as one super-packet written with
     /// `writev` straight from the receive buffer. A super-packet the kernel refuses is written
-    /// again segment by segment.
+    /// again segment by segment. Counts what was written as `tun_tx`.
     fn write_run(
         &mut self,
         tun: &SyncDevice,
@@ -616,6 +626,8 @@ impl TunWriter {
             }
             match tun.send_vectored(&iovs[..run.count + 1]) {
                 Ok(_) => {
+                    local.tun_tx_packets += run.count as u64;
+                    local.tun_tx_bytes += (run.count * run.head.header_len + run.payload) as u64;
                     if run.head.udp {
                         local.tun_tx_uso += 1;
                     } else {
@@ -629,7 +641,11 @@ impl TunWriter {
             }
         }
         for j in segments {
-            self.write_one(tun, run.segment(buf, stride, j), local)?;
+            let pkt = run.segment(buf, stride, j);
+            if self.write_one(tun, pkt, local)? {
+                local.tun_tx_packets += 1;
+                local.tun_tx_bytes += pkt.len() as u64;
+            }
         }
         Ok(())
     }
