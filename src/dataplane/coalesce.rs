@@ -46,15 +46,16 @@ pub const VNET_HDR_LEN: usize = 10;
 /// Largest header `write_header` produces: virtio-net + IPv6 + TCP with 40 bytes of options.
 pub const MAX_HEADER: usize = VNET_HDR_LEN + 40 + 60;
 
-/// The segment's coalescing facts, or `None` when it cannot take part: IPv4 with options,
-/// IPv6 with extension headers, a fragment, no payload, TCP with flags other than ACK (and
-/// PSH), UDP with a length field that disagrees with the IP header or, over IPv4, no checksum
+/// The segment's coalescing facts, or `None` when it cannot take part: IPv4 with options or
+/// without DF (Linux GRO would want its IDs to count up; a super-packet cannot say so), IPv6
+/// with extension headers, a fragment, no payload, TCP with flags other than ACK (and PSH) or
+/// with AE or reserved bits (AccECN feedback would be lost: the head's bits go to all), UDP with a length field that disagrees with the IP header or, over IPv4, no checksum
 /// (coalescing would give it one), or UDP at all when `udp` is false (the device has no USO).
 pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
     let (v6, ip_len, total, proto) = match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 && pkt[0] == 0x45 => {
-            // MF or a fragment offset: not a whole segment.
-            if u16::from_be_bytes([pkt[6], pkt[7]]) & 0x3fff != 0 {
+            // MF or a fragment offset (not a whole segment), or no DF.
+            if u16::from_be_bytes([pkt[6], pkt[7]]) & 0x7fff != 0x4000 {
                 return None;
             }
             (
@@ -78,7 +79,11 @@ pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
         TCP if l4.len() >= 20 => {
             let tcp_len = usize::from(l4[12] >> 4) * 4;
             let flags = l4[13];
-            if tcp_len < 20 || tcp_len >= l4.len() || flags & !(ACK | PSH) != 0 || flags & ACK == 0
+            if tcp_len < 20
+                || tcp_len >= l4.len()
+                || l4[12] & 0x0f != 0
+                || flags & !(ACK | PSH) != 0
+                || flags & ACK == 0
             {
                 return None;
             }
@@ -440,6 +445,18 @@ mod test {
         let mut frag = seg(1, 10, ACK);
         frag[6] = 0x20;
         assert!(classify_tcp(&frag).is_none());
+        // Nor IPv4 without DF, or TCP with the AccECN AE bit or a reserved bit set.
+        let mut no_df = seg(1, 10, ACK);
+        no_df[6] = 0;
+        assert!(classify_tcp(&no_df).is_none());
+        for bit in [0x01, 0x02, 0x08] {
+            let mut ae = seg(1, 10, ACK);
+            ae[32] |= bit;
+            assert!(classify_tcp(&ae).is_none(), "{bit:#x}");
+        }
+        let mut ae6 = seg6(1, 10, ACK);
+        ae6[52] |= 0x01;
+        assert!(classify_tcp(&ae6).is_none());
     }
 
     /// An IPv6/TCP segment with the timestamp option.
