@@ -68,7 +68,10 @@ impl SubnetKey {
     }
 
     /// Parses a key, or a full registry path ending in one (`/coreos.com/network/subnets/…`):
-    /// only the text after the last `/` is read, as flannel's unanchored regex does.
+    /// only the text after the last `/` is read. Stricter than flannel at the start: flannel's
+    /// regex is anchored only at the end, so it also reads `x10.12.13.0-24` as 10.12.13.0/24,
+    /// where linen refuses the key (and a registry skips it with a warning). Neither writes
+    /// such keys; only a hand-made one differs.
     pub fn parse(text: &str) -> Result<SubnetKey, SubnetKeyError> {
         let name = text.rsplit('/').next().unwrap_or(text);
         let bad = || SubnetKeyError::Malformed(text.to_owned());
@@ -221,6 +224,9 @@ mod test {
             "10.12.13.0-+24",
             "",
             "0.0.0.0-0",
+            // flannel reads these as 10.12.13.0/24 (its regex is not anchored at the start).
+            "x10.12.13.0-24",
+            "1.10.12.13.0-24",
         ] {
             assert!(SubnetKey::parse(text).is_err(), "{text:?} must be rejected");
         }
