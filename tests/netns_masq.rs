@@ -109,15 +109,22 @@ fn has_jump(h: &Host, program: &str) -> bool {
         .any(|l| l.starts_with("-A POSTROUTING") && l.contains("-j LINEN-POSTRTG"))
 }
 
-fn start(lab: &mut Lab, i: usize, dir: &Path, notify: Option<&Path>) -> (u32, PathBuf, PathBuf) {
+fn start(
+    lab: &mut Lab,
+    i: usize,
+    dir: &Path,
+    notify: Option<&Path>,
+    flags: &[&str],
+) -> (u32, PathBuf, PathBuf) {
     let host = lab.host(i).clone();
     let env = dir.join(format!("h{}.env", i + 1));
     let log = dir.join(format!("h{}.log", i + 1));
     let mut cmd = host.command(LINEN);
-    cmd.args(["run", "--ip-masq", "--iface", "eth0", "--registry-dir"])
+    cmd.args(["run", "--iface", "eth0", "--registry-dir"])
         .arg(dir)
         .arg("--subnet-file")
         .arg(&env)
+        .args(flags)
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
     if let Some(socket) = notify {
@@ -159,14 +166,14 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
     let outside = lab.add_outside(0).unwrap();
     let dir = tempfile::tempdir().unwrap();
     common::network_init(dir.path());
-    let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None);
+    let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None, &["--ip-masq"]);
     // Host 2 reports to a systemd-style notify socket: READY=1 only once subnet.env exists.
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
-    let (pid2, env2, log2) = start(&mut lab, 1, dir.path(), Some(&notify_path));
+    let (pid2, env2, log2) = start(&mut lab, 1, dir.path(), Some(&notify_path), &["--ip-masq"]);
     let mut buf = [0u8; 64];
     let n = notify.recv(&mut buf).expect("no READY=1 from linen run");
     assert_eq!(&buf[..n], b"READY=1");
@@ -314,4 +321,140 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
         !answered,
         "outside answered an unmasqueraded overlay source"
     );
+}
+
+fn filter_rules(h: &Host, program: &str) -> String {
+    h.run_ok(program, &["-w", "5", "-t", "filter", "-S"])
+        .unwrap()
+}
+
+/// Whether `program` holds linen's two FORWARD accept rules for the network and the jump.
+fn forward_rules_there(h: &Host, program: &str) -> bool {
+    let rules = filter_rules(h, program);
+    let accepts = rules
+        .lines()
+        .filter(|l| {
+            l.starts_with("-A LINEN-FWD") && l.contains("linen forward") && l.ends_with("-j ACCEPT")
+        })
+        .count();
+    accepts == 2
+        && rules
+            .lines()
+            .any(|l| l.starts_with("-A FORWARD") && l.contains("-j LINEN-FWD"))
+}
+
+/// A host whose FORWARD policy is DROP (as Docker leaves it) forwards between a container and
+/// the overlay only thanks to linen's FORWARD accept rules, which are on by default (flannel's
+/// `-iptables-forward-rules`), gone after SIGTERM, and absent with `=false`.
+#[test]
+fn forward_rules_let_a_container_reach_the_overlay_under_a_drop_policy() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("lnfwd", 2, 1500).unwrap();
+    // The "container": a namespace behind host 1's `out0`, addressed from host 1's lease below.
+    let container = lab.add_outside(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::network_init(dir.path());
+    let (h1, h2) = (lab.host(0).clone(), lab.host(1).clone());
+    h1.run_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    h1.run_ok("iptables", &["-w", "5", "-P", "FORWARD", "DROP"])
+        .unwrap();
+    let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None, &[]);
+    let (pid2, env2, log2) = start(&mut lab, 1, dir.path(), None, &[]);
+    let (e1, e2) = (read_env(&env1, &log1), read_env(&env2, &log2));
+    let there = || {
+        ["iptables", "ip6tables"]
+            .iter()
+            .all(|p| forward_rules_there(&h1, p))
+            .then_some(())
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), there).is_some(),
+        "{}\n{}",
+        filter_rules(&h1, "iptables"),
+        std::fs::read_to_string(&log1).unwrap_or_default()
+    );
+    assert!(filter_rules(&h1, "iptables").contains("-s 198.19.0.0/16 -m comment"));
+
+    // The container's gateway is host 1's `out0`, with the lease's first address; the peer
+    // answers from its bridge address.
+    let gateway = e1.subnet.unwrap();
+    let net = gateway.network().octets();
+    let inside = format!("{}.{}.{}.5", net[0], net[1], net[2]);
+    h1.ip(&["addr", "add", &gateway.to_string(), "dev", "out0"])
+        .unwrap();
+    container
+        .ip(&["addr", "add", &format!("{inside}/24"), "dev", "eth0"])
+        .unwrap();
+    container
+        .ip(&[
+            "route",
+            "add",
+            "198.19.0.0/16",
+            "via",
+            &gateway.ip().to_string(),
+        ])
+        .unwrap();
+    let (b2, _) = bridge(&h2, &e2);
+    let ping = || {
+        container
+            .run("ping", &["-c1", "-W1", &b2])
+            .is_ok_and(|o| o.status.success())
+    };
+    assert!(
+        wait_for(Duration::from_secs(10), || ping().then_some(())).is_some(),
+        "the container cannot reach the overlay through host 1\n{}",
+        filter_rules(&h1, "iptables")
+    );
+
+    // SIGTERM removes the chain and the jump, in both families.
+    let status = lab.stop(pid1, Duration::from_secs(10));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{}",
+        std::fs::read_to_string(&log1).unwrap_or_default()
+    );
+    for p in ["iptables", "ip6tables"] {
+        let rules = filter_rules(&h1, p);
+        assert!(
+            !rules.contains("LINEN"),
+            "{p} still has linen rules:\n{rules}"
+        );
+    }
+
+    // Without the rules the policy drops the container's traffic, while host 1 itself (its
+    // own traffic does not cross FORWARD) still reaches the peer: the test above could fail.
+    let (pid1, _, log1) = start(
+        &mut lab,
+        0,
+        dir.path(),
+        None,
+        &["--iptables-forward-rules=false"],
+    );
+    let own = wait_for(Duration::from_secs(10), || {
+        h1.run(
+            "ping",
+            &["-c1", "-W1", "-I", &gateway.ip().to_string(), &b2],
+        )
+        .ok()
+        .filter(|o| o.status.success())
+    });
+    assert!(
+        own.is_some(),
+        "{}",
+        std::fs::read_to_string(&log1).unwrap_or_default()
+    );
+    assert!(!filter_rules(&h1, "iptables").contains("LINEN"));
+    assert!(
+        !ping(),
+        "the container got through a DROP policy without the rules"
+    );
+    for pid in [pid1, pid2] {
+        assert!(
+            lab.stop(pid, Duration::from_secs(10))
+                .is_some_and(|s| s.success())
+        );
+    }
 }

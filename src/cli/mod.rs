@@ -131,6 +131,15 @@ pub struct RunArgs {
     /// host's address. Re-checked every 5 s, removed on shutdown.
     #[arg(long, env = "LINEN_IP_MASQ")]
     pub ip_masq: bool,
+    /// Install flannel's FORWARD accept rules for the overlay network (iptables chain LINEN-FWD
+    /// in table filter, jumped to from FORWARD; ip6tables too when the network has IPv6), so
+    /// that a host whose FORWARD policy is DROP (Docker sets it) still forwards between its
+    /// containers and the overlay. On by default, as in flannel; `--iptables-forward-rules=false`
+    /// turns them off. Without the iptables command linen warns and runs without them.
+    #[arg(long, env = "LINEN_IPTABLES_FORWARD_RULES", value_name = "BOOL",
+          default_value_t = true, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set)]
+    pub iptables_forward_rules: bool,
     /// Microseconds a worker keeps polling after traffic before it sleeps (0: sleep at once).
     /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM): on
     /// 2 cores, 100 cut ping from 244 to 173 µs but TCP throughput from 5.0 to 3.8 Gbit/s.

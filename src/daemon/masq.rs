@@ -1,16 +1,25 @@
-//! `--ip-masq`: flannel's masquerade rules (flannel HEAD, see flannel-compat.md §e), through the
-//! `iptables` and `ip6tables` commands. N is the cluster network, L this host's lease. Chain
-//! `LINEN-POSTRTG` in table nat, jumped to from the end of POSTROUTING, holds in this order:
+//! flannel's iptables rules (flannel HEAD, see flannel-compat.md §e), through the `iptables` and
+//! `ip6tables` commands. N is the cluster network, L this host's lease.
+//!
+//! `--ip-masq`, the masquerade rules: chain `LINEN-POSTRTG` in table nat, jumped to from the end
+//! of POSTROUTING, holds in this order:
 //!
 //! 1. `-m mark --mark 0x4000/0x4000 -j RETURN` (already marked by kube-proxy)
 //! 2. `-s L -d N -j RETURN`, 3. `-s N -d L -j RETURN`, 4. `! -s N -d L -j RETURN`
 //! 5. `-s N ! -d 224.0.0.0/4 -j MASQUERADE` (IPv6: `ff00::/8`), 6. `! -s N -d N -j MASQUERADE`
 //!
 //! every rule with the comment "linen masq", MASQUERADE with `--random-fully` when iptables
-//! supports it (≥ 1.6.2, flannel's test). Like flannel's `-iptables-resync`, the rules are checked
-//! every 5 s and, when one is missing, the chain is flushed and rebuilt in order; the chain is
-//! linen's alone, so rebuilding it also drops rules of an older lease or network. The jump and
-//! the chain are removed on shutdown.
+//! supports it (≥ 1.6.2, flannel's test).
+//!
+//! `--iptables-forward-rules` (on by default, as flannel's `-iptables-forward-rules`), the
+//! FORWARD accept rules: chain `LINEN-FWD` in table filter, jumped to from the end of FORWARD,
+//! holds `-s N -j ACCEPT` and `-d N -j ACCEPT` with the comment "linen forward", so that a host
+//! whose FORWARD policy is DROP (Docker sets it) still forwards between its containers and the
+//! overlay. Without the `iptables` command these are skipped with a warning.
+//!
+//! Like flannel's `-iptables-resync`, the rules are checked every 5 s and, when one is missing,
+//! the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
+//! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
 
 use std::process::{Command, Output, Stdio};
 use std::time::Duration;
@@ -26,12 +35,55 @@ use crate::model::{NetworkConfig, SubnetKey};
 
 /// The chain linen owns in table nat.
 pub const CHAIN: &str = "LINEN-POSTRTG";
-/// The comment on every rule linen adds.
+/// The comment on every masquerade rule linen adds.
 pub const COMMENT: &str = "linen masq";
+/// The chain linen owns in table filter.
+pub const FORWARD_CHAIN: &str = "LINEN-FWD";
+/// The comment on every FORWARD rule linen adds.
+pub const FORWARD_COMMENT: &str = "linen forward";
 /// How often the rules are checked (flannel's `-iptables-resync` default).
 pub const RESYNC: Duration = Duration::from_secs(5);
 /// kube-proxy's masquerade mark: traffic it marked is left alone.
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+
+/// What a chain of rules is for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Purpose {
+    /// `--ip-masq`: [`CHAIN`] in table nat, jumped to from POSTROUTING.
+    Masquerade,
+    /// `--iptables-forward-rules`: [`FORWARD_CHAIN`] in table filter, jumped to from FORWARD.
+    Forward,
+}
+
+impl Purpose {
+    fn table(self) -> &'static str {
+        match self {
+            Purpose::Masquerade => "nat",
+            Purpose::Forward => "filter",
+        }
+    }
+
+    fn chain(self) -> &'static str {
+        match self {
+            Purpose::Masquerade => CHAIN,
+            Purpose::Forward => FORWARD_CHAIN,
+        }
+    }
+
+    fn hook(self) -> &'static str {
+        match self {
+            Purpose::Masquerade => "POSTROUTING",
+            Purpose::Forward => "FORWARD",
+        }
+    }
+
+    fn comment(self) -> &'static str {
+        match self {
+            Purpose::Masquerade => COMMENT,
+            Purpose::Forward => FORWARD_COMMENT,
+        }
+    }
+}
 
 /// IPv4 (`iptables`) or IPv6 (`ip6tables`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,11 +138,40 @@ pub fn chain_rules(
     ]
 }
 
-/// The POSTROUTING rule that jumps to [`CHAIN`].
-pub fn jump_rule() -> Vec<String> {
-    ["-m", "comment", "--comment", COMMENT, "-j", CHAIN]
-        .map(str::to_owned)
+/// The rules of [`FORWARD_CHAIN`] for network `n`, in order, each as the arguments that follow
+/// `-A LINEN-FWD`.
+pub fn forward_rules(n: IpNetwork) -> Vec<Vec<String>> {
+    let n = n.to_string();
+    ["-s", "-d"]
+        .map(|dir| {
+            [
+                dir,
+                &n,
+                "-m",
+                "comment",
+                "--comment",
+                FORWARD_COMMENT,
+                "-j",
+                "ACCEPT",
+            ]
+            .map(str::to_owned)
+            .to_vec()
+        })
         .to_vec()
+}
+
+/// The rule in POSTROUTING (masquerade) or FORWARD that jumps to the purpose's chain.
+pub fn jump_rule(purpose: Purpose) -> Vec<String> {
+    [
+        "-m",
+        "comment",
+        "--comment",
+        purpose.comment(),
+        "-j",
+        purpose.chain(),
+    ]
+    .map(str::to_owned)
+    .to_vec()
 }
 
 /// Whether an `iptables --version` line names a version with `--random-fully` (≥ 1.6.2).
@@ -110,16 +191,39 @@ pub fn supports_random_fully(version_line: &str) -> bool {
     (major, minor, patch) >= (1, 6, 2)
 }
 
-/// One family's rule set.
+/// One family's rules for one purpose: the contents of one chain.
 #[derive(Clone, Debug)]
 struct RuleSet {
     family: Family,
+    purpose: Purpose,
     network: IpNetwork,
     random_fully: bool,
     rules: Vec<Vec<String>>,
 }
 
-/// The masquerade rules of this host, for every family the network and the lease have.
+impl RuleSet {
+    fn masquerade(family: Family, network: IpNetwork, own: IpNetwork, random_fully: bool) -> Self {
+        RuleSet {
+            family,
+            purpose: Purpose::Masquerade,
+            network,
+            random_fully,
+            rules: chain_rules(family, network, own, random_fully),
+        }
+    }
+
+    fn forward(family: Family, network: IpNetwork) -> Self {
+        RuleSet {
+            family,
+            purpose: Purpose::Forward,
+            network,
+            random_fully: false,
+            rules: forward_rules(network),
+        }
+    }
+}
+
+/// This host's iptables rules, for every family the network and the lease have.
 #[derive(Clone, Debug)]
 pub struct Masq {
     sets: Vec<RuleSet>,
@@ -128,8 +232,21 @@ pub struct Masq {
 
 impl Masq {
     /// Probes `iptables` (and `ip6tables` when the lease has an IPv6 subnet) and computes the
-    /// rules; installs nothing yet.
-    pub fn new(config: &NetworkConfig, lease: &SubnetKey) -> Result<Masq> {
+    /// masquerade rules when `masquerade`, the FORWARD rules when `forward`; installs nothing
+    /// yet. A missing command is an error for the masquerade rules, which were asked for, and a
+    /// warning for the FORWARD rules, which are on by default.
+    pub fn new(
+        config: &NetworkConfig,
+        lease: &SubnetKey,
+        masquerade: bool,
+        forward: bool,
+    ) -> Result<Masq> {
+        if config.enable_nftables {
+            tracing::warn!(
+                "the network config sets EnableNFTables, but linen writes its rules with the \
+                 iptables commands (which, as iptables-nft, keep them in nftables too)"
+            );
+        }
         let mut sets = Vec::new();
         let pairs = [
             (
@@ -147,29 +264,41 @@ impl Masq {
             let (Some(network), Some(own)) = (network, own) else {
                 continue;
             };
-            let out = Command::new(family.program())
+            let out = match Command::new(family.program())
                 .arg("--version")
                 .stdin(Stdio::null())
                 .output()
-                .with_context(|| {
-                    format!(
-                        "--ip-masq needs the `{}` command; install it (Debian: apt-get install \
-                         iptables) or drop --ip-masq",
-                        family.program()
-                    )
-                })?;
+            {
+                Ok(out) => out,
+                Err(e) if masquerade => {
+                    return Err(e).with_context(|| {
+                        format!(
+                            "--ip-masq needs the `{}` command; install it (Debian: apt-get \
+                             install iptables) or drop --ip-masq",
+                            family.program()
+                        )
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(program = family.program(), error = %e,
+                        "cannot run the command for the FORWARD accept rules; running without \
+                         them (a FORWARD policy of DROP will block containers from the overlay). \
+                         Install iptables, or pass --iptables-forward-rules=false to silence this");
+                    continue;
+                }
+            };
             let version = String::from_utf8_lossy(&out.stdout);
             let random_fully = supports_random_fully(&version);
             tracing::debug!(program = family.program(), version = %version.trim(), random_fully,
-                "masquerade rules through");
-            sets.push(RuleSet {
-                family,
-                network,
-                random_fully,
-                rules: chain_rules(family, network, own, random_fully),
-            });
+                "iptables rules through");
+            if forward {
+                sets.push(RuleSet::forward(family, network));
+            }
+            if masquerade {
+                sets.push(RuleSet::masquerade(family, network, own, random_fully));
+            }
         }
-        if sets.is_empty() {
+        if masquerade && sets.iter().all(|s| s.purpose != Purpose::Masquerade) {
             bail!("--ip-masq: the lease {lease} has no subnet of the configured network");
         }
         Ok(Masq {
@@ -188,9 +317,11 @@ impl Masq {
                     Family::V4 => lease.ipv4().map(IpNetwork::V4),
                     Family::V6 => lease.ipv6().map(IpNetwork::V6),
                 }?;
-                Some(RuleSet {
-                    rules: chain_rules(s.family, s.network, own, s.random_fully),
-                    ..s.clone()
+                Some(match s.purpose {
+                    Purpose::Masquerade => {
+                        RuleSet::masquerade(s.family, s.network, own, s.random_fully)
+                    }
+                    Purpose::Forward => s.clone(),
                 })
             })
             .collect();
@@ -209,96 +340,127 @@ impl Masq {
         Ok(changed)
     }
 
-    /// Removes the jump and the chain (errors are logged: this runs on the way out).
+    /// Removes the jumps and the chains (errors are logged: this runs on the way out).
     pub fn remove(&self) {
         for set in &self.sets {
-            let p = set.family.program();
-            // The jump may have been added more than once by hand; remove every copy.
-            for _ in 0..8 {
-                if !nat(p, "-D", "POSTROUTING", &jump_rule()).is_ok_and(|o| o.status.success()) {
-                    break;
-                }
-            }
-            for op in ["-F", "-X"] {
-                match nat(p, op, CHAIN, &[]) {
-                    Ok(o) if o.status.success() => {}
-                    Ok(o) => tracing::warn!(program = p, op, chain = CHAIN,
-                        error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove masquerade chain"),
-                    Err(e) => {
-                        tracing::warn!(program = p, error = %e, "cannot remove masquerade chain")
-                    }
-                }
-            }
+            remove_set(set);
         }
     }
 }
 
-/// Runs `<program> -w 5 -t nat <op> <chain> <args…>`.
-fn nat(program: &str, op: &str, chain: &str, args: &[String]) -> Result<Output> {
+fn remove_set(set: &RuleSet) {
+    let (p, purpose) = (set.family.program(), set.purpose);
+    let chain = purpose.chain();
+    // The jump may have been added more than once by hand; remove every copy.
+    for _ in 0..8 {
+        if !ipt(p, purpose, "-D", purpose.hook(), &jump_rule(purpose))
+            .is_ok_and(|o| o.status.success())
+        {
+            break;
+        }
+    }
+    for op in ["-F", "-X"] {
+        match ipt(p, purpose, op, chain, &[]) {
+            Ok(o) if o.status.success() => {}
+            Ok(o) => tracing::warn!(program = p, op, chain,
+                error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove chain"),
+            Err(e) => tracing::warn!(program = p, chain, error = %e, "cannot remove chain"),
+        }
+    }
+}
+
+/// Runs `<program> -w 5 -t <table> <op> <chain> <args…>` in the purpose's table.
+fn ipt(program: &str, purpose: Purpose, op: &str, chain: &str, args: &[String]) -> Result<Output> {
     Command::new(program)
-        .args(["-w", "5", "-t", "nat", op, chain])
+        .args(["-w", "5", "-t", purpose.table(), op, chain])
         .args(args)
         .stdin(Stdio::null())
         .output()
         .with_context(|| format!("running {program}"))
 }
 
-/// Like [`nat`] but fails with iptables' message unless it exits 0.
-fn nat_ok(program: &str, op: &str, chain: &str, args: &[String]) -> Result<()> {
-    let out = nat(program, op, chain, args)?;
+/// Like [`ipt`] but fails with iptables' message unless it exits 0.
+fn ipt_ok(program: &str, purpose: Purpose, op: &str, chain: &str, args: &[String]) -> Result<()> {
+    let out = ipt(program, purpose, op, chain, args)?;
     if out.status.success() {
         return Ok(());
     }
     Err(anyhow!(
-        "`{program} -t nat {op} {chain} {}` failed: {}",
+        "`{program} -t {} {op} {chain} {}` failed: {}",
+        purpose.table(),
         args.join(" "),
         String::from_utf8_lossy(&out.stderr).trim()
     ))
 }
 
-fn exists(program: &str, chain: &str, rule: &[String]) -> Result<bool> {
-    Ok(nat(program, "-C", chain, rule)?.status.success())
+fn exists(program: &str, purpose: Purpose, chain: &str, rule: &[String]) -> Result<bool> {
+    Ok(ipt(program, purpose, "-C", chain, rule)?.status.success())
 }
 
 fn ensure_set(set: &RuleSet) -> Result<bool> {
-    let p = set.family.program();
+    let (p, purpose) = (set.family.program(), set.purpose);
+    let chain = purpose.chain();
     let mut changed = false;
-    if !nat(p, "-S", CHAIN, &[])?.status.success() {
-        nat_ok(p, "-N", CHAIN, &[])?;
+    if !ipt(p, purpose, "-S", chain, &[])?.status.success() {
+        ipt_ok(p, purpose, "-N", chain, &[])?;
         changed = true;
     }
     let mut complete = true;
     for rule in &set.rules {
-        if !exists(p, CHAIN, rule)? {
+        if !exists(p, purpose, chain, rule)? {
             complete = false;
             break;
         }
     }
     if !complete {
         // Rebuild in order (flannel deletes and re-adds all when one is missing).
-        nat_ok(p, "-F", CHAIN, &[])?;
+        ipt_ok(p, purpose, "-F", chain, &[])?;
         for rule in &set.rules {
-            nat_ok(p, "-A", CHAIN, rule)?;
+            ipt_ok(p, purpose, "-A", chain, rule)?;
         }
         changed = true;
     }
-    if !exists(p, "POSTROUTING", &jump_rule())? {
-        nat_ok(p, "-A", "POSTROUTING", &jump_rule())?;
+    let jump = jump_rule(purpose);
+    if !exists(p, purpose, purpose.hook(), &jump)? {
+        ipt_ok(p, purpose, "-A", purpose.hook(), &jump)?;
         changed = true;
     }
     Ok(changed)
 }
 
-/// Installs the rules for `lease` (on a blocking thread); on failure removes what was added.
-pub async fn install(config: &NetworkConfig, lease: &SubnetKey) -> Result<Masq> {
+/// Installs the rules for `lease` (on a blocking thread): the masquerade rules when
+/// `masquerade` (a failure is an error, and removes what was added), the FORWARD rules when
+/// `forward` (a failure is a warning, and linen runs without them). `None` when nothing is left
+/// to keep in place.
+pub async fn install(
+    config: &NetworkConfig,
+    lease: &SubnetKey,
+    masquerade: bool,
+    forward: bool,
+) -> Result<Option<Masq>> {
     let (config, lease) = (config.clone(), *lease);
     tokio::task::spawn_blocking(move || {
-        let masq = Masq::new(&config, &lease)?;
-        if let Err(e) = masq.ensure() {
-            masq.remove();
-            return Err(e.context("installing the --ip-masq rules"));
+        let mut masq = Masq::new(&config, &lease, masquerade, forward)?;
+        let mut kept = Vec::new();
+        for set in std::mem::take(&mut masq.sets) {
+            match ensure_set(&set) {
+                Ok(_) => kept.push(set),
+                Err(e) if set.purpose == Purpose::Forward => {
+                    tracing::warn!(error = %format!("{e:#}"), program = set.family.program(),
+                        "cannot install the FORWARD accept rules; running without them (pass \
+                         --iptables-forward-rules=false to silence this)");
+                    remove_set(&set);
+                }
+                Err(e) => {
+                    for s in kept.iter().chain([&set]) {
+                        remove_set(s);
+                    }
+                    return Err(e.context("installing the --ip-masq rules"));
+                }
+            }
         }
-        Ok(masq)
+        masq.sets = kept;
+        Ok((!masq.sets.is_empty()).then_some(masq))
     })
     .await?
 }
@@ -327,7 +489,7 @@ pub fn spawn_resync(
                     let own = state.borrow_and_update().own.as_ref().map(|l| l.key);
                     match own {
                         Some(key) if key != masq.lease => {
-                            tracing::info!(subnet = %key, "lease changed; rebuilding masquerade rules");
+                            tracing::info!(subnet = %key, "lease changed; rebuilding iptables rules");
                             masq = masq.for_lease(&key);
                         }
                         _ => continue,
@@ -336,19 +498,17 @@ pub fn spawn_resync(
             }
             let m = masq.clone();
             match tokio::task::spawn_blocking(move || m.ensure()).await {
-                Ok(Ok(true)) => {
-                    tracing::warn!(chain = CHAIN, "masquerade rules were missing; re-added")
-                }
+                Ok(Ok(true)) => tracing::warn!("iptables rules were missing; re-added"),
                 Ok(Ok(false)) => {}
                 Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot restore masquerade rules")
+                    tracing::error!(error = %format!("{e:#}"), "cannot restore iptables rules")
                 }
-                Err(e) => tracing::error!(error = %e, "masquerade check panicked"),
+                Err(e) => tracing::error!(error = %e, "iptables check panicked"),
             }
         }
         let m = masq.clone();
         let _ = tokio::task::spawn_blocking(move || m.remove()).await;
-        tracing::info!(chain = CHAIN, "masquerade rules removed");
+        tracing::info!("iptables rules removed");
     })
 }
 
@@ -405,20 +565,41 @@ mod tests {
 
     #[test]
     fn a_new_lease_gets_new_rules_for_the_same_network() {
-        let set = RuleSet {
-            family: Family::V4,
-            network: v4("198.19.0.0/16"),
-            random_fully: false,
-            rules: chain_rules(Family::V4, v4("198.19.0.0/16"), v4("198.19.7.0/24"), false),
-        };
+        let set = RuleSet::masquerade(Family::V4, v4("198.19.0.0/16"), v4("198.19.7.0/24"), false);
         let old = SubnetKey::parse("198.19.7.0-24").unwrap();
         let masq = Masq {
-            sets: vec![set],
+            sets: vec![RuleSet::forward(Family::V4, v4("198.19.0.0/16")), set],
             lease: old,
         };
         let new = SubnetKey::parse("198.19.9.0-24").unwrap();
         let moved = masq.for_lease(&new);
         assert_eq!(moved.lease, new);
-        assert!(moved.sets[0].rules[1].contains(&"198.19.9.0/24".to_owned()));
+        assert!(moved.sets[1].rules[1].contains(&"198.19.9.0/24".to_owned()));
+        // The FORWARD rules name only the network: unchanged.
+        assert_eq!(moved.sets[0].rules, masq.sets[0].rules);
+    }
+
+    #[test]
+    fn forward_rules_are_flannels_accepts_for_the_network() {
+        let text: Vec<String> = forward_rules(v4("198.19.0.0/16"))
+            .iter()
+            .map(|r| r.join(" "))
+            .collect();
+        let c = "-m comment --comment linen forward";
+        assert_eq!(
+            text,
+            [
+                format!("-s 198.19.0.0/16 {c} -j ACCEPT"),
+                format!("-d 198.19.0.0/16 {c} -j ACCEPT"),
+            ]
+        );
+        assert_eq!(
+            jump_rule(Purpose::Forward).join(" "),
+            format!("{c} -j LINEN-FWD")
+        );
+        assert_eq!(
+            (Purpose::Forward.table(), Purpose::Forward.hook()),
+            ("filter", "FORWARD")
+        );
     }
 }
