@@ -405,6 +405,31 @@ fn a_small_mss_flow_is_not_dropped_at_the_segment_limit() {
     assert_eq!(counter(&log, "malformed"), 0, "{log}");
 }
 
+/// A host that advertises a secondary address of its interface (`--public-ip`) sends from it:
+/// peers accept datagrams only from the advertised address, and the kernel would pick the
+/// primary one.
+#[test]
+fn datagrams_leave_from_the_advertised_address() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnsrc", 2);
+    let h1 = o.lab.host(0).clone();
+    let o1 = h1.ip.octets();
+    let secondary = format!("{}.{}.{}.101", o1[0], o1[1], o1[2]);
+    h1.ip(&["addr", "add", &format!("{secondary}/24"), "dev", "eth0"])
+        .unwrap();
+    o.start(0, &["--public-ip", &secondary]);
+    o.start(1, &[]);
+    let (a1, _) = o.addrs(0);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]), "host 1 -> host 2");
+    assert!(o.ping_ok(1, &a1, &[]), "host 2 -> host 1");
+    let (status, log) = o.stop(1);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(counter(&log, "unknown_sender"), 0, "{log}");
+}
+
 #[test]
 fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
     if skip() {

@@ -22,7 +22,7 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::cli::RunArgs;
 use crate::dataplane::io::{
-    TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
+    Source, TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
 };
 use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerMonitor, WorkerSetup};
 use crate::lease::Registry;
@@ -174,10 +174,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .await?;
 
     let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
+    // Datagrams leave from the advertised addresses when they are local: peers accept only
+    // those (an address behind NAT is left to the kernel, and to --accept-unknown-senders).
+    let source = Source::local(public_ip, public_ipv6);
+    tracing::debug!(?source, "datagram source addresses");
     let mut handles = Vec::with_capacity(workers);
     for (id, queue) in tun.queues.into_iter().enumerate() {
-        let udp = open_udp(config.backend.port, args.socket_buffer)
+        let mut udp = open_udp(config.backend.port, args.socket_buffer)
             .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;
+        udp.source = source;
         if id == 0
             && workers > 1
             && let Err(e) = steer_by_source_port(&udp, config.backend.port, workers)
@@ -189,8 +194,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
         // peer receives each of our workers' flows on one of its workers and answers from the
         // matching one (dataplane::steer); one worker sends from the overlay port, as flannel.
         let tx = if workers > 1 && !args.fixed_source_port {
-            let (ep, classed) = open_udp_send(id, args.socket_buffer, udp.dual_stack)
+            let (mut ep, classed) = open_udp_send(id, args.socket_buffer, udp.dual_stack)
                 .with_context(|| format!("opening a send socket for worker {id}"))?;
+            ep.source = source;
             if !classed {
                 tracing::warn!(
                     worker = id,

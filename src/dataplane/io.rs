@@ -11,7 +11,7 @@
 //! Must not import tokio, `lease` or `daemon`.
 
 use std::io;
-use std::net::{Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
 use std::os::fd::AsFd;
 
 use socket2::{Domain, Protocol, Socket, Type};
@@ -84,6 +84,41 @@ pub struct UdpEndpoint {
     pub socket: UdpSocket,
     /// Whether it is an IPv6 dual-stack socket (IPv4 peers must be addressed as mapped).
     pub dual_stack: bool,
+    /// The source address of every datagram sent, per family; `None`: the kernel's choice.
+    pub source: Source,
+}
+
+/// The source addresses datagrams leave from. Peers accept a datagram only from the address
+/// this host advertises in its lease; when that address is local, sending from it keeps a
+/// host whose advertised address is not the kernel's choice (a secondary address, another
+/// interface's) from being dropped as an unknown sender.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Source {
+    /// For IPv4 peers.
+    pub v4: Option<Ipv4Addr>,
+    /// For IPv6 peers.
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl Source {
+    /// The advertised addresses that are local (a socket can bind them); others (an address
+    /// behind NAT) are left to the kernel.
+    pub fn local(v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Source {
+        let bindable = |ip: IpAddr| UdpSocket::bind((ip, 0)).is_ok();
+        Source {
+            v4: v4.filter(|ip| bindable(IpAddr::V4(*ip))),
+            v6: v6.filter(|ip| bindable(IpAddr::V6(*ip))),
+        }
+    }
+
+    /// The source for a datagram to `peer`.
+    #[inline]
+    pub fn for_peer(&self, peer: SocketAddr) -> Option<IpAddr> {
+        match peer {
+            SocketAddr::V4(_) => self.v4.map(IpAddr::V4),
+            SocketAddr::V6(_) => self.v6.map(IpAddr::V6),
+        }
+    }
 }
 
 /// Opens one UDP socket bound to `port` on all addresses, with `SO_REUSEPORT` so every worker
@@ -220,6 +255,7 @@ fn finish(socket: Socket, dual_stack: bool, buffer_bytes: usize) -> io::Result<U
     sys::set_socket_buffers(socket.as_fd(), buffer_bytes);
     socket.set_nonblocking(true)?;
     Ok(UdpEndpoint {
+        source: Source::default(),
         socket: socket.into(),
         dual_stack,
     })
@@ -240,6 +276,20 @@ pub fn socket_addr_for(peer: SocketAddr, dual_stack: bool) -> SocketAddr {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn only_local_advertised_addresses_become_sources() {
+        let loopback = Ipv4Addr::LOCALHOST;
+        // TEST-NET-2 is on no interface here: an address behind NAT, say.
+        let remote = Ipv4Addr::new(198, 51, 100, 7);
+        let s = Source::local(Some(loopback), None);
+        assert_eq!(s.v4, Some(loopback));
+        let v4_peer = SocketAddr::from((remote, 8285));
+        let v6_peer = SocketAddr::from((Ipv6Addr::LOCALHOST, 8285));
+        assert_eq!(s.for_peer(v4_peer), Some(IpAddr::V4(loopback)));
+        assert_eq!(s.for_peer(v6_peer), None);
+        assert_eq!(Source::local(Some(remote), None), Source::default());
+    }
 
     #[test]
     fn reserved_port_ranges_parse_and_skip_junk() {

@@ -689,7 +689,7 @@ fn send_gso(
         ecn: None,
         contents: buf,
         segment_size: (n > 1).then_some(seg),
-        src_ip: None,
+        src_ip: udp.source.for_peer(peer),
     };
     match state.try_send(UdpSockRef::from(&udp.socket), &transmit) {
         Ok(()) => {
@@ -706,7 +706,7 @@ fn send_gso(
                     ecn: None,
                     contents: chunk,
                     segment_size: None,
-                    src_ip: None,
+                    src_ip: transmit.src_ip,
                 };
                 match state.try_send(UdpSockRef::from(&udp.socket), &single) {
                     Ok(()) => {
