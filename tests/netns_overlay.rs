@@ -405,6 +405,32 @@ fn a_small_mss_flow_is_not_dropped_at_the_segment_limit() {
     assert_eq!(counter(&log, "malformed"), 0, "{log}");
 }
 
+/// The overlay MTU: flannel's udp default of the underlay's minus 28 on a host without an IPv6
+/// underlay address (FLANNEL_MTU=1472), and `--mtu` (flannel #1011) for both the device and
+/// subnet.env, with a full-size packet crossing unfragmented.
+#[test]
+fn the_mtu_is_flannels_default_or_the_flag() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnmtu", 2);
+    o.lab
+        .host(0)
+        .ip(&["-6", "addr", "flush", "dev", "eth0"])
+        .unwrap();
+    o.start(0, &[]);
+    o.start(1, &["--mtu", "1400"]);
+    assert_eq!(o.env(0).mtu, 1472, "1500 - 28 without an IPv6 underlay");
+    assert_eq!(o.env(1).mtu, 1400, "--mtu");
+    for (i, mtu) in [(0, "mtu 1472 "), (1, "mtu 1400 ")] {
+        let link = o.lab.host(i).ip(&["link", "show", "linen0"]).unwrap();
+        assert!(link.contains(mtu), "{link}");
+    }
+    let (a1, _) = o.addrs(0);
+    // 1372 bytes of ICMP payload + 28 of headers = 1400, with DF.
+    assert!(o.ping_ok(1, &a1, &["-M", "do", "-s", "1372"]));
+}
+
 /// A host that advertises a secondary address of its interface (`--public-ip`) sends from it:
 /// peers accept datagrams only from the advertised address, and the kernel would pick the
 /// primary one.
