@@ -431,6 +431,33 @@ fn the_mtu_is_flannels_default_or_the_flag() {
     assert!(o.ping_ok(1, &a1, &["-M", "do", "-s", "1372"]));
 }
 
+/// A route for the overlay network that already points elsewhere (a leftover of another
+/// overlay, say) is taken over, with a warning naming its device; flannel kept such a route and
+/// forwarded nothing.
+#[test]
+fn an_existing_route_for_the_network_is_taken_over_with_a_warning() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnroute", 2);
+    let h1 = o.lab.host(0).clone();
+    h1.ip(&["link", "add", "old0", "type", "bridge"]).unwrap();
+    h1.ip(&["link", "set", "old0", "up"]).unwrap();
+    h1.ip(&["route", "add", "198.19.0.0/16", "dev", "old0"])
+        .unwrap();
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    let route = h1.ip(&["route", "show", "198.19.0.0/16"]).unwrap();
+    assert!(route.contains("dev linen0"), "{route}");
+    let (_, log) = o.stop(0);
+    assert!(
+        log.contains("replacing an existing route") && log.contains("old0"),
+        "{log}"
+    );
+}
+
 /// A host that advertises a secondary address of its interface (`--public-ip`) sends from it:
 /// peers accept datagrams only from the advertised address, and the kernel would pick the
 /// primary one.

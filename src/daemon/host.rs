@@ -282,12 +282,55 @@ async fn add_route(
     net: IpNetwork,
     dev: &str,
 ) -> Result<()> {
+    let ours = route.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    });
+    if let Some(previous) = other_route_device(handle, net, ours).await {
+        // flannel keeps such a route and silently forwards nothing; linen takes it over.
+        tracing::warn!(network = %net, previous = %previous, device = dev,
+            "replacing an existing route for the overlay network, which pointed elsewhere");
+    }
     match handle.route().add(route).replace().execute().await {
         Ok(()) => Ok(()),
         Err(e) => Err(anyhow!(e)).with_context(|| {
             format!("netlink: routing {net} via {dev} (another route for it may exist)")
         }),
     }
+}
+
+/// The device of a route for exactly `net` that does not go out of interface `ours`, if there is
+/// one (best effort: for a warning, so listing errors count as none).
+async fn other_route_device(handle: &Handle, net: IpNetwork, ours: Option<u32>) -> Option<String> {
+    let query = match net {
+        IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    };
+    let mut stream = handle.route().get(query).execute();
+    while let Ok(Some(msg)) = stream.try_next().await {
+        if msg.header.destination_prefix_length != net.prefix()
+            || !route_matches(&msg.attributes, net)
+        {
+            continue;
+        }
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        });
+        if oif == ours {
+            continue;
+        }
+        let Some(index) = oif else {
+            return Some("no device (a blackhole, unreachable or multipath route)".to_owned());
+        };
+        let name = links(handle)
+            .await
+            .ok()
+            .and_then(|ls| ls.into_iter().find(|l| l.index == index))
+            .map_or_else(|| format!("interface {index}"), |l| l.name);
+        return Some(name);
+    }
+    None
 }
 
 /// Whether a route's destination equals `net` (used by tests and cleanup checks).
