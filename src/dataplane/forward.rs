@@ -77,14 +77,19 @@ impl IcmpLimiter {
         }
     }
 
-    /// Takes a token at time `now`; false when the bucket is empty.
-    pub fn allow(&mut self, now: Instant) -> bool {
+    /// Refills the bucket up to time `now`; whether it holds a token (none is taken).
+    pub fn ready(&mut self, now: Instant) -> bool {
         if let Some(last) = self.last {
             let dt = now.saturating_duration_since(last).as_secs_f64();
             self.tokens = (self.tokens + dt * self.rate).min(self.burst);
         }
         self.last = Some(now);
-        if self.tokens >= 1.0 {
+        self.tokens >= 1.0
+    }
+
+    /// Takes a token at time `now`; false when the bucket is empty.
+    pub fn allow(&mut self, now: Instant) -> bool {
+        if self.ready(now) {
             self.tokens -= 1.0;
             true
         } else {
@@ -223,6 +228,12 @@ fn icmp(
     out: &mut [u8],
     reason: DropReason,
 ) -> Egress {
+    // Asked before building: under a flood, building an error only to drop it would cost a
+    // copy and a checksum per packet. The token is taken only for an error that was built (an
+    // ICMP error is never answered with one, and must not use up the budget).
+    if !limiter.ready(now) {
+        return Egress::Drop(reason);
+    }
     let built = match original.first().map(|b| b >> 4) {
         Some(4) => {
             let Some(src) = tun_v4(snap) else {
@@ -517,6 +528,11 @@ mod test {
             icmp, 3,
             "a burst of 3, then nothing within the same instant"
         );
+        // With the bucket empty no error is even built.
+        out.fill(0xa5);
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
+        egress(&mut pkt, &snap(), &cfg(), &mut limiter, now, &mut out);
+        assert!(out.iter().all(|b| *b == 0xa5), "an error was built");
         let later = now + std::time::Duration::from_secs(2);
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
         assert!(matches!(
