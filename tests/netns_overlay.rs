@@ -433,7 +433,7 @@ fn the_mtu_is_flannels_default_or_the_flag() {
 
 /// A route for the overlay network that already points elsewhere (a leftover of another
 /// overlay, say) is taken over, with a warning naming its device; flannel kept such a route and
-/// forwarded nothing.
+/// forwarded nothing. One of another metric is not replaced, and the warning says so.
 #[test]
 fn an_existing_route_for_the_network_is_taken_over_with_a_warning() {
     if skip() {
@@ -445,6 +445,18 @@ fn an_existing_route_for_the_network_is_taken_over_with_a_warning() {
     h1.ip(&["link", "set", "old0", "up"]).unwrap();
     h1.ip(&["route", "add", "198.19.0.0/16", "dev", "old0"])
         .unwrap();
+    // One with a lower metric than linen's IPv6 route (1024): it stays, and wins.
+    h1.ip(&[
+        "-6",
+        "route",
+        "add",
+        "fd00:19::/48",
+        "dev",
+        "old0",
+        "metric",
+        "256",
+    ])
+    .unwrap();
     o.start(0, &[]);
     o.start(1, &[]);
     let (a2, _) = o.addrs(1);
@@ -454,6 +466,10 @@ fn an_existing_route_for_the_network_is_taken_over_with_a_warning() {
     let (_, log) = o.stop(0);
     assert!(
         log.contains("replacing an existing route") && log.contains("old0"),
+        "{log}"
+    );
+    assert!(
+        log.contains("another route for the overlay network stays") && log.contains("256"),
         "{log}"
     );
 }
@@ -481,6 +497,15 @@ fn datagrams_leave_from_the_advertised_address() {
     let (status, log) = o.stop(1);
     assert!(status.is_some_and(|s| s.success()), "{log}");
     assert_eq!(counter(&log, "unknown_sender"), 0, "{log}");
+
+    // The address goes away (a floating address moved): datagrams still leave, from the
+    // kernel's choice, instead of failing.
+    h1.ip(&["addr", "del", &format!("{secondary}/24"), "dev", "eth0"])
+        .unwrap();
+    let _ = o.lab.host(0).run("ping", &["-c3", "-i0.2", "-W1", &a2]);
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(counter(&log, "send_failed"), 0, "{log}");
 }
 
 #[test]

@@ -34,7 +34,17 @@ struct Link {
     name: String,
     index: u32,
     mtu: u32,
+    gso_max_segs: Option<u32>,
     addrs: Vec<IpAddr>,
+}
+
+/// Every address of every interface of this host.
+pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
+    Ok(links(handle)
+        .await?
+        .into_iter()
+        .flat_map(|l| l.addrs)
+        .collect())
 }
 
 /// A netlink connection (its task runs on the current tokio runtime).
@@ -51,10 +61,12 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
     while let Some(msg) = stream.try_next().await.context("netlink: listing links")? {
         let mut name = String::new();
         let mut mtu = 1500;
+        let mut gso_max_segs = None;
         for attr in msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => name = n,
                 LinkAttribute::Mtu(m) => mtu = m,
+                LinkAttribute::GsoMaxSegs(n) => gso_max_segs = Some(n),
                 _ => {}
             }
         }
@@ -62,6 +74,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
             name,
             index: msg.header.index,
             mtu,
+            gso_max_segs,
             addrs: Vec::new(),
         });
     }
@@ -193,7 +206,18 @@ pub async fn configure_tun(
     let cap = LinkUnspec::new_with_index(index)
         .append_extra_attribute(LinkAttribute::GsoMaxSegs(SEGMENTS as u32))
         .build();
-    if let Err(e) = handle.link().set(cap).execute().await {
+    let capped = match handle.link().set(cap).execute().await {
+        Err(e) => Err(e.to_string()),
+        // Read back: a kernel may take the attribute and ignore it.
+        Ok(()) => match links(handle).await?.iter().find(|l| l.index == index) {
+            Some(l) if l.gso_max_segs.is_some_and(|n| n > SEGMENTS as u32) => Err(format!(
+                "the kernel kept gso_max_segs {}",
+                l.gso_max_segs.unwrap_or_default()
+            )),
+            _ => Ok(()),
+        },
+    };
+    if let Err(e) = capped {
         tracing::warn!(error = %e, device = %tun_name, "cannot cap the TUN device's gso_max_segs at {SEGMENTS}; TCP flows with an MSS under 512 bytes will stall (run with --no-offload if you have such flows)");
     }
     handle
@@ -286,10 +310,19 @@ async fn add_route(
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     });
-    if let Some(previous) = other_route_device(handle, net, ours).await {
-        // flannel keeps such a route and silently forwards nothing; linen takes it over.
-        tracing::warn!(network = %net, previous = %previous, device = dev,
-            "replacing an existing route for the overlay network, which pointed elsewhere");
+    // A replace takes the main table's route of the same metric: the kernel's default, 0 for
+    // IPv4 and 1024 for IPv6, as linen sets none.
+    let our_metric = if net.is_ipv4() { 0 } else { 1024 };
+    if let Some((previous, metric)) = other_route(handle, net, ours).await {
+        if metric == our_metric {
+            // flannel keeps such a route and silently forwards nothing; linen takes it over.
+            tracing::warn!(network = %net, previous = %previous, device = dev,
+                "replacing an existing route for the overlay network, which pointed elsewhere");
+        } else {
+            tracing::warn!(network = %net, previous = %previous, metric, device = dev,
+                "another route for the overlay network stays next to linen's (metric \
+                 {our_metric}) and wins if its metric is lower; remove it if it is stale");
+        }
     }
     match handle.route().add(route).replace().execute().await {
         Ok(()) => Ok(()),
@@ -299,36 +332,52 @@ async fn add_route(
     }
 }
 
-/// The device of a route for exactly `net` that does not go out of interface `ours`, if there is
-/// one (best effort: for a warning, so listing errors count as none).
-async fn other_route_device(handle: &Handle, net: IpNetwork, ours: Option<u32>) -> Option<String> {
+/// The device and metric of a main-table route for exactly `net` that does not go out of
+/// interface `ours`, if there is one (best effort: for a warning, so listing errors count as
+/// none).
+async fn other_route(handle: &Handle, net: IpNetwork, ours: Option<u32>) -> Option<(String, u32)> {
+    const MAIN: u32 = 254;
     let query = match net {
         IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
         IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
     };
     let mut stream = handle.route().get(query).execute();
     while let Ok(Some(msg)) = stream.try_next().await {
-        if msg.header.destination_prefix_length != net.prefix()
+        let table = msg
+            .attributes
+            .iter()
+            .find_map(|a| match a {
+                RouteAttribute::Table(t) => Some(*t),
+                _ => None,
+            })
+            .unwrap_or(u32::from(msg.header.table));
+        if table != MAIN
+            || msg.header.destination_prefix_length != net.prefix()
             || !route_matches(&msg.attributes, net)
         {
             continue;
         }
-        let oif = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        });
+        let (mut oif, mut metric) = (None, 0);
+        for a in &msg.attributes {
+            match a {
+                RouteAttribute::Oif(i) => oif = Some(*i),
+                RouteAttribute::Priority(m) => metric = *m,
+                _ => {}
+            }
+        }
         if oif == ours {
             continue;
         }
         let Some(index) = oif else {
-            return Some("no device (a blackhole, unreachable or multipath route)".to_owned());
+            let what = "no device (a blackhole, unreachable or multipath route)";
+            return Some((what.to_owned(), metric));
         };
         let name = links(handle)
             .await
             .ok()
             .and_then(|ls| ls.into_iter().find(|l| l.index == index))
             .map_or_else(|| format!("interface {index}"), |l| l.name);
-        return Some(name);
+        return Some((name, metric));
     }
     None
 }

@@ -176,7 +176,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
     // Datagrams leave from the advertised addresses when they are local: peers accept only
     // those (an address behind NAT is left to the kernel, and to --accept-unknown-senders).
-    let source = Source::local(public_ip, public_ipv6);
+    let source = Source::advertised(public_ip, public_ipv6, &host::local_addresses(&nl).await?);
     tracing::debug!(?source, "datagram source addresses");
     let mut handles = Vec::with_capacity(workers);
     for (id, queue) in tun.queues.into_iter().enumerate() {

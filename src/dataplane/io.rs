@@ -101,13 +101,12 @@ pub struct Source {
 }
 
 impl Source {
-    /// The advertised addresses that are local (a socket can bind them); others (an address
-    /// behind NAT) are left to the kernel.
-    pub fn local(v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Source {
-        let bindable = |ip: IpAddr| UdpSocket::bind((ip, 0)).is_ok();
+    /// The advertised addresses that are among this host's `local` addresses; others (an
+    /// address behind NAT, a floating one held elsewhere) are left to the kernel.
+    pub fn advertised(v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>, local: &[IpAddr]) -> Source {
         Source {
-            v4: v4.filter(|ip| bindable(IpAddr::V4(*ip))),
-            v6: v6.filter(|ip| bindable(IpAddr::V6(*ip))),
+            v4: v4.filter(|ip| local.contains(&IpAddr::V4(*ip))),
+            v6: v6.filter(|ip| local.contains(&IpAddr::V6(*ip))),
         }
     }
 
@@ -279,16 +278,29 @@ mod test {
 
     #[test]
     fn only_local_advertised_addresses_become_sources() {
-        let loopback = Ipv4Addr::LOCALHOST;
-        // TEST-NET-2 is on no interface here: an address behind NAT, say.
+        let here = Ipv4Addr::new(198, 18, 0, 1);
+        let here6: Ipv6Addr = "fd00:18::1".parse().unwrap();
+        // Behind NAT, say: on no local interface.
         let remote = Ipv4Addr::new(198, 51, 100, 7);
-        let s = Source::local(Some(loopback), None);
-        assert_eq!(s.v4, Some(loopback));
+        let local = [IpAddr::V4(here), IpAddr::V6(here6)];
+        let s = Source::advertised(Some(here), None, &local);
+        assert_eq!(
+            s,
+            Source {
+                v4: Some(here),
+                v6: None
+            }
+        );
         let v4_peer = SocketAddr::from((remote, 8285));
-        let v6_peer = SocketAddr::from((Ipv6Addr::LOCALHOST, 8285));
-        assert_eq!(s.for_peer(v4_peer), Some(IpAddr::V4(loopback)));
+        let v6_peer = SocketAddr::from((here6, 8285));
+        assert_eq!(s.for_peer(v4_peer), Some(IpAddr::V4(here)));
         assert_eq!(s.for_peer(v6_peer), None);
-        assert_eq!(Source::local(Some(remote), None), Source::default());
+        assert_eq!(
+            Source::advertised(Some(remote), None, &local),
+            Source::default()
+        );
+        let s = Source::advertised(Some(remote), Some(here6), &local);
+        assert_eq!(s.for_peer(v6_peer), Some(IpAddr::V6(here6)));
     }
 
     #[test]

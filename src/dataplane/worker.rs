@@ -539,6 +539,15 @@ impl Worker {
     }
 }
 
+/// Whether a send failed because of its source address.
+#[cold]
+fn source_refused(e: &io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EADDRNOTAVAIL) | Some(libc::ENETUNREACH) | Some(libc::EINVAL)
+    )
+}
+
 /// Whether a TUN error means the queue is gone for good (the device was deleted, say).
 fn is_fatal(e: &io::Error) -> bool {
     matches!(
@@ -684,14 +693,21 @@ fn send_gso(
     n: usize,
     local: &mut LocalCounters,
 ) {
-    let transmit = Transmit {
+    let mut transmit = Transmit {
         destination: socket_addr_for(peer, udp.dual_stack),
         ecn: None,
         contents: buf,
         segment_size: (n > 1).then_some(seg),
         src_ip: udp.source.for_peer(peer),
     };
-    match state.try_send(UdpSockRef::from(&udp.socket), &transmit) {
+    let mut sent = state.try_send(UdpSockRef::from(&udp.socket), &transmit);
+    if transmit.src_ip.is_some() && sent.as_ref().is_err_and(source_refused) {
+        // The advertised address is no longer ours (a floating address moved): send from the
+        // kernel's choice, as without it, rather than not at all.
+        transmit.src_ip = None;
+        sent = state.try_send(UdpSockRef::from(&udp.socket), &transmit);
+    }
+    match sent {
         Ok(()) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
