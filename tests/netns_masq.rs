@@ -328,9 +328,12 @@ fn filter_rules(h: &Host, program: &str) -> String {
         .unwrap()
 }
 
-/// Whether `program` holds linen's two FORWARD accept rules for the network and the jump.
+/// Whether `program` holds linen's two FORWARD accept rules for the network and the jump (false
+/// while iptables fails, e.g. on its lock).
 fn forward_rules_there(h: &Host, program: &str) -> bool {
-    let rules = filter_rules(h, program);
+    let Ok(rules) = h.run_ok(program, &["-w", "5", "-t", "filter", "-S"]) else {
+        return false;
+    };
     let accepts = rules
         .lines()
         .filter(|l| {
@@ -371,7 +374,7 @@ fn forward_rules_let_a_container_reach_the_overlay_under_a_drop_policy() {
             .then_some(())
     };
     assert!(
-        wait_for(Duration::from_secs(5), there).is_some(),
+        wait_for(Duration::from_secs(20), there).is_some(),
         "{}\n{}",
         filter_rules(&h1, "iptables"),
         std::fs::read_to_string(&log1).unwrap_or_default()
@@ -426,6 +429,24 @@ fn forward_rules_let_a_container_reach_the_overlay_under_a_drop_policy() {
 
     // Without the rules the policy drops the container's traffic, while host 1 itself (its
     // own traffic does not cross FORWARD) still reaches the peer: the test above could fail.
+    // Rules a killed daemon left behind are removed, or they would still accept.
+    for rule in [
+        &["-N", "LINEN-FWD"][..],
+        &["-A", "LINEN-FWD", "-s", "198.19.0.0/16", "-j", "ACCEPT"],
+        &["-A", "LINEN-FWD", "-d", "198.19.0.0/16", "-j", "ACCEPT"],
+        &[
+            "-A",
+            "FORWARD",
+            "-m",
+            "comment",
+            "--comment",
+            "linen forward",
+            "-j",
+            "LINEN-FWD",
+        ],
+    ] {
+        h1.run_ok("iptables", rule).unwrap();
+    }
     let (pid1, _, log1) = start(
         &mut lab,
         0,

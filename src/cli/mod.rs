@@ -129,7 +129,9 @@ pub struct RunArgs {
     /// Install flannel's masquerade rules (iptables chain LINEN-POSTRTG in table nat; ip6tables
     /// too when the network has IPv6): traffic from the overlay to outside it leaves with this
     /// host's address. Re-checked every 5 s, removed on shutdown.
-    #[arg(long, env = "LINEN_IP_MASQ")]
+    #[arg(long, env = "LINEN_IP_MASQ", value_name = "BOOL", default_value_t = false,
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub ip_masq: bool,
     /// Install flannel's FORWARD accept rules for the overlay network (iptables chain LINEN-FWD
     /// in table filter, jumped to from FORWARD; ip6tables too when the network has IPv6), so
@@ -138,7 +140,7 @@ pub struct RunArgs {
     /// turns them off. Without the iptables command linen warns and runs without them.
     #[arg(long, env = "LINEN_IPTABLES_FORWARD_RULES", value_name = "BOOL",
           default_value_t = true, num_args = 0..=1, default_missing_value = "true",
-          action = clap::ArgAction::Set)]
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub iptables_forward_rules: bool,
     /// Microseconds a worker keeps polling after traffic before it sleeps (0: sleep at once).
     /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM): on
@@ -342,5 +344,47 @@ mod log_filter_test {
             let err = log_filter(bad).expect_err(bad);
             assert!(!err.is_empty(), "{bad:?}");
         }
+    }
+}
+
+#[cfg(test)]
+mod flag_test {
+    use super::{Cli, Command};
+    use clap::Parser;
+
+    /// `(ip_masq, iptables_forward_rules)` of `linen run <args>`.
+    fn rules(args: &[&str]) -> Result<(bool, bool), clap::Error> {
+        let cli = Cli::try_parse_from(["linen", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(run) => Ok((run.ip_masq, run.iptables_forward_rules)),
+            _ => unreachable!("parsed `run`"),
+        }
+    }
+
+    #[test]
+    fn rule_flags_take_flannels_boolean_spellings() {
+        assert_eq!(rules(&[]).unwrap(), (false, true), "flannel's defaults");
+        assert_eq!(rules(&["--ip-masq"]).unwrap(), (true, true));
+        for (arg, want) in [
+            ("--ip-masq=true", (true, true)),
+            ("--ip-masq=1", (true, true)),
+            ("--ip-masq=false", (false, true)),
+            ("--iptables-forward-rules=false", (false, false)),
+            ("--iptables-forward-rules=0", (false, false)),
+            ("--iptables-forward-rules=no", (false, false)),
+            ("--iptables-forward-rules", (false, true)),
+        ] {
+            assert_eq!(rules(&[arg]).unwrap(), want, "{arg}");
+        }
+        // The value may follow as the next word; another flag is not taken for it.
+        assert_eq!(
+            rules(&["--iptables-forward-rules", "false"]).unwrap(),
+            (false, false)
+        );
+        assert_eq!(
+            rules(&["--ip-masq", "--iptables-forward-rules", "off"]).unwrap(),
+            (true, false)
+        );
+        assert!(rules(&["--iptables-forward-rules=maybe"]).is_err());
     }
 }

@@ -241,6 +241,12 @@ impl Masq {
         masquerade: bool,
         forward: bool,
     ) -> Result<Masq> {
+        if !masquerade && !forward {
+            return Ok(Masq {
+                sets: Vec::new(),
+                lease: *lease,
+            });
+        }
         if config.enable_nftables {
             tracing::warn!(
                 "the network config sets EnableNFTables, but linen writes its rules with the \
@@ -331,13 +337,22 @@ impl Masq {
         }
     }
 
-    /// Makes sure every rule is in place; returns whether anything had to be (re)added.
+    /// Makes sure every rule is in place; returns whether anything had to be (re)added. Every
+    /// chain is tried even when one fails; the error names each that failed.
     pub fn ensure(&self) -> Result<bool> {
         let mut changed = false;
+        let mut failed = Vec::new();
         for set in &self.sets {
-            changed |= ensure_set(set)?;
+            match ensure_set(set) {
+                Ok(c) => changed |= c,
+                Err(e) => failed.push(format!("{e:#}")),
+            }
         }
-        Ok(changed)
+        if failed.is_empty() {
+            Ok(changed)
+        } else {
+            Err(anyhow!(failed.join("; ")))
+        }
     }
 
     /// Removes the jumps and the chains (errors are logged: this runs on the way out).
@@ -349,7 +364,11 @@ impl Masq {
 }
 
 fn remove_set(set: &RuleSet) {
-    let (p, purpose) = (set.family.program(), set.purpose);
+    remove_chain(set.family.program(), set.purpose);
+}
+
+/// Removes the purpose's jump and chain with `p` (errors are logged).
+fn remove_chain(p: &str, purpose: Purpose) {
     let chain = purpose.chain();
     // The jump may have been added more than once by hand; remove every copy.
     for _ in 0..8 {
@@ -440,29 +459,51 @@ pub async fn install(
 ) -> Result<Option<Masq>> {
     let (config, lease) = (config.clone(), *lease);
     tokio::task::spawn_blocking(move || {
-        let mut masq = Masq::new(&config, &lease, masquerade, forward)?;
-        let mut kept = Vec::new();
-        for set in std::mem::take(&mut masq.sets) {
-            match ensure_set(&set) {
-                Ok(_) => kept.push(set),
+        remove_leftovers(masquerade, forward);
+        let masq = Masq::new(&config, &lease, masquerade, forward)?;
+        for set in &masq.sets {
+            match ensure_set(set) {
+                Ok(_) => {}
+                // Kept: the resync tries again every RESYNC (the iptables lock may be held by
+                // kube-proxy or Docker at boot, say).
                 Err(e) if set.purpose == Purpose::Forward => {
                     tracing::warn!(error = %format!("{e:#}"), program = set.family.program(),
-                        "cannot install the FORWARD accept rules; running without them (pass \
-                         --iptables-forward-rules=false to silence this)");
-                    remove_set(&set);
+                        "cannot install the FORWARD accept rules yet; retrying every 5 s");
                 }
                 Err(e) => {
-                    for s in kept.iter().chain([&set]) {
-                        remove_set(s);
-                    }
+                    masq.remove();
                     return Err(e.context("installing the --ip-masq rules"));
                 }
             }
         }
-        masq.sets = kept;
         Ok((!masq.sets.is_empty()).then_some(masq))
     })
     .await?
+}
+
+/// Removes the chains of an earlier run for the purposes not asked for this time (a daemon
+/// that was killed leaves its rules behind; `--iptables-forward-rules=false` must not keep
+/// accepting). Quiet when there is no such chain or no iptables.
+fn remove_leftovers(masquerade: bool, forward: bool) {
+    for (purpose, wanted) in [
+        (Purpose::Masquerade, masquerade),
+        (Purpose::Forward, forward),
+    ] {
+        if wanted {
+            continue;
+        }
+        for family in [Family::V4, Family::V6] {
+            let p = family.program();
+            if ipt(p, purpose, "-S", purpose.chain(), &[]).is_ok_and(|o| o.status.success()) {
+                tracing::info!(
+                    program = p,
+                    chain = purpose.chain(),
+                    "removing the rules an earlier run left behind"
+                );
+                remove_chain(p, purpose);
+            }
+        }
+    }
 }
 
 /// Keeps the rules in place until `cancel`: every [`RESYNC`] and whenever our lease changes;

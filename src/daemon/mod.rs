@@ -237,12 +237,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
 
     let cancel = CancellationToken::new();
-    let rules = if args.ip_masq || args.iptables_forward_rules {
-        let (masquerade, forward) = (args.ip_masq, args.iptables_forward_rules);
-        masq::install(&config, &own.key, masquerade, forward).await?
-    } else {
-        None
-    };
+    let (masquerade, forward) = (args.ip_masq, args.iptables_forward_rules);
+    let rules = masq::install(&config, &own.key, masquerade, forward).await?;
     let masq = rules.map(|r| masq::spawn_resync(r, manager.subscribe(), cancel.clone()));
     notify::notify_logged("READY=1");
     let mut state = manager.subscribe();
