@@ -393,6 +393,13 @@ pub fn route_matches(attrs: &[RouteAttribute], net: IpNetwork) -> bool {
     })
 }
 
+/// [`write_atomic`] on a blocking thread: the `fsync` may take long on a slow disk (an SD card
+/// in a gateway), and the control plane's one runtime thread also renews the lease.
+pub async fn write_atomic_off_thread(path: &Path, contents: String) -> Result<()> {
+    let path = path.to_owned();
+    tokio::task::spawn_blocking(move || write_atomic(&path, &contents)).await?
+}
+
 /// Writes `contents` to `path` atomically: a temporary file in the same directory, fsync, then
 /// rename (flannel writes `.subnet.env` and renames it). Creates the directory if needed.
 pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {

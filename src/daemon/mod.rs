@@ -233,7 +233,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         u32::from(mtu),
         args.ip_masq,
     );
-    host::write_atomic(&args.subnet_file, &env.render())
+    host::write_atomic_off_thread(&args.subnet_file, env.render())
+        .await
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
 
     let cancel = CancellationToken::new();
@@ -285,7 +286,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             u32::from(mtu),
                             ip_masq,
                         );
-                        if let Err(e) = host::write_atomic(&subnet_file, &env.render()) {
+                        if let Err(e) =
+                            host::write_atomic_off_thread(&subnet_file, env.render()).await
+                        {
                             tracing::error!(error = %e, "cannot rewrite subnet.env");
                         }
                     }
