@@ -369,6 +369,8 @@ impl Worker {
                     Ok(n) => count += n,
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
                     Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
+                    // A signal, not a packet: read again.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => self.local.drop(DropReason::Malformed),
                 }
             }
@@ -385,6 +387,8 @@ impl Worker {
                         break;
                     }
                     Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
+                    // A signal, not a packet: read again.
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => self.local.drop(DropReason::Malformed),
                 }
             }
