@@ -543,6 +543,21 @@ impl Worker {
     }
 }
 
+/// Sends `t`; when the kernel refuses its source address (the advertised address is no longer
+/// ours: a floating address moved), sends it again from the kernel's choice, as without one,
+/// rather than not at all. A refusal for another reason (GSO refused with EINVAL) fails both
+/// and is left to the caller, with the source kept.
+#[inline]
+fn try_send(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<()> {
+    match state.try_send(UdpSockRef::from(&udp.socket), t) {
+        Err(e) if t.src_ip.is_some() && source_refused(&e) => {
+            let without = Transmit { src_ip: None, ..*t };
+            state.try_send(UdpSockRef::from(&udp.socket), &without)
+        }
+        sent => sent,
+    }
+}
+
 /// Whether a send failed because of its source address.
 #[cold]
 fn source_refused(e: &io::Error) -> bool {
@@ -697,21 +712,14 @@ fn send_gso(
     n: usize,
     local: &mut LocalCounters,
 ) {
-    let mut transmit = Transmit {
+    let transmit = Transmit {
         destination: socket_addr_for(peer, udp.dual_stack),
         ecn: None,
         contents: buf,
         segment_size: (n > 1).then_some(seg),
         src_ip: udp.source.for_peer(peer),
     };
-    let mut sent = state.try_send(UdpSockRef::from(&udp.socket), &transmit);
-    if transmit.src_ip.is_some() && sent.as_ref().is_err_and(source_refused) {
-        // The advertised address is no longer ours (a floating address moved): send from the
-        // kernel's choice, as without it, rather than not at all.
-        transmit.src_ip = None;
-        sent = state.try_send(UdpSockRef::from(&udp.socket), &transmit);
-    }
-    match sent {
+    match try_send(udp, state, &transmit) {
         Ok(()) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
@@ -728,7 +736,7 @@ fn send_gso(
                     segment_size: None,
                     src_ip: transmit.src_ip,
                 };
-                match state.try_send(UdpSockRef::from(&udp.socket), &single) {
+                match try_send(udp, state, &single) {
                     Ok(()) => {
                         local.udp_tx_packets += 1;
                         local.udp_tx_bytes += chunk.len() as u64;
