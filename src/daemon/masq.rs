@@ -485,22 +485,37 @@ pub async fn install(
 /// that was killed leaves its rules behind; `--iptables-forward-rules=false` must not keep
 /// accepting). Quiet when there is no such chain or no iptables.
 fn remove_leftovers(masquerade: bool, forward: bool) {
-    for (purpose, wanted) in [
-        (Purpose::Masquerade, masquerade),
-        (Purpose::Forward, forward),
-    ] {
-        if wanted {
-            continue;
-        }
-        for family in [Family::V4, Family::V6] {
-            let p = family.program();
-            if ipt(p, purpose, "-S", purpose.chain(), &[]).is_ok_and(|o| o.status.success()) {
+    if masquerade && forward {
+        return;
+    }
+    for family in [Family::V4, Family::V6] {
+        // `iptables-save` lists only the tables that exist: asking for a chain in table nat
+        // with `-t nat` would create that table (and with iptables-legacy load NAT, and with it
+        // connection tracking), which a run without --ip-masq must not do.
+        let save = format!("{}-save", family.program());
+        let out = match Command::new(&save).stdin(Stdio::null()).output() {
+            Ok(out) if out.status.success() => out,
+            Ok(out) => {
+                tracing::warn!(program = %save, error = %String::from_utf8_lossy(&out.stderr).trim(),
+                    "cannot look for rules an earlier run left behind");
+                continue;
+            }
+            // No iptables here: nothing can have been left behind.
+            Err(_) => continue,
+        };
+        let text = String::from_utf8_lossy(&out.stdout);
+        for (purpose, wanted) in [
+            (Purpose::Masquerade, masquerade),
+            (Purpose::Forward, forward),
+        ] {
+            let declared = format!(":{} ", purpose.chain());
+            if !wanted && text.lines().any(|l| l.starts_with(&declared)) {
                 tracing::info!(
-                    program = p,
+                    program = family.program(),
                     chain = purpose.chain(),
                     "removing the rules an earlier run left behind"
                 );
-                remove_chain(p, purpose);
+                remove_chain(family.program(), purpose);
             }
         }
     }
@@ -518,6 +533,9 @@ pub fn spawn_resync(
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let mut watching = true;
+        // The last failure logged: a lasting one (a kernel without ip6_tables, say) is logged
+        // when it starts and when it changes, not every RESYNC.
+        let mut failing: Option<String> = None;
         loop {
             tokio::select! {
                 _ = cancel.cancelled() => break,
@@ -539,10 +557,21 @@ pub fn spawn_resync(
             }
             let m = masq.clone();
             match tokio::task::spawn_blocking(move || m.ensure()).await {
-                Ok(Ok(true)) => tracing::warn!("iptables rules were missing; re-added"),
-                Ok(Ok(false)) => {}
+                Ok(Ok(changed)) => {
+                    if failing.take().is_some() {
+                        tracing::info!("iptables rules in place again");
+                    } else if changed {
+                        tracing::warn!("iptables rules were missing; re-added");
+                    }
+                }
                 Ok(Err(e)) => {
-                    tracing::error!(error = %format!("{e:#}"), "cannot restore iptables rules")
+                    let error = format!("{e:#}");
+                    if failing.as_ref() != Some(&error) {
+                        tracing::error!(error = %error,
+                            "cannot restore iptables rules (retrying every 5 s, logged again when \
+                             the error changes)");
+                        failing = Some(error);
+                    }
                 }
                 Err(e) => tracing::error!(error = %e, "iptables check panicked"),
             }
