@@ -41,9 +41,11 @@ impl Overlay {
     fn start(&mut self, i: usize, extra: &[&str]) {
         let host = self.lab.host(i).clone();
         let mut cmd = host.command(LINEN);
-        cmd.args(["run", "--registry-dir"])
-            .arg(self.dir.path())
-            .args(["--iface", "eth0", "--log-level", "info", "--subnet-file"])
+        cmd.args(["run", "--registry-dir"]).arg(self.dir.path());
+        if !extra.contains(&"--iface") {
+            cmd.args(["--iface", "eth0"]);
+        }
+        cmd.args(["--log-level", "info", "--subnet-file"])
             .arg(self.env_path(i))
             .args(extra)
             .stdout(Stdio::null())
@@ -471,6 +473,45 @@ fn an_existing_route_for_the_network_is_taken_over_with_a_warning() {
     assert!(
         log.contains("another route for the overlay network stays") && log.contains("256"),
         "{log}"
+    );
+}
+
+/// `--iface` is repeatable (and comma-separated), as flannel's `-iface`: the first that exists
+/// wins, so one unit file serves hosts with different interface names; when none exists the
+/// daemon exits 2 naming them all.
+#[test]
+fn iface_takes_the_first_interface_that_exists() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lniface", 2);
+    o.start(0, &["--iface", "nosuch0", "--iface", "wan9,eth0"]);
+    o.start(1, &[]);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    let out = o
+        .lab
+        .host(1)
+        .run(
+            LINEN,
+            &[
+                "run",
+                "--registry-dir",
+                &o.dir.path().to_string_lossy(),
+                "--iface",
+                "nosuch0",
+                "--iface",
+                "wan9",
+                "--metrics-addr",
+                "off",
+            ],
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--iface nosuch0,wan9") && err.contains("eth0"),
+        "{err}"
     );
 }
 

@@ -91,10 +91,12 @@ pub struct RunArgs {
     /// Registry location.
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Underlay interface, by name or by one of its addresses (default: the interface of the
-    /// default route, or the only interface with an address).
-    #[arg(long, env = "LINEN_IFACE")]
-    pub iface: Option<String>,
+    /// Underlay interface, by name or by one of its addresses. Repeatable (or comma-separated),
+    /// as flannel's `-iface`: the first that exists on this host wins, so one unit file can
+    /// serve hosts whose interfaces are named differently. Default: the interface holding
+    /// --public-ip, else the default route's, else the only interface with an address.
+    #[arg(long, env = "LINEN_IFACE", value_delimiter = ',')]
+    pub iface: Vec<String>,
     /// IPv4 address advertised in the lease (this host's identity; default: the interface's).
     #[arg(long, env = "LINEN_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,

@@ -119,11 +119,12 @@ fn usable_v6(a: &Ipv6Addr) -> bool {
     !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified()
 }
 
-/// Finds the underlay interface as flannel does: `iface` by name or address; else the one
-/// holding `public_ip`; else the default route's; else the only interface with an address.
+/// Finds the underlay interface as flannel does: the first of `iface` (names or addresses)
+/// that exists; else the one holding `public_ip`; else the default route's; else the only
+/// interface with an address.
 pub async fn discover_underlay(
     handle: &Handle,
-    iface: Option<&str>,
+    iface: &[String],
     public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
 ) -> Result<Underlay> {
@@ -132,14 +133,19 @@ pub async fn discover_underlay(
         .iter()
         .filter(|l| l.name != "lo" && !l.addrs.is_empty())
         .collect();
-    let pick = if let Some(want) = iface {
-        let as_ip: Option<IpAddr> = want.parse().ok();
-        links
+    let pick = if !iface.is_empty() {
+        iface
             .iter()
-            .find(|l| l.name == want || as_ip.is_some_and(|ip| l.addrs.contains(&ip)))
+            .find_map(|want| {
+                let as_ip: Option<IpAddr> = want.parse().ok();
+                links
+                    .iter()
+                    .find(|l| l.name == *want || as_ip.is_some_and(|ip| l.addrs.contains(&ip)))
+            })
             .ok_or_else(|| {
                 crate::cli::exit::usage(format!(
-                    "--iface {want}: no interface has that name or address; interfaces here: {}",
+                    "--iface {}: no interface has that name or address; interfaces here: {}",
+                    iface.join(","),
                     names(&links)
                 ))
             })?

@@ -94,8 +94,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let config = wait_for_config(registry.as_ref()).await?;
     let nl = host::connect()?;
     let underlay =
-        host::discover_underlay(&nl, args.iface.as_deref(), args.public_ip, args.public_ipv6)
-            .await?;
+        host::discover_underlay(&nl, &args.iface, args.public_ip, args.public_ipv6).await?;
     let public_ip = args.public_ip.or(underlay.ipv4);
     // The IPv6 address is advertised when the overlay has IPv6, and also when there is no
     // IPv4 underlay address at all (an IPv6-only underlay carries the IPv4 overlay too).
