@@ -358,13 +358,9 @@ impl Masq {
     /// Removes the jumps and the chains (errors are logged: this runs on the way out).
     pub fn remove(&self) {
         for set in &self.sets {
-            remove_set(set);
+            remove_chain(set.family.program(), set.purpose);
         }
     }
-}
-
-fn remove_set(set: &RuleSet) {
-    remove_chain(set.family.program(), set.purpose);
 }
 
 /// Removes the purpose's jump and chain with `p` (errors are logged).
@@ -449,8 +445,9 @@ fn ensure_set(set: &RuleSet) -> Result<bool> {
 
 /// Installs the rules for `lease` (on a blocking thread): the masquerade rules when
 /// `masquerade` (a failure is an error, and removes what was added), the FORWARD rules when
-/// `forward` (a failure is a warning, and linen runs without them). `None` when nothing is left
-/// to keep in place.
+/// `forward` (a failure is a warning, and the resync tries again). First removes the chains an
+/// earlier run left for purposes not asked for now. `None` when nothing is left to keep in
+/// place.
 pub async fn install(
     config: &NetworkConfig,
     lease: &SubnetKey,

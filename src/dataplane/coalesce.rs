@@ -49,7 +49,8 @@ pub const MAX_HEADER: usize = VNET_HDR_LEN + 40 + 60;
 /// The segment's coalescing facts, or `None` when it cannot take part: IPv4 with options or
 /// without DF (Linux GRO would want its IDs to count up; a super-packet cannot say so), IPv6
 /// with extension headers, a fragment, no payload, TCP with flags other than ACK (and PSH) or
-/// with AE or reserved bits (AccECN feedback would be lost: the head's bits go to all), UDP with a length field that disagrees with the IP header or, over IPv4, no checksum
+/// with AE or reserved bits (AccECN feedback would be lost: the head's bits go to all), UDP
+/// with a length field that disagrees with the IP header or, over IPv4, no checksum
 /// (coalescing would give it one), or UDP at all when `udp` is false (the device has no USO).
 pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
     let (v6, ip_len, total, proto) = match pkt.first()? >> 4 {

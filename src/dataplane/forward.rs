@@ -87,14 +87,9 @@ impl IcmpLimiter {
         self.tokens >= 1.0
     }
 
-    /// Takes a token at time `now`; false when the bucket is empty.
-    pub fn allow(&mut self, now: Instant) -> bool {
-        if self.ready(now) {
-            self.tokens -= 1.0;
-            true
-        } else {
-            false
-        }
+    /// Takes the token [`ready`](Self::ready) found.
+    pub fn take(&mut self) {
+        self.tokens -= 1.0;
     }
 }
 
@@ -263,8 +258,10 @@ fn icmp(
         }
     };
     match built {
-        Ok(len) if limiter.allow(now) => Egress::Icmp { len, reason },
-        Ok(_) => Egress::Drop(reason),
+        Ok(len) => {
+            limiter.take();
+            Egress::Icmp { len, reason }
+        }
         Err(_) => Egress::Drop(reason),
     }
 }

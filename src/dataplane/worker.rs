@@ -526,13 +526,8 @@ impl Worker {
                     run = Some(CoalesceRun::new(k, info));
                     continue;
                 }
-                if self
-                    .tun_out
-                    .write_one(&self.tun, &seg[..len], &mut self.local)?
-                {
-                    self.local.tun_tx_packets += 1;
-                    self.local.tun_tx_bytes += len as u64;
-                }
+                self.tun_out
+                    .deliver(&self.tun, &seg[..len], &mut self.local)?;
             }
             if let Some(r) = run.take() {
                 self.tun_out
@@ -632,6 +627,21 @@ impl TunWriter {
         }
     }
 
+    /// Writes one packet received from a peer, counted as `tun_tx` once written.
+    #[inline]
+    fn deliver(
+        &mut self,
+        tun: &SyncDevice,
+        pkt: &[u8],
+        local: &mut LocalCounters,
+    ) -> io::Result<()> {
+        if self.write_one(tun, pkt, local)? {
+            local.tun_tx_packets += 1;
+            local.tun_tx_bytes += pkt.len() as u64;
+        }
+        Ok(())
+    }
+
     /// Writes a run of consecutive segments of one flow from one receive buffer (chunks
     /// `first..` at `stride`): one segment as it is; several as one super-packet written with
     /// `writev` straight from the receive buffer. A super-packet the kernel refuses is written
@@ -669,11 +679,7 @@ impl TunWriter {
             }
         }
         for j in segments {
-            let pkt = run.segment(buf, stride, j);
-            if self.write_one(tun, pkt, local)? {
-                local.tun_tx_packets += 1;
-                local.tun_tx_bytes += pkt.len() as u64;
-            }
+            self.deliver(tun, run.segment(buf, stride, j), local)?;
         }
         Ok(())
     }
