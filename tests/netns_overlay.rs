@@ -512,6 +512,25 @@ fn iface_takes_the_first_interface_that_exists() {
     );
 }
 
+/// A SIGTERM that arrives while the daemon is still starting (here: right after it wrote
+/// subnet.env, while it installs its iptables rules and starts its workers) stops it cleanly
+/// once it is up; it used to be swallowed until the daemon was killed.
+#[test]
+fn a_stop_during_start_up_is_not_lost() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnearly", 2);
+    for _ in 0..3 {
+        let _ = std::fs::remove_file(o.env_path(0));
+        o.start(0, &[]);
+        o.env(0);
+        let (status, log) = o.stop(0);
+        assert!(status.is_some_and(|s| s.success()), "{status:?}: {log}");
+        assert!(log.contains("stopping"), "{log}");
+    }
+}
+
 /// A host that advertises a secondary address of its interface (`--public-ip`) sends from it:
 /// peers accept datagrams only from the advertised address, and the kernel would pick the
 /// primary one.

@@ -18,7 +18,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::IpNetwork;
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 
 use crate::cli::RunArgs;
 use crate::dataplane::io::{
@@ -88,10 +88,13 @@ fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
 
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
+    // Before anything else: once tokio handles SIGTERM, one that arrives while nothing listens
+    // is lost, and a daemon stopped during start-up would run on until killed.
+    let mut stop = StopSignals::new()?;
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr).await?;
     let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
-    let config = wait_for_config(registry.as_ref()).await?;
+    let config = wait_for_config(registry.as_ref(), &mut stop).await?;
     let nl = host::connect()?;
     let underlay =
         host::discover_underlay(&nl, &args.iface, args.public_ip, args.public_ipv6).await?;
@@ -313,7 +316,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     let monitors: Vec<WorkerMonitor> = handles.iter().map(WorkerHandle::monitor).collect();
     let outcome = tokio::select! {
-        r = wait_for_signal() => r,
+        () = stop.recv() => Ok(()),
         () = all_stopped(&monitors) => Err(anyhow!(
             "every forwarding worker has stopped (see the errors above; was the TUN device {} \
              deleted?); exiting so that a supervisor can restart linen, which finds its lease \
@@ -378,9 +381,8 @@ pub fn counters_summary(c: &LocalCounters) -> String {
         .join(" ")
 }
 
-async fn wait_for_config(registry: &dyn Registry) -> Result<NetworkConfig> {
+async fn wait_for_config(registry: &dyn Registry, stop: &mut StopSignals) -> Result<NetworkConfig> {
     let mut logged = false;
-    let mut term = signal(SignalKind::terminate())?;
     loop {
         match registry.get_network_config().await {
             Ok(c) => return Ok(c),
@@ -397,17 +399,30 @@ async fn wait_for_config(registry: &dyn Registry) -> Result<NetworkConfig> {
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            _ = term.recv() => bail!("stopped while waiting for the network config"),
-            _ = tokio::signal::ctrl_c() => bail!("stopped while waiting for the network config"),
+            () = stop.recv() => bail!("stopped while waiting for the network config"),
         }
     }
 }
 
-async fn wait_for_signal() -> Result<()> {
-    let mut term = signal(SignalKind::terminate())?;
-    tokio::select! {
-        _ = term.recv() => {}
-        r = tokio::signal::ctrl_c() => r?,
+/// SIGTERM and SIGINT, listened for from the daemon's start: a signal that arrives during
+/// start-up is kept and acted on once the daemon is up (or while it waits for the config).
+struct StopSignals {
+    term: Signal,
+    int: Signal,
+}
+
+impl StopSignals {
+    fn new() -> Result<StopSignals> {
+        Ok(StopSignals {
+            term: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+            int: signal(SignalKind::interrupt()).context("cannot listen for SIGINT")?,
+        })
     }
-    Ok(())
+
+    async fn recv(&mut self) {
+        tokio::select! {
+            _ = self.term.recv() => {}
+            _ = self.int.recv() => {}
+        }
+    }
 }
