@@ -39,12 +39,23 @@ impl Overlay {
     }
 
     fn start(&mut self, i: usize, extra: &[&str]) {
+        self.start_with(i, extra, &[]);
+    }
+
+    /// [`Overlay::start`] with environment variables; `--iface eth0` unless the flags or the
+    /// variables choose the interface.
+    fn start_with(&mut self, i: usize, extra: &[&str], vars: &[(&str, &str)]) {
         let host = self.lab.host(i).clone();
         let mut cmd = host.command(LINEN);
         cmd.args(["run", "--registry-dir"]).arg(self.dir.path());
-        if !extra.contains(&"--iface") {
+        let chosen = extra
+            .iter()
+            .any(|a| a.trim_start_matches('-').starts_with("iface"))
+            || vars.iter().any(|(k, _)| k.ends_with("_IFACE"));
+        if !chosen {
             cmd.args(["--iface", "eth0"]);
         }
+        cmd.envs(vars.iter().copied());
         cmd.args(["--log-level", "info", "--subnet-file"])
             .arg(self.env_path(i))
             .args(extra)
@@ -529,6 +540,103 @@ fn a_stop_during_start_up_is_not_lost() {
         assert!(status.is_some_and(|s| s.success()), "{status:?}: {log}");
         assert!(log.contains("stopping"), "{log}");
     }
+}
+
+/// The address of host i's current lease in the registry, as `linen lease list` shows it.
+fn advertised(o: &Overlay, i: usize) -> String {
+    let subnet = o.env(i).previous_key().unwrap().to_string();
+    let out = Command::new(LINEN)
+        .args(["lease", "list", "--json", "--registry-dir"])
+        .arg(o.dir.path())
+        .output()
+        .unwrap();
+    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    list["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["subnet"] == subnet.as_str())
+        .and_then(|l| l["value"]["PublicIP"].as_str())
+        .unwrap_or_else(|| panic!("no lease for {subnet}: {list}"))
+        .to_owned()
+}
+
+/// flannel's interface flags choose the interface and the advertised address as flannel does:
+/// `--iface ADDRESS` and a pattern matching an address advertise that address (not the
+/// interface's first), `--iface-can-reach` the route's source; `--iface-regex` falls back to
+/// names. Each choice that uses eth0 then carries a ping (the
+/// peer accepts only datagrams from the advertised address).
+#[test]
+fn flannels_interface_flags_choose_the_interface_and_address() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnifsel", 2);
+    let h1 = o.lab.host(0).clone();
+    let primary = h1.ip.to_string();
+    let o1 = h1.ip.octets();
+    let secondary = format!("{}.{}.{}.102", o1[0], o1[1], o1[2]);
+    h1.ip(&["addr", "add", &format!("{secondary}/24"), "dev", "eth0"])
+        .unwrap();
+    // A second interface, found only by its name.
+    h1.ip(&[
+        "link", "add", "wan7", "type", "veth", "peer", "name", "wan7p",
+    ])
+    .unwrap();
+    h1.ip(&["addr", "add", "198.18.250.1/24", "dev", "wan7"])
+        .unwrap();
+    h1.ip(&["link", "set", "wan7", "up"]).unwrap();
+    o.start(1, &[]);
+    let peer = o.lab.host(1).ip.to_string();
+    let (a2, _) = o.addrs(1);
+    // (flags, variables, the address advertised, whether the chosen interface reaches host 2)
+    type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str, bool);
+    let cases: Vec<Case<'_>> = vec![
+        (vec!["--iface", &secondary], vec![], &secondary, true),
+        (vec!["--iface-regex", r"\.102$"], vec![], &secondary, true),
+        (
+            vec!["--iface-regex", "^nomatch", "--iface-regex", "^wan7$"],
+            vec![],
+            "198.18.250.1",
+            false,
+        ),
+        (vec!["--iface-can-reach", &peer], vec![], &primary, true),
+    ];
+    for (flags, vars, want, ping) in cases {
+        let _ = std::fs::remove_file(o.env_path(0));
+        o.start_with(0, &flags, &vars);
+        assert_eq!(advertised(&o, 0), want, "{flags:?} {vars:?}");
+        if ping {
+            assert!(o.ping_ok(0, &a2, &[]), "{flags:?} {vars:?}: no ping");
+        }
+        let (status, log) = o.stop(0);
+        assert!(
+            status.is_some_and(|s| s.success()),
+            "{flags:?} {vars:?}: {log}"
+        );
+    }
+
+    // A pattern that matches nothing: exit 2, naming the interfaces and their addresses.
+    let out = h1
+        .run(
+            LINEN,
+            &[
+                "run",
+                "--registry-dir",
+                &o.dir.path().to_string_lossy(),
+                "--iface-regex",
+                "^nomatch",
+                "--metrics-addr",
+                "off",
+            ],
+        )
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("^nomatch") && err.contains(&secondary) && err.contains("wan7"),
+        "{err}"
+    );
 }
 
 /// A host that advertises a secondary address of its interface (`--public-ip`) sends from it:

@@ -97,6 +97,17 @@ pub struct RunArgs {
     /// --public-ip, else the default route's, else the only interface with an address.
     #[arg(long, env = "LINEN_IFACE", value_delimiter = ',')]
     pub iface: Vec<String>,
+    /// Underlay interface by pattern, as flannel's `-iface-regex`: each pattern (repeatable, not
+    /// comma-separated) is matched, unanchored, against every interface's addresses and then
+    /// against the names; the first that matches wins, and a matched address is advertised.
+    /// Checked after --iface.
+    #[arg(long, env = "LINEN_IFACE_REGEX", value_name = "REGEX", value_parser = parse_regex)]
+    pub iface_regex: Vec<regex_lite::Regex>,
+    /// Underlay interface: the one the route to this address leaves through, advertising the
+    /// route's source address, as flannel's `-iface-can-reach`. Checked after --iface and
+    /// --iface-regex.
+    #[arg(long, env = "LINEN_IFACE_CAN_REACH", value_name = "IP")]
+    pub iface_can_reach: Option<IpAddr>,
     /// IPv4 address advertised in the lease (this host's identity; default: the interface's).
     #[arg(long, env = "LINEN_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
@@ -169,6 +180,21 @@ pub struct RunArgs {
     /// values are for tests and demos).
     #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]
     pub lease_ttl: u64,
+}
+
+impl RunArgs {
+    /// The interface flags, for [`crate::daemon::host::discover_underlay`].
+    pub fn interface_choice(&self) -> crate::daemon::host::InterfaceChoice {
+        crate::daemon::host::InterfaceChoice {
+            iface: self.iface.clone(),
+            regex: self.iface_regex.clone(),
+            can_reach: self.iface_can_reach,
+        }
+    }
+}
+
+fn parse_regex(s: &str) -> Result<regex_lite::Regex, String> {
+    regex_lite::Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
 }
 
 /// `linen network …`.

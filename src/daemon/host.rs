@@ -119,12 +119,53 @@ fn usable_v6(a: &Ipv6Addr) -> bool {
     !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified()
 }
 
-/// Finds the underlay interface as flannel does: the first of `iface` (names or addresses)
-/// that exists; else the one holding `public_ip`; else the default route's; else the only
-/// interface with an address.
+/// How the operator named the underlay interface: flannel's `-iface` (names or addresses),
+/// `-iface-regex` and `-iface-can-reach`, checked in that order.
+#[derive(Clone, Debug, Default)]
+pub struct InterfaceChoice {
+    /// Names or addresses; the first that exists wins.
+    pub iface: Vec<String>,
+    /// Patterns matched (unanchored, as Go's `regexp.MatchString`) against every interface's
+    /// addresses first, then against the names; the first pattern that matches anything wins.
+    pub regex: Vec<regex_lite::Regex>,
+    /// The interface the route to this address leaves through, with the route's source address.
+    pub can_reach: Option<IpAddr>,
+}
+
+impl InterfaceChoice {
+    fn is_empty(&self) -> bool {
+        self.iface.is_empty() && self.regex.is_empty() && self.can_reach.is_none()
+    }
+
+    /// What was asked for, for error messages.
+    fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if !self.iface.is_empty() {
+            parts.push(format!("--iface {}", self.iface.join(",")));
+        }
+        for r in &self.regex {
+            parts.push(format!("--iface-regex {:?}", r.as_str()));
+        }
+        if let Some(ip) = self.can_reach {
+            parts.push(format!("--iface-can-reach {ip}"));
+        }
+        parts.join(", ")
+    }
+}
+
+/// An interface and, when the choice named one, the address to use on it.
+type Picked<'a> = (&'a Link, Option<IpAddr>);
+
+/// Finds the underlay interface as flannel does: when any of `choice` is given, the first
+/// `--iface` (name or address) that exists, else the first `--iface-regex` that matches an
+/// address or a name, else the interface of the route to `--iface-can-reach`; none matching is
+/// an error. Without them: the one holding `public_ip`; else the default route's; else the only
+/// interface with an address. An address that picked the interface (`--iface 198.18.0.9`, a
+/// regex matching it, the route's source) is the one advertised, as in flannel; otherwise the
+/// interface's first.
 pub async fn discover_underlay(
     handle: &Handle,
-    iface: &[String],
+    choice: &InterfaceChoice,
     public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
 ) -> Result<Underlay> {
@@ -133,34 +174,36 @@ pub async fn discover_underlay(
         .iter()
         .filter(|l| l.name != "lo" && !l.addrs.is_empty())
         .collect();
-    let pick = if !iface.is_empty() {
-        iface
-            .iter()
-            .find_map(|want| {
-                let as_ip: Option<IpAddr> = want.parse().ok();
-                links
-                    .iter()
-                    .find(|l| l.name == *want || as_ip.is_some_and(|ip| l.addrs.contains(&ip)))
-            })
-            .ok_or_else(|| {
-                crate::cli::exit::usage(format!(
-                    "--iface {}: no interface has that name or address; interfaces here: {}",
-                    iface.join(","),
-                    names(&links)
-                ))
-            })?
+    let (pick, matched): Picked<'_> = if !choice.is_empty() {
+        let picked = match pick_by_name_or_regex(&links, choice) {
+            Some(p) => Some(p),
+            None => match choice.can_reach {
+                Some(ip) => route_to(handle, ip)
+                    .await?
+                    .and_then(|(index, src)| Some((links.iter().find(|l| l.index == index)?, src))),
+                None => None,
+            },
+        };
+        picked.ok_or_else(|| {
+            crate::cli::exit::usage(format!(
+                "{}: no interface matches; interfaces here: {}",
+                choice.describe(),
+                names_and_addresses(&links)
+            ))
+        })?
     } else if let Some(l) = links.iter().find(|l| {
         public_ip.is_some_and(|ip| l.addrs.contains(&IpAddr::V4(ip)))
             || public_ipv6.is_some_and(|ip| l.addrs.contains(&IpAddr::V6(ip)))
     }) {
-        l
+        (l, None)
     } else if let Some(idx) = default_route_index(handle).await? {
-        links
+        let l = links
             .iter()
             .find(|l| l.index == idx)
-            .ok_or_else(|| anyhow!("the default route's interface (index {idx}) has vanished"))?
+            .ok_or_else(|| anyhow!("the default route's interface (index {idx}) has vanished"))?;
+        (l, None)
     } else if candidates.len() == 1 {
-        candidates[0]
+        (candidates[0], None)
     } else {
         bail!(
             "cannot tell which interface is the underlay (no default route, {} interfaces with \
@@ -173,15 +216,99 @@ pub async fn discover_underlay(
         name: pick.name.clone(),
         index: pick.index,
         mtu: pick.mtu,
-        ipv4: pick.addrs.iter().find_map(|a| match a {
-            IpAddr::V4(v4) => Some(*v4),
-            IpAddr::V6(_) => None,
-        }),
-        ipv6: pick.addrs.iter().find_map(|a| match a {
-            IpAddr::V6(v6) if usable_v6(v6) => Some(*v6),
-            _ => None,
-        }),
+        ipv4: match matched {
+            Some(IpAddr::V4(v4)) => Some(v4),
+            _ => pick.addrs.iter().find_map(|a| match a {
+                IpAddr::V4(v4) => Some(*v4),
+                IpAddr::V6(_) => None,
+            }),
+        },
+        ipv6: match matched {
+            Some(IpAddr::V6(v6)) if usable_v6(&v6) => Some(v6),
+            _ => pick.addrs.iter().find_map(|a| match a {
+                IpAddr::V6(v6) if usable_v6(v6) => Some(*v6),
+                _ => None,
+            }),
+        },
     })
+}
+
+/// `--iface` values in order, then `--iface-regex` patterns in order (each against all
+/// addresses, then all names).
+fn pick_by_name_or_regex<'a>(links: &'a [Link], choice: &InterfaceChoice) -> Option<Picked<'a>> {
+    let by_iface = choice
+        .iface
+        .iter()
+        .find_map(|want| match want.parse::<IpAddr>() {
+            Ok(ip) => links
+                .iter()
+                .find(|l| l.addrs.contains(&ip))
+                .map(|l| (l, Some(ip))),
+            Err(_) => links.iter().find(|l| l.name == *want).map(|l| (l, None)),
+        });
+    by_iface.or_else(|| {
+        choice.regex.iter().find_map(|re| {
+            links
+                .iter()
+                .find_map(|l| {
+                    let ip = l.addrs.iter().find(|a| re.is_match(&a.to_string()))?;
+                    Some((l, Some(*ip)))
+                })
+                .or_else(|| {
+                    links
+                        .iter()
+                        .find(|l| re.is_match(&l.name))
+                        .map(|l| (l, None))
+                })
+        })
+    })
+}
+
+/// The output interface and preferred source of the main routing decision for `ip`
+/// (`ip route get`), or `None` when there is no route.
+async fn route_to(handle: &Handle, ip: IpAddr) -> Result<Option<(u32, Option<IpAddr>)>> {
+    let msg = match ip {
+        IpAddr::V4(v4) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(v4, 32)
+            .build(),
+        IpAddr::V6(v6) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .destination_prefix(v6, 128)
+            .build(),
+    };
+    let mut stream = handle.route().get(msg).execute();
+    let reply = match stream.try_next().await {
+        Ok(reply) => reply,
+        // ENETUNREACH and the like: no route, which the caller reports with the interfaces.
+        Err(rtnetlink::Error::NetlinkError(e)) => {
+            tracing::debug!(%ip, error = %e, "no route for --iface-can-reach");
+            None
+        }
+        Err(e) => return Err(e).context("netlink: looking up a route"),
+    };
+    Ok(reply.and_then(|msg| {
+        let oif = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::Oif(i) => Some(*i),
+            _ => None,
+        })?;
+        let src = msg.attributes.iter().find_map(|a| match a {
+            RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
+            RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
+            _ => None,
+        });
+        Some((oif, src))
+    }))
+}
+
+/// `eth0 [198.18.0.1, fd00::1], lo [127.0.0.1]`, for errors about a choice that matched nothing.
+fn names_and_addresses(links: &[Link]) -> String {
+    links
+        .iter()
+        .map(|l| {
+            let addrs: Vec<String> = l.addrs.iter().map(IpAddr::to_string).collect();
+            format!("{} [{}]", l.name, addrs.join(", "))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn names(links: &[Link]) -> String {

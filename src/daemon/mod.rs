@@ -96,8 +96,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
     let config = wait_for_config(registry.as_ref(), &mut stop).await?;
     let nl = host::connect()?;
-    let underlay =
-        host::discover_underlay(&nl, &args.iface, args.public_ip, args.public_ipv6).await?;
+    let underlay = host::discover_underlay(
+        &nl,
+        &args.interface_choice(),
+        args.public_ip,
+        args.public_ipv6,
+    )
+    .await?;
     let public_ip = args.public_ip.or(underlay.ipv4);
     // The IPv6 address is advertised when the overlay has IPv6, and also when there is no
     // IPv4 underlay address at all (an IPv6-only underlay carries the IPv4 overlay too).
