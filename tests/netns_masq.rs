@@ -166,14 +166,26 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
     let outside = lab.add_outside(0).unwrap();
     let dir = tempfile::tempdir().unwrap();
     common::network_init(dir.path());
-    let (pid1, env1, log1) = start(&mut lab, 0, dir.path(), None, &["--ip-masq"]);
+    let (pid1, env1, log1) = start(
+        &mut lab,
+        0,
+        dir.path(),
+        None,
+        &["--ip-masq", "--iptables-resync", "1"],
+    );
     // Host 2 reports to a systemd-style notify socket: READY=1 only once subnet.env exists.
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
     notify
         .set_read_timeout(Some(Duration::from_secs(15)))
         .unwrap();
-    let (pid2, env2, log2) = start(&mut lab, 1, dir.path(), Some(&notify_path), &["--ip-masq"]);
+    let (pid2, env2, log2) = start(
+        &mut lab,
+        1,
+        dir.path(),
+        Some(&notify_path),
+        &["--ip-masq", "--ip-masq-fully-random-disable"],
+    );
     let mut buf = [0u8; 64];
     let n = notify.recv(&mut buf).expect("no READY=1 from linen run");
     assert_eq!(&buf[..n], b"READY=1");
@@ -209,6 +221,11 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
     ] {
         assert!(v4_rules.contains(&want), "missing {want:?} in\n{v4_rules}");
     }
+    let host2_rules = nat_rules(&h2, "iptables");
+    assert!(
+        host2_rules.contains("-j MASQUERADE") && !host2_rules.contains("--random-fully"),
+        "--ip-masq-fully-random-disable:\n{host2_rules}"
+    );
 
     let (b1, b1v6) = bridge(&h1, &e1);
     let (b2, _) = bridge(&h2, &e2);
@@ -273,31 +290,35 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
     assert!(answered, "no IPv6 answer from outside through masquerade");
     assert_eq!(seen.as_deref(), Some("fd00:18:1::1"));
 
-    // Deleted rules come back within the resync period (5 s).
-    h1.run_ok("iptables", &["-t", "nat", "-D", "LINEN-POSTRTG", "2"])
+    // Deleted rules come back within the resync period, `--iptables-resync 1` here. Twice: the
+    // second deletion follows the first restore at once, so with the default 5 s the next check
+    // would come too late.
+    for round in 1..=2 {
+        h1.run_ok("iptables", &["-t", "nat", "-D", "LINEN-POSTRTG", "2"])
+            .unwrap();
+        h1.run_ok(
+            "iptables",
+            &[
+                "-t",
+                "nat",
+                "-D",
+                "POSTROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                "linen masq",
+                "-j",
+                "LINEN-POSTRTG",
+            ],
+        )
         .unwrap();
-    h1.run_ok(
-        "iptables",
-        &[
-            "-t",
-            "nat",
-            "-D",
-            "POSTROUTING",
-            "-m",
-            "comment",
-            "--comment",
-            "linen masq",
-            "-j",
-            "LINEN-POSTRTG",
-        ],
-    )
-    .unwrap();
-    assert!(chain_rule_count(&h1, "iptables") == 5 && !has_jump(&h1, "iptables"));
-    assert!(
-        wait_for(Duration::from_secs(8), rules_there).is_some(),
-        "rules not restored:\n{}",
-        nat_rules(&h1, "iptables")
-    );
+        assert!(chain_rule_count(&h1, "iptables") == 5 && !has_jump(&h1, "iptables"));
+        assert!(
+            wait_for(Duration::from_millis(2500), rules_there).is_some(),
+            "round {round}: rules not restored:\n{}",
+            nat_rules(&h1, "iptables")
+        );
+    }
 
     // SIGTERM removes every rule and the chain, and exits 0.
     let status = lab.stop(pid1, Duration::from_secs(10));

@@ -141,7 +141,7 @@ pub struct RunArgs {
     pub accept_unknown_senders: bool,
     /// Install flannel's masquerade rules (iptables chain LINEN-POSTRTG in table nat; ip6tables
     /// too when the network has IPv6): traffic from the overlay to outside it leaves with this
-    /// host's address. Re-checked every 5 s, removed on shutdown.
+    /// host's address. Re-checked every --iptables-resync seconds, removed on shutdown.
     #[arg(long, env = "LINEN_IP_MASQ", value_name = "BOOL", default_value_t = false,
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
@@ -155,6 +155,17 @@ pub struct RunArgs {
           default_value_t = true, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub iptables_forward_rules: bool,
+    /// Seconds between checks that the iptables rules are still in place (flannel's
+    /// `-iptables-resync`); a missing rule is put back at the next check.
+    #[arg(long, env = "LINEN_IPTABLES_RESYNC", value_name = "SECONDS", default_value_t = 5,
+          value_parser = clap::value_parser!(u32).range(1..=86_400))]
+    pub iptables_resync: u32,
+    /// Masquerade without `--random-fully` even where iptables has it (flannel's
+    /// `-ip-masq-fully-random-disable`).
+    #[arg(long, env = "LINEN_IP_MASQ_FULLY_RANDOM_DISABLE", value_name = "BOOL",
+          default_value_t = false, num_args = 0..=1, default_missing_value = "true",
+          action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
+    pub ip_masq_fully_random_disable: bool,
     /// Microseconds a worker keeps polling after traffic before it sleeps (0: sleep at once).
     /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM): on
     /// 2 cores, 100 cut ping from 244 to 173 µs but TCP throughput from 5.0 to 3.8 Gbit/s.

@@ -9,7 +9,7 @@
 //! 5. `-s N ! -d 224.0.0.0/4 -j MASQUERADE` (IPv6: `ff00::/8`), 6. `! -s N -d N -j MASQUERADE`
 //!
 //! every rule with the comment "linen masq", MASQUERADE with `--random-fully` when iptables
-//! supports it (≥ 1.6.2, flannel's test).
+//! supports it (≥ 1.6.2, flannel's test) and `--ip-masq-fully-random-disable` is not given.
 //!
 //! `--iptables-forward-rules` (on by default, as flannel's `-iptables-forward-rules`), the
 //! FORWARD accept rules: chain `LINEN-FWD` in table filter, jumped to from the end of FORWARD,
@@ -17,7 +17,8 @@
 //! whose FORWARD policy is DROP (Docker sets it) still forwards between its containers and the
 //! overlay. Without the `iptables` command these are skipped with a warning.
 //!
-//! Like flannel's `-iptables-resync`, the rules are checked every 5 s and, when one is missing,
+//! Like flannel's `-iptables-resync`, the rules are checked every 5 s (`--iptables-resync`) and,
+//! when one is missing,
 //! the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
 //! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
 
@@ -41,8 +42,19 @@ pub const COMMENT: &str = "linen masq";
 pub const FORWARD_CHAIN: &str = "LINEN-FWD";
 /// The comment on every FORWARD rule linen adds.
 pub const FORWARD_COMMENT: &str = "linen forward";
-/// How often the rules are checked (flannel's `-iptables-resync` default).
-pub const RESYNC: Duration = Duration::from_secs(5);
+/// Which rules to keep, and how.
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// The masquerade rules (`--ip-masq`).
+    pub masquerade: bool,
+    /// The FORWARD accept rules (`--iptables-forward-rules`).
+    pub forward: bool,
+    /// How often the rules are checked (`--iptables-resync`).
+    pub resync: Duration,
+    /// MASQUERADE without `--random-fully` even where iptables has it
+    /// (`--ip-masq-fully-random-disable`).
+    pub no_random_fully: bool,
+}
 /// kube-proxy's masquerade mark: traffic it marked is left alone.
 const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 
@@ -228,6 +240,7 @@ impl RuleSet {
 pub struct Masq {
     sets: Vec<RuleSet>,
     lease: SubnetKey,
+    resync: Duration,
 }
 
 impl Masq {
@@ -235,16 +248,18 @@ impl Masq {
     /// masquerade rules when `masquerade`, the FORWARD rules when `forward`; installs nothing
     /// yet. A missing command is an error for the masquerade rules, which were asked for, and a
     /// warning for the FORWARD rules, which are on by default.
-    pub fn new(
-        config: &NetworkConfig,
-        lease: &SubnetKey,
-        masquerade: bool,
-        forward: bool,
-    ) -> Result<Masq> {
+    pub fn new(config: &NetworkConfig, lease: &SubnetKey, opts: Options) -> Result<Masq> {
+        let Options {
+            masquerade,
+            forward,
+            resync,
+            no_random_fully,
+        } = opts;
         if !masquerade && !forward {
             return Ok(Masq {
                 sets: Vec::new(),
                 lease: *lease,
+                resync,
             });
         }
         if config.enable_nftables {
@@ -294,7 +309,7 @@ impl Masq {
                 }
             };
             let version = String::from_utf8_lossy(&out.stdout);
-            let random_fully = supports_random_fully(&version);
+            let random_fully = supports_random_fully(&version) && !no_random_fully;
             tracing::debug!(program = family.program(), version = %version.trim(), random_fully,
                 "iptables rules through");
             if forward {
@@ -310,6 +325,7 @@ impl Masq {
         Ok(Masq {
             sets,
             lease: *lease,
+            resync,
         })
     }
 
@@ -334,6 +350,7 @@ impl Masq {
         Masq {
             sets,
             lease: *lease,
+            resync: self.resync,
         }
     }
 
@@ -444,28 +461,28 @@ fn ensure_set(set: &RuleSet) -> Result<bool> {
 }
 
 /// Installs the rules for `lease` (on a blocking thread): the masquerade rules when
-/// `masquerade` (a failure is an error, and removes what was added), the FORWARD rules when
-/// `forward` (a failure is a warning, and the resync tries again). First removes the chains an
+/// `opts.masquerade` (a failure is an error, and removes what was added), the FORWARD rules
+/// when `opts.forward` (a failure is a warning, and the resync tries again). First removes the chains an
 /// earlier run left for purposes not asked for now. `None` when nothing is left to keep in
 /// place.
 pub async fn install(
     config: &NetworkConfig,
     lease: &SubnetKey,
-    masquerade: bool,
-    forward: bool,
+    opts: Options,
 ) -> Result<Option<Masq>> {
     let (config, lease) = (config.clone(), *lease);
     tokio::task::spawn_blocking(move || {
-        remove_leftovers(masquerade, forward);
-        let masq = Masq::new(&config, &lease, masquerade, forward)?;
+        remove_leftovers(opts.masquerade, opts.forward);
+        let masq = Masq::new(&config, &lease, opts)?;
         for set in &masq.sets {
             match ensure_set(set) {
                 Ok(_) => {}
-                // Kept: the resync tries again every RESYNC (the iptables lock may be held by
-                // kube-proxy or Docker at boot, say).
+                // Kept: the resync tries again (the iptables lock may be held by kube-proxy or
+                // Docker at boot, say).
                 Err(e) if set.purpose == Purpose::Forward => {
                     tracing::warn!(error = %format!("{e:#}"), program = set.family.program(),
-                        "cannot install the FORWARD accept rules yet; retrying every 5 s");
+                        retry_s = masq.resync.as_secs(),
+                        "cannot install the FORWARD accept rules yet; retrying");
                 }
                 Err(e) => {
                     masq.remove();
@@ -518,20 +535,20 @@ fn remove_leftovers(masquerade: bool, forward: bool) {
     }
 }
 
-/// Keeps the rules in place until `cancel`: every [`RESYNC`] and whenever our lease changes;
-/// then removes them.
+/// Keeps the rules in place until `cancel`: every `--iptables-resync` and whenever our lease
+/// changes; then removes them.
 pub fn spawn_resync(
     mut masq: Masq,
     mut state: watch::Receiver<LeaseState>,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(RESYNC);
+        let mut tick = tokio::time::interval(masq.resync);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         tick.tick().await;
         let mut watching = true;
         // The last failure logged: a lasting one (a kernel without ip6_tables, say) is logged
-        // when it starts and when it changes, not every RESYNC.
+        // when it starts and when it changes, not at every check.
         let mut failing: Option<String> = None;
         loop {
             tokio::select! {
@@ -564,9 +581,9 @@ pub fn spawn_resync(
                 Ok(Err(e)) => {
                     let error = format!("{e:#}");
                     if failing.as_ref() != Some(&error) {
-                        tracing::error!(error = %error,
-                            "cannot restore iptables rules (retrying every 5 s, logged again when \
-                             the error changes)");
+                        tracing::error!(error = %error, retry_s = masq.resync.as_secs(),
+                            "cannot restore iptables rules (retrying, logged again when the \
+                             error changes)");
                         failing = Some(error);
                     }
                 }
@@ -637,10 +654,12 @@ mod tests {
         let masq = Masq {
             sets: vec![RuleSet::forward(Family::V4, v4("198.19.0.0/16")), set],
             lease: old,
+            resync: Duration::from_secs(7),
         };
         let new = SubnetKey::parse("198.19.9.0-24").unwrap();
         let moved = masq.for_lease(&new);
         assert_eq!(moved.lease, new);
+        assert_eq!(moved.resync, Duration::from_secs(7));
         assert!(moved.sets[1].rules[1].contains(&"198.19.9.0/24".to_owned()));
         // The FORWARD rules name only the network: unchanged.
         assert_eq!(moved.sets[0].rules, masq.sets[0].rules);

@@ -245,8 +245,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
 
     let cancel = CancellationToken::new();
-    let (masquerade, forward) = (args.ip_masq, args.iptables_forward_rules);
-    let rules = masq::install(&config, &own.key, masquerade, forward).await?;
+    let rule_opts = masq::Options {
+        masquerade: args.ip_masq,
+        forward: args.iptables_forward_rules,
+        resync: Duration::from_secs(args.iptables_resync.into()),
+        no_random_fully: args.ip_masq_fully_random_disable,
+    };
+    let rules = masq::install(&config, &own.key, rule_opts).await?;
     let masq = rules.map(|r| masq::spawn_resync(r, manager.subscribe(), cancel.clone()));
     notify::notify_logged("READY=1");
     let mut state = manager.subscribe();
