@@ -3,13 +3,12 @@
 
 #![deny(unsafe_code)]
 
-use clap::Parser;
 use linen::cli::{Cli, Command, LogFormat};
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 
 fn main() {
-    let cli = Cli::parse();
+    let cli = Cli::parse_with_flannel_compat();
     let filter = match linen::cli::log_filter(&cli.log_level) {
         Ok(f) => f,
         Err(e) => {

@@ -172,3 +172,52 @@ fn log_format_and_level_apply_to_what_is_logged() {
     ]);
     assert!(stderr.contains("malformed"), "linen::lease=warn:\n{stderr}");
 }
+
+/// flanneld's spellings reach the same checks: `-flag=value`, and `FLANNELD_*` variables after
+/// the command line and `LINEN_*` ones. Each case is an invalid pattern, so the error names the
+/// value that was read and nothing starts.
+#[test]
+fn flanneld_flags_and_variables_are_read_in_flannels_order() {
+    let run = |args: &[&str], vars: &[(&str, &str)]| {
+        let mut cmd = Command::new(LINEN);
+        cmd.args(args)
+            .env_remove("LINEN_IFACE_REGEX")
+            .env_remove("FLANNELD_IFACE_REGEX");
+        for (k, v) in vars {
+            cmd.env(k, v);
+        }
+        let out = cmd.output().unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // (arguments, variables, the value the error must name)
+    type Case<'a> = (&'a [&'a str], &'a [(&'a str, &'a str)], &'a str);
+    let cases: [Case<'_>; 4] = [
+        (&["run", "-iface-regex=a)"], &[], "'a)'"),
+        (&["run"], &[("FLANNELD_IFACE_REGEX", "b)")], "'b)'"),
+        (
+            &["run"],
+            &[("FLANNELD_IFACE_REGEX", "b)"), ("LINEN_IFACE_REGEX", "c)")],
+            "'c)'",
+        ),
+        (
+            &["run", "-iface-regex", "a)"],
+            &[("FLANNELD_IFACE_REGEX", "b)"), ("LINEN_IFACE_REGEX", "c)")],
+            "'a)'",
+        ),
+    ];
+    for (args, vars, value) in cases {
+        let (code, stderr) = run(args, vars);
+        assert_eq!(code, Some(2), "{args:?} {vars:?}: {stderr}");
+        assert!(
+            stderr.contains("--iface-regex") && stderr.contains(value),
+            "{args:?} {vars:?} should report {value}: {stderr}"
+        );
+    }
+    // Single-dash spellings of other flags reach their own checks.
+    let (code, stderr) = run(&["run", "-iptables-resync=0"], &[]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("--iptables-resync"), "{stderr}");
+}

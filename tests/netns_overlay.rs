@@ -64,6 +64,15 @@ impl Overlay {
         self.pids[i] = Some(self.lab.spawn(cmd, "linen").unwrap());
     }
 
+    /// Runs `linen run` on host i with `flags` (no metrics endpoint) and waits for it to exit:
+    /// for flags it must refuse.
+    fn run_to_end(&self, i: usize, flags: &[&str]) -> std::process::Output {
+        let dir = self.dir.path().to_string_lossy();
+        let mut args = vec!["run", "--registry-dir", &dir, "--metrics-addr", "off"];
+        args.extend_from_slice(flags);
+        self.lab.host(i).run(LINEN, &args).unwrap()
+    }
+
     /// Stops host i's daemon; returns its exit status and log.
     fn stop(&mut self, i: usize) -> (Option<std::process::ExitStatus>, String) {
         let pid = self.pids[i].take().expect("running");
@@ -497,24 +506,7 @@ fn iface_takes_the_first_interface_that_exists() {
     o.start(1, &[]);
     let (a2, _) = o.addrs(1);
     assert!(o.ping_ok(0, &a2, &[]));
-    let out = o
-        .lab
-        .host(1)
-        .run(
-            LINEN,
-            &[
-                "run",
-                "--registry-dir",
-                &o.dir.path().to_string_lossy(),
-                "--iface",
-                "nosuch0",
-                "--iface",
-                "wan9",
-                "--metrics-addr",
-                "off",
-            ],
-        )
-        .unwrap();
+    let out = o.run_to_end(1, &["--iface", "nosuch0", "--iface", "wan9"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
@@ -561,10 +553,10 @@ fn advertised(o: &Overlay, i: usize) -> String {
         .to_owned()
 }
 
-/// flannel's interface flags choose the interface and the advertised address as flannel does:
-/// `--iface ADDRESS` and a pattern matching an address advertise that address (not the
-/// interface's first), `--iface-can-reach` the route's source; `--iface-regex` falls back to
-/// names. Each choice that uses eth0 then carries a ping (the
+/// flannel's interface flags and variables choose the interface and the advertised address as
+/// flannel does: `-iface ADDRESS` and a pattern matching an address advertise that address (not
+/// the interface's first), `--iface-can-reach` the route's source; `--iface-regex` falls back to
+/// names; `FLANNELD_*` variables are read. Each choice that uses eth0 then carries a ping (the
 /// peer accepts only datagrams from the advertised address).
 #[test]
 fn flannels_interface_flags_choose_the_interface_and_address() {
@@ -589,10 +581,12 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
     o.start(1, &[]);
     let peer = o.lab.host(1).ip.to_string();
     let (a2, _) = o.addrs(1);
+    // Go's flag syntax, as in a flanneld unit file.
+    let by_address = format!("-iface={secondary}");
     // (flags, variables, the address advertised, whether the chosen interface reaches host 2)
     type Case<'a> = (Vec<&'a str>, Vec<(&'a str, &'a str)>, &'a str, bool);
     let cases: Vec<Case<'_>> = vec![
-        (vec!["--iface", &secondary], vec![], &secondary, true),
+        (vec![&by_address], vec![], &secondary, true),
         (vec!["--iface-regex", r"\.102$"], vec![], &secondary, true),
         (
             vec!["--iface-regex", "^nomatch", "--iface-regex", "^wan7$"],
@@ -601,6 +595,15 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
             false,
         ),
         (vec!["--iface-can-reach", &peer], vec![], &primary, true),
+        (
+            vec![],
+            vec![
+                ("FLANNELD_IFACE", "eth0"),
+                ("FLANNELD_PUBLIC_IP", &secondary),
+            ],
+            &secondary,
+            true,
+        ),
     ];
     for (flags, vars, want, ping) in cases {
         let _ = std::fs::remove_file(o.env_path(0));
@@ -617,20 +620,7 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
     }
 
     // A pattern that matches nothing: exit 2, naming the interfaces and their addresses.
-    let out = h1
-        .run(
-            LINEN,
-            &[
-                "run",
-                "--registry-dir",
-                &o.dir.path().to_string_lossy(),
-                "--iface-regex",
-                "^nomatch",
-                "--metrics-addr",
-                "off",
-            ],
-        )
-        .unwrap();
+    let out = o.run_to_end(0, &["--iface-regex", "^nomatch"]);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

@@ -2,13 +2,14 @@
 //! validation into typed options, and the admin commands. `main.rs` only parses and dispatches.
 
 pub mod admin;
+pub mod compat;
 pub mod exit;
 pub mod status;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 
-use clap::{Args, Parser, Subcommand, ValueEnum};
+use clap::{Args, CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use tracing_subscriber::filter::{LevelFilter, Targets};
 
 /// linen: a flannel-compatible userspace UDP overlay (flannel's udp backend, port 8285).
@@ -27,6 +28,17 @@ pub struct Cli {
     pub command: Command,
 }
 
+impl Cli {
+    /// Parses the process's arguments, taking flanneld's spellings too ([`compat`]); exits with
+    /// clap's message and status 2 on bad flags.
+    pub fn parse_with_flannel_compat() -> Cli {
+        let cmd = compat::flanneld_env(Cli::command(), |k| std::env::var_os(k));
+        let args = compat::double_dash(std::env::args_os().collect(), &cmd);
+        let matches = cmd.get_matches_from(args);
+        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+    }
+}
+
 /// Log output formats.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
 pub enum LogFormat {
@@ -40,6 +52,13 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the overlay on this host (needs root): lease a subnet, create the TUN device, forward.
+    #[command(
+        after_help = "flanneld's spellings work too: `-etcd-endpoints=URL` for \
+        `--etcd-endpoints URL`, and FLANNELD_* variables (after LINEN_* ones) for the flags \
+        flannel has: etcd-*, iface, iface-regex, iface-can-reach, public-ip, public-ipv6, \
+        subnet-file, subnet-lease-renew-margin, ip-masq, ip-masq-fully-random-disable, \
+        iptables-resync, iptables-forward-rules."
+    )]
     Run(Box<RunArgs>),
     /// Create or show the network config in the registry.
     #[command(subcommand)]
