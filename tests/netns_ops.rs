@@ -238,11 +238,20 @@ fn metrics_health_and_status_of_running_daemons() {
             "198.19.2.0",
         ],
     );
-    // Host 2 serves on another address, which `linen status` must be told.
-    d.start(1, &["--metrics-addr", "127.0.0.1:9500"]);
+    // Host 2 serves on another address, which `linen status` must be told, and /healthz alone
+    // on every address at flannel's -healthz-port (spelled as in a flanneld unit).
+    d.start(
+        1,
+        &["--metrics-addr", "127.0.0.1:9500", "-healthz-port=8471"],
+    );
     let body = d.wait_code(0, "http://127.0.0.1:9418/healthz", 200, 15);
     assert_eq!(body, "ok\n");
     d.wait_code(1, "http://127.0.0.1:9500/healthz", 200, 15);
+    let probe = format!("http://{}:8471", d.lab.host(1).ip);
+    let body = d.wait_code(0, &format!("{probe}/healthz"), 200, 15);
+    assert_eq!(body, "ok\n", "the healthz port, from another host");
+    d.wait_code(0, &format!("{probe}/metrics"), 404, 5);
+    d.wait_code(0, &format!("{probe}/status"), 404, 5);
     let key1 = d.env(0).previous_key().unwrap();
     let net1 = key1.ipv4().unwrap();
     let net2 = d.env(1).previous_key().unwrap().ipv4().unwrap();

@@ -32,6 +32,8 @@ pub const FLANNEL_FLAGS: &[&str] = &[
     "ip-masq-fully-random-disable",
     "iptables-resync",
     "iptables-forward-rules",
+    "healthz-ip",
+    "healthz-port",
 ];
 
 /// The environment variable `prefix` + `name` in flannel's spelling: `FLANNELD_` and

@@ -57,7 +57,7 @@ pub enum Command {
         `--etcd-endpoints URL`, and FLANNELD_* variables (after LINEN_* ones) for the flags \
         flannel has: etcd-*, iface, iface-regex, iface-can-reach, public-ip, public-ipv6, \
         subnet-file, subnet-lease-renew-margin, ip-masq, ip-masq-fully-random-disable, \
-        iptables-resync, iptables-forward-rules."
+        iptables-resync, iptables-forward-rules, healthz-ip, healthz-port."
     )]
     Run(Box<RunArgs>),
     /// Create or show the network config in the registry.
@@ -206,6 +206,24 @@ pub struct RunArgs {
     /// Serve /metrics (Prometheus), /healthz and /status on this IP:PORT, or `off`.
     #[arg(long, env = "LINEN_METRICS_ADDR", default_value = status::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: status::MetricsAddr,
+    /// Address for --healthz-port (flannel's `-healthz-ip`).
+    #[arg(
+        long,
+        env = "LINEN_HEALTHZ_IP",
+        value_name = "IP",
+        default_value = "0.0.0.0"
+    )]
+    pub healthz_ip: IpAddr,
+    /// Serve `GET /healthz` alone on --healthz-ip and this port, for liveness probes from
+    /// outside the host (flannel's `-healthz-port`; 0: off). 200 "ok" while the daemon forwards,
+    /// 503 with the reason otherwise. --metrics-addr serves it too, on loopback.
+    #[arg(
+        long,
+        env = "LINEN_HEALTHZ_PORT",
+        value_name = "PORT",
+        default_value_t = 0
+    )]
+    pub healthz_port: u16,
     /// Lease TTL in seconds for new leases, on either registry (flannel: 86400, fixed; shorter
     /// values are for tests and demos).
     #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]
@@ -213,6 +231,11 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// Where `/healthz` alone is served (`None`: --healthz-port 0).
+    pub fn healthz_addr(&self) -> Option<std::net::SocketAddr> {
+        (self.healthz_port != 0).then(|| (self.healthz_ip, self.healthz_port).into())
+    }
+
     /// The interface flags, for [`crate::daemon::host::discover_underlay`].
     pub fn interface_choice(&self) -> crate::daemon::host::InterfaceChoice {
         crate::daemon::host::InterfaceChoice {

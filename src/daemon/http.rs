@@ -1,6 +1,7 @@
 //! The daemon's local HTTP endpoint (`--metrics-addr`, default 127.0.0.1:9418): `GET /metrics`
 //! (Prometheus text), `GET /healthz` (200 "ok" or 503 with the reason) and `GET /status` (the
-//! JSON `linen status` renders).
+//! JSON `linen status` renders). With `--healthz-port` (flannel's `-healthz-ip`/`-healthz-port`,
+//! for liveness probes from outside the host) a second listener serves `/healthz` alone.
 //!
 //! Hand-rolled HTTP/1.1 over `tokio::net::TcpListener` rather than hyper: three GET paths on a
 //! loopback port, one request per connection (`Connection: close`), no bodies to read, no
@@ -38,31 +39,40 @@ pub struct OpsServer {
 }
 
 impl OpsServer {
-    /// Binds `addr` and serves on the current tokio runtime. Until [`attach`](Self::attach) is
-    /// called, `/healthz` answers 503 "starting…".
-    pub async fn start(addr: MetricsAddr) -> Result<OpsServer> {
+    /// Binds `addr` (all paths) and `healthz` (`/healthz` only) and serves on the current
+    /// tokio runtime. Until [`attach`](Self::attach) is called, `/healthz` answers 503
+    /// "starting…".
+    pub async fn start(addr: MetricsAddr, healthz: Option<SocketAddr>) -> Result<OpsServer> {
         let sources = Arc::new(OnceLock::new());
         let cancel = CancellationToken::new();
-        let MetricsAddr::On(addr) = addr else {
-            return Ok(OpsServer {
-                sources,
-                cancel,
-                local: None,
-            });
-        };
-        let listener = TcpListener::bind(addr).await.with_context(|| {
-            format!(
-                "cannot listen on --metrics-addr {addr} (is another linen running?); \
-                 pass another address or --metrics-addr off"
-            )
-        })?;
-        let local = listener.local_addr()?;
-        tracing::info!(addr = %local, "serving /metrics, /healthz and /status");
-        tokio::spawn(accept_loop(listener, Arc::clone(&sources), cancel.clone()));
+        let mut local = None;
+        if let MetricsAddr::On(addr) = addr {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen on --metrics-addr {addr} (is another linen running?); \
+                     pass another address or --metrics-addr off"
+                )
+            })?;
+            local = Some(listener.local_addr()?);
+            tracing::info!(addr = %addr, "serving /metrics, /healthz and /status");
+            let (sources, cancel) = (Arc::clone(&sources), cancel.clone());
+            tokio::spawn(accept_loop(listener, Scope::All, sources, cancel));
+        }
+        if let Some(addr) = healthz {
+            let listener = TcpListener::bind(addr).await.with_context(|| {
+                format!(
+                    "cannot listen on --healthz-ip/--healthz-port {addr} (is another program \
+                     using the port?); pass another port, or --healthz-port 0 to turn it off"
+                )
+            })?;
+            tracing::info!(addr = %addr, "serving /healthz");
+            let (sources, cancel) = (Arc::clone(&sources), cancel.clone());
+            tokio::spawn(accept_loop(listener, Scope::HealthzOnly, sources, cancel));
+        }
         Ok(OpsServer {
             sources,
             cancel,
-            local: Some(local),
+            local,
         })
     }
 
@@ -83,8 +93,18 @@ impl Drop for OpsServer {
     }
 }
 
+/// What a listener serves.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Scope {
+    /// `/metrics`, `/healthz` and `/status` (`--metrics-addr`).
+    All,
+    /// `/healthz` alone (`--healthz-port`, which listens on every address by default).
+    HealthzOnly,
+}
+
 async fn accept_loop(
     listener: TcpListener,
+    scope: Scope,
     sources: Arc<OnceLock<Sources>>,
     cancel: CancellationToken,
 ) {
@@ -108,15 +128,15 @@ async fn accept_loop(
         };
         let sources = Arc::clone(&sources);
         tokio::spawn(async move {
-            serve(stream, sources.get()).await;
+            serve(stream, scope, sources.get()).await;
             drop(permit);
         });
     }
 }
 
-async fn serve(mut stream: TcpStream, sources: Option<&Sources>) {
+async fn serve(mut stream: TcpStream, scope: Scope, sources: Option<&Sources>) {
     let response = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(Some(head))) => respond(&head, sources, SystemTime::now()),
+        Ok(Ok(Some(head))) => respond(&head, scope, sources, SystemTime::now()),
         Ok(Ok(None)) => Response::text(431, "request head too large\n"),
         // Timed out, reset or closed early: nobody to answer.
         _ => return,
@@ -199,7 +219,7 @@ impl Response {
 }
 
 /// Answers one request head (sans-IO, so routing is unit-tested without sockets).
-pub fn respond(head: &[u8], sources: Option<&Sources>, now: SystemTime) -> Response {
+pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: SystemTime) -> Response {
     let text = String::from_utf8_lossy(head);
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
     let (Some(method), Some(target), Some(version), None) =
@@ -216,6 +236,11 @@ pub fn respond(head: &[u8], sources: Option<&Sources>, now: SystemTime) -> Respo
         _ => return Response::text(405, "only GET and HEAD are served\n"),
     };
     let path = target.split('?').next().unwrap_or(target);
+    if scope == Scope::HealthzOnly && path != "/healthz" {
+        let mut r = Response::text(404, "not found; this address serves only /healthz\n");
+        r.head_only = head_only;
+        return r;
+    }
     let mut response = match path {
         "/metrics" => Response {
             status: 200,
@@ -250,12 +275,28 @@ pub fn respond(head: &[u8], sources: Option<&Sources>, now: SystemTime) -> Respo
 mod test {
     use super::*;
 
-    fn get(path: &str) -> Response {
+    fn get_from(scope: Scope, path: &str) -> Response {
         respond(
             format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
+            scope,
             None,
             SystemTime::now(),
         )
+    }
+
+    fn get(path: &str) -> Response {
+        get_from(Scope::All, path)
+    }
+
+    #[test]
+    fn the_healthz_port_serves_nothing_else() {
+        let r = get_from(Scope::HealthzOnly, "/healthz");
+        assert_eq!((r.status, r.body), (503, format!("{}\n", status::STARTING)));
+        for path in ["/metrics", "/status", "/", "/healthz/x"] {
+            let r = get_from(Scope::HealthzOnly, path);
+            assert_eq!(r.status, 404, "{path}");
+            assert!(!r.body.contains("linen_"), "{path}: {}", r.body);
+        }
     }
 
     #[test]
@@ -272,19 +313,27 @@ mod test {
         assert_eq!(get("/nope").status, 404);
         let now = SystemTime::now();
         assert_eq!(
-            respond(b"POST /metrics HTTP/1.1\r\n\r\n", None, now).status,
+            respond(b"POST /metrics HTTP/1.1\r\n\r\n", Scope::All, None, now).status,
             405
         );
         assert_eq!(
-            respond(b"GET /metrics SPDY/3\r\n\r\n", None, now).status,
+            respond(b"GET /metrics SPDY/3\r\n\r\n", Scope::All, None, now).status,
             505
         );
-        assert_eq!(respond(b"garbage\r\n\r\n", None, now).status, 400);
+        assert_eq!(
+            respond(b"garbage\r\n\r\n", Scope::All, None, now).status,
+            400
+        );
     }
 
     #[test]
     fn head_sends_no_body_but_its_length() {
-        let r = respond(b"HEAD /healthz HTTP/1.1\r\n\r\n", None, SystemTime::now());
+        let r = respond(
+            b"HEAD /healthz HTTP/1.1\r\n\r\n",
+            Scope::All,
+            None,
+            SystemTime::now(),
+        );
         let wire = String::from_utf8(r.to_bytes()).unwrap();
         assert!(
             wire.starts_with("HTTP/1.1 503 Service Unavailable\r\n"),

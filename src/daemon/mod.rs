@@ -92,7 +92,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // is lost, and a daemon stopped during start-up would run on until killed.
     let mut stop = StopSignals::new()?;
     // First, so /healthz says "starting" while the config and lease are awaited.
-    let ops = http::OpsServer::start(args.metrics_addr).await?;
+    let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
     let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
     let config = wait_for_config(registry.as_ref(), &mut stop).await?;
     let nl = host::connect()?;
