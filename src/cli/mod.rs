@@ -52,13 +52,7 @@ pub enum LogFormat {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the overlay on this host (needs root): lease a subnet, create the TUN device, forward.
-    #[command(
-        after_help = "flanneld's spellings work too: `-etcd-endpoints=URL` for \
-        `--etcd-endpoints URL`, and FLANNELD_* variables (after LINEN_* ones) for the flags \
-        flannel has: etcd-*, iface, iface-regex, iface-can-reach, public-ip, public-ipv6, \
-        subnet-file, subnet-lease-renew-margin, ip-masq, ip-masq-fully-random-disable, \
-        iptables-resync, iptables-forward-rules, healthz-ip, healthz-port."
-    )]
+    #[command(after_help = compat::run_after_help())]
     Run(Box<RunArgs>),
     /// Create or show the network config in the registry.
     #[command(subcommand)]
@@ -214,9 +208,10 @@ pub struct RunArgs {
         default_value = "0.0.0.0"
     )]
     pub healthz_ip: IpAddr,
-    /// Serve `GET /healthz` alone on --healthz-ip and this port, for liveness probes from
-    /// outside the host (flannel's `-healthz-port`; 0: off). 200 "ok" while the daemon forwards,
-    /// 503 with the reason otherwise. --metrics-addr serves it too, on loopback.
+    /// Serve `GET /healthz` alone on --healthz-ip and this port, for probes from outside the
+    /// host (flannel's `-healthz-port`; 0: off). 200 "ok" while the daemon forwards, 503 with
+    /// the reason otherwise: also while it waits for the network config or its lease, where
+    /// flannel answers 200 as long as it runs. --metrics-addr serves it too.
     #[arg(
         long,
         env = "LINEN_HEALTHZ_PORT",

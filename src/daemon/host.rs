@@ -24,9 +24,10 @@ pub struct Underlay {
     pub index: u32,
     /// Its MTU.
     pub mtu: u32,
-    /// Its first IPv4 address.
+    /// The IPv4 address that chose it (`--iface ADDRESS`, a pattern, a route's source), else
+    /// its first.
     pub ipv4: Option<Ipv4Addr>,
-    /// Its first global IPv6 address.
+    /// The IPv6 address that chose it, else its first global one.
     pub ipv6: Option<Ipv6Addr>,
 }
 
@@ -105,18 +106,36 @@ async fn default_route_index(handle: &Handle) -> Result<Option<u32>> {
         if msg.header.destination_prefix_length != 0 {
             continue;
         }
-        if let Some(idx) = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        }) {
+        if let Some(idx) = output_interface(&msg.attributes) {
             return Ok(Some(idx));
         }
     }
     Ok(None)
 }
 
+fn output_interface(attrs: &[RouteAttribute]) -> Option<u32> {
+    attrs.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
 fn usable_v6(a: &Ipv6Addr) -> bool {
     !a.is_loopback() && !a.is_unicast_link_local() && !a.is_unspecified()
+}
+
+/// An address a peer could send to: not loopback, unspecified, multicast or (IPv6) link-local.
+fn advertisable(a: &IpAddr) -> bool {
+    match a {
+        IpAddr::V4(v4) => !v4.is_loopback() && !v4.is_unspecified() && !v4.is_multicast(),
+        IpAddr::V6(v6) => usable_v6(v6) && !v6.is_multicast(),
+    }
+}
+
+/// Whether a link has an address to advertise: flannel moves on to the next `-iface` or
+/// pattern when the one it found has none.
+fn has_advertisable(link: &Link) -> bool {
+    link.addrs.iter().any(advertisable)
 }
 
 /// How the operator named the underlay interface: flannel's `-iface` (names or addresses),
@@ -159,7 +178,8 @@ type Picked<'a> = (&'a Link, Option<IpAddr>);
 /// Finds the underlay interface as flannel does: when any of `choice` is given, the first
 /// `--iface` (name or address) that exists, else the first `--iface-regex` that matches an
 /// address or a name, else the interface of the route to `--iface-can-reach`; none matching is
-/// an error. Without them: the one holding `public_ip`; else the default route's; else the only
+/// an error. As in flannel, an interface without an address to advertise does not count as a
+/// match, and patterns are matched against advertisable addresses only (never 127.0.0.1). Without them: the one holding `public_ip`; else the default route's; else the only
 /// interface with an address. An address that picked the interface (`--iface 198.18.0.9`, a
 /// regex matching it, the route's source) is the one advertised, as in flannel; otherwise the
 /// interface's first.
@@ -175,18 +195,27 @@ pub async fn discover_underlay(
         .filter(|l| l.name != "lo" && !l.addrs.is_empty())
         .collect();
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
-        let picked = match pick_by_name_or_regex(&links, choice) {
-            Some(p) => Some(p),
-            None => match choice.can_reach {
-                Some(ip) => route_to(handle, ip)
-                    .await?
-                    .and_then(|(index, src)| Some((links.iter().find(|l| l.index == index)?, src))),
-                None => None,
-            },
-        };
+        let mut why = "no interface with an address matches".to_owned();
+        let mut picked = pick_by_name_or_regex(&links, choice);
+        if let (None, Some(ip)) = (picked, choice.can_reach) {
+            match route_to(handle, ip).await? {
+                Some((index, src)) => {
+                    picked = links
+                        .iter()
+                        .find(|l| l.index == index && has_advertisable(l))
+                        .map(|l| (l, src));
+                    if picked.is_none() {
+                        why = format!(
+                            "the route to {ip} leaves through no interface with an address"
+                        );
+                    }
+                }
+                None => why = format!("there is no route to {ip}"),
+            }
+        }
         picked.ok_or_else(|| {
             crate::cli::exit::usage(format!(
-                "{}: no interface matches; interfaces here: {}",
+                "{}: {why}; interfaces here: {}",
                 choice.describe(),
                 names_and_addresses(&links)
             ))
@@ -209,7 +238,7 @@ pub async fn discover_underlay(
             "cannot tell which interface is the underlay (no default route, {} interfaces with \
              addresses: {}); pass --iface NAME or --iface ADDRESS",
             candidates.len(),
-            names(&links)
+            names_and_addresses(&links)
         );
     };
     Ok(Underlay {
@@ -236,6 +265,7 @@ pub async fn discover_underlay(
 /// `--iface` values in order, then `--iface-regex` patterns in order (each against all
 /// addresses, then all names).
 fn pick_by_name_or_regex<'a>(links: &'a [Link], choice: &InterfaceChoice) -> Option<Picked<'a>> {
+    let usable = || links.iter().filter(|l| has_advertisable(l));
     let by_iface = choice
         .iface
         .iter()
@@ -244,22 +274,20 @@ fn pick_by_name_or_regex<'a>(links: &'a [Link], choice: &InterfaceChoice) -> Opt
                 .iter()
                 .find(|l| l.addrs.contains(&ip))
                 .map(|l| (l, Some(ip))),
-            Err(_) => links.iter().find(|l| l.name == *want).map(|l| (l, None)),
+            Err(_) => usable().find(|l| l.name == *want).map(|l| (l, None)),
         });
     by_iface.or_else(|| {
         choice.regex.iter().find_map(|re| {
-            links
-                .iter()
+            usable()
                 .find_map(|l| {
-                    let ip = l.addrs.iter().find(|a| re.is_match(&a.to_string()))?;
+                    let ip = l
+                        .addrs
+                        .iter()
+                        .filter(|a| advertisable(a))
+                        .find(|a| re.is_match(&a.to_string()))?;
                     Some((l, Some(*ip)))
                 })
-                .or_else(|| {
-                    links
-                        .iter()
-                        .find(|l| re.is_match(&l.name))
-                        .map(|l| (l, None))
-                })
+                .or_else(|| usable().find(|l| re.is_match(&l.name)).map(|l| (l, None)))
         })
     })
 }
@@ -286,10 +314,7 @@ async fn route_to(handle: &Handle, ip: IpAddr) -> Result<Option<(u32, Option<IpA
         Err(e) => return Err(e).context("netlink: looking up a route"),
     };
     Ok(reply.and_then(|msg| {
-        let oif = msg.attributes.iter().find_map(|a| match a {
-            RouteAttribute::Oif(i) => Some(*i),
-            _ => None,
-        })?;
+        let oif = output_interface(&msg.attributes)?;
         let src = msg.attributes.iter().find_map(|a| match a {
             RouteAttribute::PrefSource(RouteAddress::Inet(v4)) => Some(IpAddr::V4(*v4)),
             RouteAttribute::PrefSource(RouteAddress::Inet6(v6)) => Some(IpAddr::V6(*v6)),
@@ -299,7 +324,7 @@ async fn route_to(handle: &Handle, ip: IpAddr) -> Result<Option<(u32, Option<IpA
     }))
 }
 
-/// `eth0 [198.18.0.1, fd00::1], lo [127.0.0.1]`, for errors about a choice that matched nothing.
+/// `eth0 [198.18.0.1, fd00::1], lo [127.0.0.1]`, for errors about the interface choice.
 fn names_and_addresses(links: &[Link]) -> String {
     links
         .iter()
@@ -307,14 +332,6 @@ fn names_and_addresses(links: &[Link]) -> String {
             let addrs: Vec<String> = l.addrs.iter().map(IpAddr::to_string).collect();
             format!("{} [{}]", l.name, addrs.join(", "))
         })
-        .collect::<Vec<_>>()
-        .join(", ")
-}
-
-fn names(links: &[Link]) -> String {
-    links
-        .iter()
-        .map(|l| l.name.as_str())
         .collect::<Vec<_>>()
         .join(", ")
 }

@@ -3,8 +3,8 @@
 //! JSON `linen status` renders). With `--healthz-port` (flannel's `-healthz-ip`/`-healthz-port`,
 //! for liveness probes from outside the host) a second listener serves `/healthz` alone.
 //!
-//! Hand-rolled HTTP/1.1 over `tokio::net::TcpListener` rather than hyper: three GET paths on a
-//! loopback port, one request per connection (`Connection: close`), no bodies to read, no
+//! Hand-rolled HTTP/1.1 over `tokio::net::TcpListener` rather than hyper: three GET paths (by
+//! default on a loopback port), one request per connection (`Connection: close`), no bodies to read, no
 //! keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring hyper,
 //! hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB head,
 //! 5 s to send it, 16 connections at a time) so a stuck client cannot pile up tasks.
@@ -30,7 +30,8 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
 
-/// The running endpoint; stops when dropped. With `--metrics-addr off` it is inert.
+/// The running endpoint(s); stop when dropped. With `--metrics-addr off` and no
+/// `--healthz-port` it is inert.
 #[derive(Debug)]
 pub struct OpsServer {
     sources: Arc<OnceLock<Sources>>,
@@ -54,7 +55,7 @@ impl OpsServer {
                 )
             })?;
             local = Some(listener.local_addr()?);
-            tracing::info!(addr = %addr, "serving /metrics, /healthz and /status");
+            tracing::info!(addr = %local.unwrap_or(addr), "serving /metrics, /healthz and /status");
             let (sources, cancel) = (Arc::clone(&sources), cancel.clone());
             tokio::spawn(accept_loop(listener, Scope::All, sources, cancel));
         }
@@ -65,7 +66,7 @@ impl OpsServer {
                      using the port?); pass another port, or --healthz-port 0 to turn it off"
                 )
             })?;
-            tracing::info!(addr = %addr, "serving /healthz");
+            tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving /healthz");
             let (sources, cancel) = (Arc::clone(&sources), cancel.clone());
             tokio::spawn(accept_loop(listener, Scope::HealthzOnly, sources, cancel));
         }

@@ -17,9 +17,8 @@
 //! whose FORWARD policy is DROP (Docker sets it) still forwards between its containers and the
 //! overlay. Without the `iptables` command these are skipped with a warning.
 //!
-//! Like flannel's `-iptables-resync`, the rules are checked every 5 s (`--iptables-resync`) and,
-//! when one is missing,
-//! the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
+//! As with flannel's `-iptables-resync`, the rules are checked every `--iptables-resync` seconds
+//! (default 5) and, when one is missing, the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
 //! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
 
 use std::process::{Command, Output, Stdio};
