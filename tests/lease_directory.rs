@@ -151,6 +151,8 @@ async fn stored_value_is_flannels_and_config_round_trips() {
         matches!(&err, RegistryError::ConfigNotFound { location, .. } if location.ends_with("config")),
         "{err}"
     );
+    // A flanneld user who forgot --etcd-endpoints learns where linen looked, and why.
+    assert!(err.to_string().contains("--etcd-endpoints"), "{err}");
     let spec = NetworkConfigSpec::from_json(NET).unwrap();
     reg.put_network_config(&spec).await.unwrap();
     assert_eq!(

@@ -283,7 +283,9 @@ impl Store {
                 return Err(RegistryError::ConfigNotFound {
                     location: path.display().to_string(),
                     hint: "; or write flannel's config JSON to that file, e.g. \
-                           {\"Network\":\"198.19.0.0/16\",\"Backend\":{\"Type\":\"udp\"}}"
+                           {\"Network\":\"198.19.0.0/16\",\"Backend\":{\"Type\":\"udp\"}}. \
+                           This is linen's directory registry: to use etcd (flanneld's default \
+                           is 127.0.0.1:2379), pass --etcd-endpoints"
                         .to_owned(),
                 });
             }
