@@ -325,7 +325,7 @@ impl LeaseManager {
             watch_cancel.clone(),
         ));
         let mut acquire_backoff = Backoff::new(self.options.backoff_min, self.options.backoff_max);
-        loop {
+        'run: loop {
             if self.tracker.own().is_none() {
                 match self.acquire().await {
                     Ok(_) => acquire_backoff.reset(),
@@ -335,9 +335,23 @@ impl LeaseManager {
                             tracing::warn!(error = %msg, "cannot acquire a lease; retrying with backoff");
                             self.last_acquire_error = Some(msg);
                         }
-                        tokio::select! {
-                            _ = cancel.cancelled() => break,
-                            _ = tokio::time::sleep(acquire_backoff.next()) => continue,
+                        // Peers keep coming and going while we have no lease: their changes
+                        // still reach the table (the device keeps the old subnet meanwhile).
+                        let retry = tokio::time::sleep(acquire_backoff.next());
+                        tokio::pin!(retry);
+                        loop {
+                            tokio::select! {
+                                _ = cancel.cancelled() => break 'run,
+                                _ = &mut retry => continue 'run,
+                                msg = rx.recv() => if !self.on_msg(msg) {
+                                    break 'run;
+                                },
+                            }
+                            if self.tracker.own().is_some() {
+                                // Our old key came back to us through the watch.
+                                acquire_backoff.reset();
+                                continue 'run;
+                            }
                         }
                     }
                 }
@@ -346,10 +360,8 @@ impl LeaseManager {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = sleep_until(renew_at) => self.renew().await,
-                msg = rx.recv() => match msg {
-                    Some(WatchMsg::Event(event)) => self.on_event(event),
-                    Some(WatchMsg::Failed(e)) => self.registry_failed(&e),
-                    None => break,
+                msg = rx.recv() => if !self.on_msg(msg) {
+                    break;
                 },
             }
         }
@@ -412,6 +424,16 @@ impl LeaseManager {
                 self.renew_at = Some(Instant::now() + self.renew_backoff.next());
             }
         }
+    }
+
+    /// Handles what the watcher sent; false when it has gone (the channel closed).
+    fn on_msg(&mut self, msg: Option<WatchMsg>) -> bool {
+        match msg {
+            Some(WatchMsg::Event(event)) => self.on_event(event),
+            Some(WatchMsg::Failed(e)) => self.registry_failed(&e),
+            None => return false,
+        }
+        true
     }
 
     fn on_event(&mut self, event: WatchEvent) {
@@ -550,8 +572,10 @@ async fn watch_task(
                 let w = match (&mut watch, revision) {
                     (Some(w), _) => w,
                     (None, None) => {
+                        // The revision is kept only once the watch is open (below, from the
+                        // snapshot): a failed open must list again, since a watch from that
+                        // revision streams only what changed after the list.
                         let list = registry.list_leases().await?;
-                        revision = Some(list.revision);
                         watch = Some(registry.watch_leases(list.revision).await?);
                         return Ok(WatchEvent::Snapshot(list));
                     }
@@ -691,6 +715,15 @@ mod test {
         /// The watch sends a snapshot at every call instead of pausing after the first (a
         /// registry full of changes).
         firehose: bool,
+        /// The watch starts with no snapshot, as an etcd watch from a revision streams only
+        /// what changed after it.
+        changes_only: bool,
+        /// Raised by a test after changing `leases`: the watch then sends a snapshot.
+        generation: std::sync::atomic::AtomicU64,
+        /// Opening a watch fails this many more times.
+        failing_watch_opens: std::sync::atomic::AtomicUsize,
+        /// Creating a lease fails (no free subnet, say).
+        refuse_creates: std::sync::atomic::AtomicBool,
     }
 
     impl OutageShared {
@@ -721,11 +754,13 @@ mod test {
         }
     }
 
-    /// The watch of [`Outage`]: a snapshot first, as after any reconnect, then nothing until
-    /// the registry goes down (or, with `firehose`, a snapshot at every call).
+    /// The watch of [`Outage`]: a snapshot first (unless `changes_only`), as after any
+    /// reconnect, then one whenever the test raises `generation`, and nothing else until the
+    /// registry goes down (or, with `firehose`, a snapshot at every call).
     struct OutageWatch {
         shared: Arc<OutageShared>,
         listed: bool,
+        generation: u64,
     }
 
     #[async_trait]
@@ -733,8 +768,10 @@ mod test {
         async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
             loop {
                 self.shared.up()?;
-                if !self.listed || self.shared.firehose {
+                let generation = self.shared.generation.load(Ordering::SeqCst);
+                if !self.listed || self.shared.firehose || generation != self.generation {
                     self.listed = true;
+                    self.generation = generation;
                     tokio::task::yield_now().await;
                     return Ok(WatchEvent::Snapshot(self.shared.list()));
                 }
@@ -764,6 +801,12 @@ mod test {
             attrs: &LeaseAttrs,
         ) -> Result<Lease, RegistryError> {
             self.shared.up()?;
+            if self.shared.refuse_creates.load(Ordering::SeqCst) {
+                return Err(RegistryError::Refused {
+                    location: "fake".into(),
+                    reason: "refused for the test".into(),
+                });
+            }
             let lease = sixty_seconds(*key, attrs);
             self.shared.leases.lock().unwrap().push(lease.clone());
             Ok(lease)
@@ -788,9 +831,20 @@ mod test {
         }
         async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
             self.shared.up()?;
+            let failing = &self.shared.failing_watch_opens;
+            if failing
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+            {
+                return Err(RegistryError::Unavailable {
+                    location: "fake".into(),
+                    reason: "no leader".into(),
+                });
+            }
             Ok(Box::new(OutageWatch {
                 shared: Arc::clone(&self.shared),
-                listed: false,
+                listed: self.shared.changes_only,
+                generation: self.shared.generation.load(Ordering::SeqCst),
             }))
         }
         fn lease_ttl(&self) -> Duration {
@@ -839,6 +893,92 @@ mod test {
         );
         assert_eq!(state.borrow().own.as_ref().map(|l| l.key), Some(own.key));
         assert!(state.borrow().registry.connected);
+    }
+
+    fn peer_lease(subnet: &str, ip: &str) -> Lease {
+        sixty_seconds(
+            SubnetKey::parse(subnet).unwrap(),
+            &LeaseAttrs::with_public_ip(ip.parse().unwrap()),
+        )
+    }
+
+    fn peer_keys(state: &watch::Receiver<LeaseState>) -> Vec<String> {
+        state
+            .borrow()
+            .peers
+            .iter()
+            .map(|l| l.key.to_string())
+            .collect()
+    }
+
+    /// The leases listed before a watch could be opened (an etcd leader election, say) are
+    /// not lost: the retry lists again instead of watching from the list's revision, which
+    /// would stream only later changes and leave those peers out for a day.
+    #[tokio::test(start_paused = true)]
+    async fn peers_listed_before_a_failed_watch_open_are_not_lost() {
+        let reg = Arc::new(Outage {
+            shared: Arc::new(OutageShared {
+                changes_only: true,
+                failing_watch_opens: 1.into(),
+                ..OutageShared::default()
+            }),
+            ..Outage::default()
+        });
+        reg.shared
+            .leases
+            .lock()
+            .unwrap()
+            .push(peer_lease("198.19.5.0-24", "198.18.1.5"));
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let mut opts =
+            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        opts.backoff_min = Duration::from_secs(1);
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        m.acquire().await.unwrap();
+        let state = m.subscribe();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(reg.shared.failing_watch_opens.load(Ordering::SeqCst), 0);
+        assert_eq!(peer_keys(&state), ["198.19.5.0-24"]);
+    }
+
+    /// While a lost lease cannot be re-acquired (no free subnet, a refusing registry), peers
+    /// that join still reach the state, and with it the forwarding table.
+    #[tokio::test(start_paused = true)]
+    async fn peers_still_change_while_a_lost_lease_cannot_be_re_acquired() {
+        let reg = Arc::new(Outage::default());
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let mut opts =
+            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        opts.backoff_min = Duration::from_secs(1);
+        opts.backoff_max = Duration::from_secs(60);
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        m.acquire().await.unwrap();
+        let state = m.subscribe();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        // Our lease is deleted and no new one may be created.
+        reg.shared.refuse_creates.store(true, Ordering::SeqCst);
+        reg.shared.leases.lock().unwrap().clear();
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(state.borrow().own.is_none(), "the lease was not lost");
+        // A host joins.
+        reg.shared
+            .leases
+            .lock()
+            .unwrap()
+            .push(peer_lease("198.19.7.0-24", "198.18.1.7"));
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        let peers = peer_keys(&state);
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(peers, ["198.19.7.0-24"]);
     }
 
     /// Stopping must not wait on a watcher that is blocked handing over an event nobody will
