@@ -221,7 +221,8 @@ pub struct RunArgs {
     pub healthz_port: u16,
     /// Lease TTL in seconds for new leases, on either registry (flannel: 86400, fixed; shorter
     /// values are for tests and demos).
-    #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true)]
+    #[arg(long, env = "LINEN_LEASE_TTL", default_value_t = 86_400, hide = true,
+          value_parser = clap::value_parser!(u64).range(1..=9_000_000_000))]
     pub lease_ttl: u64,
 }
 

@@ -384,6 +384,12 @@ impl Store {
                 self.warn_once(name, "<not UTF-8>", "the file is not UTF-8 text");
                 return Ok(Some(Entry::Malformed));
             }
+            // Skipped like a corrupt file (and, like one, it still blocks its key); other
+            // errors (permissions, I/O) concern the whole directory and are reported.
+            Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
+                self.warn_once(name, "<directory>", "a directory, not a lease file");
+                return Ok(Some(Entry::Malformed));
+            }
             Err(e) => return Err(self.io_err("cannot read", &path, e)),
         };
         match parse_value(&text) {
@@ -584,7 +590,12 @@ fn parse_value(text: &str) -> Result<(LeaseAttrs, Option<SystemTime>), String> {
                 .strip_prefix("expires=")
                 .and_then(|s| s.parse::<u64>().ok())
                 .ok_or_else(|| format!("line 2 is {line:?}, expected expires=<unix seconds>"))?;
-            Some(UNIX_EPOCH + Duration::from_secs(secs))
+            // A time past what SystemTime holds is as malformed as a word.
+            Some(
+                UNIX_EPOCH
+                    .checked_add(Duration::from_secs(secs))
+                    .ok_or_else(|| format!("the expiry {secs} is out of range"))?,
+            )
         }
     };
     if let Some(extra) = lines.next() {
@@ -615,6 +626,7 @@ mod test {
             "{\"PublicIP\":\"198.18.1.1\"}\nexpires=soon",
             "{\"PublicIP\":\"198.18.1.1\"}\nttl=5",
             "{\"PublicIP\":\"198.18.1.1\"}\nexpires=1\nmore",
+            "{\"PublicIP\":\"198.18.1.1\"}\nexpires=18446744073709551615",
         ] {
             assert!(parse_value(bad).is_err(), "{bad:?}");
         }

@@ -116,9 +116,10 @@ pub(super) async fn expiries(
     futures_util::pin_mut!(lookups);
     while let Some(result) = lookups.next().await {
         let (lease, reply) = result?;
+        // etcd rounds the remaining TTL down; the key lives at most a second longer. etcd caps
+        // TTLs at 9e9 s; a larger answer is capped there too, so the time cannot overflow.
         let expires = (reply.ttl() > 0).then(|| {
-            // etcd rounds the remaining TTL down; the key lives at most a second longer.
-            SystemTime::now() + Duration::from_secs(reply.ttl().unsigned_abs())
+            SystemTime::now() + Duration::from_secs(reply.ttl().unsigned_abs().min(9_000_000_000))
         });
         if let Some(t) = expires {
             let revision = reply.header().map_or(0, |h| h.revision());
