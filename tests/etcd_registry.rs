@@ -591,16 +591,45 @@ async fn malformed_entries_under_subnets_are_skipped() {
             .unwrap();
     }
     client.delete(format!("{base}garbage"), None).await.unwrap();
-    reg.create_lease(&subnet(12), &host(12)).await.unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+    // A live lease overwritten with garbage: its old address must not stay routed.
+    reg.create_lease(&subnet(13), &host(13)).await.unwrap();
+    client
+        .put(format!("{base}{}", subnet(13)), "not json", None)
         .await
-        .unwrap()
         .unwrap();
-    let WatchEvent::Changes { changes, .. } = event else {
-        panic!("{event:?}")
-    };
-    assert_eq!(changes.len(), 1, "{changes:?}");
-    assert!(matches!(&changes[0], LeaseChange::Put(l) if l.key == subnet(12)));
+    reg.create_lease(&subnet(12), &host(12)).await.unwrap();
+    let mut changes = Vec::new();
+    while !changes
+        .iter()
+        .any(|c| matches!(c, LeaseChange::Put(l) if l.key == subnet(12)))
+    {
+        let event = tokio::time::timeout(Duration::from_secs(10), watch.next())
+            .await
+            .unwrap()
+            .unwrap();
+        let WatchEvent::Changes { changes: more, .. } = event else {
+            panic!("{event:?}")
+        };
+        changes.extend(more);
+    }
+    // Malformed keys are skipped; a malformed value on a valid key is a delete of that key.
+    let seen: Vec<(&str, SubnetKey)> = changes
+        .iter()
+        .map(|c| match c {
+            LeaseChange::Put(l) => ("put", l.key),
+            LeaseChange::Delete(k) => ("delete", *k),
+        })
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            ("delete", subnet(9)),
+            ("delete", subnet(10)),
+            ("put", subnet(13)),
+            ("delete", subnet(13)),
+            ("put", subnet(12)),
+        ]
+    );
     // The raw keys are still there: linen skips them, it does not delete them.
     let all = client
         .get(
@@ -609,7 +638,7 @@ async fn malformed_entries_under_subnets_are_skipped() {
         )
         .await
         .unwrap();
-    assert_eq!(all.count(), 5);
+    assert_eq!(all.count(), 6);
 }
 
 struct Pki {

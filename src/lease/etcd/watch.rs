@@ -186,7 +186,9 @@ fn cancel_error(location: &str, reason: &str) -> RegistryError {
 }
 
 /// One watch response's events as changes, oldest first, with the revision of the last one.
-/// Malformed keys and values are skipped. A put whose etcd lease is already gone is still
+/// Malformed keys are skipped. A malformed value put on a valid key is a delete of that key:
+/// whatever lease it held is gone, as a list would show it (skipping it would keep routing to
+/// the old address). A put whose etcd lease is already gone is still
 /// reported (expiring now): it happened, and its delete follows.
 async fn translate(
     shared: &Shared,
@@ -204,9 +206,14 @@ async fn translate(
         last = last.max(kv.mod_revision());
         match event.event_type() {
             EventType::Put => {
-                if let Some(entry) = shared.parse_kv(kv) {
-                    steps.push(Step::Put(puts.len()));
-                    puts.push(entry);
+                if let Some(key) = shared.parse_key(kv.key()) {
+                    match shared.parse_kv(kv) {
+                        Some(entry) => {
+                            steps.push(Step::Put(puts.len()));
+                            puts.push(entry);
+                        }
+                        None => steps.push(Step::Delete(key)),
+                    }
                 }
             }
             EventType::Delete => {
