@@ -270,55 +270,56 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let ip_masq = args.ip_masq;
         let nl = nl.clone();
         let tun_name = args.tun.clone();
+        let mut device_key = own.key;
         tokio::spawn(async move {
-            let mut own_key: Option<SubnetKey> = None;
+            // The lease the table is built for, and the one the TUN device and subnet.env
+            // carry; they differ after a move until the device has followed (retried every
+            // 5 s when that fails). While a lost lease is re-acquired both stay on the old
+            // subnet: it stays local, and peer changes (a new host, one that left) still apply.
+            let mut table_key = device_key;
             loop {
                 let current: LeaseState = state.borrow_and_update().clone();
-                if let Some(own) = &current.own
-                    && own_key != Some(own.key)
-                {
-                    if let Some(old) = own_key {
-                        tracing::warn!(subnet = %own.key, "our lease changed; moving the TUN device to it and rewriting subnet.env");
-                        let (v4, v6) = tun_addrs(&own.key);
-                        if let Err(e) = host::readdress_tun(
-                            &nl,
-                            &tun_name,
-                            tun_addrs(&old),
-                            v4.zip(config.network),
-                            v6.zip(config.ipv6_network),
-                        )
-                        .await
-                        {
-                            tracing::error!(error = %format!("{e:#}"), "cannot move the TUN device to the new subnet");
-                        }
-                        let env = SubnetEnv::for_lease(
-                            config.network,
-                            config.ipv6_network,
-                            &own.key,
-                            u32::from(mtu),
-                            ip_masq,
-                        );
-                        if let Err(e) =
-                            host::write_atomic_off_thread(&subnet_file, env.render()).await
-                        {
-                            tracing::error!(error = %e, "cannot rewrite subnet.env");
-                        }
-                    }
-                    own_key = Some(own.key);
+                if let Some(own) = &current.own {
+                    table_key = own.key;
                 }
-                // While a lost lease is re-acquired the device still carries the old subnet:
-                // it stays local, and peer changes (a new host, one that left) still apply.
-                if let Some(key) = &own_key {
-                    let snap = snapshot_for(key, &current.peers, port, current.generation);
-                    tracing::debug!(
-                        generation = current.generation,
-                        peers = snap.len(),
-                        "table published"
+                if device_key != table_key {
+                    tracing::warn!(subnet = %table_key, "our lease changed; moving the TUN device to it and rewriting subnet.env");
+                    let (v4, v6) = tun_addrs(&table_key);
+                    let moved = host::readdress_tun(
+                        &nl,
+                        &tun_name,
+                        tun_addrs(&device_key),
+                        v4.zip(config.network),
+                        v6.zip(config.ipv6_network),
+                    )
+                    .await
+                    .inspect_err(|e| tracing::error!(error = %format!("{e:#}"), "cannot move the TUN device to the new subnet; retrying in 5 s"));
+                    let env = SubnetEnv::for_lease(
+                        config.network,
+                        config.ipv6_network,
+                        &table_key,
+                        u32::from(mtu),
+                        ip_masq,
                     );
-                    table.publish(snap);
+                    let written = host::write_atomic_off_thread(&subnet_file, env.render())
+                        .await
+                        .inspect_err(|e| tracing::error!(error = %e, "cannot rewrite subnet.env; retrying in 5 s"));
+                    if moved.is_ok() && written.is_ok() {
+                        device_key = table_key;
+                    }
                 }
-                if state.changed().await.is_err() {
-                    break;
+                let snap = snapshot_for(&table_key, &current.peers, port, current.generation);
+                tracing::debug!(
+                    generation = current.generation,
+                    peers = snap.len(),
+                    "table published"
+                );
+                table.publish(snap);
+                tokio::select! {
+                    r = state.changed() => if r.is_err() {
+                        break;
+                    },
+                    () = tokio::time::sleep(Duration::from_secs(5)), if device_key != table_key => {}
                 }
             }
         })
