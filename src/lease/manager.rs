@@ -467,9 +467,9 @@ impl LeaseManager {
                 return;
             }
         }
-        if changed {
-            self.publish(true);
-        }
+        // Also without a change to route by: a renewed peer's new expiry is what `linen
+        // status` shows (it said "expired" a day after a peer was first seen).
+        self.publish(changed);
     }
 
     /// The own lease is gone: drop it and let [`run`](LeaseManager::run) re-acquire.
@@ -979,6 +979,43 @@ mod test {
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(peers, ["198.19.7.0-24"]);
+    }
+
+    /// A peer's renewal changes only its expiry: the state shows the new one (for `linen
+    /// status`), without a new generation (the table need not be rebuilt).
+    #[tokio::test(start_paused = true)]
+    async fn a_renewed_peer_shows_its_new_expiry_without_a_rebuild() {
+        let reg = Arc::new(Outage::default());
+        let peer = peer_lease("198.19.5.0-24", "198.18.1.5");
+        reg.shared.leases.lock().unwrap().push(peer.clone());
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let opts = ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        m.acquire().await.unwrap();
+        let state = m.subscribe();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let generation = state.borrow().generation;
+        let renewed = Lease {
+            expiration: peer.expiration.map(|t| t + Duration::from_secs(3600)),
+            ..peer.clone()
+        };
+        for l in reg.shared.leases.lock().unwrap().iter_mut() {
+            if l.key == peer.key {
+                *l = renewed.clone();
+            }
+        }
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (peers, after) = {
+            let s = state.borrow();
+            (s.peers.clone(), s.generation)
+        };
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(peers, [renewed]);
+        assert_eq!(after, generation, "an expiry alone rebuilt the table");
     }
 
     /// Stopping must not wait on a watcher that is blocked handing over an event nobody will
