@@ -911,6 +911,28 @@ mod test {
             .collect()
     }
 
+    /// A running manager on `reg` for host 198.18.1.1 in 198.19.0.0/16, its lease acquired;
+    /// `tune` adjusts the options. Returns its state, and what stops it.
+    async fn run_manager(
+        reg: &Arc<Outage>,
+        tune: impl FnOnce(&mut ManagerOptions),
+    ) -> (
+        watch::Receiver<LeaseState>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let mut opts =
+            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        tune(&mut opts);
+        let mut m = LeaseManager::new(Arc::clone(reg) as Arc<dyn Registry>, config, opts);
+        m.acquire().await.unwrap();
+        let state = m.subscribe();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        (state, cancel, task)
+    }
+
     /// The leases listed before a watch could be opened (an etcd leader election, say) are
     /// not lost: the retry lists again instead of watching from the list's revision, which
     /// would stream only later changes and leave those peers out for a day.
@@ -929,15 +951,8 @@ mod test {
             .lock()
             .unwrap()
             .push(peer_lease("198.19.5.0-24", "198.18.1.5"));
-        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
-        let mut opts =
-            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
-        opts.backoff_min = Duration::from_secs(1);
-        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
-        m.acquire().await.unwrap();
-        let state = m.subscribe();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(m.run(cancel.clone()));
+        let (state, cancel, task) =
+            run_manager(&reg, |o| o.backoff_min = Duration::from_secs(1)).await;
         tokio::time::sleep(Duration::from_secs(10)).await;
         cancel.cancel();
         task.await.unwrap();
@@ -950,16 +965,11 @@ mod test {
     #[tokio::test(start_paused = true)]
     async fn peers_still_change_while_a_lost_lease_cannot_be_re_acquired() {
         let reg = Arc::new(Outage::default());
-        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
-        let mut opts =
-            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
-        opts.backoff_min = Duration::from_secs(1);
-        opts.backoff_max = Duration::from_secs(60);
-        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
-        m.acquire().await.unwrap();
-        let state = m.subscribe();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(m.run(cancel.clone()));
+        let (state, cancel, task) = run_manager(&reg, |o| {
+            o.backoff_min = Duration::from_secs(1);
+            o.backoff_max = Duration::from_secs(60);
+        })
+        .await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         // Our lease is deleted and no new one may be created.
         reg.shared.refuse_creates.store(true, Ordering::SeqCst);
@@ -988,13 +998,7 @@ mod test {
         let reg = Arc::new(Outage::default());
         let peer = peer_lease("198.19.5.0-24", "198.18.1.5");
         reg.shared.leases.lock().unwrap().push(peer.clone());
-        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
-        let opts = ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
-        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
-        m.acquire().await.unwrap();
-        let state = m.subscribe();
-        let cancel = CancellationToken::new();
-        let task = tokio::spawn(m.run(cancel.clone()));
+        let (state, cancel, task) = run_manager(&reg, |_| {}).await;
         tokio::time::sleep(Duration::from_secs(1)).await;
         let generation = state.borrow().generation;
         let renewed = Lease {
