@@ -555,8 +555,11 @@ async fn sleep_until(at: Option<Instant>) {
     }
 }
 
-/// Owns the registry watch: list, watch from the list's revision, and after any failure
-/// back off and watch again from the last revision seen. Runs in its own task so the
+/// Owns the registry watch: list, watch from the list's revision, and after any failure back
+/// off and call the same watch again, which then re-lists ([`LeaseWatch`]'s contract; opening
+/// a new one from the last revision would replay the history that failed, say a response too
+/// large to decode, until it is compacted away). A watch that could not be opened is opened
+/// again from the last revision seen. Runs in its own task so the
 /// manager never drops a `next()` in flight (backends need not be cancel-safe).
 async fn watch_task(
     registry: Arc<dyn Registry>,
@@ -598,10 +601,7 @@ async fn watch_task(
                 backoff.reset();
                 WatchMsg::Event(event)
             }
-            Err(e) => {
-                watch = None;
-                WatchMsg::Failed(e)
-            }
+            Err(e) => WatchMsg::Failed(e),
         };
         if tx.send(msg).await.is_err() {
             return;
@@ -767,7 +767,11 @@ mod test {
     impl LeaseWatch for OutageWatch {
         async fn next(&mut self) -> Result<WatchEvent, RegistryError> {
             loop {
-                self.shared.up()?;
+                if let Err(e) = self.shared.up() {
+                    // As the trait asks: the first answer after an error is a snapshot.
+                    self.listed = false;
+                    return Err(e);
+                }
                 let generation = self.shared.generation.load(Ordering::SeqCst);
                 if !self.listed || self.shared.firehose || generation != self.generation {
                     self.listed = true;

@@ -60,7 +60,12 @@ async fn open(shared: &Shared, from: Revision) -> Result<Box<WatchStream>, Regis
         .with_start_revision(from)
         // Empty progress responses keep the revision moving on a quiet prefix.
         .with_progress_notify();
-    let mut client = shared.client.watch_client();
+    // One response carries up to 1000 revisions of history (after a reconnect, a replay):
+    // with values of up to 1.5 MiB that is over tonic's 4 MiB default, as for a list.
+    let mut client = shared
+        .client
+        .watch_client()
+        .max_decoding_message_size(super::MAX_MESSAGE_BYTES);
     shared
         .request(
             "watch subnet leases",
