@@ -319,7 +319,7 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
             log.matches("iptables rules were missing; re-added").count()
         };
         assert!(
-            wait_for(Duration::from_millis(2500), || {
+            wait_for(Duration::from_millis(3500), || {
                 (rules_there().is_some() && readded() >= round).then_some(())
             })
             .is_some(),

@@ -136,7 +136,8 @@ fn tcp_transfer_mss(o: &Overlay, from: usize, to: &str, megabytes: usize, mss: u
 import hashlib, socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET)
 s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((sys.argv[1], 7000)); s.listen(1); c, _ = s.accept(); h = hashlib.sha256(); n = 0
+s.bind((sys.argv[1], 7000)); s.listen(1); print("ready", flush=True)
+c, _ = s.accept(); h = hashlib.sha256(); n = 0
 while True:
     d = c.recv(1 << 16)
     if not d: break
@@ -144,8 +145,8 @@ while True:
 print(n, h.hexdigest())
 "#;
     recv.args(["-c", script, to]).stdout(Stdio::piped());
-    let child = recv.spawn().unwrap();
-    std::thread::sleep(Duration::from_millis(300));
+    let mut child = recv.spawn().unwrap();
+    wait_ready(&mut child);
     let send = r#"
 import hashlib, random, socket, sys
 r = random.Random(7); data = r.randbytes(int(sys.argv[2]) * 1000 * 1000)
@@ -372,8 +373,11 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
     let (tso, uso) = (counter(&log, "tun_tx_tso"), counter(&log, "tun_tx_uso"));
     if flags.contains(&"--no-offload") {
         assert_eq!((tso, uso), (0, 0), "no coalescing without offloads");
-    } else {
+    } else if common::kernel_at_least(6, 2) {
         assert!(tso > 0 && uso > 0, "coalesced writes: tso={tso} uso={uso}");
+    } else {
+        // TUN devices take UDP super-packets (USO) from Linux 6.2 on; before, only TCP.
+        assert!(tso > 0 && uso == 0, "coalesced writes: tso={tso} uso={uso}");
     }
 }
 

@@ -130,8 +130,9 @@ impl Lab {
         assert!((1..=200).contains(&n), "a lab has 1..=200 hosts");
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{prefix}-{}-{seq}", std::process::id());
-        // Names of veth ends in the root namespace must be unique and ≤ 15 bytes.
-        let tag = format!("{:x}{:x}", std::process::id() & 0xffff, seq & 0xff);
+        // Names of veth ends in the root namespace must be unique and ≤ 15 bytes. Fixed widths,
+        // so that a two-host lab's `la<tag>` never equals another lab's `la<tag><host>`.
+        let tag = format!("{:04x}{:02x}", std::process::id() & 0xffff, seq & 0xff);
         let mut lab = Lab {
             prefix: prefix.clone(),
             tag: tag.clone(),

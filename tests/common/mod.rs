@@ -46,3 +46,15 @@ pub fn network_init(dir: &Path) {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// Whether the running kernel is at least `major.minor` (from /proc/sys/kernel/osrelease,
+/// e.g. "6.1.0-26-amd64").
+pub fn kernel_at_least(major: u32, minor: u32) -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release
+        .trim()
+        .split(['.', '-'])
+        .map(|p| p.parse::<u32>().unwrap_or(0));
+    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
+    have >= (major, minor)
+}
