@@ -221,3 +221,75 @@ fn flanneld_flags_and_variables_are_read_in_flannels_order() {
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("--iptables-resync"), "{stderr}");
 }
+
+/// Flag mistakes found while setting up: a TUN name Linux cannot take, and etcd options that
+/// contradict each other, are bad flags (exit 2, so a service manager does not restart on
+/// them), found before anything is created.
+#[test]
+fn setup_mistakes_in_flags_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let reg = dir.path().to_str().unwrap();
+    assert_usage(
+        &[
+            "run",
+            "--registry-dir",
+            reg,
+            "--tun",
+            "averyveryverylongname",
+        ],
+        &["--tun", "15 bytes"],
+    );
+    #[cfg(feature = "etcd")]
+    assert_usage(
+        &[
+            "run",
+            "--metrics-addr",
+            "off",
+            "--etcd-endpoints",
+            "http://127.0.0.1:1",
+            "--etcd-password",
+            "secret",
+        ],
+        &["--etcd-username"],
+    );
+}
+
+/// SIGTERM while the daemon waits for the network config is a normal stop: exit 0.
+#[test]
+fn a_stop_while_waiting_for_the_config_exits_0() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("log");
+    let mut child = Command::new(LINEN)
+        .args(["run", "--metrics-addr", "off", "--registry-dir"])
+        .arg(dir.path().join("registry"))
+        .args(["--subnet-file"])
+        .arg(dir.path().join("subnet.env"))
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !std::fs::read_to_string(&log)
+        .unwrap_or_default()
+        .contains("waiting for the network config")
+    {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // Our own child, by its PID.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(
+        status.code(),
+        Some(0),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+}

@@ -455,6 +455,18 @@ fn the_mtu_is_flannels_default_or_the_flag() {
     let (a1, _) = o.addrs(0);
     // 1372 bytes of ICMP payload + 28 of headers = 1400, with DF.
     assert!(o.ping_ok(1, &a1, &["-M", "do", "-s", "1372"]));
+
+    // The network has IPv6, which needs 1280: a smaller MTU is refused before any lease is
+    // taken (the kernel would refuse the TUN's IPv6 address with a message about neither).
+    let out = o.run_to_end(1, &["--iface", "eth0", "--mtu", "1000"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("1280") && err.contains("--mtu"), "{err}");
+    // A device of the TUN's name exists: a clear error, not an attachment to it.
+    let out = o.run_to_end(1, &["--iface", "eth0", "--tun", "eth0"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("eth0 already exists"), "{err}");
 }
 
 /// A route for the overlay network that already points elsewhere (a leftover of another
@@ -510,9 +522,10 @@ fn iface_takes_the_first_interface_that_exists() {
     o.start(1, &[]);
     let (a2, _) = o.addrs(1);
     assert!(o.ping_ok(0, &a2, &[]));
+    // Exit 1, as flannel: a supervisor restarts linen, and the interface may have come by then.
     let out = o.run_to_end(1, &["--iface", "nosuch0", "--iface", "wan9"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("--iface nosuch0,wan9") && err.contains("eth0"),
         "{err}"
@@ -632,10 +645,10 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
         );
     }
 
-    // A pattern that matches nothing: exit 2, naming the interfaces and their addresses.
+    // A pattern that matches nothing: exit 1, naming the interfaces and their addresses.
     let out = o.run_to_end(0, &["--iface-regex", "^nomatch"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(
         err.contains("^nomatch") && err.contains(&secondary) && err.contains("wan7"),
         "{err}"

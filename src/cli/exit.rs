@@ -35,6 +35,7 @@ pub fn code_for(e: &anyhow::Error) -> i32 {
                 c.downcast_ref::<RegistryError>(),
                 Some(RegistryError::BadConfig { .. })
             )
+            || etcd_flags_wrong(c)
     });
     if usage {
         USAGE
@@ -43,6 +44,22 @@ pub fn code_for(e: &anyhow::Error) -> i32 {
     } else {
         FAILURE
     }
+}
+
+/// Whether `c` is an etcd setup error that only other flags fix (options that contradict each
+/// other, a TLS file that is not PEM); an unreadable file may be a mount that comes later.
+#[cfg(feature = "etcd")]
+fn etcd_flags_wrong(c: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::lease::etcd::EtcdSetupError;
+    matches!(
+        c.downcast_ref::<EtcdSetupError>(),
+        Some(EtcdSetupError::Options(_) | EtcdSetupError::NotPem { .. })
+    )
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_flags_wrong(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
 }
 
 #[cfg(test)]

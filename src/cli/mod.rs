@@ -129,7 +129,7 @@ pub struct RunArgs {
     #[arg(long, env = "LINEN_PUBLIC_IPV6")]
     pub public_ipv6: Option<Ipv6Addr>,
     /// TUN device name.
-    #[arg(long, env = "LINEN_TUN", default_value = "linen0")]
+    #[arg(long, env = "LINEN_TUN", default_value = "linen0", value_parser = parse_ifname)]
     pub tun: String,
     /// Overlay MTU (default: underlay MTU − 28 for an IPv4 underlay, − 48 for IPv6).
     #[arg(long, env = "LINEN_MTU", value_parser = clap::value_parser!(u16).range(576..=65_000))]
@@ -209,9 +209,9 @@ pub struct RunArgs {
     )]
     pub healthz_ip: IpAddr,
     /// Serve `GET /healthz` alone on --healthz-ip and this port, for probes from outside the
-    /// host (flannel's `-healthz-port`; 0: off). 200 "ok" while the daemon forwards, 503 with
-    /// the reason otherwise: also while it waits for the network config or its lease, where
-    /// flannel answers 200 as long as it runs. --metrics-addr serves it too.
+    /// host (flannel's `-healthz-port`; 0: off). 200 "ok" while the daemon forwards, 503
+    /// "unhealthy" otherwise: also while it waits for the network config or its lease, where
+    /// flannel answers 200 as long as it runs. --metrics-addr serves it too, with the reason.
     #[arg(
         long,
         env = "LINEN_HEALTHZ_PORT",
@@ -239,6 +239,20 @@ impl RunArgs {
             regex: self.iface_regex.clone(),
             can_reach: self.iface_can_reach,
         }
+    }
+}
+
+/// A Linux interface name: 1 to 15 bytes, no `/`, `:` or whitespace, not `.` or `..`.
+fn parse_ifname(s: &str) -> Result<String, String> {
+    let ok = !s.is_empty()
+        && s.len() <= 15
+        && s != "."
+        && s != ".."
+        && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
+    if ok {
+        Ok(s.to_owned())
+    } else {
+        Err("an interface name is 1 to 15 bytes without '/', ':' or spaces".to_owned())
     }
 }
 

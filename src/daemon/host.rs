@@ -10,7 +10,7 @@ use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use netlink_packet_route::address::AddressAttribute;
 use netlink_packet_route::link::LinkAttribute;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::dataplane::worker::SEGMENTS;
@@ -46,6 +46,11 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
         .into_iter()
         .flat_map(|l| l.addrs)
         .collect())
+}
+
+/// Whether a network device named `name` exists.
+pub async fn link_exists(handle: &Handle, name: &str) -> Result<bool> {
+    Ok(links(handle).await?.iter().any(|l| l.name == name))
 }
 
 /// A netlink connection (its task runs on the current tokio runtime).
@@ -97,20 +102,53 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
     Ok(out)
 }
 
+/// The main routing table's number.
+const MAIN_TABLE: u32 = 254;
+
+/// The table a route is in (the attribute holds numbers above 255).
+fn route_table(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(msg.header.table))
+}
+
+/// A route's metric (0 when it has none).
+fn route_metric(msg: &RouteMessage) -> u32 {
+    msg.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Priority(m) => Some(*m),
+            _ => None,
+        })
+        .unwrap_or(0)
+}
+
 async fn default_route_index(handle: &Handle) -> Result<Option<u32>> {
     let mut stream = handle
         .route()
         .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
         .execute();
+    let mut routes = Vec::new();
     while let Some(msg) = stream.try_next().await.context("netlink: listing routes")? {
-        if msg.header.destination_prefix_length != 0 {
-            continue;
-        }
-        if let Some(idx) = output_interface(&msg.attributes) {
-            return Ok(Some(idx));
-        }
+        routes.push(msg);
     }
-    Ok(None)
+    Ok(default_route_of(&routes))
+}
+
+/// The interface of the main table's default route with the lowest metric, as flannel picks
+/// it: a default route in another table (wg-quick's or Tailscale's policy routing) is not the
+/// host's way out, and the dump lists those tables first.
+fn default_route_of(routes: &[RouteMessage]) -> Option<u32> {
+    routes
+        .iter()
+        .filter(|m| m.header.destination_prefix_length == 0 && route_table(m) == MAIN_TABLE)
+        .filter_map(|m| Some((route_metric(m), output_interface(&m.attributes)?)))
+        .min_by_key(|(metric, _)| *metric)
+        .map(|(_, oif)| oif)
 }
 
 fn output_interface(attrs: &[RouteAttribute]) -> Option<u32> {
@@ -213,12 +251,14 @@ pub async fn discover_underlay(
                 None => why = format!("there is no route to {ip}"),
             }
         }
+        // A runtime failure (exit 1), as in flannel, not bad flags: at boot the interface, its
+        // address or the route may come a little later, and a supervisor's restart finds them.
         picked.ok_or_else(|| {
-            crate::cli::exit::usage(format!(
+            anyhow!(
                 "{}: {why}; interfaces here: {}",
                 choice.describe(),
                 names_and_addresses(&links)
-            ))
+            )
         })?
     } else if let Some(l) = links.iter().find(|l| {
         public_ip.is_some_and(|ip| l.addrs.contains(&IpAddr::V4(ip)))
@@ -486,35 +526,19 @@ async fn add_route(
 /// interface `ours`, if there is one (best effort: for a warning, so listing errors count as
 /// none).
 async fn other_route(handle: &Handle, net: IpNetwork, ours: Option<u32>) -> Option<(String, u32)> {
-    const MAIN: u32 = 254;
     let query = match net {
         IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
         IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
     };
     let mut stream = handle.route().get(query).execute();
     while let Ok(Some(msg)) = stream.try_next().await {
-        let table = msg
-            .attributes
-            .iter()
-            .find_map(|a| match a {
-                RouteAttribute::Table(t) => Some(*t),
-                _ => None,
-            })
-            .unwrap_or(u32::from(msg.header.table));
-        if table != MAIN
+        if route_table(&msg) != MAIN_TABLE
             || msg.header.destination_prefix_length != net.prefix()
             || !route_matches(&msg.attributes, net)
         {
             continue;
         }
-        let (mut oif, mut metric) = (None, 0);
-        for a in &msg.attributes {
-            match a {
-                RouteAttribute::Oif(i) => oif = Some(*i),
-                RouteAttribute::Priority(m) => metric = *m,
-                _ => {}
-            }
-        }
+        let (oif, metric) = (output_interface(&msg.attributes), route_metric(&msg));
         if oif == ours {
             continue;
         }
@@ -571,4 +595,35 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     std::fs::rename(&tmp, path)
         .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn default_via(oif: u32, table: u32, metric: u32) -> RouteMessage {
+        RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(table)
+            .output_interface(oif)
+            .priority(metric)
+            .build()
+    }
+
+    #[test]
+    fn the_default_route_is_the_main_tables_lowest_metric() {
+        let subnet = RouteMessageBuilder::<Ipv4Addr>::new()
+            .destination_prefix(Ipv4Addr::new(198, 18, 0, 0), 24)
+            .output_interface(2)
+            .build();
+        // wg-quick's full tunnel (table 51820) and Tailscale's (52) come first in a dump.
+        let routes = [
+            default_via(9, 51_820, 0),
+            default_via(8, 52, 0),
+            subnet,
+            default_via(3, MAIN_TABLE, 600),
+            default_via(2, MAIN_TABLE, 100),
+        ];
+        assert_eq!(default_route_of(&routes), Some(2));
+        assert_eq!(default_route_of(&routes[..3]), None);
+    }
 }

@@ -471,7 +471,11 @@ pub async fn install(
 ) -> Result<Option<Masq>> {
     let (config, lease) = (config.clone(), *lease);
     tokio::task::spawn_blocking(move || {
-        remove_leftovers(opts.masquerade, opts.forward);
+        let families = [
+            config.network.is_some() && lease.ipv4().is_some(),
+            config.ipv6_network.is_some() && lease.ipv6().is_some(),
+        ];
+        remove_leftovers(opts.masquerade, opts.forward, families);
         let masq = Masq::new(&config, &lease, opts)?;
         for set in &masq.sets {
             match ensure_set(set) {
@@ -494,14 +498,16 @@ pub async fn install(
     .await?
 }
 
-/// Removes the chains of an earlier run for the purposes not asked for this time (a daemon
-/// that was killed leaves its rules behind; `--iptables-forward-rules=false` must not keep
-/// accepting). Quiet when there is no such chain or no iptables.
-fn remove_leftovers(masquerade: bool, forward: bool) {
-    if masquerade && forward {
+/// Removes the chains of an earlier run for the purposes not asked for this time, and for the
+/// families this run has no network for (a daemon that was killed leaves its rules behind;
+/// `--iptables-forward-rules=false` must not keep accepting, nor a dual-stack run's ip6tables
+/// rules outlive the IPv6 network). `families` is which of IPv4 and IPv6 this run's network
+/// and lease have. Quiet when there is no such chain or no iptables.
+fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2]) {
+    if masquerade && forward && families == [true, true] {
         return;
     }
-    for family in [Family::V4, Family::V6] {
+    for (family, used) in [(Family::V4, families[0]), (Family::V6, families[1])] {
         // `iptables-save` lists only the tables that exist: asking for a chain in table nat
         // with `-t nat` would create that table (and with iptables-legacy load NAT, and with it
         // connection tracking), which a run without --ip-masq must not do.
@@ -518,8 +524,8 @@ fn remove_leftovers(masquerade: bool, forward: bool) {
         };
         let text = String::from_utf8_lossy(&out.stdout);
         for (purpose, wanted) in [
-            (Purpose::Masquerade, masquerade),
-            (Purpose::Forward, forward),
+            (Purpose::Masquerade, masquerade && used),
+            (Purpose::Forward, forward && used),
         ] {
             let declared = format!(":{} ", purpose.chain());
             if !wanted && text.lines().any(|l| l.starts_with(&declared)) {

@@ -94,7 +94,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
     let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
-    let config = wait_for_config(registry.as_ref(), &mut stop).await?;
+    let Some(config) = wait_for_config(registry.as_ref(), &mut stop).await? else {
+        tracing::info!("stopped while waiting for the network config");
+        return Ok(());
+    };
     let nl = host::connect()?;
     let underlay = host::discover_underlay(
         &nl,
@@ -135,6 +138,29 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or(u16::MAX)
             .max(576),
     };
+    if config.ipv6_network.is_some() && mtu < 1280 {
+        return Err(crate::cli::exit::usage(format!(
+            "the network config has an IPv6 network, and IPv6 needs an MTU of at least 1280, \
+             but the overlay MTU would be {mtu} ({}); pass --mtu 1280 or more, or use an \
+             underlay interface with an MTU of at least {}",
+            if args.mtu.is_some() {
+                "--mtu".to_owned()
+            } else {
+                format!("{} − {overhead}", underlay.mtu)
+            },
+            1280 + overhead
+        )));
+    }
+    // Opening a TUN device by the name of an existing one attaches to it (another multi-queue
+    // TUN: its packets would be shared with that program) or fails with a misleading error.
+    // Before the lease, so nothing is taken for a daemon that cannot run.
+    if host::link_exists(&nl, &args.tun).await? {
+        bail!(
+            "a network device named {} already exists (another linen, or another program's \
+             device); pass --tun with another name, or remove it",
+            args.tun
+        );
+    }
     let previous = std::fs::read_to_string(&args.subnet_file)
         .ok()
         .and_then(|text| SubnetEnv::parse(&text).ok())
@@ -153,9 +179,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     tracing::info!(subnet = %own.key, public_ip = ?public_ip, public_ipv6 = ?public_ipv6,
         "this host's subnet");
 
+    // One per core, at most 256: TUN devices take at most 256 queues, and the steering's port
+    // classes (steer.rs) name 256 workers.
     let workers = usize::from(args.workers.unwrap_or_else(|| {
         std::thread::available_parallelism()
-            .map(|n| u16::try_from(n.get()).unwrap_or(1))
+            .map(|n| u16::try_from(n.get().min(256)).unwrap_or(1))
             .unwrap_or(1)
     }));
     let tun = open_tun(&TunOptions {
@@ -326,37 +354,62 @@ pub async fn run(args: RunArgs) -> Result<()> {
     };
 
     let monitors: Vec<WorkerMonitor> = handles.iter().map(WorkerHandle::monitor).collect();
+    // The control-plane tasks end only when cancelled: one that ends (or panics) before would
+    // leave the lease unrenewed and the table frozen while /healthz still says ok.
+    let mut control = control;
+    let mut publisher = publisher;
+    let mut control_done = false;
     let outcome = tokio::select! {
         () = stop.recv() => Ok(()),
-        () = all_stopped(&monitors) => Err(anyhow!(
-            "every forwarding worker has stopped (see the errors above; was the TUN device {} \
-             deleted?); exiting so that a supervisor can restart linen, which finds its lease \
-             again",
-            args.tun
-        )),
+        () = all_stopped(&monitors) => {
+            // The reason is the daemon's exit message (printed once, on the way out).
+            tracing::error!("no forwarding worker is left; stopping");
+            Err(anyhow!(
+                "every forwarding worker has stopped (see the errors above; was the TUN device \
+                 {} deleted?); exiting so that a supervisor can restart linen, which finds its \
+                 lease again",
+                args.tun
+            ))
+        }
+        r = &mut control => {
+            control_done = true;
+            tracing::error!("the lease manager stopped; stopping");
+            Err(anyhow!(
+                "the lease manager stopped unexpectedly ({}); exiting so that a supervisor can \
+                 restart linen, which finds its lease again",
+                r.err().map_or_else(|| "it returned".to_owned(), |e| e.to_string())
+            ))
+        }
+        r = &mut publisher => {
+            tracing::error!("the table publisher stopped; stopping");
+            Err(anyhow!(
+                "the forwarding-table publisher stopped unexpectedly ({}); exiting so that a \
+                 supervisor can restart linen",
+                r.err().map_or_else(|| "it returned".to_owned(), |e| e.to_string())
+            ))
+        }
     };
-    if outcome.is_err() {
-        // The reason is the daemon's exit message (printed once, on the way out).
-        tracing::error!("no forwarding worker is left; stopping");
-    }
     notify::notify_logged("STOPPING=1");
-    tracing::info!("stopping: workers first, then the device; the lease is kept");
-    cancel.cancel();
-    let _ = control.await;
-    if let Some(masq) = masq {
-        let _ = masq.await;
-    }
-    publisher.abort();
-    let mut total = LocalCounters::default();
-    let mut per_worker = Vec::with_capacity(handles.len());
+    tracing::info!(
+        "stopping: workers first (the device goes with them), then the lease manager and the \
+         iptables rules; the lease is kept"
+    );
+    // Workers first: their final counters are logged even if removing the iptables rules
+    // waits on the xtables lock until a service manager gives up on us.
     for h in handles {
-        let c = h.counters();
-        total.add(&c);
-        per_worker.push(status::WorkerTraffic::from(&c));
         if let Err(e) = h.join() {
             tracing::warn!(error = %e, "worker ended with an error");
         }
     }
+    let mut total = LocalCounters::default();
+    let per_worker: Vec<status::WorkerTraffic> = monitors
+        .iter()
+        .map(|m| {
+            let c = m.counters();
+            total.add(&c);
+            status::WorkerTraffic::from(&c)
+        })
+        .collect();
     // Per worker, comma-separated in worker order: how flows spread.
     let list = |f: fn(&status::WorkerTraffic) -> u64| {
         per_worker
@@ -372,6 +425,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
         list(|w| w.udp_tx_packets),
         list(|w| w.udp_rx_packets)
     );
+    cancel.cancel();
+    if !control_done {
+        let _ = control.await;
+    }
+    if let Some(masq) = masq {
+        let _ = masq.await;
+    }
+    publisher.abort();
     outcome
 }
 
@@ -392,11 +453,15 @@ pub fn counters_summary(c: &LocalCounters) -> String {
         .join(" ")
 }
 
-async fn wait_for_config(registry: &dyn Registry, stop: &mut StopSignals) -> Result<NetworkConfig> {
+/// The network config once the registry has one; `None` when stopped first.
+async fn wait_for_config(
+    registry: &dyn Registry,
+    stop: &mut StopSignals,
+) -> Result<Option<NetworkConfig>> {
     let mut logged = false;
     loop {
         match registry.get_network_config().await {
-            Ok(c) => return Ok(c),
+            Ok(c) => return Ok(Some(c)),
             Err(e)
                 if e.is_transient()
                     || matches!(e, crate::lease::RegistryError::ConfigNotFound { .. }) =>
@@ -410,7 +475,7 @@ async fn wait_for_config(registry: &dyn Registry, stop: &mut StopSignals) -> Res
         }
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = stop.recv() => bail!("stopped while waiting for the network config"),
+            () = stop.recv() => return Ok(None),
         }
     }
 }
