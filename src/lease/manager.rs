@@ -24,7 +24,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::allocator::{self, AllocError, Choice, Request};
 use super::tracker::{LeaseTracker, OwnChange, PeerEvent};
-use super::{Registry, RegistryError, Revision, WatchEvent};
+use super::{LeaseWatch, Registry, RegistryError, WatchEvent};
 use crate::model::{Lease, LeaseAttrs, NetworkConfig, SubnetKey};
 
 /// flannel's `raceRetries`: how many lost creates an acquisition tolerates.
@@ -347,11 +347,6 @@ impl LeaseManager {
                                     break 'run;
                                 },
                             }
-                            if self.tracker.own().is_some() {
-                                // Our old key came back to us through the watch.
-                                acquire_backoff.reset();
-                                continue 'run;
-                            }
                         }
                     }
                 }
@@ -558,31 +553,24 @@ async fn sleep_until(at: Option<Instant>) {
 /// Owns the registry watch: list, watch from the list's revision, and after any failure back
 /// off and call the same watch again, which then re-lists ([`LeaseWatch`]'s contract; opening
 /// a new one from the last revision would replay the history that failed, say a response too
-/// large to decode, until it is compacted away). A watch that could not be opened is opened
-/// again from the last revision seen. Runs in its own task so the
-/// manager never drops a `next()` in flight (backends need not be cancel-safe).
+/// large to decode, until it is compacted away). Until a watch is open, each try lists again:
+/// a watch from the list's revision streams only later changes, so a list whose watch failed
+/// to open must not be taken as seen. Runs in its own task so the manager never drops a
+/// `next()` in flight (backends need not be cancel-safe).
 async fn watch_task(
     registry: Arc<dyn Registry>,
     tx: mpsc::Sender<WatchMsg>,
     mut backoff: Backoff,
     cancel: CancellationToken,
 ) {
-    let mut revision: Option<Revision> = None;
-    let mut watch = None;
+    let mut watch: Option<Box<dyn LeaseWatch>> = None;
     loop {
         let result = {
             let step = async {
-                let w = match (&mut watch, revision) {
-                    (Some(w), _) => w,
-                    (None, None) => {
-                        // The revision is kept only once the watch is open (below, from the
-                        // snapshot): a failed open must list again, since a watch from that
-                        // revision streams only what changed after the list.
-                        let list = registry.list_leases().await?;
-                        watch = Some(registry.watch_leases(list.revision).await?);
-                        return Ok(WatchEvent::Snapshot(list));
-                    }
-                    (None, Some(rev)) => watch.insert(registry.watch_leases(rev).await?),
+                let Some(w) = watch.as_mut() else {
+                    let list = registry.list_leases().await?;
+                    watch = Some(registry.watch_leases(list.revision).await?);
+                    return Ok(WatchEvent::Snapshot(list));
                 };
                 w.next().await
             };
@@ -594,10 +582,7 @@ async fn watch_task(
         let failed = result.is_err();
         let msg = match result {
             Ok(event) => {
-                revision = Some(match &event {
-                    WatchEvent::Changes { revision, .. } => *revision,
-                    WatchEvent::Snapshot(list) => list.revision,
-                });
+                // A snapshot too: every backend hands one out only once its watch is open.
                 backoff.reset();
                 WatchMsg::Event(event)
             }
@@ -622,7 +607,7 @@ mod test {
     use async_trait::async_trait;
 
     use super::*;
-    use crate::lease::{LeaseList, LeaseWatch};
+    use crate::lease::{LeaseList, Revision};
     use crate::model::NetworkConfigSpec;
 
     /// A registry where every create loses a race and nothing is ever listed.

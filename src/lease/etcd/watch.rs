@@ -23,8 +23,6 @@ enum State {
         stream: Box<WatchStream>,
         revision: Revision,
     },
-    /// A snapshot was delivered; open a stream from `from` next.
-    Open { from: Revision },
     /// Nothing is open and changes may have been missed: re-list first.
     Resync,
 }
@@ -82,28 +80,21 @@ impl LeaseWatch for EtcdWatch {
             match &mut self.state {
                 State::Resync => {
                     // On failure the state stays Resync: the caller backs off and calls again.
+                    // The stream is opened before the snapshot is handed out, so a snapshot
+                    // means the watch works again (the caller resets its backoff on it): an
+                    // open that keeps failing backs off instead of re-listing every second.
                     let list = self.shared.list().await?;
+                    let stream = open(&self.shared, list.revision + 1).await?;
                     tracing::info!(
                         leases = list.leases.len(),
                         revision = list.revision,
                         "re-listed subnet leases; resuming the watch after them"
                     );
-                    self.state = State::Open {
-                        from: list.revision + 1,
+                    self.state = State::Streaming {
+                        stream,
+                        revision: list.revision,
                     };
                     return Ok(WatchEvent::Snapshot(list));
-                }
-                State::Open { from } => {
-                    let from = *from;
-                    match open(&self.shared, from).await {
-                        Ok(stream) => {
-                            self.state = State::Streaming {
-                                stream,
-                                revision: from - 1,
-                            }
-                        }
-                        Err(e) => return Err(self.interrupted(e)),
-                    }
                 }
                 State::Streaming { stream, revision } => {
                     let resp = match stream.message().await {
