@@ -300,40 +300,60 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let tun_name = args.tun.clone();
         let mut device_key = own.key;
         tokio::spawn(async move {
-            // The lease the table is built for, and the one the TUN device and subnet.env
-            // carry; they differ after a move until the device has followed (retried every
-            // 5 s when that fails). While a lost lease is re-acquired both stay on the old
-            // subnet: it stays local, and peer changes (a new host, one that left) still apply.
+            // The lease the table is built for, and the ones the TUN device and subnet.env
+            // carry: they differ after a move until each has followed. A step that fails is
+            // retried alone, every 5 s (not at each peer change). While a lost lease is
+            // re-acquired all stay on the old subnet: it stays local, and peer changes (a new
+            // host, one that left) still apply.
             let mut table_key = device_key;
+            let mut env_key = device_key;
+            let mut retry_at: Option<tokio::time::Instant> = None;
             loop {
                 let current: LeaseState = state.borrow_and_update().clone();
+                let moved_now = current.own.as_ref().is_some_and(|o| o.key != table_key);
                 if let Some(own) = &current.own {
                     table_key = own.key;
                 }
-                if device_key != table_key {
-                    tracing::warn!(subnet = %table_key, "our lease changed; moving the TUN device to it and rewriting subnet.env");
-                    let (v4, v6) = tun_addrs(&table_key);
-                    let moved = host::readdress_tun(
-                        &nl,
-                        &tun_name,
-                        tun_addrs(&device_key),
-                        v4.zip(config.network),
-                        v6.zip(config.ipv6_network),
-                    )
-                    .await
-                    .inspect_err(|e| tracing::error!(error = %format!("{e:#}"), "cannot move the TUN device to the new subnet; retrying in 5 s"));
-                    let env = SubnetEnv::for_lease(
-                        config.network,
-                        config.ipv6_network,
-                        &table_key,
-                        u32::from(mtu),
-                        ip_masq,
-                    );
-                    let written = host::write_atomic_off_thread(&subnet_file, env.render())
+                let due = retry_at.is_some_and(|t| t <= tokio::time::Instant::now());
+                if moved_now || due {
+                    retry_at = None;
+                    if moved_now {
+                        tracing::warn!(subnet = %table_key, "our lease changed; moving the TUN device to it and rewriting subnet.env");
+                    }
+                    if device_key != table_key {
+                        let (v4, v6) = tun_addrs(&table_key);
+                        match host::readdress_tun(
+                            &nl,
+                            &tun_name,
+                            tun_addrs(&device_key),
+                            v4.zip(config.network),
+                            v6.zip(config.ipv6_network),
+                        )
                         .await
-                        .inspect_err(|e| tracing::error!(error = %e, "cannot rewrite subnet.env; retrying in 5 s"));
-                    if moved.is_ok() && written.is_ok() {
-                        device_key = table_key;
+                        {
+                            Ok(()) => device_key = table_key,
+                            Err(e) => {
+                                tracing::error!(error = %format!("{e:#}"), "cannot move the TUN device to the new subnet; retrying in 5 s")
+                            }
+                        }
+                    }
+                    if env_key != table_key {
+                        let env = SubnetEnv::for_lease(
+                            config.network,
+                            config.ipv6_network,
+                            &table_key,
+                            u32::from(mtu),
+                            ip_masq,
+                        );
+                        match host::write_atomic_off_thread(&subnet_file, env.render()).await {
+                            Ok(()) => env_key = table_key,
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot rewrite subnet.env; retrying in 5 s")
+                            }
+                        }
+                    }
+                    if device_key != table_key || env_key != table_key {
+                        retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
                 }
                 let snap = snapshot_for(&table_key, &current.peers, port, current.generation);
@@ -347,7 +367,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     r = state.changed() => if r.is_err() {
                         break;
                     },
-                    () = tokio::time::sleep(Duration::from_secs(5)), if device_key != table_key => {}
+                    () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
                 }
             }
         })
