@@ -15,6 +15,11 @@ const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
 fn skip() -> bool {
     if !is_root() {
+        if std::env::var_os("LINEN_TEST_REQUIRE_ALL").is_some_and(|v| v == "1") {
+            panic!(
+                "network-namespace tests need root, and LINEN_TEST_REQUIRE_ALL=1 forbids skipping"
+            );
+        }
         use std::io::Write;
         // Written to the stderr handle, not with eprintln!, so libtest does not capture it.
         let _ = writeln!(

@@ -84,12 +84,14 @@ impl EtcdServer {
         tls: Option<ServerTls>,
     ) -> Result<Option<EtcdServer>, String> {
         if !binary_available() {
+            let why = "the `etcd` binary is not installed (Debian: apt-get install etcd-server)";
+            // As common::skipped (this file is also built into an example, without it).
+            if std::env::var_os("LINEN_TEST_REQUIRE_ALL").is_some_and(|v| v == "1") {
+                panic!("{why}, and LINEN_TEST_REQUIRE_ALL=1 forbids skipping");
+            }
             use std::io::Write;
             // The stderr handle, not eprintln!: libtest would capture it in a passing test.
-            let _ = writeln!(
-                std::io::stderr(),
-                "SKIPPED: the `etcd` binary is not installed (Debian: apt-get install etcd-server)"
-            );
+            let _ = writeln!(std::io::stderr(), "SKIPPED: {why}");
             return Ok(None);
         }
         let base = if Path::new("/dev/shm").is_dir() {
