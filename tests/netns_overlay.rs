@@ -786,6 +786,8 @@ fn flows_spread_over_workers_and_stay_on_matching_ones() {
 
     // Twelve TCP connections of different sizes: both workers of host 1 carry some, and every
     // datagram a worker sends arrives at the peer's worker of the same number, data and ACKs.
+    // The TUN picks a new flow's queue by its hash, so all twelve land on one worker about
+    // once in 2,000 runs: then another twelve (the steering checks below hold for all).
     let before = quiet_per_worker(&o);
     let script = r#"
 import socket, sys, threading
@@ -802,19 +804,25 @@ else:
     ts = [threading.Thread(target=send, args=(k,)) for k in range(12)]
     [t.start() for t in ts]; [t.join() for t in ts]
 "#;
-    let mut server = o.lab.host(1).command("python3");
-    server
-        .args(["-c", script, &a2, "serve"])
-        .stdout(Stdio::piped());
-    let mut server = server.spawn().unwrap();
-    wait_ready(&mut server);
-    o.lab
-        .host(0)
-        .run_ok("python3", &["-c", script, &a2, "send"])
-        .unwrap();
-    let out = server.wait_with_output().unwrap();
-    assert!(out.status.success(), "{out:?}");
-    let after = quiet_per_worker(&o);
+    let mut after = before.clone();
+    for _round in 0..3 {
+        let mut server = o.lab.host(1).command("python3");
+        server
+            .args(["-c", script, &a2, "serve"])
+            .stdout(Stdio::piped());
+        let mut server = server.spawn().unwrap();
+        wait_ready(&mut server);
+        o.lab
+            .host(0)
+            .run_ok("python3", &["-c", script, &a2, "send"])
+            .unwrap();
+        let out = server.wait_with_output().unwrap();
+        assert!(out.status.success(), "{out:?}");
+        after = quiet_per_worker(&o);
+        if (0..2).all(|i| after[0][i].0 > before[0][i].0) {
+            break;
+        }
+    }
     let delta = |h: usize, i: usize| {
         let (b, a) = (before[h][i], after[h][i]);
         (a.0 - b.0, a.1 - b.1, a.2 - b.2)
