@@ -564,6 +564,7 @@ async fn watch_task(
     cancel: CancellationToken,
 ) {
     let mut watch: Option<Box<dyn LeaseWatch>> = None;
+    let mut last_ok = false;
     loop {
         let result = {
             let step = async {
@@ -582,11 +583,19 @@ async fn watch_task(
         let failed = result.is_err();
         let msg = match result {
             Ok(event) => {
-                // A snapshot too: every backend hands one out only once its watch is open.
-                backoff.reset();
+                // A snapshot after an error shows the list works, not the stream (one that
+                // opens and breaks at once would otherwise re-list every backoff_min): the
+                // backoff resets at changes, or at the answer after the snapshot.
+                if last_ok || matches!(event, WatchEvent::Changes { .. }) {
+                    backoff.reset();
+                }
+                last_ok = true;
                 WatchMsg::Event(event)
             }
-            Err(e) => WatchMsg::Failed(e),
+            Err(e) => {
+                last_ok = false;
+                WatchMsg::Failed(e)
+            }
         };
         if tx.send(msg).await.is_err() {
             return;
@@ -709,6 +718,10 @@ mod test {
         failing_watch_opens: std::sync::atomic::AtomicUsize,
         /// Creating a lease fails (no free subnet, say).
         refuse_creates: std::sync::atomic::AtomicBool,
+        /// The watch's stream breaks right after each snapshot (it re-lists, as the trait asks).
+        breaking_stream: bool,
+        /// Snapshots the watch has handed out.
+        snapshots: AtomicUsize,
     }
 
     impl OutageShared {
@@ -757,10 +770,18 @@ mod test {
                     self.listed = false;
                     return Err(e);
                 }
+                if self.shared.breaking_stream && self.listed {
+                    self.listed = false;
+                    return Err(RegistryError::Unavailable {
+                        location: "fake".into(),
+                        reason: "the stream broke".into(),
+                    });
+                }
                 let generation = self.shared.generation.load(Ordering::SeqCst);
                 if !self.listed || self.shared.firehose || generation != self.generation {
                     self.listed = true;
                     self.generation = generation;
+                    self.shared.snapshots.fetch_add(1, Ordering::SeqCst);
                     tokio::task::yield_now().await;
                     return Ok(WatchEvent::Snapshot(self.shared.list()));
                 }
@@ -978,6 +999,31 @@ mod test {
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(peers, ["198.19.7.0-24"]);
+    }
+
+    /// A watch whose stream breaks right after each re-list backs off like one that cannot
+    /// connect (1, 2, 4, 8, 8 s) instead of re-listing every second: a snapshot alone does
+    /// not show the stream works.
+    #[tokio::test(start_paused = true)]
+    async fn a_stream_that_breaks_after_each_list_backs_off() {
+        let reg = Arc::new(Outage {
+            shared: Arc::new(OutageShared {
+                breaking_stream: true,
+                ..OutageShared::default()
+            }),
+            ..Outage::default()
+        });
+        let (_state, cancel, task) = run_manager(&reg, |o| {
+            o.backoff_min = Duration::from_secs(1);
+            o.backoff_max = Duration::from_secs(8);
+        })
+        .await;
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        cancel.cancel();
+        task.await.unwrap();
+        // Snapshots at about 0, 1, 3, 7, 15 and 23 s; every second would be about 15.
+        let lists = reg.shared.snapshots.load(Ordering::SeqCst);
+        assert!((5..=7).contains(&lists), "{lists} snapshots in 30 s");
     }
 
     /// A peer's renewal changes only its expiry: the state shows the new one (for `linen
