@@ -447,37 +447,51 @@ pub async fn configure_tun(
 
 /// Moves the TUN device to a new lease's addresses: adds the new ones and re-points the overlay
 /// routes at them (their preferred source is the host's source address for overlay traffic),
-/// then removes the old addresses, which belong to another host's subnet now.
+/// then removes every other address of the overlay networks from the device: the old lease's,
+/// which belong to another host's subnet now, and any left by a move that failed half-way.
 pub async fn readdress_tun(
     handle: &Handle,
     tun_name: &str,
-    old: (Option<Ipv4Addr>, Option<Ipv6Addr>),
     v4: Option<(Ipv4Addr, Ipv4Network)>,
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<()> {
     configure_tun(handle, tun_name, v4, v6).await?;
-    let stale = [
-        old.0
-            .filter(|a| Some(*a) != v4.map(|n| n.0))
-            .map(IpAddr::V4),
-        old.1
-            .filter(|a| Some(*a) != v6.map(|n| n.0))
-            .map(IpAddr::V6),
-    ];
-    for ip in stale.into_iter().flatten() {
-        let mut found = handle.address().get().set_address_filter(ip).execute();
-        while let Some(msg) = found
-            .try_next()
-            .await
-            .with_context(|| format!("netlink: looking up {ip} on {tun_name}"))?
-        {
-            handle
-                .address()
-                .del(msg)
-                .execute()
-                .await
-                .with_context(|| format!("netlink: removing {ip} from {tun_name}"))?;
+    let index = links(handle)
+        .await?
+        .into_iter()
+        .find(|l| l.name == tun_name)
+        .map(|l| l.index)
+        .ok_or_else(|| anyhow!("the TUN device {tun_name} has vanished"))?;
+    let stale = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => v4.is_some_and(|(ours, net)| net.contains(a) && a != ours),
+        IpAddr::V6(a) => v6.is_some_and(|(ours, net)| net.contains(a) && a != ours),
+    };
+    let mut found = handle
+        .address()
+        .get()
+        .set_link_index_filter(index)
+        .execute();
+    let mut old = Vec::new();
+    while let Some(msg) = found
+        .try_next()
+        .await
+        .with_context(|| format!("netlink: listing the addresses of {tun_name}"))?
+    {
+        let ip = msg.attributes.iter().find_map(|a| match a {
+            AddressAttribute::Address(ip) => Some(*ip),
+            _ => None,
+        });
+        if ip.is_some_and(stale) {
+            old.push(msg);
         }
+    }
+    for msg in old {
+        handle
+            .address()
+            .del(msg)
+            .execute()
+            .await
+            .with_context(|| format!("netlink: removing an old address from {tun_name}"))?;
     }
     Ok(())
 }

@@ -325,7 +325,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         match host::readdress_tun(
                             &nl,
                             &tun_name,
-                            tun_addrs(&device_key),
                             v4.zip(config.network),
                             v6.zip(config.ipv6_network),
                         )
