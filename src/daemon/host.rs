@@ -48,6 +48,16 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// The index of the device named `name` (the TUN device, which may have been deleted).
+async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
+    links(handle)
+        .await?
+        .iter()
+        .find(|l| l.name == name)
+        .map(|l| l.index)
+        .ok_or_else(|| anyhow!("the device {name} has vanished"))
+}
+
 /// Whether a network device named `name` exists.
 pub async fn link_exists(handle: &Handle, name: &str) -> Result<bool> {
     Ok(links(handle).await?.iter().any(|l| l.name == name))
@@ -384,12 +394,7 @@ pub async fn configure_tun(
     v4: Option<(Ipv4Addr, Ipv4Network)>,
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<()> {
-    let index = links(handle)
-        .await?
-        .iter()
-        .find(|l| l.name == tun_name)
-        .map(|l| l.index)
-        .ok_or_else(|| anyhow!("TUN device {tun_name} vanished before it was configured"))?;
+    let index = link_index(handle, tun_name).await?;
     // A worker splits one offloaded TUN read into at most SEGMENTS packets. Without this cap a
     // TCP flow with an MSS under ~512 bytes would get super-packets of more segments, which a
     // worker must drop whole (and their retransmits too); with it the kernel builds smaller ones.
@@ -456,12 +461,7 @@ pub async fn readdress_tun(
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<()> {
     configure_tun(handle, tun_name, v4, v6).await?;
-    let index = links(handle)
-        .await?
-        .into_iter()
-        .find(|l| l.name == tun_name)
-        .map(|l| l.index)
-        .ok_or_else(|| anyhow!("the TUN device {tun_name} has vanished"))?;
+    let index = link_index(handle, tun_name).await?;
     let stale = |ip: IpAddr| match ip {
         IpAddr::V4(a) => v4.is_some_and(|(ours, net)| net.contains(a) && a != ours),
         IpAddr::V6(a) => v6.is_some_and(|(ours, net)| net.contains(a) && a != ours),
