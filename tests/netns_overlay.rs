@@ -896,6 +896,8 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
         "{:?}",
         h0.ip(&["-o", "addr", "show", "dev", "linen0"])
     );
+    // Retried every 5 s, logged once: wait past one retry before unblocking.
+    std::thread::sleep(Duration::from_secs(6));
     std::fs::remove_dir_all(&env_path).unwrap();
     let moved = wait_for(Duration::from_secs(15), || {
         let env = SubnetEnv::parse(&std::fs::read_to_string(&env_path).ok()?).ok()?;
@@ -921,9 +923,12 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     assert!(!addrs.contains(&format!("{old_v6}/128")), "{addrs}");
     let route = h0.ip(&["route", "get", &b_v4]).unwrap();
     assert!(route.contains(&format!("src {new_v4}")), "{route}");
-    // Only subnet.env failed, and only it was retried.
+    // Only subnet.env failed, and only it was retried; its error was logged once, and the
+    // success after it.
     let log = std::fs::read_to_string(o.log_path(0)).unwrap_or_default();
     assert!(!log.contains("cannot move the TUN device"), "{log}");
+    assert_eq!(log.matches("cannot rewrite subnet.env").count(), 1, "{log}");
+    assert!(log.contains("subnet.env rewritten after all"), "{log}");
     // Without -I: the host's own pings leave from the new address and their replies come back.
     assert!(o.ping_ok(0, &b_v4, &[]), "IPv4 ping after the move");
     assert!(o.ping_ok(0, &b_v6, &["-6"]), "IPv6 ping after the move");

@@ -308,6 +308,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut table_key = device_key;
             let mut env_key = device_key;
             let mut retry_at: Option<tokio::time::Instant> = None;
+            // The last error of the device step and of the subnet.env step, logged once.
+            let mut failing: [Option<String>; 2] = [None, None];
             loop {
                 let current: LeaseState = state.borrow_and_update().clone();
                 let moved_now = current.own.as_ref().is_some_and(|o| o.key != table_key);
@@ -330,10 +332,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         )
                         .await
                         {
-                            Ok(()) => device_key = table_key,
-                            Err(e) => {
-                                tracing::error!(error = %format!("{e:#}"), "cannot move the TUN device to the new subnet; retrying in 5 s")
+                            Ok(()) => {
+                                device_key = table_key;
+                                retry_done(&mut failing[0], "the TUN device moved");
                             }
+                            Err(e) => retry_failed(
+                                &mut failing[0],
+                                "cannot move the TUN device to the new subnet",
+                                format!("{e:#}"),
+                            ),
                         }
                     }
                     if env_key != table_key {
@@ -345,10 +352,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             ip_masq,
                         );
                         match host::write_atomic_off_thread(&subnet_file, env.render()).await {
-                            Ok(()) => env_key = table_key,
-                            Err(e) => {
-                                tracing::error!(error = %e, "cannot rewrite subnet.env; retrying in 5 s")
+                            Ok(()) => {
+                                env_key = table_key;
+                                retry_done(&mut failing[1], "subnet.env rewritten");
                             }
+                            Err(e) => retry_failed(
+                                &mut failing[1],
+                                "cannot rewrite subnet.env",
+                                format!("{e:#}"),
+                            ),
                         }
                     }
                     if device_key != table_key || env_key != table_key {
@@ -453,6 +465,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     publisher.abort();
     outcome
+}
+
+/// Logs a failed step that is retried every 5 s: at error level when it starts failing or its
+/// error changes, not at every retry.
+fn retry_failed(last: &mut Option<String>, what: &str, error: String) {
+    if last.as_deref() != Some(error.as_str()) {
+        tracing::error!(error = %error, "{what}; retrying every 5 s (logged again if the error changes)");
+        *last = Some(error);
+    }
+}
+
+/// Logs that a step which had failed has now worked.
+fn retry_done(last: &mut Option<String>, what: &str) {
+    if last.take().is_some() {
+        tracing::info!("{what} after all");
+    }
 }
 
 /// Returns once no worker runs any more: the data plane is gone (its TUN device was deleted,
