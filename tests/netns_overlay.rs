@@ -64,13 +64,18 @@ impl Overlay {
         self.pids[i] = Some(self.lab.spawn(cmd, "linen").unwrap());
     }
 
-    /// Runs `linen run` on host i with `flags` (no metrics endpoint) and waits for it to exit:
-    /// for flags it must refuse.
-    fn run_to_end(&self, i: usize, flags: &[&str]) -> std::process::Output {
+    /// Runs `linen run` on host i with `flags` (no metrics endpoint), which must refuse to
+    /// start: it exits with `code` and its message names each of `mentions`.
+    fn refused(&self, i: usize, flags: &[&str], code: i32, mentions: &[&str]) {
         let dir = self.dir.path().to_string_lossy();
         let mut args = vec!["run", "--registry-dir", &dir, "--metrics-addr", "off"];
         args.extend_from_slice(flags);
-        self.lab.host(i).run(LINEN, &args).unwrap()
+        let out = self.lab.host(i).run(LINEN, &args).unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(code), "{flags:?}: {err}");
+        for m in mentions {
+            assert!(err.contains(m), "{flags:?} should mention {m:?}: {err}");
+        }
     }
 
     /// Stops host i's daemon; returns its exit status and log.
@@ -458,15 +463,19 @@ fn the_mtu_is_flannels_default_or_the_flag() {
 
     // The network has IPv6, which needs 1280: a smaller MTU is refused before any lease is
     // taken (the kernel would refuse the TUN's IPv6 address with a message about neither).
-    let out = o.run_to_end(1, &["--iface", "eth0", "--mtu", "1000"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
-    assert!(err.contains("1280") && err.contains("--mtu"), "{err}");
+    o.refused(
+        1,
+        &["--iface", "eth0", "--mtu", "1000"],
+        2,
+        &["1280", "--mtu"],
+    );
     // A device of the TUN's name exists: a clear error, not an attachment to it.
-    let out = o.run_to_end(1, &["--iface", "eth0", "--tun", "eth0"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(err.contains("eth0 already exists"), "{err}");
+    o.refused(
+        1,
+        &["--iface", "eth0", "--tun", "eth0"],
+        1,
+        &["eth0 already exists"],
+    );
 }
 
 /// A route for the overlay network that already points elsewhere (a leftover of another
@@ -523,12 +532,11 @@ fn iface_takes_the_first_interface_that_exists() {
     let (a2, _) = o.addrs(1);
     assert!(o.ping_ok(0, &a2, &[]));
     // Exit 1, as flannel: a supervisor restarts linen, and the interface may have come by then.
-    let out = o.run_to_end(1, &["--iface", "nosuch0", "--iface", "wan9"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("--iface nosuch0,wan9") && err.contains("eth0"),
-        "{err}"
+    o.refused(
+        1,
+        &["--iface", "nosuch0", "--iface", "wan9"],
+        1,
+        &["--iface nosuch0,wan9", "eth0"],
     );
 }
 
@@ -646,12 +654,11 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
     }
 
     // A pattern that matches nothing: exit 1, naming the interfaces and their addresses.
-    let out = o.run_to_end(0, &["--iface-regex", "^nomatch"]);
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{err}");
-    assert!(
-        err.contains("^nomatch") && err.contains(&secondary) && err.contains("wan7"),
-        "{err}"
+    o.refused(
+        0,
+        &["--iface-regex", "^nomatch"],
+        1,
+        &["^nomatch", &secondary, "wan7"],
     );
 }
 

@@ -8,7 +8,7 @@
 //!   then `LINEN_*`, then `FLANNELD_*`, then the default.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 
 use clap::{Arg, Command};
 
@@ -154,20 +154,16 @@ fn long_flags(cmd: &Command, globals: &[&Arg]) -> HashMap<String, bool> {
     out
 }
 
-/// `args` as the owned strings [`double_dash`] takes (for tests and callers with `&str`s).
-pub fn os_args<I, S>(args: I) -> Vec<OsString>
-where
-    I: IntoIterator<Item = S>,
-    S: AsRef<OsStr>,
-{
-    args.into_iter().map(|a| a.as_ref().to_owned()).collect()
-}
-
 #[cfg(test)]
 mod test {
     use super::*;
     use crate::cli::Cli;
     use clap::{CommandFactory, FromArgMatches};
+    use std::ffi::OsStr;
+
+    fn os_args(args: &[&str]) -> Vec<OsString> {
+        args.iter().map(OsString::from).collect()
+    }
 
     fn rewritten(args: &[&str]) -> Vec<String> {
         double_dash(os_args(args), &Cli::command())

@@ -227,8 +227,9 @@ type Picked<'a> = (&'a Link, Option<IpAddr>);
 /// `--iface` (name or address) that exists, else the first `--iface-regex` that matches an
 /// address or a name, else the interface of the route to `--iface-can-reach`; none matching is
 /// an error. As in flannel, an interface without an address to advertise does not count as a
-/// match, and patterns are matched against advertisable addresses only (never 127.0.0.1). Without them: the one holding `public_ip`; else the default route's; else the only
-/// interface with an address. An address that picked the interface (`--iface 198.18.0.9`, a
+/// match, and patterns are matched against advertisable addresses only (never 127.0.0.1).
+/// Without them: the one holding `public_ip`; else the main table's default route's; else the
+/// only interface with an address. An address that picked the interface (`--iface 198.18.0.9`, a
 /// regex matching it, the route's source) is the one advertised, as in flannel; otherwise the
 /// interface's first.
 pub async fn discover_underlay(

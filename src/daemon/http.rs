@@ -4,10 +4,11 @@
 //! for liveness probes from outside the host) a second listener serves `/healthz` alone.
 //!
 //! Hand-rolled HTTP/1.1 over `tokio::net::TcpListener` rather than hyper: three GET paths (by
-//! default on a loopback port), one request per connection (`Connection: close`), no bodies to read, no
-//! keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring hyper,
-//! hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB head,
-//! 5 s to send it, 16 connections at a time) so a stuck client cannot pile up tasks.
+//! default on a loopback port), one request per connection (`Connection: close`), no bodies to
+//! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
+//! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
+//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time) so a stuck client
+//! cannot pile up tasks.
 
 use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};

@@ -41,6 +41,9 @@ pub const COMMENT: &str = "linen masq";
 pub const FORWARD_CHAIN: &str = "LINEN-FWD";
 /// The comment on every FORWARD rule linen adds.
 pub const FORWARD_COMMENT: &str = "linen forward";
+/// kube-proxy's masquerade mark: traffic it marked is left alone.
+const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
+
 /// Which rules to keep, and how.
 #[derive(Clone, Copy, Debug)]
 pub struct Options {
@@ -54,8 +57,6 @@ pub struct Options {
     /// (`--ip-masq-fully-random-disable`).
     pub no_random_fully: bool,
 }
-/// kube-proxy's masquerade mark: traffic it marked is left alone.
-const KUBE_PROXY_MARK: &str = "0x4000/0x4000";
 
 /// What a chain of rules is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

@@ -80,9 +80,9 @@ impl LeaseWatch for EtcdWatch {
             match &mut self.state {
                 State::Resync => {
                     // On failure the state stays Resync: the caller backs off and calls again.
-                    // The stream is opened before the snapshot is handed out, so a snapshot
-                    // means the watch works again (the caller resets its backoff on it): an
-                    // open that keeps failing backs off instead of re-listing every second.
+                    // The stream is opened before the snapshot is handed out, so an open that
+                    // keeps failing is an error the caller backs off on, not a snapshot that
+                    // looks like recovery.
                     let list = self.shared.list().await?;
                     let stream = open(&self.shared, list.revision + 1).await?;
                     tracing::info!(
