@@ -1,6 +1,9 @@
 //! Exit codes and logging flags of the binary: bad flags and invalid configs exit 2 with a
 //! message that names what to fix. No root needed (nothing here touches the network).
 
+mod common;
+use common::Helper;
+
 use std::process::Command;
 
 const LINEN: &str = env!("CARGO_BIN_EXE_linen");
@@ -259,14 +262,14 @@ fn setup_mistakes_in_flags_exit_2() {
 fn a_stop_while_waiting_for_the_config_exits_0() {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
-    let mut child = Command::new(LINEN)
-        .args(["run", "--metrics-addr", "off", "--registry-dir"])
-        .arg(dir.path().join("registry"))
-        .args(["--subnet-file"])
-        .arg(dir.path().join("subnet.env"))
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
+    let mut child = Helper::spawn(
+        Command::new(LINEN)
+            .args(["run", "--metrics-addr", "off", "--registry-dir"])
+            .arg(dir.path().join("registry"))
+            .args(["--subnet-file"])
+            .arg(dir.path().join("subnet.env"))
+            .stderr(std::fs::File::create(&log).unwrap()),
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !std::fs::read_to_string(&log)
         .unwrap_or_default()

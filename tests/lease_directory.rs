@@ -3,6 +3,7 @@
 //! lost leases and a registry that goes away and comes back.
 
 mod common;
+use common::Helper;
 use common::manager::{Running, host, key};
 
 use std::collections::BTreeSet;
@@ -80,23 +81,23 @@ fn twenty_processes_get_distinct_subnets() {
     let exe = std::env::current_exe().unwrap();
     let children: Vec<_> = (1..=20u8)
         .map(|n| {
-            std::process::Command::new(&exe)
-                .args([
-                    "--exact",
-                    "acquire_child",
-                    "--nocapture",
-                    "--test-threads=1",
-                ])
-                .env("LINEN_TEST_ACQUIRE_DIR", dir.path())
-                .env("LINEN_TEST_HOST", n.to_string())
-                .stdout(std::process::Stdio::piped())
-                .spawn()
-                .unwrap()
+            Helper::spawn(
+                std::process::Command::new(&exe)
+                    .args([
+                        "--exact",
+                        "acquire_child",
+                        "--nocapture",
+                        "--test-threads=1",
+                    ])
+                    .env("LINEN_TEST_ACQUIRE_DIR", dir.path())
+                    .env("LINEN_TEST_HOST", n.to_string())
+                    .stdout(std::process::Stdio::piped()),
+            )
         })
         .collect();
     let mut subnets = BTreeSet::new();
     for child in children {
-        let out = child.wait_with_output().unwrap();
+        let out = child.wait_with_output();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "child failed: {text}");
         // libtest prints "test acquire_child ... " on the same line, before ours.

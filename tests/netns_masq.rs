@@ -6,7 +6,7 @@
 //! subnet.env, STOPPING=1 on SIGTERM). Root only; skipped otherwise.
 
 mod common;
-use common::{LINEN, skip};
+use common::{Helper, LINEN, skip};
 
 use std::os::unix::net::UnixDatagram;
 use std::path::{Path, PathBuf};
@@ -44,24 +44,23 @@ else:
 /// the source address the receiver saw (when it got the datagram).
 fn udp_exchange(from: &Host, src: &str, to: &Host, dst: &str) -> (bool, Option<String>) {
     let bind = if dst.contains(':') { "::" } else { "0.0.0.0" };
-    let server = to
-        .command("python3")
-        .args(["-c", SERVER, bind])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let server = Helper::spawn(
+        to.command("python3")
+            .args(["-c", SERVER, bind])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    );
     std::thread::sleep(Duration::from_millis(300));
     let reply = from.run_ok("python3", &["-c", CLIENT, src, dst]).unwrap();
     let seen = if reply.trim() == "reply" {
-        let out = server.wait_with_output().unwrap();
+        let out = server.wait_with_output();
         Some(String::from_utf8_lossy(&out.stdout).trim().to_owned())
     } else {
         // The server may still wait; stop it by PID (we started it).
         let _ = Command::new("kill")
             .args(["-TERM", &server.id().to_string()])
             .status();
-        let out = server.wait_with_output().unwrap();
+        let out = server.wait_with_output();
         let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
         (!s.is_empty()).then_some(s)
     };

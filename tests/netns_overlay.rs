@@ -2,7 +2,7 @@
 //! directory and run `linen run`. Root only; skipped with a message otherwise.
 
 mod common;
-use common::{LINEN, skip};
+use common::{Helper, LINEN, skip};
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::path::{Path, PathBuf};
@@ -150,7 +150,7 @@ while True:
 print(n, h.hexdigest())
 "#;
     recv.args(["-c", script, to]).stdout(Stdio::piped());
-    let mut child = recv.spawn().unwrap();
+    let mut child = Helper::spawn(&mut recv);
     wait_ready(&mut child);
     let send = r#"
 import hashlib, random, socket, sys
@@ -167,7 +167,7 @@ print(len(data), hashlib.sha256(data).hexdigest())
         .host(from)
         .run_ok("python3", &["-c", send, to, &mb, &mss])
         .unwrap();
-    let got = child.wait_with_output().unwrap();
+    let got = child.wait_with_output();
     assert_eq!(
         String::from_utf8_lossy(&got.stdout).trim(),
         sent.trim(),
@@ -198,7 +198,7 @@ while True:
 print(got, bad)
 "#;
     recv.args(["-c", script, to]).stdout(Stdio::piped());
-    let mut child = recv.spawn().unwrap();
+    let mut child = Helper::spawn(&mut recv);
     let mut line = String::new();
     std::io::BufRead::read_line(
         &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
@@ -232,7 +232,7 @@ print(sent)
         .trim()
         .parse()
         .unwrap();
-    let got = child.wait_with_output().unwrap();
+    let got = child.wait_with_output();
     let out = String::from_utf8_lossy(&got.stdout).to_string();
     let (received, bad) = out
         .split_once(' ')
@@ -817,13 +817,13 @@ else:
         server
             .args(["-c", script, &a2, "serve"])
             .stdout(Stdio::piped());
-        let mut server = server.spawn().unwrap();
+        let mut server = Helper::spawn(&mut server);
         wait_ready(&mut server);
         o.lab
             .host(0)
             .run_ok("python3", &["-c", script, &a2, "send"])
             .unwrap();
-        let out = server.wait_with_output().unwrap();
+        let out = server.wait_with_output();
         assert!(out.status.success(), "{out:?}");
         after = quiet_per_worker(&o);
         // A real share, not a stray packet (an MLD report, say): 0.3 MB flows make dozens of
@@ -958,7 +958,7 @@ fn a_port_held_by_another_program_is_a_clear_error() {
              print('ready', flush=True); time.sleep(60)",
         ])
         .stdout(Stdio::piped());
-    let mut holder = holder.spawn().unwrap();
+    let mut holder = Helper::spawn(&mut holder);
     wait_ready(&mut holder);
     o.start(0, &[]);
     let said = wait_for(Duration::from_secs(15), || {

@@ -5,8 +5,9 @@
 pub mod etcd;
 pub mod manager;
 
+use std::ops::{Deref, DerefMut};
 use std::path::Path;
-use std::process::Command;
+use std::process::{Child, Command, Output};
 
 /// The linen binary under test.
 pub const LINEN: &str = env!("CARGO_BIN_EXE_linen");
@@ -30,6 +31,51 @@ pub fn skip() -> bool {
         return true;
     }
     false
+}
+
+/// A process a test started outside a `Lab` (a receiving script, a second daemon). If the test
+/// fails before waiting for it, dropping it kills it (by its PID: we started it) and reaps it, so
+/// it does not outlive the test and pin a deleted namespace. Derefs to the [`Child`].
+pub struct Helper(Option<Child>);
+
+impl Helper {
+    /// Spawns `cmd`; panics with the command line if that fails.
+    pub fn spawn(cmd: &mut Command) -> Helper {
+        match cmd.spawn() {
+            Ok(child) => Helper(Some(child)),
+            Err(e) => panic!("cannot start {cmd:?}: {e}"),
+        }
+    }
+
+    /// Waits for it to exit and collects its piped output, as [`Child::wait_with_output`].
+    pub fn wait_with_output(mut self) -> Output {
+        let child = self.0.take().expect("taken only here");
+        child.wait_with_output().expect("wait for a helper")
+    }
+}
+
+impl Deref for Helper {
+    type Target = Child;
+    fn deref(&self) -> &Child {
+        self.0.as_ref().expect("taken only by wait_with_output")
+    }
+}
+
+impl DerefMut for Helper {
+    fn deref_mut(&mut self) -> &mut Child {
+        self.0.as_mut().expect("taken only by wait_with_output")
+    }
+}
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.0.take() {
+            if matches!(child.try_wait(), Ok(None)) {
+                let _ = child.kill();
+            }
+            let _ = child.wait();
+        }
+    }
 }
 
 /// `linen network init --registry-dir DIR --network 198.19.0.0/16 --ipv6-network fd00:19::/48`.
