@@ -12,7 +12,6 @@
 //! The state, not a stream of events, is what a consumer sees: it can never miss a change, and
 //! a forwarding table is rebuilt from `own` and `peers` whenever `generation` moves.
 
-use std::fmt::Display;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -247,6 +246,13 @@ pub struct LeaseManager {
     renew_backoff: Backoff,
     renew_failed: bool,
     last_acquire_error: Option<String>,
+    /// The watch failed and has not answered since.
+    read_error: Option<String>,
+    /// An acquisition or renewal failed for a reason that may pass, and none has succeeded
+    /// since. Kept apart from `read_error` so that watch events arriving while writes fail
+    /// (etcd over its space quota, say) do not report the registry healthy, then unhealthy
+    /// again at the next attempt, at every backoff step.
+    write_error: Option<String>,
 }
 
 impl LeaseManager {
@@ -269,6 +275,8 @@ impl LeaseManager {
             renew_backoff,
             renew_failed: false,
             last_acquire_error: None,
+            read_error: None,
+            write_error: None,
         }
     }
 
@@ -295,17 +303,19 @@ impl LeaseManager {
         .await;
         match result {
             Ok(lease) => {
-                self.registry_ok();
+                self.write_answered(None);
                 self.last_acquire_error = None;
                 tracing::info!(subnet = %lease.key, expires = ?lease.expiration, "lease acquired");
                 self.hold(lease.clone());
                 Ok(lease)
             }
             Err(e) => {
-                if let AcquireError::Registry(re) = &e
-                    && re.is_transient()
-                {
-                    self.registry_failed(re);
+                match &e {
+                    AcquireError::Registry(re) if re.is_transient() => {
+                        self.write_answered(Some(re));
+                    }
+                    // The registry answered (a refusal, no free subnet): it is reachable.
+                    _ => self.write_answered(None),
                 }
                 Err(e)
             }
@@ -404,17 +414,17 @@ impl LeaseManager {
         };
         match self.registry.renew_lease(&own, &self.options.attrs).await {
             Ok(lease) => {
-                self.registry_ok();
+                self.write_answered(None);
                 tracing::info!(subnet = %lease.key, expires = ?lease.expiration, "lease renewed");
                 self.hold(lease);
             }
             Err(RegistryError::NotFound(key)) => {
-                self.registry_ok();
+                self.write_answered(None);
                 tracing::warn!(subnet = %key, "the lease is gone (deleted, expired or taken); re-acquiring");
                 self.lose();
             }
             Err(e) => {
-                self.registry_failed(&e);
+                self.write_answered(Some(&e).filter(|e| e.is_transient()));
                 self.renew_failed = true;
                 self.renew_at = Some(Instant::now() + self.renew_backoff.next());
             }
@@ -425,14 +435,22 @@ impl LeaseManager {
     fn on_msg(&mut self, msg: Option<WatchMsg>) -> bool {
         match msg {
             Some(WatchMsg::Event(event)) => self.on_event(event),
-            Some(WatchMsg::Failed(e)) => self.registry_failed(&e),
+            Some(WatchMsg::Failed(e)) => {
+                self.read_error = Some(e.to_string());
+                self.publish_health();
+            }
             None => return false,
         }
         true
     }
 
     fn on_event(&mut self, event: WatchEvent) {
-        self.registry_ok();
+        if self.read_error.take().is_some() && self.renew_failed {
+            // A renewal fell due while the registry was away: do it now that it answers,
+            // rather than at the end of its backoff.
+            self.renew_at = Some(Instant::now());
+        }
+        self.publish_health();
         let applied = self.tracker.apply(event);
         log_peers(&applied.peers);
         let changed = !applied.peers.is_empty();
@@ -481,35 +499,45 @@ impl LeaseManager {
         self.publish(true);
     }
 
-    fn registry_ok(&mut self) {
-        let was = self.state.borrow().registry.connected;
-        if was {
-            return;
-        }
-        let recovered = self.state.borrow().registry.last_error.is_some();
-        if recovered {
-            tracing::info!(registry = %self.registry.location(), "registry available again");
-        }
-        self.state.send_modify(|s| {
-            s.registry.connected = true;
-            s.registry.resyncs += u64::from(recovered);
-        });
-        if self.renew_failed {
-            // A renewal fell due while the registry was away: do it now.
-            self.renew_at = Some(Instant::now());
-        }
+    /// A write (acquire, renew) was answered: `error` is the failure that may pass, if any.
+    fn write_answered(&mut self, error: Option<&RegistryError>) {
+        self.write_error = error.map(ToString::to_string);
+        self.publish_health();
     }
 
-    fn registry_failed(&mut self, error: &dyn Display) {
-        let msg = error.to_string();
-        let connected = self.state.borrow().registry.connected;
-        if connected || self.state.borrow().registry.last_error.is_none() {
-            tracing::warn!(registry = %self.registry.location(), error = %msg, "registry unavailable; retrying with backoff");
+    /// Publishes the registry's health from the last read and write outcomes, logging when it
+    /// goes down and when it comes back.
+    fn publish_health(&mut self) {
+        let failure = self.write_error.as_ref().or(self.read_error.as_ref());
+        let (connected, had_error) = {
+            let r = &self.state.borrow().registry;
+            (r.connected, r.last_error.is_some())
+        };
+        match failure {
+            None if !connected => {
+                if had_error {
+                    tracing::info!(registry = %self.registry.location(), "registry available again");
+                }
+                self.state.send_modify(|s| {
+                    s.registry.connected = true;
+                    s.registry.resyncs += u64::from(had_error);
+                });
+            }
+            None => {}
+            Some(msg) => {
+                if connected || !had_error {
+                    tracing::warn!(registry = %self.registry.location(), error = %msg, "registry unavailable; retrying with backoff");
+                }
+                let msg = msg.clone();
+                self.state.send_if_modified(|s| {
+                    let changed =
+                        s.registry.connected || s.registry.last_error.as_ref() != Some(&msg);
+                    s.registry.connected = false;
+                    s.registry.last_error = Some(msg);
+                    changed
+                });
+            }
         }
-        self.state.send_modify(|s| {
-            s.registry.connected = false;
-            s.registry.last_error = Some(msg);
-        });
     }
 
     fn publish(&mut self, leases_changed: bool) {
@@ -700,6 +728,8 @@ mod test {
         renewals: std::sync::Mutex<Vec<Instant>>,
         /// How long each renewal takes (a slow registry).
         renew_delay: Duration,
+        /// Renewals tried, whatever their outcome.
+        renew_attempts: AtomicUsize,
     }
 
     #[derive(Default)]
@@ -718,6 +748,8 @@ mod test {
         failing_watch_opens: std::sync::atomic::AtomicUsize,
         /// Creating a lease fails (no free subnet, say).
         refuse_creates: std::sync::atomic::AtomicBool,
+        /// Creates and renewals fail as unavailable while reads work (etcd over its quota).
+        unavailable_writes: std::sync::atomic::AtomicBool,
         /// The watch's stream breaks right after each snapshot (it re-lists, as the trait asks).
         breaking_stream: bool,
         /// Snapshots the watch has handed out.
@@ -730,6 +762,17 @@ mod test {
                 return Err(RegistryError::Unavailable {
                     location: "fake".into(),
                     reason: "down for the test".into(),
+                });
+            }
+            Ok(())
+        }
+
+        fn writable(&self) -> Result<(), RegistryError> {
+            self.up()?;
+            if self.unavailable_writes.load(Ordering::SeqCst) {
+                return Err(RegistryError::Unavailable {
+                    location: "fake".into(),
+                    reason: "database space exceeded".into(),
                 });
             }
             Ok(())
@@ -810,7 +853,7 @@ mod test {
             key: &SubnetKey,
             attrs: &LeaseAttrs,
         ) -> Result<Lease, RegistryError> {
-            self.shared.up()?;
+            self.shared.writable()?;
             if self.shared.refuse_creates.load(Ordering::SeqCst) {
                 return Err(RegistryError::Refused {
                     location: "fake".into(),
@@ -830,7 +873,8 @@ mod test {
         }
         async fn renew_lease(&self, l: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
             tokio::time::sleep(self.renew_delay).await;
-            self.shared.up()?;
+            self.renew_attempts.fetch_add(1, Ordering::SeqCst);
+            self.shared.writable()?;
             self.renewals.lock().unwrap().push(Instant::now());
             let lease = sixty_seconds(l.key, attrs);
             *self.shared.leases.lock().unwrap() = vec![lease.clone()];
@@ -999,6 +1043,42 @@ mod test {
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(peers, ["198.19.7.0-24"]);
+    }
+
+    /// While renewals fail for a reason that may pass and the watch still answers (etcd over
+    /// its space quota), the registry stays reported down, and renewals keep their backoff: a
+    /// peer's renewal used to report it "available again", and to trigger a renewal at once,
+    /// at every watch event.
+    #[tokio::test(start_paused = true)]
+    async fn failing_writes_keep_the_registry_down_while_the_watch_answers() {
+        let reg = Arc::new(Outage::default());
+        let peer = peer_lease("198.19.5.0-24", "198.18.1.5");
+        reg.shared.leases.lock().unwrap().push(peer.clone());
+        // Renewal due at 10 s, retried at 11, 13, 17 and 25 s.
+        let (state, cancel, task) = run_manager(&reg, |o| {
+            o.renew_margin = Duration::from_secs(50);
+            o.backoff_min = Duration::from_secs(1);
+            o.backoff_max = Duration::from_secs(8);
+        })
+        .await;
+        reg.shared.unavailable_writes.store(true, Ordering::SeqCst);
+        // The peer renews every 2 s for 30 s.
+        for _ in 0..15 {
+            tokio::time::sleep(Duration::from_secs(2)).await;
+            reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        }
+        let during = state.borrow().registry.clone();
+        let attempts = reg.renew_attempts.load(Ordering::SeqCst);
+        reg.shared.unavailable_writes.store(false, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let after = state.borrow().registry.clone();
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(!during.connected, "{during:?}");
+        assert_eq!(during.resyncs, 0, "reported back while writes failed");
+        assert_eq!(attempts, 5, "renewals tried in the first 30 s");
+        assert!(after.connected, "{after:?}");
+        assert_eq!(after.resyncs, 1);
     }
 
     /// A watch whose stream breaks right after each re-list backs off like one that cannot
