@@ -1,5 +1,6 @@
 //! `linen demo` end to end: a full run reports every pair and both throughput figures, and a run
-//! interrupted by SIGINT removes its namespaces and processes. Root only; skipped otherwise.
+//! interrupted by SIGINT removes its namespaces and processes; so does an interrupted `linen
+//! bench`. Root only; skipped otherwise.
 
 mod common;
 use common::{LINEN, skip};
@@ -13,7 +14,12 @@ use std::time::{Duration, Instant};
 /// prefix `lndemo-<pid>-`: every namespace and every `linen run` it starts has it in its name
 /// or command line (the registry directory).
 fn leftovers(demo_pid: u32) -> Vec<String> {
-    let tag = format!("lndemo-{demo_pid}-");
+    leftovers_of("lndemo", demo_pid)
+}
+
+/// [`leftovers`] of a lab named `lab` (`lndemo`, `lnbench`) built by process `demo_pid`.
+fn leftovers_of(lab: &str, demo_pid: u32) -> Vec<String> {
+    let tag = format!("{lab}-{demo_pid}-");
     let mut found: Vec<String> = String::from_utf8_lossy(
         &Command::new("ip")
             .args(["netns", "list"])
@@ -47,6 +53,52 @@ fn leftovers(demo_pid: u32) -> Vec<String> {
         ));
     }
     found
+}
+
+/// Removes what a lab named `lab` built by process `pid` left behind, when the test ends (it
+/// found nothing, or it failed because of what it found): `linen run` processes by their PID
+/// (started, through the program under test, by this test), then namespaces and directories.
+struct Sweep(&'static str, u32);
+
+impl Drop for Sweep {
+    fn drop(&mut self) {
+        let tag = format!("{}-{}-", self.0, self.1);
+        for line in leftovers_of(self.0, self.1) {
+            if let Some(pid) = line
+                .strip_prefix("process ")
+                .and_then(|l| l.split(':').next())
+            {
+                let _ = Command::new("kill").arg(pid).status();
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+        for line in leftovers_of(self.0, self.1) {
+            if let Some(ns) = line.strip_prefix("namespace ") {
+                let ns = ns.split_whitespace().next().unwrap_or_default();
+                let _ = Command::new("ip").args(["netns", "del", ns]).status();
+            }
+        }
+        for e in std::env::temp_dir()
+            .read_dir()
+            .into_iter()
+            .flatten()
+            .flatten()
+        {
+            if e.file_name().to_string_lossy().starts_with(&tag) {
+                let _ = std::fs::remove_dir_all(e.path());
+            }
+        }
+    }
+}
+
+/// Sends SIGINT to `child` (by its PID: we started it) and waits up to 30 s for it to exit.
+fn interrupt(child: &mut Child) -> Option<std::process::ExitStatus> {
+    let sent = Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    wait_exit(child, Duration::from_secs(30))
 }
 
 fn wait_exit(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
@@ -88,6 +140,7 @@ fn full_demo_pings_every_pair_and_reports_both_throughputs() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    let _sweep = Sweep("lndemo", pid);
     let out = child.wait_with_output().unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -129,6 +182,7 @@ fn sigint_mid_demo_removes_namespaces_and_processes() {
         .spawn()
         .unwrap();
     let pid = child.id();
+    let _sweep = Sweep("lndemo", pid);
     let (tx, rx) = mpsc::channel();
     let stdout = child.stdout.take().unwrap();
     let reader = std::thread::spawn(move || {
@@ -154,14 +208,7 @@ fn sigint_mid_demo_removes_namespaces_and_processes() {
         }
     }
     let running_before = leftovers(pid);
-    assert!(
-        Command::new("kill")
-            .args(["-INT", &pid.to_string()])
-            .status()
-            .unwrap()
-            .success()
-    );
-    let status = wait_exit(&mut child, Duration::from_secs(30));
+    let status = interrupt(&mut child);
     let stdout = reader.join().unwrap();
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
@@ -185,4 +232,52 @@ fn sigint_mid_demo_removes_namespaces_and_processes() {
     assert!(stdout.contains("interrupted"), "{stdout}");
     assert!(stderr.contains("interrupted"), "{stderr}");
     assert_eq!(leftovers(pid), Vec::<String>::new(), "{stdout}");
+}
+
+#[test]
+fn sigint_mid_bench_removes_namespaces_and_processes() {
+    if skip() {
+        return;
+    }
+    // Output to files, not pipes: daemons left running would hold a pipe open forever.
+    let dir = tempfile::tempdir().unwrap();
+    let (out_path, err_path) = (dir.path().join("stdout"), dir.path().join("stderr"));
+    let mut child = Command::new(LINEN)
+        .args(["bench", "--paths", "linen", "--runs", "3", "--seconds", "2"])
+        .stdout(std::fs::File::create(&out_path).unwrap())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _sweep = Sweep("lnbench", pid);
+    // Interrupt once both daemons run (the measurements have begun).
+    let running = |l: &String| l.contains("run --registry-dir");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut running_before = leftovers_of("lnbench", pid);
+    while running_before.iter().filter(|l| running(l)).count() < 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+        running_before = leftovers_of("lnbench", pid);
+    }
+    let status = interrupt(&mut child);
+    let stdout = std::fs::read_to_string(&out_path).unwrap();
+    let stderr = std::fs::read_to_string(&err_path).unwrap();
+    assert_eq!(
+        running_before.iter().filter(|l| running(l)).count(),
+        2,
+        "two linen daemons should have been running: {running_before:#?}\n{stderr}"
+    );
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(130),
+        "{stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains("everything linen bench created has been removed"),
+        "{stderr}"
+    );
+    assert_eq!(
+        leftovers_of("lnbench", pid),
+        Vec::<String>::new(),
+        "{stderr}"
+    );
 }

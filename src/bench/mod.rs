@@ -3,8 +3,11 @@
 //! and 4 streams (iperf3), the 64-byte UDP packet rate and loss, ping average and p99, and
 //! CPU-seconds per GB. Prints medians and ratios; on a shared machine the ratios are what count.
 
+pub mod interrupt;
+
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -68,16 +71,21 @@ pub struct Results {
     pub peak_rss_mib: f64,
 }
 
-/// Runs the benchmark (blocking work on a blocking thread).
+/// What the benchmark calls itself in [`Interrupted`](interrupt::Interrupted).
+const WHAT: &str = "linen bench";
+
+/// Runs the benchmark on a blocking thread; SIGINT/SIGTERM stop it between measurements and
+/// remove the namespaces, daemons and files it created.
 pub async fn run(args: BenchArgs) -> Result<()> {
-    tokio::task::spawn_blocking(move || run_blocking(&args)).await?
+    interrupt::run_interruptible(WHAT, move |stop| run_blocking(&args, stop)).await
 }
 
-fn run_blocking(args: &BenchArgs) -> Result<()> {
+fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
     require_root_and_tools("linen bench")?;
     let mut lab = Lab::new("lnbench", 2, 1500)?;
     let mut all = Vec::new();
     for path in &args.paths {
+        interrupt::check(stop, WHAT)?;
         eprintln!(
             "bench: measuring {path} ({} runs of {} s each)…",
             args.runs, args.seconds
@@ -85,18 +93,18 @@ fn run_blocking(args: &BenchArgs) -> Result<()> {
         let r = match path.as_str() {
             "veth" => {
                 let target = lab.host(1).ip.to_string();
-                measure(&mut lab, "veth", &target, args)?
+                measure(&mut lab, "veth", &target, args, stop)?
             }
             "vxlan" => {
                 setup_vxlan(&lab)?;
-                let r = measure(&mut lab, "vxlan", VXLAN_TARGET, args);
+                let r = measure(&mut lab, "vxlan", VXLAN_TARGET, args, stop);
                 teardown_vxlan(&lab);
                 r?
             }
             "linen" => {
                 let flags: Vec<&str> = args.linen_flags.split_whitespace().collect();
                 let (pids, target) = start_linen(&mut lab, &flags)?;
-                let r = measure(&mut lab, "linen", &target, args);
+                let r = measure(&mut lab, "linen", &target, args, stop);
                 let rss = pids
                     .iter()
                     .filter_map(|&p| peak_rss_kib(p))
@@ -298,7 +306,14 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
-fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<Results> {
+fn measure(
+    lab: &mut Lab,
+    name: &str,
+    target: &str,
+    args: &BenchArgs,
+    stop: &AtomicBool,
+) -> Result<Results> {
+    let check = || interrupt::check(stop, WHAT);
     let mut tcp1 = Vec::new();
     let mut retr = Vec::new();
     let mut tcp4 = Vec::new();
@@ -310,6 +325,7 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
     let mut cpu = Vec::new();
     let secs = args.seconds.to_string();
     for _ in 0..args.runs {
+        check()?;
         let before = cpu_jiffies()?;
         let j = iperf(lab, target, &["-t", &secs])?;
         let after = cpu_jiffies()?;
@@ -320,12 +336,15 @@ fn measure(lab: &mut Lab, name: &str, target: &str, args: &BenchArgs) -> Result<
             // USER_HZ is 100 on Linux.
             cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
         }
+        check()?;
         let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
         tcp4.push(received_gbps(&j));
         retr4.push(retransmits(&j));
-        let (rate, lost) = udp_rate(lab, target, &secs, args.udp_window.as_deref())?;
+        check()?;
+        let (rate, lost) = udp_rate(lab, target, &secs, args.udp_window.as_deref(), &check)?;
         pps.push(rate);
         loss.push(lost);
+        check()?;
         let (a, p) = ping(lab.host(0), target)?;
         avg.push(a);
         p99.push(p);
@@ -393,7 +412,13 @@ const UDP_MAX_LOSS_PCT: f64 = 5.0;
 /// unlimited run finds what arrives at saturation, then offered rates step down from there
 /// (×0.85) until the loss is under the bar (at most 7 steps). Returns (received datagrams/s,
 /// loss %) of that run.
-fn udp_rate(lab: &mut Lab, target: &str, secs: &str, window: Option<&str>) -> Result<(f64, f64)> {
+fn udp_rate(
+    lab: &mut Lab,
+    target: &str,
+    secs: &str,
+    window: Option<&str>,
+    check: &dyn Fn() -> Result<()>,
+) -> Result<(f64, f64)> {
     let (saturated, loss) = udp_run(lab, target, secs, 0, window)?;
     if loss < UDP_MAX_LOSS_PCT {
         return Ok((saturated, loss));
@@ -401,6 +426,7 @@ fn udp_rate(lab: &mut Lab, target: &str, secs: &str, window: Option<&str>) -> Re
     let mut offered = saturated;
     let mut last = (saturated, loss);
     for _ in 0..7 {
+        check()?;
         // iperf3's -b counts payload bits: 64 bytes per datagram.
         last = udp_run(lab, target, secs, (offered * 64.0 * 8.0) as u64, window)?;
         if last.1 < UDP_MAX_LOSS_PCT {

@@ -1,8 +1,8 @@
 //! Exit codes that mean something, and the error type for bad input: 0 success, 1 runtime
 //! failure, 2 bad flags or an invalid config (the message says what to fix; a service manager
-//! should not restart on it), 130 interrupted (`linen demo`, after cleaning up).
+//! should not restart on it), 130 interrupted (`linen demo` or `linen bench`, after cleaning up).
 
-use crate::demo::Interrupted;
+use crate::bench::interrupt::Interrupted;
 use crate::lease::RegistryError;
 use crate::model::ConfigError;
 
@@ -77,6 +77,6 @@ mod tests {
         assert_eq!(code_for(&wrapped), USAGE);
         let config = crate::model::NetworkConfig::from_json("{\"Network\": 5}").unwrap_err();
         assert_eq!(code_for(&anyhow::Error::from(config)), USAGE);
-        assert_eq!(code_for(&Interrupted.into()), INTERRUPTED);
+        assert_eq!(code_for(&Interrupted("linen demo").into()), INTERRUPTED);
     }
 }

@@ -62,7 +62,8 @@ pub enum Command {
     Lease(LeaseCommand),
     /// Show the local daemon's lease, peers and counters (asks its --metrics-addr).
     Status(status::StatusArgs),
-    /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts (root).
+    /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts;
+    /// removes everything afterwards, also on Ctrl-C (root).
     Bench(crate::bench::BenchArgs),
     /// Show linen working: three namespace hosts, pings between all, throughput against kernel
     /// VXLAN; removes everything afterwards, also on Ctrl-C (root).

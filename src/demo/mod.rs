@@ -3,21 +3,19 @@
 //! directory, pings every pair over the overlay (IPv4 and IPv6), measures one TCP stream between
 //! hosts 1 and 2 over linen and over kernel VXLAN between the same namespaces (the pieces of
 //! `linen bench`), prints a short report, and removes everything it created — also on failure
-//! and on SIGINT/SIGTERM: the demo runs on a blocking thread that checks a stop flag between
-//! steps, and the lab is dropped on that thread whichever way it ends.
+//! and on SIGINT/SIGTERM ([`interrupt`]).
 
 use std::io::Write as _;
 use std::path::Path;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::time::Duration;
 
-use anyhow::{Context, Result, anyhow, bail};
+use anyhow::{Result, anyhow, bail};
 use clap::Args;
-use tokio::signal::unix::{SignalKind, signal};
 
 use crate::bench;
-use crate::lab::{Lab, wait_for};
+use crate::bench::interrupt::{self, Interrupted, run_interruptible};
+use crate::lab::Lab;
 use crate::model::SubnetKey;
 
 /// How many hosts the demo builds.
@@ -34,34 +32,12 @@ pub struct DemoArgs {
     pub no_ipv6: bool,
 }
 
-/// The demo was stopped by SIGINT/SIGTERM (after cleaning up).
-#[derive(Debug, thiserror::Error)]
-#[error("interrupted; everything the demo created has been removed")]
-pub struct Interrupted;
+/// What the demo calls itself in [`Interrupted`].
+const WHAT: &str = "linen demo";
 
 /// Runs the demo. SIGINT/SIGTERM stop it between steps and clean up.
 pub async fn run(args: DemoArgs) -> Result<()> {
-    // Install the handlers before anything is built: from here on a signal no longer kills the
-    // process, it sets the flag, and the demo thread removes what it built.
-    let mut int = signal(SignalKind::interrupt())?;
-    let mut term = signal(SignalKind::terminate())?;
-    let stop = Arc::new(AtomicBool::new(false));
-    let mut task = tokio::task::spawn_blocking({
-        let stop = Arc::clone(&stop);
-        move || run_blocking(&args, &stop)
-    });
-    tokio::select! {
-        r = &mut task => return r.context("the demo thread panicked")?,
-        _ = int.recv() => {}
-        _ = term.recv() => {}
-    }
-    stop.store(true, Ordering::Relaxed);
-    println!();
-    println!("interrupted: stopping linen and removing the namespaces…");
-    // The lab is dropped on the demo thread; wait for it (the current step may take up to
-    // `--seconds`).
-    let _ = task.await;
-    Err(Interrupted.into())
+    run_interruptible(WHAT, move |stop| run_blocking(&args, stop)).await
 }
 
 fn run_blocking(args: &DemoArgs, stop: &AtomicBool) -> Result<()> {
@@ -94,30 +70,15 @@ fn progress(what: &str) {
 }
 
 fn check(stop: &AtomicBool) -> Result<()> {
-    if stop.load(Ordering::Relaxed) {
-        Err(Interrupted.into())
-    } else {
-        Ok(())
-    }
+    interrupt::check(stop, WHAT)
 }
 
-/// [`wait_for`] that gives up with [`Interrupted`] as soon as the stop flag is set.
 fn wait<T>(
     stop: &AtomicBool,
     timeout: Duration,
-    mut f: impl FnMut() -> Option<T>,
+    f: impl FnMut() -> Option<T>,
 ) -> Result<Option<T>> {
-    let got = wait_for(timeout, || {
-        if stop.load(Ordering::Relaxed) {
-            return Some(None);
-        }
-        f().map(Some)
-    });
-    match got {
-        Some(None) => Err(Interrupted.into()),
-        Some(Some(v)) => Ok(Some(v)),
-        None => Ok(None),
-    }
+    interrupt::wait(stop, WHAT, timeout, f)
 }
 
 /// One ordered pair's ping results (round trip in ms; `None` = no answer; IPv6 `None` when
