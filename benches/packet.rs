@@ -233,5 +233,23 @@ fn bench_decisions(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, bench_icmp, bench_ttl, bench_decisions);
+/// The Internet checksum of a full-size TCP segment (1448 bytes after the headers), as
+/// coalescing verifies each received segment's before merging it.
+fn bench_checksum(c: &mut Criterion) {
+    let mut group = c.benchmark_group("packet/checksum");
+    let data: Vec<u8> = (0..1448u32).map(|i| (i * 7 + 3) as u8).collect();
+    group.throughput(Throughput::Bytes(data.len() as u64));
+    group.bench_function("data_1448_bytes", |b| {
+        b.iter(|| black_box(linen::wire::checksum::data(black_box(&data))))
+    });
+    group.finish();
+}
+
+criterion_group!(
+    benches,
+    bench_icmp,
+    bench_ttl,
+    bench_decisions,
+    bench_checksum
+);
 criterion_main!(benches);
