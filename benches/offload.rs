@@ -97,9 +97,24 @@ fn gro_buffer(first: &[u8], n: usize, tcp: bool) -> Vec<u8> {
             let seq = (i * (first.len() - 52)) as u32;
             seg[24..28].copy_from_slice(&seq.to_be_bytes());
         }
+        fill_checksums(&mut seg);
         buf.extend_from_slice(&seg);
     }
     buf
+}
+
+/// Sets an IPv4 segment's header and TCP/UDP checksums, as a peer's kernel sent them
+/// (coalescing verifies both).
+fn fill_checksums(p: &mut [u8]) {
+    use linen::wire::checksum::{combine, data};
+    p[10..12].copy_from_slice(&[0, 0]);
+    let c = !data(&p[..20]);
+    p[10..12].copy_from_slice(&c.to_be_bytes());
+    let at = 20 + if p[9] == 17 { 6 } else { 16 };
+    p[at..at + 2].copy_from_slice(&[0, 0]);
+    let len = (p.len() - 20) as u16;
+    let c = !combine(&[data(&p[12..20]), u16::from(p[9]), len, data(&p[20..])]);
+    p[at..at + 2].copy_from_slice(&(if c == 0 { 0xffff } else { c }).to_be_bytes());
 }
 
 /// The decisions the worker makes per received segment, then the super-packet header: returns

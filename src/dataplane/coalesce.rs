@@ -12,6 +12,8 @@
 //! IPv4 options, IPv6 extension headers and fragments never coalesce; such packets are written
 //! one by one. Must not import tokio, `lease` or `daemon`.
 
+use crate::wire::checksum;
+
 /// What coalescing needs to know of one segment.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Segment {
@@ -50,8 +52,9 @@ pub const MAX_HEADER: usize = VNET_HDR_LEN + 40 + 60;
 /// without DF (Linux GRO would want its IDs to count up; a super-packet cannot say so), IPv6
 /// with extension headers, a fragment, no payload, TCP with flags other than ACK (and PSH) or
 /// with AE or reserved bits (AccECN feedback would be lost: the head's bits go to all), UDP
-/// with a length field that disagrees with the IP header or, over IPv4, no checksum
-/// (coalescing would give it one), or UDP at all when `udp` is false (the device has no USO).
+/// with a length field that disagrees with the IP header or no checksum (coalescing would give
+/// it one), UDP at all when `udp` is false (the device has no USO), and any segment whose
+/// checksums do not verify ([`checksums_ok`]).
 pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
     let (v6, ip_len, total, proto) = match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 && pkt[0] == 0x45 => {
@@ -76,7 +79,7 @@ pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
         return None;
     }
     let l4 = &pkt[ip_len..total];
-    match proto {
+    let seg = match proto {
         TCP if l4.len() >= 20 => {
             let tcp_len = usize::from(l4[12] >> 4) * 4;
             let flags = l4[13];
@@ -100,7 +103,8 @@ pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
         }
         UDP if udp && l4.len() > 8 => {
             let len = usize::from(u16::from_be_bytes([l4[4], l4[5]]));
-            if len != l4.len() || (!v6 && l4[6..8] == [0, 0]) {
+            // IPv4 without a checksum, or IPv6 with the zero that means none (invalid there).
+            if len != l4.len() || l4[6..8] == [0, 0] {
                 return None;
             }
             Some(Segment {
@@ -114,7 +118,34 @@ pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
             })
         }
         _ => None,
-    }
+    }?;
+    checksums_ok(pkt, v6, proto, l4).then_some(seg)
+}
+
+/// Whether a segment's IPv4 header checksum and TCP/UDP checksum verify. The super-packet goes
+/// to the kernel with `NEEDS_CSUM`, which it trusts: a segment corrupted before its outer UDP
+/// checksum was computed (a sender kernel's UDP GSO bug, say) would reach the socket unseen.
+/// Linux GRO checks each segment too; one that fails is written alone, as it came, and the
+/// kernel drops it.
+#[inline]
+fn checksums_ok(pkt: &[u8], v6: bool, proto: u8, l4: &[u8]) -> bool {
+    let addrs = if v6 {
+        &pkt[8..40]
+    } else {
+        if checksum::data(&pkt[..20]) != 0xffff {
+            return false;
+        }
+        &pkt[12..20]
+    };
+    let Ok(len) = u16::try_from(l4.len()) else {
+        return false;
+    };
+    checksum::combine(&[
+        checksum::data(addrs),
+        u16::from(proto),
+        len,
+        checksum::data(l4),
+    ]) == 0xffff
 }
 
 /// Whether `next` may follow a run that starts with `head` and ends with `last`: the same
@@ -354,9 +385,26 @@ mod test {
         p[33] = flags;
         p[34..36].copy_from_slice(&[1, 0]);
         p[40..52].copy_from_slice(&[1, 1, 8, 10, 0, 0, 0, 9, 0, 0, 0, 3]);
-        let c = !fold(sum(&p[..20]));
-        p[10..12].copy_from_slice(&c.to_be_bytes());
+        fill(&mut p);
         p
+    }
+
+    /// Sets a test packet's IPv4 header checksum and its TCP/UDP checksum, so that it verifies.
+    fn fill(p: &mut [u8]) {
+        let v6 = p[0] >> 4 == 6;
+        let (ip, proto) = if v6 { (40, p[6]) } else { (20, p[9]) };
+        if !v6 {
+            p[10..12].copy_from_slice(&[0, 0]);
+            let c = !fold(sum(&p[..20]));
+            p[10..12].copy_from_slice(&c.to_be_bytes());
+        }
+        let at = ip + if proto == UDP { 6 } else { 16 };
+        p[at..at + 2].copy_from_slice(&[0, 0]);
+        let addrs = if v6 { sum(&p[8..40]) } else { sum(&p[12..20]) };
+        let c = !fold(addrs + u32::from(proto) + (p.len() - ip) as u32 + sum(&p[ip..]));
+        // UDP sends a computed 0 as 0xffff (0 means "no checksum").
+        let c = if c == 0 && proto == UDP { 0xffff } else { c };
+        p[at..at + 2].copy_from_slice(&c.to_be_bytes());
     }
 
     #[test]
@@ -409,6 +457,7 @@ mod test {
         ));
         let mut other_port = seg(2420, 1420, ACK);
         other_port[21] = 0xbc;
+        fill(&mut other_port);
         assert!(!can_append(
             &a,
             &sa,
@@ -419,6 +468,7 @@ mod test {
         ));
         let mut other_ts = seg(2420, 1420, ACK);
         other_ts[47] = 10;
+        fill(&mut other_ts);
         assert!(!can_append(
             &a,
             &sa,
@@ -471,6 +521,7 @@ mod test {
         p[8..24].copy_from_slice(&[0xfd, 0, 0, 0x19, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
         p[24..40].copy_from_slice(&[0xfd, 0, 0, 0x19, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2]);
         p[40..].copy_from_slice(&v4[20..]);
+        fill(&mut p);
         p
     }
 
@@ -489,7 +540,7 @@ mod test {
         }
         p[ip..ip + 4].copy_from_slice(&[0x1f, 0x90, 0x14, 0x51]);
         p[ip + 4..ip + 6].copy_from_slice(&((8 + payload) as u16).to_be_bytes());
-        p[ip + 6..ip + 8].copy_from_slice(&[0x12, 0x34]);
+        fill(&mut p);
         p
     }
 
@@ -508,6 +559,7 @@ mod test {
         assert!(can_append(&a, &sa, &sb, 2800, &c, &sc));
         let mut flow = seg6(2400, 1400, ACK);
         flow[9] = 0x99; // another source address
+        fill(&mut flow);
         assert!(!can_append(
             &a,
             &sa,
@@ -518,6 +570,7 @@ mod test {
         ));
         let mut label = seg6(2400, 1400, ACK);
         label[3] = 1; // another flow label
+        fill(&mut label);
         assert!(!can_append(
             &a,
             &sa,
@@ -576,6 +629,7 @@ mod test {
             ));
             let mut port = udp(v6, 1000);
             port[ip + 1] ^= 1;
+            fill(&mut port);
             assert!(!can_append(
                 &a,
                 &sa,
@@ -619,16 +673,58 @@ mod test {
         assert!(classify(&zero, true).is_none());
         let mut bad_len = udp(false, 100);
         bad_len[25] ^= 1;
+        fill(&mut bad_len);
         assert!(classify(&bad_len, true).is_none());
         // An IPv4 total length shorter than the header (found by fuzzing) is refused.
         let mut short_total = udp(false, 100);
         short_total[2..4].copy_from_slice(&5u16.to_be_bytes());
+        fill(&mut short_total);
         assert!(classify(&short_total, true).is_none());
         // Truncated and odd inputs are refused, never a panic.
         for n in 0..60 {
             let _ = classify(&udp(false, 100)[..n], true);
             let _ = classify(&seg6(1, 10, ACK)[..n], true);
         }
+    }
+
+    /// A segment whose checksum does not verify never joins a run (the kernel trusts a
+    /// super-packet's NEEDS_CSUM): a flipped payload byte, a flipped IPv4 header byte, a
+    /// zero IPv6 UDP checksum. Written alone, the kernel checks and drops it.
+    #[test]
+    fn segments_whose_checksums_fail_do_not_coalesce() {
+        let a = seg(1000, 1420, ACK);
+        let sa = classify_tcp(&a).unwrap();
+        let b = seg(2420, 1420, ACK);
+        assert!(can_append(
+            &a,
+            &sa,
+            &sa,
+            1420,
+            &b,
+            &classify_tcp(&b).unwrap()
+        ));
+        let mut corrupt = b.clone();
+        corrupt[700] ^= 0x04;
+        assert!(classify_tcp(&corrupt).is_none(), "payload");
+        let mut header = b.clone();
+        header[8] ^= 0x01; // TTL, under the IPv4 header checksum
+        assert!(classify_tcp(&header).is_none(), "IPv4 header");
+        let mut v6 = seg6(2420, 1400, ACK);
+        v6[500] ^= 0x80;
+        assert!(classify_tcp(&v6).is_none(), "IPv6 payload");
+        for v6 in [false, true] {
+            let mut d = udp(v6, 300);
+            assert!(classify(&d, true).is_some());
+            let at = d.len() - 1;
+            d[at] ^= 0x10;
+            assert!(classify(&d, true).is_none(), "UDP payload, v6 {v6}");
+        }
+        let mut none6 = udp(true, 300);
+        none6[46..48].copy_from_slice(&[0, 0]);
+        assert!(
+            classify(&none6, true).is_none(),
+            "IPv6 UDP without a checksum"
+        );
     }
 
     #[test]
