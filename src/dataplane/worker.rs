@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token, Waker};
@@ -24,7 +24,7 @@ use super::batch::Run;
 use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
-use super::io::{UdpEndpoint, socket_addr_for};
+use super::io::{Source, UdpEndpoint, socket_addr_for};
 use crate::table::Reader;
 
 const TUN: Token = Token(0);
@@ -205,6 +205,11 @@ struct Worker {
     seg_sizes: Vec<usize>,
     max_gso_segments: usize,
     no_udp_offload: bool,
+    /// The sending endpoint's source addresses while the kernel refuses them, and when to try
+    /// them again.
+    suspended_source: Option<(Source, Instant)>,
+    /// Whether that was logged (once per worker: the retries would log every few seconds).
+    source_warned: bool,
     busy_poll: std::time::Duration,
     icmp_buf: Vec<u8>,
     // UDP → TUN
@@ -263,6 +268,8 @@ impl Worker {
             seg_sizes: vec![0; segs],
             max_gso_segments,
             no_udp_offload: setup.no_udp_offload,
+            suspended_source: None,
+            source_warned: false,
             busy_poll: setup.busy_poll,
             icmp_buf: vec![0; 1280],
             rx_bufs: vec![vec![0; rx_len]; rx_count],
@@ -402,18 +409,22 @@ impl Worker {
             self.max_gso_segments = state.max_gso_segments().max(1);
         }
         let now = Instant::now();
+        if self.suspended_source.is_some_and(|(_, at)| now >= at) {
+            self.resume_source();
+        }
         let snap = self.table.load();
+        let mut news = SourceNews::Nothing;
         // Anything not sent breaks a run: send the open run first.
         macro_rules! flush {
             ($run:expr) => {
                 if let Some(r) = $run.take() {
-                    send_run(
+                    news = news.max(send_run(
                         sender(&self.tx, &self.udp, &self.udp_state),
                         &mut self.arena,
                         stride,
                         r,
                         &mut self.local,
-                    );
+                    ));
                 }
             };
         }
@@ -458,7 +469,53 @@ impl Worker {
             }
         }
         flush!(run);
+        if news != SourceNews::Nothing {
+            self.source_refused(now, news);
+        }
         Ok(more)
+    }
+
+    /// The kernel refused the source address of a send (EINVAL or EADDRNOTAVAIL: the advertised
+    /// address is gone, or still tentative), which went out from the kernel's choice instead.
+    /// Sends leave without it for [`SOURCE_RETRY`] instead of each paying a refused
+    /// `sendmsg`. And quinn-udp took that EINVAL for a refusal of GSO and stopped segmenting
+    /// for good: when a GSO send then went through, the socket segments after all, so its
+    /// state is probed again.
+    #[cold]
+    fn source_refused(&mut self, now: Instant, news: SourceNews) {
+        let (ep, state) = match &mut self.tx {
+            Some((ep, st)) => (ep, st),
+            None => (&mut self.udp, &mut self.udp_state),
+        };
+        if !self.source_warned {
+            self.source_warned = true;
+            tracing::warn!(
+                worker = self.id,
+                source = ?ep.source,
+                "the kernel refuses the advertised source address; sending from its choice, and trying it again every {} s",
+                SOURCE_RETRY.as_secs()
+            );
+        }
+        match &mut self.suspended_source {
+            None => {
+                self.suspended_source = Some((std::mem::take(&mut ep.source), now + SOURCE_RETRY));
+            }
+            Some((_, at)) => *at = now + SOURCE_RETRY,
+        }
+        if news == SourceNews::RefusedButGsoWorked
+            && let Some(fresh) = reprobe_if_gso_lost(ep, state)
+        {
+            *state = fresh;
+        }
+    }
+
+    /// Sends from the advertised source addresses again (they may be back).
+    #[cold]
+    fn resume_source(&mut self) {
+        if let Some((source, _)) = self.suspended_source.take() {
+            let ep = self.tx.as_mut().map_or(&mut self.udp, |(ep, _)| ep);
+            ep.source = source;
+        }
     }
 
     /// Receives one `recvmmsg` batch and delivers it. Returns false once the socket is drained.
@@ -543,14 +600,50 @@ impl Worker {
 /// rather than not at all. A refusal for another reason (GSO refused with EINVAL) fails both
 /// and is left to the caller, with the source kept.
 #[inline]
-fn try_send(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<()> {
+fn try_send(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<Sent> {
     match state.try_send(UdpSockRef::from(&udp.socket), t) {
         Err(e) if t.src_ip.is_some() && source_refused(&e) => {
             let without = Transmit { src_ip: None, ..*t };
-            state.try_send(UdpSockRef::from(&udp.socket), &without)
+            state
+                .try_send(UdpSockRef::from(&udp.socket), &without)
+                .map(|()| Sent::WithoutSource)
         }
-        sent => sent,
+        sent => sent.map(|()| Sent::AsAsked),
     }
+}
+
+/// How a datagram (or GSO batch) left.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Sent {
+    AsAsked,
+    /// The kernel refused the source address; it left from the kernel's choice.
+    WithoutSource,
+}
+
+/// What sends found out about the source address, in increasing order of news.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum SourceNews {
+    Nothing,
+    /// The kernel refused it.
+    Refused,
+    /// The kernel refused it, and a GSO send went through without it: the socket segments.
+    RefusedButGsoWorked,
+}
+
+/// How long sends leave from the kernel's choice of source after the advertised address was
+/// refused, before trying it again.
+const SOURCE_RETRY: Duration = Duration::from_secs(5);
+
+/// A fresh quinn-udp state for `ep` when `state` stopped using GSO but a probe finds the
+/// socket can: quinn-udp stops for good at any EINVAL, including one about the source address.
+#[cold]
+fn reprobe_if_gso_lost(ep: &UdpEndpoint, state: &UdpSocketState) -> Option<UdpSocketState> {
+    if state.max_gso_segments() > 1 {
+        return None;
+    }
+    UdpSocketState::new(UdpSockRef::from(&ep.socket))
+        .ok()
+        .filter(|fresh| fresh.max_gso_segments() > 1)
 }
 
 /// Whether a send failed because of its source address.
@@ -703,12 +796,13 @@ fn send_run(
     stride: usize,
     run: Run,
     local: &mut LocalCounters,
-) {
+) -> SourceNews {
     let range = run.gather(arena, stride);
-    send_gso(udp, state, &arena[range], run.peer, run.seg, run.n, local);
+    send_gso(udp, state, &arena[range], run.peer, run.seg, run.n, local)
 }
 
-/// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`.
+/// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`; says
+/// whether the kernel refused the source address.
 fn send_gso(
     udp: &UdpEndpoint,
     state: &UdpSocketState,
@@ -717,7 +811,7 @@ fn send_gso(
     seg: usize,
     n: usize,
     local: &mut LocalCounters,
-) {
+) -> SourceNews {
     let transmit = Transmit {
         destination: socket_addr_for(peer, udp.dual_stack),
         ecn: None,
@@ -726,14 +820,20 @@ fn send_gso(
         src_ip: udp.source.for_peer(peer),
     };
     match try_send(udp, state, &transmit) {
-        Ok(()) => {
+        Ok(sent) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
+            match sent {
+                Sent::AsAsked => SourceNews::Nothing,
+                Sent::WithoutSource if n > 1 => SourceNews::RefusedButGsoWorked,
+                Sent::WithoutSource => SourceNews::Refused,
+            }
         }
         Err(e) if n > 1 && e.kind() != std::io::ErrorKind::WouldBlock => {
             // The kernel refused GSO (EIO/EINVAL: no checksum offload, a buggy driver); quinn-udp
             // has stopped using it for later sends. Send this run's segments one by one so no
             // traffic is lost to the fallback.
+            let mut news = SourceNews::Nothing;
             for chunk in buf.chunks(seg) {
                 let single = Transmit {
                     destination: transmit.destination,
@@ -743,18 +843,23 @@ fn send_gso(
                     src_ip: transmit.src_ip,
                 };
                 match try_send(udp, state, &single) {
-                    Ok(()) => {
+                    Ok(sent) => {
                         local.udp_tx_packets += 1;
                         local.udp_tx_bytes += chunk.len() as u64;
+                        if sent == Sent::WithoutSource {
+                            news = SourceNews::Refused;
+                        }
                     }
                     Err(_) => local.drop(DropReason::SendFailed),
                 }
             }
+            news
         }
         Err(_) => {
             for _ in 0..n {
                 local.drop(DropReason::SendFailed);
             }
+            SourceNews::Nothing
         }
     }
 }
@@ -762,6 +867,45 @@ fn send_gso(
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// A GSO send whose source address the kernel refuses (not local: IPv4 says ENETUNREACH
+    /// or EINVAL, IPv6 EINVAL) still leaves, from the kernel's choice, every segment intact.
+    /// quinn-udp takes an EINVAL for a GSO refusal and stops segmenting for good; the probe
+    /// gives GSO back. Loopback only, no root.
+    #[test]
+    fn a_refused_source_does_not_cost_gso() {
+        let mut ep = super::super::io::open_udp(0, 1 << 20).unwrap();
+        for (to, v4, v6) in [
+            ("127.0.0.1:0", Some("198.18.255.254"), None),
+            ("[::1]:0", None, Some("fd00:18::fe")),
+        ] {
+            let rx = std::net::UdpSocket::bind(to).unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            ep.source = Source {
+                v4: v4.map(|a| a.parse().unwrap()),
+                v6: v6.map(|a| a.parse().unwrap()),
+            };
+            let state = UdpSocketState::new(UdpSockRef::from(&ep.socket)).unwrap();
+            assert!(state.max_gso_segments() > 1, "this kernel has UDP GSO");
+            let buf: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
+            let mut local = LocalCounters::default();
+            let peer = rx.local_addr().unwrap();
+            let news = send_gso(&ep, &state, &buf, peer, 100, 3, &mut local);
+            assert_eq!(news, SourceNews::RefusedButGsoWorked, "{to}");
+            assert_eq!(local.udp_tx_packets, 3);
+            let mut got = [0u8; 512];
+            for i in 0..3 {
+                let n = rx.recv(&mut got).unwrap();
+                assert_eq!(&got[..n], &buf[i * 100..(i + 1) * 100], "{to} segment {i}");
+            }
+            // Whatever quinn-udp made of the refusal, GSO is there after the probe.
+            let after = reprobe_if_gso_lost(&ep, &state);
+            let gso = after.as_ref().unwrap_or(&state).max_gso_segments();
+            assert!(gso > 1, "{to}: GSO lost");
+            // IPv6 says EINVAL, which quinn-udp took for a GSO refusal.
+            assert_eq!(after.is_some(), v6.is_some(), "{to}");
+        }
+    }
 
     /// A worker thread that panics must count as stopped (the daemon exits when none runs):
     /// the flag comes down while unwinding, not only on a normal return.
