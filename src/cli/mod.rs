@@ -108,7 +108,8 @@ pub struct RunArgs {
     /// Underlay interface, by name or by one of its addresses. Repeatable (or comma-separated),
     /// as flannel's `-iface`: the first that exists on this host wins, so one unit file can
     /// serve hosts whose interfaces are named differently. Default: the interface holding
-    /// --public-ip, else the default route's, else the only interface with an address.
+    /// --public-ip (or --public-ipv6), else the default route's, else the only interface with
+    /// an address.
     #[arg(long, env = "LINEN_IFACE", value_delimiter = ',')]
     pub iface: Vec<String>,
     /// Underlay interface by pattern, as flannel's `-iface-regex`: each pattern (repeatable, not
@@ -126,13 +127,14 @@ pub struct RunArgs {
     #[arg(long, env = "LINEN_PUBLIC_IP")]
     pub public_ip: Option<Ipv4Addr>,
     /// IPv6 address advertised in the lease (default: the interface's global IPv6 address, when
-    /// the network config enables IPv6).
+    /// the network config enables IPv6 or the underlay has no IPv4 address).
     #[arg(long, env = "LINEN_PUBLIC_IPV6")]
     pub public_ipv6: Option<Ipv6Addr>,
     /// TUN device name.
     #[arg(long, env = "LINEN_TUN", default_value = "linen0", value_parser = parse_ifname)]
     pub tun: String,
-    /// Overlay MTU (default: underlay MTU − 28 for an IPv4 underlay, − 48 for IPv6).
+    /// Overlay MTU (default: underlay MTU − 28, or − 48 whenever the host advertises an IPv6
+    /// underlay address, since IPv6 overlay traffic then travels over IPv6).
     #[arg(long, env = "LINEN_MTU", value_parser = clap::value_parser!(u16).range(576..=65_000))]
     pub mtu: Option<u16>,
     /// Where to write flannel's subnet.env.
@@ -181,8 +183,9 @@ pub struct RunArgs {
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub ip_masq_fully_random_disable: bool,
     /// Microseconds a worker keeps polling after traffic before it sleeps (0: sleep at once).
-    /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM): on
-    /// 2 cores, 100 cut ping from 244 to 173 µs but TCP throughput from 5.0 to 3.8 Gbit/s.
+    /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM); it
+    /// helps only where cores are idle: on 2 cores shared with the traffic's programs it made
+    /// pings slower (README, "Latency").
     #[arg(long, env = "LINEN_BUSY_POLL_US", default_value_t = 0,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub busy_poll_us: u32,
