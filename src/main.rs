@@ -20,7 +20,13 @@ fn main() {
             std::process::exit(2);
         }
     };
-    let fmt = tracing_subscriber::fmt::layer().with_writer(std::io::stderr);
+    // Colours only on a terminal: escape codes in a log file or the journal are noise (and
+    // `NO_COLOR` turns them off there too).
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
+    let fmt = tracing_subscriber::fmt::layer()
+        .with_writer(std::io::stderr)
+        .with_ansi(ansi);
     let registry = tracing_subscriber::registry().with(filter);
     match cli.log_format {
         LogFormat::Text => registry.with(fmt).init(),

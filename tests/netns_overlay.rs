@@ -376,6 +376,11 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
     // TCP (TSO) and UDP (USO) super-packets; without, never.
     let (_, log) = o.stop(1);
     let (tso, uso) = (counter(&log, "tun_tx_tso"), counter(&log, "tun_tx_uso"));
+    // UDP GRO: off with --no-offload; on otherwise from Linux 5.12 (buggy before).
+    let gro = !flags.contains(&"--no-offload") && common::kernel_at_least(5, 12);
+    assert!(log.contains(&format!("udp_gro={gro}")), "{log}");
+    // A log file gets no terminal colours.
+    assert!(!log.contains('\x1b'), "escape codes in {log}");
     if flags.contains(&"--no-offload") {
         assert_eq!((tso, uso), (0, 0), "no coalescing without offloads");
     } else if common::kernel_at_least(6, 2) {

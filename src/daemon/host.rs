@@ -612,6 +612,19 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     Ok(())
 }
 
+/// The running kernel's version (major, minor), from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> Option<(u32, u32)> {
+    parse_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
+}
+
+/// "6.1.0-26-amd64" → (6, 1); "5.12" → (5, 12).
+fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+    let mut parts = release.trim().split(['.', '-']);
+    let major = parts.next()?.parse().ok()?;
+    let minor = parts.next()?.parse().ok()?;
+    Some((major, minor))
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -640,5 +653,14 @@ mod test {
         ];
         assert_eq!(default_route_of(&routes), Some(2));
         assert_eq!(default_route_of(&routes[..3]), None);
+    }
+
+    #[test]
+    fn kernel_releases_parse() {
+        assert_eq!(parse_kernel_release("6.1.0-26-amd64\n"), Some((6, 1)));
+        assert_eq!(parse_kernel_release("5.12"), Some((5, 12)));
+        assert_eq!(parse_kernel_release("4.19.0-rc1"), Some((4, 19)));
+        assert_eq!(parse_kernel_release("garbage"), None);
+        assert_eq!(parse_kernel_release("6"), None);
     }
 }

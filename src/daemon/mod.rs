@@ -208,6 +208,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )
     .await?;
 
+    // UDP GRO before Linux 5.12 had bugs (perf-techniques.md): receive without it there.
+    let udp_gro = !args.no_offload
+        && match host::kernel_version() {
+            Some(v) if v >= (5, 12) => true,
+            v => {
+                tracing::info!(kernel = ?v, "not receiving with UDP GRO: it needs Linux 5.12 or later");
+                false
+            }
+        };
+
     let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
     // Datagrams leave from the advertised addresses when they are local: peers accept only
     // those (an address behind NAT is left to the kernel, and to --accept-unknown-senders).
@@ -255,10 +265,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 accept_unknown_senders: args.accept_unknown_senders,
             },
             no_udp_offload: args.no_offload,
+            udp_gro,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
         })?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
+        udp_gro = handles.iter().all(|h| h.udp_gro),
         port = config.backend.port, underlay = %underlay.name, "data plane running");
 
     let env = SubnetEnv::for_lease(

@@ -22,13 +22,19 @@ pub fn set_socket_buffers(fd: BorrowedFd<'_>, bytes: usize) {
     }
 }
 
+/// Turns UDP GRO off on `fd` (quinn-udp turns it on wherever the kernel has it).
+pub fn disable_udp_gro(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)
+}
+
 fn setsockopt_int(
     fd: BorrowedFd<'_>,
     level: libc::c_int,
     name: libc::c_int,
     value: libc::c_int,
 ) -> std::io::Result<()> {
-    // SAFETY: these SOL_SOCKET options read exactly one `c_int`, which is what we pass.
+    // SAFETY: the options we set through here (SO_*BUF*, UDP_GRO) read exactly one `c_int`,
+    // which is what we pass.
     unsafe { setsockopt(fd, level, name, &value) }
 }
 

@@ -10,7 +10,7 @@
 
 use std::io::{self, IoSlice, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
@@ -24,7 +24,8 @@ use super::batch::Run;
 use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
-use super::io::{Source, UdpEndpoint, socket_addr_for};
+use super::io::{UdpEndpoint, socket_addr_for};
+use super::sys;
 use crate::table::Reader;
 
 const TUN: Token = Token(0);
@@ -67,12 +68,17 @@ pub struct WorkerSetup {
     pub config: ForwardConfig,
     /// Disable UDP GSO even if the kernel has it (`--no-offload`).
     pub no_udp_offload: bool,
+    /// Receive with UDP GRO where the socket has it. Off with `--no-offload`, and on kernels
+    /// before 5.12, whose UDP GRO had bugs (perf-techniques.md; wireguard-go does the same).
+    pub udp_gro: bool,
     /// How long to keep polling without sleeping after activity (`--busy-poll-us`).
     pub busy_poll: std::time::Duration,
 }
 
 /// A running worker thread.
 pub struct WorkerHandle {
+    /// Whether the worker receives with UDP GRO.
+    pub udp_gro: bool,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
@@ -89,6 +95,7 @@ impl WorkerHandle {
         let running = Arc::new(AtomicBool::new(true));
         let counters = Arc::new(Counters::default());
         let mut worker = Worker::new(setup, Arc::clone(&stop), Arc::clone(&counters))?;
+        let udp_gro = worker.udp_gro;
         let flag = ClearOnExit(Arc::clone(&running));
         let thread = std::thread::Builder::new()
             .name(format!("linen-worker-{}", worker.id))
@@ -103,6 +110,7 @@ impl WorkerHandle {
                 result
             })?;
         Ok(WorkerHandle {
+            udp_gro,
             thread: Some(thread),
             waker,
             stop,
@@ -205,14 +213,15 @@ struct Worker {
     seg_sizes: Vec<usize>,
     max_gso_segments: usize,
     no_udp_offload: bool,
-    /// The sending endpoint's source addresses while the kernel refuses them, and when to try
-    /// them again.
-    suspended_source: Option<(Source, Instant)>,
-    /// Whether that was logged (once per worker: the retries would log every few seconds).
+    /// Whether a refused source address was logged (once per worker).
     source_warned: bool,
+    /// When quinn-udp's state may next be probed again after a refused source cost it GSO.
+    next_reprobe: Option<Instant>,
     busy_poll: std::time::Duration,
     icmp_buf: Vec<u8>,
     // UDP → TUN
+    /// Receiving with UDP GRO (64 KiB buffers).
+    udp_gro: bool,
     rx_bufs: Vec<Vec<u8>>,
     rx_meta: Vec<RecvMeta>,
     tun_out: TunWriter,
@@ -234,7 +243,17 @@ impl Worker {
         } else {
             send_state.max_gso_segments().max(1)
         };
-        let gro = udp_state.gro_segments() > 1;
+        let gro = udp_state.gro_segments() > 1
+            && (setup.udp_gro
+                || {
+                    // quinn-udp turned GRO on; receiving without it needs it off on the socket
+                    // (a GRO'd datagram would not fit the small buffers), so keep it if that fails.
+                    let off = sys::disable_udp_gro(setup.udp.socket.as_fd());
+                    if let Err(e) = &off {
+                        tracing::warn!(worker = setup.id, error = %e, "cannot turn UDP GRO off; keeping it");
+                    }
+                    off.is_err()
+                });
         let seg_len = (setup.config.mtu + 64).max(1600);
         // Full-size segments of a split super-packet are exactly MTU bytes long.
         let stride = setup.config.mtu.max(576);
@@ -268,10 +287,11 @@ impl Worker {
             seg_sizes: vec![0; segs],
             max_gso_segments,
             no_udp_offload: setup.no_udp_offload,
-            suspended_source: None,
             source_warned: false,
+            next_reprobe: None,
             busy_poll: setup.busy_poll,
             icmp_buf: vec![0; 1280],
+            udp_gro: gro,
             rx_bufs: vec![vec![0; rx_len]; rx_count],
             rx_meta: vec![RecvMeta::default(); rx_count],
             tun_out: TunWriter::new(setup.tun_offload, setup.tun_offload && setup.tun.udp_gso()),
@@ -409,9 +429,6 @@ impl Worker {
             self.max_gso_segments = state.max_gso_segments().max(1);
         }
         let now = Instant::now();
-        if self.suspended_source.is_some_and(|(_, at)| now >= at) {
-            self.resume_source();
-        }
         let snap = self.table.load();
         let mut news = SourceNews::Nothing;
         // Anything not sent breaks a run: send the open run first.
@@ -475,46 +492,31 @@ impl Worker {
         Ok(more)
     }
 
-    /// The kernel refused the source address of a send (EINVAL or EADDRNOTAVAIL: the advertised
-    /// address is gone, or still tentative), which went out from the kernel's choice instead.
-    /// Sends leave without it for [`SOURCE_RETRY`] instead of each paying a refused
-    /// `sendmsg`. And quinn-udp took that EINVAL for a refusal of GSO and stopped segmenting
-    /// for good: when a GSO send then went through, the socket segments after all, so its
-    /// state is probed again.
+    /// The kernel refused the source address of a send (EINVAL, EADDRNOTAVAIL, ENETUNREACH:
+    /// the advertised address is gone, or still tentative at boot), which then went out from
+    /// the kernel's choice. Each send still tries the address first, so traffic uses it again
+    /// as soon as it is back. quinn-udp takes an EINVAL for a refusal of GSO and stops
+    /// segmenting for good: when a GSO send went through without the source, the socket
+    /// segments after all, and its state is probed again (at most every [`REPROBE_EVERY`]).
     #[cold]
     fn source_refused(&mut self, now: Instant, news: SourceNews) {
         let (ep, state) = match &mut self.tx {
-            Some((ep, st)) => (ep, st),
-            None => (&mut self.udp, &mut self.udp_state),
+            Some((ep, st)) => (&*ep, st),
+            None => (&self.udp, &mut self.udp_state),
         };
         if !self.source_warned {
             self.source_warned = true;
             tracing::warn!(
                 worker = self.id,
                 source = ?ep.source,
-                "the kernel refuses the advertised source address; sending from its choice, and trying it again every {} s",
-                SOURCE_RETRY.as_secs()
+                "the kernel refuses the advertised source address; sending from its choice meanwhile"
             );
         }
-        match &mut self.suspended_source {
-            None => {
-                self.suspended_source = Some((std::mem::take(&mut ep.source), now + SOURCE_RETRY));
+        if news == SourceNews::RefusedButGsoWorked && self.next_reprobe.is_none_or(|at| now >= at) {
+            self.next_reprobe = Some(now + REPROBE_EVERY);
+            if let Some(fresh) = reprobe_if_gso_lost(ep, state) {
+                *state = fresh;
             }
-            Some((_, at)) => *at = now + SOURCE_RETRY,
-        }
-        if news == SourceNews::RefusedButGsoWorked
-            && let Some(fresh) = reprobe_if_gso_lost(ep, state)
-        {
-            *state = fresh;
-        }
-    }
-
-    /// Sends from the advertised source addresses again (they may be back).
-    #[cold]
-    fn resume_source(&mut self) {
-        if let Some((source, _)) = self.suspended_source.take() {
-            let ep = self.tx.as_mut().map_or(&mut self.udp, |(ep, _)| ep);
-            ep.source = source;
         }
     }
 
@@ -630,9 +632,8 @@ enum SourceNews {
     RefusedButGsoWorked,
 }
 
-/// How long sends leave from the kernel's choice of source after the advertised address was
-/// refused, before trying it again.
-const SOURCE_RETRY: Duration = Duration::from_secs(5);
+/// How often quinn-udp's state may be probed again while the source address is refused.
+const REPROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// A fresh quinn-udp state for `ep` when `state` stopped using GSO but a probe finds the
 /// socket can: quinn-udp stops for good at any EINVAL, including one about the source address.
@@ -881,7 +882,7 @@ mod test {
         ] {
             let rx = std::net::UdpSocket::bind(to).unwrap();
             rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-            ep.source = Source {
+            ep.source = super::super::io::Source {
                 v4: v4.map(|a| a.parse().unwrap()),
                 v6: v6.map(|a| a.parse().unwrap()),
             };
