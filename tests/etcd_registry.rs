@@ -751,6 +751,53 @@ async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
     assert!(err.to_string().contains("nope-key.pem"), "{err}");
 }
 
+/// Without --etcd-cafile an https:// endpoint is verified against the system trust store, as
+/// flannel's etcd client does. The binary runs with `SSL_CERT_FILE` naming the trust store:
+/// the test CA passes, a store without it fails with the TLS message (and changes nothing).
+#[test]
+fn https_without_a_ca_file_uses_the_system_trust_store() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let pki = Pki::new("linen test CA");
+    pki.write_ca(&d.join("ca.pem"));
+    pki.issue(
+        d,
+        "server",
+        &["127.0.0.1", "localhost"],
+        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+    );
+    pki.issue(d, "client", &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
+    Pki::new("some other CA").write_ca(&d.join("other-ca.pem"));
+    let Some(server) = EtcdServer::start_with(Some(ServerTls {
+        ca: d.join("ca.pem"),
+        cert: d.join("server.pem"),
+        key: d.join("server-key.pem"),
+    })) else {
+        return;
+    };
+    let list = |store: &str| {
+        std::process::Command::new(common::LINEN)
+            .args(["lease", "list", "--etcd-endpoints", &server.endpoint()])
+            .arg("--etcd-certfile")
+            .arg(d.join("client.pem"))
+            .arg("--etcd-keyfile")
+            .arg(d.join("client-key.pem"))
+            .env("SSL_CERT_FILE", d.join(store))
+            .env("SSL_CERT_DIR", d.join("no-such-dir"))
+            .env_remove("LINEN_ETCD_CAFILE")
+            .output()
+            .unwrap()
+    };
+    let ok = list("ca.pem");
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(ok.status.success(), "{stderr}");
+    assert!(stderr.contains("system trust store"), "{stderr}");
+    let wrong = list("other-ca.pem");
+    let stderr = String::from_utf8_lossy(&wrong.stderr);
+    assert_eq!(wrong.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("TLS verification failed"), "{stderr}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_authentication() {
     let Some(server) = EtcdServer::start() else {

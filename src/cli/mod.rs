@@ -82,7 +82,7 @@ pub struct RegistryArgs {
     /// etcd key prefix, as flannel's -etcd-prefix.
     #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
-    /// CA certificate file for etcd TLS.
+    /// CA certificate file for etcd TLS (default: the system trust store, for https:// endpoints).
     #[arg(long, env = "LINEN_ETCD_CAFILE")]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate file for etcd TLS.

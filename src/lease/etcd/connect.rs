@@ -140,9 +140,15 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
         .with_keep_alive(Duration::from_secs(10), opts.request_timeout)
         .with_keep_alive_while_idle(true);
 
+    // TLS with any TLS file or any https:// endpoint (as flannel's etcd client: an https
+    // endpoint without files verifies against the system's trust store).
+    let any_https = opts
+        .endpoints
+        .iter()
+        .any(|e| e.trim().starts_with("https://"));
     let tls = match (&opts.certfile, &opts.keyfile) {
         (Some(cert), Some(key)) => Some(Some((cert, key))),
-        (None, None) if opts.cafile.is_some() => Some(None),
+        (None, None) if opts.cafile.is_some() || any_https => Some(None),
         (None, None) => None,
         (Some(_), None) => {
             return Err(EtcdSetupError::Options(
@@ -160,16 +166,15 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
         let e = e.trim();
         let tls_url = e.starts_with("https://");
         match (&tls, tls_url) {
+            (Some(_), false) if any_https => {
+                return Err(EtcdSetupError::Options(format!(
+                    "endpoint {e} is not https:// but others are; use https:// for all"
+                )));
+            }
             (Some(_), false) if e.starts_with("http://") => {
                 return Err(EtcdSetupError::Options(format!(
                     "endpoint {e} is plain HTTP but TLS files are given; use https://{}",
                     &e["http://".len()..]
-                )));
-            }
-            (None, true) => {
-                return Err(EtcdSetupError::Options(format!(
-                    "endpoint {e} needs TLS; give --etcd-cafile (and --etcd-certfile/--etcd-keyfile \
-                     if etcd checks client certificates)"
                 )));
             }
             _ => {}
@@ -178,15 +183,19 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
     }
     match tls {
         Some(identity) => {
-            let Some(ca) = &opts.cafile else {
-                return Err(EtcdSetupError::Options(
-                    "TLS needs --etcd-cafile: linen verifies etcd's certificate against that CA \
-                     and does not read the system trust store"
-                        .into(),
-                ));
+            let mut config = match &opts.cafile {
+                Some(ca) => {
+                    let ca = read_pem(ca, "CA certificate", "--etcd-cafile", "CERTIFICATE")?;
+                    TlsOptions::new().ca_certificate(Certificate::from_pem(ca))
+                }
+                None => {
+                    tracing::info!(
+                        "no --etcd-cafile: verifying etcd's certificate against the system trust \
+                         store (SSL_CERT_FILE or SSL_CERT_DIR replace it)"
+                    );
+                    TlsOptions::new().with_native_roots()
+                }
             };
-            let ca = read_pem(ca, "CA certificate", "--etcd-cafile", "CERTIFICATE")?;
-            let mut config = TlsOptions::new().ca_certificate(Certificate::from_pem(ca));
             if let Some((cert, key)) = identity {
                 let cert = read_pem(cert, "client certificate", "--etcd-certfile", "CERTIFICATE")?;
                 let key = read_pem(key, "client key", "--etcd-keyfile", "PRIVATE KEY")?;
@@ -402,14 +411,27 @@ mod test {
         );
     }
 
+    /// https:// alone means TLS against the system trust store (as flannel); mixing schemes
+    /// is refused, naming the odd endpoint.
     #[test]
-    fn scheme_must_match_tls() {
-        let opts = EtcdOptions {
+    fn https_needs_no_files_but_one_scheme_for_all() {
+        let only = EtcdOptions {
             endpoints: vec!["https://127.0.0.1:2379".into()],
             ..EtcdOptions::default()
         };
-        let msg = prepare(&opts).err().unwrap().to_string();
-        assert!(msg.contains("needs TLS"), "{msg}");
+        assert!(prepare(&only).is_ok());
+        let mixed = EtcdOptions {
+            endpoints: vec![
+                "https://127.0.0.1:2379".into(),
+                "http://127.0.0.2:2379".into(),
+            ],
+            ..EtcdOptions::default()
+        };
+        let msg = prepare(&mixed).err().unwrap().to_string();
+        assert!(
+            msg.contains("http://127.0.0.2:2379") && msg.contains("https:// for all"),
+            "{msg}"
+        );
     }
 
     #[test]
