@@ -689,10 +689,9 @@ impl Pki {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
-    let dir = tempfile::tempdir().unwrap();
-    let d = dir.path();
+/// Writes a test CA (`ca.pem`), a server and a client certificate signed by it, and another
+/// CA (`other-ca.pem`) into `d`, and starts etcd with TLS and client certificates.
+fn tls_etcd(d: &Path) -> Option<EtcdServer> {
     let pki = Pki::new("linen test CA");
     pki.write_ca(&d.join("ca.pem"));
     pki.issue(
@@ -703,12 +702,18 @@ async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
     );
     pki.issue(d, "client", &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
     Pki::new("some other CA").write_ca(&d.join("other-ca.pem"));
-
-    let Some(server) = EtcdServer::start_with(Some(ServerTls {
+    EtcdServer::start_with(Some(ServerTls {
         ca: d.join("ca.pem"),
         cert: d.join("server.pem"),
         key: d.join("server-key.pem"),
-    })) else {
+    }))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let Some(server) = tls_etcd(d) else {
         return;
     };
     let tls = |ca: &str| EtcdOptions {
@@ -758,21 +763,7 @@ async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
 fn https_without_a_ca_file_uses_the_system_trust_store() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
-    let pki = Pki::new("linen test CA");
-    pki.write_ca(&d.join("ca.pem"));
-    pki.issue(
-        d,
-        "server",
-        &["127.0.0.1", "localhost"],
-        rcgen::ExtendedKeyUsagePurpose::ServerAuth,
-    );
-    pki.issue(d, "client", &[], rcgen::ExtendedKeyUsagePurpose::ClientAuth);
-    Pki::new("some other CA").write_ca(&d.join("other-ca.pem"));
-    let Some(server) = EtcdServer::start_with(Some(ServerTls {
-        ca: d.join("ca.pem"),
-        cert: d.join("server.pem"),
-        key: d.join("server-key.pem"),
-    })) else {
+    let Some(server) = tls_etcd(d) else {
         return;
     };
     let list = |store: &str| {
