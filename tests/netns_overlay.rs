@@ -700,7 +700,7 @@ fn datagrams_leave_from_the_advertised_address() {
     let (status, log) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{log}");
     assert_eq!(counter(&log, "send_failed"), 0, "{log}");
-    // Said once, and later sends leave without a refused try first.
+    // And said, so that an operator knows why peers may now drop our datagrams.
     assert!(
         log.contains("the kernel refuses the advertised source address"),
         "{log}"

@@ -215,8 +215,8 @@ struct Worker {
     no_udp_offload: bool,
     /// Whether a refused source address was logged (once per worker).
     source_warned: bool,
-    /// When quinn-udp's state may next be probed again after a refused source cost it GSO.
-    next_reprobe: Option<Instant>,
+    /// When to probe quinn-udp's state again after a refused source cost it GSO.
+    reprobe: Reprobe,
     busy_poll: std::time::Duration,
     icmp_buf: Vec<u8>,
     // UDP → TUN
@@ -288,7 +288,7 @@ impl Worker {
             max_gso_segments,
             no_udp_offload: setup.no_udp_offload,
             source_warned: false,
-            next_reprobe: None,
+            reprobe: Reprobe::default(),
             busy_poll: setup.busy_poll,
             icmp_buf: vec![0; 1280],
             udp_gro: gro,
@@ -487,7 +487,11 @@ impl Worker {
         }
         flush!(run);
         if news != SourceNews::Nothing {
-            self.source_refused(now, news);
+            self.source_refused(news);
+        }
+        // Also in batches after the address came back: a state that lost GSO stays without it.
+        if self.reprobe.due(now) {
+            self.reprobe();
         }
         Ok(more)
     }
@@ -497,26 +501,34 @@ impl Worker {
     /// the kernel's choice. Each send still tries the address first, so traffic uses it again
     /// as soon as it is back. quinn-udp takes an EINVAL for a refusal of GSO and stops
     /// segmenting for good: when a GSO send went through without the source, the socket
-    /// segments after all, and its state is probed again (at most every [`REPROBE_EVERY`]).
+    /// segments after all, and its state is probed again ([`reprobe`](Worker::reprobe)).
     #[cold]
-    fn source_refused(&mut self, now: Instant, news: SourceNews) {
-        let (ep, state) = match &mut self.tx {
-            Some((ep, st)) => (&*ep, st),
-            None => (&self.udp, &mut self.udp_state),
-        };
+    fn source_refused(&mut self, news: SourceNews) {
         if !self.source_warned {
             self.source_warned = true;
+            let ep = self.tx.as_ref().map_or(&self.udp, |(ep, _)| ep);
             tracing::warn!(
                 worker = self.id,
                 source = ?ep.source,
                 "the kernel refuses the advertised source address; sending from its choice meanwhile"
             );
         }
-        if news == SourceNews::RefusedButGsoWorked && self.next_reprobe.is_none_or(|at| now >= at) {
-            self.next_reprobe = Some(now + REPROBE_EVERY);
-            if let Some(fresh) = reprobe_if_gso_lost(ep, state) {
-                *state = fresh;
-            }
+        self.reprobe.note(news);
+    }
+
+    /// Gives GSO back to a quinn-udp state that lost it to a refused source address (at most
+    /// every [`REPROBE_EVERY`]). A fresh state turns UDP GRO on, so the receive socket's state
+    /// (one worker, or `--fixed-source-port`) is left alone when this worker receives without
+    /// GRO: its small buffers cannot take GRO'd datagrams.
+    #[cold]
+    fn reprobe(&mut self) {
+        let (ep, state) = match &mut self.tx {
+            Some((ep, st)) => (&*ep, st),
+            None if self.udp_gro => (&self.udp, &mut self.udp_state),
+            None => return,
+        };
+        if let Some(fresh) = reprobe_if_gso_lost(ep, state) {
+            *state = fresh;
         }
     }
 
@@ -634,6 +646,35 @@ enum SourceNews {
 
 /// How often quinn-udp's state may be probed again while the source address is refused.
 const REPROBE_EVERY: Duration = Duration::from_secs(1);
+
+/// When to probe quinn-udp's state again: after a GSO send went through without the refused
+/// source (the state may have lost GSO to that refusal), at most every [`REPROBE_EVERY`], and
+/// until it has happened, also in batches with nothing refused (the address came back).
+#[derive(Clone, Copy, Debug, Default)]
+struct Reprobe {
+    pending: bool,
+    next: Option<Instant>,
+}
+
+impl Reprobe {
+    /// Takes what a batch's sends found out.
+    fn note(&mut self, news: SourceNews) {
+        if news == SourceNews::RefusedButGsoWorked {
+            self.pending = true;
+        }
+    }
+
+    /// Whether to probe now; if so, the next one waits [`REPROBE_EVERY`].
+    #[inline]
+    fn due(&mut self, now: Instant) -> bool {
+        if !self.pending || self.next.is_some_and(|at| now < at) {
+            return false;
+        }
+        self.pending = false;
+        self.next = Some(now + REPROBE_EVERY);
+        true
+    }
+}
 
 /// A fresh quinn-udp state for `ep` when `state` stopped using GSO but a probe finds the
 /// socket can: quinn-udp stops for good at any EINVAL, including one about the source address.
@@ -906,6 +947,30 @@ mod test {
             // IPv6 says EINVAL, which quinn-udp took for a GSO refusal.
             assert_eq!(after.is_some(), v6.is_some(), "{to}");
         }
+    }
+
+    /// A refusal that comes again within the rate limit is not forgotten: the probe happens
+    /// once the limit allows, even when that batch had nothing refused (the address is back),
+    /// so a state that lost GSO gets it back.
+    #[test]
+    fn a_refusal_inside_the_rate_limit_is_probed_later() {
+        let t0 = Instant::now();
+        let ms = |n| t0 + Duration::from_millis(n);
+        let mut r = Reprobe::default();
+        assert!(!r.due(t0), "nothing refused yet");
+        r.note(SourceNews::Refused);
+        assert!(!r.due(t0), "single sends: GSO not shown to work");
+        r.note(SourceNews::RefusedButGsoWorked);
+        assert!(r.due(ms(0)));
+        assert!(!r.due(ms(1)), "done");
+        // Refused again 1 ms later: quinn-udp drops GSO again, the probe must follow.
+        r.note(SourceNews::RefusedButGsoWorked);
+        assert!(!r.due(ms(500)), "rate-limited");
+        assert!(
+            r.due(ms(1_000)),
+            "probed once the limit allows, with nothing refused now"
+        );
+        assert!(!r.due(ms(5_000)), "and only once");
     }
 
     /// A worker thread that panics must count as stopped (the daemon exits when none runs):
