@@ -248,8 +248,8 @@ pub struct LeaseManager {
     last_acquire_error: Option<String>,
     /// The watch failed and has not answered since.
     read_error: Option<String>,
-    /// An acquisition or renewal failed for a reason that may pass, and none has succeeded
-    /// since. Kept apart from `read_error` so that watch events arriving while writes fail
+    /// A renewal failed, or an acquisition failed for a reason that may pass, and no write has
+    /// succeeded since. Kept apart from `read_error` so that watch events arriving while writes fail
     /// (etcd over its space quota, say) do not report the registry healthy, then unhealthy
     /// again at the next attempt, at every backoff step.
     write_error: Option<String>,
@@ -424,7 +424,9 @@ impl LeaseManager {
                 self.lose();
             }
             Err(e) => {
-                self.write_answered(Some(&e).filter(|e| e.is_transient()));
+                // Any failed renewal, refused for good (permissions revoked) or not, puts the
+                // lease at risk: report it, and keep retrying until the lease is lost.
+                self.write_answered(Some(&e));
                 self.renew_failed = true;
                 self.renew_at = Some(Instant::now() + self.renew_backoff.next());
             }
@@ -750,6 +752,8 @@ mod test {
         refuse_creates: std::sync::atomic::AtomicBool,
         /// Creates and renewals fail as unavailable while reads work (etcd over its quota).
         unavailable_writes: std::sync::atomic::AtomicBool,
+        /// Creates and renewals are refused for good (permissions revoked).
+        refused_writes: std::sync::atomic::AtomicBool,
         /// The watch's stream breaks right after each snapshot (it re-lists, as the trait asks).
         breaking_stream: bool,
         /// Snapshots the watch has handed out.
@@ -773,6 +777,12 @@ mod test {
                 return Err(RegistryError::Unavailable {
                     location: "fake".into(),
                     reason: "database space exceeded".into(),
+                });
+            }
+            if self.refused_writes.load(Ordering::SeqCst) {
+                return Err(RegistryError::Refused {
+                    location: "fake".into(),
+                    reason: "permission denied".into(),
                 });
             }
             Ok(())
@@ -1079,6 +1089,34 @@ mod test {
         assert_eq!(attempts, 5, "renewals tried in the first 30 s");
         assert!(after.connected, "{after:?}");
         assert_eq!(after.resyncs, 1);
+    }
+
+    /// A renewal refused for good (the registry's permissions revoked) reports the registry
+    /// down, with the reason, while the watch still answers: the lease is at risk.
+    #[tokio::test(start_paused = true)]
+    async fn a_refused_renewal_reports_the_registry_down() {
+        let reg = Arc::new(Outage::default());
+        let (state, cancel, task) = run_manager(&reg, |o| {
+            o.renew_margin = Duration::from_secs(50);
+            o.backoff_min = Duration::from_secs(1);
+            o.backoff_max = Duration::from_secs(8);
+        })
+        .await;
+        reg.shared.refused_writes.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(12)).await;
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let during = state.borrow().registry.clone();
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(!during.connected, "{during:?}");
+        assert!(
+            during
+                .last_error
+                .as_ref()
+                .is_some_and(|e| e.contains("permission denied")),
+            "{during:?}"
+        );
     }
 
     /// A watch whose stream breaks right after each re-list backs off like one that cannot
