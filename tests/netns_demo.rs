@@ -20,18 +20,15 @@ fn leftovers(demo_pid: u32) -> Vec<String> {
 /// [`leftovers`] of a lab named `lab` (`lndemo`, `lnbench`) built by process `demo_pid`.
 fn leftovers_of(lab: &str, demo_pid: u32) -> Vec<String> {
     let tag = format!("{lab}-{demo_pid}-");
-    let mut found: Vec<String> = String::from_utf8_lossy(
-        &Command::new("ip")
-            .args(["netns", "list"])
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .lines()
-    .filter(|l| l.contains(&tag))
-    .map(|l| format!("namespace {l}"))
-    .collect();
-    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+    // No panics in here: `Sweep` calls this while a failed test unwinds.
+    let netns = Command::new("ip").args(["netns", "list"]).output();
+    let mut found: Vec<String> =
+        String::from_utf8_lossy(&netns.map(|o| o.stdout).unwrap_or_default())
+            .lines()
+            .filter(|l| l.contains(&tag))
+            .map(|l| format!("namespace {l}"))
+            .collect();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
@@ -43,7 +40,8 @@ fn leftovers_of(lab: &str, demo_pid: u32) -> Vec<String> {
     }
     if std::path::Path::new(&std::env::temp_dir())
         .read_dir()
-        .unwrap()
+        .into_iter()
+        .flatten()
         .flatten()
         .any(|e| e.file_name().to_string_lossy().starts_with(&tag))
     {
