@@ -10,7 +10,7 @@ use super::exit::usage;
 use super::{LeaseCommand, NetworkCommand, NetworkInitArgs};
 use crate::daemon::registry;
 use crate::lease::RegistryError;
-use crate::model::{LeaseAttrs, NetworkConfigSpec, SubnetKey};
+use crate::model::{LeaseAttrs, NetworkConfig, NetworkConfigSpec, SubnetKey};
 
 /// Runs `linen network …`.
 pub async fn network(cmd: NetworkCommand) -> Result<()> {
@@ -87,8 +87,14 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     let reg = registry::open(&args.registry, crate::model::LEASE_TTL).await?;
     match reg.get_network_config().await {
         Ok(existing) if !args.force => {
-            if existing.spec == spec {
-                println!("network config already set to {}", spec.to_json());
+            // The same network with every default filled in, however it was spelled (a config
+            // written by `network init` names its backend, the flags do not).
+            let effective = |c: &NetworkConfig| NetworkConfig {
+                spec: NetworkConfigSpec::default(),
+                ..c.clone()
+            };
+            if effective(&existing) == effective(&config) {
+                println!("network config already set to {}", existing.spec.to_json());
                 return Ok(());
             }
             bail!(
@@ -98,6 +104,14 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
                 existing.spec.to_json()
             );
         }
+        // A config linen cannot use is still somebody's: a flannel cluster with another
+        // backend shares the default prefix.
+        Err(RegistryError::BadConfig { source, .. }) if !args.force => bail!(
+            "a network config linen cannot use exists at {} ({source}); it may belong to a \
+             flannel cluster with another backend: use another --etcd-prefix, or pass --force \
+             to replace it",
+            reg.location()
+        ),
         Ok(_)
         | Err(RegistryError::ConfigNotFound { .. })
         | Err(RegistryError::BadConfig { .. }) => {}
@@ -207,6 +221,22 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                     config.ipv6_subnet_len, config.ipv6_subnet_min, config.ipv6_subnet_max
                 )));
             }
+            // A key without every family the network has is deleted by the host that finds it
+            // (flannel does the same): name what is missing instead of writing it.
+            if !crate::lease::allocator::is_compatible(&config, &key) {
+                let mut need = Vec::new();
+                if let Some(n) = config.network {
+                    need.push(format!("an IPv4 /{} of {n}", config.subnet_len));
+                }
+                if let Some(n) = config.ipv6_network {
+                    need.push(format!("an IPv6 /{} of {n}", config.ipv6_subnet_len));
+                }
+                return Err(usage(format!(
+                    "{key} does not fit this network's families: a reservation needs {}; give \
+                     a dual-stack key such as 198.19.5.0-24&fd00:19:0:5::-64",
+                    need.join(" and ")
+                )));
+            }
             let attrs = match public_ip {
                 IpAddr::V4(ip) => LeaseAttrs::with_public_ip(ip),
                 IpAddr::V6(ip) => LeaseAttrs {
@@ -226,8 +256,27 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             }
         }
         LeaseCommand::Release { registry, subnet } => {
-            let key = parse_subnet(&subnet)?;
+            let asked = parse_subnet(&subnet)?;
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
+            // The stored key: the one given, or the dual-stack key holding the one subnet
+            // given (`release 198.19.5.0/24` on a dual-stack network).
+            let list = reg.list_leases().await?;
+            let part_of = |k: &SubnetKey| {
+                *k == asked
+                    || (asked.ipv6().is_none()
+                        && asked.ipv4().is_some()
+                        && k.ipv4() == asked.ipv4())
+                    || (asked.ipv4().is_none()
+                        && asked.ipv6().is_some()
+                        && k.ipv6() == asked.ipv6())
+            };
+            let Some(key) = list.leases.iter().map(|l| l.key).find(|k| part_of(k)) else {
+                bail!(
+                    "no lease or reservation for {asked} at {} (`linen lease list` shows what is \
+                     there)",
+                    reg.location()
+                );
+            };
             reg.revoke_lease(&key).await?;
             println!("released {key}");
             Ok(())

@@ -1,0 +1,125 @@
+//! `linen network init` and `linen lease reserve/release` against a directory registry: what
+//! they refuse to overwrite, what they accept again, and that they say when nothing happened.
+//! No root needed.
+
+mod common;
+use common::LINEN;
+
+use std::path::Path;
+use std::process::Command;
+
+/// Runs linen with `args` on the registry in `dir`; returns (exit code, stdout + stderr).
+fn linen(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
+    let out = Command::new(LINEN)
+        .args(args)
+        .arg("--registry-dir")
+        .arg(dir)
+        .output()
+        .unwrap();
+    (
+        out.status.code(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// The subnets `lease list --json` shows.
+fn subnets(dir: &Path) -> Vec<String> {
+    let (code, out) = linen(dir, &["lease", "list", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    v["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["subnet"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+/// A config linen cannot use (a flannel cluster's vxlan backend under the same prefix) is not
+/// overwritten without --force.
+#[test]
+fn init_keeps_a_foreign_config_unless_forced() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    let vxlan = r#"{"Network":"10.5.0.0/16","Backend":{"Type":"vxlan"}}"#;
+    std::fs::write(&config, vxlan).unwrap();
+    let init = ["network", "init", "--network", "198.19.0.0/16"];
+    let (code, out) = linen(dir.path(), &init);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("cannot use") && out.contains("--force"),
+        "{out}"
+    );
+    assert_eq!(std::fs::read_to_string(&config).unwrap(), vxlan);
+    let (code, out) = linen(dir.path(), &[&init[..], &["--force"]].concat());
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        std::fs::read_to_string(&config)
+            .unwrap()
+            .contains("198.19.0.0/16")
+    );
+}
+
+/// Running init again with the same flags is a no-op that succeeds (provisioning scripts run it
+/// on every boot); other flags are refused without --force.
+#[test]
+fn init_again_with_the_same_flags_succeeds() {
+    let dir = tempfile::tempdir().unwrap();
+    let init = ["network", "init", "--network", "198.19.0.0/16"];
+    let (code, out) = linen(dir.path(), &init);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = linen(dir.path(), &init);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("already set"), "{out}");
+    // The defaults spelled out are the same network too.
+    let (code, out) = linen(dir.path(), &[&init[..], &["--subnet-len", "24"]].concat());
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = linen(dir.path(), &[&init[..], &["--subnet-len", "26"]].concat());
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("different network config"), "{out}");
+}
+
+/// On a dual-stack network a reservation needs both families (a host deletes a key without
+/// them); a release finds the dual-stack key from either subnet, and says when there is none.
+#[test]
+fn reservations_fit_the_network_and_releases_say_what_they_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = linen(
+        dir.path(),
+        &[
+            "network",
+            "init",
+            "--network",
+            "198.19.0.0/16",
+            "--ipv6-network",
+            "fd00:19::/48",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let reserve = |key: &str| {
+        linen(
+            dir.path(),
+            &["lease", "reserve", key, "--public-ip", "198.18.0.9"],
+        )
+    };
+    let (code, out) = reserve("198.19.5.0/24");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("IPv6") && out.contains("dual-stack"), "{out}");
+    assert!(subnets(dir.path()).is_empty());
+    let both = "198.19.5.0-24&fd00:19:0:5::-64";
+    let (code, out) = reserve(both);
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(subnets(dir.path()), [both]);
+
+    let (code, out) = linen(dir.path(), &["lease", "release", "198.19.6.0/24"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("no lease or reservation"), "{out}");
+    let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.0/24"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains(both), "{out}");
+    assert!(subnets(dir.path()).is_empty());
+}
