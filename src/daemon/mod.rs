@@ -163,8 +163,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     let previous = std::fs::read_to_string(&args.subnet_file)
         .ok()
-        .and_then(|text| SubnetEnv::parse(&text).ok())
-        .and_then(|env| env.previous_key());
+        .and_then(|text| SubnetEnv::previous_key_in(&text));
 
     // Before anything is acquired or created: a port held by another program is an error.
     ensure_port_free(config.backend.port)?;

@@ -140,6 +140,22 @@ impl SubnetEnv {
         Ok(env)
     }
 
+    /// The previous subnet in a `subnet.env` text, read as flannel reads it: only the
+    /// `FLANNEL_SUBNET` and `FLANNEL_IPV6_SUBNET` lines count, so another line linen cannot
+    /// read (`FLANNEL_MTU=`, `FLANNEL_IPMASQ=True`, a hand edit) does not lose the subnet.
+    pub fn previous_key_in(text: &str) -> Option<SubnetKey> {
+        let subnet_lines: String = text
+            .lines()
+            .filter(|l| {
+                let l = l.trim();
+                let l = l.strip_prefix("export ").unwrap_or(l).trim_start();
+                l.starts_with("FLANNEL_SUBNET=") || l.starts_with("FLANNEL_IPV6_SUBNET=")
+            })
+            .map(|l| format!("{l}\n"))
+            .collect();
+        SubnetEnv::parse(&subnet_lines).ok()?.previous_key()
+    }
+
     /// The lease this file describes (`FLANNEL_SUBNET` taken back to its network address), the
     /// "previous subnet" flannel tries to reuse at start-up.
     pub fn previous_key(&self) -> Option<SubnetKey> {
@@ -208,5 +224,23 @@ mod test {
             .to_string();
         assert!(e.contains("line 1") && e.contains("10.1.2.300"), "{e}");
         assert!(SubnetEnv::parse("garbage\n").is_err());
+    }
+
+    /// As flannel: a line linen cannot read elsewhere in the file does not lose the previous
+    /// subnet; a bad subnet line gives none.
+    #[test]
+    fn the_previous_subnet_survives_other_bad_lines() {
+        let text = "FLANNEL_NETWORK=10.1.0.0/16\nFLANNEL_SUBNET=10.1.2.1/24\nFLANNEL_MTU=\n\
+                    FLANNEL_IPMASQ=True # set by hand\nnot a line\n";
+        assert!(SubnetEnv::parse(text).is_err());
+        let key = SubnetEnv::previous_key_in(text).unwrap();
+        assert_eq!(key.to_string(), "10.1.2.0-24");
+        let v6 = "export FLANNEL_IPV6_SUBNET=fd00:19:0:5::1/64\nFLANNEL_SUBNET=10.1.2.1/24\n";
+        assert_eq!(
+            SubnetEnv::previous_key_in(v6).unwrap().to_string(),
+            "10.1.2.0-24&fd00:19:0:5::-64"
+        );
+        assert_eq!(SubnetEnv::previous_key_in("FLANNEL_SUBNET=garbage\n"), None);
+        assert_eq!(SubnetEnv::previous_key_in(""), None);
     }
 }
