@@ -7,11 +7,13 @@
 //! default on a loopback port), one request per connection (`Connection: close`), no bodies to
 //! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
 //! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
-//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time) so a stuck client
-//! cannot pile up tasks.
+//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one address)
+//! so a stuck client cannot pile up tasks, nor one source hold every slot and starve a
+//! liveness probe.
 
-use std::net::SocketAddr;
-use std::sync::{Arc, OnceLock};
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, Result};
@@ -30,6 +32,10 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog.
 const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once from one address; more are closed at once. Sixteen idle
+/// connections from anywhere would otherwise hold every slot for 5 s at a time, and a
+/// kubelet's probe on `--healthz-port` (1 s timeout) would fail.
+const MAX_PER_ADDRESS: usize = 4;
 
 /// The running endpoint(s); stop when dropped. With `--metrics-addr off` and no
 /// `--healthz-port` it is inert.
@@ -111,13 +117,14 @@ async fn accept_loop(
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
             a = listener.accept() => a,
         };
-        let stream = match accepted {
-            Ok((stream, _)) => stream,
+        let (stream, peer) = match accepted {
+            Ok(a) => a,
             Err(e) => {
                 // Out of file descriptors and the like: wait instead of spinning.
                 tracing::warn!(error = %e, "metrics endpoint: accept failed");
@@ -125,14 +132,51 @@ async fn accept_loop(
                 continue;
             }
         };
+        let Some(from) = AddressSlot::take(&per_address, peer.ip()) else {
+            // This address already has its share: close (the drop), do not queue.
+            continue;
+        };
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
         let sources = Arc::clone(&sources);
         tokio::spawn(async move {
             serve(stream, scope, sources.get()).await;
-            drop(permit);
+            drop((permit, from));
         });
+    }
+}
+
+/// One of an address's [`MAX_PER_ADDRESS`] connections; given back when dropped.
+struct AddressSlot {
+    counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
+    ip: IpAddr,
+}
+
+impl AddressSlot {
+    fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<AddressSlot> {
+        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= MAX_PER_ADDRESS {
+            return None;
+        }
+        *n += 1;
+        Some(AddressSlot {
+            counts: Arc::clone(counts),
+            ip,
+        })
+    }
+}
+
+impl Drop for AddressSlot {
+    fn drop(&mut self) {
+        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
     }
 }
 
@@ -296,6 +340,53 @@ mod test {
 
     fn get(path: &str) -> Response {
         get_from(Scope::All, path)
+    }
+
+    /// Sixteen idle connections from one address (each held up to 5 s) do not keep a probe
+    /// from another address waiting: that address gets 4 slots, the rest are closed at once.
+    #[tokio::test]
+    async fn idle_connections_from_one_address_do_not_starve_a_probe() {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let cancel = CancellationToken::new();
+        tokio::spawn(accept_loop(
+            listener,
+            Scope::HealthzOnly,
+            Arc::new(OnceLock::new()),
+            cancel.clone(),
+        ));
+        let mut idle = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // The probe comes from another loopback address.
+        let probe = tokio::net::TcpSocket::new_v4().unwrap();
+        probe.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+        // Well under the 5 s an idle connection may hold a slot.
+        let answer = tokio::time::timeout(Duration::from_secs(3), async {
+            let mut s = probe.connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        })
+        .await
+        .expect("the probe waited behind idle connections");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        // Of the idle ones, those over the share were closed (reads see EOF at once).
+        let mut closed = 0;
+        for s in &mut idle {
+            let mut b = [0u8; 1];
+            if let Ok(Ok(0)) =
+                tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await
+            {
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, MAX_CONNECTIONS - MAX_PER_ADDRESS);
+        cancel.cancel();
     }
 
     #[test]
