@@ -123,3 +123,47 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     assert!(out.contains(both), "{out}");
     assert!(subnets(dir.path()).is_empty());
 }
+
+/// `lease reserve` of the subnet a host holds turns its lease into a reservation in place (as
+/// flannel documents it); another host's lease is refused and left alone.
+#[test]
+fn a_held_lease_is_kept_as_a_reservation() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = linen(
+        dir.path(),
+        &["network", "init", "--network", "198.19.0.0/16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    // A live lease as a host's daemon writes it: the value, then its expiry.
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let held = dir.path().join("subnets").join("198.19.5.0-24");
+    std::fs::create_dir_all(held.parent().unwrap()).unwrap();
+    std::fs::write(
+        &held,
+        format!("{{\"PublicIP\":\"198.18.0.9\"}}\nexpires={expires}\n"),
+    )
+    .unwrap();
+    let reserve = |ip: &str| {
+        linen(
+            dir.path(),
+            &["lease", "reserve", "198.19.5.0/24", "--public-ip", ip],
+        )
+    };
+    let (code, out) = reserve("198.18.0.77");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("another host (198.18.0.9)"), "{out}");
+    let (code, out) = reserve("198.18.0.9");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("now a reservation"), "{out}");
+    let (_, out) = linen(dir.path(), &["lease", "list", "--json"]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["leases"][0]["reservation"], true, "{out}");
+    assert_eq!(v["leases"][0]["value"]["PublicIP"], "198.18.0.9", "{out}");
+    let (code, out) = reserve("198.18.0.9");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("already reserved"), "{out}");
+}

@@ -689,6 +689,54 @@ impl Pki {
     }
 }
 
+/// `linen lease reserve` of the subnet a host holds keeps it as a reservation in place
+/// (flannel's documented way): the key loses its etcd lease and keeps its value, and the
+/// holder's next renewal leaves it a reservation. Another host's lease is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_held_lease_is_kept_as_a_reservation() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(60)).await;
+    let spec = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+    reg.put_network_config(&spec).await.unwrap();
+    let lease = reg.create_lease(&subnet(13), &host(13)).await.unwrap();
+    let reserve = |ip: &str| {
+        std::process::Command::new(common::LINEN)
+            .args(["lease", "reserve", "198.19.13.0/24", "--public-ip", ip])
+            .args(["--etcd-endpoints", &server.endpoint()])
+            .output()
+            .unwrap()
+    };
+    let other = reserve("198.18.1.99");
+    let text = String::from_utf8_lossy(&other.stderr);
+    assert_eq!(other.status.code(), Some(1), "{text}");
+    assert!(text.contains("another host (198.18.1.13)"), "{text}");
+
+    let ours = reserve("198.18.1.13");
+    let text = String::from_utf8_lossy(&ours.stdout);
+    assert!(
+        ours.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&ours.stderr)
+    );
+    assert!(text.contains("now a reservation"), "{text}");
+    let mut client = Client::connect([server.endpoint()], None).await.unwrap();
+    let path = format!("{DEFAULT_PREFIX}/subnets/198.19.13.0-24");
+    assert_eq!(
+        key_lease(&mut client, &path).await,
+        Some(0),
+        "no etcd lease"
+    );
+    let listed = reg.list_leases().await.unwrap().leases;
+    assert_eq!(listed.len(), 1);
+    assert!(listed[0].is_reservation() && listed[0].attrs == host(13));
+    // The holder renews as before: it stays a reservation.
+    let renewed = reg.renew_lease(&lease, &host(13)).await.unwrap();
+    assert_eq!(renewed.expiration, None);
+    assert_eq!(key_lease(&mut client, &path).await, Some(0));
+}
+
 /// Writes a test CA (`ca.pem`), a server and a client certificate signed by it, and another
 /// CA (`other-ca.pem`) into `d`, and starts etcd with TLS and client certificates.
 fn tls_etcd(d: &Path) -> Option<EtcdServer> {

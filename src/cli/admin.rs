@@ -144,6 +144,46 @@ fn parse_subnet(text: &str) -> Result<SubnetKey> {
     SubnetKey::parse(text).map_err(|e| usage(format!("{e}; or give a CIDR such as 198.19.5.0/24")))
 }
 
+/// `lease reserve` of a key that exists: the host at `public_ip` holding it keeps it as a
+/// reservation (flannel's documented way: its lease rewritten without a TTL); a key another
+/// host holds is refused, and one already reserved for `public_ip` is left as it is.
+async fn reserve_held(
+    reg: &dyn crate::lease::Registry,
+    key: &SubnetKey,
+    public_ip: IpAddr,
+) -> Result<()> {
+    let list = reg.list_leases().await?;
+    let Some(held) = list.leases.into_iter().find(|l| l.key == *key) else {
+        bail!("{key} changed while it was being reserved; run the command again");
+    };
+    let holder = [
+        held.attrs.public_ip.map(IpAddr::V4),
+        held.attrs.public_ipv6.map(IpAddr::V6),
+    ];
+    if !holder.contains(&Some(public_ip)) {
+        let shown: Vec<String> = holder.iter().flatten().map(|a| a.to_string()).collect();
+        bail!(
+            "{key} is leased by another host ({}); release it first with `linen lease release \
+             {key}`",
+            shown.join(", ")
+        );
+    }
+    if held.is_reservation() {
+        println!("{key} is already reserved for {public_ip}");
+        return Ok(());
+    }
+    match reg.keep_as_reservation(&held).await {
+        Ok(_) => {
+            println!("reserved {key} for {public_ip}: the lease it holds is now a reservation");
+            Ok(())
+        }
+        Err(RegistryError::NotFound(_)) => {
+            bail!("{key} changed while it was being reserved; run the command again")
+        }
+        Err(e) => Err(e).context("turning the lease into a reservation"),
+    }
+}
+
 /// Runs `linen lease …`.
 pub async fn lease(cmd: LeaseCommand) -> Result<()> {
     match cmd {
@@ -249,9 +289,9 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                     println!("reserved {key} for {public_ip}");
                     Ok(())
                 }
-                Err(RegistryError::AlreadyExists(_)) => bail!(
-                    "{key} is already leased; release it first with `linen lease release {key}`"
-                ),
+                Err(RegistryError::AlreadyExists(_)) => {
+                    reserve_held(reg.as_ref(), &key, public_ip).await
+                }
                 Err(e) => Err(e).context("creating the reservation"),
             }
         }

@@ -134,6 +134,11 @@ impl Registry for DirectoryRegistry {
         self.blocking(move |s| s.renew(&lease, attrs)).await
     }
 
+    async fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError> {
+        let lease = lease.clone();
+        self.blocking(move |s| s.keep_as_reservation(&lease)).await
+    }
+
     async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
         let key = *key;
         self.blocking(move |s| s.revoke(&key)).await
@@ -559,6 +564,27 @@ impl Store {
         self.write_lease(&renewed)?;
         self.bump()?;
         Ok(renewed)
+    }
+
+    fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError> {
+        let _lock = self.lock(true)?;
+        let current = match self.read_entry(&lease.key.to_string(), SystemTime::now())? {
+            Some(Entry::Live(current)) => current,
+            _ => return Err(RegistryError::NotFound(lease.key)),
+        };
+        if current.attrs.public_ip != lease.attrs.public_ip
+            || current.attrs.public_ipv6 != lease.attrs.public_ipv6
+        {
+            return Err(RegistryError::NotFound(lease.key));
+        }
+        let reserved = Lease {
+            expiration: None,
+            lease_id: None,
+            ..current
+        };
+        self.write_lease(&reserved)?;
+        self.bump()?;
+        Ok(reserved)
     }
 
     fn revoke(&self, key: &SubnetKey) -> Result<(), RegistryError> {

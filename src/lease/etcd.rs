@@ -571,6 +571,55 @@ impl Registry for EtcdRegistry {
         }
     }
 
+    async fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError> {
+        let s = &self.shared;
+        let path = s.subnet_path(&lease.key);
+        for _ in 0..RENEW_ATTEMPTS {
+            let mut client = s.client.clone();
+            let resp = s
+                .request(
+                    "read the subnet key to reserve",
+                    client.get(path.as_str(), None),
+                )
+                .await?;
+            let Some(kv) = resp.kvs().first() else {
+                return Err(RegistryError::NotFound(lease.key));
+            };
+            let text = String::from_utf8_lossy(kv.value()).into_owned();
+            let Ok(stored) = LeaseAttrs::from_json(&text) else {
+                return Err(RegistryError::NotFound(lease.key));
+            };
+            if stored.public_ip != lease.attrs.public_ip
+                || stored.public_ipv6 != lease.attrs.public_ipv6
+            {
+                return Err(RegistryError::NotFound(lease.key));
+            }
+            // The same value without a lease, unless the key changed since it was read.
+            let unchanged =
+                Compare::mod_revision(path.as_str(), CompareOp::Equal, kv.mod_revision());
+            if s.put_if("keep the lease as a reservation", unchanged, &path, text, 0)
+                .await?
+                .is_some()
+            {
+                tracing::info!(subnet = %lease.key, "the lease is now a reservation");
+                // Its etcd lease holds no key any more.
+                if kv.lease() != 0 {
+                    s.release(kv.lease()).await;
+                }
+                return Ok(Lease {
+                    key: lease.key,
+                    attrs: stored,
+                    expiration: None,
+                    lease_id: None,
+                });
+            }
+        }
+        Err(RegistryError::Unavailable {
+            location: s.location.clone(),
+            reason: format!("{} kept changing while it was being reserved", lease.key),
+        })
+    }
+
     async fn renew_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
         let s = &self.shared;
         let path = s.subnet_path(&lease.key);

@@ -164,6 +164,20 @@ pub trait Registry: Send + Sync + 'static {
     /// gone. Backends must not leak a TTL holder per renewal (etcd: reuse the etcd lease).
     async fn renew_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError>;
 
+    /// Turns the live lease `lease` into a reservation in place: `subnets/<key>` keeps its
+    /// value and loses its TTL, but only while it still holds `lease`'s public addresses
+    /// (flannel's documented way to reserve the subnet a host holds; the host keeps it and
+    /// stops renewing). [`RegistryError::NotFound`] when the key is gone or another host's.
+    async fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError> {
+        Err(RegistryError::Refused {
+            location: self.location(),
+            reason: format!(
+                "this registry cannot turn the lease on {} into a reservation",
+                lease.key
+            ),
+        })
+    }
+
     /// Deletes `subnets/<key>`. Deleting a missing key is not an error.
     async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError>;
 
