@@ -541,19 +541,24 @@ impl Store {
         Ok(lease)
     }
 
+    /// `lease`'s key as stored, while it is live and still holds `lease`'s addresses: if
+    /// another host holds it now (ours expired and was taken over), it is not ours to rewrite
+    /// (flannel #1289). Call with the lock held.
+    fn read_ours(&self, lease: &Lease) -> Result<Lease, RegistryError> {
+        match self.read_entry(&lease.key.to_string(), SystemTime::now())? {
+            Some(Entry::Live(current))
+                if current.attrs.public_ip == lease.attrs.public_ip
+                    && current.attrs.public_ipv6 == lease.attrs.public_ipv6 =>
+            {
+                Ok(current)
+            }
+            _ => Err(RegistryError::NotFound(lease.key)),
+        }
+    }
+
     fn renew(&self, lease: &Lease, attrs: LeaseAttrs) -> Result<Lease, RegistryError> {
         let _lock = self.lock(true)?;
-        let current = match self.read_entry(&lease.key.to_string(), SystemTime::now())? {
-            Some(Entry::Live(current)) => current,
-            _ => return Err(RegistryError::NotFound(lease.key)),
-        };
-        // If another host holds the key now (ours expired and was taken over), it is not ours
-        // to rewrite: flannel #1289.
-        if current.attrs.public_ip != lease.attrs.public_ip
-            || current.attrs.public_ipv6 != lease.attrs.public_ipv6
-        {
-            return Err(RegistryError::NotFound(lease.key));
-        }
+        let current = self.read_ours(lease)?;
         let renewed = Lease {
             key: lease.key,
             attrs,
@@ -568,15 +573,7 @@ impl Store {
 
     fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError> {
         let _lock = self.lock(true)?;
-        let current = match self.read_entry(&lease.key.to_string(), SystemTime::now())? {
-            Some(Entry::Live(current)) => current,
-            _ => return Err(RegistryError::NotFound(lease.key)),
-        };
-        if current.attrs.public_ip != lease.attrs.public_ip
-            || current.attrs.public_ipv6 != lease.attrs.public_ipv6
-        {
-            return Err(RegistryError::NotFound(lease.key));
-        }
+        let current = self.read_ours(lease)?;
         let reserved = Lease {
             expiration: None,
             lease_id: None,

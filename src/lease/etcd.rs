@@ -341,6 +341,31 @@ impl Shared {
 
     /// One renewal attempt against the key as read (`kv`): the renewed lease, or `None` when
     /// the key changed before the write and must be read again.
+    /// Reads `lease`'s key to `what` it (renew, reserve): [`RegistryError::NotFound`] when it
+    /// is gone or holds another host's lease now.
+    async fn read_ours(&self, lease: &Lease, what: &str) -> Result<KeyValue, RegistryError> {
+        let path = self.subnet_path(&lease.key);
+        let mut client = self.client.clone();
+        let resp = self
+            .request(
+                &format!("read the subnet key to {what}"),
+                client.get(path.as_str(), None),
+            )
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Err(RegistryError::NotFound(lease.key));
+        };
+        if !still_ours(lease, kv) {
+            tracing::warn!(
+                subnet = %lease.key,
+                value = %String::from_utf8_lossy(kv.value()),
+                "the subnet key now holds another lease; not going to {what} it"
+            );
+            return Err(RegistryError::NotFound(lease.key));
+        }
+        Ok(kv.clone())
+    }
+
     async fn renew_once(
         &self,
         lease: &Lease,
@@ -575,25 +600,9 @@ impl Registry for EtcdRegistry {
         let s = &self.shared;
         let path = s.subnet_path(&lease.key);
         for _ in 0..RENEW_ATTEMPTS {
-            let mut client = s.client.clone();
-            let resp = s
-                .request(
-                    "read the subnet key to reserve",
-                    client.get(path.as_str(), None),
-                )
-                .await?;
-            let Some(kv) = resp.kvs().first() else {
-                return Err(RegistryError::NotFound(lease.key));
-            };
+            let kv = s.read_ours(lease, "reserve").await?;
             let text = String::from_utf8_lossy(kv.value()).into_owned();
-            let Ok(stored) = LeaseAttrs::from_json(&text) else {
-                return Err(RegistryError::NotFound(lease.key));
-            };
-            if stored.public_ip != lease.attrs.public_ip
-                || stored.public_ipv6 != lease.attrs.public_ipv6
-            {
-                return Err(RegistryError::NotFound(lease.key));
-            }
+            let stored = LeaseAttrs::from_json(&text).unwrap_or_else(|_| lease.attrs.clone());
             // The same value without a lease, unless the key changed since it was read.
             let unchanged =
                 Compare::mod_revision(path.as_str(), CompareOp::Equal, kv.mod_revision());
@@ -624,25 +633,8 @@ impl Registry for EtcdRegistry {
         let s = &self.shared;
         let path = s.subnet_path(&lease.key);
         for _ in 0..RENEW_ATTEMPTS {
-            let mut client = s.client.clone();
-            let resp = s
-                .request(
-                    "read the subnet key to renew",
-                    client.get(path.as_str(), None),
-                )
-                .await?;
-            let Some(kv) = resp.kvs().first() else {
-                return Err(RegistryError::NotFound(lease.key));
-            };
-            if !still_ours(lease, kv) {
-                tracing::warn!(
-                    subnet = %lease.key,
-                    value = %String::from_utf8_lossy(kv.value()),
-                    "the subnet key now holds another lease; not renewing it"
-                );
-                return Err(RegistryError::NotFound(lease.key));
-            }
-            if let Some(renewed) = s.renew_once(lease, attrs, kv).await? {
+            let kv = s.read_ours(lease, "renew").await?;
+            if let Some(renewed) = s.renew_once(lease, attrs, &kv).await? {
                 return Ok(renewed);
             }
         }
