@@ -374,6 +374,10 @@ fn metrics_health_and_status_of_running_daemons() {
     let out = d.linen(0, &["status"]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("UNHEALTHY: no lease held"), "{text}");
+    // Scripts can test it: exit 1, the reason on stderr.
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("unhealthy: no lease held"), "{err}");
 
     // Released again, the subnet is re-acquired and health comes back.
     d.admin(&["lease", "release"], &[&key1.to_string()]);

@@ -73,14 +73,27 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         );
     };
     let body = get(addr, "/status")?;
-    if args.json {
+    let health = if args.json {
         println!("{}", body.trim_end());
-        return Ok(());
+        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+        let reason = v["health"]["reason"].as_str().map(str::to_owned);
+        (v["health"]["ok"].as_bool(), reason)
+    } else {
+        let status: Status = serde_json::from_str(&body).with_context(|| {
+            format!(
+                "the daemon on {addr} answered /status with something that is not linen's status"
+            )
+        })?;
+        print!("{}", render(&status, addr));
+        (Some(status.health.ok), status.health.reason)
+    };
+    // After the report, so that scripts can test the exit status (as `systemctl is-active`).
+    if let (Some(false), reason) = health {
+        bail!(
+            "the daemon on {addr} is unhealthy: {}",
+            reason.as_deref().unwrap_or("no reason given")
+        );
     }
-    let status: Status = serde_json::from_str(&body).with_context(|| {
-        format!("the daemon on {addr} answered /status with something that is not linen's status")
-    })?;
-    print!("{}", render(&status, addr));
     Ok(())
 }
 
