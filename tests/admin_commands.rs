@@ -167,3 +167,47 @@ fn a_held_lease_is_kept_as_a_reservation() {
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("already reserved"), "{out}");
 }
+
+/// Eight `network init` at once with different configs: exactly one writes, the others see
+/// its config and refuse, and the stored config is the winner's.
+#[test]
+fn concurrent_inits_leave_one_winner() {
+    let dir = tempfile::tempdir().unwrap();
+    let children: Vec<_> = (20..28)
+        .map(|len| {
+            let child = Command::new(LINEN)
+                .args([
+                    "network",
+                    "init",
+                    "--network",
+                    "198.19.0.0/16",
+                    "--subnet-len",
+                ])
+                .arg(len.to_string())
+                .arg("--registry-dir")
+                .arg(dir.path())
+                .stdout(std::process::Stdio::piped())
+                .stderr(std::process::Stdio::piped())
+                .spawn()
+                .unwrap();
+            (len, common::Helper::from(child))
+        })
+        .collect();
+    let mut winners = Vec::new();
+    for (len, child) in children {
+        let out = child.wait_with_output();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        match out.status.code() {
+            Some(0) => winners.push(len),
+            Some(1) => assert!(text.contains("different network config"), "{text}"),
+            other => panic!("exit {other:?}: {text}"),
+        }
+    }
+    assert_eq!(winners.len(), 1, "{winners:?}");
+    let stored = std::fs::read_to_string(dir.path().join("config")).unwrap();
+    assert!(
+        stored.contains(&format!("\"SubnetLen\":{}", winners[0])),
+        "{stored}"
+    );
+}

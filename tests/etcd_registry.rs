@@ -164,9 +164,14 @@ async fn stores_flannels_keys_and_values() {
 
     let spec =
         NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/16","SubnetLen":24}"#).unwrap();
+    // Created only where there is none (two `network init` at once: one wins).
+    assert!(reg.create_network_config(&spec).await.unwrap());
+    let other = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/20"}"#).unwrap();
+    assert!(!reg.create_network_config(&other).await.unwrap());
     reg.put_network_config(&spec).await.unwrap();
     let config = reg.get_network_config().await.unwrap();
     assert_eq!(config.subnet_len, 24);
+    assert_eq!(config.network, spec.network);
     let bad = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/30"}"#).unwrap();
     assert!(matches!(
         reg.put_network_config(&bad).await,

@@ -155,6 +155,14 @@ async fn stored_value_is_flannels_and_config_round_trips() {
     // A flanneld user who forgot --etcd-endpoints learns where linen looked, and why.
     assert!(err.to_string().contains("--etcd-endpoints"), "{err}");
     let spec = NetworkConfigSpec::from_json(NET).unwrap();
+    // Created only where there is none (two `network init` at once: one wins).
+    assert!(reg.create_network_config(&spec).await.unwrap());
+    let other = NetworkConfigSpec::from_json(r#"{"Network":"198.19.0.0/20"}"#).unwrap();
+    assert!(!reg.create_network_config(&other).await.unwrap());
+    assert_eq!(
+        reg.get_network_config().await.unwrap().network,
+        spec.network
+    );
     reg.put_network_config(&spec).await.unwrap();
     assert_eq!(
         reg.get_network_config().await.unwrap().network,

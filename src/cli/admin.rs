@@ -85,14 +85,14 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     }
     let config = spec.clone().validate()?;
     let reg = registry::open(&args.registry, crate::model::LEASE_TTL).await?;
+    // The same network with every default filled in, however it was spelled (a config written
+    // by `network init` names its backend, the flags do not).
+    let effective = |c: &NetworkConfig| NetworkConfig {
+        spec: NetworkConfigSpec::default(),
+        ..c.clone()
+    };
     match reg.get_network_config().await {
         Ok(existing) if !args.force => {
-            // The same network with every default filled in, however it was spelled (a config
-            // written by `network init` names its backend, the flags do not).
-            let effective = |c: &NetworkConfig| NetworkConfig {
-                spec: NetworkConfigSpec::default(),
-                ..c.clone()
-            };
             if effective(&existing) == effective(&config) {
                 println!("network config already set to {}", existing.spec.to_json());
                 return Ok(());
@@ -117,7 +117,22 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         | Err(RegistryError::BadConfig { .. }) => {}
         Err(e) => return Err(e.into()),
     }
-    reg.put_network_config(&spec).await?;
+    if args.force {
+        reg.put_network_config(&spec).await?;
+    } else if !reg.create_network_config(&spec).await? {
+        // Another init wrote one between the read above and this write.
+        let existing = reg.get_network_config().await?;
+        if effective(&existing) == effective(&config) {
+            println!("network config already set to {}", existing.spec.to_json());
+            return Ok(());
+        }
+        bail!(
+            "another `linen network init` wrote a different network config at {} meanwhile: \
+             {}; pass --force to replace it",
+            reg.location(),
+            existing.spec.to_json()
+        );
+    }
     println!(
         "wrote network config to {}: {}",
         reg.location(),

@@ -104,7 +104,14 @@ impl Registry for DirectoryRegistry {
 
     async fn put_network_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
         let spec = spec.clone();
-        self.blocking(move |s| s.write_config(&spec)).await
+        self.blocking(move |s| s.write_config_if(&spec, true).map(drop))
+            .await
+    }
+
+    async fn create_network_config(&self, spec: &NetworkConfigSpec) -> Result<bool, RegistryError> {
+        let spec = spec.clone();
+        self.blocking(move |s| s.write_config_if(&spec, false))
+            .await
     }
 
     async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
@@ -302,7 +309,12 @@ impl Store {
         })
     }
 
-    fn write_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
+    /// Writes the config; unless `replace`, only when there is none (false then).
+    fn write_config_if(
+        &self,
+        spec: &NetworkConfigSpec,
+        replace: bool,
+    ) -> Result<bool, RegistryError> {
         let path = self.dir.join("config");
         spec.clone()
             .validate()
@@ -311,7 +323,11 @@ impl Store {
                 source,
             })?;
         let _lock = self.lock(true)?;
-        self.write_atomic(&path, format!("{}\n", spec.to_json()).as_bytes())
+        if !replace && path.exists() {
+            return Ok(false);
+        }
+        self.write_atomic(&path, format!("{}\n", spec.to_json()).as_bytes())?;
+        Ok(true)
     }
 
     fn revision(&self) -> Result<Revision, RegistryError> {

@@ -532,6 +532,31 @@ impl Registry for EtcdRegistry {
         Ok(())
     }
 
+    async fn create_network_config(&self, spec: &NetworkConfigSpec) -> Result<bool, RegistryError> {
+        let s = &self.shared;
+        spec.clone()
+            .validate()
+            .map_err(|source| RegistryError::BadConfig {
+                location: s.config_key.clone(),
+                source,
+            })?;
+        let absent = Compare::version(s.config_key.as_str(), CompareOp::Equal, 0);
+        let written = s
+            .put_if(
+                "create the network config",
+                absent,
+                &s.config_key,
+                spec.to_json(),
+                0,
+            )
+            .await?
+            .is_some();
+        if written {
+            tracing::info!(key = %s.config_key, "wrote the network config");
+        }
+        Ok(written)
+    }
+
     async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
         self.shared.list().await
     }

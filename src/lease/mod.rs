@@ -140,6 +140,17 @@ pub trait Registry: Send + Sync + 'static {
     /// Writes `<prefix>/config` (used by `linen network init`). The spec must validate.
     async fn put_network_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError>;
 
+    /// Writes `<prefix>/config` only if there is none, atomically: false when one exists (two
+    /// `linen network init` at once: one writes, the other sees the winner's). The spec must
+    /// validate.
+    async fn create_network_config(&self, spec: &NetworkConfigSpec) -> Result<bool, RegistryError> {
+        let _ = spec;
+        Err(RegistryError::Refused {
+            location: self.location(),
+            reason: "this registry cannot create a network config atomically".into(),
+        })
+    }
+
     /// Lists every live lease and the revision it was read at.
     async fn list_leases(&self) -> Result<LeaseList, RegistryError>;
 

@@ -54,6 +54,12 @@ impl Helper {
     }
 }
 
+impl From<Child> for Helper {
+    fn from(child: Child) -> Helper {
+        Helper(Some(child))
+    }
+}
+
 impl Deref for Helper {
     type Target = Child;
     fn deref(&self) -> &Child {
