@@ -341,6 +341,17 @@ impl Shared {
 
     /// One renewal attempt against the key as read (`kv`): the renewed lease, or `None` when
     /// the key changed before the write and must be read again.
+    /// A config to write must validate, as a read one must.
+    fn check_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
+        spec.clone()
+            .validate()
+            .map(drop)
+            .map_err(|source| RegistryError::BadConfig {
+                location: self.config_key.clone(),
+                source,
+            })
+    }
+
     /// Reads `lease`'s key to `what` it (renew, reserve): [`RegistryError::NotFound`] when it
     /// is gone or holds another host's lease now.
     async fn read_ours(&self, lease: &Lease, what: &str) -> Result<KeyValue, RegistryError> {
@@ -516,12 +527,7 @@ impl Registry for EtcdRegistry {
 
     async fn put_network_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
         let s = &self.shared;
-        spec.clone()
-            .validate()
-            .map_err(|source| RegistryError::BadConfig {
-                location: s.config_key.clone(),
-                source,
-            })?;
+        s.check_config(spec)?;
         let mut client = s.client.clone();
         s.request(
             "write the network config",
@@ -534,12 +540,7 @@ impl Registry for EtcdRegistry {
 
     async fn create_network_config(&self, spec: &NetworkConfigSpec) -> Result<bool, RegistryError> {
         let s = &self.shared;
-        spec.clone()
-            .validate()
-            .map_err(|source| RegistryError::BadConfig {
-                location: s.config_key.clone(),
-                source,
-            })?;
+        s.check_config(spec)?;
         let absent = Compare::version(s.config_key.as_str(), CompareOp::Equal, 0);
         let written = s
             .put_if(
