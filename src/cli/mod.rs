@@ -274,7 +274,8 @@ pub enum NetworkCommand {
         /// Registry location.
         #[command(flatten)]
         registry: RegistryArgs,
-        /// Print the stored JSON only.
+        /// Print the config as JSON only (the fields linen reads, with the backend type spelled
+        /// out; keys it does not know are left out).
         #[arg(long)]
         json: bool,
     },
