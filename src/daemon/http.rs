@@ -269,7 +269,9 @@ impl Response {
 /// Answers one request head (sans-IO, so routing is unit-tested without sockets).
 pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: SystemTime) -> Response {
     let text = String::from_utf8_lossy(head);
-    let mut parts = text.lines().next().unwrap_or("").split_whitespace();
+    // Empty lines before the request line are ignored (RFC 9112 §2.2).
+    let request_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    let mut parts = request_line.split_whitespace();
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
     else {
@@ -282,6 +284,11 @@ pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: System
         "GET" => false,
         "HEAD" => true,
         _ => return Response::text(405, "only GET and HEAD are served\n"),
+    };
+    // The absolute form (`http://host:port/metrics`, as sent to a proxy) names the same path.
+    let target = match target.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+        None => target,
     };
     let path = target.split('?').next().unwrap_or(target);
     if scope == Scope::HealthzOnly && path != "/healthz" {
@@ -387,6 +394,22 @@ mod test {
         }
         assert_eq!(closed, MAX_CONNECTIONS - MAX_PER_ADDRESS);
         cancel.cancel();
+    }
+
+    /// Empty lines before the request line are skipped, and the absolute form names the
+    /// same path (RFC 9112 §2.2, §3.2.2).
+    #[test]
+    fn leading_empty_lines_and_the_absolute_form_are_read() {
+        let r = respond(
+            b"\r\nGET /healthz HTTP/1.1\r\n\r\n",
+            Scope::All,
+            None,
+            SystemTime::now(),
+        );
+        assert_eq!(r.status, 503, "{}", r.body);
+        let r = get("http://127.0.0.1:9418/healthz?x=1");
+        assert_eq!(r.status, 503, "{}", r.body);
+        assert_eq!(get("http://127.0.0.1:9418").status, 404);
     }
 
     #[test]
