@@ -114,10 +114,28 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     let (code, out) = reserve(both);
     assert_eq!(code, Some(0), "{out}");
     assert_eq!(subnets(dir.path()), [both]);
+    // A key sharing its IPv4 subnet would give that subnet to two hosts.
+    let (code, out) = reserve("198.19.5.0-24&fd00:19:0:6::-64");
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("overlaps 198.19.5.0-24&fd00:19:0:5::-64"),
+        "{out}"
+    );
+    assert_eq!(subnets(dir.path()), [both]);
 
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.6.0/24"]);
     assert_eq!(code, Some(1), "{out}");
-    assert!(out.contains("no lease or reservation"), "{out}");
+    assert!(out.contains("no live lease or reservation"), "{out}");
+    // Two stored keys sharing the subnet asked for (written by others): name one.
+    let twin = dir
+        .path()
+        .join("subnets")
+        .join("198.19.5.0-24&fd00:19:0:7::-64");
+    std::fs::write(&twin, "{\"PublicIP\":\"198.18.0.10\"}\n").unwrap();
+    let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.0/24"]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("several keys"), "{out}");
+    std::fs::remove_file(&twin).unwrap();
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.0/24"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(both), "{out}");

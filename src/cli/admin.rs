@@ -108,8 +108,8 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         // backend shares the default prefix.
         Err(RegistryError::BadConfig { source, .. }) if !args.force => bail!(
             "a network config linen cannot use exists at {} ({source}); it may belong to a \
-             flannel cluster with another backend: use another --etcd-prefix, or pass --force \
-             to replace it",
+             flannel cluster with another backend: use another --etcd-prefix or \
+             --registry-dir, or pass --force to replace it",
             reg.location()
         ),
         Ok(_)
@@ -159,6 +159,11 @@ fn parse_subnet(text: &str) -> Result<SubnetKey> {
     SubnetKey::parse(text).map_err(|e| usage(format!("{e}; or give a CIDR such as 198.19.5.0/24")))
 }
 
+/// Whether two keys share their IPv4 or their IPv6 subnet.
+fn shares_a_subnet(a: &SubnetKey, b: &SubnetKey) -> bool {
+    (a.ipv4().is_some() && a.ipv4() == b.ipv4()) || (a.ipv6().is_some() && a.ipv6() == b.ipv6())
+}
+
 /// `lease reserve` of a key that exists: the host at `public_ip` holding it keeps it as a
 /// reservation (flannel's documented way: its lease rewritten without a TTL); a key another
 /// host holds is refused, and one already reserved for `public_ip` is left as it is.
@@ -169,7 +174,11 @@ async fn reserve_held(
 ) -> Result<()> {
     let list = reg.list_leases().await?;
     let Some(held) = list.leases.into_iter().find(|l| l.key == *key) else {
-        bail!("{key} changed while it was being reserved; run the command again");
+        // Taken but not listed: expired a moment ago, or a value linen cannot read.
+        bail!(
+            "{key} is taken but holds no live lease linen can read (expired, or a malformed \
+             value); `linen lease release {key}` removes it"
+        );
     };
     let holder = [
         held.attrs.public_ip.map(IpAddr::V4),
@@ -177,8 +186,13 @@ async fn reserve_held(
     ];
     if !holder.contains(&Some(public_ip)) {
         let shown: Vec<String> = holder.iter().flatten().map(|a| a.to_string()).collect();
+        let what = if held.is_reservation() {
+            "reserved for"
+        } else {
+            "leased by"
+        };
         bail!(
-            "{key} is leased by another host ({}); release it first with `linen lease release \
+            "{key} is {what} another host ({}); release it first with `linen lease release \
              {key}`",
             shown.join(", ")
         );
@@ -292,6 +306,20 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                     need.join(" and ")
                 )));
             }
+            // Another key holding one of its subnets (a dual-stack key with the same IPv4 /24
+            // and another IPv6 /64) would give that subnet to two hosts.
+            let listed = reg.list_leases().await?.leases;
+            if let Some(other) = listed
+                .iter()
+                .find(|l| l.key != key && shares_a_subnet(&l.key, &key))
+            {
+                bail!(
+                    "{key} overlaps {}, which is already leased or reserved; release that first \
+                     with `linen lease release {}`",
+                    other.key,
+                    other.key
+                );
+            }
             let attrs = match public_ip {
                 IpAddr::V4(ip) => LeaseAttrs::with_public_ip(ip),
                 IpAddr::V6(ip) => LeaseAttrs {
@@ -325,12 +353,28 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                         && asked.ipv6().is_some()
                         && k.ipv6() == asked.ipv6())
             };
-            let Some(key) = list.leases.iter().map(|l| l.key).find(|k| part_of(k)) else {
-                bail!(
-                    "no lease or reservation for {asked} at {} (`linen lease list` shows what is \
-                     there)",
-                    reg.location()
-                );
+            let matches: Vec<SubnetKey> =
+                list.leases.iter().map(|l| l.key).filter(part_of).collect();
+            let key = match matches.as_slice() {
+                _ if matches.contains(&asked) => asked,
+                [one] => *one,
+                [] => {
+                    // A key linen does not list (expired, or a value it cannot read) is still
+                    // removed when named in full, so that it can be cleaned up.
+                    reg.revoke_lease(&asked).await?;
+                    bail!(
+                        "no live lease or reservation for {asked} at {} (anything stored under \
+                         that key has been removed; `linen lease list` shows what is there)",
+                        reg.location()
+                    );
+                }
+                many => {
+                    let keys: Vec<String> = many.iter().map(ToString::to_string).collect();
+                    bail!(
+                        "{asked} is part of several keys ({}); name the one to release",
+                        keys.join(", ")
+                    );
+                }
             };
             reg.revoke_lease(&key).await?;
             println!("released {key}");
