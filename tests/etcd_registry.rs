@@ -740,6 +740,8 @@ async fn a_held_lease_is_kept_as_a_reservation() {
     let renewed = reg.renew_lease(&lease, &host(13)).await.unwrap();
     assert_eq!(renewed.expiration, None);
     assert_eq!(key_lease(&mut client, &path).await, Some(0));
+    // The etcd lease the key had is gone, not left to expire in a day.
+    assert_eq!(etcd_lease_count(&mut client).await, 0);
 }
 
 /// Writes a test CA (`ca.pem`), a server and a client certificate signed by it, and another

@@ -76,8 +76,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     let health = if args.json {
         println!("{}", body.trim_end());
         let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-        let reason = v["health"]["reason"].as_str().map(str::to_owned);
-        (v["health"]["ok"].as_bool(), reason)
+        let Some(ok) = v["health"]["ok"].as_bool() else {
+            bail!("the daemon on {addr} answered /status without linen's health field");
+        };
+        (ok, v["health"]["reason"].as_str().map(str::to_owned))
     } else {
         let status: Status = serde_json::from_str(&body).with_context(|| {
             format!(
@@ -85,10 +87,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
             )
         })?;
         print!("{}", render(&status, addr));
-        (Some(status.health.ok), status.health.reason)
+        (status.health.ok, status.health.reason)
     };
     // After the report, so that scripts can test the exit status (as `systemctl is-active`).
-    if let (Some(false), reason) = health {
+    if let (false, reason) = health {
         bail!(
             "the daemon on {addr} is unhealthy: {}",
             reason.as_deref().unwrap_or("no reason given")

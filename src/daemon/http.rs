@@ -133,7 +133,9 @@ async fn accept_loop(
             }
         };
         let Some(from) = AddressSlot::take(&per_address, peer.ip()) else {
-            // This address already has its share: close (the drop), do not queue.
+            // This address already has its share: say so if the socket takes it at once, and
+            // close, rather than queue.
+            let _ = stream.try_write(TOO_MANY);
             continue;
         };
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
@@ -146,6 +148,10 @@ async fn accept_loop(
         });
     }
 }
+
+/// The answer to a connection over its address's share.
+const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
+Content-Length: 38\r\nConnection: close\r\n\r\ntoo many connections from this address";
 
 /// One of an address's [`MAX_PER_ADDRESS`] connections; given back when dropped.
 struct AddressSlot {
@@ -204,6 +210,12 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
+        // Empty lines before the request line are not the end of the head.
+        let blank = buf
+            .iter()
+            .take_while(|&&b| b == b'\r' || b == b'\n')
+            .count();
+        buf.drain(..blank);
         if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
             return Ok(Some(buf));
         }
@@ -269,8 +281,12 @@ impl Response {
 /// Answers one request head (sans-IO, so routing is unit-tested without sockets).
 pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: SystemTime) -> Response {
     let text = String::from_utf8_lossy(head);
-    // Empty lines before the request line are ignored (RFC 9112 §2.2).
-    let request_line = text.lines().find(|l| !l.trim().is_empty()).unwrap_or("");
+    // Empty lines before the request line are ignored (RFC 9112 §2.2; `read_head` drops them
+    // too, so that they do not end the head).
+    let request_line = text
+        .lines()
+        .find(|l| !l.trim_end_matches('\r').is_empty())
+        .unwrap_or("");
     let mut parts = request_line.split_whitespace();
     let (Some(method), Some(target), Some(version), None) =
         (parts.next(), parts.next(), parts.next(), parts.next())
@@ -286,8 +302,11 @@ pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: System
         _ => return Response::text(405, "only GET and HEAD are served\n"),
     };
     // The absolute form (`http://host:port/metrics`, as sent to a proxy) names the same path.
-    let target = match target.split_once("://") {
-        Some((_, rest)) => rest.find('/').map_or("/", |i| &rest[i..]),
+    let absolute = ["http://", "https://"]
+        .iter()
+        .find_map(|scheme| target.strip_prefix(scheme));
+    let target = match absolute {
+        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
         None => target,
     };
     let path = target.split('?').next().unwrap_or(target);
@@ -349,10 +368,8 @@ mod test {
         get_from(Scope::All, path)
     }
 
-    /// Sixteen idle connections from one address (each held up to 5 s) do not keep a probe
-    /// from another address waiting: that address gets 4 slots, the rest are closed at once.
-    #[tokio::test]
-    async fn idle_connections_from_one_address_do_not_starve_a_probe() {
+    /// A `/healthz`-only listener on an ephemeral loopback port, before the daemon is ready.
+    async fn serve_healthz() -> (SocketAddr, CancellationToken) {
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let cancel = CancellationToken::new();
@@ -362,6 +379,14 @@ mod test {
             Arc::new(OnceLock::new()),
             cancel.clone(),
         ));
+        (addr, cancel)
+    }
+
+    /// Sixteen idle connections from one address (each held up to 5 s) do not keep a probe
+    /// from another address waiting: that address gets 4 slots, the rest are closed at once.
+    #[tokio::test]
+    async fn idle_connections_from_one_address_do_not_starve_a_probe() {
+        let (addr, cancel) = serve_healthz().await;
         let mut idle = Vec::new();
         for _ in 0..MAX_CONNECTIONS {
             idle.push(TcpStream::connect(addr).await.unwrap());
@@ -369,8 +394,8 @@ mod test {
         // The probe comes from another loopback address.
         let probe = tokio::net::TcpSocket::new_v4().unwrap();
         probe.bind("127.0.0.2:0".parse().unwrap()).unwrap();
-        // Well under the 5 s an idle connection may hold a slot.
-        let answer = tokio::time::timeout(Duration::from_secs(3), async {
+        // (A guard against hanging, not a timing: what shows the share is the count below.)
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
             let mut s = probe.connect(addr).await.unwrap();
             s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
                 .await
@@ -382,17 +407,24 @@ mod test {
         .await
         .expect("the probe waited behind idle connections");
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-        // Of the idle ones, those over the share were closed (reads see EOF at once).
-        let mut closed = 0;
+        // Of the idle ones, those over the share were told so and closed at once; the others
+        // still wait for their request.
+        let mut refused = 0;
         for s in &mut idle {
-            let mut b = [0u8; 1];
-            if let Ok(Ok(0)) =
-                tokio::time::timeout(Duration::from_millis(100), s.read(&mut b)).await
+            let mut out = Vec::new();
+            if let Ok(Ok(_)) =
+                tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut out)).await
             {
-                closed += 1;
+                let text = String::from_utf8_lossy(&out);
+                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
+                assert!(
+                    text.ends_with("too many connections from this address"),
+                    "{text}"
+                );
+                refused += 1;
             }
         }
-        assert_eq!(closed, MAX_CONNECTIONS - MAX_PER_ADDRESS);
+        assert_eq!(refused, MAX_CONNECTIONS - MAX_PER_ADDRESS);
         cancel.cancel();
     }
 
@@ -410,6 +442,27 @@ mod test {
         let r = get("http://127.0.0.1:9418/healthz?x=1");
         assert_eq!(r.status, 503, "{}", r.body);
         assert_eq!(get("http://127.0.0.1:9418").status, 404);
+        // A path with a URL in its query is still that path.
+        assert_eq!(get("/healthz?next=http://x/").status, 503);
+    }
+
+    /// Empty lines that arrive on their own before the request are not taken for the end of
+    /// the head.
+    #[tokio::test]
+    async fn empty_lines_before_the_request_do_not_end_the_head() {
+        let (addr, cancel) = serve_healthz().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"\r\n\r\n").await.unwrap();
+        s.flush().await.unwrap();
+        // Let the server read them alone first.
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        cancel.cancel();
     }
 
     #[test]

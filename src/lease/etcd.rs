@@ -339,8 +339,6 @@ impl Shared {
         }
     }
 
-    /// One renewal attempt against the key as read (`kv`): the renewed lease, or `None` when
-    /// the key changed before the write and must be read again.
     /// A config to write must validate, as a read one must.
     fn check_config(&self, spec: &NetworkConfigSpec) -> Result<(), RegistryError> {
         spec.clone()
@@ -377,6 +375,8 @@ impl Shared {
         Ok(kv.clone())
     }
 
+    /// One renewal attempt against the key as read (`kv`): the renewed lease, or `None` when
+    /// the key changed before the write and must be read again.
     async fn renew_once(
         &self,
         lease: &Lease,

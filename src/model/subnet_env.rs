@@ -140,16 +140,19 @@ impl SubnetEnv {
         Ok(env)
     }
 
-    /// The previous subnet in a `subnet.env` text, read as flannel reads it: only the
-    /// `FLANNEL_SUBNET` and `FLANNEL_IPV6_SUBNET` lines count, so another line linen cannot
+    /// The previous subnet in a `subnet.env` text: only the `FLANNEL_SUBNET` and
+    /// `FLANNEL_IPV6_SUBNET` lines count (flannel also reads only `FLANNEL_SUBNET`, though its
+    /// dotenv parser gives up on a line that is not `NAME=value`), so another line linen cannot
     /// read (`FLANNEL_MTU=`, `FLANNEL_IPMASQ=True`, a hand edit) does not lose the subnet.
     pub fn previous_key_in(text: &str) -> Option<SubnetKey> {
         let subnet_lines: String = text
             .lines()
             .filter(|l| {
                 let l = l.trim();
-                let l = l.strip_prefix("export ").unwrap_or(l).trim_start();
-                l.starts_with("FLANNEL_SUBNET=") || l.starts_with("FLANNEL_IPV6_SUBNET=")
+                let l = l.strip_prefix("export ").unwrap_or(l);
+                l.split_once('=').is_some_and(|(name, _)| {
+                    matches!(name.trim(), "FLANNEL_SUBNET" | "FLANNEL_IPV6_SUBNET")
+                })
             })
             .map(|l| format!("{l}\n"))
             .collect();
@@ -235,7 +238,7 @@ mod test {
         assert!(SubnetEnv::parse(text).is_err());
         let key = SubnetEnv::previous_key_in(text).unwrap();
         assert_eq!(key.to_string(), "10.1.2.0-24");
-        let v6 = "export FLANNEL_IPV6_SUBNET=fd00:19:0:5::1/64\nFLANNEL_SUBNET=10.1.2.1/24\n";
+        let v6 = "export FLANNEL_IPV6_SUBNET=fd00:19:0:5::1/64\nFLANNEL_SUBNET = 10.1.2.1/24\n";
         assert_eq!(
             SubnetEnv::previous_key_in(v6).unwrap().to_string(),
             "10.1.2.0-24&fd00:19:0:5::-64"
