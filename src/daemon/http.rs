@@ -7,7 +7,7 @@
 //! default on a loopback port), one request per connection (`Connection: close`), no bodies to
 //! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
 //! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
-//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one address)
+//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one IPv4 address or IPv6 /64)
 //! so a stuck client cannot pile up tasks, nor one source hold every slot and starve a
 //! liveness probe.
 
@@ -132,7 +132,7 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(from) = AddressSlot::take(&per_address, peer.ip()) else {
+        let Some(from) = AddressSlot::take(&per_address, client_of(peer.ip())) else {
             // This address already has its share: say so if the socket takes it at once, and
             // close, rather than queue.
             let _ = stream.try_write(TOO_MANY);
@@ -149,11 +149,27 @@ async fn accept_loop(
     }
 }
 
+/// Whom a connection's share counts against: its IPv4 address (also when it arrives mapped
+/// into IPv6), or its IPv6 /64, which one host can fill with addresses at will.
+fn client_of(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+            Some(v4) => IpAddr::V4(v4),
+            None => {
+                let mut o = v6.octets();
+                o[8..].fill(0);
+                IpAddr::V6(o.into())
+            }
+        },
+        v4 => v4,
+    }
+}
+
 /// The answer to a connection over its address's share.
 const TOO_MANY: &[u8] = b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\n\
 Content-Length: 38\r\nConnection: close\r\n\r\ntoo many connections from this address";
 
-/// One of an address's [`MAX_PER_ADDRESS`] connections; given back when dropped.
+/// One of a client's [`MAX_PER_ADDRESS`] connections ([`client_of`]); given back when dropped.
 struct AddressSlot {
     counts: Arc<Mutex<HashMap<IpAddr, usize>>>,
     ip: IpAddr,
@@ -463,6 +479,19 @@ mod test {
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 503"), "{out}");
         cancel.cancel();
+    }
+
+    #[test]
+    fn a_share_counts_per_ipv4_address_or_ipv6_64() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(client_of(ip("198.18.0.5")), ip("198.18.0.5"));
+        assert_eq!(client_of(ip("::ffff:198.18.0.5")), ip("198.18.0.5"));
+        assert_eq!(client_of(ip("fd00:18::1:2:3:4")), ip("fd00:18::"));
+        assert_eq!(
+            client_of(ip("fd00:18::1:2:3:4")),
+            client_of(ip("fd00:18::9:9:9:9"))
+        );
+        assert_ne!(client_of(ip("fd00:18::1")), client_of(ip("fd00:18:0:1::1")));
     }
 
     #[test]
