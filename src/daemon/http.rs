@@ -7,9 +7,9 @@
 //! default on a loopback port), one request per connection (`Connection: close`), no bodies to
 //! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
 //! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
-//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one IPv4 address or IPv6 /64)
-//! so a stuck client cannot pile up tasks, nor one source hold every slot and starve a
-//! liveness probe.
+//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one IPv4
+//! address or IPv6 /64) so a stuck client cannot pile up tasks, nor one source hold every
+//! slot and starve a liveness probe.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};

@@ -54,7 +54,7 @@ pub const MAX_HEADER: usize = VNET_HDR_LEN + 40 + 60;
 /// with AE or reserved bits (AccECN feedback would be lost: the head's bits go to all), UDP
 /// with a length field that disagrees with the IP header or no checksum (coalescing would give
 /// it one), UDP at all when `udp` is false (the device has no USO), and any segment whose
-/// checksums do not verify ([`checksums_ok`]).
+/// checksums do not verify.
 pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
     let (v6, ip_len, total, proto) = match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 && pkt[0] == 0x45 => {

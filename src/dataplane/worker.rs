@@ -1,9 +1,9 @@
 //! A worker: one thread, one TUN queue, one UDP socket, one mio event loop. It reads a batch,
-//! asks [`forward`](super::forward) what to do with each packet against a snapshot loaded once
-//! for the batch, and carries the verdicts out in batches: runs of same-peer packets leave in
-//! one UDP GSO `sendmsg`, received datagrams arrive by `recvmmsg` (with UDP GRO when the kernel
-//! has it), and consecutive segments of one flow are written to the TUN as one super-packet
-//! when offloads are on ([`coalesce`]).
+//! asks `forward` ([`egress`](super::forward::egress)) what to do with each packet against a
+//! snapshot loaded once for the batch, and carries the verdicts out in batches: runs of
+//! same-peer packets leave in one UDP GSO `sendmsg`, received datagrams arrive by `recvmmsg`
+//! (with UDP GRO when the kernel has it), and consecutive segments of one flow are written to
+//! the TUN as one super-packet when offloads are on ([`coalesce`]).
 //!
 //! Buffers are allocated once when the worker starts; the loop allocates nothing, takes no lock
 //! and logs nothing per packet. Must not import tokio, `lease` or `daemon`.

@@ -125,7 +125,7 @@ pub struct Lab {
 impl Lab {
     /// Builds `n` hosts (1..=200) named `<prefix>-<pid>-<seq>-h<i>`. Two hosts are joined by one
     /// veth pair; three or more by veth to a bridge in a switch namespace. Each host's `eth0`
-    /// gets 198.18.0.<i>/24 and fd00:18::<i>/64, MTU `mtu`, and loopback is up.
+    /// gets 198.18.0.`<i>`/24 and fd00:18::`<i>`/64, MTU `mtu`, and loopback is up.
     pub fn new(prefix: &str, n: u8, mtu: u32) -> Result<Lab> {
         assert!((1..=200).contains(&n), "a lab has 1..=200 hosts");
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
