@@ -126,6 +126,23 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.6.0/24"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("no live lease or reservation"), "{out}");
+    assert!(
+        !out.contains("has been removed"),
+        "only part of a key: {out}"
+    );
+    // A full key linen does not list (an unreadable value) is removed all the same.
+    let broken = dir
+        .path()
+        .join("subnets")
+        .join("198.19.8.0-24&fd00:19:0:8::-64");
+    std::fs::write(&broken, "not json\n").unwrap();
+    let (code, out) = linen(
+        dir.path(),
+        &["lease", "release", "198.19.8.0-24&fd00:19:0:8::-64"],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("has been removed"), "{out}");
+    assert!(!broken.exists());
     // Two stored keys sharing the subnet asked for (written by others): name one.
     let twin = dir
         .path()
@@ -135,7 +152,13 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.0/24"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("several keys"), "{out}");
-    std::fs::remove_file(&twin).unwrap();
+    // Named in full, the exact key is the one released.
+    let (code, out) = linen(
+        dir.path(),
+        &["lease", "release", "198.19.5.0-24&fd00:19:0:7::-64"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!twin.exists() && subnets(dir.path()) == [both], "{out}");
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.0/24"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(both), "{out}");

@@ -360,11 +360,21 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                 [one] => *one,
                 [] => {
                     // A key linen does not list (expired, or a value it cannot read) is still
-                    // removed when named in full, so that it can be cleaned up.
-                    reg.revoke_lease(&asked).await?;
+                    // removed when named in full (every family the network has), so that it
+                    // can be cleaned up.
+                    let full = reg.get_network_config().await.is_ok_and(|c| {
+                        c.network.is_some() == asked.ipv4().is_some()
+                            && c.ipv6_network.is_some() == asked.ipv6().is_some()
+                    });
+                    let removed = if full {
+                        reg.revoke_lease(&asked).await?;
+                        "; anything stored under that key has been removed"
+                    } else {
+                        ""
+                    };
                     bail!(
-                        "no live lease or reservation for {asked} at {} (anything stored under \
-                         that key has been removed; `linen lease list` shows what is there)",
+                        "no live lease or reservation for {asked} at {}{removed} (`linen lease \
+                         list` shows what is there)",
                         reg.location()
                     );
                 }

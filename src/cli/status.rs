@@ -74,8 +74,10 @@ pub fn run(args: &StatusArgs) -> Result<()> {
     };
     let body = get(addr, "/status")?;
     let health = if args.json {
+        let v: serde_json::Value = serde_json::from_str(&body).with_context(|| {
+            format!("the daemon on {addr} answered /status with something that is not JSON")
+        })?;
         println!("{}", body.trim_end());
-        let v: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
         let Some(ok) = v["health"]["ok"].as_bool() else {
             bail!("the daemon on {addr} answered /status without linen's health field");
         };

@@ -7,9 +7,9 @@
 //! default on a loopback port), one request per connection (`Connection: close`), no bodies to
 //! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
 //! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
-//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one IPv4
-//! address or IPv6 /64) so a stuck client cannot pile up tasks, nor one source hold every
-//! slot and starve a liveness probe.
+//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one
+//! address) so a stuck client cannot pile up tasks, nor one source hold every slot and starve
+//! a liveness probe.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -133,8 +133,17 @@ async fn accept_loop(
             }
         };
         let Some(from) = AddressSlot::take(&per_address, client_of(peer.ip())) else {
-            // This address already has its share: say so if the socket takes it at once, and
-            // close, rather than queue.
+            // This address already has its share: say so and close, rather than queue. What
+            // the client already sent is read first: closing with unread data would reset the
+            // connection and lose the answer.
+            let mut sink = [0u8; 1024];
+            let mut drained = 0;
+            while drained < MAX_HEAD {
+                match stream.try_read(&mut sink) {
+                    Ok(n) if n > 0 => drained += n,
+                    _ => break,
+                }
+            }
             let _ = stream.try_write(TOO_MANY);
             continue;
         };
@@ -149,18 +158,12 @@ async fn accept_loop(
     }
 }
 
-/// Whom a connection's share counts against: its IPv4 address (also when it arrives mapped
-/// into IPv6), or its IPv6 /64, which one host can fill with addresses at will.
+/// Whom a connection's share counts against: its address, an IPv4 one also when it arrives
+/// mapped into IPv6. (Not an IPv6 /64: hosts sharing one, as cloud nodes may, would then
+/// refuse each other's probes.)
 fn client_of(ip: IpAddr) -> IpAddr {
     match ip {
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => IpAddr::V4(v4),
-            None => {
-                let mut o = v6.octets();
-                o[8..].fill(0);
-                IpAddr::V6(o.into())
-            }
-        },
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,
     }
 }
@@ -220,12 +223,15 @@ async fn serve(mut stream: TcpStream, scope: Scope, sources: Option<&Sources>) {
 async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     let mut buf = Vec::with_capacity(1024);
     let mut chunk = [0u8; 1024];
+    // Bytes read in all, the dropped empty lines included.
+    let mut total = 0;
     loop {
         let n = stream.read(&mut chunk).await?;
         if n == 0 {
             return Err(std::io::ErrorKind::UnexpectedEof.into());
         }
         buf.extend_from_slice(&chunk[..n]);
+        total += n;
         // Empty lines before the request line are not the end of the head.
         let blank = buf
             .iter()
@@ -235,7 +241,7 @@ async fn read_head(stream: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
         if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
             return Ok(Some(buf));
         }
-        if buf.len() > MAX_HEAD {
+        if total > MAX_HEAD {
             return Ok(None);
         }
     }
@@ -318,11 +324,17 @@ pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: System
         _ => return Response::text(405, "only GET and HEAD are served\n"),
     };
     // The absolute form (`http://host:port/metrics`, as sent to a proxy) names the same path.
-    let absolute = ["http://", "https://"]
-        .iter()
-        .find_map(|scheme| target.strip_prefix(scheme));
+    let absolute = ["http://", "https://"].iter().find_map(|scheme| {
+        let (head, rest) = target.split_at_checked(scheme.len())?;
+        head.eq_ignore_ascii_case(scheme).then_some(rest)
+    });
     let target = match absolute {
-        Some(rest) => rest.find('/').map_or("/", |i| &rest[i..]),
+        // The path starts at the first '/' of what follows the authority, if that comes
+        // before any query or fragment.
+        Some(rest) => match rest.find(['/', '?', '#']) {
+            Some(i) if rest[i..].starts_with('/') => &rest[i..],
+            _ => "/",
+        },
         None => target,
     };
     let path = target.split('?').next().unwrap_or(target);
@@ -428,7 +440,8 @@ mod test {
         let mut refused = 0;
         for s in &mut idle {
             let mut out = Vec::new();
-            if let Ok(Ok(_)) =
+            // (A held connection that the server's head timeout closed reads empty.)
+            if let Ok(Ok(1..)) =
                 tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut out)).await
             {
                 let text = String::from_utf8_lossy(&out);
@@ -460,6 +473,8 @@ mod test {
         assert_eq!(get("http://127.0.0.1:9418").status, 404);
         // A path with a URL in its query is still that path.
         assert_eq!(get("/healthz?next=http://x/").status, 503);
+        assert_eq!(get("http://h?x=/healthz").status, 404);
+        assert_eq!(get("HTTP://h/healthz").status, 503);
     }
 
     /// Empty lines that arrive on their own before the request are not taken for the end of
@@ -482,16 +497,12 @@ mod test {
     }
 
     #[test]
-    fn a_share_counts_per_ipv4_address_or_ipv6_64() {
+    fn a_share_counts_per_address_mapped_or_not() {
         let ip = |s: &str| s.parse::<IpAddr>().unwrap();
         assert_eq!(client_of(ip("198.18.0.5")), ip("198.18.0.5"));
         assert_eq!(client_of(ip("::ffff:198.18.0.5")), ip("198.18.0.5"));
-        assert_eq!(client_of(ip("fd00:18::1:2:3:4")), ip("fd00:18::"));
-        assert_eq!(
-            client_of(ip("fd00:18::1:2:3:4")),
-            client_of(ip("fd00:18::9:9:9:9"))
-        );
-        assert_ne!(client_of(ip("fd00:18::1")), client_of(ip("fd00:18:0:1::1")));
+        assert_eq!(client_of(ip("fd00:18::1:2:3:4")), ip("fd00:18::1:2:3:4"));
+        assert_eq!(client_of(ip("::1")), ip("::1"));
     }
 
     #[test]
