@@ -243,17 +243,18 @@ impl Worker {
         } else {
             send_state.max_gso_segments().max(1)
         };
-        let gro = udp_state.gro_segments() > 1
-            && (setup.udp_gro
-                || {
-                    // quinn-udp turned GRO on; receiving without it needs it off on the socket
-                    // (a GRO'd datagram would not fit the small buffers), so keep it if that fails.
-                    let off = sys::disable_udp_gro(setup.udp.socket.as_fd());
-                    if let Err(e) = &off {
-                        tracing::warn!(worker = setup.id, error = %e, "cannot turn UDP GRO off; keeping it");
-                    }
-                    off.is_err()
-                });
+        // quinn-udp turned GRO on where the kernel has it. Receiving without it needs it off on
+        // the socket too (a GRO'd datagram would not fit the small buffers): if that fails,
+        // GRO stays, with its buffers.
+        let mut gro = udp_state.gro_segments() > 1;
+        if gro && !setup.udp_gro {
+            match sys::disable_udp_gro(setup.udp.socket.as_fd()) {
+                Ok(()) => gro = false,
+                Err(e) => {
+                    tracing::warn!(worker = setup.id, error = %e, "cannot turn UDP GRO off; keeping it")
+                }
+            }
+        }
         let seg_len = (setup.config.mtu + 64).max(1600);
         // Full-size segments of a split super-packet are exactly MTU bytes long.
         let stride = setup.config.mtu.max(576);

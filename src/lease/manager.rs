@@ -665,6 +665,15 @@ mod test {
         async fn put_network_config(&self, _: &NetworkConfigSpec) -> Result<(), RegistryError> {
             unimplemented!()
         }
+        async fn create_network_config(
+            &self,
+            _: &NetworkConfigSpec,
+        ) -> Result<bool, RegistryError> {
+            unimplemented!()
+        }
+        async fn keep_as_reservation(&self, _: &Lease) -> Result<Lease, RegistryError> {
+            unimplemented!()
+        }
         async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
             Ok(LeaseList::default())
         }
@@ -852,6 +861,15 @@ mod test {
             unimplemented!()
         }
         async fn put_network_config(&self, _: &NetworkConfigSpec) -> Result<(), RegistryError> {
+            unimplemented!()
+        }
+        async fn create_network_config(
+            &self,
+            _: &NetworkConfigSpec,
+        ) -> Result<bool, RegistryError> {
+            unimplemented!()
+        }
+        async fn keep_as_reservation(&self, _: &Lease) -> Result<Lease, RegistryError> {
             unimplemented!()
         }
         async fn list_leases(&self) -> Result<LeaseList, RegistryError> {

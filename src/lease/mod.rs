@@ -143,13 +143,7 @@ pub trait Registry: Send + Sync + 'static {
     /// Writes `<prefix>/config` only if there is none, atomically: false when one exists (two
     /// `linen network init` at once: one writes, the other sees the winner's). The spec must
     /// validate.
-    async fn create_network_config(&self, spec: &NetworkConfigSpec) -> Result<bool, RegistryError> {
-        let _ = spec;
-        Err(RegistryError::Refused {
-            location: self.location(),
-            reason: "this registry cannot create a network config atomically".into(),
-        })
-    }
+    async fn create_network_config(&self, spec: &NetworkConfigSpec) -> Result<bool, RegistryError>;
 
     /// Lists every live lease and the revision it was read at.
     async fn list_leases(&self) -> Result<LeaseList, RegistryError>;
@@ -179,15 +173,7 @@ pub trait Registry: Send + Sync + 'static {
     /// value and loses its TTL, but only while it still holds `lease`'s public addresses
     /// (flannel's documented way to reserve the subnet a host holds; the host keeps it and
     /// stops renewing). [`RegistryError::NotFound`] when the key is gone or another host's.
-    async fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError> {
-        Err(RegistryError::Refused {
-            location: self.location(),
-            reason: format!(
-                "this registry cannot turn the lease on {} into a reservation",
-                lease.key
-            ),
-        })
-    }
+    async fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError>;
 
     /// Deletes `subnets/<key>`. Deleting a missing key is not an error.
     async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError>;
