@@ -127,6 +127,37 @@ impl Overlay {
     }
 }
 
+/// When a test fails, everything needed to tell why: each host's addresses, routes and
+/// neighbours, then its daemon's log after a clean stop (which logs the final counters).
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            return;
+        }
+        for i in 0..self.pids.len() {
+            let host = self.lab.host(i).clone();
+            let mut dump = String::new();
+            for args in [
+                &["-br", "addr"][..],
+                &["route"],
+                &["-6", "route"],
+                &["neigh"],
+                &["-6", "neigh"],
+            ] {
+                let out = host
+                    .run("ip", args)
+                    .map(|o| String::from_utf8_lossy(&o.stdout).into_owned());
+                dump += &format!("$ ip {}\n{}\n", args.join(" "), out.unwrap_or_default());
+            }
+            if self.pids[i].is_some() {
+                self.stop(i);
+            }
+            let log = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+            eprintln!("===== host {} =====\n{dump}----- log -----\n{log}", i + 1);
+        }
+    }
+}
+
 /// Sends `megabytes` of random bytes over TCP from host `from` to `to` (an address of another
 /// host's TUN, IPv4 or IPv6) and checks that they arrive byte-identical.
 fn tcp_transfer(o: &Overlay, from: usize, to: &str, megabytes: usize) {
