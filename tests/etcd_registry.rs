@@ -301,6 +301,84 @@ async fn fifty_concurrent_acquirers_get_distinct_subnets() {
     assert_eq!(etcd_lease_count(&mut reg.client()).await, 50);
 }
 
+/// Dual-stack hosts racing through the lease manager's acquisition: two may pick the same
+/// IPv4 subnet with different IPv6 ones, whose keys differ, so etcd's create transaction lets
+/// both in; the later one must give way. 31 IPv4 candidates for 20 hosts make such picks likely.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dual_stack_acquirers_never_share_a_subnet() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let config = linen::model::NetworkConfig::from_json(
+        r#"{"Network":"198.19.0.0/19","SubnetLen":24,"EnableIPv6":true,
+            "IPv6Network":"fd00:19::/48","IPv6SubnetLen":64}"#,
+    )
+    .unwrap();
+    let options = options(&server, Duration::from_secs(300));
+    let start = std::sync::Arc::new(tokio::sync::Barrier::new(20));
+    let mut tasks = Vec::new();
+    for n in 1..=20u8 {
+        let (options, config, start) = (options.clone(), config.clone(), start.clone());
+        tasks.push(tokio::spawn(async move {
+            let reg = EtcdRegistry::connect(&options).await.unwrap();
+            let mut attrs = host(n);
+            attrs.public_ipv6 = Some(format!("fd00:18::{n}").parse().unwrap());
+            let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(n.into());
+            start.wait().await;
+            linen::lease::manager::acquire(&reg, &config, &attrs, None, &mut rng)
+                .await
+                .unwrap()
+                .key
+        }));
+    }
+    let mut keys = Vec::new();
+    for t in tasks {
+        keys.push(t.await.unwrap());
+    }
+    let v4: BTreeSet<_> = keys.iter().map(|k| k.ipv4().unwrap()).collect();
+    let v6: BTreeSet<_> = keys.iter().map(|k| k.ipv6().unwrap()).collect();
+    assert_eq!((v4.len(), v6.len()), (20, 20), "{keys:?}");
+    // What is stored agrees, and every key that gave way revoked its etcd lease.
+    let reg = registry(&server, Duration::from_secs(300)).await;
+    assert_eq!(real_keys(&reg).await, keys.iter().copied().collect());
+    assert_eq!(etcd_lease_count(&mut reg.client()).await, 20);
+}
+
+/// A key sharing a subnet with an existing one gives way, whether it is a lease or a
+/// reservation, and the existing key stays as it was.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_sharing_a_subnet_with_an_earlier_one_gives_way() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(300)).await;
+    let held: SubnetKey = "198.19.62.0-24&fd00:19:0:2::-64".parse().unwrap();
+    reg.create_lease(&held, &host(1)).await.unwrap();
+    for other in [
+        "198.19.62.0-24&fd00:19:0:32::-64",
+        "198.19.13.0-24&fd00:19:0:2::-64",
+        "198.19.62.128-25&fd00:19:0:3::-64",
+    ] {
+        let other: SubnetKey = other.parse().unwrap();
+        let err = reg.create_lease(&other, &host(2)).await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists(k) if k == other),
+            "{other}: {err:?}"
+        );
+        let err = reg.create_reservation(&other, &host(2)).await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists(_)),
+            "{other}: {err:?}"
+        );
+    }
+    assert_eq!(real_keys(&reg).await, BTreeSet::from([held]));
+    // The grants of the keys that gave way were revoked.
+    assert_eq!(etcd_lease_count(&mut reg.client()).await, 1);
+    // Unrelated subnets are not held back.
+    let free: SubnetKey = "198.19.63.0-24&fd00:19:0:3::-64".parse().unwrap();
+    reg.create_lease(&free, &host(3)).await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn renewal_extends_the_ttl_and_reuses_the_etcd_lease() {
     let Some(server) = EtcdServer::start() else {

@@ -116,12 +116,13 @@ fn twenty_processes_get_distinct_subnets() {
     assert_eq!(list.revision, 20);
 }
 
-#[test]
-fn twenty_threads_with_own_handles_get_distinct_subnets() {
-    let dir = setup(r#"{"Network":"198.19.0.0/21","SubnetLen":27}"#);
+/// Runs [`manager::acquire`] in 20 threads at once, each with its own registry handle on
+/// `dir` and the attributes `attrs(n)` for n in 1..=20: the keys they got.
+fn acquire_in_twenty_threads(dir: &Path, attrs: fn(u8) -> LeaseAttrs) -> Vec<SubnetKey> {
+    let start = Arc::new(std::sync::Barrier::new(20));
     let threads: Vec<_> = (1..=20u8)
         .map(|n| {
-            let path = dir.path().to_owned();
+            let (path, start) = (dir.to_owned(), Arc::clone(&start));
             std::thread::spawn(move || {
                 let rt = tokio::runtime::Builder::new_current_thread()
                     .enable_all()
@@ -131,7 +132,8 @@ fn twenty_threads_with_own_handles_get_distinct_subnets() {
                     let reg = registry(&path, 60);
                     let config = reg.get_network_config().await.unwrap();
                     let mut rng = StdRng::seed_from_u64(u64::from(n));
-                    manager::acquire(reg.as_ref(), &config, &host(n), None, &mut rng)
+                    start.wait();
+                    manager::acquire(reg.as_ref(), &config, &attrs(n), None, &mut rng)
                         .await
                         .unwrap()
                         .key
@@ -139,8 +141,80 @@ fn twenty_threads_with_own_handles_get_distinct_subnets() {
             })
         })
         .collect();
-    let keys: BTreeSet<SubnetKey> = threads.into_iter().map(|t| t.join().unwrap()).collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn twenty_threads_with_own_handles_get_distinct_subnets() {
+    let dir = setup(r#"{"Network":"198.19.0.0/21","SubnetLen":27}"#);
+    let keys: BTreeSet<SubnetKey> = acquire_in_twenty_threads(dir.path(), host)
+        .into_iter()
+        .collect();
     assert_eq!(keys.len(), 20, "{keys:?}");
+}
+
+/// Dual-stack hosts racing: each picks an IPv4 and an IPv6 subnet at random, so two may pick
+/// the same IPv4 subnet with different IPv6 ones. Their keys differ, so both creates would
+/// succeed unless a create checks the other keys; no subnet of either family may go to two
+/// hosts. 31 IPv4 candidates for 20 hosts make such picks likely.
+#[test]
+fn dual_stack_hosts_racing_never_share_a_subnet() {
+    let dir = setup(
+        r#"{"Network":"198.19.0.0/19","SubnetLen":24,"EnableIPv6":true,
+            "IPv6Network":"fd00:19::/48","IPv6SubnetLen":64}"#,
+    );
+    let keys = acquire_in_twenty_threads(dir.path(), |n| {
+        let mut attrs = host(n);
+        attrs.public_ipv6 = Some(format!("fd00:18::{n}").parse().unwrap());
+        attrs
+    });
+    let v4: BTreeSet<_> = keys.iter().map(|k| k.ipv4().unwrap()).collect();
+    let v6: BTreeSet<_> = keys.iter().map(|k| k.ipv6().unwrap()).collect();
+    assert_eq!((v4.len(), v6.len()), (20, 20), "{keys:?}");
+}
+
+/// A create is refused while another live key holds one of its subnets, and allowed once that
+/// key has expired; reservations likewise.
+#[tokio::test]
+async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
+    let dir =
+        setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
+    let short = registry(dir.path(), 1);
+    let long = registry(dir.path(), 3600);
+    let held = key("198.19.62.0-24&fd00:19:0:2::-64");
+    short.create_lease(&held, &host(1)).await.unwrap();
+    for other in [
+        "198.19.62.0-24&fd00:19:0:32::-64",
+        "198.19.13.0-24&fd00:19:0:2::-64",
+        "198.19.62.128-25&fd00:19:0:3::-64",
+    ] {
+        let err = long.create_lease(&key(other), &host(2)).await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists(k) if k == key(other)),
+            "{other}: {err:?}"
+        );
+        let err = long
+            .create_reservation(&key(other), &host(2))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::AlreadyExists(_)),
+            "{other}: {err:?}"
+        );
+    }
+    assert_eq!(
+        live(&long).await.iter().map(|l| l.key).collect::<Vec<_>>(),
+        [held]
+    );
+    // Unrelated subnets are not held back.
+    let free = key("198.19.63.0-24&fd00:19:0:3::-64");
+    long.create_lease(&free, &host(3)).await.unwrap();
+    // Once the holder's lease has expired, its subnets are free again.
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let taker = key("198.19.62.0-24&fd00:19:0:32::-64");
+    long.create_lease(&taker, &host(2)).await.unwrap();
+    let keys: BTreeSet<_> = live(&long).await.iter().map(|l| l.key).collect();
+    assert_eq!(keys, BTreeSet::from([free, taker]));
 }
 
 #[tokio::test]

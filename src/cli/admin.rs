@@ -159,11 +159,6 @@ fn parse_subnet(text: &str) -> Result<SubnetKey> {
     SubnetKey::parse(text).map_err(|e| usage(format!("{e}; or give a CIDR such as 198.19.5.0/24")))
 }
 
-/// Whether two keys share their IPv4 or their IPv6 subnet.
-fn shares_a_subnet(a: &SubnetKey, b: &SubnetKey) -> bool {
-    (a.ipv4().is_some() && a.ipv4() == b.ipv4()) || (a.ipv6().is_some() && a.ipv6() == b.ipv6())
-}
-
 /// `lease reserve` of a key that exists: the host at `public_ip` holding it keeps it as a
 /// reservation (flannel's documented way: its lease rewritten without a TTL); a key another
 /// host holds is refused, and one already reserved for `public_ip` is left as it is.
@@ -309,10 +304,7 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             // Another key holding one of its subnets (a dual-stack key with the same IPv4 /24
             // and another IPv6 /64) would give that subnet to two hosts.
             let listed = reg.list_leases().await?.leases;
-            if let Some(other) = listed
-                .iter()
-                .find(|l| l.key != key && shares_a_subnet(&l.key, &key))
-            {
+            if let Some(other) = listed.iter().find(|l| l.key != key && l.key.overlaps(&key)) {
                 bail!(
                     "{key} overlaps {}, which is already leased or reserved; release that first \
                      with `linen lease release {}`",

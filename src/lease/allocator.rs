@@ -163,7 +163,7 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     // 2. The previous subnet, only if compatible and nobody holds it (flannel #1289).
     if let Some(prev) = req.previous
         && is_compatible(config, &prev)
-        && !blocking.iter().any(|k| overlaps(k, &prev))
+        && !blocking.iter().any(|k| k.overlaps(&prev))
     {
         return Ok(Plan {
             incompatible,
@@ -217,19 +217,6 @@ fn is_ours(config: &NetworkConfig, ours: &LeaseAttrs, lease: &Lease) -> bool {
     }
 }
 
-/// Whether two keys share an address in either family.
-pub fn overlaps(a: &SubnetKey, b: &SubnetKey) -> bool {
-    let v4 = match (a.ipv4(), b.ipv4()) {
-        (Some(x), Some(y)) => spans_overlap(v4_span(x), v4_span(y)),
-        _ => false,
-    };
-    let v6 = match (a.ipv6(), b.ipv6()) {
-        (Some(x), Some(y)) => spans_overlap(v6_span(x), v6_span(y)),
-        _ => false,
-    };
-    v4 || v6
-}
-
 /// Inclusive address span of a subnet, widened to u128.
 type Span = (u128, u128);
 
@@ -250,10 +237,6 @@ fn v6_span(net: Ipv6Network) -> Span {
         start | ((1u128 << host_bits) - 1)
     };
     (start, last)
-}
-
-fn spans_overlap(a: Span, b: Span) -> bool {
-    a.0 <= b.1 && b.0 <= a.1
 }
 
 /// The candidate subnets of one family: starts `min, min+size, …, max`.
@@ -655,7 +638,7 @@ mod test {
         let p = run(&cfg, &leases, &ours, None).unwrap();
         let k = p.choice.key();
         assert!(is_compatible(&cfg, &k), "{k}");
-        assert!(!overlaps(&k, &leases[0].key), "{k}");
+        assert!(!k.overlaps(&leases[0].key), "{k}");
         // A v4-only previous key does not fit a dual-stack config.
         assert!(!is_compatible(&cfg, &key("198.19.9.0-24")));
         assert!(k.to_string().contains('&'));

@@ -546,6 +546,10 @@ impl Store {
                 return Err(RegistryError::AlreadyExists(key));
             }
         }
+        if let Some(other) = self.overlapping(&key)? {
+            tracing::debug!(subnet = %key, %other, "another key holds one of its subnets");
+            return Err(RegistryError::AlreadyExists(key));
+        }
         let lease = Lease {
             key,
             attrs,
@@ -555,6 +559,26 @@ impl Store {
         self.write_lease(&lease)?;
         self.bump()?;
         Ok(lease)
+    }
+
+    /// Another key that holds one of `key`'s subnets: a dual-stack key with the same IPv4
+    /// subnet and another IPv6 one, say, which two hosts picking at once would both create.
+    /// Expired keys do not count; malformed values do, as they block their own key. Call with
+    /// the lock held.
+    fn overlapping(&self, key: &SubnetKey) -> Result<Option<SubnetKey>, RegistryError> {
+        let now = SystemTime::now();
+        for (name, _) in self.names()? {
+            let Ok(other) = SubnetKey::parse(&name) else {
+                continue;
+            };
+            if other == *key || !other.overlaps(key) {
+                continue;
+            }
+            if let Some(Entry::Live(_) | Entry::Malformed) = self.read_entry(&name, now)? {
+                return Ok(Some(other));
+            }
+        }
+        Ok(None)
     }
 
     /// `lease`'s key as stored, while it is live and still holds `lease`'s addresses: if

@@ -238,20 +238,27 @@ impl Shared {
             .collect())
     }
 
-    /// One prefix read of `subnets/`, then the expiries.
-    async fn list(&self) -> Result<LeaseList, RegistryError> {
+    /// Everything under `subnets/` (as `options` say), up to [`MAX_MESSAGE_BYTES`].
+    async fn read_subnets(
+        &self,
+        what: &str,
+        options: GetOptions,
+    ) -> Result<etcd_client::GetResponse, RegistryError> {
         let mut kv = self
             .client
             .kv_client()
             .max_decoding_message_size(MAX_MESSAGE_BYTES);
+        self.request(
+            what,
+            kv.get(self.subnets_prefix.as_bytes(), Some(options.with_prefix())),
+        )
+        .await
+    }
+
+    /// One prefix read of `subnets/`, then the expiries.
+    async fn list(&self) -> Result<LeaseList, RegistryError> {
         let resp = self
-            .request(
-                "list subnet leases",
-                kv.get(
-                    self.subnets_prefix.as_bytes(),
-                    Some(GetOptions::new().with_prefix()),
-                ),
-            )
+            .read_subnets("list subnet leases", GetOptions::new())
             .await?;
         let revision = resp.header().map_or(0, |h| h.revision());
         let entries: Vec<Entry> = resp
@@ -267,6 +274,29 @@ impl Shared {
             .collect();
         leases.sort_by_key(|l| l.key);
         Ok(LeaseList { leases, revision })
+    }
+
+    /// A key created before revision `created` that holds one of `key`'s subnets. A create
+    /// is a transaction on its own key only, so two hosts picking the same IPv4 subnet at once,
+    /// each with an IPv6 subnet of its own, both succeed (flannel has this race). The creation
+    /// revision orders the two keys the same way for every host: the later one gives way.
+    async fn earlier_overlapping(
+        &self,
+        key: &SubnetKey,
+        created: Revision,
+    ) -> Result<Option<SubnetKey>, RegistryError> {
+        let resp = self
+            .read_subnets(
+                "check the new key against the others",
+                GetOptions::new().with_keys_only(),
+            )
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .filter(|kv| kv.create_revision() < created)
+            .filter_map(|kv| self.parse_key(kv.key()))
+            .find(|other| other != key && other.overlaps(key)))
     }
 
     /// Grants an etcd lease with the registry's TTL: (ID, expiry).
@@ -576,6 +606,20 @@ impl Registry for EtcdRegistry {
             .await
         {
             Ok(Some(revision)) => {
+                match s.earlier_overlapping(key, revision).await {
+                    Ok(None) => {}
+                    // Revoking the etcd lease deletes the key (an error leaves the outcome
+                    // unknown: the key goes too, rather than stay unchecked).
+                    Ok(Some(other)) => {
+                        tracing::debug!(subnet = %key, %other, "another key holds one of its subnets; giving way");
+                        s.revoke_unused(id).await;
+                        return Err(RegistryError::AlreadyExists(*key));
+                    }
+                    Err(e) => {
+                        s.revoke_unused(id).await;
+                        return Err(e);
+                    }
+                }
                 s.expiry.record(id, expires, revision);
                 tracing::info!(subnet = %key, lease = format_args!("{id:x}"), ttl = ?s.lease_ttl, "created a subnet lease");
                 Ok(Lease {
@@ -609,7 +653,19 @@ impl Registry for EtcdRegistry {
             .put_if("create the reservation", absent, &path, attrs.to_json(), 0)
             .await?
         {
-            Some(_) => {
+            Some(revision) => {
+                if let Some(other) = s.earlier_overlapping(key, revision).await? {
+                    // Withdrawn only as written: someone may have rewritten it meanwhile.
+                    let ours = Compare::mod_revision(path.as_str(), CompareOp::Equal, revision);
+                    let txn = Txn::new()
+                        .when([ours])
+                        .and_then([TxnOp::delete(path.as_str(), None)]);
+                    let mut client = s.client.clone();
+                    s.request("withdraw the reservation", client.txn(txn))
+                        .await?;
+                    tracing::debug!(subnet = %key, %other, "another key holds one of its subnets; withdrawn");
+                    return Err(RegistryError::AlreadyExists(*key));
+                }
                 tracing::info!(subnet = %key, "created a subnet reservation");
                 Ok(Lease {
                     key: *key,

@@ -67,6 +67,15 @@ impl SubnetKey {
         self.v6
     }
 
+    /// Whether the two keys share an address in either family. Distinct keys can: a
+    /// dual-stack key with another key's IPv4 subnet and an IPv6 subnet of its own, or a /24
+    /// left from an older config holding a /25 of a newer one.
+    pub fn overlaps(&self, other: &SubnetKey) -> bool {
+        let v4 = matches!((self.v4, other.v4), (Some(a), Some(b)) if a.overlaps(b));
+        let v6 = matches!((self.v6, other.v6), (Some(a), Some(b)) if a.overlaps(b));
+        v4 || v6
+    }
+
     /// Parses a key, or a full registry path ending in one (`/coreos.com/network/subnets/…`):
     /// only the text after the last `/` is read. Stricter than flannel at the start: flannel's
     /// regex is anchored only at the end, so it also reads `x10.12.13.0-24` as 10.12.13.0/24,
@@ -181,6 +190,26 @@ mod test {
             let key = SubnetKey::parse(text).unwrap();
             assert_eq!(key.to_string(), text);
         }
+    }
+
+    #[test]
+    fn overlaps_in_either_family() {
+        let k = |t: &str| SubnetKey::parse(t).unwrap();
+        let dual = k("198.19.62.0-24&fd00:19:0:2::-64");
+        for (other, expected) in [
+            ("198.19.62.0-24&fd00:19:0:32::-64", true), // same IPv4, other IPv6
+            ("198.19.13.0-24&fd00:19:0:2::-64", true),  // other IPv4, same IPv6
+            ("198.19.62.128-25", true),                 // inside, IPv4 only
+            ("198.19.0.0-16", true),                    // around
+            ("0.0.0.0-0&fd00:19::-48", true),           // around, IPv6 only
+            ("198.19.63.0-24&fd00:19:0:3::-64", false),
+            ("198.19.63.0-24", false),
+            ("0.0.0.0-0&fd00:19:0:3::-64", false),
+        ] {
+            assert_eq!(dual.overlaps(&k(other)), expected, "{other}");
+            assert_eq!(k(other).overlaps(&dual), expected, "{other} (reversed)");
+        }
+        assert!(dual.overlaps(&dual));
     }
 
     #[test]
