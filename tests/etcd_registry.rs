@@ -362,12 +362,12 @@ async fn a_key_sharing_a_subnet_with_an_earlier_one_gives_way() {
         let other: SubnetKey = other.parse().unwrap();
         let err = reg.create_lease(&other, &host(2)).await.unwrap_err();
         assert!(
-            matches!(err, RegistryError::AlreadyExists(k) if k == other),
+            matches!(err, RegistryError::Overlaps { key: k, other: o } if k == other && o == held),
             "{other}: {err:?}"
         );
         let err = reg.create_reservation(&other, &host(2)).await.unwrap_err();
         assert!(
-            matches!(err, RegistryError::AlreadyExists(_)),
+            matches!(err, RegistryError::Overlaps { .. }),
             "{other}: {err:?}"
         );
     }
@@ -377,6 +377,46 @@ async fn a_key_sharing_a_subnet_with_an_earlier_one_gives_way() {
     // Unrelated subnets are not held back.
     let free: SubnetKey = "198.19.63.0-24&fd00:19:0:3::-64".parse().unwrap();
     reg.create_lease(&free, &host(3)).await.unwrap();
+}
+
+/// A later key overlapping an earlier one that never went through linen's check (written by a
+/// flanneld, an older linen, or left by a check an etcd outage cut short) gives way when it is
+/// renewed; the earlier one keeps renewing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_later_overlapping_lease_gives_way_at_renewal() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(300)).await;
+    let earlier: SubnetKey = "198.19.62.0-24&fd00:19:0:2::-64".parse().unwrap();
+    let first = reg.create_lease(&earlier, &host(1)).await.unwrap();
+    // As flanneld creates it: a granted etcd lease and a put, no look at other keys.
+    let later: SubnetKey = "198.19.62.0-24&fd00:19:0:32::-64".parse().unwrap();
+    let mut client = reg.client();
+    let grant = client.lease_grant(300, None).await.unwrap().id();
+    client
+        .put(
+            reg.subnet_path(&later),
+            host(2).to_json(),
+            Some(etcd_client::PutOptions::new().with_lease(grant)),
+        )
+        .await
+        .unwrap();
+    let second = Lease {
+        key: later,
+        attrs: host(2),
+        expiration: Some(SystemTime::now()),
+        lease_id: Some(grant),
+    };
+    let err = reg.renew_lease(&second, &host(2)).await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::NotFound(k) if k == later),
+        "{err:?}"
+    );
+    reg.renew_lease(&first, &host(1)).await.unwrap();
+    assert_eq!(real_keys(&reg).await, BTreeSet::from([earlier]));
+    // The given-up key's etcd lease went with it.
+    assert_eq!(etcd_lease_count(&mut client).await, 1);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -546,9 +546,14 @@ impl Store {
                 return Err(RegistryError::AlreadyExists(key));
             }
         }
-        if let Some(other) = self.overlapping(&key)? {
-            tracing::debug!(subnet = %key, %other, "another key holds one of its subnets");
-            return Err(RegistryError::AlreadyExists(key));
+        // Malformed values count too: they block their own key.
+        let blocking = |e: &Entry| matches!(e, Entry::Live(_) | Entry::Malformed);
+        if let Some((other, _)) = self
+            .overlapping(&key)?
+            .into_iter()
+            .find(|(_, e)| blocking(e))
+        {
+            return Err(RegistryError::Overlaps { key, other });
         }
         let lease = Lease {
             key,
@@ -561,24 +566,26 @@ impl Store {
         Ok(lease)
     }
 
-    /// Another key that holds one of `key`'s subnets: a dual-stack key with the same IPv4
-    /// subnet and another IPv6 one, say, which two hosts picking at once would both create.
-    /// Expired keys do not count; malformed values do, as they block their own key. Call with
-    /// the lock held.
-    fn overlapping(&self, key: &SubnetKey) -> Result<Option<SubnetKey>, RegistryError> {
-        let now = SystemTime::now();
+    /// The other keys holding one of `key`'s subnets, expired ones left out: a dual-stack
+    /// key with the same IPv4 subnet and another IPv6 one, say, which two hosts picking at
+    /// once would both create. Call with the lock held.
+    fn overlapping(&self, key: &SubnetKey) -> Result<Vec<(SubnetKey, Entry)>, RegistryError> {
+        let (now, ours) = (SystemTime::now(), key.to_string());
+        let mut found = Vec::new();
         for (name, _) in self.names()? {
+            // By name: a hand-made non-canonical name for the same subnets is another file.
             let Ok(other) = SubnetKey::parse(&name) else {
                 continue;
             };
-            if other == *key || !other.overlaps(key) {
+            if name == ours || !other.overlaps(key) {
                 continue;
             }
-            if let Some(Entry::Live(_) | Entry::Malformed) = self.read_entry(&name, now)? {
-                return Ok(Some(other));
+            match self.read_entry(&name, now)? {
+                None | Some(Entry::Expired) => {}
+                Some(entry) => found.push((other, entry)),
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// `lease`'s key as stored, while it is live and still holds `lease`'s addresses: if
@@ -599,6 +606,22 @@ impl Store {
     fn renew(&self, lease: &Lease, attrs: LeaseAttrs) -> Result<Lease, RegistryError> {
         let _lock = self.lock(true)?;
         let current = self.read_ours(lease)?;
+        // Creates refuse overlaps, but one left from an older linen, a flanneld or a hand-made
+        // file gives two hosts one subnet. Which key came first is not recorded here, so the
+        // rule only has to be the same on every host: a reservation is never given up, a lease
+        // gives way to a reservation, and of two leases the greater key gives way.
+        if current.expiration.is_some() {
+            let overlapping = self.overlapping(&lease.key)?;
+            let wins = overlapping.iter().find_map(|(other, e)| match e {
+                Entry::Live(l) if l.expiration.is_none() || *other < lease.key => Some(*other),
+                _ => None,
+            });
+            if let Some(other) = wins {
+                tracing::warn!(subnet = %lease.key, %other, "another lease holds one of this lease's subnets and keeps it; giving this one up");
+                self.remove_locked(&lease.key)?;
+                return Err(RegistryError::NotFound(lease.key));
+            }
+        }
         let renewed = Lease {
             key: lease.key,
             attrs,
@@ -626,6 +649,11 @@ impl Store {
 
     fn revoke(&self, key: &SubnetKey) -> Result<(), RegistryError> {
         let _lock = self.lock(true)?;
+        self.remove_locked(key)
+    }
+
+    /// Deletes `key`'s file (gone already is fine). Call with the lock held.
+    fn remove_locked(&self, key: &SubnetKey) -> Result<(), RegistryError> {
         let path = self.key_path(key);
         match fs::remove_file(&path) {
             Ok(()) => {

@@ -285,18 +285,39 @@ impl Shared {
         key: &SubnetKey,
         created: Revision,
     ) -> Result<Option<SubnetKey>, RegistryError> {
+        // Without a revision (etcd always sends one), every overlapping key counts as earlier.
+        let created = if created > 0 { created } else { Revision::MAX };
+        let path = self.subnet_path(key);
         let resp = self
             .read_subnets(
-                "check the new key against the others",
-                GetOptions::new().with_keys_only(),
+                "check the key against the others",
+                GetOptions::new()
+                    .with_keys_only()
+                    .with_max_create_revision(created.saturating_sub(1)),
             )
             .await?;
         Ok(resp
             .kvs()
             .iter()
-            .filter(|kv| kv.create_revision() < created)
+            // By path: a hand-made non-canonical name for the same subnets is another key.
+            .filter(|kv| kv.create_revision() < created && kv.key() != path.as_bytes())
             .filter_map(|kv| self.parse_key(kv.key()))
-            .find(|other| other != key && other.overlaps(key)))
+            .find(|other| other.overlaps(key)))
+    }
+
+    /// Deletes `path` if it is still as written at `mod_revision`: whether it was.
+    async fn delete_if_unchanged(
+        &self,
+        what: &str,
+        path: &str,
+        mod_revision: Revision,
+    ) -> Result<bool, RegistryError> {
+        let unchanged = Compare::mod_revision(path, CompareOp::Equal, mod_revision);
+        let txn = Txn::new()
+            .when([unchanged])
+            .and_then([TxnOp::delete(path, None)]);
+        let mut client = self.client.clone();
+        Ok(self.request(what, client.txn(txn)).await?.succeeded())
     }
 
     /// Grants an etcd lease with the registry's TTL: (ID, expiry).
@@ -611,9 +632,8 @@ impl Registry for EtcdRegistry {
                     // Revoking the etcd lease deletes the key (an error leaves the outcome
                     // unknown: the key goes too, rather than stay unchecked).
                     Ok(Some(other)) => {
-                        tracing::debug!(subnet = %key, %other, "another key holds one of its subnets; giving way");
                         s.revoke_unused(id).await;
-                        return Err(RegistryError::AlreadyExists(*key));
+                        return Err(RegistryError::Overlaps { key: *key, other });
                     }
                     Err(e) => {
                         s.revoke_unused(id).await;
@@ -654,17 +674,21 @@ impl Registry for EtcdRegistry {
             .await?
         {
             Some(revision) => {
-                if let Some(other) = s.earlier_overlapping(key, revision).await? {
-                    // Withdrawn only as written: someone may have rewritten it meanwhile.
-                    let ours = Compare::mod_revision(path.as_str(), CompareOp::Equal, revision);
-                    let txn = Txn::new()
-                        .when([ours])
-                        .and_then([TxnOp::delete(path.as_str(), None)]);
-                    let mut client = s.client.clone();
-                    s.request("withdraw the reservation", client.txn(txn))
-                        .await?;
-                    tracing::debug!(subnet = %key, %other, "another key holds one of its subnets; withdrawn");
-                    return Err(RegistryError::AlreadyExists(*key));
+                // An unchecked reservation never expires: withdrawn also when the check
+                // fails; only as written, since someone may have rewritten it meanwhile.
+                let refusal = match s.earlier_overlapping(key, revision).await {
+                    Ok(None) => None,
+                    Ok(Some(other)) => Some(RegistryError::Overlaps { key: *key, other }),
+                    Err(e) => Some(e),
+                };
+                if let Some(refusal) = refusal {
+                    let withdrawn = s
+                        .delete_if_unchanged("withdraw the reservation", &path, revision)
+                        .await;
+                    if !matches!(withdrawn, Ok(true)) {
+                        tracing::warn!(subnet = %key, "the reservation may overlap another key and could not be withdrawn; check `linen lease list` and release one");
+                    }
+                    return Err(refusal);
                 }
                 tracing::info!(subnet = %key, "created a subnet reservation");
                 Ok(Lease {
@@ -716,6 +740,23 @@ impl Registry for EtcdRegistry {
         let path = s.subnet_path(&lease.key);
         for _ in 0..RENEW_ATTEMPTS {
             let kv = s.read_ours(lease, "renew").await?;
+            // Creates give way to earlier overlapping keys, but a key whose check never ran
+            // (an etcd outage, a crash, an older linen, a flanneld) is caught here: an earlier
+            // overlapping key keeps its subnets. A reservation is never given up.
+            if kv.lease() != 0
+                && let Some(other) = s
+                    .earlier_overlapping(&lease.key, kv.create_revision())
+                    .await?
+            {
+                tracing::warn!(subnet = %lease.key, %other, "an earlier lease holds one of this lease's subnets and keeps it; giving this one up");
+                if s.delete_if_unchanged("give the subnet key up", &path, kv.mod_revision())
+                    .await?
+                {
+                    s.release(kv.lease()).await;
+                    return Err(RegistryError::NotFound(lease.key));
+                }
+                continue;
+            }
             if let Some(renewed) = s.renew_once(lease, attrs, &kv).await? {
                 return Ok(renewed);
             }

@@ -103,7 +103,7 @@ pub async fn acquire(
         match result {
             Ok(lease) => return Ok(lease),
             // Taken first by another host: list again, and do not ask for it again.
-            Err(RegistryError::AlreadyExists(_)) => {
+            Err(RegistryError::AlreadyExists(_) | RegistryError::Overlaps { .. }) => {
                 tracing::debug!(subnet = %key, "lost a race for the subnet; listing again");
                 lost.push(key);
             }

@@ -57,6 +57,18 @@ pub enum RegistryError {
     /// An atomic create lost: someone holds this subnet.
     #[error("subnet {0} is already leased")]
     AlreadyExists(SubnetKey),
+    /// A create refused because another key already holds one of the subnets (a dual-stack
+    /// key with the same IPv4 subnet and another IPv6 one, say).
+    #[error(
+        "subnet {key} overlaps {other}, which is already leased or reserved; release that \
+         first with `linen lease release {other}`"
+    )]
+    Overlaps {
+        /// The key that was to be created.
+        key: SubnetKey,
+        /// The key holding a subnet it shares.
+        other: SubnetKey,
+    },
     /// The lease to renew or revoke does not exist (deleted or expired).
     #[error("no lease for subnet {0}: it was deleted or has expired")]
     NotFound(SubnetKey),
