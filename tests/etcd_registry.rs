@@ -408,6 +408,8 @@ async fn a_later_overlapping_lease_gives_way_at_renewal() {
         expiration: Some(SystemTime::now()),
         lease_id: Some(grant),
     };
+    // The earlier one renews while the later one is still there; then the later gives way.
+    let first = reg.renew_lease(&first, &host(1)).await.unwrap();
     let err = reg.renew_lease(&second, &host(2)).await.unwrap_err();
     assert!(
         matches!(err, RegistryError::NotFound(k) if k == later),
@@ -417,6 +419,24 @@ async fn a_later_overlapping_lease_gives_way_at_renewal() {
     assert_eq!(real_keys(&reg).await, BTreeSet::from([earlier]));
     // The given-up key's etcd lease went with it.
     assert_eq!(etcd_lease_count(&mut client).await, 1);
+
+    // A reservation written later by hand (`etcdctl put`, as flannel documents) keeps its
+    // subnets against an earlier lease, as in a directory registry.
+    let reserved: SubnetKey = "198.19.70.0-24&fd00:19:0:2::-64".parse().unwrap();
+    client
+        .put(reg.subnet_path(&reserved), host(3).to_json(), None)
+        .await
+        .unwrap();
+    let err = reg.renew_lease(&first, &host(1)).await.unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
+    let kept = Lease {
+        key: reserved,
+        attrs: host(3),
+        expiration: None,
+        lease_id: None,
+    };
+    reg.renew_lease(&kept, &host(3)).await.unwrap();
+    assert_eq!(real_keys(&reg).await, BTreeSet::from([reserved]));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

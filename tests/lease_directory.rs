@@ -179,7 +179,8 @@ fn dual_stack_hosts_racing_never_share_a_subnet() {
 async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
     let dir =
         setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
-    let short = registry(dir.path(), 1);
+    // Long enough to outlast the refusals below on a loaded machine (stored rounded up).
+    let short = registry(dir.path(), 3);
     let long = registry(dir.path(), 3600);
     let held = key("198.19.62.0-24&fd00:19:0:2::-64");
     short.create_lease(&held, &host(1)).await.unwrap();
@@ -210,7 +211,7 @@ async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
     let free = key("198.19.63.0-24&fd00:19:0:3::-64");
     long.create_lease(&free, &host(3)).await.unwrap();
     // Once the holder's lease has expired, its subnets are free again.
-    tokio::time::sleep(Duration::from_millis(2100)).await;
+    tokio::time::sleep(Duration::from_millis(4100)).await;
     let taker = key("198.19.62.0-24&fd00:19:0:32::-64");
     long.create_lease(&taker, &host(2)).await.unwrap();
     let keys: BTreeSet<_> = live(&long).await.iter().map(|l| l.key).collect();
@@ -247,6 +248,8 @@ async fn overlapping_leases_are_sorted_out_at_renewal() {
     };
     let lower = write("198.19.62.0-24&fd00:19:0:2::-64", "198.18.1.1", true);
     let greater = write("198.19.62.0-24&fd00:19:0:32::-64", "198.18.1.2", true);
+    // The winner renews while the loser is still there, then the loser gives way.
+    reg.renew_lease(&lower, &lower.attrs).await.unwrap();
     let err = reg.renew_lease(&greater, &greater.attrs).await.unwrap_err();
     assert!(
         matches!(err, RegistryError::NotFound(k) if k == greater.key),
@@ -601,6 +604,45 @@ async fn own_subnet_taken_by_another_host_is_left_to_it() {
         })
         .await;
     assert_eq!(s.peers.len(), 1, "{s:?}");
+    a.stop().await;
+}
+
+/// A peer's key overlapping ours (written past the create check, e.g. by an older linen) makes
+/// the manager renew at once, not at the next renewal an hour away; our key sorts greater, so
+/// we give way and move to a subnet of our own.
+#[tokio::test]
+async fn an_overlapping_peer_key_is_settled_at_once() {
+    let dir =
+        setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
+    // Two hours: the first renewal (an hour before expiry) is an hour away.
+    let reg = registry(dir.path(), 7200);
+    let mine = key("198.19.62.0-24&fd00:19:0:32::-64");
+    let mut opts = options(1);
+    opts.attrs.public_ipv6 = Some("fd00:18::1".parse().unwrap());
+    opts.previous = Some(mine);
+    let mut a = Running::start(Arc::clone(&reg), opts).await;
+    assert_eq!(own_key(&a.state.borrow()), Some(mine));
+    let theirs = key("198.19.62.0-24&fd00:19:0:2::-64");
+    let expires = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let tmp = dir.path().join("theirs.tmp");
+    fs::write(
+        &tmp,
+        format!(
+            "{{\"PublicIP\":\"198.18.1.2\",\"PublicIPv6\":\"fd00:18::2\"}}\nexpires={expires}\n"
+        ),
+    )
+    .unwrap();
+    fs::rename(&tmp, dir.path().join("subnets").join(theirs.to_string())).unwrap();
+    // Our old key, deleted, leaves the peers when the watch sees it gone.
+    a.wait(3, "a subnet of our own, and theirs the only peer", |s| {
+        own_key(s).is_some_and(|k| !k.overlaps(&theirs))
+            && s.peers.iter().map(|l| l.key).eq([theirs])
+    })
+    .await;
     a.stop().await;
 }
 

@@ -276,33 +276,99 @@ impl Shared {
         Ok(LeaseList { leases, revision })
     }
 
-    /// A key created before revision `created` that holds one of `key`'s subnets. A create
-    /// is a transaction on its own key only, so two hosts picking the same IPv4 subnet at once,
-    /// each with an IPv6 subnet of its own, both succeed (flannel has this race). The creation
-    /// revision orders the two keys the same way for every host: the later one gives way.
-    async fn earlier_overlapping(
+    /// The other keys holding one of `key`'s subnets, created before revision `before` if
+    /// given. A create is a transaction on its own key only, so two hosts picking the same IPv4
+    /// subnet at once, each with an IPv6 subnet of its own, both succeed (flannel has this
+    /// race); the creation revision orders the two keys the same way for every host.
+    async fn overlapping(
         &self,
         key: &SubnetKey,
-        created: Revision,
-    ) -> Result<Option<SubnetKey>, RegistryError> {
-        // Without a revision (etcd always sends one), every overlapping key counts as earlier.
-        let created = if created > 0 { created } else { Revision::MAX };
+        before: Option<Revision>,
+    ) -> Result<Vec<Overlapping>, RegistryError> {
+        let mut options = GetOptions::new().with_keys_only();
+        if let Some(before) = before {
+            // 0 would mean no limit; no key is created at revision 1 or before anyway.
+            options = options.with_max_create_revision(before.saturating_sub(1).max(1));
+        }
         let path = self.subnet_path(key);
         let resp = self
-            .read_subnets(
-                "check the key against the others",
-                GetOptions::new()
-                    .with_keys_only()
-                    .with_max_create_revision(created.saturating_sub(1)),
-            )
+            .read_subnets("check the key against the others", options)
             .await?;
         Ok(resp
             .kvs()
             .iter()
             // By path: a hand-made non-canonical name for the same subnets is another key.
-            .filter(|kv| kv.create_revision() < created && kv.key() != path.as_bytes())
-            .filter_map(|kv| self.parse_key(kv.key()))
-            .find(|other| other.overlaps(key)))
+            .filter(|kv| kv.key() != path.as_bytes())
+            .filter(|kv| before.is_none_or(|b| kv.create_revision() < b))
+            .filter_map(|kv| {
+                let other = self.parse_key(kv.key())?;
+                other.overlaps(key).then_some(Overlapping {
+                    key: other,
+                    lease: kv.lease(),
+                    created: kv.create_revision(),
+                })
+            })
+            .collect())
+    }
+
+    /// A key created at `created` (by [`put_if`](Shared::put_if); 0: unknown) gives way to an
+    /// overlapping key created earlier, or to any when its revision is unknown.
+    async fn earlier_overlapping(
+        &self,
+        key: &SubnetKey,
+        created: Revision,
+    ) -> Result<Option<SubnetKey>, RegistryError> {
+        let before = (created > 0).then_some(created);
+        Ok(self.overlapping(key, before).await?.first().map(|o| o.key))
+    }
+
+    /// Checks a key just created at `revision` (with etcd lease `lease`, 0 for a
+    /// reservation) against earlier overlapping keys: `None` when it may stay; otherwise why
+    /// not, after withdrawing it. It is withdrawn also when the check fails, as an unchecked
+    /// key would stay unchecked: a reservation for good, a lease while it is renewed. When the
+    /// withdraw fails too, the error names the key to release.
+    async fn check_new_key(
+        &self,
+        key: &SubnetKey,
+        path: &str,
+        revision: Revision,
+        lease: i64,
+    ) -> Option<RegistryError> {
+        let refusal = match self.earlier_overlapping(key, revision).await {
+            Ok(None) => return None,
+            Ok(Some(other)) => RegistryError::Overlaps { key: *key, other },
+            Err(e) => e,
+        };
+        match self.withdraw(path, revision, lease).await {
+            Ok(()) => Some(refusal),
+            Err(e) => Some(unavailable(
+                &self.location,
+                "withdraw a subnet key that may overlap another",
+                &format!(
+                    "{refusal}; then withdrawing {key} failed ({e}): check `linen lease list` \
+                     and `linen lease release {key}` if it is still there"
+                ),
+            )),
+        }
+    }
+
+    /// Withdraws a key that gave way right after its create at `revision` (its etcd lease
+    /// `lease`, 0 for a reservation): deleted if still as written, then the lease revoked.
+    /// An error means it may still be there.
+    async fn withdraw(
+        &self,
+        path: &str,
+        revision: Revision,
+        lease: i64,
+    ) -> Result<(), RegistryError> {
+        let deleted = self
+            .delete_if_unchanged("withdraw the subnet key", path, revision)
+            .await;
+        if lease != 0 {
+            // Deletes the key too if the delete above failed.
+            self.revoke_unused(lease).await;
+        }
+        deleted.map(|_| ())
     }
 
     /// Deletes `path` if it is still as written at `mod_revision`: whether it was.
@@ -532,6 +598,15 @@ impl Shared {
     }
 }
 
+/// Another key holding one of a key's subnets, as a keys-only read tells.
+struct Overlapping {
+    key: SubnetKey,
+    /// Its etcd lease; 0 for a reservation.
+    lease: i64,
+    /// The revision it was created at.
+    created: Revision,
+}
+
 /// Whether the key as stored still belongs to the holder of `lease`: it carries the same etcd
 /// lease, or the same value (a reservation made from it, or a flanneld renewal).
 fn still_ours(lease: &Lease, kv: &KeyValue) -> bool {
@@ -627,18 +702,8 @@ impl Registry for EtcdRegistry {
             .await
         {
             Ok(Some(revision)) => {
-                match s.earlier_overlapping(key, revision).await {
-                    Ok(None) => {}
-                    // Revoking the etcd lease deletes the key (an error leaves the outcome
-                    // unknown: the key goes too, rather than stay unchecked).
-                    Ok(Some(other)) => {
-                        s.revoke_unused(id).await;
-                        return Err(RegistryError::Overlaps { key: *key, other });
-                    }
-                    Err(e) => {
-                        s.revoke_unused(id).await;
-                        return Err(e);
-                    }
+                if let Some(refusal) = s.check_new_key(key, &path, revision, id).await {
+                    return Err(refusal);
                 }
                 s.expiry.record(id, expires, revision);
                 tracing::info!(subnet = %key, lease = format_args!("{id:x}"), ttl = ?s.lease_ttl, "created a subnet lease");
@@ -674,20 +739,7 @@ impl Registry for EtcdRegistry {
             .await?
         {
             Some(revision) => {
-                // An unchecked reservation never expires: withdrawn also when the check
-                // fails; only as written, since someone may have rewritten it meanwhile.
-                let refusal = match s.earlier_overlapping(key, revision).await {
-                    Ok(None) => None,
-                    Ok(Some(other)) => Some(RegistryError::Overlaps { key: *key, other }),
-                    Err(e) => Some(e),
-                };
-                if let Some(refusal) = refusal {
-                    let withdrawn = s
-                        .delete_if_unchanged("withdraw the reservation", &path, revision)
-                        .await;
-                    if !matches!(withdrawn, Ok(true)) {
-                        tracing::warn!(subnet = %key, "the reservation may overlap another key and could not be withdrawn; check `linen lease list` and release one");
-                    }
+                if let Some(refusal) = s.check_new_key(key, &path, revision, 0).await {
                     return Err(refusal);
                 }
                 tracing::info!(subnet = %key, "created a subnet reservation");
@@ -741,14 +793,18 @@ impl Registry for EtcdRegistry {
         for _ in 0..RENEW_ATTEMPTS {
             let kv = s.read_ours(lease, "renew").await?;
             // Creates give way to earlier overlapping keys, but a key whose check never ran
-            // (an etcd outage, a crash, an older linen, a flanneld) is caught here: an earlier
-            // overlapping key keeps its subnets. A reservation is never given up.
+            // (an etcd outage, a crash, an older linen, a flanneld) is caught here: a lease
+            // gives way to an overlapping reservation or earlier lease, as in a directory
+            // registry. A reservation is never given up.
             if kv.lease() != 0
                 && let Some(other) = s
-                    .earlier_overlapping(&lease.key, kv.create_revision())
+                    .overlapping(&lease.key, None)
                     .await?
+                    .iter()
+                    .find(|o| o.lease == 0 || o.created < kv.create_revision())
+                    .map(|o| o.key)
             {
-                tracing::warn!(subnet = %lease.key, %other, "an earlier lease holds one of this lease's subnets and keeps it; giving this one up");
+                tracing::warn!(subnet = %lease.key, %other, "another key holds one of this lease's subnets and keeps it; giving this one up");
                 if s.delete_if_unchanged("give the subnet key up", &path, kv.mod_revision())
                     .await?
                 {

@@ -456,6 +456,23 @@ impl LeaseManager {
         let applied = self.tracker.apply(event);
         log_peers(&applied.peers);
         let changed = !applied.peers.is_empty();
+        // A peer's key sharing one of our subnets got past the create check (a flanneld, an
+        // older linen, a check cut short): renewing settles which key keeps the subnets, so do
+        // it now rather than at the next renewal, hours away.
+        if self.renew_at.is_some()
+            && let Some(own) = self.tracker.own()
+            && let Some(other) = applied.peers.iter().find_map(|e| match e {
+                PeerEvent::Added(l) | PeerEvent::Updated { new: l, .. }
+                    if l.key.overlaps(&own.key) =>
+                {
+                    Some(l.key)
+                }
+                _ => None,
+            })
+        {
+            tracing::info!(subnet = %own.key, %other, "a peer's key overlaps this host's; renewing now, which settles which one keeps the subnets");
+            self.renew_at = Some(Instant::now());
+        }
         match applied.own {
             None => {}
             Some(OwnChange::Removed) => {
