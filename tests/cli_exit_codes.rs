@@ -84,12 +84,15 @@ fn an_invalid_stored_config_exits_2_before_anything_is_set_up() {
     std::fs::write(dir.path().join("config"), r#"{"Network": "not-a-cidr"}"#).unwrap();
     let reg = dir.path().to_str().unwrap();
     let env = dir.path().join("subnet.env");
+    // Without the metrics endpoint, which would bind 127.0.0.1:9418 in this namespace first.
     let (code, stderr) = linen(&[
         "run",
         "--registry-dir",
         reg,
         "--subnet-file",
         env.to_str().unwrap(),
+        "--metrics-addr",
+        "off",
     ]);
     assert_eq!(code, Some(2), "{stderr}");
     assert!(stderr.contains("Network"), "{stderr}");
@@ -235,6 +238,8 @@ fn setup_mistakes_in_flags_exit_2() {
     assert_usage(
         &[
             "run",
+            "--metrics-addr",
+            "off",
             "--registry-dir",
             reg,
             "--tun",

@@ -450,9 +450,11 @@ async fn renewal_extends_the_ttl_and_reuses_the_etcd_lease() {
 
     let first = reg.create_lease(&subnet(3), &host(3)).await.unwrap();
     let id = first.lease_id.unwrap();
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // etcd reports whole seconds, rounded down: at most 2 left of 5 after 3 s, and at least 3
+    // within 2 s of a renewal, slack enough for a loaded machine.
+    tokio::time::sleep(Duration::from_secs(3)).await;
     let before = client.lease_time_to_live(id, None).await.unwrap().ttl();
-    assert!(before <= 3, "ttl before renewal: {before}");
+    assert!(before <= 2, "ttl before renewal: {before}");
 
     let mut lease = first.clone();
     for round in 0..3u8 {
@@ -462,7 +464,7 @@ async fn renewal_extends_the_ttl_and_reuses_the_etcd_lease() {
         assert_eq!(lease.lease_id, Some(id));
         assert_eq!(lease.attrs, attrs);
         let ttl = client.lease_time_to_live(id, None).await.unwrap().ttl();
-        assert!(ttl >= 4, "ttl after renewal {round}: {ttl}");
+        assert!(ttl >= 3, "ttl after renewal {round}: {ttl}");
         assert_eq!(
             etcd_lease_count(&mut client).await,
             1,

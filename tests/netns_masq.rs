@@ -20,7 +20,7 @@ use linen::model::SubnetEnv;
 const SERVER: &str = r#"
 import socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], 9000)); s.settimeout(15)
+s.bind((sys.argv[1], 9000)); s.settimeout(15); print("ready", flush=True)
 d, a = s.recvfrom(100); s.sendto(d, a); print(a[0], flush=True)
 "#;
 
@@ -44,13 +44,21 @@ else:
 /// the source address the receiver saw (when it got the datagram).
 fn udp_exchange(from: &Host, src: &str, to: &Host, dst: &str) -> (bool, Option<String>) {
     let bind = if dst.contains(':') { "::" } else { "0.0.0.0" };
-    let server = Helper::spawn(
+    let mut server = Helper::spawn(
         to.command("python3")
             .args(["-c", SERVER, bind])
             .stdout(Stdio::piped())
             .stderr(Stdio::null()),
     );
-    std::thread::sleep(Duration::from_millis(300));
+    // Listening before the client sends: otherwise a datagram that no reply was ever possible
+    // for would make the unmasqueraded checks pass for nothing.
+    let mut ready = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
+        &mut ready,
+    )
+    .unwrap();
+    assert_eq!(ready.trim(), "ready");
     let reply = from.run_ok("python3", &["-c", CLIENT, src, dst]).unwrap();
     let seen = if reply.trim() == "reply" {
         let out = server.wait_with_output();
@@ -200,8 +208,9 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
             .all(|p| chain_rule_count(&h1, p) == 6 && has_jump(&h1, p))
             .then_some(())
     };
+    // Installed after subnet.env is written (some 40 iptables runs): room for a loaded machine.
     assert!(
-        wait_for(Duration::from_secs(5), rules_there).is_some(),
+        wait_for(Duration::from_secs(20), rules_there).is_some(),
         "{}\n{}",
         nat_rules(&h1, "iptables"),
         nat_rules(&h1, "ip6tables")
@@ -318,7 +327,7 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
             log.matches("iptables rules were missing; re-added").count()
         };
         assert!(
-            wait_for(Duration::from_millis(3500), || {
+            wait_for(Duration::from_secs(10), || {
                 (rules_there().is_some() && readded() >= round).then_some(())
             })
             .is_some(),

@@ -217,7 +217,8 @@ fn udp_transfer(o: &Overlay, from: usize, to: &str, max: usize) {
     let script = r#"
 import random, socket, sys
 s = socket.socket(socket.AF_INET6 if ":" in sys.argv[1] else socket.AF_INET, socket.SOCK_DGRAM)
-s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 8 << 20)
+# SO_RCVBUFFORCE (33, root): SO_RCVBUF is capped by net.core.rmem_max, which is not per namespace.
+s.setsockopt(socket.SOL_SOCKET, 33, 8 << 20)
 s.bind((sys.argv[1], 7001)); s.settimeout(3); got = bad = 0
 print("ready", flush=True)
 while True:
@@ -752,6 +753,7 @@ fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
     let h1 = o.lab.host(0).ip;
     let tun1: Ipv4Addr = a1.parse().unwrap();
     let tun2: Ipv4Addr = a2.parse().unwrap();
+    let base = received(&o, 0);
     // From host 3's address, which holds no lease.
     send_datagrams_from(&o, 2, 0, IpAddr::V4(h1), &ipv4_echo(tun2, tun1), 1);
     // From host 2 (holds a lease) but with an inner source outside host 2's subnet.
@@ -765,7 +767,7 @@ fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
     );
     // An empty datagram from host 2: counted as received and dropped as malformed.
     send_datagrams_from(&o, 1, 0, IpAddr::V4(h1), &[], 1);
-    std::thread::sleep(Duration::from_millis(300));
+    wait_received(&o, 0, base + 3);
     let (status, log) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{log}");
     assert_eq!(counter(&log, "unknown_sender"), 1, "{log}");
@@ -807,7 +809,8 @@ fn flows_spread_over_workers_and_stay_on_matching_ones() {
     assert!(o.ping_ok(1, &a1, &[]));
 
     // Datagrams from chosen source ports of host 1's underlay addresses: classes 64 and 66
-    // name worker 0, 65 and 67 worker 1. Distinct counts per port, so a hash that happened to
+    // name worker 0, 65 and 67 worker 1 (ports below the ephemeral range, where host 1's
+    // daemon picks its own). Distinct counts per port, so a hash that happened to
     // agree for one port would not pass for all four. Over IPv4 echo requests; over IPv6 (the
     // program's other branch) junk, which is counted as received and then dropped.
     let echo = ipv4_echo(a1.parse().unwrap(), a2.parse().unwrap());
@@ -816,8 +819,9 @@ fn flows_spread_over_workers_and_stay_on_matching_ones() {
         (IpAddr::V4(h2.ip), echo),
         (IpAddr::V6(h2.ip6), vec![0u8; 20]),
     ] {
-        let before = per_worker(&o, 1);
-        for (port, count) in [(40000, 10), (40001, 20), (40002, 40), (40003, 80)] {
+        // Quiet first: a late reply to a timed-out ping would count below.
+        let before = quiet_per_worker(&o)[1].clone();
+        for (port, count) in [(30016, 10), (30017, 20), (30018, 40), (30019, 80)] {
             send_datagrams_from(&o, 0, port, to, &payload, count);
         }
         let received = wait_for(Duration::from_secs(5), || {
@@ -1073,6 +1077,25 @@ fn quiet_per_worker(o: &Overlay) -> [Vec<(u64, u64, u64)>; 2] {
     last
 }
 
+/// Datagrams host `i` has received so far, all workers.
+fn received(o: &Overlay, i: usize) -> u64 {
+    per_worker(o, i).iter().map(|w| w.2).sum()
+}
+
+/// Waits until host `i` has received `n` datagrams, so that its counters tell what became of
+/// them (a fixed sleep may stop the daemon before a loaded machine let it read them).
+fn wait_received(o: &Overlay, i: usize, n: u64) {
+    let got = wait_for(Duration::from_secs(10), || {
+        (received(o, i) >= n).then_some(())
+    });
+    assert!(
+        got.is_some(),
+        "host {} received {} of {n} datagrams",
+        i + 1,
+        received(o, i)
+    );
+}
+
 /// Host `i`'s (packets read from the TUN, datagrams sent, datagrams received) per worker, from
 /// `linen status --json`.
 fn per_worker(o: &Overlay, i: usize) -> Vec<(u64, u64, u64)> {
@@ -1183,6 +1206,7 @@ fn accept_unknown_senders_relaxes_only_the_sender_check() {
     let h1 = o.lab.host(0).ip;
     let tun1: Ipv4Addr = a1.parse().unwrap();
     let tun2: Ipv4Addr = a2.parse().unwrap();
+    let base = received(&o, 0);
     // From an address without a lease but with an inner source inside host 2's subnet
     // (a peer behind NAT): accepted and delivered.
     send_datagrams_from(&o, 2, 0, IpAddr::V4(h1), &ipv4_echo(tun2, tun1), 1);
@@ -1195,7 +1219,7 @@ fn accept_unknown_senders_relaxes_only_the_sender_check() {
         &ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1),
         1,
     );
-    std::thread::sleep(Duration::from_millis(300));
+    wait_received(&o, 0, base + 2);
     let (status, log) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{log}");
     assert_eq!(counter(&log, "unknown_sender"), 0, "{log}");
