@@ -180,6 +180,27 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
         None,
         &["--ip-masq", "--iptables-resync", "1"],
     );
+    let (h1, h2) = (lab.host(0).clone(), lab.host(1).clone());
+    // The rules are there (6 in each family's chain, plus the jump)...
+    let rules_there = || {
+        ["iptables", "ip6tables"]
+            .iter()
+            .all(|p| chain_rule_count(&h1, p) == 6 && has_jump(&h1, p))
+            .then_some(())
+    };
+    // ... as soon as subnet.env exists: CNI starts workloads then, and a first flow that
+    // left unmasqueraded would stay so in conntrack.
+    assert!(
+        wait_for(Duration::from_secs(15), || env1.exists().then_some(())).is_some(),
+        "host 1 wrote no subnet.env: {}",
+        std::fs::read_to_string(&log1).unwrap_or_default()
+    );
+    assert!(
+        rules_there().is_some(),
+        "subnet.env before the rules:\n{}\n{}",
+        nat_rules(&h1, "iptables"),
+        nat_rules(&h1, "ip6tables")
+    );
     // Host 2 reports to a systemd-style notify socket: READY=1 only once subnet.env exists.
     let notify_path = dir.path().join("notify.sock");
     let notify = UnixDatagram::bind(&notify_path).unwrap();
@@ -199,22 +220,6 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
     assert!(env2.exists(), "READY=1 before subnet.env was written");
     let (e1, e2) = (read_env(&env1, &log1), read_env(&env2, &log2));
     assert!(e1.ipmasq && e2.ipmasq, "FLANNEL_IPMASQ=true with --ip-masq");
-    let (h1, h2) = (lab.host(0).clone(), lab.host(1).clone());
-
-    // The rules are there (6 in each family's chain, plus the jump).
-    let rules_there = || {
-        ["iptables", "ip6tables"]
-            .iter()
-            .all(|p| chain_rule_count(&h1, p) == 6 && has_jump(&h1, p))
-            .then_some(())
-    };
-    // Installed after subnet.env is written (some 40 iptables runs): room for a loaded machine.
-    assert!(
-        wait_for(Duration::from_secs(20), rules_there).is_some(),
-        "{}\n{}",
-        nat_rules(&h1, "iptables"),
-        nat_rules(&h1, "ip6tables")
-    );
     let v4_rules = nat_rules(&h1, "iptables");
     let n = "198.19.0.0/16";
     let l = e1.subnet.unwrap().network().to_string();

@@ -186,27 +186,72 @@ pub fn jump_rule(purpose: Purpose) -> Vec<String> {
     .to_vec()
 }
 
-/// Whether an `iptables --version` line names a version with `--random-fully` (≥ 1.6.2).
-pub fn supports_random_fully(version_line: &str) -> bool {
-    let Some(v) = version_line
+/// The version an `iptables --version` line names (`iptables v1.8.9 (nf_tables)`).
+fn iptables_version(version_line: &str) -> Option<(u32, u32, u32)> {
+    let v = version_line
         .split_whitespace()
-        .find_map(|w| w.strip_prefix('v'))
-    else {
-        return false;
-    };
+        .find_map(|w| w.strip_prefix('v'))?;
     let parts: Vec<u32> = v.split('.').map_while(|p| p.parse().ok()).collect();
-    let (major, minor, patch) = (
-        parts.first().copied().unwrap_or(0),
+    Some((
+        *parts.first()?,
         parts.get(1).copied().unwrap_or(0),
         parts.get(2).copied().unwrap_or(0),
-    );
-    (major, minor, patch) >= (1, 6, 2)
+    ))
+}
+
+/// Whether an `iptables --version` line names a version with `--random-fully` (≥ 1.6.2).
+pub fn supports_random_fully(version_line: &str) -> bool {
+    iptables_version(version_line).is_some_and(|v| v >= (1, 6, 2))
+}
+
+/// How long an iptables command waits for the xtables lock another program holds, as its
+/// version allows (go-iptables, which flanneld uses, decides the same way): `-w 5` from 1.6.0,
+/// a bare `-w` (wait as long as it takes) from 1.4.20, no flag before, where either is refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Wait {
+    /// `-w 5`.
+    Seconds,
+    /// `-w`.
+    Bare,
+    /// Neither.
+    Unsupported,
+}
+
+impl Wait {
+    /// For an `iptables --version` line; `-w 5` when it names no version.
+    pub fn for_version(version_line: &str) -> Wait {
+        match iptables_version(version_line) {
+            None => Wait::Seconds,
+            Some(v) if v >= (1, 6, 0) => Wait::Seconds,
+            Some(v) if v >= (1, 4, 20) => Wait::Bare,
+            Some(_) => Wait::Unsupported,
+        }
+    }
+
+    fn args(self) -> &'static [&'static str] {
+        match self {
+            Wait::Seconds => &["-w", "5"],
+            Wait::Bare => &["-w"],
+            Wait::Unsupported => &[],
+        }
+    }
+}
+
+/// `program --version`'s first line, or why it could not run.
+fn version_of(program: &str) -> std::io::Result<String> {
+    let out = Command::new(program)
+        .arg("--version")
+        .stdin(Stdio::null())
+        .output()?;
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
 /// One family's rules for one purpose: the contents of one chain.
 #[derive(Clone, Debug)]
 struct RuleSet {
     family: Family,
+    /// The lock-wait flag this family's command takes.
+    wait: Wait,
     purpose: Purpose,
     network: IpNetwork,
     random_fully: bool,
@@ -214,9 +259,24 @@ struct RuleSet {
 }
 
 impl RuleSet {
-    fn masquerade(family: Family, network: IpNetwork, own: IpNetwork, random_fully: bool) -> Self {
+    fn ipt(&self) -> Ipt<'static> {
+        Ipt {
+            program: self.family.program(),
+            wait: self.wait,
+            purpose: self.purpose,
+        }
+    }
+
+    fn masquerade(
+        family: Family,
+        wait: Wait,
+        network: IpNetwork,
+        own: IpNetwork,
+        random_fully: bool,
+    ) -> Self {
         RuleSet {
             family,
+            wait,
             purpose: Purpose::Masquerade,
             network,
             random_fully,
@@ -224,9 +284,10 @@ impl RuleSet {
         }
     }
 
-    fn forward(family: Family, network: IpNetwork) -> Self {
+    fn forward(family: Family, wait: Wait, network: IpNetwork) -> Self {
         RuleSet {
             family,
+            wait,
             purpose: Purpose::Forward,
             network,
             random_fully: false,
@@ -285,12 +346,8 @@ impl Masq {
             let (Some(network), Some(own)) = (network, own) else {
                 continue;
             };
-            let out = match Command::new(family.program())
-                .arg("--version")
-                .stdin(Stdio::null())
-                .output()
-            {
-                Ok(out) => out,
+            let version = match version_of(family.program()) {
+                Ok(version) => version,
                 Err(e) if masquerade => {
                     return Err(e).with_context(|| {
                         format!(
@@ -308,15 +365,21 @@ impl Masq {
                     continue;
                 }
             };
-            let version = String::from_utf8_lossy(&out.stdout);
             let random_fully = supports_random_fully(&version) && !no_random_fully;
+            let wait = Wait::for_version(&version);
             tracing::debug!(program = family.program(), version = %version.trim(), random_fully,
-                "iptables rules through");
+                ?wait, "iptables rules through");
             if forward {
-                sets.push(RuleSet::forward(family, network));
+                sets.push(RuleSet::forward(family, wait, network));
             }
             if masquerade {
-                sets.push(RuleSet::masquerade(family, network, own, random_fully));
+                sets.push(RuleSet::masquerade(
+                    family,
+                    wait,
+                    network,
+                    own,
+                    random_fully,
+                ));
             }
         }
         if masquerade && sets.iter().all(|s| s.purpose != Purpose::Masquerade) {
@@ -341,7 +404,7 @@ impl Masq {
                 }?;
                 Some(match s.purpose {
                     Purpose::Masquerade => {
-                        RuleSet::masquerade(s.family, s.network, own, s.random_fully)
+                        RuleSet::masquerade(s.family, s.wait, s.network, own, s.random_fully)
                     }
                     Purpose::Forward => s.clone(),
                 })
@@ -375,86 +438,114 @@ impl Masq {
     /// Removes the jumps and the chains (errors are logged: this runs on the way out).
     pub fn remove(&self) {
         for set in &self.sets {
-            remove_chain(set.family.program(), set.purpose);
+            set.ipt().remove_chain();
         }
     }
 }
 
-/// Removes the purpose's jump and chain with `p` (errors are logged).
-fn remove_chain(p: &str, purpose: Purpose) {
-    let chain = purpose.chain();
-    // The jump may have been added more than once by hand; remove every copy.
-    for _ in 0..8 {
-        if !ipt(p, purpose, "-D", purpose.hook(), &jump_rule(purpose))
-            .is_ok_and(|o| o.status.success())
-        {
-            break;
+/// One family's iptables command in one purpose's table, with the lock-wait flag its version
+/// takes.
+#[derive(Clone, Copy)]
+struct Ipt<'a> {
+    program: &'a str,
+    wait: Wait,
+    purpose: Purpose,
+}
+
+impl Ipt<'_> {
+    /// Runs `<program> [-w [5]] -t <table> <op> <chain> <args…>`.
+    fn run(self, op: &str, chain: &str, args: &[String]) -> Result<Output> {
+        Command::new(self.program)
+            .args(self.wait.args())
+            .args(["-t", self.purpose.table(), op, chain])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .with_context(|| format!("running {}", self.program))
+    }
+
+    /// Like [`Ipt::run`] but fails with iptables' message unless it exits 0.
+    fn ok(self, op: &str, chain: &str, args: &[String]) -> Result<()> {
+        let out = self.run(op, chain, args)?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(self.failed(op, chain, args, &out))
+    }
+
+    /// Whether the rule is there: `-C` exits 1 when it is not. Any other failure (the xtables
+    /// lock not free within the wait, a parameter the command refuses) is an error, not
+    /// "missing": taken for missing, it would flush and rebuild the chain, and add the jump
+    /// again.
+    fn exists(self, chain: &str, rule: &[String]) -> Result<bool> {
+        let out = self.run("-C", chain, rule)?;
+        match out.status.code() {
+            Some(0) => Ok(true),
+            Some(1) => Ok(false),
+            _ => Err(self.failed("-C", chain, rule, &out)),
         }
     }
-    for op in ["-F", "-X"] {
-        match ipt(p, purpose, op, chain, &[]) {
-            Ok(o) if o.status.success() => {}
-            Ok(o) => tracing::warn!(program = p, op, chain,
-                error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove chain"),
-            Err(e) => tracing::warn!(program = p, chain, error = %e, "cannot remove chain"),
+
+    fn failed(self, op: &str, chain: &str, args: &[String], out: &Output) -> anyhow::Error {
+        anyhow!(
+            "`{} -t {} {op} {chain} {}` failed: {}",
+            self.program,
+            self.purpose.table(),
+            args.join(" "),
+            String::from_utf8_lossy(&out.stderr).trim()
+        )
+    }
+
+    /// Removes the purpose's jump and chain (errors are logged).
+    fn remove_chain(self) {
+        let (p, purpose) = (self.program, self.purpose);
+        let chain = purpose.chain();
+        // The jump may have been added more than once by hand; remove every copy.
+        for _ in 0..8 {
+            if !self
+                .run("-D", purpose.hook(), &jump_rule(purpose))
+                .is_ok_and(|o| o.status.success())
+            {
+                break;
+            }
+        }
+        for op in ["-F", "-X"] {
+            match self.run(op, chain, &[]) {
+                Ok(o) if o.status.success() => {}
+                Ok(o) => tracing::warn!(program = p, op, chain,
+                    error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove chain"),
+                Err(e) => tracing::warn!(program = p, chain, error = %e, "cannot remove chain"),
+            }
         }
     }
-}
-
-/// Runs `<program> -w 5 -t <table> <op> <chain> <args…>` in the purpose's table.
-fn ipt(program: &str, purpose: Purpose, op: &str, chain: &str, args: &[String]) -> Result<Output> {
-    Command::new(program)
-        .args(["-w", "5", "-t", purpose.table(), op, chain])
-        .args(args)
-        .stdin(Stdio::null())
-        .output()
-        .with_context(|| format!("running {program}"))
-}
-
-/// Like [`ipt`] but fails with iptables' message unless it exits 0.
-fn ipt_ok(program: &str, purpose: Purpose, op: &str, chain: &str, args: &[String]) -> Result<()> {
-    let out = ipt(program, purpose, op, chain, args)?;
-    if out.status.success() {
-        return Ok(());
-    }
-    Err(anyhow!(
-        "`{program} -t {} {op} {chain} {}` failed: {}",
-        purpose.table(),
-        args.join(" "),
-        String::from_utf8_lossy(&out.stderr).trim()
-    ))
-}
-
-fn exists(program: &str, purpose: Purpose, chain: &str, rule: &[String]) -> Result<bool> {
-    Ok(ipt(program, purpose, "-C", chain, rule)?.status.success())
 }
 
 fn ensure_set(set: &RuleSet) -> Result<bool> {
-    let (p, purpose) = (set.family.program(), set.purpose);
-    let chain = purpose.chain();
+    let ipt = set.ipt();
+    let chain = set.purpose.chain();
     let mut changed = false;
-    if !ipt(p, purpose, "-S", chain, &[])?.status.success() {
-        ipt_ok(p, purpose, "-N", chain, &[])?;
+    if !ipt.run("-S", chain, &[])?.status.success() {
+        ipt.ok("-N", chain, &[])?;
         changed = true;
     }
     let mut complete = true;
     for rule in &set.rules {
-        if !exists(p, purpose, chain, rule)? {
+        if !ipt.exists(chain, rule)? {
             complete = false;
             break;
         }
     }
     if !complete {
         // Rebuild in order (flannel deletes and re-adds all when one is missing).
-        ipt_ok(p, purpose, "-F", chain, &[])?;
+        ipt.ok("-F", chain, &[])?;
         for rule in &set.rules {
-            ipt_ok(p, purpose, "-A", chain, rule)?;
+            ipt.ok("-A", chain, rule)?;
         }
         changed = true;
     }
-    let jump = jump_rule(purpose);
-    if !exists(p, purpose, purpose.hook(), &jump)? {
-        ipt_ok(p, purpose, "-A", purpose.hook(), &jump)?;
+    let jump = jump_rule(set.purpose);
+    if !ipt.exists(set.purpose.hook(), &jump)? {
+        ipt.ok("-A", set.purpose.hook(), &jump)?;
         changed = true;
     }
     Ok(changed)
@@ -535,7 +626,14 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2]) {
                     chain = purpose.chain(),
                     "removing the rules an earlier run left behind"
                 );
-                remove_chain(family.program(), purpose);
+                let wait =
+                    version_of(family.program()).map_or(Wait::Seconds, |v| Wait::for_version(&v));
+                Ipt {
+                    program: family.program(),
+                    wait,
+                    purpose,
+                }
+                .remove_chain();
             }
         }
     }
@@ -654,11 +752,72 @@ mod tests {
     }
 
     #[test]
+    fn the_lock_wait_flag_follows_the_version() {
+        let wait = |line: &str| Wait::for_version(line).args().join(" ");
+        assert_eq!(wait("iptables v1.8.9 (nf_tables)"), "-w 5");
+        assert_eq!(wait("iptables v1.6.0"), "-w 5");
+        // CentOS 7, Debian 8: -w takes no seconds.
+        assert_eq!(wait("iptables v1.4.21"), "-w");
+        assert_eq!(wait("iptables v1.4.20"), "-w");
+        // Debian 7: no -w at all.
+        assert_eq!(wait("iptables v1.4.14"), "");
+        assert_eq!(wait("garbage"), "-w 5");
+    }
+
+    /// A stand-in for iptables that exits with `code` and says so on stderr.
+    fn fake_iptables(dir: &std::path::Path, code: i32) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(format!("iptables-{code}"));
+        std::fs::write(
+            &path,
+            format!("#!/bin/sh\necho \"exit {code}\" >&2\nexit {code}\n"),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        path.to_string_lossy().into_owned()
+    }
+
+    #[test]
+    fn only_exit_status_1_means_a_rule_is_missing() {
+        let dir = tempfile::tempdir().unwrap();
+        let rule = jump_rule(Purpose::Forward);
+        let check = |code| {
+            let program = fake_iptables(dir.path(), code);
+            Ipt {
+                program: &program,
+                wait: Wait::Bare,
+                purpose: Purpose::Forward,
+            }
+            .exists("FORWARD", &rule)
+        };
+        assert!(check(0).unwrap());
+        assert!(!check(1).unwrap());
+        // A parameter problem (2) or the lock not free within the wait (4) is an error, which
+        // names the command and what it said.
+        for code in [2, 4] {
+            let e = format!("{:#}", check(code).unwrap_err());
+            assert!(
+                e.contains("-C FORWARD") && e.contains(&format!("exit {code}")),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
     fn a_new_lease_gets_new_rules_for_the_same_network() {
-        let set = RuleSet::masquerade(Family::V4, v4("198.19.0.0/16"), v4("198.19.7.0/24"), false);
+        let set = RuleSet::masquerade(
+            Family::V4,
+            Wait::Seconds,
+            v4("198.19.0.0/16"),
+            v4("198.19.7.0/24"),
+            false,
+        );
         let old = SubnetKey::parse("198.19.7.0-24").unwrap();
         let masq = Masq {
-            sets: vec![RuleSet::forward(Family::V4, v4("198.19.0.0/16")), set],
+            sets: vec![
+                RuleSet::forward(Family::V4, Wait::Seconds, v4("198.19.0.0/16")),
+                set,
+            ],
             lease: old,
             resync: Duration::from_secs(7),
         };

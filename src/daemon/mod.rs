@@ -272,6 +272,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         udp_gro = handles.iter().all(|h| h.udp_gro),
         port = config.backend.port, underlay = %underlay.name, "data plane running");
 
+    // The rules before subnet.env, as flanneld does: CNI starts workloads once the file
+    // exists, and their first flows must already be masqueraded (conntrack would keep an
+    // unmasqueraded one so for its life); a failed install leaves no file claiming
+    // FLANNEL_IPMASQ=true behind.
+    let cancel = CancellationToken::new();
+    let rule_opts = masq::Options {
+        masquerade: args.ip_masq,
+        forward: args.iptables_forward_rules,
+        resync: Duration::from_secs(args.iptables_resync.into()),
+        no_random_fully: args.ip_masq_fully_random_disable,
+    };
+    let rules = masq::install(&config, &own.key, rule_opts).await?;
+
     let env = SubnetEnv::for_lease(
         config.network,
         config.ipv6_network,
@@ -282,15 +295,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     host::write_atomic_off_thread(&args.subnet_file, env.render())
         .await
         .with_context(|| format!("writing {}", args.subnet_file.display()))?;
-
-    let cancel = CancellationToken::new();
-    let rule_opts = masq::Options {
-        masquerade: args.ip_masq,
-        forward: args.iptables_forward_rules,
-        resync: Duration::from_secs(args.iptables_resync.into()),
-        no_random_fully: args.ip_masq_fully_random_disable,
-    };
-    let rules = masq::install(&config, &own.key, rule_opts).await?;
     let masq = rules.map(|r| masq::spawn_resync(r, manager.subscribe(), cancel.clone()));
     notify::notify_logged("READY=1");
     let mut state = manager.subscribe();
