@@ -577,10 +577,10 @@ fn iface_takes_the_first_interface_that_exists() {
     );
 }
 
-/// A SIGTERM that arrives while the daemon is still starting (here: right after it wrote
-/// subnet.env, while it installs its iptables rules and starts its workers) stops it cleanly
-/// once it is up; it used to be swallowed until the daemon was killed. The window is the
-/// FORWARD-rule install after subnet.env, so without iptables (CI installs it) this cannot fail.
+/// A SIGTERM that arrives while the daemon is still starting (here: right after its data plane
+/// started, while it installs its iptables rules and writes subnet.env) stops it cleanly once
+/// it is up; it used to be swallowed until the daemon was killed. The window is the FORWARD-rule
+/// install, so without iptables (CI installs it) this cannot fail.
 #[test]
 fn a_stop_during_start_up_is_not_lost() {
     if skip() {
@@ -590,7 +590,13 @@ fn a_stop_during_start_up_is_not_lost() {
     for _ in 0..3 {
         let _ = std::fs::remove_file(o.env_path(0));
         o.start(0, &[]);
-        o.env(0);
+        let log_path = o.log_path(0);
+        let started = wait_for(Duration::from_secs(15), || {
+            std::fs::read_to_string(&log_path)
+                .ok()
+                .filter(|log| log.contains("data plane running"))
+        });
+        assert!(started.is_some(), "the data plane never started");
         let (status, log) = o.stop(0);
         assert!(status.is_some_and(|s| s.success()), "{status:?}: {log}");
         assert!(log.contains("stopping"), "{log}");
@@ -599,6 +605,11 @@ fn a_stop_during_start_up_is_not_lost() {
 
 /// The address of host i's current lease in the registry, as `linen lease list` shows it.
 fn advertised(o: &Overlay, i: usize) -> String {
+    advertised_as(o, i, "PublicIP")
+}
+
+/// The lease value's `field` (`PublicIP`, `PublicIPv6`) of host i's current lease.
+fn advertised_as(o: &Overlay, i: usize, field: &str) -> String {
     let subnet = o.env(i).previous_key().unwrap().to_string();
     let out = Command::new(LINEN)
         .args(["lease", "list", "--json", "--registry-dir"])
@@ -611,9 +622,41 @@ fn advertised(o: &Overlay, i: usize) -> String {
         .unwrap()
         .iter()
         .find(|l| l["subnet"] == subnet.as_str())
-        .and_then(|l| l["value"]["PublicIP"].as_str())
+        .and_then(|l| l["value"][field].as_str())
         .unwrap_or_else(|| panic!("no lease for {subnet}: {list}"))
         .to_owned()
+}
+
+/// The IPv6 address advertised is a lasting one: a deprecated address (what a privacy
+/// extension's temporary address becomes), which the kernel lists first as the newest, is
+/// passed over for the interface's permanent one.
+#[test]
+fn a_deprecated_ipv6_address_is_not_advertised() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnv6id", 2);
+    let h1 = o.lab.host(0).clone();
+    h1.ip(&[
+        "-6",
+        "addr",
+        "add",
+        "fd00:18::99/64",
+        "dev",
+        "eth0",
+        "nodad",
+        "preferred_lft",
+        "0",
+    ])
+    .unwrap();
+    let listed = h1.ip(&["-6", "addr", "show", "dev", "eth0"]).unwrap();
+    let (new, old) = (listed.find("fd00:18::99"), listed.find(&h1.ip6.to_string()));
+    assert!(new < old && listed.contains("deprecated"), "{listed}");
+    o.start(0, &[]);
+    o.start(1, &[]);
+    assert_eq!(advertised_as(&o, 0, "PublicIPv6"), h1.ip6.to_string());
+    let (_, v6) = o.addrs(1);
+    assert!(o.ping_ok(0, &v6, &["-6"]), "IPv6 ping 1 -> 2");
 }
 
 /// flannel's interface flags and variables choose the interface and the advertised address as

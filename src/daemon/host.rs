@@ -8,7 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
-use netlink_packet_route::address::AddressAttribute;
+use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -27,7 +27,8 @@ pub struct Underlay {
     /// The IPv4 address that chose it (`--iface ADDRESS`, a pattern, a route's source), else
     /// its first.
     pub ipv4: Option<Ipv4Addr>,
-    /// The IPv6 address that chose it, else its first global one.
+    /// The IPv6 address that chose it, else its first global one that is not temporary,
+    /// deprecated or DAD-failed.
     pub ipv6: Option<Ipv6Addr>,
 }
 
@@ -37,6 +38,9 @@ struct Link {
     mtu: u32,
     gso_max_segs: Option<u32>,
     addrs: Vec<IpAddr>,
+    /// Its IPv6 addresses that make a poor identity for the host: temporary (privacy, gone
+    /// within days), deprecated, or refused by duplicate address detection.
+    poor_v6: Vec<Ipv6Addr>,
 }
 
 /// Every address of every interface of this host.
@@ -92,6 +96,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
             mtu,
             gso_max_segs,
             addrs: Vec::new(),
+            poor_v6: Vec::new(),
         });
     }
     let mut stream = handle.address().get().execute();
@@ -107,6 +112,11 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
         });
         if let (Some(link), Some(addr)) = (out.iter_mut().find(|l| l.index == index), addr) {
             link.addrs.push(addr);
+            if let IpAddr::V6(v6) = addr
+                && is_poor_identity(&msg)
+            {
+                link.poor_v6.push(v6);
+            }
         }
     }
     Ok(out)
@@ -166,6 +176,20 @@ fn output_interface(attrs: &[RouteAttribute]) -> Option<u32> {
         RouteAttribute::Oif(i) => Some(*i),
         _ => None,
     })
+}
+
+/// Whether an IPv6 address is temporary (IFA_F_TEMPORARY, which is IFA_F_SECONDARY's bit),
+/// deprecated or DAD-failed, by its IFA_FLAGS (the header holds only the low 8 bits).
+fn is_poor_identity(msg: &AddressMessage) -> bool {
+    let flags = msg
+        .attributes
+        .iter()
+        .find_map(|a| match a {
+            AddressAttribute::Flags(f) => Some(*f),
+            _ => None,
+        })
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits())));
+    flags.intersects(AddressFlags::Secondary | AddressFlags::Deprecated | AddressFlags::Dadfailed)
 }
 
 fn usable_v6(a: &Ipv6Addr) -> bool {
@@ -305,12 +329,24 @@ pub async fn discover_underlay(
         },
         ipv6: match matched {
             Some(IpAddr::V6(v6)) if usable_v6(&v6) => Some(v6),
-            _ => pick.addrs.iter().find_map(|a| match a {
-                IpAddr::V6(v6) if usable_v6(v6) => Some(*v6),
-                _ => None,
-            }),
+            _ => first_v6(pick),
         },
     })
+}
+
+/// The interface's IPv6 address to advertise: the first global one that is not temporary,
+/// deprecated or DAD-failed (the kernel lists the newest first, so on a host with privacy
+/// extensions the first is usually a temporary one); else the first global one.
+fn first_v6(link: &Link) -> Option<Ipv6Addr> {
+    let global = || {
+        link.addrs.iter().filter_map(|a| match a {
+            IpAddr::V6(v6) if usable_v6(v6) => Some(*v6),
+            _ => None,
+        })
+    };
+    global()
+        .find(|a| !link.poor_v6.contains(a))
+        .or_else(|| global().next())
 }
 
 /// `--iface` values in order, then `--iface-regex` patterns in order (each against all
