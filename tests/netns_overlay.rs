@@ -45,14 +45,23 @@ impl Overlay {
     /// [`Overlay::start`] with environment variables; `--iface eth0` unless the flags or the
     /// variables choose the interface.
     fn start_with(&mut self, i: usize, extra: &[&str], vars: &[(&str, &str)]) {
-        let host = self.lab.host(i).clone();
-        let mut cmd = host.command(LINEN);
-        cmd.args(["run", "--registry-dir"]).arg(self.dir.path());
         let chosen = extra
             .iter()
             .any(|a| a.trim_start_matches('-').starts_with("iface"))
             || vars.iter().any(|(k, _)| k.ends_with("_IFACE"));
-        if !chosen {
+        self.launch(i, extra, vars, !chosen);
+    }
+
+    /// Starts host i's daemon with no interface named: it finds the underlay itself.
+    fn start_unguided(&mut self, i: usize) {
+        self.launch(i, &[], &[], false);
+    }
+
+    fn launch(&mut self, i: usize, extra: &[&str], vars: &[(&str, &str)], eth0: bool) {
+        let host = self.lab.host(i).clone();
+        let mut cmd = host.command(LINEN);
+        cmd.args(["run", "--registry-dir"]).arg(self.dir.path());
+        if eth0 {
             cmd.args(["--iface", "eth0"]);
         }
         cmd.envs(vars.iter().copied());
@@ -657,6 +666,31 @@ fn a_deprecated_ipv6_address_is_not_advertised() {
     assert_eq!(advertised_as(&o, 0, "PublicIPv6"), h1.ip6.to_string());
     let (_, v6) = o.addrs(1);
     assert!(o.ping_ok(0, &v6, &["-6"]), "IPv6 ping 1 -> 2");
+}
+
+/// With no interface named and no default route (test namespaces have none), the only
+/// interface with an address a peer could use is the underlay: one that has only an IPv6
+/// link-local address (every interface with IPv6 on does) does not count.
+#[test]
+fn the_only_interface_with_a_usable_address_is_the_underlay() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnonly", 2);
+    let h1 = o.lab.host(0).clone();
+    h1.ip(&[
+        "link", "add", "side7", "type", "veth", "peer", "name", "side7p",
+    ])
+    .unwrap();
+    h1.ip(&["link", "set", "side7", "up"]).unwrap();
+    h1.ip(&["link", "set", "side7p", "up"]).unwrap();
+    let links = h1.ip(&["-6", "addr", "show", "dev", "side7"]).unwrap();
+    assert!(links.contains("fe80::"), "{links}");
+    o.start_unguided(0);
+    o.start(1, &[]);
+    assert_eq!(advertised(&o, 0), h1.ip.to_string());
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
 }
 
 /// flannel's interface flags and variables choose the interface and the advertised address as

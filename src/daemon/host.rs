@@ -148,15 +148,21 @@ fn route_metric(msg: &RouteMessage) -> u32 {
 }
 
 async fn default_route_index(handle: &Handle) -> Result<Option<u32>> {
-    let mut stream = handle
-        .route()
-        .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
-        .execute();
-    let mut routes = Vec::new();
-    while let Some(msg) = stream.try_next().await.context("netlink: listing routes")? {
-        routes.push(msg);
+    // IPv4's, else IPv6's (a host with an IPv6-only underlay), as flannel looks.
+    for query in [
+        RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    ] {
+        let mut stream = handle.route().get(query).execute();
+        let mut routes = Vec::new();
+        while let Some(msg) = stream.try_next().await.context("netlink: listing routes")? {
+            routes.push(msg);
+        }
+        if let Some(index) = default_route_of(&routes) {
+            return Ok(Some(index));
+        }
     }
-    Ok(default_route_of(&routes))
+    Ok(None)
 }
 
 /// The interface of the main table's default route with the lowest metric, as flannel picks
@@ -263,9 +269,11 @@ pub async fn discover_underlay(
     public_ipv6: Option<Ipv6Addr>,
 ) -> Result<Underlay> {
     let links = links(handle).await?;
+    // Only addresses a peer could use count: every interface with IPv6 on has a link-local
+    // one, so counting those would leave no "only interface" on most hosts.
     let candidates: Vec<&Link> = links
         .iter()
-        .filter(|l| l.name != "lo" && !l.addrs.is_empty())
+        .filter(|l| l.name != "lo" && has_advertisable(l))
         .collect();
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
         let mut why = "no interface with an address matches".to_owned();
@@ -689,6 +697,15 @@ mod test {
         ];
         assert_eq!(default_route_of(&routes), Some(2));
         assert_eq!(default_route_of(&routes[..3]), None);
+        // The same for an IPv6 dump (an IPv6-only underlay).
+        let v6 = |oif, metric| {
+            RouteMessageBuilder::<Ipv6Addr>::new()
+                .table_id(MAIN_TABLE)
+                .output_interface(oif)
+                .priority(metric)
+                .build()
+        };
+        assert_eq!(default_route_of(&[v6(5, 1024), v6(4, 100)]), Some(4));
     }
 
     #[test]
