@@ -54,7 +54,12 @@ impl Overlay {
 
     /// Starts host i's daemon with no interface named: it finds the underlay itself.
     fn start_unguided(&mut self, i: usize) {
-        self.launch(i, &[], &[], false);
+        self.start_unguided_with(i, &[]);
+    }
+
+    /// [`Overlay::start_unguided`] with more flags.
+    fn start_unguided_with(&mut self, i: usize, extra: &[&str]) {
+        self.launch(i, extra, &[], false);
     }
 
     fn launch(&mut self, i: usize, extra: &[&str], vars: &[(&str, &str)], eth0: bool) {
@@ -689,6 +694,27 @@ fn the_only_interface_with_a_usable_address_is_the_underlay() {
     o.start_unguided(0);
     o.start(1, &[]);
     assert_eq!(advertised(&o, 0), h1.ip.to_string());
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+}
+
+/// A node address kept on loopback (routed setups) can be advertised with `--public-ip`, but
+/// the underlay is still the real interface: the overlay MTU fits eth0, not lo's 65536.
+#[test]
+fn a_public_ip_on_loopback_keeps_the_real_underlay() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnlo", 2);
+    let h1 = o.lab.host(0).clone();
+    // In the underlay's /24, so host 2 reaches it through eth0 (the kernel answers ARP for
+    // any local address).
+    h1.ip(&["addr", "add", "198.18.0.201/32", "dev", "lo"])
+        .unwrap();
+    o.start_unguided_with(0, &["--public-ip", "198.18.0.201"]);
+    o.start(1, &[]);
+    assert_eq!(advertised(&o, 0), "198.18.0.201");
+    assert_eq!(o.env(0).mtu, 1452, "the MTU of eth0 (1500), less 48");
     let (a2, _) = o.addrs(1);
     assert!(o.ping_ok(0, &a2, &[]));
 }

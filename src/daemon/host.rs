@@ -258,10 +258,11 @@ type Picked<'a> = (&'a Link, Option<IpAddr>);
 /// address or a name, else the interface of the route to `--iface-can-reach`; none matching is
 /// an error. As in flannel, an interface without an address to advertise does not count as a
 /// match, and patterns are matched against advertisable addresses only (never 127.0.0.1).
-/// Without them: the one holding `public_ip`; else the main table's default route's; else the
-/// only interface with an address. An address that picked the interface (`--iface 198.18.0.9`, a
-/// regex matching it, the route's source) is the one advertised, as in flannel; otherwise the
-/// interface's first.
+/// Without them: the one holding `public_ip` (not loopback); else the main table's default
+/// route's (IPv4, else IPv6); else the only interface with an address a peer could use. An
+/// address that picked the interface (`--iface 198.18.0.9`, a regex matching it, the route's
+/// source) is the one advertised, as in flannel; otherwise the interface's first (for IPv6, the
+/// first lasting one).
 pub async fn discover_underlay(
     handle: &Handle,
     choice: &InterfaceChoice,
@@ -304,8 +305,11 @@ pub async fn discover_underlay(
             )
         })?
     } else if let Some(l) = links.iter().find(|l| {
-        public_ip.is_some_and(|ip| l.addrs.contains(&IpAddr::V4(ip)))
-            || public_ipv6.is_some_and(|ip| l.addrs.contains(&IpAddr::V6(ip)))
+        // Not loopback: a node address kept on `lo` (routed setups, anycast) is advertised,
+        // but datagrams leave through a real interface, whose MTU the overlay's must fit.
+        l.name != "lo"
+            && (public_ip.is_some_and(|ip| l.addrs.contains(&IpAddr::V4(ip)))
+                || public_ipv6.is_some_and(|ip| l.addrs.contains(&IpAddr::V6(ip))))
     }) {
         (l, None)
     } else if let Some(idx) = default_route_index(handle).await? {
