@@ -1014,7 +1014,8 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
         return;
     }
     let mut o = Overlay::new("lnmove", 2);
-    o.start(0, &[]);
+    // With the masquerade rules, which name the subnet and must follow it too.
+    o.start(0, &["--ip-masq"]);
     o.start(1, &[]);
     let old = o.env(0).previous_key().unwrap();
     let (old_v4, old_v6) = o.addrs(0);
@@ -1084,6 +1085,21 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     assert!(!log.contains("cannot move the TUN device"), "{log}");
     assert_eq!(log.matches("cannot rewrite subnet.env").count(), 1, "{log}");
     assert!(log.contains("subnet.env rewritten after all"), "{log}");
+    // The masquerade rules name the new subnet, rebuilt as expected rather than "missing".
+    let rules = wait_for(Duration::from_secs(10), || {
+        let r = h0
+            .run_ok("iptables", &["-t", "nat", "-S", "LINEN-POSTRTG"])
+            .ok()?;
+        r.contains(&format!("{new_v4}/24")).then_some(r)
+    });
+    let rules = rules.unwrap_or_else(|| panic!("masquerade rules kept {old}"));
+    assert!(!rules.contains(&format!("{old_v4}/24")), "{rules}");
+    let log = std::fs::read_to_string(o.log_path(0)).unwrap_or_default();
+    assert!(
+        log.contains("iptables rules rebuilt for the new lease"),
+        "{log}"
+    );
+    assert!(!log.contains("were missing"), "{log}");
     // Without -I: the host's own pings leave from the new address and their replies come back.
     assert!(o.ping_ok(0, &b_v4, &[]), "IPv4 ping after the move");
     assert!(o.ping_ok(0, &b_v6, &["-6"]), "IPv6 ping after the move");

@@ -655,6 +655,8 @@ pub fn spawn_resync(
         // when it starts and when it changes, not at every check.
         let mut failing: Option<String> = None;
         loop {
+            // Whether this check follows a lease change (the rules change with it, as expected).
+            let mut moved = false;
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = tick.tick() => {}
@@ -668,6 +670,7 @@ pub fn spawn_resync(
                         Some(key) if key != masq.lease => {
                             tracing::info!(subnet = %key, "lease changed; rebuilding iptables rules");
                             masq = masq.for_lease(&key);
+                            moved = true;
                         }
                         _ => continue,
                     }
@@ -678,6 +681,8 @@ pub fn spawn_resync(
                 Ok(Ok(changed)) => {
                     if failing.take().is_some() {
                         tracing::info!("iptables rules in place again");
+                    } else if moved {
+                        tracing::info!("iptables rules rebuilt for the new lease");
                     } else if changed {
                         tracing::warn!("iptables rules were missing; re-added");
                     }
