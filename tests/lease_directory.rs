@@ -179,11 +179,9 @@ fn dual_stack_hosts_racing_never_share_a_subnet() {
 async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
     let dir =
         setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
-    // Long enough to outlast the refusals below on a loaded machine (stored rounded up).
-    let short = registry(dir.path(), 3);
     let long = registry(dir.path(), 3600);
     let held = key("198.19.62.0-24&fd00:19:0:2::-64");
-    short.create_lease(&held, &host(1)).await.unwrap();
+    long.create_lease(&held, &host(1)).await.unwrap();
     for other in [
         "198.19.62.0-24&fd00:19:0:32::-64",
         "198.19.13.0-24&fd00:19:0:2::-64",
@@ -210,8 +208,12 @@ async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
     // Unrelated subnets are not held back.
     let free = key("198.19.63.0-24&fd00:19:0:3::-64");
     long.create_lease(&free, &host(3)).await.unwrap();
-    // Once the holder's lease has expired, its subnets are free again.
-    tokio::time::sleep(Duration::from_millis(4100)).await;
+    // Once the holder's lease has expired (its file says so, as a minute without renewals
+    // would), its subnets are free again.
+    let path = dir.path().join("subnets").join(held.to_string());
+    let value = fs::read_to_string(&path).unwrap();
+    let first = value.lines().next().unwrap();
+    fs::write(&path, format!("{first}\nexpires=1\n")).unwrap();
     let taker = key("198.19.62.0-24&fd00:19:0:32::-64");
     long.create_lease(&taker, &host(2)).await.unwrap();
     let keys: BTreeSet<_> = live(&long).await.iter().map(|l| l.key).collect();
@@ -638,7 +640,7 @@ async fn an_overlapping_peer_key_is_settled_at_once() {
     .unwrap();
     fs::rename(&tmp, dir.path().join("subnets").join(theirs.to_string())).unwrap();
     // Our old key, deleted, leaves the peers when the watch sees it gone.
-    a.wait(3, "a subnet of our own, and theirs the only peer", |s| {
+    a.wait(10, "a subnet of our own, and theirs the only peer", |s| {
         own_key(s).is_some_and(|k| !k.overlaps(&theirs))
             && s.peers.iter().map(|l| l.key).eq([theirs])
     })

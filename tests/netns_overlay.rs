@@ -689,8 +689,12 @@ fn the_only_interface_with_a_usable_address_is_the_underlay() {
     .unwrap();
     h1.ip(&["link", "set", "side7", "up"]).unwrap();
     h1.ip(&["link", "set", "side7p", "up"]).unwrap();
-    let links = h1.ip(&["-6", "addr", "show", "dev", "side7"]).unwrap();
-    assert!(links.contains("fe80::"), "{links}");
+    // The kernel adds the link-local address once the carrier is up, a moment later.
+    let link_local = wait_for(Duration::from_secs(5), || {
+        let a = h1.ip(&["-6", "addr", "show", "dev", "side7"]).ok()?;
+        a.contains("fe80::").then_some(())
+    });
+    assert!(link_local.is_some(), "side7 got no link-local address");
     o.start_unguided(0);
     o.start(1, &[]);
     assert_eq!(advertised(&o, 0), h1.ip.to_string());
@@ -717,6 +721,37 @@ fn a_public_ip_on_loopback_keeps_the_real_underlay() {
     assert_eq!(o.env(0).mtu, 1452, "the MTU of eth0 (1500), less 48");
     let (a2, _) = o.addrs(1);
     assert!(o.ping_ok(0, &a2, &[]));
+}
+
+/// A subnet.env that cannot be written at start is a clear error (exit 1), and the iptables
+/// rules installed just before it go with the daemon, as on any other way out.
+#[test]
+fn an_unwritable_subnet_env_at_start_leaves_no_rules() {
+    if skip() {
+        return;
+    }
+    let o = Overlay::new("lnnoenv", 2);
+    let blocked = o.dir.path().join("env-is-a-directory");
+    std::fs::create_dir_all(blocked.join("x")).unwrap();
+    let blocked = blocked.to_string_lossy().into_owned();
+    o.refused(
+        0,
+        &["--iface", "eth0", "--ip-masq", "--subnet-file", &blocked],
+        1,
+        &["writing", &blocked],
+    );
+    for program in ["iptables", "ip6tables"] {
+        let out = o
+            .lab
+            .host(0)
+            .run(program, &["-t", "nat", "-S", "LINEN-POSTRTG"])
+            .unwrap();
+        assert!(
+            !out.status.success(),
+            "{program}: the chain outlived the daemon: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+    }
 }
 
 /// flannel's interface flags and variables choose the interface and the advertised address as

@@ -10,7 +10,7 @@ use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::LinkAttribute;
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::dataplane::worker::SEGMENTS;
@@ -168,18 +168,27 @@ async fn default_route_index(handle: &Handle) -> Result<Option<u32>> {
 /// The interface of the main table's default route with the lowest metric, as flannel picks
 /// it: a default route in another table (wg-quick's or Tailscale's policy routing) is not the
 /// host's way out, and the dump lists those tables first.
+///
+/// Only unicast routes: an `unreachable` or `blackhole` default (hardened images, BGP set-ups)
+/// names `lo`. An ECMP default names its interfaces in its next hops: the first is taken.
 fn default_route_of(routes: &[RouteMessage]) -> Option<u32> {
     routes
         .iter()
-        .filter(|m| m.header.destination_prefix_length == 0 && route_table(m) == MAIN_TABLE)
+        .filter(|m| {
+            m.header.destination_prefix_length == 0
+                && route_table(m) == MAIN_TABLE
+                && m.header.kind == RouteType::Unicast
+        })
         .filter_map(|m| Some((route_metric(m), output_interface(&m.attributes)?)))
         .min_by_key(|(metric, _)| *metric)
         .map(|(_, oif)| oif)
 }
 
+/// The route's interface, or its first next hop's for a multipath route.
 fn output_interface(attrs: &[RouteAttribute]) -> Option<u32> {
     attrs.iter().find_map(|a| match a {
         RouteAttribute::Oif(i) => Some(*i),
+        RouteAttribute::MultiPath(hops) => hops.first().map(|h| h.interface_index),
         _ => None,
     })
 }
@@ -312,11 +321,12 @@ pub async fn discover_underlay(
                 || public_ipv6.is_some_and(|ip| l.addrs.contains(&IpAddr::V6(ip))))
     }) {
         (l, None)
-    } else if let Some(idx) = default_route_index(handle).await? {
-        let l = links
-            .iter()
-            .find(|l| l.index == idx)
-            .ok_or_else(|| anyhow!("the default route's interface (index {idx}) has vanished"))?;
+    } else if let Some(l) = default_route_index(handle)
+        .await?
+        .and_then(|idx| candidates.iter().find(|l| l.index == idx))
+    {
+        // A default route through an interface without an address to advertise (or lo) is
+        // no way to peers: then the only candidate, as without a default route.
         (l, None)
     } else if candidates.len() == 1 {
         (candidates[0], None)
@@ -710,6 +720,30 @@ mod test {
                 .build()
         };
         assert_eq!(default_route_of(&[v6(5, 1024), v6(4, 100)]), Some(4));
+        // An unreachable default (it names lo) is no way out.
+        let unreachable = RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(MAIN_TABLE)
+            .kind(RouteType::Unreachable)
+            .output_interface(1)
+            .build();
+        assert_eq!(default_route_of(std::slice::from_ref(&unreachable)), None);
+        assert_eq!(default_route_of(&[unreachable, v6(5, 1024)]), Some(5));
+    }
+
+    #[test]
+    fn an_ecmp_default_route_names_its_first_next_hop() {
+        use netlink_packet_route::route::RouteNextHop;
+        let hop = |i| {
+            let mut h = RouteNextHop::default();
+            h.interface_index = i;
+            h
+        };
+        let mut ecmp = RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(MAIN_TABLE)
+            .build();
+        ecmp.attributes
+            .push(RouteAttribute::MultiPath(vec![hop(7), hop(8)]));
+        assert_eq!(default_route_of(&[ecmp]), Some(7));
     }
 
     #[test]

@@ -205,8 +205,8 @@ pub fn supports_random_fully(version_line: &str) -> bool {
 }
 
 /// How long an iptables command waits for the xtables lock another program holds, as its
-/// version allows (go-iptables, which flanneld uses, decides the same way): `-w 5` from 1.6.0,
-/// a bare `-w` (wait as long as it takes) from 1.4.20, no flag before, where either is refused.
+/// version allows: `-w 5` from 1.6.0, a bare `-w` (wait as long as it takes; what flanneld's
+/// go-iptables passes from 1.4.20 on) from 1.4.20, no flag before, where either is refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Wait {
     /// `-w 5`.
@@ -237,7 +237,7 @@ impl Wait {
     }
 }
 
-/// `program --version`'s first line, or why it could not run.
+/// What `program --version` prints, or why it could not run.
 fn version_of(program: &str) -> std::io::Result<String> {
     let out = Command::new(program)
         .arg("--version")
@@ -681,7 +681,7 @@ pub fn spawn_resync(
                 Ok(Ok(changed)) => {
                     if failing.take().is_some() {
                         tracing::info!("iptables rules in place again");
-                    } else if moved {
+                    } else if moved && changed {
                         tracing::info!("iptables rules rebuilt for the new lease");
                     } else if changed {
                         tracing::warn!("iptables rules were missing; re-added");
@@ -761,7 +761,8 @@ mod tests {
         let wait = |line: &str| Wait::for_version(line).args().join(" ");
         assert_eq!(wait("iptables v1.8.9 (nf_tables)"), "-w 5");
         assert_eq!(wait("iptables v1.6.0"), "-w 5");
-        // CentOS 7, Debian 8: -w takes no seconds.
+        // Debian 8's 1.4.21: -w takes no seconds (RHEL 7 backported them; a bare -w works
+        // there too).
         assert_eq!(wait("iptables v1.4.21"), "-w");
         assert_eq!(wait("iptables v1.4.20"), "-w");
         // Debian 7: no -w at all.
@@ -779,6 +780,16 @@ mod tests {
         )
         .unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+        // A process another test thread forks while the file is open for writing holds it
+        // until it execs: running it fails with ETXTBSY ("Text file busy") meanwhile.
+        for _ in 0..100 {
+            match std::process::Command::new(&path).output() {
+                Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10));
+                }
+                _ => break,
+            }
+        }
         path.to_string_lossy().into_owned()
     }
 

@@ -272,10 +272,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         udp_gro = handles.iter().all(|h| h.udp_gro),
         port = config.backend.port, underlay = %underlay.name, "data plane running");
 
-    // The rules before subnet.env, as flanneld does: CNI starts workloads once the file
-    // exists, and their first flows must already be masqueraded (conntrack would keep an
-    // unmasqueraded one so for its life); a failed install leaves no file claiming
-    // FLANNEL_IPMASQ=true behind.
+    // The rules before subnet.env (flanneld starts installing them at this point too, but in
+    // the background): CNI starts workloads once the file exists, and their first flows must
+    // already be masqueraded (conntrack would keep an unmasqueraded one so for its life); a
+    // failed install leaves no file claiming FLANNEL_IPMASQ=true behind.
     let cancel = CancellationToken::new();
     let rule_opts = masq::Options {
         masquerade: args.ip_masq,
@@ -292,9 +292,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         u32::from(mtu),
         args.ip_masq,
     );
-    host::write_atomic_off_thread(&args.subnet_file, env.render())
-        .await
-        .with_context(|| format!("writing {}", args.subnet_file.display()))?;
+    if let Err(e) = host::write_atomic_off_thread(&args.subnet_file, env.render()).await {
+        // Exiting: the rules go too, as on any other way out.
+        if let Some(r) = rules {
+            let _ = tokio::task::spawn_blocking(move || r.remove()).await;
+        }
+        return Err(e).with_context(|| format!("writing {}", args.subnet_file.display()));
+    }
     let masq = rules.map(|r| masq::spawn_resync(r, manager.subscribe(), cancel.clone()));
     notify::notify_logged("READY=1");
     let mut state = manager.subscribe();

@@ -546,7 +546,7 @@ impl Store {
                 return Err(RegistryError::AlreadyExists(key));
             }
         }
-        // Malformed values count too: they block their own key.
+        // Malformed values block overlapping keys too, as they block their own.
         let blocking = |e: &Entry| matches!(e, Entry::Live(_) | Entry::Malformed);
         if let Some((other, _)) = self
             .overlapping(&key)?
@@ -617,7 +617,7 @@ impl Store {
                 _ => None,
             });
             if let Some(other) = wins {
-                tracing::warn!(subnet = %lease.key, %other, "another lease holds one of this lease's subnets and keeps it; giving this one up");
+                tracing::warn!(subnet = %lease.key, %other, "another key holds one of this lease's subnets and keeps it; giving this one up");
                 self.remove_locked(&lease.key)?;
                 return Err(RegistryError::NotFound(lease.key));
             }

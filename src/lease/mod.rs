@@ -162,14 +162,16 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Atomically creates `subnets/<key>` with the registry's lease TTL (24 h unless the
     /// registry was built with another). Fails with [`RegistryError::AlreadyExists`] when the
-    /// key exists and has not expired.
+    /// key exists and has not expired, and with [`RegistryError::Overlaps`] when another key
+    /// holds one of its subnets (a dual-stack key with the same IPv4 subnet, say).
     async fn create_lease(
         &self,
         key: &SubnetKey,
         attrs: &LeaseAttrs,
     ) -> Result<Lease, RegistryError>;
 
-    /// Atomically creates a reservation: `subnets/<key>` without a TTL.
+    /// Atomically creates a reservation: `subnets/<key>` without a TTL. Fails as
+    /// [`create_lease`](Registry::create_lease) does.
     async fn create_reservation(
         &self,
         key: &SubnetKey,
@@ -178,7 +180,9 @@ pub trait Registry: Send + Sync + 'static {
 
     /// Rewrites an existing lease with `attrs` and restarts its TTL; a reservation stays a
     /// reservation (no TTL is attached). Fails with [`RegistryError::NotFound`] when the key is
-    /// gone. Backends must not leak a TTL holder per renewal (etcd: reuse the etcd lease).
+    /// gone, and also after deleting it when an overlapping key keeps its subnets (a lease gives
+    /// way to a reservation and to an earlier lease; a reservation never gives way). Backends
+    /// must not leak a TTL holder per renewal (etcd: reuse the etcd lease).
     async fn renew_lease(&self, lease: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError>;
 
     /// Turns the live lease `lease` into a reservation in place: `subnets/<key>` keeps its
