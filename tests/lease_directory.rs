@@ -327,14 +327,15 @@ async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
     let short = registry(dir.path(), 5);
     let long = registry(dir.path(), 3600);
     // Host 1 runs first; host 2 then takes a 5 s lease and stops renewing (its daemon died).
-    // Host 1 must see it before it expires: 5 s leaves room on a loaded machine.
+    // Host 1 must see it before it expires: 5 s leaves room on a loaded machine. Beyond the
+    // first 100 candidates, among which host 1 picks its own.
     let mut a = Running::start(Arc::clone(&long), options(1)).await;
     short
-        .create_lease(&key("198.19.7.0-24"), &host(2))
+        .create_lease(&key("198.19.150.0-24"), &host(2))
         .await
         .unwrap();
     a.wait(4, "host 2 as a peer", |s| {
-        s.peers.iter().any(|l| l.key == key("198.19.7.0-24"))
+        s.peers.iter().any(|l| l.key == key("198.19.150.0-24"))
     })
     .await;
     let gen_before = a.state.borrow().generation;
@@ -342,13 +343,13 @@ async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
     assert!(s.generation > gen_before);
     // Another host asking for that subnet (its subnet.env) now gets it.
     let mut opts = options(3);
-    opts.previous = Some(key("198.19.7.0-24"));
+    opts.previous = Some(key("198.19.150.0-24"));
     let b = Running::start(Arc::clone(&long), opts).await;
-    assert_eq!(own_key(&b.state.borrow()), Some(key("198.19.7.0-24")));
+    assert_eq!(own_key(&b.state.borrow()), Some(key("198.19.150.0-24")));
     a.wait(2, "host 3 as a peer", |s| {
         s.peers
             .iter()
-            .any(|l| l.key == key("198.19.7.0-24") && l.attrs == host(3))
+            .any(|l| l.key == key("198.19.150.0-24") && l.attrs == host(3))
     })
     .await;
     a.stop().await;

@@ -275,11 +275,23 @@ fn binary_available() -> bool {
         .unwrap_or(false)
 }
 
+/// A free loopback port below the kernel's ephemeral range (32768 and up by default), each
+/// handed out once per process: a port the kernel picks could go, while an outage test has its
+/// etcd stopped, to another test's new etcd, and the restart on the same ports would fail.
+/// Ports something else holds are skipped.
 fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("find a free loopback port")
+    use std::sync::atomic::{AtomicU32, Ordering};
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    // Processes running at once (a developer's two test runs) start at different places.
+    let start = std::process::id().wrapping_mul(97);
+    for _ in 0..12_000 {
+        let n = NEXT.fetch_add(1, Ordering::Relaxed);
+        let port = 20_000 + (start.wrapping_add(n) % 12_000) as u16;
+        if TcpListener::bind((Ipv4Addr::LOCALHOST, port)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free loopback port in 20000..32000")
 }
 
 /// `GET /health` on `ip:port`, for [`EtcdServer::healthy`] inside a namespace; exits 0 when
