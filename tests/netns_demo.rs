@@ -248,11 +248,18 @@ fn sigint_mid_bench_removes_namespaces_and_processes() {
         .unwrap();
     let pid = child.id();
     let _sweep = Sweep("lnbench", pid);
-    // Interrupt once both daemons run (the measurements have begun).
-    let running = |l: &String| l.contains("run --registry-dir");
+    // Interrupt once both daemons run (the measurements have begun). Counted by command line:
+    // a daemon's child between fork and exec (it runs iptables) shows the daemon's for a moment.
+    let daemons = |list: &[String]| {
+        list.iter()
+            .filter(|l| l.contains("run --registry-dir"))
+            .filter_map(|l| l.split_once(": ").map(|(_, cmd)| cmd.to_owned()))
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut running_before = leftovers_of("lnbench", pid);
-    while running_before.iter().filter(|l| running(l)).count() < 2 && Instant::now() < deadline {
+    while daemons(&running_before) < 2 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
         running_before = leftovers_of("lnbench", pid);
     }
@@ -260,7 +267,7 @@ fn sigint_mid_bench_removes_namespaces_and_processes() {
     let stdout = std::fs::read_to_string(&out_path).unwrap();
     let stderr = std::fs::read_to_string(&err_path).unwrap();
     assert_eq!(
-        running_before.iter().filter(|l| running(l)).count(),
+        daemons(&running_before),
         2,
         "two linen daemons should have been running: {running_before:#?}\n{stderr}"
     );
