@@ -20,6 +20,8 @@ use rand::SeedableRng;
 use rand::rngs::StdRng;
 
 const NET: &str = r#"{"Network":"198.19.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
+/// A dual-stack network: /24s and /64s.
+const DUAL: &str = r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#;
 
 fn setup(config: &str) -> tempfile::TempDir {
     let dir = tempfile::tempdir().unwrap();
@@ -177,8 +179,7 @@ fn dual_stack_hosts_racing_never_share_a_subnet() {
 /// key has expired; reservations likewise.
 #[tokio::test]
 async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
-    let dir =
-        setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
+    let dir = setup(DUAL);
     let long = registry(dir.path(), 3600);
     let held = key("198.19.62.0-24&fd00:19:0:2::-64");
     long.create_lease(&held, &host(1)).await.unwrap();
@@ -225,8 +226,7 @@ async fn a_key_sharing_a_subnet_with_a_live_one_is_refused() {
 /// a reservation, and of two leases the greater key gives way; the other keeps renewing.
 #[tokio::test]
 async fn overlapping_leases_are_sorted_out_at_renewal() {
-    let dir =
-        setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
+    let dir = setup(DUAL);
     let reg = registry(dir.path(), 3600);
     let subnets = dir.path().join("subnets");
     fs::create_dir_all(&subnets).unwrap();
@@ -622,8 +622,7 @@ async fn own_subnet_taken_by_another_host_is_left_to_it() {
 /// we give way and move to a subnet of our own.
 #[tokio::test]
 async fn an_overlapping_peer_key_is_settled_at_once() {
-    let dir =
-        setup(r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#);
+    let dir = setup(DUAL);
     // Two hours: the first renewal (an hour before expiry) is an hour away.
     let reg = registry(dir.path(), 7200);
     let mine = key("198.19.62.0-24&fd00:19:0:32::-64");

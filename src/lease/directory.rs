@@ -547,11 +547,10 @@ impl Store {
             }
         }
         // Malformed values block overlapping keys too, as they block their own.
-        let blocking = |e: &Entry| matches!(e, Entry::Live(_) | Entry::Malformed);
         if let Some((other, _)) = self
             .overlapping(&key)?
             .into_iter()
-            .find(|(_, e)| blocking(e))
+            .find(|(_, e)| matches!(e, Entry::Live(_) | Entry::Malformed))
         {
             return Err(RegistryError::Overlaps { key, other });
         }

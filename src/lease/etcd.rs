@@ -311,22 +311,12 @@ impl Shared {
             .collect())
     }
 
-    /// A key created at `created` (by [`put_if`](Shared::put_if); 0: unknown) gives way to an
-    /// overlapping key created earlier, or to any when its revision is unknown.
-    async fn earlier_overlapping(
-        &self,
-        key: &SubnetKey,
-        created: Revision,
-    ) -> Result<Option<SubnetKey>, RegistryError> {
-        let before = (created > 0).then_some(created);
-        Ok(self.overlapping(key, before).await?.first().map(|o| o.key))
-    }
-
-    /// Checks a key just created at `revision` (with etcd lease `lease`, 0 for a
-    /// reservation) against earlier overlapping keys: `None` when it may stay; otherwise why
-    /// not, after withdrawing it. It is withdrawn also when the check fails, as an unchecked
-    /// key would stay unchecked: a reservation for good, a lease while it is renewed. When the
-    /// withdraw fails too, the error names the key to release.
+    /// Checks a key just created at `revision` (with etcd lease `lease`, 0 for a reservation)
+    /// against the overlapping keys created before it (all of them when
+    /// [`put_if`](Shared::put_if) reported no revision, 0): `None` when it may stay; otherwise
+    /// why not, after withdrawing it. It is withdrawn also when the check fails, as an
+    /// unchecked key would stay unchecked: a reservation for good, a lease while it is renewed.
+    /// When the withdraw fails too, the error names the key to release.
     async fn check_new_key(
         &self,
         key: &SubnetKey,
@@ -334,9 +324,15 @@ impl Shared {
         revision: Revision,
         lease: i64,
     ) -> Option<RegistryError> {
-        let refusal = match self.earlier_overlapping(key, revision).await {
-            Ok(None) => return None,
-            Ok(Some(other)) => RegistryError::Overlaps { key: *key, other },
+        let before = (revision > 0).then_some(revision);
+        let refusal = match self.overlapping(key, before).await {
+            Ok(found) => match found.first() {
+                None => return None,
+                Some(o) => RegistryError::Overlaps {
+                    key: *key,
+                    other: o.key,
+                },
+            },
             Err(e) => e,
         };
         match self.withdraw(path, revision, lease).await {
