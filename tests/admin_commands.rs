@@ -209,6 +209,29 @@ fn a_held_lease_is_kept_as_a_reservation() {
     assert!(out.contains("already reserved"), "{out}");
 }
 
+/// `lease list` on a registry without a network config (a mistyped `--registry-dir`) still
+/// lists, but warns that no host leases from it; with a config it does not warn.
+#[test]
+fn listing_a_registry_without_a_network_warns() {
+    let dir = tempfile::tempdir().unwrap();
+    let typo = dir.path().join("no-such-registry");
+    let (code, out) = linen(&typo, &["lease", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("0 leases"), "{out}");
+    assert!(
+        out.contains("no network uses this registry") && out.contains("network config not found"),
+        "{out}"
+    );
+    let (code, out) = linen(
+        dir.path(),
+        &["network", "init", "--network", "198.19.0.0/16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = linen(dir.path(), &["lease", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("WARN"), "{out}");
+}
+
 /// Eight `network init` at once with different configs: exactly one writes, the others see
 /// its config and refuse, and the stored config is the winner's.
 #[test]

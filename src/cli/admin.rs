@@ -214,6 +214,11 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
         LeaseCommand::List { registry, json } => {
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
             let list = reg.list_leases().await?;
+            // No network here: most likely a mistyped --registry-dir or --etcd-prefix, which
+            // would otherwise look like an empty cluster.
+            if let Err(e @ RegistryError::ConfigNotFound { .. }) = reg.get_network_config().await {
+                tracing::warn!("no network uses this registry, so no host leases from it: {e}");
+            }
             if json {
                 let items: Vec<serde_json::Value> = list
                     .leases
