@@ -21,6 +21,21 @@ fn linen(args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// A directory registry with a network config (198.19.0.0/16).
+fn registry_with_a_network() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = linen(&[
+        "network",
+        "init",
+        "--registry-dir",
+        dir.path().to_str().unwrap(),
+        "--network",
+        "198.19.0.0/16",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    dir
+}
+
 fn assert_usage(args: &[&str], mentions: &[&str]) {
     let (code, stderr) = linen(args);
     assert_eq!(
@@ -115,21 +130,46 @@ fn runtime_failures_exit_1() {
     assert_eq!(code, Some(1), "{stderr}");
 }
 
+/// `linen run` without CAP_NET_ADMIN exits 1 and says so, before it takes a lease: nothing is
+/// left in the registry for a day. As root the capability is dropped with `setpriv`.
+#[test]
+fn run_without_cap_net_admin_takes_no_lease() {
+    let dir = registry_with_a_network();
+    let reg = dir.path().to_str().unwrap();
+    let env = dir.path().join("subnet.env");
+    let args = [
+        "run",
+        "--registry-dir",
+        reg,
+        "--subnet-file",
+        env.to_str().unwrap(),
+        "--metrics-addr",
+        "off",
+    ];
+    let mut cmd = if linen::lab::is_root() {
+        let mut c = Command::new("setpriv");
+        c.args(["--bounding-set", "-net_admin", "--", LINEN]);
+        c
+    } else {
+        Command::new(LINEN)
+    };
+    let out = cmd.args(args).env_remove("LINEN_IP_MASQ").output().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    let leases = std::fs::read_dir(dir.path().join("subnets"))
+        .map(|d| d.count())
+        .unwrap_or(0);
+    assert_eq!(leases, 0, "no lease may be taken: {stderr}");
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
+    assert!(!env.exists());
+}
+
 /// `--log-format json` writes one JSON object per event to stderr, and `--log-level` filters:
 /// a malformed lease file is skipped with a warning that names it, which `error` hides.
 #[test]
 fn log_format_and_level_apply_to_what_is_logged() {
-    let dir = tempfile::tempdir().unwrap();
+    let dir = registry_with_a_network();
     let reg = dir.path().to_str().unwrap();
-    let (code, stderr) = linen(&[
-        "network",
-        "init",
-        "--registry-dir",
-        reg,
-        "--network",
-        "198.19.0.0/16",
-    ]);
-    assert_eq!(code, Some(0), "{stderr}");
     std::fs::create_dir_all(dir.path().join("subnets")).unwrap();
     std::fs::write(dir.path().join("subnets/198.19.5.0-24"), "garbage\n").unwrap();
 

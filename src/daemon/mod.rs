@@ -161,6 +161,15 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.tun
         );
     }
+    // The TUN device, its routes and the rules need CAP_NET_ADMIN. Checked before the lease:
+    // an unprivileged start would otherwise hold a subnet in the registry for a day.
+    if host::has_net_admin() == Some(false) {
+        bail!(
+            "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it \
+             as root",
+            args.tun
+        );
+    }
     let previous = std::fs::read_to_string(&args.subnet_file)
         .ok()
         .and_then(|text| SubnetEnv::previous_key_in(&text));
