@@ -209,8 +209,8 @@ fn a_held_lease_is_kept_as_a_reservation() {
     assert!(out.contains("already reserved"), "{out}");
 }
 
-/// `lease list` on a registry without a network config (a mistyped `--registry-dir`) still
-/// lists, but warns that no host leases from it; with a config it does not warn.
+/// `lease list` on a registry without a network config (a mistyped `--registry-dir`), or with
+/// one linen cannot use, still lists but warns; with a usable config it does not warn.
 #[test]
 fn listing_a_registry_without_a_network_warns() {
     let dir = tempfile::tempdir().unwrap();
@@ -230,6 +230,18 @@ fn listing_a_registry_without_a_network_warns() {
     let (code, out) = linen(dir.path(), &["lease", "list"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("WARN"), "{out}");
+    // A config linen cannot use (a flannel vxlan network) is named too.
+    std::fs::write(
+        dir.path().join("config"),
+        r#"{"Network":"198.19.0.0/16","Backend":{"Type":"vxlan"}}"#,
+    )
+    .unwrap();
+    let (code, out) = linen(dir.path(), &["lease", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("linen cannot lease from this registry") && out.contains("vxlan"),
+        "{out}"
+    );
 }
 
 /// Eight `network init` at once with different configs: exactly one writes, the others see

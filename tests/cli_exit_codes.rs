@@ -1,10 +1,12 @@
 //! Exit codes and logging flags of the binary: bad flags and invalid configs exit 2 with a
-//! message that names what to fix. No root needed (nothing here touches the network).
+//! message that names what to fix. No root needed. Nothing here touches this host's network: as
+//! root, the one test that starts `linen run` far enough runs it in a throwaway namespace.
 
 mod common;
 use common::Helper;
 
-use std::process::Command;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
 
 const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
@@ -131,29 +133,43 @@ fn runtime_failures_exit_1() {
 }
 
 /// `linen run` without CAP_NET_ADMIN exits 1 and says so, before it takes a lease: nothing is
-/// left in the registry for a day. As root the capability is dropped with `setpriv`.
+/// left in the registry for a day. As root it runs in a new network namespace (so that a broken
+/// check could not touch this host's network) with the capability dropped by `setpriv`.
 #[test]
 fn run_without_cap_net_admin_takes_no_lease() {
     let dir = registry_with_a_network();
-    let reg = dir.path().to_str().unwrap();
     let env = dir.path().join("subnet.env");
-    let args = [
-        "run",
-        "--registry-dir",
-        reg,
-        "--subnet-file",
-        env.to_str().unwrap(),
-        "--metrics-addr",
-        "off",
-    ];
     let mut cmd = if linen::lab::is_root() {
-        let mut c = Command::new("setpriv");
-        c.args(["--bounding-set", "-net_admin", "--", LINEN]);
+        // An underlay with an address, so that without the check it would get to the lease.
+        let script = "ip link add lncapu0 type veth peer name lncapu1 \
+                      && ip addr add 198.18.0.1/24 dev lncapu0 \
+                      && ip link set lncapu0 up && ip link set lncapu1 up \
+                      && exec setpriv --inh-caps -all --ambient-caps -all \
+                         --bounding-set -net_admin -- \"$@\"";
+        let mut c = Command::new("unshare");
+        c.args(["--net", "sh", "-c", script, "sh", LINEN]);
         c
     } else {
         Command::new(LINEN)
     };
-    let out = cmd.args(args).env_remove("LINEN_IP_MASQ").output().unwrap();
+    cmd.arg("run")
+        .arg("--registry-dir")
+        .arg(dir.path())
+        .arg("--subnet-file")
+        .arg(&env)
+        .args(["--metrics-addr", "off", "--tun", "lncap0"])
+        .env_remove("LINEN_IP_MASQ")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Helper::spawn(&mut cmd);
+    // Killed (when the helper drops) if it does not exit: a check that let it through would
+    // leave a daemon running.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while child.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < deadline, "linen run did not exit");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let leases = std::fs::read_dir(dir.path().join("subnets"))
         .map(|d| d.count())

@@ -214,10 +214,19 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
         LeaseCommand::List { registry, json } => {
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
             let list = reg.list_leases().await?;
-            // No network here: most likely a mistyped --registry-dir or --etcd-prefix, which
-            // would otherwise look like an empty cluster.
-            if let Err(e @ RegistryError::ConfigNotFound { .. }) = reg.get_network_config().await {
-                tracing::warn!("no network uses this registry, so no host leases from it: {e}");
+            // No usable network here: most likely a mistyped --registry-dir or --etcd-prefix,
+            // which would otherwise look like an empty cluster. (A registry that cannot be
+            // read failed the list already.)
+            match reg.get_network_config().await {
+                Err(e @ RegistryError::ConfigNotFound { .. }) => {
+                    tracing::warn!(
+                        "no network uses this registry, so linen cannot lease from it: {e}"
+                    );
+                }
+                Err(e @ RegistryError::BadConfig { .. }) => {
+                    tracing::warn!("linen cannot lease from this registry: {e}");
+                }
+                _ => {}
             }
             if json {
                 let items: Vec<serde_json::Value> = list

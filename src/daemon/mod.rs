@@ -98,6 +98,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::info!("stopped while waiting for the network config");
         return Ok(());
     };
+    // The TUN device, its routes and the rules need CAP_NET_ADMIN. Checked once the config is
+    // known to be valid (a bad one exits 2 for any user) and before the lease: an unprivileged
+    // start would otherwise hold a subnet in the registry for a day.
+    if host::has_net_admin() == Some(false) {
+        bail!(
+            "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it \
+             as root",
+            args.tun
+        );
+    }
     let nl = host::connect()?;
     let underlay = host::discover_underlay(
         &nl,
@@ -158,15 +168,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         bail!(
             "a network device named {} already exists (another linen, or another program's \
              device); pass --tun with another name, or remove it",
-            args.tun
-        );
-    }
-    // The TUN device, its routes and the rules need CAP_NET_ADMIN. Checked before the lease:
-    // an unprivileged start would otherwise hold a subnet in the registry for a day.
-    if host::has_net_admin() == Some(false) {
-        bail!(
-            "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it \
-             as root",
             args.tun
         );
     }
