@@ -182,11 +182,12 @@ pub struct RunArgs {
           default_value_t = false, num_args = 0..=1, default_missing_value = "true",
           action = clap::ArgAction::Set, value_parser = clap::builder::BoolishValueParser::new())]
     pub ip_masq_fully_random_disable: bool,
-    /// Microseconds a worker keeps polling after traffic before it sleeps (0: sleep at once).
-    /// Trades CPU after each burst for latency (a thread wakeup costs tens of µs on a VM); it
-    /// helps only where cores are idle: on 2 cores shared with the traffic's programs it made
-    /// pings slower (README, "Latency").
-    #[arg(long, env = "LINEN_BUSY_POLL_US", default_value_t = 0,
+    /// Microseconds a worker may poll instead of sleeping after sparse traffic woke it (0:
+    /// always sleep at once). A reply caught while polling saves a thread wakeup, which costs
+    /// tens of µs on a VM. Each sleep of 2 ms or more earns 1/16 of its length in polling, up to
+    /// this, so bulk traffic never polls and sparse traffic costs at most 1/16 of a core per
+    /// worker (README, "Latency").
+    #[arg(long, env = "LINEN_BUSY_POLL_US", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub busy_poll_us: u32,
     /// Send every datagram from the overlay port (8285) as flannel does, instead of one

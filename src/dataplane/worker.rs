@@ -320,6 +320,8 @@ impl Worker {
         let mut events = Events::with_capacity(8);
         // Edge-triggered: after a readiness event, drain until the kernel says WouldBlock.
         let (mut tun_ready, mut udp_ready) = (true, true);
+        // Polling time left before the worker sleeps again (see below).
+        let mut spin_left = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
             while tun_ready || udp_ready {
                 if tun_ready {
@@ -334,26 +336,34 @@ impl Worker {
                     return Ok(());
                 }
             }
-            // Busy-poll briefly before sleeping: a reply or the next packet of a burst usually
-            // arrives within tens of microseconds, and catching it here saves a thread wakeup,
-            // which costs ~50 µs on a virtual machine (ping over linen: see README). Only after
-            // activity, so an idle worker does not spin.
-            let spin_until = (!self.busy_poll.is_zero()).then(|| Instant::now() + self.busy_poll);
+            // Poll for a while before sleeping when traffic is sparse: the reply to what was
+            // just sent usually comes within a round trip, and catching it here saves a thread
+            // wakeup, which costs tens of µs from an idle vCPU; a polling worker also keeps its
+            // vCPU awake for the program the reply wakes (ping over linen: README, "Latency").
+            // A sleep of at least QUIET earns a polling allowance of 1/16 of its length, at most
+            // `busy_poll`, spent over the polls until the next sleep: bulk traffic, where the
+            // worker sleeps for microseconds, never polls, and sparse traffic costs at most 1/16
+            // of a core. Each round yields the CPU, so that the threads which produce the reply
+            // are not held up (a spin that did not yield made pings slower on 2 shared cores).
+            let spin_from = Instant::now();
+            let spin_until = spin_from + spin_left;
             loop {
-                let timeout = if spin_until.is_some_and(|t| Instant::now() < t) {
-                    Some(std::time::Duration::ZERO)
-                } else {
-                    None
-                };
-                match poll.poll(&mut events, timeout) {
+                let now = Instant::now();
+                let spinning = now < spin_until;
+                match poll.poll(&mut events, spinning.then_some(Duration::ZERO)) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
-                if !events.is_empty() || timeout.is_none() {
+                if !spinning {
+                    spin_left = spin_budget(self.busy_poll, now.elapsed());
                     break;
                 }
-                std::hint::spin_loop();
+                if !events.is_empty() {
+                    spin_left = spin_left.saturating_sub(spin_from.elapsed());
+                    break;
+                }
+                std::thread::yield_now();
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -609,6 +619,22 @@ impl Worker {
         Ok(true)
     }
 }
+
+/// The polling allowance a sleep of `slept` earns (see [`Worker::run`]): 1/16 of it, at most
+/// `busy_poll`, and only for a sleep of at least [`QUIET`].
+fn spin_budget(busy_poll: Duration, slept: Duration) -> Duration {
+    if slept < QUIET {
+        Duration::ZERO
+    } else {
+        busy_poll.min(slept / 16)
+    }
+}
+
+/// The shortest sleep that earns polling. Traffic paced in bursts a millisecond or less apart
+/// (iperf3's default pacing, a flow throttled by a busy core) does not: polling between its
+/// bursts took CPU time from the programs sharing the cores and lost small datagrams in their
+/// sockets (the 64-byte rate of `linen bench` fell by about 7 % with a threshold of 320 µs).
+const QUIET: Duration = Duration::from_millis(2);
 
 /// Sends `t`; when the kernel refuses its source address (the advertised address is no longer
 /// ours: a floating address moved), sends it again from the kernel's choice, as without one,
@@ -976,6 +1002,22 @@ mod test {
 
     /// A worker thread that panics must count as stopped (the daemon exits when none runs):
     /// the flag comes down while unwinding, not only on a normal return.
+    #[test]
+    fn a_sleep_earns_a_sixteenth_of_its_length_in_polling() {
+        let us = Duration::from_micros;
+        let ms = Duration::from_millis;
+        // Bulk or paced traffic: the worker slept less than 2 ms, so it does not poll.
+        assert_eq!(spin_budget(us(500), us(50)), Duration::ZERO);
+        assert_eq!(spin_budget(us(500), us(1999)), Duration::ZERO);
+        // Sparse traffic: 1/16 of the sleep, up to the configured time.
+        assert_eq!(spin_budget(us(500), ms(2)), us(125));
+        assert_eq!(spin_budget(us(500), ms(4)), us(250));
+        assert_eq!(spin_budget(us(500), ms(10)), us(500));
+        assert_eq!(spin_budget(us(500), Duration::from_secs(60)), us(500));
+        // Off.
+        assert_eq!(spin_budget(Duration::ZERO, ms(10)), Duration::ZERO);
+    }
+
     #[test]
     fn the_running_flag_comes_down_on_a_panic_too() {
         for panics in [false, true] {
