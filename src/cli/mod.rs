@@ -185,8 +185,8 @@ pub struct RunArgs {
     /// Microseconds a worker may poll instead of sleeping after sparse traffic woke it (0:
     /// always sleep at once). A reply caught while polling saves a thread wakeup, which costs
     /// tens of µs on a VM. Each sleep of 2 ms or more earns 1/16 of its length in polling, up to
-    /// this, so bulk traffic never polls and sparse traffic costs at most 1/16 of a core per
-    /// worker (README, "Latency").
+    /// this, so a steady flow polls only after a quiet gap and polling takes at most 1/16 of a
+    /// worker's time (README, "Latency").
     #[arg(long, env = "LINEN_BUSY_POLL_US", default_value_t = 500,
           value_parser = clap::value_parser!(u32).range(0..=10_000))]
     pub busy_poll_us: u32,

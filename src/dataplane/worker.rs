@@ -71,7 +71,8 @@ pub struct WorkerSetup {
     /// Receive with UDP GRO where the socket has it. Off with `--no-offload`, and on kernels
     /// before 5.12, whose UDP GRO had bugs (perf-techniques.md; wireguard-go does the same).
     pub udp_gro: bool,
-    /// How long to keep polling without sleeping after activity (`--busy-poll-us`).
+    /// The most polling a sleep can earn (`--busy-poll-us`; zero: never poll). See
+    /// [`Worker::run`].
     pub busy_poll: std::time::Duration,
 }
 
@@ -341,29 +342,42 @@ impl Worker {
             // wakeup, which costs tens of µs from an idle vCPU; a polling worker also keeps its
             // vCPU awake for the program the reply wakes (ping over linen: README, "Latency").
             // A sleep of at least QUIET earns a polling allowance of 1/16 of its length, at most
-            // `busy_poll`, spent over the polls until the next sleep: bulk traffic, where the
-            // worker sleeps for microseconds, never polls, and sparse traffic costs at most 1/16
-            // of a core. Each round yields the CPU, so that the threads which produce the reply
-            // are not held up (a spin that did not yield made pings slower on 2 shared cores).
-            let spin_from = Instant::now();
-            let spin_until = spin_from + spin_left;
-            loop {
-                let now = Instant::now();
-                let spinning = now < spin_until;
-                match poll.poll(&mut events, spinning.then_some(Duration::ZERO)) {
+            // `busy_poll`, spent over the polls until the next sleep. So a steady flow, where
+            // the worker sleeps for microseconds, polls only with what the quiet gap before it
+            // earned, and polling takes at most 1/16 of the worker's time. Each round yields
+            // the CPU, so that the threads which produce the reply are not held up (a spin that
+            // did not yield made pings slower on 2 shared cores).
+            if self.busy_poll.is_zero() {
+                match poll.poll(&mut events, None) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
                     Err(e) => return Err(e),
                 }
-                if !spinning {
-                    spin_left = spin_budget(self.busy_poll, now.elapsed());
-                    break;
+            } else {
+                let spin_from = Instant::now();
+                let spin_until = spin_from + spin_left;
+                let mut now = spin_from;
+                loop {
+                    let spinning = now < spin_until;
+                    match poll.poll(&mut events, spinning.then_some(Duration::ZERO)) {
+                        Ok(()) => {}
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                            now = Instant::now();
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    }
+                    if !spinning {
+                        spin_left = spin_budget(self.busy_poll, now.elapsed());
+                        break;
+                    }
+                    if !events.is_empty() {
+                        spin_left = spin_left.saturating_sub(spin_from.elapsed());
+                        break;
+                    }
+                    std::thread::yield_now();
+                    now = Instant::now();
                 }
-                if !events.is_empty() {
-                    spin_left = spin_left.saturating_sub(spin_from.elapsed());
-                    break;
-                }
-                std::thread::yield_now();
             }
             for ev in events.iter() {
                 match ev.token() {
@@ -1000,8 +1014,6 @@ mod test {
         assert!(!r.due(ms(5_000)), "and only once");
     }
 
-    /// A worker thread that panics must count as stopped (the daemon exits when none runs):
-    /// the flag comes down while unwinding, not only on a normal return.
     #[test]
     fn a_sleep_earns_a_sixteenth_of_its_length_in_polling() {
         let us = Duration::from_micros;
@@ -1018,6 +1030,8 @@ mod test {
         assert_eq!(spin_budget(Duration::ZERO, ms(10)), Duration::ZERO);
     }
 
+    /// A worker thread that panics must count as stopped (the daemon exits when none runs):
+    /// the flag comes down while unwinding, not only on a normal return.
     #[test]
     fn the_running_flag_comes_down_on_a_panic_too() {
         for panics in [false, true] {
