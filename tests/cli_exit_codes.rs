@@ -6,7 +6,7 @@ mod common;
 use common::Helper;
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
@@ -164,11 +164,8 @@ fn run_without_cap_net_admin_takes_no_lease() {
     let mut child = Helper::spawn(&mut cmd);
     // Killed (when the helper drops) if it does not exit: a check that let it through would
     // leave a daemon running.
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while child.try_wait().unwrap().is_none() {
-        assert!(Instant::now() < deadline, "linen run did not exit");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let exited = linen::lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    assert!(exited.is_some(), "linen run did not exit");
     let out = child.wait_with_output();
     let stderr = String::from_utf8_lossy(&out.stderr);
     let leases = std::fs::read_dir(dir.path().join("subnets"))

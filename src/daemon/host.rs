@@ -686,8 +686,14 @@ fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
 /// Whether this process may administer the network (`CAP_NET_ADMIN` in its effective set,
 /// from `/proc/self/status`); `None` when that cannot be read.
 pub fn has_net_admin() -> Option<bool> {
-    effective_has(&std::fs::read_to_string("/proc/self/status").ok()?, 12)
+    effective_has(
+        &std::fs::read_to_string("/proc/self/status").ok()?,
+        CAP_NET_ADMIN,
+    )
 }
+
+/// The capability's bit number (linux/capability.h).
+const CAP_NET_ADMIN: u32 = 12;
 
 /// Whether the `CapEff:` line of a `/proc/<pid>/status` text has capability `bit`.
 fn effective_has(status: &str, bit: u32) -> Option<bool> {
@@ -704,12 +710,16 @@ mod test {
     fn cap_net_admin_is_read_from_the_effective_set() {
         let status =
             |eff: &str| format!("Name:\tlinen\nCapPrm:\t000001ffffffffff\nCapEff:\t{eff}\n");
-        assert_eq!(effective_has(&status("000001ffffffffff"), 12), Some(true));
-        assert_eq!(effective_has(&status("0000000000001000"), 12), Some(true));
-        assert_eq!(effective_has(&status("000001ffffffefff"), 12), Some(false));
-        assert_eq!(effective_has(&status("0000000000000000"), 12), Some(false));
-        assert_eq!(effective_has("Name:\tlinen\n", 12), None);
-        assert_eq!(effective_has(&status("zz"), 12), None);
+        for (eff, want) in [
+            ("000001ffffffffff", Some(true)),
+            ("0000000000001000", Some(true)),
+            ("000001ffffffefff", Some(false)),
+            ("0000000000000000", Some(false)),
+            ("zz", None),
+        ] {
+            assert_eq!(effective_has(&status(eff), CAP_NET_ADMIN), want, "{eff}");
+        }
+        assert_eq!(effective_has("Name:\tlinen\n", CAP_NET_ADMIN), None);
     }
 
     fn default_via(oif: u32, table: u32, metric: u32) -> RouteMessage {

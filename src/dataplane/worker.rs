@@ -347,37 +347,30 @@ impl Worker {
             // earned, and polling takes at most 1/16 of the worker's time. Each round yields
             // the CPU, so that the threads which produce the reply are not held up (a spin that
             // did not yield made pings slower on 2 shared cores).
-            if self.busy_poll.is_zero() {
-                match poll.poll(&mut events, None) {
+            // With `busy_poll` zero no sleep earns anything, and this is a plain blocking poll.
+            let spin_from = Instant::now();
+            let spin_until = spin_from + spin_left;
+            let mut now = spin_from;
+            loop {
+                let spinning = now < spin_until;
+                match poll.poll(&mut events, spinning.then_some(Duration::ZERO)) {
                     Ok(()) => {}
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {
+                        now = Instant::now();
+                        continue;
+                    }
                     Err(e) => return Err(e),
                 }
-            } else {
-                let spin_from = Instant::now();
-                let spin_until = spin_from + spin_left;
-                let mut now = spin_from;
-                loop {
-                    let spinning = now < spin_until;
-                    match poll.poll(&mut events, spinning.then_some(Duration::ZERO)) {
-                        Ok(()) => {}
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => {
-                            now = Instant::now();
-                            continue;
-                        }
-                        Err(e) => return Err(e),
-                    }
-                    if !spinning {
-                        spin_left = spin_budget(self.busy_poll, now.elapsed());
-                        break;
-                    }
-                    if !events.is_empty() {
-                        spin_left = spin_left.saturating_sub(spin_from.elapsed());
-                        break;
-                    }
-                    std::thread::yield_now();
-                    now = Instant::now();
+                if !spinning {
+                    spin_left = spin_budget(self.busy_poll, now.elapsed());
+                    break;
                 }
+                if !events.is_empty() {
+                    spin_left = spin_left.saturating_sub(spin_from.elapsed());
+                    break;
+                }
+                std::thread::yield_now();
+                now = Instant::now();
             }
             for ev in events.iter() {
                 match ev.token() {
