@@ -12,7 +12,10 @@ const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
 /// Runs linen with `args`; returns (exit code, stderr).
 fn linen(args: &[&str]) -> (Option<i32>, String) {
-    let out = Command::new(LINEN)
+    // Under coreutils' timeout, so that a mistake the daemon does not catch (it would wait
+    // or retry for ever) fails the test with 124 instead of hanging it.
+    let out = Command::new("timeout")
+        .args(["--kill-after=5", "60", LINEN])
         .args(args)
         .env_remove("LINEN_IP_MASQ")
         .output()
@@ -281,8 +284,8 @@ fn flanneld_flags_and_variables_are_read_in_flannels_order() {
     assert!(stderr.contains("--iptables-resync"), "{stderr}");
 }
 
-/// Flag mistakes found while setting up: a TUN name Linux cannot take, and etcd options that
-/// contradict each other, are bad flags (exit 2, so a service manager does not restart on
+/// Flag mistakes found while setting up: a TUN name Linux cannot take, an etcd endpoint etcd
+/// cannot be reached at, and etcd options that contradict each other, are bad flags (exit 2, so a service manager does not restart on
 /// them), found before anything is created.
 #[test]
 fn setup_mistakes_in_flags_exit_2() {
@@ -300,19 +303,23 @@ fn setup_mistakes_in_flags_exit_2() {
         ],
         &["--tun", "15 bytes"],
     );
+    // (etcd flags, what stderr must mention). A typo in an endpoint is found before
+    // connecting, not retried for ever.
     #[cfg(feature = "etcd")]
-    assert_usage(
-        &[
-            "run",
-            "--metrics-addr",
-            "off",
-            "--etcd-endpoints",
-            "http://127.0.0.1:1",
-            "--etcd-password",
-            "secret",
-        ],
-        &["--etcd-username"],
-    );
+    for (etcd, mentions) in [
+        (
+            &["http://127.0.0.1:1", "--etcd-password", "secret"][..],
+            &["--etcd-username"][..],
+        ),
+        (
+            &["http://127.0.0.1:1,foo"],
+            &["\"foo\" has no port", "http://foo:2379"],
+        ),
+    ] {
+        let mut args = vec!["run", "--metrics-addr", "off", "--etcd-endpoints"];
+        args.extend(etcd);
+        assert_usage(&args, mentions);
+    }
 }
 
 /// SIGTERM while the daemon waits for the network config is a normal stop: exit 0.

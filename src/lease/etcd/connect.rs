@@ -164,6 +164,11 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
     let mut endpoints = Vec::with_capacity(opts.endpoints.len());
     for e in &opts.endpoints {
         let e = e.trim();
+        check_endpoint(e).map_err(|why| {
+            EtcdSetupError::Options(format!(
+                "endpoint {e:?} {why} (--etcd-endpoints takes URLs such as http://198.18.0.1:2379)"
+            ))
+        })?;
         let tls_url = e.starts_with("https://");
         match (&tls, tls_url) {
             (Some(_), false) if any_https => {
@@ -225,6 +230,69 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
         (None, None) => {}
     }
     Ok(Connection { endpoints, options })
+}
+
+/// Checks one endpoint as etcd-client will read it: `http://` or `https://` (or no scheme,
+/// which TLS settings decide), a host name or address, and a port. Without the check a typo
+/// such as `--etcd-endpoints foo` is taken for a host on port 80 and retried for ever; a
+/// missing port is refused too, as etcd listens on 2379 and no default would find it.
+fn check_endpoint(e: &str) -> Result<(), String> {
+    if e.is_empty() {
+        return Err("is empty (a stray comma?)".into());
+    }
+    let rest = match e.split_once("://") {
+        Some(("http" | "https", rest)) => rest,
+        Some((scheme, _)) => return Err(format!("has scheme {scheme:?}; use http:// or https://")),
+        None => e,
+    };
+    // flanneld's examples sometimes end in a slash; a longer path would be sent nowhere.
+    let authority = rest.strip_suffix('/').unwrap_or(rest);
+    if authority.contains(['/', '?', '#']) {
+        return Err("has a path; an endpoint is only scheme, host and port".into());
+    }
+    if authority.contains('@') {
+        return Err("holds credentials; pass them with --etcd-username and --etcd-password".into());
+    }
+    let (host, port) = if let Some(bracketed) = authority.strip_prefix('[') {
+        let (addr, after) = bracketed
+            .split_once(']')
+            .ok_or("has an unclosed '[' around its IPv6 address")?;
+        if addr.parse::<std::net::Ipv6Addr>().is_err() {
+            return Err(format!(
+                "has {addr:?} in brackets, which is no IPv6 address"
+            ));
+        }
+        (addr, after.strip_prefix(':'))
+    } else {
+        match authority.split_once(':') {
+            Some((_, p)) if p.contains(':') => {
+                return Err(
+                    "holds an IPv6 address without brackets; write http://[fd00::1]:2379".into(),
+                );
+            }
+            Some((h, p)) => (h, Some(p)),
+            None => (authority, None),
+        }
+    };
+    let name_ok = |h: &str| {
+        !h.is_empty()
+            && h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'-' | b'_'))
+    };
+    if !authority.starts_with('[') && !name_ok(host) {
+        return Err(format!(
+            "has {host:?} for a host, which is no host name or address"
+        ));
+    }
+    match port {
+        None => Err(format!(
+            "has no port; etcd's client port is usually 2379, as in http://{host}:2379"
+        )),
+        Some(p) => match p.parse::<u16>() {
+            Ok(1..) => Ok(()),
+            _ => Err(format!("has {p:?} for a port, which is not 1 to 65535")),
+        },
+    }
 }
 
 fn read_pem(
@@ -361,6 +429,54 @@ pub(super) fn error_chain(err: &etcd_client::Error) -> String {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn endpoints_are_checked_before_connecting() {
+        for ok in [
+            "http://127.0.0.1:2379",
+            "https://etcd-0.example:2379",
+            "http://198.18.0.1:2379/",
+            "127.0.0.1:2379",
+            "http://[fd00::1]:2379",
+            "etcd_a:1",
+        ] {
+            assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
+        }
+        for (bad, why) in [
+            ("", "empty"),
+            ("foo", "no port"),
+            ("http://foo", "http://foo:2379"),
+            ("unix:///run/etcd.sock", "scheme \"unix\""),
+            ("HTTP://foo:2379", "scheme"),
+            ("http://foo:2379/v3", "path"),
+            ("http://root:pw@foo:2379", "--etcd-username"),
+            ("http://fd00::1:2379", "brackets"),
+            ("http://[fd00::1:2379", "unclosed"),
+            ("http://[foo]:2379", "no IPv6 address"),
+            ("http://:2379", "for a host"),
+            ("http://et cd:2379", "for a host"),
+            ("http://foo:0", "not 1 to 65535"),
+            ("http://foo:65536", "not 1 to 65535"),
+            ("http://foo:", "not 1 to 65535"),
+            ("http://[fd00::1]", "no port"),
+        ] {
+            let err = check_endpoint(bad).expect_err(bad);
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_bad_endpoint_is_an_options_error() {
+        let opts = EtcdOptions {
+            endpoints: vec!["http://127.0.0.1:2379".into(), " foo ".into()],
+            ..EtcdOptions::default()
+        };
+        match prepare(&opts) {
+            Err(EtcdSetupError::Options(m)) => assert!(m.contains("\"foo\" has no port"), "{m}"),
+            Err(e) => panic!("{e}"),
+            Ok(_) => panic!("accepted"),
+        }
+    }
 
     #[test]
     fn options_debug_hides_the_password() {
