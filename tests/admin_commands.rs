@@ -109,6 +109,18 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     let (code, out) = reserve("198.19.5.0/24");
     assert_eq!(code, Some(2), "{out}");
     assert!(out.contains("IPv6") && out.contains("dual-stack"), "{out}");
+    // Host bits are a mistake in either form, not a subnet to round down to.
+    for key in [
+        "198.19.5.7/24",
+        "fd00:19:0:5::1/64",
+        "198.19.5.7-24&fd00:19:0:5::-64",
+    ] {
+        let (code, out) = reserve(key);
+        assert_eq!(code, Some(2), "{key}: {out}");
+        assert!(out.contains("host bits"), "{key}: {out}");
+    }
+    let (code, out) = reserve("198.19.5.7/24");
+    assert!(out.contains("198.19.5.0/24"), "{code:?} {out}");
     assert!(subnets(dir.path()).is_empty());
     let both = "198.19.5.0-24&fd00:19:0:5::-64";
     let (code, out) = reserve(both);
@@ -123,6 +135,9 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     );
     assert_eq!(subnets(dir.path()), [both]);
 
+    let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.1/24"]);
+    assert_eq!(code, Some(2), "{out}");
+    assert_eq!(subnets(dir.path()), [both], "{out}");
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.6.0/24"]);
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("no live lease or reservation"), "{out}");

@@ -147,9 +147,18 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     Ok(())
 }
 
-/// Parses `198.19.5.0/24` or `198.19.5.0-24` (or a dual-stack key).
+/// Parses `198.19.5.0/24` or `198.19.5.0-24` (or a dual-stack key). Host bits are refused in
+/// either form, as `ip` refuses them: `198.19.5.7/24` is more likely a mistyped address than
+/// a subnet, and a release must not remove a subnet other than the one named.
 fn parse_subnet(text: &str) -> Result<SubnetKey> {
     if let Ok(net) = text.parse::<IpNetwork>() {
+        if net.network() != net.ip() {
+            return Err(usage(format!(
+                "{text} has host bits set; the subnet holding it is {}/{}",
+                net.network(),
+                net.prefix()
+            )));
+        }
         let key = match net {
             IpNetwork::V4(n) => SubnetKey::new(Some(n), None),
             IpNetwork::V6(n) => SubnetKey::new(None, Some(n)),
