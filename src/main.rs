@@ -57,7 +57,7 @@ fn main() {
         }
     });
     if let Err(e) = result {
-        eprintln!("linen: {e:#}");
+        eprintln!("linen: {}", linen::cli::exit::describe(&e));
         std::process::exit(linen::cli::exit::code_for(&e));
     }
 }

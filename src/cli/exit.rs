@@ -25,6 +25,26 @@ pub fn usage(message: impl Into<String>) -> anyhow::Error {
     UsageError(message.into()).into()
 }
 
+/// An error and its causes on one line, as anyhow's `{:#}` writes them, but without a cause
+/// its error already quotes (errors such as "config at X is invalid: {source}" name their
+/// source in the message too, which `{:#}` then printed two or three times).
+pub fn describe(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    let mut last = String::new();
+    for cause in e.chain() {
+        let cause = cause.to_string();
+        if last.contains(&cause) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause);
+        last = cause;
+    }
+    text
+}
+
 /// The exit code for an error: [`USAGE`] when anything in its chain is bad input,
 /// [`INTERRUPTED`] for an interruption, [`FAILURE`] otherwise.
 pub fn code_for(e: &anyhow::Error) -> i32 {
@@ -78,5 +98,28 @@ mod tests {
         let config = crate::model::NetworkConfig::from_json("{\"Network\": 5}").unwrap_err();
         assert_eq!(code_for(&anyhow::Error::from(config)), USAGE);
         assert_eq!(code_for(&Interrupted("linen demo").into()), INTERRUPTED);
+    }
+
+    #[test]
+    fn a_cause_quoted_by_its_error_is_written_once() {
+        let json = crate::model::NetworkConfig::from_json("{").unwrap_err();
+        let serde = json.to_string();
+        let bad = RegistryError::BadConfig {
+            location: "/r/config".into(),
+            source: json,
+        };
+        let e = anyhow::Error::from(bad).context("reading the network config");
+        let text = describe(&e);
+        let cause = serde.rsplit(": ").next().unwrap();
+        assert_eq!(text.matches(cause).count(), 1, "{text}");
+        assert!(
+            text.starts_with("reading the network config: network config at /r/config is invalid"),
+            "{text}"
+        );
+        // Causes that are not quoted are all kept.
+        let e = Err::<(), _>(anyhow::anyhow!("connection refused"))
+            .context("connecting to etcd")
+            .unwrap_err();
+        assert_eq!(describe(&e), "connecting to etcd: connection refused");
     }
 }
