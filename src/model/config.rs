@@ -327,6 +327,16 @@ enum Family {
     V6,
 }
 
+impl Family {
+    /// A network to suggest in messages.
+    fn example(&self) -> &'static str {
+        match self {
+            Family::V4 => "10.244.0.0/16",
+            Family::V6 => "fd00:10:244::/48",
+        }
+    }
+}
+
 struct Range {
     len: u8,
     min: u128,
@@ -381,12 +391,35 @@ fn check_range(
     };
     let host_bits = u32::from(bits - len);
     let size: u128 = 1u128 << host_bits;
-    let net_size: u128 = if prefix == 0 {
-        u128::MAX // only reachable for v6 /0; treat as the whole space
-    } else {
-        1u128 << u32::from(bits - prefix)
+    if prefix == 0 {
+        return invalid(format!(
+            "{name}Network {}/0 is every address: the host's own traffic, the underlay's \
+             included, would be routed into the overlay; use a private range such as {}",
+            fmt(net),
+            family.example()
+        ));
+    }
+    let last = net + ((1u128 << u32::from(bits - prefix)) - 1);
+    // Addresses no host can give a subnet of: traffic to them never reaches a TUN device.
+    let reserved: &[(u128, &str)] = match family {
+        Family::V4 => &[
+            (0x0000_0001, "0.0.0.0/8 (\"this network\")"),
+            (0x7f00_0001, "loopback 127.0.0.0/8"),
+            (0xe000_0001, "multicast 224.0.0.0/4"),
+        ],
+        Family::V6 => &[
+            (1, "loopback ::1"),
+            (0xff00_u128 << 112 | 1, "multicast ff00::/8"),
+        ],
     };
-    let last = net.saturating_add(net_size - 1);
+    if let Some((_, what)) = reserved.iter().find(|(a, _)| (net..=last).contains(a)) {
+        return invalid(format!(
+            "{name}Network {}/{prefix} covers {what}, which cannot be an overlay; use a private \
+             range such as {}",
+            fmt(net),
+            family.example()
+        ));
+    }
     let check = |a: u128, field: &str| -> Result<u128, ConfigError> {
         if a < net || a > last {
             return invalid(format!(
@@ -566,6 +599,39 @@ mod test {
         assert!(
             err(r#"{"Network":"10.0.0.0/29"}"#).contains("Minimum useful network prefix is /28")
         );
+    }
+
+    #[test]
+    fn networks_no_host_can_route_are_refused() {
+        for (net, why) in [
+            ("0.0.0.0/0", "every address"),
+            ("0.0.0.0/1", "this network"),
+            ("127.0.0.0/8", "loopback"),
+            ("96.0.0.0/3", "loopback"),
+            ("224.0.0.0/8", "multicast"),
+            ("128.0.0.0/1", "multicast"),
+        ] {
+            let e = err(&format!(r#"{{"Network":"{net}"}}"#));
+            assert!(e.contains(why) && e.contains("10.244.0.0/16"), "{net}: {e}");
+        }
+        for (net, why) in [
+            ("::/0", "every address"),
+            ("::/64", "loopback"),
+            ("ff00::/16", "multicast"),
+        ] {
+            let e = err(&format!(
+                r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{net}"}}"#
+            ));
+            assert!(e.contains(why) && e.contains("IPv6Network"), "{net}: {e}");
+        }
+        // Next to them, but clear of them.
+        for net in ["1.0.0.0/8", "126.0.0.0/8", "128.0.0.0/2", "208.0.0.0/4"] {
+            NetworkConfig::from_json(&format!(r#"{{"Network":"{net}"}}"#)).expect(net);
+        }
+        NetworkConfig::from_json(
+            r#"{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"0:0:0:1::/64"}"#,
+        )
+        .unwrap();
     }
 
     #[test]
