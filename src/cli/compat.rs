@@ -71,8 +71,8 @@ pub fn flanneld_env(cmd: Command, lookup: impl Fn(&str) -> Option<OsString>) -> 
 
 /// Rewrites Go-style single-dash long flags in `args` (the program name first) to clap's double
 /// dash: `-name` and `-name=value`, where `name` is a long flag of the (sub)command being read
-/// or a global one. Nothing else changes: short flags (`-h`), unknown names (clap reports them),
-/// words after `--`, and the word after a flag that needs a value (so
+/// or a global one, and unknown names of two or more letters, which clap then reports by their
+/// name. Nothing else changes: short flags (`-h`), words after `--`, and the word after a flag that needs a value (so
 /// `--subnet-file -x` still names a file called `-x`; clap, unlike Go, refuses it).
 pub fn double_dash(args: Vec<OsString>, cmd: &Command) -> Vec<OsString> {
     // Most command lines have no single-dash word of two or more letters: leave them be
@@ -122,18 +122,16 @@ pub fn double_dash(args: Vec<OsString>, cmd: &Command) -> Vec<OsString> {
             Some((name, _)) => (name, true),
             None => (rest, false),
         };
-        match takes_value.get(name) {
-            Some(&needs_value) => {
-                value_next = needs_value && !inline_value;
-                if text.starts_with("--") {
-                    out.push(arg);
-                } else {
-                    let mut fixed = OsString::from("-");
-                    fixed.push(&arg);
-                    out.push(fixed);
-                }
-            }
-            None => out.push(arg),
+        let known = takes_value.get(name).copied();
+        value_next = known.is_some_and(|needs_value| needs_value && !inline_value);
+        // An unknown name is doubled too, so that clap names it: read with one dash it is a
+        // cluster of short flags, and flanneld's `-ip-blackhole-route` was reported as '-i'.
+        if text.starts_with("--") || (known.is_none() && name.len() < 2) {
+            out.push(arg);
+        } else {
+            let mut fixed = OsString::from("-");
+            fixed.push(&arg);
+            out.push(fixed);
         }
     }
     out
@@ -204,9 +202,9 @@ mod test {
     #[test]
     fn everything_else_is_left_alone() {
         for args in [
-            // Short flags, unknown names (clap reports them), double dashes.
+            // Short flags, double dashes.
             &["linen", "-h"][..],
-            &["linen", "run", "-x", "-no-such-flag", "--iface", "eth0"],
+            &["linen", "run", "-x", "--no-such-flag", "--iface", "eth0"],
             // The value of a flag that needs one, even when it looks like a flag.
             &[
                 "linen",
@@ -237,10 +235,25 @@ mod test {
             rewritten(&["linen", "bench", "--json", "-runs"]),
             ["linen", "bench", "--json", "-runs"]
         );
-        // A flag of another subcommand is not rewritten (clap then names it as unknown).
+        // An unknown name, or a flag of another subcommand, is doubled so that clap names it
+        // (with one dash it would report '-i', the first letter of a cluster of short flags).
         assert_eq!(
             rewritten(&["linen", "status", "-iface=eth0"]),
-            ["linen", "status", "-iface=eth0"]
+            ["linen", "status", "--iface=eth0"]
+        );
+        assert_eq!(
+            rewritten(&[
+                "linen",
+                "run",
+                "-ip-blackhole-route",
+                "-kube-subnet-mgr=true"
+            ]),
+            [
+                "linen",
+                "run",
+                "--ip-blackhole-route",
+                "--kube-subnet-mgr=true"
+            ]
         );
         // Nested subcommands and global flags after them.
         assert_eq!(
