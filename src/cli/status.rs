@@ -67,10 +67,10 @@ const TIMEOUT: Duration = Duration::from_secs(5);
 /// Runs `linen status`.
 pub fn run(args: &StatusArgs) -> Result<()> {
     let MetricsAddr::On(addr) = args.metrics_addr else {
-        bail!(
+        return Err(crate::cli::exit::usage(format!(
             "--metrics-addr is off, so there is no daemon to ask; pass the address `linen run` \
              serves on (default {DEFAULT_METRICS_ADDR})"
-        );
+        )));
     };
     let body = get(addr, "/status")?;
     let health = if args.json {
@@ -118,14 +118,32 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<String> {
     )
     .with_context(not_running)?;
     let mut raw = Vec::new();
-    stream
-        .read_to_end(&mut raw)
-        .with_context(|| format!("reading the answer of {addr}{path}"))?;
+    if let Err(e) = stream.read_to_end(&mut raw) {
+        if matches!(
+            e.kind(),
+            std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+        ) {
+            bail!(
+                "{addr} accepted but gave no answer to {path} within {} s; is it a linen daemon?",
+                TIMEOUT.as_secs()
+            );
+        }
+        return Err(e).with_context(|| format!("reading the answer of {addr}{path}"));
+    }
     let (code, body) = parse_response(&raw).ok_or_else(|| {
         anyhow!("{addr} answered {path} with something that is not HTTP; is it a linen daemon?")
     })?;
     if code != 200 {
-        bail!("{addr}{path} answered {code}: {}", body.trim());
+        // linen answers errors in one short line; another server may send a whole page.
+        let first = body
+            .lines()
+            .map(str::trim)
+            .find(|l| !l.is_empty())
+            .unwrap_or("");
+        if first.len() > 200 || body.trim().lines().count() > 1 {
+            bail!("{addr}{path} answered {code}; is it a linen daemon?");
+        }
+        bail!("{addr}{path} answered {code}: {first}");
     }
     Ok(body)
 }
