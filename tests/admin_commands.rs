@@ -180,6 +180,56 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     assert!(subnets(dir.path()).is_empty());
 }
 
+/// A reservation only a host of this network could take: subnets of the families the network
+/// has, and on an IPv6-only network an IPv6 public IP (the hosts' identity there).
+#[test]
+fn reservations_name_a_family_the_network_has() {
+    let v4 = tempfile::tempdir().unwrap();
+    let (code, out) = linen(
+        v4.path(),
+        &["network", "init", "--network", "198.19.0.0/16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = linen(
+        v4.path(),
+        &[
+            "lease",
+            "reserve",
+            "fd00:19:0:5::/64",
+            "--public-ip",
+            "198.18.0.9",
+        ],
+    );
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("has no IPv6 network"), "{out}");
+    assert!(subnets(v4.path()).is_empty());
+
+    let v6 = tempfile::tempdir().unwrap();
+    let (code, out) = linen(
+        v6.path(),
+        &[
+            "network",
+            "init",
+            "--no-ipv4",
+            "--ipv6-network",
+            "fd00:19::/48",
+        ],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    let reserve =
+        |key: &str, ip: &str| linen(v6.path(), &["lease", "reserve", key, "--public-ip", ip]);
+    let (code, out) = reserve("198.19.5.0/24", "fd00::9");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("has no IPv4 network"), "{out}");
+    let (code, out) = reserve("fd00:19:0:5::/64", "198.18.0.9");
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("IPv6-only"), "{out}");
+    assert!(subnets(v6.path()).is_empty());
+    let (code, out) = reserve("fd00:19:0:5::/64", "fd00::9");
+    assert_eq!(code, Some(0), "{out}");
+    assert_eq!(subnets(v6.path()), ["0.0.0.0-0&fd00:19:0:5::-64"]);
+}
+
 /// `lease reserve` of the subnet a host holds turns its lease into a reservation in place (as
 /// flannel documents it); another host's lease is refused and left alone.
 #[test]

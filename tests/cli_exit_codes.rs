@@ -61,12 +61,19 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
     let dir = tempfile::tempdir().unwrap();
     let reg = dir.path().to_str().unwrap();
     let init = format!("network init --registry-dir {reg}");
+    let run = format!("run --metrics-addr off --registry-dir {reg}");
     // (arguments, what stderr must mention)
     let cases: Vec<(String, &[&str])> = vec![
         ("run --no-such-flag".into(), &["--no-such-flag"]),
+        // flanneld flags linen does not have are named as flanneld users wrote them.
+        (
+            "run -ip-blackhole-route".into(),
+            &["'--ip-blackhole-route'"],
+        ),
         ("run --mtu 10".into(), &["--mtu", "576"]),
         ("run --subnet-lease-renew-margin 0".into(), &["1..=1439"]),
         ("demo --seconds 0".into(), &["--seconds"]),
+        ("status --metrics-addr off".into(), &["no daemon to ask"]),
         ("--log-level [[ lease list".into(), &["--log-level", "info"]),
         // A typo is an error, not a filter that enables a target named "debg".
         (
@@ -85,6 +92,20 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
         (
             format!("lease reserve --registry-dir {reg} garbage --public-ip 198.18.0.9"),
             &["198.19.5.0/24"],
+        ),
+        // An address peers cannot send to: 0.0.0.0 would also be written as "no address".
+        // (With an empty registry: a daemon that got past the check waits, and times out.)
+        (
+            format!("{run} --public-ip 0.0.0.0"),
+            &["--public-ip", "unspecified"],
+        ),
+        (format!("{run} --public-ip 127.0.0.1"), &["loopback"]),
+        (format!("{run} --public-ipv6 ff02::1"), &["multicast"]),
+        (format!("{run} --public-ipv6 fe80::1"), &["link-local"]),
+        (format!("{run} --public-ip fd00::1"), &["--public-ipv6"]),
+        (
+            format!("lease reserve --registry-dir {reg} 198.19.5.0/24 --public-ip ::"),
+            &["unspecified"],
         ),
         // The config itself is refused by flannel's validation.
         (

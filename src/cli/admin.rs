@@ -292,6 +292,34 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             let key = parse_subnet(&subnet)?;
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
             let config = reg.get_network_config().await?;
+            // Hosts of an IPv6-only network are known by their PublicIPv6 alone.
+            if config.network.is_none() && public_ip.is_ipv4() {
+                return Err(usage(format!(
+                    "this network is IPv6-only, so its hosts are known by their IPv6 address: \
+                     give --public-ip as the host's PublicIPv6, not {public_ip}"
+                )));
+            }
+            for (subnet, family, has) in [
+                (
+                    key.ipv4().map(|n| n.to_string()),
+                    "IPv4",
+                    config.network.is_some(),
+                ),
+                (
+                    key.ipv6().map(|n| n.to_string()),
+                    "IPv6",
+                    config.ipv6_network.is_some(),
+                ),
+            ] {
+                if let Some(n) = subnet
+                    && !has
+                {
+                    return Err(usage(format!(
+                        "{n} is an {family} subnet, but this network has no {family} network \
+                         (`linen network show` shows what it has)"
+                    )));
+                }
+            }
             if let Some(n) = key.ipv4()
                 && !config.is_valid_v4_subnet(n)
             {

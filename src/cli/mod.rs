@@ -17,7 +17,7 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 #[command(name = "linen", version, about, long_about = None)]
 pub struct Cli {
     /// Log level: error, warn, info, debug or trace, or target=level pairs with an optional
-    /// default level, such as `linen=debug,warn`.
+    /// default level for the rest (info if none is given), such as `linen=debug,warn`.
     #[arg(long, global = true, env = "LINEN_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
     /// Log format.
@@ -124,11 +124,11 @@ pub struct RunArgs {
     #[arg(long, env = "LINEN_IFACE_CAN_REACH", value_name = "IP")]
     pub iface_can_reach: Option<IpAddr>,
     /// IPv4 address advertised in the lease (this host's identity; default: the interface's).
-    #[arg(long, env = "LINEN_PUBLIC_IP")]
+    #[arg(long, env = "LINEN_PUBLIC_IP", value_parser = parse_public_ipv4)]
     pub public_ip: Option<Ipv4Addr>,
     /// IPv6 address advertised in the lease (default: the interface's global IPv6 address, when
     /// the network config enables IPv6 or the underlay has no IPv4 address).
-    #[arg(long, env = "LINEN_PUBLIC_IPV6")]
+    #[arg(long, env = "LINEN_PUBLIC_IPV6", value_parser = parse_public_ipv6)]
     pub public_ipv6: Option<Ipv6Addr>,
     /// TUN device name.
     #[arg(long, env = "LINEN_TUN", default_value = "linen0", value_parser = parse_ifname)]
@@ -261,6 +261,42 @@ fn parse_ifname(s: &str) -> Result<String, String> {
     }
 }
 
+/// A public IP: the address peers send to, so one this host can be reached at. The
+/// unspecified, loopback, multicast and broadcast addresses (and IPv6 link-local ones, which
+/// need a zone) are refused: flannel's lease format reads 0.0.0.0 as no address, so the
+/// daemon would write a lease it cannot read back, and the others reach no peer.
+fn parse_public_ip(s: &str) -> Result<IpAddr, String> {
+    let ip: IpAddr = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not an IP address"))?;
+    let why = match ip {
+        IpAddr::V4(a) if a.is_unspecified() => "unspecified",
+        IpAddr::V6(a) if a.is_unspecified() => "unspecified",
+        a if a.is_loopback() => "a loopback address",
+        a if a.is_multicast() => "a multicast address",
+        IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
+        IpAddr::V6(a) if a.is_unicast_link_local() => "link-local (it would need a zone)",
+        _ => return Ok(ip),
+    };
+    Err(format!(
+        "{ip} is {why}; give an address of this host that the other hosts can reach"
+    ))
+}
+
+fn parse_public_ipv4(s: &str) -> Result<Ipv4Addr, String> {
+    match parse_public_ip(s)? {
+        IpAddr::V4(a) => Ok(a),
+        IpAddr::V6(_) => Err(format!("{s} is IPv6; use --public-ipv6")),
+    }
+}
+
+fn parse_public_ipv6(s: &str) -> Result<Ipv6Addr, String> {
+    match parse_public_ip(s)? {
+        IpAddr::V6(a) => Ok(a),
+        IpAddr::V4(_) => Err(format!("{s} is IPv4; use --public-ip")),
+    }
+}
+
 fn parse_regex(s: &str) -> Result<regex_lite::Regex, String> {
     regex_lite::Regex::new(s).map_err(|e| format!("not a regular expression: {e}"))
 }
@@ -343,8 +379,8 @@ pub enum LeaseCommand {
         registry: RegistryArgs,
         /// The subnet, as 198.19.5.0/24 or in key form 198.19.5.0-24.
         subnet: String,
-        /// The host's public IP.
-        #[arg(long)]
+        /// The host's public IP (its PublicIP, or PublicIPv6 on an IPv6-only network).
+        #[arg(long, value_parser = parse_public_ip)]
         public_ip: IpAddr,
     },
     /// Delete a lease or reservation.
@@ -363,8 +399,10 @@ pub enum LeaseCommand {
 /// `EnvFilter` did, spaces around directives and empty ones are ignored (`linen=debug, warn,`).
 /// `Targets` takes any word that is not a level for a target to log at trace; here a bare word
 /// must be a level, so a typo (`debg`) is an error rather than a daemon that logs nothing.
+/// Without a bare level everything else logs at info, as by default: `Targets` would turn it
+/// off, warnings and errors included.
 pub fn log_filter(spec: &str) -> Result<Targets, String> {
-    let directives: Vec<&str> = spec
+    let mut directives: Vec<&str> = spec
         .split(',')
         .map(str::trim)
         .filter(|d| !d.is_empty())
@@ -395,6 +433,9 @@ pub fn log_filter(spec: &str) -> Result<Targets, String> {
             }
         }
     }
+    if directives.iter().all(|d| d.contains('=')) {
+        directives.push("info");
+    }
     directives
         .join(",")
         .parse::<Targets>()
@@ -422,6 +463,12 @@ mod log_filter_test {
         assert!(f.would_enable("linen::daemon", &Level::DEBUG));
         assert!(f.would_enable("h2", &Level::WARN));
         assert!(!f.would_enable("h2", &Level::INFO));
+        // Targets alone leave the rest at info, not off.
+        let f = log_filter("linen::cli=debug").unwrap();
+        assert!(f.would_enable("linen::cli::admin", &Level::DEBUG));
+        assert!(f.would_enable("linen::lease::directory", &Level::WARN));
+        assert!(f.would_enable("linen::daemon", &Level::INFO));
+        assert!(!f.would_enable("linen::daemon", &Level::DEBUG));
     }
 
     #[test]
