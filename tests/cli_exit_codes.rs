@@ -346,6 +346,30 @@ fn setup_mistakes_in_flags_exit_2() {
 /// SIGTERM while the daemon waits for the network config is a normal stop: exit 0.
 #[test]
 fn a_stop_while_waiting_for_the_config_exits_0() {
+    stop_while_waiting(&[], "waiting for the network config");
+}
+
+/// An etcd out of reach at start is waited for, with authentication too (where the client
+/// asks for a token at once; it used to exit 1), and a stop meanwhile is a normal one.
+#[cfg(feature = "etcd")]
+#[test]
+fn a_stop_while_waiting_for_etcd_with_authentication_exits_0() {
+    stop_while_waiting(
+        &[
+            "--etcd-endpoints",
+            "http://127.0.0.1:1",
+            "--etcd-username",
+            "u",
+            "--etcd-password",
+            "p",
+        ],
+        "waiting for the registry",
+    );
+}
+
+/// Starts `linen run` with `args` on an empty registry, waits for `waiting` in its log, then
+/// stops it: it must exit 0.
+fn stop_while_waiting(args: &[&str], waiting: &str) {
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
     let mut child = Helper::spawn(
@@ -354,20 +378,14 @@ fn a_stop_while_waiting_for_the_config_exits_0() {
             .arg(dir.path().join("registry"))
             .args(["--subnet-file"])
             .arg(dir.path().join("subnet.env"))
+            .args(args)
             .stderr(std::fs::File::create(&log).unwrap()),
     );
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("waiting for the network config")
-    {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{}",
-            std::fs::read_to_string(&log).unwrap_or_default()
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let seen = linen::lab::wait_for(Duration::from_secs(10), || {
+        read_log().contains(waiting).then_some(())
+    });
+    assert!(seen.is_some(), "{}", read_log());
     // Our own child, by its PID.
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
@@ -375,10 +393,5 @@ fn a_stop_while_waiting_for_the_config_exits_0() {
         .unwrap();
     assert!(killed.success());
     let status = child.wait().unwrap();
-    assert_eq!(
-        status.code(),
-        Some(0),
-        "{}",
-        std::fs::read_to_string(&log).unwrap_or_default()
-    );
+    assert_eq!(status.code(), Some(0), "{}", read_log());
 }

@@ -93,7 +93,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut stop = StopSignals::new()?;
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
-    let registry = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
+    let Some(registry) = open_registry(&args, &mut stop).await? else {
+        tracing::info!("stopped while waiting for the registry");
+        return Ok(());
+    };
     let Some(config) = wait_for_config(registry.as_ref(), &mut stop).await? else {
         tracing::info!("stopped while waiting for the network config");
         return Ok(());
@@ -530,6 +533,33 @@ pub fn counters_summary(c: &LocalCounters) -> String {
 }
 
 /// The network config once the registry has one; `None` when stopped first.
+/// Opens the registry, waiting while it is out of reach: etcd with authentication is
+/// contacted at once (to get a token), and an etcd that is not up yet at boot is waited for, as
+/// without authentication (where the first contact is [`wait_for_config`]'s). `None` when
+/// stopped meanwhile.
+async fn open_registry(
+    args: &RunArgs,
+    stop: &mut StopSignals,
+) -> Result<Option<Arc<dyn Registry>>> {
+    let mut logged = false;
+    loop {
+        match registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await {
+            Ok(r) => return Ok(Some(r)),
+            Err(e) if registry::out_of_reach(&e) => {
+                if !logged {
+                    tracing::warn!(error = %crate::cli::exit::describe(&e), "waiting for the registry (retrying every second)");
+                    logged = true;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            () = stop.recv() => return Ok(None),
+        }
+    }
+}
+
 async fn wait_for_config(
     registry: &dyn Registry,
     stop: &mut StopSignals,

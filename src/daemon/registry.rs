@@ -23,6 +23,27 @@ pub async fn open(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Re
     open_etcd(args, lease_ttl).await
 }
 
+/// Whether [`open`] failed only because the registry is out of reach for now (etcd down or
+/// not yet up), so that trying again later may succeed.
+pub fn out_of_reach(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<crate::lease::RegistryError>()
+            .is_some_and(|r| r.is_transient())
+            || etcd_out_of_reach(c)
+    })
+}
+
+#[cfg(feature = "etcd")]
+fn etcd_out_of_reach(c: &(dyn std::error::Error + 'static)) -> bool {
+    use crate::lease::etcd::EtcdSetupError;
+    matches!(c.downcast_ref::<EtcdSetupError>(), Some(EtcdSetupError::Registry(r)) if r.is_transient())
+}
+
+#[cfg(not(feature = "etcd"))]
+fn etcd_out_of_reach(_: &(dyn std::error::Error + 'static)) -> bool {
+    false
+}
+
 #[cfg(not(feature = "etcd"))]
 async fn open_etcd(_: &RegistryArgs, _: Duration) -> Result<Arc<dyn Registry>> {
     Err(crate::cli::exit::usage(
