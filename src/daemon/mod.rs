@@ -151,6 +151,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or(u16::MAX)
             .max(576),
     };
+    if args.mtu.is_some() && u32::from(mtu) + overhead > underlay.mtu {
+        tracing::warn!(
+            mtu,
+            underlay = %underlay.name,
+            underlay_mtu = underlay.mtu,
+            "--mtu leaves no room for the {overhead}-byte outer header: full-size overlay packets \
+             make datagrams larger than the underlay MTU, which are fragmented or dropped on \
+             the way; use at most {}",
+            underlay.mtu.saturating_sub(overhead)
+        );
+    }
     if config.ipv6_network.is_some() && mtu < 1280 {
         return Err(crate::cli::exit::usage(format!(
             "the network config has an IPv6 network, and IPv6 needs an MTU of at least 1280, \
