@@ -199,8 +199,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .acquire()
         .await
         .context("acquiring a subnet lease")?;
-    tracing::info!(subnet = %own.key, public_ip = ?public_ip, public_ipv6 = ?public_ipv6,
-        "this host's subnet");
+    tracing::info!(subnet = %own.key, public = %attrs.addresses(), "this host's subnet");
 
     // One per core, at most 256: TUN devices take at most 256 queues, and the steering's port
     // classes (steer.rs) name 256 workers.

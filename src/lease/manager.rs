@@ -305,7 +305,7 @@ impl LeaseManager {
             Ok(lease) => {
                 self.write_answered(None);
                 self.last_acquire_error = None;
-                tracing::info!(subnet = %lease.key, expires = ?lease.expiration, "lease acquired");
+                tracing::info!(subnet = %lease.key, expires = %lease.expiry(), "lease acquired");
                 self.hold(lease.clone());
                 Ok(lease)
             }
@@ -415,7 +415,7 @@ impl LeaseManager {
         match self.registry.renew_lease(&own, &self.options.attrs).await {
             Ok(lease) => {
                 self.write_answered(None);
-                tracing::info!(subnet = %lease.key, expires = ?lease.expiration, "lease renewed");
+                tracing::info!(subnet = %lease.key, expires = %lease.expiry(), "lease renewed");
                 self.hold(lease);
             }
             Err(RegistryError::NotFound(key)) => {
@@ -580,10 +580,10 @@ fn log_peers(events: &[PeerEvent]) {
     for e in events {
         match e {
             PeerEvent::Added(l) => {
-                tracing::info!(subnet = %l.key, public_ip = ?l.attrs.public_ip, public_ipv6 = ?l.attrs.public_ipv6, "subnet added")
+                tracing::info!(subnet = %l.key, public = %l.attrs.addresses(), "subnet added")
             }
             PeerEvent::Updated { old, new } => {
-                tracing::info!(subnet = %new.key, old_ip = ?old.attrs.public_ip, public_ip = ?new.attrs.public_ip, "subnet updated")
+                tracing::info!(subnet = %new.key, old = %old.attrs.addresses(), public = %new.attrs.addresses(), "subnet updated")
             }
             PeerEvent::Removed(l) => tracing::info!(subnet = %l.key, "subnet removed"),
         }

@@ -65,6 +65,23 @@ pub enum LeaseValueError {
 }
 
 impl LeaseAttrs {
+    /// The public addresses for a log line or a table: `198.18.0.1`, `198.18.0.1 fd00::1`,
+    /// `fd00::1`, or `-` for none.
+    pub fn addresses(&self) -> String {
+        let both: Vec<String> = [
+            self.public_ip.map(|a| a.to_string()),
+            self.public_ipv6.map(|a| a.to_string()),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        if both.is_empty() {
+            "-".to_owned()
+        } else {
+            both.join(" ")
+        }
+    }
+
     /// Attributes of an IPv4-underlay host, as the udp backend writes them.
     pub fn with_public_ip(ip: Ipv4Addr) -> LeaseAttrs {
         LeaseAttrs {
@@ -203,11 +220,48 @@ impl Lease {
     pub fn is_reservation(&self) -> bool {
         self.expiration.is_none()
     }
+
+    /// When the lease expires, for a log line: `in 86400 s`, `expired`, or `never` for a
+    /// reservation.
+    pub fn expiry(&self) -> String {
+        match self.expiration {
+            None => "never".to_owned(),
+            Some(t) => match t.duration_since(SystemTime::now()) {
+                Ok(left) => format!("in {} s", left.as_secs()),
+                Err(_) => "expired".to_owned(),
+            },
+        }
+    }
 }
 
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn addresses_and_expiry_read_as_written() {
+        let mut lease = Lease {
+            key: "198.19.5.0-24".parse().unwrap(),
+            attrs: LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 0, 1)),
+            expiration: None,
+            lease_id: None,
+        };
+        assert_eq!(lease.attrs.addresses(), "198.18.0.1");
+        assert_eq!(lease.expiry(), "never");
+        lease.attrs.public_ipv6 = Some("fd00::1".parse().unwrap());
+        assert_eq!(lease.attrs.addresses(), "198.18.0.1 fd00::1");
+        lease.attrs.public_ip = None;
+        assert_eq!(lease.attrs.addresses(), "fd00::1");
+        assert_eq!(LeaseAttrs::default().addresses(), "-");
+        lease.expiration = Some(SystemTime::now() + std::time::Duration::from_secs(3600));
+        assert!(
+            ["in 3599 s", "in 3600 s"].contains(&lease.expiry().as_str()),
+            "{}",
+            lease.expiry()
+        );
+        lease.expiration = Some(SystemTime::UNIX_EPOCH);
+        assert_eq!(lease.expiry(), "expired");
+    }
 
     #[test]
     fn writes_flannel_udp_value_byte_identically() {
