@@ -103,6 +103,7 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
         (format!("{run} --public-ipv6 ff02::1"), &["multicast"]),
         (format!("{run} --public-ipv6 fe80::1"), &["link-local"]),
         (format!("{run} --public-ip fd00::1"), &["--public-ipv6"]),
+        (format!("{run} --iface eth0,"), &["--iface", "stray comma"]),
         (
             format!("lease reserve --registry-dir {reg} 198.19.5.0/24 --public-ip ::"),
             &["unspecified"],

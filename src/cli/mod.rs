@@ -110,7 +110,7 @@ pub struct RunArgs {
     /// serve hosts whose interfaces are named differently. Default: the interface holding
     /// --public-ip (or --public-ipv6; not lo), else the default route's (IPv4, else IPv6),
     /// else the only interface with an address peers could use (link-local ones do not count).
-    #[arg(long, env = "LINEN_IFACE", value_delimiter = ',')]
+    #[arg(long, env = "LINEN_IFACE", value_delimiter = ',', value_parser = parse_iface)]
     pub iface: Vec<String>,
     /// Underlay interface by pattern, as flannel's `-iface-regex`: each pattern (repeatable, not
     /// comma-separated) is matched, unanchored, against every interface's addresses and then
@@ -295,6 +295,15 @@ fn parse_public_ipv6(s: &str) -> Result<Ipv6Addr, String> {
         IpAddr::V6(a) => Ok(a),
         IpAddr::V4(_) => Err(format!("{s} is IPv4; use --public-ip")),
     }
+}
+
+fn parse_iface(s: &str) -> Result<String, String> {
+    if s.trim().is_empty() {
+        return Err(
+            "an interface name or address is needed (an empty one, or a stray comma?)".into(),
+        );
+    }
+    Ok(s.to_owned())
 }
 
 fn parse_regex(s: &str) -> Result<regex_lite::Regex, String> {

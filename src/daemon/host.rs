@@ -286,7 +286,9 @@ pub async fn discover_underlay(
         .filter(|l| l.name != "lo" && has_advertisable(l))
         .collect();
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
-        let mut why = "no interface with an address matches".to_owned();
+        let mut why = "no interface with an address peers could use matches (lo and \
+                       link-local addresses do not count)"
+            .to_owned();
         let mut picked = pick_by_name_or_regex(&links, choice);
         if let (None, Some(ip)) = (picked, choice.can_reach) {
             match route_to(handle, ip).await? {
