@@ -158,6 +158,16 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     assert_eq!(code, Some(1), "{out}");
     assert!(out.contains("has been removed"), "{out}");
     assert!(!broken.exists());
+    // Named in full but never stored: nothing is said to be removed.
+    let (code, out) = linen(
+        dir.path(),
+        &["lease", "release", "198.19.8.0-24&fd00:19:0:8::-64"],
+    );
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("no live lease") && !out.contains("removed"),
+        "{out}"
+    );
     // Two stored keys sharing the subnet asked for (written by others): name one.
     let twin = dir
         .path()

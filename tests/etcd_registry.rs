@@ -232,8 +232,8 @@ async fn stores_flannels_keys_and_values() {
     assert!(list.revision > 0);
 
     // Revoking deletes the key and frees its etcd lease; a missing key is fine.
-    reg.revoke_lease(&subnet(1)).await.unwrap();
-    reg.revoke_lease(&subnet(1)).await.unwrap();
+    assert!(reg.revoke_lease(&subnet(1)).await.unwrap());
+    assert!(!reg.revoke_lease(&subnet(1)).await.unwrap());
     assert_eq!(key_lease(&mut client, path).await, None);
     assert_eq!(etcd_lease_count(&mut client).await, 0);
     assert!(matches!(

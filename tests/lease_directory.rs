@@ -315,8 +315,8 @@ async fn stored_value_is_flannels_and_config_round_trips() {
         .await
         .unwrap_err();
     assert!(matches!(again, RegistryError::AlreadyExists(_)), "{again}");
-    reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap();
-    reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap();
+    assert!(reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap());
+    assert!(!reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap());
     assert!(reg.list_leases().await.unwrap().leases.is_empty());
     assert_eq!(reg.list_leases().await.unwrap().revision, 2);
 }

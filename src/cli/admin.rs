@@ -409,9 +409,8 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                         c.network.is_some() == asked.ipv4().is_some()
                             && c.ipv6_network.is_some() == asked.ipv6().is_some()
                     });
-                    let removed = if full {
-                        reg.revoke_lease(&asked).await?;
-                        "; anything stored under that key has been removed"
+                    let removed = if full && reg.revoke_lease(&asked).await? {
+                        "; the expired or unreadable entry stored under that key has been removed"
                     } else {
                         ""
                     };
@@ -429,7 +428,9 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                     );
                 }
             };
-            reg.revoke_lease(&key).await?;
+            if !reg.revoke_lease(&key).await? {
+                bail!("{key} was gone already (expired or released meanwhile)");
+            }
             println!("released {key}");
             Ok(())
         }

@@ -146,7 +146,7 @@ impl Registry for DirectoryRegistry {
         self.blocking(move |s| s.keep_as_reservation(&lease)).await
     }
 
-    async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+    async fn revoke_lease(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let key = *key;
         self.blocking(move |s| s.revoke(&key)).await
     }
@@ -646,13 +646,14 @@ impl Store {
         Ok(reserved)
     }
 
-    fn revoke(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+    fn revoke(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let _lock = self.lock(true)?;
         self.remove_locked(key)
     }
 
-    /// Deletes `key`'s file (gone already is fine). Call with the lock held.
-    fn remove_locked(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+    /// Deletes `key`'s file (gone already is fine): whether it was there. Call with the lock
+    /// held.
+    fn remove_locked(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let path = self.key_path(key);
         match fs::remove_file(&path) {
             Ok(()) => {
@@ -660,9 +661,9 @@ impl Store {
                     let _ = d.sync_all();
                 }
                 self.bump()?;
-                Ok(())
+                Ok(true)
             }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
             Err(e) => Err(self.io_err("cannot delete", &path, e)),
         }
     }

@@ -820,7 +820,7 @@ impl Registry for EtcdRegistry {
         ))
     }
 
-    async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError> {
+    async fn revoke_lease(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let s = &self.shared;
         let path = s.subnet_path(key);
         let mut client = s.client.clone();
@@ -836,7 +836,7 @@ impl Registry for EtcdRegistry {
                 s.release(kv.lease()).await;
             }
         }
-        Ok(())
+        Ok(resp.deleted() > 0)
     }
 
     async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {

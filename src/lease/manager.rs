@@ -712,8 +712,8 @@ mod test {
         async fn renew_lease(&self, l: &Lease, _: &LeaseAttrs) -> Result<Lease, RegistryError> {
             Err(RegistryError::NotFound(l.key))
         }
-        async fn revoke_lease(&self, _: &SubnetKey) -> Result<(), RegistryError> {
-            Ok(())
+        async fn revoke_lease(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
+            Ok(false)
         }
         async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
             unimplemented!()
@@ -925,7 +925,7 @@ mod test {
             *self.shared.leases.lock().unwrap() = vec![lease.clone()];
             Ok(lease)
         }
-        async fn revoke_lease(&self, _: &SubnetKey) -> Result<(), RegistryError> {
+        async fn revoke_lease(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
             unimplemented!()
         }
         async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {

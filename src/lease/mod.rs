@@ -191,8 +191,8 @@ pub trait Registry: Send + Sync + 'static {
     /// stops renewing). [`RegistryError::NotFound`] when the key is gone or another host's.
     async fn keep_as_reservation(&self, lease: &Lease) -> Result<Lease, RegistryError>;
 
-    /// Deletes `subnets/<key>`. Deleting a missing key is not an error.
-    async fn revoke_lease(&self, key: &SubnetKey) -> Result<(), RegistryError>;
+    /// Deletes `subnets/<key>`: whether it was there. Deleting a missing key is not an error.
+    async fn revoke_lease(&self, key: &SubnetKey) -> Result<bool, RegistryError>;
 
     /// Watches `subnets/` for changes after `after` (exclusive), normally a
     /// [`LeaseList::revision`].
