@@ -166,14 +166,9 @@ fn run_without_cap_net_admin_takes_no_lease() {
     let env = dir.path().join("subnet.env");
     let mut cmd = if linen::lab::is_root() {
         // An underlay with an address, so that without the check it would get to the lease.
-        let script = "ip link add lncapu0 type veth peer name lncapu1 \
-                      && ip addr add 198.18.0.1/24 dev lncapu0 \
-                      && ip link set lncapu0 up && ip link set lncapu1 up \
-                      && exec setpriv --inh-caps -all --ambient-caps -all \
-                         --bounding-set -net_admin -- \"$@\"";
-        let mut c = Command::new("unshare");
-        c.args(["--net", "sh", "-c", script, "sh", LINEN]);
-        c
+        in_a_throwaway_namespace(
+            "setpriv --inh-caps -all --ambient-caps -all --bounding-set -net_admin --",
+        )
     } else {
         Command::new(LINEN)
     };
@@ -193,12 +188,72 @@ fn run_without_cap_net_admin_takes_no_lease() {
     assert!(exited.is_some(), "linen run did not exit");
     let out = child.wait_with_output();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    let leases = std::fs::read_dir(dir.path().join("subnets"))
-        .map(|d| d.count())
-        .unwrap_or(0);
-    assert_eq!(leases, 0, "no lease may be taken: {stderr}");
+    assert_eq!(leases_in(dir.path()), 0, "no lease may be taken: {stderr}");
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
+    assert!(!env.exists());
+}
+
+/// How many lease files a directory registry holds.
+fn leases_in(registry: &std::path::Path) -> usize {
+    std::fs::read_dir(registry.join("subnets"))
+        .map(|d| d.count())
+        .unwrap_or(0)
+}
+
+/// `linen` run by `unshare --net` in a new network namespace with a veth underlay at
+/// 198.18.0.1/24, after the words of `wrapper` (root only).
+fn in_a_throwaway_namespace(wrapper: &str) -> Command {
+    let script = format!(
+        "ip link add lntstu0 type veth peer name lntstu1 \
+         && ip addr add 198.18.0.1/24 dev lntstu0 \
+         && ip link set lntstu0 up && ip link set lntstu1 up \
+         && exec {wrapper} \"$@\""
+    );
+    let mut c = Command::new("unshare");
+    c.args(["--net", "sh", "-c", &script, "sh", LINEN]);
+    c
+}
+
+/// An overlay network holding this host's underlay address would route datagrams to it into
+/// the TUN device: a config mistake (exit 2), found before the lease.
+#[test]
+fn an_overlay_holding_the_underlay_address_exits_2_before_the_lease() {
+    if common::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let (code, stderr) = linen(&[
+        "network",
+        "init",
+        "--network",
+        "198.18.0.0/16",
+        "--registry-dir",
+        dir.path().to_str().unwrap(),
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let env = dir.path().join("subnet.env");
+    let mut cmd = in_a_throwaway_namespace("");
+    cmd.arg("run")
+        .arg("--registry-dir")
+        .arg(dir.path())
+        .arg("--subnet-file")
+        .arg(&env)
+        .args(["--metrics-addr", "off", "--tun", "lnovl0"])
+        .env_remove("LINEN_IP_MASQ")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Helper::spawn(&mut cmd);
+    let exited = linen::lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    assert!(exited.is_some(), "linen run did not exit");
+    let out = child.wait_with_output();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(
+        stderr.contains("198.18.0.1 is inside the overlay network"),
+        "{stderr}"
+    );
+    assert_eq!(leases_in(dir.path()), 0, "no lease may be taken: {stderr}");
     assert!(!env.exists());
 }
 

@@ -12,7 +12,7 @@ pub mod notify;
 pub mod registry;
 pub mod status;
 
-use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -134,6 +134,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
             "interface {} has no usable address to advertise; pass --public-ip or --public-ipv6",
             underlay.name
         );
+    }
+    // Peers' datagrams to an address inside the overlay would be routed into the TUN device
+    // (a loop), and this host's own address would be leased to another as an overlay address.
+    let inside = |ip: IpAddr| match ip {
+        IpAddr::V4(a) => config.network.is_some_and(|n| n.contains(a)),
+        IpAddr::V6(a) => config.ipv6_network.is_some_and(|n| n.contains(a)),
+    };
+    if let Some(ip) = [public_ip.map(IpAddr::V4), public_ipv6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .find(|&ip| inside(ip))
+    {
+        return Err(crate::cli::exit::usage(format!(
+            "this host's underlay address {ip} is inside the overlay network of the network \
+             config, so datagrams to it would be routed into the overlay; choose a Network that \
+             no host's own address is in (or another underlay with --iface or --public-ip)"
+        )));
     }
     let attrs = LeaseAttrs {
         public_ip,
