@@ -163,8 +163,7 @@ fn runtime_failures_exit_1() {
 #[test]
 fn run_without_cap_net_admin_takes_no_lease() {
     let dir = registry_with_a_network();
-    let env = dir.path().join("subnet.env");
-    let mut cmd = if linen::lab::is_root() {
+    let cmd = if linen::lab::is_root() {
         // An underlay with an address, so that without the check it would get to the lease.
         in_a_throwaway_namespace(
             "setpriv --inh-caps -all --ambient-caps -all --bounding-set -net_admin --",
@@ -172,33 +171,9 @@ fn run_without_cap_net_admin_takes_no_lease() {
     } else {
         Command::new(LINEN)
     };
-    cmd.arg("run")
-        .arg("--registry-dir")
-        .arg(dir.path())
-        .arg("--subnet-file")
-        .arg(&env)
-        .args(["--metrics-addr", "off", "--tun", "lncap0"])
-        .env_remove("LINEN_IP_MASQ")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = Helper::spawn(&mut cmd);
-    // Killed (when the helper drops) if it does not exit: a check that let it through would
-    // leave a daemon running.
-    let exited = linen::lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
-    assert!(exited.is_some(), "linen run did not exit");
-    let out = child.wait_with_output();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(leases_in(dir.path()), 0, "no lease may be taken: {stderr}");
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let (code, stderr) = run_to_exit(cmd, dir.path(), "lncap0");
+    assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
-    assert!(!env.exists());
-}
-
-/// How many lease files a directory registry holds.
-fn leases_in(registry: &std::path::Path) -> usize {
-    std::fs::read_dir(registry.join("subnets"))
-        .map(|d| d.count())
-        .unwrap_or(0)
 }
 
 /// `linen` run by `unshare --net` in a new network namespace with a veth underlay at
@@ -232,29 +207,39 @@ fn an_overlay_holding_the_underlay_address_exits_2_before_the_lease() {
         dir.path().to_str().unwrap(),
     ]);
     assert_eq!(code, Some(0), "{stderr}");
-    let env = dir.path().join("subnet.env");
-    let mut cmd = in_a_throwaway_namespace("");
-    cmd.arg("run")
-        .arg("--registry-dir")
-        .arg(dir.path())
-        .arg("--subnet-file")
-        .arg(&env)
-        .args(["--metrics-addr", "off", "--tun", "lnovl0"])
-        .env_remove("LINEN_IP_MASQ")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
-    let mut child = Helper::spawn(&mut cmd);
-    let exited = linen::lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
-    assert!(exited.is_some(), "linen run did not exit");
-    let out = child.wait_with_output();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    let (code, stderr) = run_to_exit(in_a_throwaway_namespace(""), dir.path(), "lnovl0");
+    assert_eq!(code, Some(2), "{stderr}");
     assert!(
         stderr.contains("198.18.0.1 is inside the overlay network"),
         "{stderr}"
     );
-    assert_eq!(leases_in(dir.path()), 0, "no lease may be taken: {stderr}");
-    assert!(!env.exists());
+}
+
+/// Runs `cmd` (linen, or a wrapper of it) as `run` on the directory registry `registry` with
+/// TUN device `tun`, until it exits; returns its exit code and stderr, after checking that it
+/// took no lease and wrote no subnet.env.
+fn run_to_exit(mut cmd: Command, registry: &std::path::Path, tun: &str) -> (Option<i32>, String) {
+    let env = registry.join("subnet.env");
+    cmd.arg("run")
+        .arg("--registry-dir")
+        .arg(registry)
+        .arg("--subnet-file")
+        .arg(&env)
+        .args(["--metrics-addr", "off", "--tun", tun])
+        .env_remove("LINEN_IP_MASQ")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    let mut child = Helper::spawn(&mut cmd);
+    // Killed (when the helper drops) if it does not exit: a check that let it through would
+    // leave a daemon running.
+    let exited = linen::lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    assert!(exited.is_some(), "linen run did not exit");
+    let out = child.wait_with_output();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    let leases = std::fs::read_dir(registry.join("subnets")).map_or(0, |d| d.count());
+    assert_eq!(leases, 0, "no lease may be taken: {stderr}");
+    assert!(!env.exists(), "{stderr}");
+    (out.status.code(), stderr)
 }
 
 /// `--log-format json` writes one JSON object per event to stderr, and `--log-level` filters:
