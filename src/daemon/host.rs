@@ -667,8 +667,11 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
     f.write_all(contents.as_bytes())
         .and_then(|()| f.sync_all())
         .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path)
-        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| {
+        // Not left behind (`path` may be a directory, which rename refuses).
+        let _ = std::fs::remove_file(&tmp);
+        format!("renaming {} to {}", tmp.display(), path.display())
+    })?;
     Ok(())
 }
 
@@ -707,6 +710,27 @@ fn effective_has(status: &str, bit: u32) -> Option<bool> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn write_atomic_replaces_the_file_and_leaves_no_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("subnet.env");
+        write_atomic(&file, "A=1\n").unwrap();
+        write_atomic(&file, "A=2\n").unwrap();
+        assert_eq!(std::fs::read_to_string(&file).unwrap(), "A=2\n");
+        // A directory where the file should be: the rename fails, and its temporary file
+        // does not stay.
+        let taken = dir.path().join("taken");
+        std::fs::create_dir(&taken).unwrap();
+        let err = write_atomic(&taken, "A=3\n").unwrap_err();
+        assert!(format!("{err:#}").contains("renaming"), "{err:#}");
+        let mut names: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["subnet.env", "taken"]);
+    }
 
     #[test]
     fn cap_net_admin_is_read_from_the_effective_set() {
