@@ -90,6 +90,18 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
         ),
         (init.clone(), &["--network is required"]),
         (
+            format!("{init} --network 198.19.0.0"),
+            &["no prefix length", "198.19.0.0/16"],
+        ),
+        (
+            format!("{init} --network 198.19.1.5/16"),
+            &["host bits", "198.19.0.0/16"],
+        ),
+        (
+            format!("{init} --network 198.19.0.0/16 --ipv6-subnet-len 64"),
+            &["--ipv6-subnet-len", "--ipv6-network"],
+        ),
+        (
             format!("lease reserve --registry-dir {reg} garbage --public-ip 198.18.0.9"),
             &["198.19.5.0/24"],
         ),

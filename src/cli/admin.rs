@@ -47,12 +47,8 @@ pub async fn network(cmd: NetworkCommand) -> Result<()> {
 async fn network_init(args: NetworkInitArgs) -> Result<()> {
     let mut spec = NetworkConfigSpec::default();
     if let Some(n) = &args.network {
-        let net: ipnetwork::Ipv4Network = n.parse().map_err(|_| {
-            usage(format!(
-                "--network {n:?} is not an IPv4 CIDR such as 198.19.0.0/16"
-            ))
-        })?;
-        spec.network = Some(ipnetwork::Ipv4Network::new(net.network(), net.prefix())?);
+        let net: ipnetwork::Ipv4Network = parse_cidr("--network", n, "198.19.0.0/16")?;
+        spec.network = Some(net);
     }
     spec.subnet_len = args.subnet_len;
     spec.subnet_min = args.subnet_min;
@@ -64,13 +60,21 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         ));
     }
     if let Some(n) = &args.ipv6_network {
-        let net: ipnetwork::Ipv6Network = n.parse().map_err(|_| {
-            usage(format!(
-                "--ipv6-network {n:?} is not an IPv6 CIDR such as fd00:19::/48"
-            ))
-        })?;
-        spec.ipv6_network = Some(ipnetwork::Ipv6Network::new(net.network(), net.prefix())?);
+        let net: ipnetwork::Ipv6Network = parse_cidr("--ipv6-network", n, "fd00:19::/48")?;
+        spec.ipv6_network = Some(net);
         spec.enable_ipv6 = Some(true);
+    } else if let Some(flag) = [
+        ("--ipv6-subnet-len", args.ipv6_subnet_len.is_some()),
+        ("--ipv6-subnet-min", args.ipv6_subnet_min.is_some()),
+        ("--ipv6-subnet-max", args.ipv6_subnet_max.is_some()),
+    ]
+    .into_iter()
+    .find_map(|(flag, given)| given.then_some(flag))
+    {
+        return Err(usage(format!(
+            "{flag} applies to the IPv6 network, and there is none: add --ipv6-network (e.g. \
+             fd00:19::/48), or drop {flag}"
+        )));
     }
     spec.ipv6_subnet_len = args.ipv6_subnet_len;
     spec.ipv6_subnet_min = args.ipv6_subnet_min;
@@ -147,18 +151,42 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     Ok(())
 }
 
+/// A CIDR given to `flag`: with a prefix length (a bare address would be a /32 or /128) and
+/// without host bits (`198.19.1.5/16` is more likely a typo than 198.19.0.0/16).
+fn parse_cidr<N>(flag: &str, text: &str, example: &str) -> Result<N>
+where
+    N: std::str::FromStr + Copy + Into<IpNetwork>,
+{
+    let not_cidr = || usage(format!("{flag} {text:?} is not a CIDR such as {example}"));
+    if !text.contains('/') {
+        return Err(usage(format!(
+            "{flag} {text:?} has no prefix length; give a CIDR such as {example}"
+        )));
+    }
+    let net: N = text.parse().map_err(|_| not_cidr())?;
+    no_host_bits(&format!("{flag} {text}"), "network", net.into())?;
+    Ok(net)
+}
+
+/// Refuses `net` with host bits set, as `ip` does; `what` names it, `kind` is what the
+/// message calls the network holding it.
+fn no_host_bits(what: &str, kind: &str, net: IpNetwork) -> Result<()> {
+    if net.network() != net.ip() {
+        return Err(usage(format!(
+            "{what} has host bits set; the {kind} holding it is {}/{}",
+            net.network(),
+            net.prefix()
+        )));
+    }
+    Ok(())
+}
+
 /// Parses `198.19.5.0/24` or `198.19.5.0-24` (or a dual-stack key). Host bits are refused in
 /// either form, as `ip` refuses them: `198.19.5.7/24` is more likely a mistyped address than
 /// a subnet, and a release must not remove a subnet other than the one named.
 fn parse_subnet(text: &str) -> Result<SubnetKey> {
     if let Ok(net) = text.parse::<IpNetwork>() {
-        if net.network() != net.ip() {
-            return Err(usage(format!(
-                "{text} has host bits set; the subnet holding it is {}/{}",
-                net.network(),
-                net.prefix()
-            )));
-        }
+        no_host_bits(text, "subnet", net)?;
         let key = match net {
             IpNetwork::V4(n) => SubnetKey::new(Some(n), None),
             IpNetwork::V6(n) => SubnetKey::new(None, Some(n)),
