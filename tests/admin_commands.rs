@@ -285,7 +285,8 @@ fn a_held_lease_is_kept_as_a_reservation() {
 }
 
 /// `lease list` on a registry without a network config (a mistyped `--registry-dir`), or with
-/// one linen cannot use, still lists but warns; with a usable config it does not warn.
+/// one linen cannot use, still lists but warns; with a usable config it warns only of keys the
+/// network would not lease.
 #[test]
 fn listing_a_registry_without_a_network_warns() {
     let dir = tempfile::tempdir().unwrap();
@@ -305,6 +306,26 @@ fn listing_a_registry_without_a_network_warns() {
     let (code, out) = linen(dir.path(), &["lease", "list"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("WARN"), "{out}");
+    // Keys this network would not lease (outside it, another length) are listed and flagged;
+    // a leasable one is not.
+    let subnets = dir.path().join("subnets");
+    std::fs::create_dir_all(&subnets).unwrap();
+    for key in ["10.0.0.0-24", "198.19.24.0-25", "198.19.25.0-24"] {
+        std::fs::write(subnets.join(key), "{\"PublicIP\":\"198.18.0.9\"}\n").unwrap();
+    }
+    let (code, out) = linen(dir.path(), &["lease", "list"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("3 leases"), "{out}");
+    let flagged: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("not a subnet this network leases"))
+        .collect();
+    assert_eq!(flagged.len(), 2, "{out}");
+    assert!(flagged.iter().any(|l| l.contains("10.0.0.0-24")), "{out}");
+    assert!(
+        flagged.iter().any(|l| l.contains("198.19.24.0-25")),
+        "{out}"
+    );
     // A config linen cannot use (a flannel vxlan network) is named too.
     std::fs::write(
         dir.path().join("config"),

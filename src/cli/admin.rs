@@ -263,7 +263,20 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                 Err(e @ RegistryError::BadConfig { .. }) => {
                     tracing::warn!("linen cannot lease from this registry: {e}");
                 }
-                _ => {}
+                Ok(config) => {
+                    // Listed as they are, but flagged: a key of an older config, or written
+                    // by hand, that no host of this network would take.
+                    for l in &list.leases {
+                        if !crate::lease::allocator::is_compatible(&config, &l.key) {
+                            tracing::warn!(
+                                subnet = %l.key,
+                                "not a subnet this network leases (its config: `linen network \
+                                 show`); left from an older config, or written by hand?"
+                            );
+                        }
+                    }
+                }
+                Err(_) => {}
             }
             if json {
                 let items: Vec<serde_json::Value> = list
