@@ -102,6 +102,10 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             &["--ipv6-subnet-len", "--ipv6-network"],
         ),
         (
+            format!("{init} --no-ipv4 --ipv6-network fd00:19::/48 --subnet-len 20"),
+            &["--subnet-len", "IPv4", "--network"],
+        ),
+        (
             format!("lease reserve --registry-dir {reg} garbage --public-ip 198.18.0.9"),
             &["198.19.5.0/24"],
         ),
@@ -189,11 +193,11 @@ fn run_without_cap_net_admin_takes_no_lease() {
 }
 
 /// `linen` run by `unshare --net` in a new network namespace with a veth underlay at
-/// 198.18.0.1/24, after the words of `wrapper` (root only).
+/// 198.18.5.1/24, after the words of `wrapper` (root only).
 fn in_a_throwaway_namespace(wrapper: &str) -> Command {
     let script = format!(
         "ip link add lntstu0 type veth peer name lntstu1 \
-         && ip addr add 198.18.0.1/24 dev lntstu0 \
+         && ip addr add 198.18.5.1/24 dev lntstu0 \
          && ip link set lntstu0 up && ip link set lntstu1 up \
          && exec {wrapper} \"$@\""
     );
@@ -202,8 +206,9 @@ fn in_a_throwaway_namespace(wrapper: &str) -> Command {
     c
 }
 
-/// An overlay network holding this host's underlay address would route datagrams to it into
-/// the TUN device: a config mistake (exit 2), found before the lease.
+/// An underlay address in a subnet the network leases would have datagrams to this host
+/// routed into the overlay once a host leases it: a config mistake (exit 2), found before the
+/// lease. (198.18.5.1 is in 198.18.0.0/16's default range 198.18.1.0–198.18.255.0.)
 #[test]
 fn an_overlay_holding_the_underlay_address_exits_2_before_the_lease() {
     if common::skip() {
@@ -222,7 +227,7 @@ fn an_overlay_holding_the_underlay_address_exits_2_before_the_lease() {
     let (code, stderr) = run_to_exit(in_a_throwaway_namespace(""), dir.path(), "lnovl0");
     assert_eq!(code, Some(2), "{stderr}");
     assert!(
-        stderr.contains("198.18.0.1 is inside the overlay network"),
+        stderr.contains("198.18.5.1 is inside a subnet the network config leases"),
         "{stderr}"
     );
 }
@@ -387,7 +392,7 @@ fn setup_mistakes_in_flags_exit_2() {
         ),
         (
             &["http://127.0.0.1:1,foo"],
-            &["\"foo\" has no port", "http://foo:2379"],
+            &["\"foo\" has neither scheme nor port", "http://foo:2379"],
         ),
     ] {
         let mut args = vec!["run", "--metrics-addr", "off", "--etcd-endpoints"];

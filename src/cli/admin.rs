@@ -37,6 +37,9 @@ pub async fn network(cmd: NetworkCommand) -> Result<()> {
                     "ipv6 subnets  /{} from {} to {}",
                     config.ipv6_subnet_len, config.ipv6_subnet_min, config.ipv6_subnet_max
                 );
+            } else if let Some(n) = config.spec.ipv6_network {
+                // flannel's rule: without EnableIPv6 the IPv6 network is not used.
+                println!("ipv6 network  none ({n} is set, but EnableIPv6 is not true)");
             }
             println!("backend       udp, port {}", config.backend.port);
             Ok(())
@@ -63,18 +66,39 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         let net: ipnetwork::Ipv6Network = parse_cidr("--ipv6-network", n, "fd00:19::/48")?;
         spec.ipv6_network = Some(net);
         spec.enable_ipv6 = Some(true);
-    } else if let Some(flag) = [
-        ("--ipv6-subnet-len", args.ipv6_subnet_len.is_some()),
-        ("--ipv6-subnet-min", args.ipv6_subnet_min.is_some()),
-        ("--ipv6-subnet-max", args.ipv6_subnet_max.is_some()),
-    ]
-    .into_iter()
-    .find_map(|(flag, given)| given.then_some(flag))
+    }
+    // Settings of a family the network does not have would be stored and do nothing.
+    let unused = |family: &str, network: &str, flags: [(&'static str, bool); 3]| match flags
+        .into_iter()
+        .find_map(|(flag, given)| given.then_some(flag))
     {
-        return Err(usage(format!(
-            "{flag} applies to the IPv6 network, and there is none: add --ipv6-network (e.g. \
-             fd00:19::/48), or drop {flag}"
-        )));
+        Some(flag) => Err(usage(format!(
+            "{flag} applies to the {family} network, and there is none: add {network}, or \
+                 drop {flag}"
+        ))),
+        None => Ok(()),
+    };
+    if args.ipv6_network.is_none() {
+        unused(
+            "IPv6",
+            "--ipv6-network (e.g. fd00:19::/48)",
+            [
+                ("--ipv6-subnet-len", args.ipv6_subnet_len.is_some()),
+                ("--ipv6-subnet-min", args.ipv6_subnet_min.is_some()),
+                ("--ipv6-subnet-max", args.ipv6_subnet_max.is_some()),
+            ],
+        )?;
+    }
+    if args.network.is_none() {
+        unused(
+            "IPv4",
+            "--network (e.g. 198.19.0.0/16)",
+            [
+                ("--subnet-len", args.subnet_len.is_some()),
+                ("--subnet-min", args.subnet_min.is_some()),
+                ("--subnet-max", args.subnet_max.is_some()),
+            ],
+        )?;
     }
     spec.ipv6_subnet_len = args.ipv6_subnet_len;
     spec.ipv6_subnet_min = args.ipv6_subnet_min;
@@ -333,6 +357,13 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             let key = parse_subnet(&subnet)?;
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
             let config = reg.get_network_config().await?;
+            // As `linen run` refuses such a host: the reservation could never be taken.
+            if config.leases(public_ip) {
+                return Err(usage(format!(
+                    "{public_ip} is inside a subnet this network leases, so linen would not \
+                     run on that host; a host's public IP must be outside SubnetMin..SubnetMax"
+                )));
+            }
             // Hosts of an IPv6-only network are known by their PublicIPv6 alone.
             if config.network.is_none() && public_ip.is_ipv4() {
                 return Err(usage(format!(

@@ -135,22 +135,30 @@ pub async fn run(args: RunArgs) -> Result<()> {
             underlay.name
         );
     }
-    // Peers' datagrams to an address inside the overlay would be routed into the TUN device
-    // (a loop), and this host's own address would be leased to another as an overlay address.
-    let inside = |ip: IpAddr| match ip {
-        IpAddr::V4(a) => config.network.is_some_and(|n| n.contains(a)),
-        IpAddr::V6(a) => config.ipv6_network.is_some_and(|n| n.contains(a)),
-    };
-    if let Some(ip) = [public_ip.map(IpAddr::V4), public_ipv6.map(IpAddr::V6)]
+    // An underlay address in a subnet the network leases: once a host leases that subnet,
+    // datagrams to this host are routed into that host's overlay (flannel's docs place the
+    // hosts inside Network, outside [SubnetMin, SubnetMax], which works while the underlay's
+    // own routes are more specific: only a warning).
+    for ip in [public_ip.map(IpAddr::V4), public_ipv6.map(IpAddr::V6)]
         .into_iter()
         .flatten()
-        .find(|&ip| inside(ip))
     {
-        return Err(crate::cli::exit::usage(format!(
-            "this host's underlay address {ip} is inside the overlay network of the network \
-             config, so datagrams to it would be routed into the overlay; choose a Network that \
-             no host's own address is in (or another underlay with --iface or --public-ip)"
-        )));
+        if config.leases(ip) {
+            return Err(crate::cli::exit::usage(format!(
+                "this host's underlay address {ip} is inside a subnet the network config leases, \
+                 so once a host leases it, datagrams to this host are routed into the overlay; \
+                 keep SubnetMin..SubnetMax clear of every host's underlay address (or choose \
+                 another underlay with --iface or --public-ip)"
+            )));
+        }
+        if config.contains(ip) {
+            tracing::warn!(
+                address = %ip,
+                "this host's underlay address is inside the overlay network (outside the leased \
+                 range): peers are reached only while the underlay's own routes are more specific \
+                 than the overlay's"
+            );
+        }
     }
     let attrs = LeaseAttrs {
         public_ip,
@@ -559,7 +567,6 @@ pub fn counters_summary(c: &LocalCounters) -> String {
         .join(" ")
 }
 
-/// The network config once the registry has one; `None` when stopped first.
 /// Opens the registry, waiting while it is out of reach: etcd with authentication is
 /// contacted at once (to get a token), and an etcd that is not up yet at boot is waited for, as
 /// without authentication (where the first contact is [`wait_for_config`]'s). `None` when
@@ -587,6 +594,7 @@ async fn open_registry(
     }
 }
 
+/// The network config once the registry has one; `None` when stopped first.
 async fn wait_for_config(
     registry: &dyn Registry,
     stop: &mut StopSignals,

@@ -2,7 +2,7 @@
 //! case-insensitive, unknown keys ignored) and validated as flannel's `CheckNetworkConfig`
 //! validates it, with the same defaults (`flannel-compat.md` §a).
 
-use std::net::{Ipv4Addr, Ipv6Addr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
 use serde_json::{Map, Value};
@@ -310,6 +310,26 @@ impl NetworkConfig {
             && subnet.network() <= self.subnet_max
     }
 
+    /// Whether `ip` lies in the network (either family).
+    pub fn contains(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => self.network.is_some_and(|n| n.contains(a)),
+            IpAddr::V6(a) => self.ipv6_network.is_some_and(|n| n.contains(a)),
+        }
+    }
+
+    /// Whether `ip` lies in a subnet this config may lease, so that a host could be given it.
+    pub fn leases(&self, ip: IpAddr) -> bool {
+        match ip {
+            IpAddr::V4(a) => {
+                Ipv4Network::new(a, self.subnet_len).is_ok_and(|n| self.is_valid_v4_subnet(n))
+            }
+            IpAddr::V6(a) => {
+                Ipv6Network::new(a, self.ipv6_subnet_len).is_ok_and(|n| self.is_valid_v6_subnet(n))
+            }
+        }
+    }
+
     /// Whether an IPv6 subnet may be leased under this config.
     pub fn is_valid_v6_subnet(&self, subnet: Ipv6Network) -> bool {
         let Some(net) = self.ipv6_network else {
@@ -400,19 +420,23 @@ fn check_range(
         ));
     }
     let last = net + ((1u128 << u32::from(bits - prefix)) - 1);
-    // Addresses no host can give a subnet of: traffic to them never reaches a TUN device.
-    let reserved: &[(u128, &str)] = match family {
+    // Blocks (first, last address) no host can give a subnet of: traffic to them never
+    // reaches a TUN device.
+    let reserved: &[(u128, u128, &str)] = match family {
         Family::V4 => &[
-            (0x0000_0001, "0.0.0.0/8 (\"this network\")"),
-            (0x7f00_0001, "loopback 127.0.0.0/8"),
-            (0xe000_0001, "multicast 224.0.0.0/4"),
+            (0x0000_0000, 0x00ff_ffff, "0.0.0.0/8 (\"this network\")"),
+            (0x7f00_0000, 0x7fff_ffff, "loopback 127.0.0.0/8"),
+            (0xe000_0000, 0xefff_ffff, "multicast 224.0.0.0/4"),
         ],
         Family::V6 => &[
-            (1, "loopback ::1"),
-            (0xff00_u128 << 112 | 1, "multicast ff00::/8"),
+            (0, 1, "the unspecified and loopback addresses ::/127"),
+            (0xff00_u128 << 112, u128::MAX, "multicast ff00::/8"),
         ],
     };
-    if let Some((_, what)) = reserved.iter().find(|(a, _)| (net..=last).contains(a)) {
+    if let Some((_, _, what)) = reserved
+        .iter()
+        .find(|&&(first, end, _)| net <= end && first <= last)
+    {
         return invalid(format!(
             "{name}Network {}/{prefix} covers {what}, which cannot be an overlay; use a private \
              range such as {}",
@@ -610,6 +634,10 @@ mod test {
             ("96.0.0.0/3", "loopback"),
             ("224.0.0.0/8", "multicast"),
             ("128.0.0.0/1", "multicast"),
+            // Inside a block, not only holding its first addresses.
+            ("127.5.0.0/16", "loopback"),
+            ("239.1.0.0/16", "multicast"),
+            ("0.1.0.0/16", "this network"),
         ] {
             let e = err(&format!(r#"{{"Network":"{net}"}}"#));
             assert!(e.contains(why) && e.contains("10.244.0.0/16"), "{net}: {e}");
@@ -618,6 +646,7 @@ mod test {
             ("::/0", "every address"),
             ("::/64", "loopback"),
             ("ff00::/16", "multicast"),
+            ("ff02::/16", "multicast"),
         ] {
             let e = err(&format!(
                 r#"{{"EnableIPv4":false,"EnableIPv6":true,"IPv6Network":"{net}"}}"#
