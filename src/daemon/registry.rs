@@ -67,8 +67,13 @@ async fn open_etcd(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn R
         lease_ttl,
         ..EtcdOptions::default()
     };
-    let registry = EtcdRegistry::connect(&options)
-        .await
-        .with_context(|| format!("connecting to etcd at {}", args.etcd_endpoints.join(",")))?;
+    let registry = EtcdRegistry::connect(&options).await.with_context(|| {
+        let shown: Vec<String> = args
+            .etcd_endpoints
+            .iter()
+            .map(|e| crate::lease::etcd::redacted(e))
+            .collect();
+        format!("connecting to etcd at {}", shown.join(","))
+    })?;
     Ok(Arc::new(registry))
 }

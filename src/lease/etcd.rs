@@ -33,7 +33,7 @@ use etcd_client::{
     PutOptions, Txn, TxnOp,
 };
 
-pub use connect::{DEFAULT_ENDPOINTS, EtcdOptions, EtcdSetupError};
+pub use connect::{DEFAULT_ENDPOINTS, EtcdOptions, EtcdSetupError, redacted};
 pub use watch::EtcdWatch;
 
 use super::{LeaseList, LeaseWatch, Registry, RegistryError, Revision};

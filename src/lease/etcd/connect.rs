@@ -3,6 +3,7 @@
 
 use std::fmt;
 use std::path::{Path, PathBuf};
+use std::sync::Once;
 use std::time::Duration;
 
 use etcd_client::{Certificate, ConnectOptions, Identity, TlsOptions};
@@ -166,7 +167,8 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
         let e = e.trim();
         check_endpoint(e).map_err(|why| {
             EtcdSetupError::Options(format!(
-                "endpoint {e:?} {why} (--etcd-endpoints takes URLs such as http://198.18.0.1:2379)"
+                "endpoint {:?} {why} (--etcd-endpoints takes URLs such as http://198.18.0.1:2379)",
+                redacted(e)
             ))
         })?;
         let tls_url = e.starts_with("https://");
@@ -194,10 +196,13 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
                     TlsOptions::new().ca_certificate(Certificate::from_pem(ca))
                 }
                 None => {
-                    tracing::info!(
-                        "no --etcd-cafile: verifying etcd's certificate against the system trust \
-                         store (SSL_CERT_FILE or SSL_CERT_DIR replace it)"
-                    );
+                    static SAID: Once = Once::new();
+                    SAID.call_once(|| {
+                        tracing::info!(
+                            "no --etcd-cafile: verifying etcd's certificate against the system \
+                             trust store (SSL_CERT_FILE or SSL_CERT_DIR replace it)"
+                        )
+                    });
                     TlsOptions::new().with_native_roots()
                 }
             };
@@ -209,10 +214,14 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
             options = options.with_tls(config);
         }
         None => {
-            tracing::warn!(
-                endpoints = %endpoints.join(","),
-                "no TLS files given: connecting to etcd with plain http"
-            );
+            // Once: `linen run` prepares again each second while etcd is out of reach.
+            static SAID: Once = Once::new();
+            SAID.call_once(|| {
+                tracing::warn!(
+                    endpoints = %endpoints.join(","),
+                    "no TLS files given: connecting to etcd with plain http"
+                )
+            });
         }
     }
     match (&opts.username, &opts.password) {
@@ -232,18 +241,32 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
     Ok(Connection { endpoints, options })
 }
 
+/// `endpoint` with any user and password in it replaced by `…`, for messages.
+pub fn redacted(endpoint: &str) -> String {
+    let (scheme, rest) = match endpoint.split_once("://") {
+        Some((scheme, rest)) => (format!("{scheme}://"), rest),
+        None => (String::new(), endpoint),
+    };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => format!("{scheme}…{}", &rest[at..]),
+        None => endpoint.to_owned(),
+    }
+}
+
 /// Checks one endpoint as etcd-client will read it: `http://` or `https://` (or no scheme,
 /// which TLS settings decide), a host name or address, and a port. Without the check a typo
-/// such as `--etcd-endpoints foo` is taken for a host on port 80 and retried for ever; a
-/// missing port is refused too, as etcd listens on 2379 and no default would find it.
+/// such as `--etcd-endpoints foo` is taken for a host on port 80 and retried for ever. So a
+/// port is required where there is no scheme; with one, a URL without a port means 80 or
+/// 443, as for flanneld (an etcd behind an HTTPS proxy).
 fn check_endpoint(e: &str) -> Result<(), String> {
     if e.is_empty() {
         return Err("is empty (a stray comma?)".into());
     }
-    let rest = match e.split_once("://") {
-        Some(("http" | "https", rest)) => rest,
+    let (scheme, rest) = match e.split_once("://") {
+        Some((scheme @ ("http" | "https"), rest)) => (Some(scheme), rest),
         Some((scheme, _)) => return Err(format!("has scheme {scheme:?}; use http:// or https://")),
-        None => e,
+        None => (None, e),
     };
     // flanneld's examples sometimes end in a slash; a longer path would be sent nowhere.
     let authority = rest.strip_suffix('/').unwrap_or(rest);
@@ -285,8 +308,10 @@ fn check_endpoint(e: &str) -> Result<(), String> {
         ));
     }
     match port {
+        None if scheme.is_some() => Ok(()),
         None => Err(format!(
-            "has no port; etcd's client port is usually 2379, as in http://{host}:2379"
+            "has neither scheme nor port; etcd's client port is usually 2379, as in \
+             http://{authority}:2379"
         )),
         Some(p) => match p.parse::<u16>() {
             Ok(1..) => Ok(()),
@@ -439,13 +464,19 @@ mod test {
             "127.0.0.1:2379",
             "http://[fd00::1]:2379",
             "etcd_a:1",
+            // With a scheme, no port means the scheme's (an etcd behind an HTTPS proxy).
+            "https://etcd.example",
+            "http://foo",
+            "http://[fd00::1]",
         ] {
             assert_eq!(check_endpoint(ok), Ok(()), "{ok}");
         }
         for (bad, why) in [
             ("", "empty"),
-            ("foo", "no port"),
-            ("http://foo", "http://foo:2379"),
+            ("foo", "neither scheme nor port"),
+            ("foo", "http://foo:2379"),
+            ("fd00::1", "brackets"),
+            ("[fd00::1]", "http://[fd00::1]:2379"),
             ("unix:///run/etcd.sock", "scheme \"unix\""),
             ("HTTP://foo:2379", "scheme"),
             ("http://foo:2379/v3", "path"),
@@ -458,11 +489,29 @@ mod test {
             ("http://foo:0", "not 1 to 65535"),
             ("http://foo:65536", "not 1 to 65535"),
             ("http://foo:", "not 1 to 65535"),
-            ("http://[fd00::1]", "no port"),
         ] {
             let err = check_endpoint(bad).expect_err(bad);
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn credentials_in_an_endpoint_stay_out_of_messages() {
+        assert_eq!(redacted("http://root:pw@foo:2379"), "http://…@foo:2379");
+        assert_eq!(redacted("root:pw@foo:2379/"), "…@foo:2379/");
+        assert_eq!(redacted("http://foo:2379/a@b"), "http://foo:2379/a@b");
+        let opts = EtcdOptions {
+            endpoints: vec!["http://root:hunter2@foo:2379".into()],
+            ..EtcdOptions::default()
+        };
+        let Err(e) = prepare(&opts) else {
+            panic!("accepted")
+        };
+        let text = e.to_string();
+        assert!(
+            text.contains("credentials") && !text.contains("hunter2"),
+            "{text}"
+        );
     }
 
     #[test]
@@ -472,7 +521,9 @@ mod test {
             ..EtcdOptions::default()
         };
         match prepare(&opts) {
-            Err(EtcdSetupError::Options(m)) => assert!(m.contains("\"foo\" has no port"), "{m}"),
+            Err(EtcdSetupError::Options(m)) => {
+                assert!(m.contains("\"foo\" has neither scheme nor port"), "{m}")
+            }
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("accepted"),
         }
