@@ -126,7 +126,9 @@ pub fn double_dash(args: Vec<OsString>, cmd: &Command) -> Vec<OsString> {
         value_next = known.is_some_and(|needs_value| needs_value && !inline_value);
         // An unknown name is doubled too, so that clap names it: read with one dash it is a
         // cluster of short flags, and flanneld's `-ip-blackhole-route` was reported as '-i'.
-        if text.starts_with("--") || (known.is_none() && name.len() < 2) {
+        // A real cluster (`-hV`) stays.
+        let cluster = name.chars().all(|c| c == 'h' || c == 'V');
+        if text.starts_with("--") || (known.is_none() && (name.len() < 2 || cluster)) {
             out.push(arg);
         } else {
             let mut fixed = OsString::from("-");
@@ -202,8 +204,9 @@ mod test {
     #[test]
     fn everything_else_is_left_alone() {
         for args in [
-            // Short flags, double dashes.
+            // Short flags (linen has only clap's), clusters of them, double dashes.
             &["linen", "-h"][..],
+            &["linen", "-hV"],
             &["linen", "run", "-x", "--no-such-flag", "--iface", "eth0"],
             // The value of a flag that needs one, even when it looks like a flag.
             &[

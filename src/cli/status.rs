@@ -103,15 +103,20 @@ pub fn run(args: &StatusArgs) -> Result<()> {
 
 /// `GET path` from the daemon at `addr`; the body of a 200 answer.
 pub fn get(addr: SocketAddr, path: &str) -> Result<String> {
+    get_within(addr, path, TIMEOUT)
+}
+
+/// [`get`], waiting at most `timeout` to connect and for each read.
+fn get_within(addr: SocketAddr, path: &str, timeout: Duration) -> Result<String> {
     let not_running = || {
         format!(
             "no linen daemon answers on {addr}; is `linen run` running? pass --metrics-addr \
              (or LINEN_METRICS_ADDR) with the address it serves on"
         )
     };
-    let mut stream = TcpStream::connect_timeout(&addr, TIMEOUT).with_context(not_running)?;
-    stream.set_read_timeout(Some(TIMEOUT))?;
-    stream.set_write_timeout(Some(TIMEOUT))?;
+    let mut stream = TcpStream::connect_timeout(&addr, timeout).with_context(not_running)?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.set_write_timeout(Some(timeout))?;
     write!(
         stream,
         "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
@@ -123,9 +128,15 @@ pub fn get(addr: SocketAddr, path: &str) -> Result<String> {
             e.kind(),
             std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
         ) {
+            let what = if raw.is_empty() {
+                "no"
+            } else {
+                "only part of an"
+            };
             bail!(
-                "{addr} accepted but gave no answer to {path} within {} s; is it a linen daemon?",
-                TIMEOUT.as_secs()
+                "{addr} accepted but gave {what} answer to {path} within {:?}; is it a linen \
+                 daemon?",
+                timeout
             );
         }
         return Err(e).with_context(|| format!("reading the answer of {addr}{path}"));
@@ -463,6 +474,61 @@ mod test {
         let raw = b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 3\r\n\r\nno\n";
         assert_eq!(parse_response(raw), Some((503, "no\n".to_owned())));
         assert_eq!(parse_response(b"SSH-2.0-OpenSSH\r\n"), None);
+    }
+
+    /// A server on `127.0.0.1` that reads a request and writes `answer` (then holds the
+    /// connection while `hold`); its address.
+    fn serve_once(answer: &'static [u8], hold: Duration) -> SocketAddr {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            let (mut s, _) = listener.accept().unwrap();
+            // The whole request: unread bytes at close would reset the connection.
+            let mut request = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !request.ends_with(b"\r\n\r\n") {
+                match s.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => request.extend_from_slice(&buf[..n]),
+                }
+            }
+            let _ = s.write_all(answer);
+            std::thread::sleep(hold);
+        });
+        addr
+    }
+
+    #[test]
+    fn another_server_is_named_as_such() {
+        let page = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n\r\n<html>\n<body>\n\
+                     <h1>Not Found</h1>\n</body>\n</html>\n";
+        let addr = serve_once(page, Duration::ZERO);
+        let msg = format!("{:#}", get(addr, "/status").unwrap_err());
+        assert_eq!(
+            msg,
+            format!("{addr}/status answered 404; is it a linen daemon?")
+        );
+        // linen's own one-line errors are quoted.
+        let addr = serve_once(
+            b"HTTP/1.1 404 Not Found\r\n\r\nno such path\n",
+            Duration::ZERO,
+        );
+        let msg = format!("{:#}", get(addr, "/status").unwrap_err());
+        assert_eq!(msg, format!("{addr}/status answered 404: no such path"));
+    }
+
+    #[test]
+    fn a_server_that_does_not_answer_is_named_as_such() {
+        let wait = Duration::from_millis(200);
+        let addr = serve_once(b"", wait * 5);
+        let msg = format!("{:#}", get_within(addr, "/status", wait).unwrap_err());
+        assert!(
+            msg.contains("accepted but gave no answer to /status"),
+            "{msg}"
+        );
+        let addr = serve_once(b"HTTP/1.1 200 OK\r\n", wait * 5);
+        let msg = format!("{:#}", get_within(addr, "/status", wait).unwrap_err());
+        assert!(msg.contains("gave only part of an answer"), "{msg}");
     }
 
     #[test]

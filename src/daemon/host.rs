@@ -662,17 +662,22 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
         .file_name()
         .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
     let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let mut f =
-        std::fs::File::create(&tmp).with_context(|| format!("writing {}", tmp.display()))?;
-    f.write_all(contents.as_bytes())
-        .and_then(|()| f.sync_all())
-        .with_context(|| format!("writing {}", tmp.display()))?;
-    std::fs::rename(&tmp, path).with_context(|| {
-        // Not left behind (`path` may be a directory, which rename refuses).
+    let written = std::fs::File::create(&tmp).and_then(|mut f| {
+        f.write_all(contents.as_bytes())?;
+        f.sync_all()
+    });
+    // The temporary file is not left behind when anything fails (a full disk; `path` a
+    // directory, which rename refuses).
+    let result = written
+        .with_context(|| format!("writing {}", tmp.display()))
+        .and_then(|()| {
+            std::fs::rename(&tmp, path)
+                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        });
+    if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
-        format!("renaming {} to {}", tmp.display(), path.display())
-    })?;
-    Ok(())
+    }
+    result
 }
 
 /// The running kernel's version (major, minor), from `/proc/sys/kernel/osrelease`.

@@ -51,6 +51,23 @@ impl OpsServer {
     /// tokio runtime. Until [`attach`](Self::attach) is called, `/healthz` answers 503
     /// "starting…".
     pub async fn start(addr: MetricsAddr, healthz: Option<SocketAddr>) -> Result<OpsServer> {
+        // The metrics listener serves /healthz too: the same address needs no second one, and
+        // the same port on another address (0.0.0.0, flannel's default) cannot be bound.
+        let healthz = match (addr, healthz) {
+            (MetricsAddr::On(m), Some(h)) if m.port() == h.port() && m.port() != 0 => {
+                if m.ip() == h.ip() {
+                    None
+                } else {
+                    return Err(crate::cli::exit::usage(format!(
+                        "--healthz-port {} is the port of --metrics-addr {m}, which serves \
+                         /healthz too; drop --healthz-port (or --healthz-port 0), or give \
+                         another port",
+                        h.port()
+                    )));
+                }
+            }
+            (_, h) => h,
+        };
         let sources = Arc::new(OnceLock::new());
         let cancel = CancellationToken::new();
         let mut local = None;
@@ -450,6 +467,37 @@ mod test {
         }
         assert_eq!(refused, MAX_CONNECTIONS - MAX_PER_ADDRESS);
         cancel.cancel();
+    }
+
+    /// `--healthz-port` equal to the metrics port: on the same address the metrics listener
+    /// serves /healthz alone; on another one it is a flag mistake, not a port in use.
+    #[tokio::test]
+    async fn a_healthz_port_equal_to_the_metrics_port_is_resolved() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
+        let server = OpsServer::start(MetricsAddr::On(metrics), Some(metrics))
+            .await
+            .unwrap();
+        assert_eq!(server.local_addr(), Some(metrics));
+        drop(server);
+        let Err(err) =
+            OpsServer::start(MetricsAddr::On(metrics), Some(([0, 0, 0, 0], port).into())).await
+        else {
+            panic!("a second listener on the metrics port was accepted");
+        };
+        assert_eq!(
+            crate::cli::exit::code_for(&err),
+            crate::cli::exit::USAGE,
+            "{err:#}"
+        );
+        assert!(
+            format!("{err:#}").contains("serves /healthz too"),
+            "{err:#}"
+        );
     }
 
     /// The absolute form names the same path (RFC 9112 §3.2.2).
