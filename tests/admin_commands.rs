@@ -340,6 +340,33 @@ fn listing_a_registry_without_a_network_warns() {
     );
 }
 
+/// `network show` says when an IPv6 network is written but not enabled (flannel then leaves
+/// IPv6 off, and so does linen).
+#[test]
+fn show_names_an_ipv6_network_that_is_not_enabled() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::write(
+        &config,
+        r#"{"Network":"198.19.0.0/16","IPv6Network":"fd00:19::/48"}"#,
+    )
+    .unwrap();
+    let (code, out) = linen(dir.path(), &["network", "show"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("ipv6 network  none (fd00:19::/48 is set, but EnableIPv6 is not true)"),
+        "{out}"
+    );
+    std::fs::write(
+        &config,
+        r#"{"Network":"198.19.0.0/16","IPv6Network":"fd00:19::/48","EnableIPv6":true}"#,
+    )
+    .unwrap();
+    let (code, out) = linen(dir.path(), &["network", "show"]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("ipv6 network  fd00:19::/48\n"), "{out}");
+}
+
 /// Eight `network init` at once with different configs: exactly one writes, the others see
 /// its config and refuse, and the stored config is the winner's.
 #[test]
