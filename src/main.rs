@@ -12,9 +12,15 @@ fn main() {
     let filter = match linen::cli::log_filter(&cli.log_level) {
         Ok(f) => f,
         Err(e) => {
+            let on_line = std::env::args().any(|a| a.contains("-log-level"));
+            let from = if on_line {
+                String::new()
+            } else {
+                " (from the environment variable LINEN_LOG_LEVEL)".to_owned()
+            };
             eprintln!(
-                "linen: --log-level {:?} is invalid ({e}); use error, warn, info, debug or trace, \
-                 or target=level pairs such as linen=debug,warn",
+                "linen: --log-level {:?}{from} is invalid ({e}); use error, warn, info, debug or \
+                 trace, or target=level pairs such as linen=debug,warn",
                 cli.log_level
             );
             std::process::exit(2);

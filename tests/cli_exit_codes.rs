@@ -401,6 +401,54 @@ fn setup_mistakes_in_flags_exit_2() {
     }
 }
 
+/// A bad value from the environment names the variable it came from, not only the flag,
+/// which is not on the command line (a flanneld environment file, a unit's `Environment=`).
+#[test]
+fn a_bad_value_from_the_environment_names_its_variable() {
+    for (var, value, args, mentions) in [
+        (
+            "FLANNELD_PUBLIC_IP",
+            "bad",
+            &["run"][..],
+            &["--public-ip", "environment variable FLANNELD_PUBLIC_IP"][..],
+        ),
+        (
+            "LINEN_MTU",
+            "10",
+            &["run"],
+            &["environment variable LINEN_MTU"],
+        ),
+        (
+            "LINEN_LOG_LEVEL",
+            "debg",
+            &["lease", "list"],
+            &["environment variable LINEN_LOG_LEVEL"],
+        ),
+    ] {
+        let out = Command::new("timeout")
+            .args(["--kill-after=5", "60", LINEN])
+            .args(args)
+            .env(var, value)
+            .env_remove("LINEN_IP_MASQ")
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}: {stderr}");
+        for m in mentions {
+            assert!(stderr.contains(m), "{var}: {stderr}");
+        }
+    }
+    // On the command line, the flag is what is named.
+    let out = Command::new(LINEN)
+        .args(["run", "--mtu", "10"])
+        .env("LINEN_MTU", "1400")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(!stderr.contains("environment variable"), "{stderr}");
+}
+
 /// SIGTERM while the daemon waits for the network config is a normal stop: exit 0.
 #[test]
 fn a_stop_while_waiting_for_the_config_exits_0() {

@@ -139,6 +139,46 @@ pub fn double_dash(args: Vec<OsString>, cmd: &Command) -> Vec<OsString> {
     out
 }
 
+/// The environment variable a refused value came from: when clap's error `e` names a flag
+/// that is not on the command line `args`, the variable clap read it from (`LINEN_*`, or the
+/// `FLANNELD_*` one [`flanneld_env`] pointed it at) if that is set. clap's message names only
+/// the flag, which an operator whose setting lives in an environment file looks for in vain.
+pub fn value_from_env(
+    e: &clap::Error,
+    cmd: &Command,
+    args: &[OsString],
+    lookup: impl Fn(&str) -> Option<OsString>,
+) -> Option<String> {
+    use clap::error::{ContextKind, ContextValue};
+    let Some(ContextValue::String(arg)) = e.get(ContextKind::InvalidArg) else {
+        return None;
+    };
+    let long = arg.strip_prefix("--")?.split([' ', '=']).next()?;
+    let on_line = args.iter().any(|a| {
+        a.to_str().is_some_and(|a| {
+            a.strip_prefix("--")
+                .is_some_and(|a| a == long || a.starts_with(&format!("{long}=")))
+        })
+    });
+    if on_line {
+        return None;
+    }
+    let mut stack = vec![cmd];
+    while let Some(c) = stack.pop() {
+        let var = c
+            .get_arguments()
+            .filter(|a| a.get_long() == Some(long))
+            .find_map(|a| a.get_env())
+            .and_then(|v| v.to_str())
+            .filter(|v| lookup(v).is_some());
+        if let Some(var) = var {
+            return Some(var.to_owned());
+        }
+        stack.extend(c.get_subcommands());
+    }
+    None
+}
+
 /// The long flags of `cmd` and the `globals`, with whether each must be followed by a value
 /// (read from the unbuilt command: the derive sets each argument's action, and `num_args` only
 /// where a value is optional; clap adds `--help` and `--version` itself when it builds).

@@ -34,7 +34,20 @@ impl Cli {
     pub fn parse_with_flannel_compat() -> Cli {
         let cmd = compat::flanneld_env(Cli::command(), |k| std::env::var_os(k));
         let args = compat::double_dash(std::env::args_os().collect(), &cmd);
-        let matches = cmd.get_matches_from(args);
+        let matches = match cmd.clone().try_get_matches_from(&args) {
+            Ok(m) => m,
+            Err(e) => {
+                let source = compat::value_from_env(&e, &cmd, &args, |k| std::env::var_os(k));
+                let _ = e.print();
+                if let Some(var) = source {
+                    eprintln!(
+                        "\nThe value comes from the environment variable {var} (the flag is not \
+                         on the command line): fix or unset {var}."
+                    );
+                }
+                std::process::exit(e.exit_code());
+            }
+        };
         Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
     }
 }
