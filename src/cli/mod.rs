@@ -18,10 +18,16 @@ use tracing_subscriber::filter::{LevelFilter, Targets};
 pub struct Cli {
     /// Log level: error, warn, info, debug or trace, or target=level pairs with an optional
     /// default level for the rest (info if none is given), such as `linen=debug,warn`.
-    #[arg(long, global = true, env = "LINEN_LOG_LEVEL", default_value = "info")]
+    #[arg(
+        long,
+        global = true,
+        env = "LINEN_LOG_LEVEL",
+        default_value = "info",
+        display_order = 900
+    )]
     pub log_level: String,
     /// Log format.
-    #[arg(long, global = true, env = "LINEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    #[arg(long, global = true, env = "LINEN_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text, display_order = 901)]
     pub log_format: LogFormat,
     /// What to do.
     #[command(subcommand)]
