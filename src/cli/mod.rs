@@ -138,7 +138,8 @@ pub struct RunArgs {
     #[arg(long, env = "LINEN_IFACE_REGEX", value_name = "REGEX", value_parser = parse_regex)]
     pub iface_regex: Vec<regex_lite::Regex>,
     /// Underlay interface: the one the route to this address leaves through, advertising the
-    /// route's source address, as flannel's `-iface-can-reach`. Checked after --iface and
+    /// route's source address, as flannel's `-iface-can-reach` (a temporary or deprecated IPv6
+    /// source gives way to the interface's lasting address). Checked after --iface and
     /// --iface-regex.
     #[arg(long, env = "LINEN_IFACE_CAN_REACH", value_name = "IP")]
     pub iface_can_reach: Option<IpAddr>,

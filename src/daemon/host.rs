@@ -296,7 +296,7 @@ pub async fn discover_underlay(
                     picked = links
                         .iter()
                         .find(|l| l.index == index && has_advertisable(l))
-                        .map(|l| (l, src));
+                        .map(|l| (l, route_source(l, src)));
                     if picked.is_none() {
                         why = format!(
                             "the route to {ip} leaves through no interface with an address"
@@ -356,6 +356,14 @@ pub async fn discover_underlay(
             _ => first_v6(pick),
         },
     })
+}
+
+/// The address a route's source `src` gives the interface `link` it leaves through: the
+/// source, unless it is an IPv6 address that makes a poor identity (a temporary one, which the
+/// kernel prefers as a source with `use_tempaddr=2`, or a deprecated one): then none, so that
+/// the interface's first lasting address is advertised, as without `--iface-can-reach`.
+fn route_source(link: &Link, src: Option<IpAddr>) -> Option<IpAddr> {
+    src.filter(|a| !matches!(a, IpAddr::V6(v6) if link.poor_v6.contains(v6)))
 }
 
 /// The interface's IPv6 address to advertise: the first global one that is not temporary,
@@ -715,6 +723,35 @@ fn effective_has(status: &str, bit: u32) -> Option<bool> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn a_temporary_route_source_gives_way_to_a_lasting_address() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let link = Link {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            gso_max_segs: None,
+            // The kernel lists the newest first: the temporary address.
+            addrs: vec![
+                IpAddr::V6(v6("fd00:18::a1b2:c3d4")),
+                IpAddr::V6(v6("fd00:18::2")),
+                IpAddr::V4("198.18.0.2".parse().unwrap()),
+            ],
+            poor_v6: vec![v6("fd00:18::a1b2:c3d4")],
+        };
+        // The temporary source is dropped, and the interface's lasting address is taken.
+        assert_eq!(
+            route_source(&link, Some(IpAddr::V6(v6("fd00:18::a1b2:c3d4")))),
+            None
+        );
+        assert_eq!(first_v6(&link), Some(v6("fd00:18::2")));
+        // Other sources stay.
+        for src in [IpAddr::V6(v6("fd00:18::2")), "198.18.0.2".parse().unwrap()] {
+            assert_eq!(route_source(&link, Some(src)), Some(src));
+        }
+        assert_eq!(route_source(&link, None), None);
+    }
 
     #[test]
     fn write_atomic_replaces_the_file_and_leaves_no_temporary_one() {
