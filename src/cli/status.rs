@@ -191,25 +191,30 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
         }
     }
     let r = &s.registry;
-    let _ = writeln!(
-        out,
-        "registry  {} ({}, {} resyncs{})",
-        if r.location.is_empty() {
-            "-"
-        } else {
-            &r.location
-        },
-        if r.connected {
-            "connected"
-        } else {
-            "NOT connected"
-        },
-        r.resyncs,
-        r.last_error
-            .as_ref()
-            .map(|e| format!(", last error: {e}"))
-            .unwrap_or_default()
-    );
+    if r.location.is_empty() && !r.connected && r.last_error.is_none() {
+        // Starting: the daemon has not handed its registry over yet.
+        let _ = writeln!(out, "registry  not open yet (starting)");
+    } else {
+        let _ = writeln!(
+            out,
+            "registry  {} ({}, {} resyncs{})",
+            if r.location.is_empty() {
+                "-"
+            } else {
+                &r.location
+            },
+            if r.connected {
+                "connected"
+            } else {
+                "NOT connected"
+            },
+            r.resyncs,
+            r.last_error
+                .as_ref()
+                .map(|e| format!(", last error: {e}"))
+                .unwrap_or_default()
+        );
+    }
     let _ = write!(
         out,
         "workers   {} of {} running",
@@ -452,6 +457,17 @@ mod test {
             "{text}"
         );
         assert!(text.contains("(no peers)"), "{text}");
+    }
+
+    #[test]
+    fn renders_a_starting_daemon() {
+        let s = crate::daemon::status::collect(None, std::time::SystemTime::now());
+        let text = render(&s, "127.0.0.1:9418".parse().unwrap());
+        assert!(text.contains("UNHEALTHY: starting"), "{text}");
+        assert!(
+            text.contains("registry  not open yet (starting)\n"),
+            "{text}"
+        );
     }
 
     #[test]
