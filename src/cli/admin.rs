@@ -487,7 +487,7 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                         ""
                     };
                     bail!(
-                        "no live lease or reservation for {asked} at {}{removed} (`linen lease \
+                        "no live lease or reservation for {subnet} at {}{removed} (`linen lease \
                          list` shows what is there)",
                         reg.location()
                     );
