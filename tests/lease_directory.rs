@@ -696,6 +696,53 @@ async fn manager_recovers_when_the_registry_comes_back() {
     a.stop().await;
 }
 
+/// A daemon's registry (`requiring_config`) whose directory goes away (moved, a shared mount
+/// gone) is out of reach: lists, watches and writes fail, and nothing is recreated there, so
+/// hosts do not each start an empty registry of their own while reporting healthy. An admin
+/// command's registry still lists a missing directory as empty.
+#[tokio::test]
+async fn a_registry_directory_that_goes_away_is_out_of_reach_not_recreated() {
+    let dir = setup(NET);
+    let path = dir.path().join("registry");
+    fs::create_dir(&path).unwrap();
+    fs::rename(dir.path().join("config"), path.join("config")).unwrap();
+    let reg = DirectoryRegistry::with_ttl(&path, Duration::from_secs(3600))
+        .with_poll_interval(Duration::from_millis(50))
+        .requiring_config();
+    reg.create_lease(&key("198.19.8.0-24"), &host(8))
+        .await
+        .unwrap();
+    let list = reg.list_leases().await.unwrap();
+    assert_eq!(list.leases.len(), 1);
+    let mut w = reg.watch_leases(list.revision).await.unwrap();
+    assert!(matches!(w.next().await.unwrap(), WatchEvent::Snapshot(_)));
+
+    fs::rename(&path, dir.path().join("moved")).unwrap();
+    let gone = |e: RegistryError| {
+        assert!(e.is_transient(), "{e}");
+        assert!(e.to_string().contains("not recreating it"), "{e}");
+    };
+    gone(reg.list_leases().await.unwrap_err());
+    gone(
+        tokio::time::timeout(Duration::from_secs(5), w.next())
+            .await
+            .expect("the watch noticed nothing")
+            .unwrap_err(),
+    );
+    gone(
+        reg.create_lease(&key("198.19.9.0-24"), &host(9))
+            .await
+            .unwrap_err(),
+    );
+    let lease = list.leases[0].clone();
+    gone(reg.renew_lease(&lease, &lease.attrs).await.unwrap_err());
+    assert!(!path.exists(), "the registry directory was recreated");
+
+    // Without the requirement (admin commands), a missing directory is an empty store.
+    let admin = DirectoryRegistry::with_ttl(&path, Duration::from_secs(3600));
+    assert!(admin.list_leases().await.unwrap().leases.is_empty());
+}
+
 #[tokio::test]
 async fn watch_delivers_a_snapshot_first_and_on_change() {
     let dir = setup(NET);

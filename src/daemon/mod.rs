@@ -577,7 +577,7 @@ async fn open_registry(
 ) -> Result<Option<Arc<dyn Registry>>> {
     let mut logged = false;
     loop {
-        match registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await {
+        match registry::open_for_run(&args.registry, Duration::from_secs(args.lease_ttl)).await {
             Ok(r) => return Ok(Some(r)),
             Err(e) if registry::out_of_reach(&e) => {
                 if !logged {

@@ -23,6 +23,17 @@ pub async fn open(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Re
     open_etcd(args, lease_ttl).await
 }
 
+/// [`open`] for `linen run`: a directory registry whose config goes away is out of reach
+/// ([`DirectoryRegistry::requiring_config`]), never a new empty one.
+pub async fn open_for_run(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Registry>> {
+    if args.etcd_endpoints.is_empty() {
+        return Ok(Arc::new(
+            DirectoryRegistry::with_ttl(args.registry_dir.clone(), lease_ttl).requiring_config(),
+        ));
+    }
+    open_etcd(args, lease_ttl).await
+}
+
 /// Whether [`open`] failed only because the registry is out of reach for now (etcd down or
 /// not yet up), so that trying again later may succeed.
 pub fn out_of_reach(e: &anyhow::Error) -> bool {

@@ -28,7 +28,7 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -62,9 +62,19 @@ impl DirectoryRegistry {
                 dir: dir.into(),
                 ttl: ttl.max(Duration::from_secs(1)),
                 warned: Mutex::new(HashMap::new()),
+                require_config: AtomicBool::new(false),
             }),
             poll_interval: DEFAULT_POLL_INTERVAL,
         }
+    }
+
+    /// For a daemon that has read the network config here: from now on a directory without
+    /// it is a registry out of reach (moved, deleted, a shared mount gone), never an empty one
+    /// to recreate. Without this (admin commands), a missing directory lists as empty, so a
+    /// mistyped `--registry-dir` is warned about rather than failed on.
+    pub fn requiring_config(self) -> DirectoryRegistry {
+        self.store.require_config.store(true, Ordering::Relaxed);
+        self
     }
 
     /// Sets how often watches poll the directory.
@@ -223,6 +233,8 @@ struct Store {
     ttl: Duration,
     /// Malformed files already warned about: file name → hash of its content.
     warned: Mutex<HashMap<String, u64>>,
+    /// See [`DirectoryRegistry::requiring_config`].
+    require_config: AtomicBool,
 }
 
 /// One parsed `subnets/` file.
@@ -259,9 +271,26 @@ impl Store {
         }
     }
 
-    /// Takes the store lock, creating the directory when `create` is set. `None` when the
-    /// directory does not exist and `create` is not set (an empty store).
+    /// With [`require_config`](Store::require_config), an error when the config is gone.
+    fn present(&self) -> Result<(), RegistryError> {
+        let config = self.dir.join("config");
+        if self.require_config.load(Ordering::Relaxed) && !config.exists() {
+            return Err(RegistryError::Unavailable {
+                location: self.dir.display().to_string(),
+                reason: format!(
+                    "{} is gone (the registry directory moved, deleted, or a shared mount \
+                     unmounted?); not recreating it",
+                    config.display()
+                ),
+            });
+        }
+        Ok(())
+    }
+
+    /// Takes the store lock, creating the directory when `exclusive` (a write) is set. `None`
+    /// when the directory does not exist and `exclusive` is not set (an empty store).
     fn lock(&self, exclusive: bool) -> Result<Option<File>, RegistryError> {
+        self.present()?;
         let path = self.dir.join(".lock");
         if exclusive {
             fs::create_dir_all(self.subnets())
@@ -491,6 +520,7 @@ impl Store {
 
     /// The cheap part of a poll: no file is opened but `revision`.
     fn fingerprint(&self) -> Result<Fingerprint, RegistryError> {
+        self.present()?;
         let revision = self.revision()?;
         Ok(self.fingerprint_of(revision, &self.names()?))
     }
