@@ -136,6 +136,8 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
     }
 }
 
+/// An invalid stored config exits 2 (after reading it again for 10 s, as it may be being
+/// written), before anything is set up.
 #[test]
 fn an_invalid_stored_config_exits_2_before_anything_is_set_up() {
     let dir = tempfile::tempdir().unwrap();
@@ -158,6 +160,55 @@ fn an_invalid_stored_config_exits_2_before_anything_is_set_up() {
     assert!(!env.exists(), "nothing may be written for a bad config");
     let (code, stderr) = linen(&["network", "show", "--registry-dir", reg]);
     assert_eq!(code, Some(2), "{stderr}");
+}
+
+/// A config invalid for a moment (written in place) is read again: once valid, the daemon
+/// takes it instead of having exited 2, which would stop every host waiting for it. Root only:
+/// the daemon then runs, in a throwaway namespace.
+#[test]
+fn a_config_being_written_is_read_again() {
+    if common::skip() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::write(&config, "").unwrap();
+    let env = dir.path().join("subnet.env");
+    let log = dir.path().join("log");
+    let mut cmd = in_a_throwaway_namespace("");
+    cmd.arg("run")
+        .arg("--registry-dir")
+        .arg(dir.path())
+        .arg("--subnet-file")
+        .arg(&env)
+        .args(["--metrics-addr", "off", "--tun", "lngrace0"])
+        .env_remove("LINEN_IP_MASQ")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let mut child = Helper::spawn(&mut cmd);
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let seen = linen::lab::wait_for(Duration::from_secs(10), || {
+        read_log().contains("reading it again").then_some(())
+    });
+    assert!(seen.is_some(), "{}", read_log());
+    // Invalid for a few seconds, over several re-reads, as a slow hand would leave it.
+    std::thread::sleep(Duration::from_secs(3));
+    assert!(child.try_wait().unwrap().is_none(), "{}", read_log());
+    std::fs::write(
+        &config,
+        r#"{"Network":"198.19.0.0/16","Backend":{"Type":"udp"}}"#,
+    )
+    .unwrap();
+    let up = linen::lab::wait_for(Duration::from_secs(20), || env.exists().then_some(()));
+    assert!(up.is_some(), "{}", read_log());
+    // Our own child (unshare's shell exec'd linen), by its PID.
+    let killed = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0), "{}", read_log());
 }
 
 #[test]

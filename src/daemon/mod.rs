@@ -595,23 +595,36 @@ async fn open_registry(
 }
 
 /// The network config once the registry has one; `None` when stopped first.
+/// An invalid network config is read again for this long before the daemon exits 2 on it:
+/// a config being written in place (`echo … > config`, an editor, `etcdctl put` of a first
+/// draft) is invalid for a moment, and hosts waiting for it must not all stop then.
+const INVALID_CONFIG_GRACE: Duration = Duration::from_secs(10);
+
 async fn wait_for_config(
     registry: &dyn Registry,
     stop: &mut StopSignals,
 ) -> Result<Option<NetworkConfig>> {
+    use crate::lease::RegistryError;
     let mut logged = false;
+    let mut invalid_since: Option<std::time::Instant> = None;
     loop {
         match registry.get_network_config().await {
             Ok(c) => return Ok(Some(c)),
-            Err(e)
-                if e.is_transient()
-                    || matches!(e, crate::lease::RegistryError::ConfigNotFound { .. }) =>
-            {
+            Err(e) if e.is_transient() || matches!(e, RegistryError::ConfigNotFound { .. }) => {
+                invalid_since = None;
                 if !logged {
                     tracing::warn!(error = %e, "waiting for the network config (retrying every second)");
                     logged = true;
                 }
             }
+            Err(e @ RegistryError::BadConfig { .. }) => match invalid_since {
+                None => {
+                    tracing::warn!(error = %e, "the network config is invalid; reading it again for {} s in case it is being written", INVALID_CONFIG_GRACE.as_secs());
+                    invalid_since = Some(std::time::Instant::now());
+                }
+                Some(t) if t.elapsed() >= INVALID_CONFIG_GRACE => return Err(e.into()),
+                Some(_) => {}
+            },
             Err(e) => return Err(e.into()),
         }
         tokio::select! {
