@@ -201,14 +201,8 @@ fn a_config_being_written_is_read_again() {
     .unwrap();
     let up = linen::lab::wait_for(Duration::from_secs(20), || env.exists().then_some(()));
     assert!(up.is_some(), "{}", read_log());
-    // Our own child (unshare's shell exec'd linen), by its PID.
-    let killed = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(killed.success());
-    let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{}", read_log());
+    // (unshare's shell exec'd linen: the child is the daemon.)
+    stop_expecting_exit_0(&mut child, read_log);
 }
 
 #[test]
@@ -543,12 +537,16 @@ fn stop_while_waiting(args: &[&str], waiting: &str) {
         read_log().contains(waiting).then_some(())
     });
     assert!(seen.is_some(), "{}", read_log());
-    // Our own child, by its PID.
+    stop_expecting_exit_0(&mut child, read_log);
+}
+
+/// Sends SIGTERM to our own `child`, by its PID; it must exit 0 (`log` for the message).
+fn stop_expecting_exit_0(child: &mut Helper, log: impl Fn() -> String) {
     let killed = Command::new("kill")
         .args(["-TERM", &child.id().to_string()])
         .status()
         .unwrap();
     assert!(killed.success());
     let status = child.wait().unwrap();
-    assert_eq!(status.code(), Some(0), "{}", read_log());
+    assert_eq!(status.code(), Some(0), "{}", log());
 }
