@@ -676,7 +676,8 @@ fn a_deprecated_ipv6_address_is_not_advertised() {
 
 /// With no interface named and no default route (test namespaces have none), the only
 /// interface with an address a peer could use is the underlay: one that has only an IPv6
-/// link-local address (every interface with IPv6 on does) does not count.
+/// link-local address (every interface with IPv6 on does) does not count, nor one whose
+/// addresses are in the overlay network.
 #[test]
 fn the_only_interface_with_a_usable_address_is_the_underlay() {
     if skip() {
@@ -696,6 +697,12 @@ fn the_only_interface_with_a_usable_address_is_the_underlay() {
         a.contains("fe80::").then_some(())
     });
     assert!(link_local.is_some(), "side7 got no link-local address");
+    // Nor does a container bridge on an overlay address (cni0, docker0 on this host's
+    // subnet; here in 198.19.0.0/24, which the network never leases).
+    h1.ip(&["link", "add", "cni7", "type", "bridge"]).unwrap();
+    h1.ip(&["addr", "add", "198.19.0.1/24", "dev", "cni7"])
+        .unwrap();
+    h1.ip(&["link", "set", "cni7", "up"]).unwrap();
     o.start_unguided(0);
     o.start(1, &[]);
     assert_eq!(advertised(&o, 0), h1.ip.to_string());

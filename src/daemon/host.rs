@@ -277,13 +277,17 @@ pub async fn discover_underlay(
     choice: &InterfaceChoice,
     public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
+    in_overlay: &dyn Fn(IpAddr) -> bool,
 ) -> Result<Underlay> {
     let links = links(handle).await?;
     // Only addresses a peer could use count: every interface with IPv6 on has a link-local
     // one, so counting those would leave no "only interface" on most hosts.
+    // Nor do overlay addresses: another linen's TUN device, or a container bridge on this
+    // host's subnet (cni0, docker0), which would otherwise make a host that started fine
+    // fail on its next start.
     let candidates: Vec<&Link> = links
         .iter()
-        .filter(|l| l.name != "lo" && has_advertisable(l))
+        .filter(|l| l.name != "lo" && l.addrs.iter().any(|a| advertisable(a) && !in_overlay(*a)))
         .collect();
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
         let mut why = "no interface with an address peers could use matches (lo and \
@@ -334,10 +338,11 @@ pub async fn discover_underlay(
         (candidates[0], None)
     } else {
         bail!(
-            "cannot tell which interface is the underlay (no default route, {} interfaces with \
-             addresses: {}); pass --iface NAME or --iface ADDRESS",
+            "cannot tell which interface is the underlay (no default route, and {} interfaces \
+             with addresses peers could use, outside the overlay: {}); pass --iface NAME or \
+             --iface ADDRESS",
             candidates.len(),
-            names_and_addresses(&links)
+            names_and_addresses(candidates.iter().copied())
         );
     };
     Ok(Underlay {
@@ -444,9 +449,9 @@ async fn route_to(handle: &Handle, ip: IpAddr) -> Result<Option<(u32, Option<IpA
 }
 
 /// `eth0 [198.18.0.1, fd00::1], lo [127.0.0.1]`, for errors about the interface choice.
-fn names_and_addresses(links: &[Link]) -> String {
+fn names_and_addresses<'a>(links: impl IntoIterator<Item = &'a Link>) -> String {
     links
-        .iter()
+        .into_iter()
         .map(|l| {
             let addrs: Vec<String> = l.addrs.iter().map(IpAddr::to_string).collect();
             format!("{} [{}]", l.name, addrs.join(", "))
