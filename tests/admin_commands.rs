@@ -187,7 +187,28 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     let (code, out) = linen(dir.path(), &["lease", "release", "198.19.5.0/24"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains(both), "{out}");
+    assert!(
+        !out.contains("takes it again"),
+        "a reservation has no holder: {out}"
+    );
     assert!(subnets(dir.path()).is_empty());
+    // A live lease's holder takes it again at once: the release says so.
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    std::fs::write(
+        dir.path().join("subnets").join(both),
+        format!("{{\"PublicIP\":\"198.18.0.9\"}}\nexpires={expires}\n"),
+    )
+    .unwrap();
+    let (code, out) = linen(dir.path(), &["lease", "release", both]);
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("was a lease of 198.18.0.9") && out.contains("takes it again"),
+        "{out}"
+    );
 }
 
 /// A reservation only a host of this network could take: subnets of the families the network

@@ -504,6 +504,17 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                 bail!("{key} was gone already (expired or released meanwhile)");
             }
             println!("released {key}");
+            // A running holder renews or re-acquires it at once: say so, as the release
+            // otherwise looks like it moved the host.
+            if let Some(l) = list.leases.iter().find(|l| l.key == key)
+                && !l.is_reservation()
+            {
+                eprintln!(
+                    "note: {key} was a lease of {}; a linen running there takes it again at \
+                     once (stop it first to move that host to another subnet)",
+                    l.attrs.addresses()
+                );
+            }
             Ok(())
         }
     }

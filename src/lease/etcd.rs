@@ -174,7 +174,7 @@ impl Shared {
         match SubnetKey::parse(name) {
             Ok(key) => Some(key),
             Err(error) => {
-                tracing::warn!(key = %path, %error, "skipping a malformed key under subnets/");
+                tracing::warn!(key = %path, %error, "skipping a malformed key under subnets/ (neither linen nor flannel wrote it; `etcdctl del KEY` removes it)");
                 None
             }
         }
