@@ -79,7 +79,8 @@ pub enum Command {
     /// List, reserve or release subnet leases in the registry.
     #[command(subcommand)]
     Lease(LeaseCommand),
-    /// Show the local daemon's lease, peers and counters (asks its --metrics-addr).
+    /// Show the local daemon's lease, peers and counters (asks its --metrics-addr); exits 1
+    /// when it is unhealthy or does not answer.
     Status(status::StatusArgs),
     /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts;
     /// removes everything afterwards, also on Ctrl-C (root).
@@ -164,7 +165,8 @@ pub struct RunArgs {
         default_value = "/run/linen/subnet.env"
     )]
     pub subnet_file: PathBuf,
-    /// Renew the lease this many minutes before it expires (flannel's default and range).
+    /// Renew the lease this many minutes before it expires, 1 to 1439 (flannel's default and
+    /// range).
     #[arg(long, env = "LINEN_SUBNET_LEASE_RENEW_MARGIN", default_value_t = 60,
           value_parser = clap::value_parser!(u32).range(1..=1439))]
     pub subnet_lease_renew_margin: u32,
@@ -359,13 +361,14 @@ pub struct NetworkInitArgs {
     /// Prefix length of each host's subnet (default 24, or prefix + 2 for small networks).
     #[arg(long)]
     pub subnet_len: Option<u8>,
-    /// First subnet that may be leased.
+    /// First subnet that may be leased (default: the network's second subnet, as flannel).
     #[arg(long)]
     pub subnet_min: Option<Ipv4Addr>,
-    /// Last subnet that may be leased (its start address; inclusive).
+    /// Last subnet that may be leased (its start address; inclusive; default: the network's
+    /// last subnet).
     #[arg(long)]
     pub subnet_max: Option<Ipv4Addr>,
-    /// UDP port of the overlay (flannel: 8285).
+    /// UDP port of the overlay (default 8285, as flannel).
     #[arg(long)]
     pub port: Option<u16>,
     /// The IPv6 cluster network (enables IPv6), e.g. fd00:19::/48.
@@ -401,7 +404,8 @@ pub enum LeaseCommand {
         json: bool,
     },
     /// Reserve a subnet for a host: a lease without expiry, taken by the host whose public IP
-    /// matches.
+    /// matches when linen next acquires there (a running host keeps its lease until it
+    /// restarts or loses it).
     Reserve {
         /// Registry location.
         #[command(flatten)]
@@ -412,7 +416,8 @@ pub enum LeaseCommand {
         #[arg(long, value_parser = parse_public_ip)]
         public_ip: IpAddr,
     },
-    /// Delete a lease or reservation.
+    /// Delete a lease or reservation (a linen running on the lease's host takes it again at
+    /// once; stop it first to move that host). Exits 1 when there is nothing to release.
     Release {
         /// Registry location.
         #[command(flatten)]
