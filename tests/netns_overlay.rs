@@ -467,6 +467,63 @@ fn counter(log: &str, name: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// Another key naming this host's address (a reservation made for it while it runs with
+/// another lease) gets no route here: traffic for it would go out to this host itself and
+/// come back as spoofed.
+#[test]
+fn a_key_naming_this_host_gets_no_route_here() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnself", 2);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    let me = o.lab.host(0).ip.to_string();
+    let key = "198.19.240.0-24&fd00:19:0:f0::-64";
+    let out = Command::new(LINEN)
+        .args([
+            "lease",
+            "reserve",
+            key,
+            "--public-ip",
+            &me,
+            "--registry-dir",
+        ])
+        .arg(o.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let log = o.log_path(0);
+    let warned = wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("other keys name this host's public address")
+            .then_some(())
+    });
+    assert!(
+        warned.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // Unreachable from here (no route), not sent to ourselves.
+    let out = o
+        .lab
+        .host(0)
+        .run("ping", &["-c1", "-W1", "198.19.240.1"])
+        .unwrap();
+    assert!(!out.status.success());
+    // Traffic to the other host still flows.
+    assert!(o.ping_ok(0, &a2, &[]));
+    let (status, text) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{text}");
+    assert_eq!(counter(&text, "spoofed_source"), 0, "{text}");
+}
+
 /// A TCP flow with a small MSS gets TSO super-packets of more segments than a worker splits one
 /// read into, unless the daemon caps the TUN's `gso_max_segs`: then the worker dropped each one
 /// whole (as malformed), and the flow crawled on retransmits.

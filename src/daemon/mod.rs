@@ -65,6 +65,13 @@ pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
     routes
 }
 
+/// Whether a lease with `other` attributes names this host (`own`): the same public IPv4 or
+/// IPv6 address.
+fn names_this_host(own: &LeaseAttrs, other: &LeaseAttrs) -> bool {
+    (own.public_ip.is_some() && own.public_ip == other.public_ip)
+        || (own.public_ipv6.is_some() && own.public_ipv6 == other.public_ipv6)
+}
+
 /// Builds the snapshot for a lease state.
 pub fn snapshot_for(own: &SubnetKey, peers: &[Lease], port: u16, generation: u64) -> Snapshot {
     Snapshot::build(
@@ -366,6 +373,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let ip_masq = args.ip_masq;
         let nl = nl.clone();
         let tun_name = args.tun.clone();
+        let attrs = attrs.clone();
         let mut device_key = own.key;
         tokio::spawn(async move {
             // The lease the table is built for, and the ones the TUN device and subnet.env
@@ -378,6 +386,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut retry_at: Option<tokio::time::Instant> = None;
             // The last error of the device step and of the subnet.env step, logged once.
             let mut failing: [Option<String>; 2] = [None, None];
+            // Peer keys naming this host, last warned about.
+            let mut self_named: Vec<SubnetKey> = Vec::new();
             loop {
                 let current: LeaseState = state.borrow_and_update().clone();
                 let moved_now = current.own.as_ref().is_some_and(|o| o.key != table_key);
@@ -435,7 +445,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
                 }
-                let snap = snapshot_for(&table_key, &current.peers, port, current.generation);
+                // Another key naming this host (a reservation made for it, its lease from
+                // before it took one, a hand-written key): no route, as datagrams to our own
+                // address would only come back as spoofed.
+                let (ours, peers): (Vec<Lease>, Vec<Lease>) = current
+                    .peers
+                    .iter()
+                    .cloned()
+                    .partition(|l| names_this_host(&attrs, &l.attrs));
+                let ours: Vec<SubnetKey> = ours.iter().map(|l| l.key).collect();
+                if ours != self_named {
+                    if !ours.is_empty() {
+                        tracing::warn!(keys = ?ours.iter().map(ToString::to_string).collect::<Vec<_>>(), "other keys name this host's public address; not routing them (they take effect if linen restarts here; `linen lease release` removes them)");
+                    }
+                    self_named = ours;
+                }
+                let snap = snapshot_for(&table_key, &peers, port, current.generation);
                 tracing::debug!(
                     generation = current.generation,
                     peers = snap.len(),
@@ -655,5 +680,33 @@ impl StopSignals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    #[test]
+    fn a_key_naming_this_hosts_address_is_this_host() {
+        let own = LeaseAttrs {
+            public_ip: Some(Ipv4Addr::new(198, 18, 9, 2)),
+            public_ipv6: Some("fd00:18::2".parse().unwrap()),
+            ..LeaseAttrs::default()
+        };
+        let v4 = |ip: [u8; 4]| LeaseAttrs::with_public_ip(Ipv4Addr::from(ip));
+        assert!(names_this_host(&own, &v4([198, 18, 9, 2])));
+        assert!(!names_this_host(&own, &v4([198, 18, 9, 1])));
+        let v6_only = LeaseAttrs {
+            public_ipv6: Some("fd00:18::2".parse().unwrap()),
+            ..LeaseAttrs::default()
+        };
+        assert!(names_this_host(&own, &v6_only));
+        // No address in common: an IPv6-only host against another's IPv4-only lease.
+        assert!(!names_this_host(&v6_only, &v4([198, 18, 9, 1])));
+        assert!(!names_this_host(
+            &LeaseAttrs::default(),
+            &LeaseAttrs::default()
+        ));
     }
 }
