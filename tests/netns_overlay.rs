@@ -587,6 +587,32 @@ fn the_mtu_is_flannels_default_or_the_flag() {
     );
 }
 
+/// The TUN device has no IPv6 link-local address: the kernel would send router solicitations
+/// and MLD reports from it into the TUN, which no peer can take (an idle daemon counted them
+/// as no_route). Its overlay addresses are all it carries.
+#[test]
+fn the_tun_device_carries_no_link_local_address() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnll", 2);
+    o.start(0, &[]);
+    o.env(0);
+    let addrs = o
+        .lab
+        .host(0)
+        .ip(&["-6", "addr", "show", "dev", "linen0"])
+        .unwrap();
+    assert!(!addrs.contains("fe80"), "{addrs}");
+    assert!(addrs.contains("fd00:19:"), "{addrs}");
+    // Idle, with no daemon on the other host: the kernel's solicitation comes within a second of the device going
+    // up (rtr_solicit_delay), and nothing else may reach the TUN.
+    std::thread::sleep(Duration::from_secs(3));
+    let (status, text) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{text}");
+    assert_eq!(counter(&text, "no_route"), 0, "{text}");
+}
+
 /// A route for the overlay network that already points elsewhere (a leftover of another
 /// overlay, say) is taken over, with a warning naming its device; flannel kept such a route and
 /// forwarded nothing. One of another metric is not replaced, and the warning says so.

@@ -489,6 +489,16 @@ pub async fn configure_tun(
     if let Err(e) = capped {
         tracing::warn!(error = %e, device = %tun_name, "cannot cap the TUN device's gso_max_segs at {SEGMENTS}; TCP flows with an MSS under 512 bytes will stall (run with --no-offload if you have such flows)");
     }
+    // No IPv6 link-local address (addr_gen_mode 1, "none"): the overlay uses its global
+    // addresses, and with a link-local one the kernel sends router solicitations and MLD
+    // reports into the TUN, which nobody can route (counted as no_route from the start).
+    // Set while the device is down; absent when IPv6 is off, which needs nothing.
+    let gen_mode = format!("/proc/sys/net/ipv6/conf/{tun_name}/addr_gen_mode");
+    if let Err(e) = std::fs::write(&gen_mode, "1")
+        && e.kind() != std::io::ErrorKind::NotFound
+    {
+        tracing::debug!(error = %e, path = %gen_mode, "cannot turn the TUN's link-local address off");
+    }
     handle
         .link()
         .set(LinkUnspec::new_with_index(index).up().build())

@@ -53,7 +53,9 @@ pub fn open_tun(opts: &TunOptions) -> io::Result<TunQueues> {
             .tx_queue_len(opts.tx_queue_len)
             .offload(offload)
             .multi_queue(opts.queues > 1)
-            .enable(true)
+            // Down until the daemon has set it up (daemon::host::configure_tun brings it up):
+            // settings such as having no IPv6 link-local address take effect only then.
+            .enable(false)
             .build_sync()
     };
     let (first, offload) = if opts.offload {
