@@ -334,9 +334,19 @@ fn listing_a_registry_without_a_network_warns() {
     for key in ["10.0.0.0-24", "198.19.24.0-25", "198.19.25.0-24"] {
         std::fs::write(subnets.join(key), "{\"PublicIP\":\"198.18.0.9\"}\n").unwrap();
     }
+    // And one whose public address no peer can reach (written by hand: reserve refuses it).
+    std::fs::write(
+        subnets.join("198.19.26.0-24"),
+        "{\"PublicIP\":\"127.0.0.1\"}\n",
+    )
+    .unwrap();
     let (code, out) = linen(dir.path(), &["lease", "list"]);
     assert_eq!(code, Some(0), "{out}");
-    assert!(out.contains("3 leases"), "{out}");
+    assert!(out.contains("4 leases"), "{out}");
+    assert!(
+        out.contains("its public address 127.0.0.1 is a loopback address"),
+        "{out}"
+    );
     let flagged: Vec<&str> = out
         .lines()
         .filter(|l| l.contains("not a subnet this network leases"))

@@ -298,6 +298,15 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                                  show`); left from an older config, or written by hand?"
                             );
                         }
+                        let addrs = [
+                            l.attrs.public_ip.map(IpAddr::V4),
+                            l.attrs.public_ipv6.map(IpAddr::V6),
+                        ];
+                        for ip in addrs.into_iter().flatten() {
+                            if let Some(why) = crate::cli::unreachable_reason(ip) {
+                                tracing::warn!(subnet = %l.key, "its public address {ip} is {why}, which no peer can send to");
+                            }
+                        }
                     }
                 }
                 Err(_) => {}

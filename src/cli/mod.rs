@@ -291,18 +291,25 @@ fn parse_public_ip(s: &str) -> Result<IpAddr, String> {
     let ip: IpAddr = s
         .parse()
         .map_err(|_| format!("{s:?} is not an IP address"))?;
-    let why = match ip {
+    match unreachable_reason(ip) {
+        None => Ok(ip),
+        Some(why) => Err(format!(
+            "{ip} is {why}; give an address of this host that the other hosts can reach"
+        )),
+    }
+}
+
+/// Why no peer could send to `ip` as a host's public address, if so.
+pub(crate) fn unreachable_reason(ip: IpAddr) -> Option<&'static str> {
+    Some(match ip {
         IpAddr::V4(a) if a.is_unspecified() => "unspecified",
         IpAddr::V6(a) if a.is_unspecified() => "unspecified",
         a if a.is_loopback() => "a loopback address",
         a if a.is_multicast() => "a multicast address",
         IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
         IpAddr::V6(a) if a.is_unicast_link_local() => "link-local (it would need a zone)",
-        _ => return Ok(ip),
-    };
-    Err(format!(
-        "{ip} is {why}; give an address of this host that the other hosts can reach"
-    ))
+        _ => return None,
+    })
 }
 
 fn parse_public_ipv4(s: &str) -> Result<Ipv4Addr, String> {

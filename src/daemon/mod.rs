@@ -604,7 +604,14 @@ async fn open_registry(
     let mut logged = false;
     loop {
         match registry::open_for_run(&args.registry, Duration::from_secs(args.lease_ttl)).await {
-            Ok(r) => return Ok(Some(r)),
+            Ok(r) => {
+                if args.registry.etcd_endpoints.is_empty() {
+                    tracing::info!(registry = %r.location(), "using the directory registry");
+                } else {
+                    tracing::info!(endpoints = %r.location(), prefix = %args.registry.etcd_prefix, "using the etcd v3 registry");
+                }
+                return Ok(Some(r));
+            }
             Err(e) if registry::out_of_reach(&e) => {
                 if !logged {
                     tracing::warn!(error = %crate::cli::exit::describe(&e), "waiting for the registry (retrying every second)");

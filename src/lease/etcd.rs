@@ -103,7 +103,7 @@ impl EtcdRegistry {
                 .into());
             }
         };
-        tracing::info!(endpoints = %location, prefix, "using the etcd v3 registry");
+        tracing::debug!(endpoints = %location, prefix, "using the etcd v3 registry");
         Ok(EtcdRegistry {
             shared: Arc::new(Shared {
                 client,
