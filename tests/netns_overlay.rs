@@ -760,7 +760,7 @@ fn a_deprecated_ipv6_address_is_not_advertised() {
 /// With no interface named and no default route (test namespaces have none), the only
 /// interface with an address a peer could use is the underlay: one that has only an IPv6
 /// link-local address (every interface with IPv6 on does) does not count, nor one whose
-/// addresses are in the overlay network.
+/// addresses are in subnets the overlay leases.
 #[test]
 fn the_only_interface_with_a_usable_address_is_the_underlay() {
     if skip() {
@@ -780,10 +780,22 @@ fn the_only_interface_with_a_usable_address_is_the_underlay() {
         a.contains("fe80::").then_some(())
     });
     assert!(link_local.is_some(), "side7 got no link-local address");
-    // Nor does a container bridge on an overlay address (cni0, docker0 on this host's
-    // subnet; here in 198.19.0.0/24, which the network never leases).
+    // Nor does a container bridge in a subnet the overlay leases (cni0, docker0 on this
+    // host's subnet). Its subnet is reserved for an absent host, so that no lease here
+    // collides with the bridge.
+    let out = Command::new(LINEN)
+        .args(["lease", "reserve", "198.19.255.0-24&fd00:19:0:ff::-64"])
+        .args(["--public-ip", "198.18.99.99", "--registry-dir"])
+        .arg(o.dir.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     h1.ip(&["link", "add", "cni7", "type", "bridge"]).unwrap();
-    h1.ip(&["addr", "add", "198.19.0.1/24", "dev", "cni7"])
+    h1.ip(&["addr", "add", "198.19.255.1/24", "dev", "cni7"])
         .unwrap();
     h1.ip(&["link", "set", "cni7", "up"]).unwrap();
     o.start_unguided(0);

@@ -277,18 +277,25 @@ pub async fn discover_underlay(
     choice: &InterfaceChoice,
     public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
-    in_overlay: &dyn Fn(IpAddr) -> bool,
+    leased: &dyn Fn(IpAddr) -> bool,
 ) -> Result<Underlay> {
     let links = links(handle).await?;
     // Only addresses a peer could use count: every interface with IPv6 on has a link-local
     // one, so counting those would leave no "only interface" on most hosts.
-    // Nor do overlay addresses: another linen's TUN device, or a container bridge on this
-    // host's subnet (cni0, docker0), which would otherwise make a host that started fine
-    // fail on its next start.
-    let candidates: Vec<&Link> = links
+    // Nor, while others remain, do addresses in subnets the overlay leases: another linen's
+    // TUN device, or a container bridge on this host's subnet (cni0, docker0), which would
+    // otherwise make a host that started fine fail on its next start. (An underlay inside
+    // `Network` but outside SubnetMin..SubnetMax, as in flannel's docs, still counts.)
+    let usable: Vec<&Link> = links
         .iter()
-        .filter(|l| l.name != "lo" && l.addrs.iter().any(|a| advertisable(a) && !in_overlay(*a)))
+        .filter(|l| l.name != "lo" && has_advertisable(l))
         .collect();
+    let outside: Vec<&Link> = usable
+        .iter()
+        .copied()
+        .filter(|l| l.addrs.iter().any(|a| advertisable(a) && !leased(*a)))
+        .collect();
+    let candidates = if outside.is_empty() { usable } else { outside };
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
         let mut why = "no interface with an address peers could use matches (lo and \
                        link-local addresses do not count)"
@@ -339,8 +346,8 @@ pub async fn discover_underlay(
     } else {
         bail!(
             "cannot tell which interface is the underlay (no default route, and {} interfaces \
-             with addresses peers could use, outside the overlay: {}); pass --iface NAME or \
-             --iface ADDRESS",
+             with addresses peers could use, those in leased overlay subnets left out: {}); pass \
+             --iface NAME or --iface ADDRESS",
             candidates.len(),
             names_and_addresses(candidates.iter().copied())
         );

@@ -124,7 +124,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &args.interface_choice(),
         args.public_ip,
         args.public_ipv6,
-        &|ip| config.contains(ip),
+        &|ip| config.leases(ip),
     )
     .await?;
     let public_ip = args.public_ip.or(underlay.ipv4);
