@@ -36,6 +36,15 @@ fn registry(dir: &Path, ttl_secs: u64) -> Arc<DirectoryRegistry> {
     )
 }
 
+/// Unix seconds `secs` from now (a lease file's `expires=`).
+fn unix_secs_in(secs: u64) -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + secs
+}
+
 fn options(n: u8) -> ManagerOptions {
     let mut o = ManagerOptions::new(host(n));
     o.backoff_min = Duration::from_millis(50);
@@ -230,11 +239,7 @@ async fn overlapping_leases_are_sorted_out_at_renewal() {
     let reg = registry(dir.path(), 3600);
     let subnets = dir.path().join("subnets");
     fs::create_dir_all(&subnets).unwrap();
-    let expires = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 600;
+    let expires = unix_secs_in(600);
     let write = |k: &str, ip: &str, lease: bool| {
         let mut text = format!("{{\"PublicIP\":\"{ip}\",\"PublicIPv6\":null}}\n");
         if lease {
@@ -464,6 +469,35 @@ async fn full_range_gives_the_exhaustion_error() {
         "no free subnet in 198.19.0.64 … 198.19.0.192 (/26): all 3 are leased; widen Network \
          or SubnetMin/SubnetMax, or release leases with `linen lease release`"
     );
+}
+
+/// A reservation made for a host that holds a dynamic lease supersedes it: the host takes the
+/// reservation and releases the lease, which peers would otherwise route to it for a day.
+#[tokio::test]
+async fn a_reservation_supersedes_the_hosts_dynamic_lease() {
+    let dir = setup(NET);
+    let subnets = dir.path().join("subnets");
+    fs::create_dir_all(&subnets).unwrap();
+    let expires = unix_secs_in(3600);
+    fs::write(
+        subnets.join("198.19.9.0-24"),
+        format!("{{\"PublicIP\":\"198.18.1.1\"}}\nexpires={expires}\n"),
+    )
+    .unwrap();
+    fs::write(
+        subnets.join("198.19.42.0-24"),
+        "{\"PublicIP\":\"198.18.1.1\"}\n",
+    )
+    .unwrap();
+    let reg = registry(dir.path(), 3600);
+    let a = Running::start(Arc::clone(&reg), options(1)).await;
+    let own = a.state.borrow().clone().own.unwrap();
+    assert_eq!(own.key, key("198.19.42.0-24"));
+    assert!(own.is_reservation());
+    assert!(!subnets.join("198.19.9.0-24").exists());
+    let keys: Vec<SubnetKey> = live(&reg).await.iter().map(|l| l.key).collect();
+    assert_eq!(keys, [key("198.19.42.0-24")]);
+    a.stop().await;
 }
 
 #[tokio::test]

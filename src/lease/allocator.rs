@@ -41,6 +41,9 @@ pub struct Request<'a> {
 pub struct Plan {
     /// Leases holding our PublicIP that the config no longer allows: delete them first.
     pub incompatible: Vec<Lease>,
+    /// Our dynamic leases that a reservation for us supersedes: delete them once it is held
+    /// (peers would otherwise route those subnets here until they expire).
+    pub superseded: Vec<Lease>,
     /// Which lease to hold.
     pub choice: Choice,
 }
@@ -134,7 +137,8 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     }
 
     // 1. Our own lease, by identity. A reservation wins over a dynamic lease if both exist
-    //    (an operator placed it on purpose); other compatible duplicates are left to expire.
+    //    (an operator placed it on purpose), and the dynamic ones are then given up; of two
+    //    dynamic ones, the other is left to expire, as in flannel.
     let mut incompatible = Vec::new();
     let mut reuse: Option<&Lease> = None;
     for lease in req.leases.iter().filter(|l| is_ours(config, req.ours, l)) {
@@ -145,8 +149,22 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
         }
     }
     if let Some(lease) = reuse {
+        let superseded = if lease.is_reservation() {
+            req.leases
+                .iter()
+                .filter(|l| {
+                    is_ours(config, req.ours, l)
+                        && !l.is_reservation()
+                        && !incompatible.iter().any(|i| i.key == l.key)
+                })
+                .cloned()
+                .collect()
+        } else {
+            Vec::new()
+        };
         return Ok(Plan {
             incompatible,
+            superseded,
             choice: Choice::Reuse(lease.clone()),
         });
     }
@@ -167,6 +185,7 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     {
         return Ok(Plan {
             incompatible,
+            superseded: Vec::new(),
             choice: Choice::Previous(prev),
         });
     }
@@ -193,6 +212,7 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     let key = SubnetKey::new(v4, v6).expect("the config enables at least one family");
     Ok(Plan {
         incompatible,
+        superseded: Vec::new(),
         choice: Choice::Fresh(key),
     })
 }
@@ -436,12 +456,18 @@ mod test {
         let dynamic = lease("198.19.9.0-24", "198.18.1.1");
         let p = run(
             &cfg,
-            &[dynamic, reserved.clone()],
+            &[dynamic.clone(), reserved.clone()],
             &attrs("198.18.1.1"),
             None,
         )
         .unwrap();
         assert_eq!(p.choice, Choice::Reuse(reserved));
+        // The dynamic lease it supersedes is given up; another host's is not.
+        assert_eq!(p.superseded, vec![dynamic.clone()]);
+        let theirs = lease("198.19.10.0-24", "198.18.1.2");
+        let p = run(&cfg, &[dynamic.clone(), theirs], &attrs("198.18.1.1"), None).unwrap();
+        assert_eq!(p.choice, Choice::Reuse(dynamic));
+        assert!(p.superseded.is_empty(), "{p:?}");
     }
 
     #[test]

@@ -101,7 +101,17 @@ pub async fn acquire(
         };
         last_tried = Some(key);
         match result {
-            Ok(lease) => return Ok(lease),
+            Ok(lease) => {
+                // Held now: give up the dynamic leases it supersedes (a failure only leaves
+                // them to expire, as before).
+                for old in &plan.superseded {
+                    tracing::warn!(subnet = %old.key, reservation = %lease.key, "a reservation for this host supersedes its lease; releasing that lease");
+                    if let Err(e) = registry.revoke_lease(&old.key).await {
+                        tracing::warn!(subnet = %old.key, error = %e, "cannot release the superseded lease; it expires on its own");
+                    }
+                }
+                return Ok(lease);
+            }
             // Taken first by another host: list again, and do not ask for it again.
             Err(RegistryError::AlreadyExists(_) | RegistryError::Overlaps { .. }) => {
                 tracing::debug!(subnet = %key, "lost a race for the subnet; listing again");
