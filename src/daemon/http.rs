@@ -23,7 +23,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 use super::metrics;
-use super::status::{self, Sources};
+use super::status::{self, Sources, Waiting};
 use crate::cli::status::MetricsAddr;
 
 /// Largest request head read.
@@ -42,6 +42,7 @@ const MAX_PER_ADDRESS: usize = 4;
 #[derive(Debug)]
 pub struct OpsServer {
     sources: Arc<OnceLock<Sources>>,
+    waiting: Arc<Mutex<Option<Waiting>>>,
     cancel: CancellationToken,
     local: Option<SocketAddr>,
 }
@@ -69,6 +70,7 @@ impl OpsServer {
             (_, h) => h,
         };
         let sources = Arc::new(OnceLock::new());
+        let waiting: Arc<Mutex<Option<Waiting>>> = Arc::default();
         let cancel = CancellationToken::new();
         let mut local = None;
         if let MetricsAddr::On(addr) = addr {
@@ -80,8 +82,8 @@ impl OpsServer {
             })?;
             local = Some(listener.local_addr()?);
             tracing::info!(addr = %local.unwrap_or(addr), "serving /metrics, /healthz and /status");
-            let (sources, cancel) = (Arc::clone(&sources), cancel.clone());
-            tokio::spawn(accept_loop(listener, Scope::All, sources, cancel));
+            let shared = (Arc::clone(&sources), Arc::clone(&waiting));
+            tokio::spawn(accept_loop(listener, Scope::All, shared, cancel.clone()));
         }
         if let Some(addr) = healthz {
             let listener = TcpListener::bind(addr).await.with_context(|| {
@@ -91,14 +93,27 @@ impl OpsServer {
                 )
             })?;
             tracing::info!(addr = %listener.local_addr().unwrap_or(addr), "serving /healthz");
-            let (sources, cancel) = (Arc::clone(&sources), cancel.clone());
-            tokio::spawn(accept_loop(listener, Scope::HealthzOnly, sources, cancel));
+            let shared = (Arc::clone(&sources), Arc::clone(&waiting));
+            tokio::spawn(accept_loop(
+                listener,
+                Scope::HealthzOnly,
+                shared,
+                cancel.clone(),
+            ));
         }
         Ok(OpsServer {
             sources,
+            waiting,
             cancel,
             local,
         })
+    }
+
+    /// Says what the starting daemon waits for (until [`attach`](Self::attach)).
+    pub fn waiting(&self, location: String, reason: String) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = Some(Waiting { location, reason });
+        }
     }
 
     /// Hands over the running daemon's handles; from now on answers come from them.
@@ -127,10 +142,13 @@ pub enum Scope {
     HealthzOnly,
 }
 
+/// The daemon's handles once running, and what it waits for until then.
+type Shared = (Arc<OnceLock<Sources>>, Arc<Mutex<Option<Waiting>>>);
+
 async fn accept_loop(
     listener: TcpListener,
     scope: Scope,
-    sources: Arc<OnceLock<Sources>>,
+    shared: Shared,
     cancel: CancellationToken,
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
@@ -167,9 +185,10 @@ async fn accept_loop(
         let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
             return;
         };
-        let sources = Arc::clone(&sources);
+        let (sources, waiting) = (Arc::clone(&shared.0), Arc::clone(&shared.1));
         tokio::spawn(async move {
-            serve(stream, scope, sources.get()).await;
+            let waiting = waiting.lock().ok().and_then(|w| w.clone());
+            serve(stream, scope, sources.get(), waiting.as_ref()).await;
             drop((permit, from));
         });
     }
@@ -222,9 +241,14 @@ impl Drop for AddressSlot {
     }
 }
 
-async fn serve(mut stream: TcpStream, scope: Scope, sources: Option<&Sources>) {
+async fn serve(
+    mut stream: TcpStream,
+    scope: Scope,
+    sources: Option<&Sources>,
+    waiting: Option<&Waiting>,
+) {
     let response = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-        Ok(Ok(Some(head))) => respond(&head, scope, sources, SystemTime::now()),
+        Ok(Ok(Some(head))) => respond(&head, scope, sources, waiting, SystemTime::now()),
         Ok(Ok(None)) => Response::text(431, "request head too large\n"),
         // Timed out, reset or closed early: nobody to answer.
         _ => return,
@@ -318,7 +342,17 @@ impl Response {
 }
 
 /// Answers one request head (sans-IO, so routing is unit-tested without sockets).
-pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: SystemTime) -> Response {
+pub fn respond(
+    head: &[u8],
+    scope: Scope,
+    sources: Option<&Sources>,
+    waiting: Option<&Waiting>,
+    now: SystemTime,
+) -> Response {
+    let collect = || match (sources, waiting) {
+        (None, Some(w)) => status::collect_starting(w, now),
+        _ => status::collect(sources, now),
+    };
     let text = String::from_utf8_lossy(head);
     // (Empty lines before the request line, RFC 9112 §2.2, were dropped by `read_head`.)
     let mut parts = text.lines().next().unwrap_or("").split_whitespace();
@@ -359,11 +393,11 @@ pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: System
         "/metrics" => Response {
             status: 200,
             content_type: metrics::CONTENT_TYPE,
-            body: metrics::render(status::collect(sources, now)),
+            body: metrics::render(collect()),
             head_only: false,
         },
         "/healthz" => {
-            let health = status::collect(sources, now).health;
+            let health = collect().health;
             match health.reason {
                 None if health.ok => Response::text(200, "ok\n"),
                 // The reason may name etcd endpoints and registry errors: the --healthz-port
@@ -378,7 +412,7 @@ pub fn respond(head: &[u8], scope: Scope, sources: Option<&Sources>, now: System
         "/status" => Response {
             status: 200,
             content_type: "application/json",
-            body: serde_json::to_string(&status::collect(sources, now))
+            body: serde_json::to_string(&collect())
                 .unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}")),
             head_only: false,
         },
@@ -400,6 +434,7 @@ mod test {
             format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n").as_bytes(),
             scope,
             None,
+            None,
             SystemTime::now(),
         )
     }
@@ -416,7 +451,7 @@ mod test {
         tokio::spawn(accept_loop(
             listener,
             Scope::HealthzOnly,
-            Arc::new(OnceLock::new()),
+            (Arc::new(OnceLock::new()), Arc::default()),
             cancel.clone(),
         ));
         (addr, cancel)
@@ -567,17 +602,54 @@ mod test {
         assert_eq!(get("/nope").status, 404);
         let now = SystemTime::now();
         assert_eq!(
-            respond(b"POST /metrics HTTP/1.1\r\n\r\n", Scope::All, None, now).status,
+            respond(
+                b"POST /metrics HTTP/1.1\r\n\r\n",
+                Scope::All,
+                None,
+                None,
+                now
+            )
+            .status,
             405
         );
         assert_eq!(
-            respond(b"GET /metrics SPDY/3\r\n\r\n", Scope::All, None, now).status,
+            respond(b"GET /metrics SPDY/3\r\n\r\n", Scope::All, None, None, now).status,
             505
         );
         assert_eq!(
-            respond(b"garbage\r\n\r\n", Scope::All, None, now).status,
+            respond(b"garbage\r\n\r\n", Scope::All, None, None, now).status,
             400
         );
+    }
+
+    /// While starting, what the daemon waits for is in the 503 body and in /status.
+    #[test]
+    fn a_waiting_daemon_says_why_on_healthz_and_status() {
+        let w = Waiting {
+            location: "/var/lib/linen".into(),
+            reason: "network config not found at /var/lib/linen/config".into(),
+        };
+        let ask = |path: &str, scope| {
+            respond(
+                format!("GET {path} HTTP/1.1\r\n\r\n").as_bytes(),
+                scope,
+                None,
+                Some(&w),
+                SystemTime::now(),
+            )
+        };
+        let r = ask("/healthz", Scope::All);
+        assert_eq!(r.status, 503);
+        assert!(
+            r.body.contains("(network config not found at"),
+            "{}",
+            r.body
+        );
+        // Not on the listener open to other hosts.
+        let r = ask("/healthz", Scope::HealthzOnly);
+        assert!(!r.body.contains("/var/lib/linen"), "{}", r.body);
+        let s: status::Status = serde_json::from_str(&ask("/status", Scope::All).body).unwrap();
+        assert_eq!(s.registry.location, "/var/lib/linen");
     }
 
     #[test]
@@ -585,6 +657,7 @@ mod test {
         let r = respond(
             b"HEAD /healthz HTTP/1.1\r\n\r\n",
             Scope::All,
+            None,
             None,
             SystemTime::now(),
         );

@@ -100,11 +100,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut stop = StopSignals::new()?;
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
-    let Some(registry) = open_registry(&args, &mut stop).await? else {
+    let Some(registry) = open_registry(&args, &ops, &mut stop).await? else {
         tracing::info!("stopped while waiting for the registry");
         return Ok(());
     };
-    let Some(config) = wait_for_config(registry.as_ref(), &mut stop).await? else {
+    let Some(config) = wait_for_config(registry.as_ref(), &ops, &mut stop).await? else {
         tracing::info!("stopped while waiting for the network config");
         return Ok(());
     };
@@ -599,6 +599,7 @@ pub fn counters_summary(c: &LocalCounters) -> String {
 /// stopped meanwhile.
 async fn open_registry(
     args: &RunArgs,
+    ops: &http::OpsServer,
     stop: &mut StopSignals,
 ) -> Result<Option<Arc<dyn Registry>>> {
     let mut logged = false;
@@ -613,6 +614,10 @@ async fn open_registry(
                 return Ok(Some(r));
             }
             Err(e) if registry::out_of_reach(&e) => {
+                ops.waiting(
+                    registry::describe(&args.registry),
+                    crate::cli::exit::describe(&e),
+                );
                 if !logged {
                     tracing::warn!(error = %crate::cli::exit::describe(&e), "waiting for the registry (retrying every second)");
                     logged = true;
@@ -635,13 +640,18 @@ const INVALID_CONFIG_GRACE: Duration = Duration::from_secs(10);
 
 async fn wait_for_config(
     registry: &dyn Registry,
+    ops: &http::OpsServer,
     stop: &mut StopSignals,
 ) -> Result<Option<NetworkConfig>> {
     use crate::lease::RegistryError;
     let mut logged = false;
     let mut invalid_since: Option<std::time::Instant> = None;
     loop {
-        match registry.get_network_config().await {
+        let read = registry.get_network_config().await;
+        if let Err(e) = &read {
+            ops.waiting(registry.location(), e.to_string());
+        }
+        match read {
             Ok(c) => return Ok(Some(c)),
             Err(e) if e.is_transient() || matches!(e, RegistryError::ConfigNotFound { .. }) => {
                 invalid_since = None;

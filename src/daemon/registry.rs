@@ -34,6 +34,23 @@ pub async fn open_for_run(args: &RegistryArgs, lease_ttl: Duration) -> Result<Ar
     open_etcd(args, lease_ttl).await
 }
 
+/// Where `args` point, for messages: the directory, or the etcd endpoints (without any
+/// credentials) and prefix.
+pub fn describe(args: &RegistryArgs) -> String {
+    if args.etcd_endpoints.is_empty() {
+        return args.registry_dir.display().to_string();
+    }
+    #[cfg(feature = "etcd")]
+    let shown: Vec<String> = args
+        .etcd_endpoints
+        .iter()
+        .map(|e| crate::lease::etcd::redacted(e))
+        .collect();
+    #[cfg(not(feature = "etcd"))]
+    let shown = args.etcd_endpoints.clone();
+    format!("{} (prefix {})", shown.join(","), args.etcd_prefix)
+}
+
 /// Whether [`open`] failed only because the registry is out of reach for now (etcd down or
 /// not yet up), so that trying again later may succeed.
 pub fn out_of_reach(e: &anyhow::Error) -> bool {
@@ -78,13 +95,8 @@ async fn open_etcd(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn R
         lease_ttl,
         ..EtcdOptions::default()
     };
-    let registry = EtcdRegistry::connect(&options).await.with_context(|| {
-        let shown: Vec<String> = args
-            .etcd_endpoints
-            .iter()
-            .map(|e| crate::lease::etcd::redacted(e))
-            .collect();
-        format!("connecting to etcd at {}", shown.join(","))
-    })?;
+    let registry = EtcdRegistry::connect(&options)
+        .await
+        .with_context(|| format!("connecting to etcd at {}", describe(args)))?;
     Ok(Arc::new(registry))
 }

@@ -230,6 +230,25 @@ impl From<&LocalCounters> for CountersView {
 /// What `/healthz` says before the data plane runs.
 pub const STARTING: &str = "starting: waiting for the network config and a lease";
 
+/// What a starting daemon is waiting for: the registry it asked and what that said.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Waiting {
+    /// The registry (a directory, or etcd endpoints).
+    pub location: String,
+    /// Why it waits: the registry's error, or the missing or invalid config.
+    pub reason: String,
+}
+
+/// The status of a starting daemon that is `waiting`: as [`collect`] without sources, with the
+/// registry and the reason filled in, so `/status` and the 503 body say why.
+pub fn collect_starting(waiting: &Waiting, now: SystemTime) -> Status {
+    let mut s = collect(None, now);
+    s.registry.location = waiting.location.clone();
+    s.registry.last_error = Some(waiting.reason.clone());
+    s.health.reason = Some(format!("{STARTING} ({})", waiting.reason));
+    s
+}
+
 /// The status at `now`; `None` sources mean the daemon is still starting.
 pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
     let Some(src) = sources else {
@@ -450,6 +469,25 @@ mod test {
             reason.contains("no lease held") && reason.contains("; 1 of 3"),
             "{reason}"
         );
+    }
+
+    #[test]
+    fn a_waiting_daemon_says_what_it_waits_for() {
+        let w = Waiting {
+            location: "/var/lib/linen".into(),
+            reason: "network config not found at /var/lib/linen/config".into(),
+        };
+        let s = collect_starting(&w, SystemTime::now());
+        assert!(!s.health.ok);
+        assert_eq!(
+            s.health.reason.as_deref(),
+            Some(
+                "starting: waiting for the network config and a lease (network config not found \
+                 at /var/lib/linen/config)"
+            )
+        );
+        assert_eq!(s.registry.location, "/var/lib/linen");
+        assert!(!s.registry.connected);
     }
 
     #[test]
