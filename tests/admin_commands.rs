@@ -26,6 +26,24 @@ fn linen(dir: &Path, args: &[&str]) -> (Option<i32>, String) {
     )
 }
 
+/// Writes a live lease of the host at `ip` for `key` as its daemon would: the value, then an
+/// expiry an hour away. Returns the file.
+fn write_live_lease(dir: &Path, key: &str, ip: &str) -> std::path::PathBuf {
+    let expires = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let file = dir.join("subnets").join(key);
+    std::fs::create_dir_all(file.parent().unwrap()).unwrap();
+    std::fs::write(
+        &file,
+        format!("{{\"PublicIP\":\"{ip}\"}}\nexpires={expires}\n"),
+    )
+    .unwrap();
+    file
+}
+
 /// The subnets `lease list --json` shows.
 fn subnets(dir: &Path) -> Vec<String> {
     let (code, out) = linen(dir, &["lease", "list", "--json"]);
@@ -193,16 +211,7 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     );
     assert!(subnets(dir.path()).is_empty());
     // A live lease's holder takes it again at once: the release says so.
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    std::fs::write(
-        dir.path().join("subnets").join(both),
-        format!("{{\"PublicIP\":\"198.18.0.9\"}}\nexpires={expires}\n"),
-    )
-    .unwrap();
+    write_live_lease(dir.path(), both, "198.18.0.9");
     let (code, out) = linen(dir.path(), &["lease", "release", both]);
     assert_eq!(code, Some(0), "{out}");
     assert!(
@@ -261,6 +270,37 @@ fn reservations_name_a_family_the_network_has() {
     assert_eq!(subnets(v6.path()), ["0.0.0.0-0&fd00:19:0:5::-64"]);
 }
 
+/// `lease reserve` for a host that holds another lease says that the host moves when it next
+/// acquires, not at once.
+#[test]
+fn reserving_for_a_host_with_a_lease_says_when_it_moves() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = linen(
+        dir.path(),
+        &["network", "init", "--network", "198.19.0.0/16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    write_live_lease(dir.path(), "198.19.33.0-24", "198.18.9.2");
+    let reserve = |ip: &str| {
+        linen(
+            dir.path(),
+            &["lease", "reserve", "198.19.40.0/24", "--public-ip", ip],
+        )
+    };
+    let (code, out) = reserve("198.18.9.2");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("198.18.9.2 holds the lease 198.19.33.0-24 now"),
+        "{out}"
+    );
+    // Nothing to say for a host without a lease.
+    let (code, out) = linen(dir.path(), &["lease", "release", "198.19.40.0/24"]);
+    assert_eq!(code, Some(0), "{out}");
+    let (code, out) = reserve("198.18.9.3");
+    assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("holds the lease"), "{out}");
+}
+
 /// `lease reserve` of the subnet a host holds turns its lease into a reservation in place (as
 /// flannel documents it); another host's lease is refused and left alone.
 #[test]
@@ -271,19 +311,7 @@ fn a_held_lease_is_kept_as_a_reservation() {
         &["network", "init", "--network", "198.19.0.0/16"],
     );
     assert_eq!(code, Some(0), "{out}");
-    // A live lease as a host's daemon writes it: the value, then its expiry.
-    let expires = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs()
-        + 3600;
-    let held = dir.path().join("subnets").join("198.19.5.0-24");
-    std::fs::create_dir_all(held.parent().unwrap()).unwrap();
-    std::fs::write(
-        &held,
-        format!("{{\"PublicIP\":\"198.18.0.9\"}}\nexpires={expires}\n"),
-    )
-    .unwrap();
+    write_live_lease(dir.path(), "198.19.5.0-24", "198.18.0.9");
     let reserve = |ip: &str| {
         linen(
             dir.path(),

@@ -454,6 +454,21 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             match reg.create_reservation(&key, &attrs).await {
                 Ok(_) => {
                     println!("reserved {key} for {public_ip}");
+                    // The host takes it when it next acquires, not at once: say so when it
+                    // holds another lease now.
+                    let holds = listed.iter().find(|l| {
+                        !l.is_reservation()
+                            && (l.attrs.public_ip.map(IpAddr::V4) == Some(public_ip)
+                                || l.attrs.public_ipv6.map(IpAddr::V6) == Some(public_ip))
+                    });
+                    if let Some(l) = holds {
+                        eprintln!(
+                            "note: {public_ip} holds the lease {} now; linen there takes the \
+                             reservation when it next acquires (restart it to move now), and \
+                             then releases that lease",
+                            l.key
+                        );
+                    }
                     Ok(())
                 }
                 Err(RegistryError::AlreadyExists(_)) => {
