@@ -456,11 +456,9 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                     println!("reserved {key} for {public_ip}");
                     // The host takes it when it next acquires, not at once: say so when it
                     // holds another lease now.
-                    let holds = listed.iter().find(|l| {
-                        !l.is_reservation()
-                            && (l.attrs.public_ip.map(IpAddr::V4) == Some(public_ip)
-                                || l.attrs.public_ipv6.map(IpAddr::V6) == Some(public_ip))
-                    });
+                    let holds = listed
+                        .iter()
+                        .find(|l| !l.is_reservation() && l.attrs.shares_address(&attrs));
                     if let Some(l) = holds {
                         eprintln!(
                             "note: {public_ip} holds the lease {} now; linen there takes the \

@@ -302,8 +302,7 @@ fn parse_public_ip(s: &str) -> Result<IpAddr, String> {
 /// Why no peer could send to `ip` as a host's public address, if so.
 pub(crate) fn unreachable_reason(ip: IpAddr) -> Option<&'static str> {
     Some(match ip {
-        IpAddr::V4(a) if a.is_unspecified() => "unspecified",
-        IpAddr::V6(a) if a.is_unspecified() => "unspecified",
+        a if a.is_unspecified() => "unspecified",
         a if a.is_loopback() => "a loopback address",
         a if a.is_multicast() => "a multicast address",
         IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",

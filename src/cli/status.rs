@@ -307,18 +307,7 @@ fn subnets(l: &LeaseView) -> String {
 }
 
 fn publics(l: &LeaseView) -> String {
-    let parts: Vec<String> = [
-        l.public_ip.map(|a| a.to_string()),
-        l.public_ipv6.map(|a| a.to_string()),
-    ]
-    .into_iter()
-    .flatten()
-    .collect();
-    if parts.is_empty() {
-        "-".to_owned()
-    } else {
-        parts.join(" ")
-    }
+    crate::model::addresses_text(l.public_ip, l.public_ipv6)
 }
 
 fn expiry(l: &LeaseView) -> String {

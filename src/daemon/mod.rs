@@ -65,13 +65,6 @@ pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
     routes
 }
 
-/// Whether a lease with `other` attributes names this host (`own`): the same public IPv4 or
-/// IPv6 address.
-fn names_this_host(own: &LeaseAttrs, other: &LeaseAttrs) -> bool {
-    (own.public_ip.is_some() && own.public_ip == other.public_ip)
-        || (own.public_ipv6.is_some() && own.public_ipv6 == other.public_ipv6)
-}
-
 /// Builds the snapshot for a lease state.
 pub fn snapshot_for(own: &SubnetKey, peers: &[Lease], port: u16, generation: u64) -> Snapshot {
     Snapshot::build(
@@ -389,7 +382,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             // Peer keys naming this host, last warned about.
             let mut self_named: Vec<SubnetKey> = Vec::new();
             loop {
-                let current: LeaseState = state.borrow_and_update().clone();
+                let mut current: LeaseState = state.borrow_and_update().clone();
                 let moved_now = current.own.as_ref().is_some_and(|o| o.key != table_key);
                 if let Some(own) = &current.own {
                     table_key = own.key;
@@ -448,11 +441,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 // Another key naming this host (a reservation made for it, its lease from
                 // before it took one, a hand-written key): no route, as datagrams to our own
                 // address would only come back as spoofed.
-                let (ours, peers): (Vec<Lease>, Vec<Lease>) = current
-                    .peers
-                    .iter()
-                    .cloned()
-                    .partition(|l| names_this_host(&attrs, &l.attrs));
+                let (ours, peers): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut current.peers)
+                    .into_iter()
+                    .partition(|l| l.attrs.shares_address(&attrs));
                 let ours: Vec<SubnetKey> = ours.iter().map(|l| l.key).collect();
                 if ours != self_named {
                     if !ours.is_empty() {
@@ -625,19 +616,18 @@ async fn open_registry(
             }
             Err(e) => return Err(e),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = stop.recv() => return Ok(None),
+        if stop.pause(Duration::from_secs(1)).await {
+            return Ok(None);
         }
     }
 }
 
-/// The network config once the registry has one; `None` when stopped first.
 /// An invalid network config is read again for this long before the daemon exits 2 on it:
 /// a config being written in place (`echo … > config`, an editor, `etcdctl put` of a first
 /// draft) is invalid for a moment, and hosts waiting for it must not all stop then.
 const INVALID_CONFIG_GRACE: Duration = Duration::from_secs(10);
 
+/// The network config once the registry has one; `None` when stopped first.
 async fn wait_for_config(
     registry: &dyn Registry,
     ops: &http::OpsServer,
@@ -670,9 +660,8 @@ async fn wait_for_config(
             },
             Err(e) => return Err(e.into()),
         }
-        tokio::select! {
-            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
-            () = stop.recv() => return Ok(None),
+        if stop.pause(Duration::from_secs(1)).await {
+            return Ok(None);
         }
     }
 }
@@ -692,38 +681,18 @@ impl StopSignals {
         })
     }
 
+    /// Waits `d`, or less if a stop signal comes first: whether one came.
+    async fn pause(&mut self, d: Duration) -> bool {
+        tokio::select! {
+            _ = tokio::time::sleep(d) => false,
+            () = self.recv() => true,
+        }
+    }
+
     async fn recv(&mut self) {
         tokio::select! {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
-    }
-}
-
-#[cfg(test)]
-mod test {
-    use super::*;
-
-    #[test]
-    fn a_key_naming_this_hosts_address_is_this_host() {
-        let own = LeaseAttrs {
-            public_ip: Some(Ipv4Addr::new(198, 18, 9, 2)),
-            public_ipv6: Some("fd00:18::2".parse().unwrap()),
-            ..LeaseAttrs::default()
-        };
-        let v4 = |ip: [u8; 4]| LeaseAttrs::with_public_ip(Ipv4Addr::from(ip));
-        assert!(names_this_host(&own, &v4([198, 18, 9, 2])));
-        assert!(!names_this_host(&own, &v4([198, 18, 9, 1])));
-        let v6_only = LeaseAttrs {
-            public_ipv6: Some("fd00:18::2".parse().unwrap()),
-            ..LeaseAttrs::default()
-        };
-        assert!(names_this_host(&own, &v6_only));
-        // No address in common: an IPv6-only host against another's IPv4-only lease.
-        assert!(!names_this_host(&v6_only, &v4([198, 18, 9, 1])));
-        assert!(!names_this_host(
-            &LeaseAttrs::default(),
-            &LeaseAttrs::default()
-        ));
     }
 }

@@ -64,22 +64,27 @@ pub enum LeaseValueError {
     NoAddress,
 }
 
+/// Public addresses as a table or log line shows them: `198.18.0.1`, `198.18.0.1 fd00::1`,
+/// `fd00::1`, or `-` for none.
+pub fn addresses_text(v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> String {
+    match (v4, v6) {
+        (Some(a), Some(b)) => format!("{a} {b}"),
+        (Some(a), None) => a.to_string(),
+        (None, Some(b)) => b.to_string(),
+        (None, None) => "-".to_owned(),
+    }
+}
+
 impl LeaseAttrs {
-    /// The public addresses for a log line or a table: `198.18.0.1`, `198.18.0.1 fd00::1`,
-    /// `fd00::1`, or `-` for none.
+    /// The public addresses for a log line or a table ([`addresses_text`]).
     pub fn addresses(&self) -> String {
-        let both: Vec<String> = [
-            self.public_ip.map(|a| a.to_string()),
-            self.public_ipv6.map(|a| a.to_string()),
-        ]
-        .into_iter()
-        .flatten()
-        .collect();
-        if both.is_empty() {
-            "-".to_owned()
-        } else {
-            both.join(" ")
-        }
+        addresses_text(self.public_ip, self.public_ipv6)
+    }
+
+    /// Whether `other` names the same host: a public IPv4 or IPv6 address in common.
+    pub fn shares_address(&self, other: &LeaseAttrs) -> bool {
+        (self.public_ip.is_some() && self.public_ip == other.public_ip)
+            || (self.public_ipv6.is_some() && self.public_ipv6 == other.public_ipv6)
     }
 
     /// Attributes of an IPv4-underlay host, as the udp backend writes them.
@@ -237,6 +242,26 @@ impl Lease {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn a_lease_sharing_an_address_names_the_same_host() {
+        let own = LeaseAttrs {
+            public_ip: Some(Ipv4Addr::new(198, 18, 9, 2)),
+            public_ipv6: Some("fd00:18::2".parse().unwrap()),
+            ..LeaseAttrs::default()
+        };
+        let v4 = |ip: [u8; 4]| LeaseAttrs::with_public_ip(Ipv4Addr::from(ip));
+        assert!(v4([198, 18, 9, 2]).shares_address(&own));
+        assert!(!v4([198, 18, 9, 1]).shares_address(&own));
+        let v6_only = LeaseAttrs {
+            public_ipv6: Some("fd00:18::2".parse().unwrap()),
+            ..LeaseAttrs::default()
+        };
+        assert!(v6_only.shares_address(&own));
+        // No address in common: an IPv6-only host against another's IPv4-only lease.
+        assert!(!v4([198, 18, 9, 1]).shares_address(&v6_only));
+        assert!(!LeaseAttrs::default().shares_address(&LeaseAttrs::default()));
+    }
 
     #[test]
     fn addresses_and_expiry_read_as_written() {

@@ -9,7 +9,7 @@ mod subnet_env;
 mod subnet_key;
 
 pub use config::{BackendConfig, ConfigError, DEFAULT_PORT, NetworkConfig, NetworkConfigSpec};
-pub use lease::{Lease, LeaseAttrs, LeaseValueError};
+pub use lease::{Lease, LeaseAttrs, LeaseValueError, addresses_text};
 pub use subnet_env::{SubnetEnv, SubnetEnvError};
 pub use subnet_key::{SubnetKey, SubnetKeyError};
 
