@@ -53,11 +53,14 @@ impl OpsServer {
     /// "starting…".
     pub async fn start(addr: MetricsAddr, healthz: Option<SocketAddr>) -> Result<OpsServer> {
         // The metrics listener serves /healthz too: the same address needs no second one, and
-        // the same port on another address (0.0.0.0, flannel's default) cannot be bound.
+        // the same port on all addresses (0.0.0.0, flannel's default) and on one of them
+        // cannot both be bound.
         let healthz = match (addr, healthz) {
             (MetricsAddr::On(m), Some(h)) if m.port() == h.port() && m.port() != 0 => {
                 if m.ip() == h.ip() {
                     None
+                } else if !m.ip().is_unspecified() && !h.ip().is_unspecified() {
+                    Some(h)
                 } else {
                     return Err(crate::cli::exit::usage(format!(
                         "--healthz-port {} is the port of --metrics-addr {m}, which serves \
@@ -119,6 +122,10 @@ impl OpsServer {
     /// Hands over the running daemon's handles; from now on answers come from them.
     pub fn attach(&self, sources: Sources) {
         let _ = self.sources.set(sources);
+        // Not read any more: no clone of it per request.
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = None;
+        }
     }
 
     /// The bound address (`None` when off).
@@ -504,15 +511,20 @@ mod test {
         cancel.cancel();
     }
 
+    /// A loopback port very likely free (bound and let go).
+    fn free_port() -> u16 {
+        std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    }
+
     /// `--healthz-port` equal to the metrics port: on the same address the metrics listener
     /// serves /healthz alone; on another one it is a flag mistake, not a port in use.
     #[tokio::test]
     async fn a_healthz_port_equal_to_the_metrics_port_is_resolved() {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
+        let port = free_port();
         let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
         let server = OpsServer::start(MetricsAddr::On(metrics), Some(metrics))
             .await
@@ -533,6 +545,16 @@ mod test {
             format!("{err:#}").contains("serves /healthz too"),
             "{err:#}"
         );
+        // Two distinct addresses can share the port: both listen.
+        let port = free_port();
+        let metrics: SocketAddr = ([127, 0, 0, 1], port).into();
+        let other: SocketAddr = ([127, 0, 0, 2], port).into();
+        let _both = OpsServer::start(MetricsAddr::On(metrics), Some(other))
+            .await
+            .unwrap();
+        TcpStream::connect(other)
+            .await
+            .expect("the healthz listener");
     }
 
     /// The absolute form names the same path (RFC 9112 §3.2.2).
