@@ -28,7 +28,7 @@ use std::fs::{self, File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -57,12 +57,16 @@ impl DirectoryRegistry {
 
     /// A registry giving new leases `ttl` (whole seconds are stored; at least 1 s).
     pub fn with_ttl(dir: impl Into<PathBuf>, ttl: Duration) -> DirectoryRegistry {
+        DirectoryRegistry::build(dir.into(), ttl, false)
+    }
+
+    fn build(dir: PathBuf, ttl: Duration, require_config: bool) -> DirectoryRegistry {
         DirectoryRegistry {
             store: Arc::new(Store {
-                dir: dir.into(),
+                dir,
                 ttl: ttl.max(Duration::from_secs(1)),
                 warned: Mutex::new(HashMap::new()),
-                require_config: AtomicBool::new(false),
+                require_config,
             }),
             poll_interval: DEFAULT_POLL_INTERVAL,
         }
@@ -73,8 +77,8 @@ impl DirectoryRegistry {
     /// to recreate. Without this (admin commands), a missing directory lists as empty, so a
     /// mistyped `--registry-dir` is warned about rather than failed on.
     pub fn requiring_config(self) -> DirectoryRegistry {
-        self.store.require_config.store(true, Ordering::Relaxed);
-        self
+        DirectoryRegistry::build(self.store.dir.clone(), self.store.ttl, true)
+            .with_poll_interval(self.poll_interval)
     }
 
     /// Sets how often watches poll the directory.
@@ -234,7 +238,7 @@ struct Store {
     /// Malformed files already warned about: file name → hash of its content.
     warned: Mutex<HashMap<String, u64>>,
     /// See [`DirectoryRegistry::requiring_config`].
-    require_config: AtomicBool,
+    require_config: bool,
 }
 
 /// One parsed `subnets/` file.
@@ -274,7 +278,7 @@ impl Store {
     /// With [`require_config`](Store::require_config), an error when the config is gone.
     fn present(&self) -> Result<(), RegistryError> {
         let config = self.dir.join("config");
-        if self.require_config.load(Ordering::Relaxed) && !config.exists() {
+        if self.require_config && !config.exists() {
             return Err(RegistryError::Unavailable {
                 location: self.dir.display().to_string(),
                 reason: format!(
