@@ -482,23 +482,7 @@ fn a_key_naming_this_host_gets_no_route_here() {
     assert!(o.ping_ok(0, &a2, &[]));
     let me = o.lab.host(0).ip.to_string();
     let key = "198.19.240.0-24&fd00:19:0:f0::-64";
-    let out = Command::new(LINEN)
-        .args([
-            "lease",
-            "reserve",
-            key,
-            "--public-ip",
-            &me,
-            "--registry-dir",
-        ])
-        .arg(o.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    common::admin(o.dir.path(), &["lease", "reserve", key, "--public-ip", &me]);
     let log = o.log_path(0);
     let warned = wait_for(Duration::from_secs(10), || {
         let text = std::fs::read_to_string(&log).ok()?;
@@ -709,12 +693,8 @@ fn advertised(o: &Overlay, i: usize) -> String {
 /// The lease value's `field` (`PublicIP`, `PublicIPv6`) of host i's current lease.
 fn advertised_as(o: &Overlay, i: usize, field: &str) -> String {
     let subnet = o.env(i).previous_key().unwrap().to_string();
-    let out = Command::new(LINEN)
-        .args(["lease", "list", "--json", "--registry-dir"])
-        .arg(o.dir.path())
-        .output()
-        .unwrap();
-    let list: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = common::admin(o.dir.path(), &["lease", "list", "--json"]);
+    let list: serde_json::Value = serde_json::from_slice(&out).unwrap();
     list["leases"]
         .as_array()
         .unwrap()
@@ -783,16 +763,15 @@ fn the_only_interface_with_a_usable_address_is_the_underlay() {
     // Nor does a container bridge in a subnet the overlay leases (cni0, docker0 on this
     // host's subnet). Its subnet is reserved for an absent host, so that no lease here
     // collides with the bridge.
-    let out = Command::new(LINEN)
-        .args(["lease", "reserve", "198.19.255.0-24&fd00:19:0:ff::-64"])
-        .args(["--public-ip", "198.18.99.99", "--registry-dir"])
-        .arg(o.dir.path())
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    common::admin(
+        o.dir.path(),
+        &[
+            "lease",
+            "reserve",
+            "198.19.255.0-24&fd00:19:0:ff::-64",
+            "--public-ip",
+            "198.18.99.99",
+        ],
     );
     h1.ip(&["link", "add", "cni7", "type", "bridge"]).unwrap();
     h1.ip(&["addr", "add", "198.19.255.1/24", "dev", "cni7"])

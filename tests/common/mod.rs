@@ -86,22 +86,33 @@ impl Drop for Helper {
 
 /// `linen network init --registry-dir DIR --network 198.19.0.0/16 --ipv6-network fd00:19::/48`.
 pub fn network_init(dir: &Path) {
-    let out = Command::new(LINEN)
-        .args(["network", "init", "--registry-dir"])
-        .arg(dir)
-        .args([
+    admin(
+        dir,
+        &[
+            "network",
+            "init",
             "--network",
             "198.19.0.0/16",
             "--ipv6-network",
             "fd00:19::/48",
-        ])
+        ],
+    );
+}
+
+/// Runs the admin command `linen ARGS --registry-dir DIR`, which must succeed; its stdout.
+pub fn admin(dir: &Path, args: &[&str]) -> Vec<u8> {
+    let out = Command::new(LINEN)
+        .args(args)
+        .arg("--registry-dir")
+        .arg(dir)
         .output()
         .unwrap();
     assert!(
         out.status.success(),
-        "{}",
+        "linen {args:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
 }
 
 /// Whether the running kernel is at least `major.minor` (from /proc/sys/kernel/osrelease,
