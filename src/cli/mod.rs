@@ -175,7 +175,9 @@ pub struct RunArgs {
     pub workers: Option<u16>,
     /// Accept datagrams from addresses that hold no lease (peers behind NAT). The inner source
     /// must still lie inside a leased subnet.
-    #[arg(long, env = "LINEN_ACCEPT_UNKNOWN_SENDERS")]
+    #[arg(long, env = "LINEN_ACCEPT_UNKNOWN_SENDERS", default_value_t = false, value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub accept_unknown_senders: bool,
     /// Install flannel's masquerade rules (iptables chain LINEN-POSTRTG in table nat; ip6tables
     /// too when the network has IPv6): traffic from the overlay to outside it leaves with this
@@ -216,10 +218,14 @@ pub struct RunArgs {
     /// source port per worker from ip_local_port_range (the port modulo 256 names the worker,
     /// so a peer receives each worker's flows on one of its workers and answers through the
     /// same one). Only needed where firewalls match the source port.
-    #[arg(long, env = "LINEN_FIXED_SOURCE_PORT")]
+    #[arg(long, env = "LINEN_FIXED_SOURCE_PORT", default_value_t = false, value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub fixed_source_port: bool,
     /// Turn off TUN offloads and UDP GSO/GRO (for comparison or buggy kernels).
-    #[arg(long, env = "LINEN_NO_OFFLOAD")]
+    #[arg(long, env = "LINEN_NO_OFFLOAD", default_value_t = false, value_name = "BOOL",
+          num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
+          value_parser = clap::builder::BoolishValueParser::new())]
     pub no_offload: bool,
     /// UDP socket buffer size in bytes (SO_SNDBUF/SO_RCVBUF, forced when root).
     #[arg(long, env = "LINEN_SOCKET_BUFFER", default_value_t = 4 << 20)]
@@ -536,6 +542,15 @@ mod flag_test {
     use super::{Cli, Command};
     use clap::Parser;
 
+    /// `linen run <args>`'s options.
+    fn run(args: &[&str]) -> Result<super::RunArgs, clap::Error> {
+        let cli = Cli::try_parse_from(["linen", "run"].iter().chain(args))?;
+        match cli.command {
+            Command::Run(run) => Ok(*run),
+            _ => unreachable!("parsed `run`"),
+        }
+    }
+
     /// `(ip_masq, iptables_forward_rules)` of `linen run <args>`.
     fn rules(args: &[&str]) -> Result<(bool, bool), clap::Error> {
         let cli = Cli::try_parse_from(["linen", "run"].iter().chain(args))?;
@@ -570,5 +585,34 @@ mod flag_test {
             (true, false)
         );
         assert!(rules(&["--iptables-forward-rules=maybe"]).is_err());
+    }
+
+    /// linen's own switches take the same spellings as flannel's booleans, so a unit file
+    /// written in flannel's `-flag=false` style does not stop at the first of them.
+    #[test]
+    fn linens_own_switches_take_boolean_values_too() {
+        let switches =
+            |r: super::RunArgs| (r.no_offload, r.accept_unknown_senders, r.fixed_source_port);
+        assert_eq!(switches(run(&[]).unwrap()), (false, false, false));
+        let all = [
+            "--no-offload",
+            "--accept-unknown-senders",
+            "--fixed-source-port",
+        ];
+        assert_eq!(switches(run(&all).unwrap()), (true, true, true));
+        for value in ["false", "0", "no", "off"] {
+            let given: Vec<String> = all.iter().map(|f| format!("{f}={value}")).collect();
+            let given: Vec<&str> = given.iter().map(String::as_str).collect();
+            assert_eq!(
+                switches(run(&given).unwrap()),
+                (false, false, false),
+                "{value}"
+            );
+        }
+        assert_eq!(
+            switches(run(&["--no-offload=true", "--fixed-source-port", "yes"]).unwrap()),
+            (true, false, true)
+        );
+        assert!(run(&["--no-offload=maybe"]).is_err());
     }
 }
