@@ -212,6 +212,8 @@ fn mesh_survives_an_etcd_outage_and_a_later_host_joins() {
     c.etcd.start_again();
     eprintln!("etcd was down for {:?}", outage.elapsed());
     for i in 0..3 {
+        // A daemon says that its etcd connection is plain http (admin commands do not).
+        assert!(c.log(i).contains("plain http"), "{}", c.log(i));
         assert!(
             c.log(i).contains("registry unavailable"),
             "host {} never noticed the outage:\n{}",

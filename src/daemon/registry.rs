@@ -20,7 +20,7 @@ pub async fn open(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Re
             lease_ttl,
         )));
     }
-    open_etcd(args, lease_ttl).await
+    open_etcd(args, lease_ttl, false).await
 }
 
 /// [`open`] for `linen run`: a directory registry whose config goes away is out of reach
@@ -31,7 +31,7 @@ pub async fn open_for_run(args: &RegistryArgs, lease_ttl: Duration) -> Result<Ar
             DirectoryRegistry::with_ttl(args.registry_dir.clone(), lease_ttl).requiring_config(),
         ));
     }
-    open_etcd(args, lease_ttl).await
+    open_etcd(args, lease_ttl, true).await
 }
 
 /// Where `args` point, for messages: the directory, or the etcd endpoints (without any
@@ -73,7 +73,7 @@ fn etcd_out_of_reach(_: &(dyn std::error::Error + 'static)) -> bool {
 }
 
 #[cfg(not(feature = "etcd"))]
-async fn open_etcd(_: &RegistryArgs, _: Duration) -> Result<Arc<dyn Registry>> {
+async fn open_etcd(_: &RegistryArgs, _: Duration, _: bool) -> Result<Arc<dyn Registry>> {
     Err(crate::cli::exit::usage(
         "--etcd-endpoints given, but this linen was built without etcd support \
          (cargo build --no-default-features); rebuild with the default features or use \
@@ -81,8 +81,14 @@ async fn open_etcd(_: &RegistryArgs, _: Duration) -> Result<Arc<dyn Registry>> {
     ))
 }
 
+/// Connects to the etcd `args` name; `for_run`: warn when it is plain http (a daemon's log should
+/// say so, an admin command's output need not every time).
 #[cfg(feature = "etcd")]
-async fn open_etcd(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Registry>> {
+async fn open_etcd(
+    args: &RegistryArgs,
+    lease_ttl: Duration,
+    for_run: bool,
+) -> Result<Arc<dyn Registry>> {
     use anyhow::Context;
     let options = EtcdOptions {
         endpoints: args.etcd_endpoints.clone(),
@@ -93,6 +99,7 @@ async fn open_etcd(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn R
         username: args.etcd_username.clone(),
         password: args.etcd_password.clone(),
         lease_ttl,
+        plain_http_warning: for_run,
         ..EtcdOptions::default()
     };
     let registry = EtcdRegistry::connect(&options)

@@ -40,6 +40,9 @@ pub struct EtcdOptions {
     pub connect_timeout: Duration,
     /// How long one request may take before the registry counts as unavailable.
     pub request_timeout: Duration,
+    /// Whether to warn, once per process, that the connection is plain http: a daemon's log
+    /// should, a one-shot admin command's output need not every time.
+    pub plain_http_warning: bool,
 }
 
 impl Default for EtcdOptions {
@@ -55,6 +58,7 @@ impl Default for EtcdOptions {
             lease_ttl: LEASE_TTL,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
+            plain_http_warning: true,
         }
     }
 }
@@ -213,6 +217,7 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
             }
             options = options.with_tls(config);
         }
+        None if !opts.plain_http_warning => {}
         None => {
             // Once: `linen run` prepares again each second while etcd is out of reach.
             static SAID: Once = Once::new();
