@@ -209,10 +209,16 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
                 "NOT connected"
             },
             r.resyncs,
-            r.last_error
-                .as_ref()
-                .map(|e| format!(", last error: {e}"))
-                .unwrap_or_default()
+            match (&r.last_error, r.last_error_secs_ago) {
+                (Some(e), Some(ago)) if r.connected => {
+                    format!(", last error {} ago: {e}", super::admin::human_secs(ago))
+                }
+                (Some(e), Some(ago)) => {
+                    format!(", failing for {}: {e}", super::admin::human_secs(ago))
+                }
+                (Some(e), None) => format!(", last error: {e}"),
+                (None, _) => String::new(),
+            }
         );
     }
     let _ = write!(
@@ -370,6 +376,7 @@ mod test {
             location: "/var/lib/linen".into(),
             connected: true,
             last_error: None,
+            last_error_secs_ago: None,
             resyncs: 0,
         };
         s.workers = WorkersView {
@@ -431,6 +438,23 @@ mod test {
         };
         s.registry.connected = false;
         s.registry.last_error = Some("timeout".into());
+        // With its age: how long it has been failing, or how long ago the last error began.
+        s.registry.last_error_secs_ago = Some(200);
+        let text = render(&s, "127.0.0.1:9418".parse().unwrap());
+        assert!(
+            text.contains("(NOT connected, 0 resyncs, failing for 3m20s: timeout)"),
+            "{text}"
+        );
+        s.registry.connected = true;
+        s.registry.resyncs = 1;
+        let text = render(&s, "127.0.0.1:9418".parse().unwrap());
+        assert!(
+            text.contains("(connected, 1 resyncs, last error 3m20s ago: timeout)"),
+            "{text}"
+        );
+        s.registry.connected = false;
+        s.registry.resyncs = 0;
+        s.registry.last_error_secs_ago = None;
         let text = render(&s, "127.0.0.1:9418".parse().unwrap());
         assert!(
             text.starts_with(

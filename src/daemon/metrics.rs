@@ -13,7 +13,8 @@
 //! - `table_routes`, `table_generation`, `peers`
 //! - `lease_held`, `lease_reservation`, `lease_expiry_seconds` (seconds until the own lease
 //!   expires; absent for a reservation or without a lease)
-//! - `registry_connected`, `registry_resyncs_total`, `registry_last_error_info{error}`
+//! - `registry_connected`, `registry_resyncs_total`, `registry_last_error_info{error}`,
+//!   `registry_last_error_age_seconds`
 //! - `workers_configured`, `workers_running`, `healthy`
 
 use prometheus_client::collector::Collector;
@@ -196,8 +197,17 @@ impl Collector for StatusCollector {
             one(
                 &mut enc,
                 "linen_registry_last_error",
-                "The last registry failure (kept after recovery)",
+                "The last registry failure (kept after recovery: alert on \
+                 linen_registry_connected, or on linen_registry_last_error_age_seconds)",
                 &Info::new([("error", e.as_str())]),
+            )?;
+        }
+        if let Some(secs) = s.registry.last_error_secs_ago {
+            one(
+                &mut enc,
+                "linen_registry_last_error_age_seconds",
+                "Seconds since the last registry failure began",
+                &ConstGauge::new(i64::try_from(secs).unwrap_or(i64::MAX)),
             )?;
         }
         one(
@@ -241,6 +251,7 @@ mod test {
             location: "/var/lib/linen".into(),
             connected: true,
             last_error: Some("a \"quoted\" failure".into()),
+            last_error_secs_ago: Some(90),
             resyncs: 1,
         };
         s.workers = WorkersView {
@@ -284,6 +295,7 @@ mod test {
             "linen_registry_connected 1",
             "linen_registry_resyncs_total 1",
             "linen_registry_last_error_info{error=\"a \\\"quoted\\\" failure\"} 1",
+            "linen_registry_last_error_age_seconds 90",
             "linen_workers_configured 2",
             "linen_workers_running 2",
             "linen_healthy 1",

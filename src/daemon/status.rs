@@ -147,6 +147,9 @@ pub struct RegistryView {
     pub connected: bool,
     /// The last failure (kept after recovery).
     pub last_error: Option<String>,
+    /// Seconds since that failure began (`None`: no failure, or a starting daemon's reason).
+    #[serde(default)]
+    pub last_error_secs_ago: Option<u64>,
     /// Recoveries after a failure.
     pub resyncs: u64,
 }
@@ -280,6 +283,10 @@ pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
         location: src.registry.clone(),
         connected: state.registry.connected,
         last_error: state.registry.last_error.clone(),
+        last_error_secs_ago: state
+            .registry
+            .last_error_since
+            .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
         resyncs: state.registry.resyncs,
     };
     let workers = WorkersView {

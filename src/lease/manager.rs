@@ -186,6 +186,9 @@ pub struct RegistryHealth {
     pub connected: bool,
     /// The last failure, kept after recovery for diagnosis.
     pub last_error: Option<String>,
+    /// When that failure began: the first failed call after a success, or the first with
+    /// that message. Lets `status` and the metrics tell an old, resolved error from a new one.
+    pub last_error_since: Option<SystemTime>,
     /// How many times the registry came back after a failure (each time the watch resyncs).
     pub resyncs: u64,
 }
@@ -563,6 +566,9 @@ impl LeaseManager {
                         s.registry.connected || s.registry.last_error.as_ref() != Some(&msg);
                     s.registry.connected = false;
                     s.registry.last_error = Some(msg);
+                    if changed {
+                        s.registry.last_error_since = Some(SystemTime::now());
+                    }
                     changed
                 });
             }
@@ -1118,9 +1124,12 @@ mod test {
         .await;
         reg.shared.unavailable_writes.store(true, Ordering::SeqCst);
         // The peer renews every 2 s for 30 s.
+        let mut first = None;
         for _ in 0..15 {
             tokio::time::sleep(Duration::from_secs(2)).await;
             reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+            let since = state.borrow().registry.last_error_since;
+            first = first.or(since);
         }
         let during = state.borrow().registry.clone();
         let attempts = reg.renew_attempts.load(Ordering::SeqCst);
@@ -1134,6 +1143,10 @@ mod test {
         assert_eq!(attempts, 5, "renewals tried in the first 30 s");
         assert!(after.connected, "{after:?}");
         assert_eq!(after.resyncs, 1);
+        // The failure began once: failing again does not move its start, nor does recovery.
+        assert!(first.is_some(), "{during:?}");
+        assert_eq!(during.last_error_since, first);
+        assert_eq!(after.last_error_since, first);
     }
 
     /// A renewal refused for good (the registry's permissions revoked) reports the registry
