@@ -221,20 +221,36 @@ fn runtime_failures_exit_1() {
 /// `linen run` without CAP_NET_ADMIN exits 1 and says so, before it takes a lease: nothing is
 /// left in the registry for a day. As root it runs in a new network namespace (so that a broken
 /// check could not touch this host's network) with the capability dropped by `setpriv`.
+///
+/// It says so at once, also while there is no config yet (rather than waiting for one it
+/// could not use), but an invalid config is named first: that is exit 2 for any user.
 #[test]
 fn run_without_cap_net_admin_takes_no_lease() {
-    let dir = registry_with_a_network();
-    let cmd = if linen::lab::is_root() {
-        // An underlay with an address, so that without the check it would get to the lease.
-        in_a_throwaway_namespace(
-            "setpriv --inh-caps -all --ambient-caps -all --bounding-set -net_admin --",
-        )
-    } else {
-        Command::new(LINEN)
+    let unprivileged = || {
+        if linen::lab::is_root() {
+            // An underlay with an address, so that without the check it would get to the lease.
+            in_a_throwaway_namespace(
+                "setpriv --inh-caps -all --ambient-caps -all --bounding-set -net_admin --",
+            )
+        } else {
+            Command::new(LINEN)
+        }
     };
-    let (code, stderr) = run_to_exit(cmd, dir.path(), "lncap0");
+    let dir = registry_with_a_network();
+    let (code, stderr) = run_to_exit(unprivileged(), dir.path(), "lncap0");
     assert_eq!(code, Some(1), "{stderr}");
     assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
+
+    let empty = tempfile::tempdir().unwrap();
+    let (code, stderr) = run_to_exit(unprivileged(), empty.path(), "lncap0");
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("needs CAP_NET_ADMIN"), "{stderr}");
+    assert!(!stderr.contains("waiting"), "{stderr}");
+
+    std::fs::write(dir.path().join("config"), r#"{"Network":"198.19.0.0/33"}"#).unwrap();
+    let (code, stderr) = run_to_exit(unprivileged(), dir.path(), "lncap0");
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(!stderr.contains("CAP_NET_ADMIN"), "{stderr}");
 }
 
 /// `linen` run by `unshare --net` in a new network namespace with a veth underlay at

@@ -93,6 +93,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut stop = StopSignals::new()?;
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
+    if host::has_net_admin() == Some(false) {
+        return Err(unprivileged(&args).await);
+    }
     let Some(registry) = open_registry(&args, &ops, &mut stop).await? else {
         tracing::info!("stopped while waiting for the registry");
         return Ok(());
@@ -101,16 +104,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
         tracing::info!("stopped while waiting for the network config");
         return Ok(());
     };
-    // The TUN device, its routes and the rules need CAP_NET_ADMIN. Checked once the config is
-    // known to be valid (a bad one exits 2 for any user) and before the lease: an unprivileged
-    // start would otherwise hold a subnet in the registry for a day.
-    if host::has_net_admin() == Some(false) {
-        bail!(
-            "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it \
-             as root",
-            args.tun
-        );
-    }
     let nl = host::connect()?;
     let underlay = host::discover_underlay(
         &nl,
@@ -582,6 +575,24 @@ pub fn counters_summary(c: &LocalCounters) -> String {
         .map(|(name, value)| format!("{name}={value}"))
         .collect::<Vec<_>>()
         .join(" ")
+}
+
+/// The error for a start without `CAP_NET_ADMIN`, which the TUN device, its routes and the
+/// rules need. Given at once, before the lease (an unprivileged start would otherwise hold a
+/// subnet in the registry for a day) and without waiting for the registry or the config; but
+/// a config that is there and invalid is named first (exit 2 for any user).
+async fn unprivileged(args: &RunArgs) -> anyhow::Error {
+    let lease_ttl = Duration::from_secs(args.lease_ttl);
+    if let Ok(r) = registry::open_for_run(&args.registry, lease_ttl).await
+        && let Err(e @ crate::lease::RegistryError::BadConfig { .. }) = r.get_network_config().await
+    {
+        return e.into();
+    }
+    anyhow::anyhow!(
+        "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it as \
+         root",
+        args.tun
+    )
 }
 
 /// Opens the registry, waiting while it is out of reach: etcd with authentication is
