@@ -467,6 +467,15 @@ pub fn log_filter(spec: &str) -> Result<Targets, String> {
                         !part.is_empty()
                             && part.chars().all(|c| c.is_ascii_alphanumeric() || c == '_')
                     });
+                if path_like && target.chars().any(|c| c.is_ascii_uppercase()) {
+                    // Targets match case-sensitively, and every module path is lower-case:
+                    // `LINEN=debug` would change nothing.
+                    return Err(format!(
+                        "{target:?} matches no target: targets are lower-case module paths; \
+                         use {:?}",
+                        target.to_ascii_lowercase()
+                    ));
+                }
                 if !path_like {
                     return Err(format!(
                         "{target:?} is not a target: targets are module paths such as \
@@ -530,6 +539,8 @@ mod log_filter_test {
             "linen::=info",
             "my-crate=debug",
             "linen",
+            "LINEN=debug",
+            "linen::Lease=debug,info",
         ] {
             let err = log_filter(bad).expect_err(bad);
             assert!(!err.is_empty(), "{bad:?}");
