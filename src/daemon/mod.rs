@@ -580,13 +580,20 @@ pub fn counters_summary(c: &LocalCounters) -> String {
 /// The error for a start without `CAP_NET_ADMIN`, which the TUN device, its routes and the
 /// rules need. Given at once, before the lease (an unprivileged start would otherwise hold a
 /// subnet in the registry for a day) and without waiting for the registry or the config; but
-/// a config that is there and invalid is named first (exit 2 for any user).
+/// registry options that do not fit together and a config that is there and invalid are named
+/// first (exit 2 for any user).
 async fn unprivileged(args: &RunArgs) -> anyhow::Error {
     let lease_ttl = Duration::from_secs(args.lease_ttl);
-    if let Ok(r) = registry::open_for_run(&args.registry, lease_ttl).await
-        && let Err(e @ crate::lease::RegistryError::BadConfig { .. }) = r.get_network_config().await
-    {
-        return e.into();
+    match registry::open_for_run(&args.registry, lease_ttl).await {
+        Ok(r) => {
+            if let Err(e @ crate::lease::RegistryError::BadConfig { .. }) =
+                r.get_network_config().await
+            {
+                return e.into();
+            }
+        }
+        Err(e) if !registry::out_of_reach(&e) => return e,
+        Err(_) => {}
     }
     anyhow::anyhow!(
         "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it as \
