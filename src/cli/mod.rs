@@ -349,7 +349,8 @@ fn parse_regex(s: &str) -> Result<regex_lite::Regex, String> {
 pub enum NetworkCommand {
     /// Write the network config (validated as flannel validates it).
     Init(NetworkInitArgs),
-    /// Print the network config with defaults filled in.
+    /// Print the network config, with the defaults linen uses filled in (the JSON form shows the
+    /// stored fields only).
     Show {
         /// Registry location.
         #[command(flatten)]

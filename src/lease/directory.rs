@@ -330,7 +330,8 @@ impl Store {
                     hint: "; or write flannel's config JSON to that file, e.g. \
                            {\"Network\":\"198.19.0.0/16\",\"Backend\":{\"Type\":\"udp\"}}. \
                            This is linen's directory registry: to use etcd (flanneld's default \
-                           is 127.0.0.1:2379), pass --etcd-endpoints"
+                           is http://127.0.0.1:4001,http://127.0.0.1:2379), pass \
+                           --etcd-endpoints"
                         .to_owned(),
                 });
             }
