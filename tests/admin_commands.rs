@@ -324,7 +324,8 @@ fn a_held_lease_is_kept_as_a_reservation() {
     let (code, out) = reserve("198.18.0.9");
     assert_eq!(code, Some(0), "{out}");
     assert!(out.contains("now a reservation"), "{out}");
-    let (_, out) = linen(dir.path(), &["lease", "list", "--json"]);
+    let (code, out) = linen(dir.path(), &["lease", "list", "--json"]);
+    assert_eq!(code, Some(0), "{out}");
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["leases"][0]["reservation"], true, "{out}");
     assert_eq!(v["leases"][0]["value"]["PublicIP"], "198.18.0.9", "{out}");

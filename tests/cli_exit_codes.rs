@@ -10,14 +10,12 @@ use std::time::Duration;
 
 const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
-/// Runs linen with `args`; returns (exit code, stderr).
+/// Runs linen with `args`; returns (exit code, stderr). A mistake the daemon does not catch
+/// (it would wait or retry for ever) fails the test with 124 instead of hanging it.
 fn linen(args: &[&str]) -> (Option<i32>, String) {
-    // Under coreutils' timeout, so that a mistake the daemon does not catch (it would wait
-    // or retry for ever) fails the test with 124 instead of hanging it.
-    let out = Command::new("timeout")
-        .args(["--kill-after=5", "60", LINEN])
+    let scratch = tempfile::tempdir().unwrap();
+    let out = common::linen_meant_to_fail(scratch.path())
         .args(args)
-        .env_remove("LINEN_IP_MASQ")
         .output()
         .unwrap();
     (
@@ -364,7 +362,7 @@ fn log_format_and_level_apply_to_what_is_logged() {
         !stderr.contains("malformed"),
         "--log-level error:\n{stderr}"
     );
-    let (_, stderr) = linen(&[
+    let (code, stderr) = linen(&[
         "--log-level",
         "linen::lease=warn,error",
         "lease",
@@ -372,6 +370,7 @@ fn log_format_and_level_apply_to_what_is_logged() {
         "--registry-dir",
         reg,
     ]);
+    assert_eq!(code, Some(0), "{stderr}");
     assert!(stderr.contains("malformed"), "linen::lease=warn:\n{stderr}");
 }
 
@@ -380,8 +379,9 @@ fn log_format_and_level_apply_to_what_is_logged() {
 /// value that was read and nothing starts.
 #[test]
 fn flanneld_flags_and_variables_are_read_in_flannels_order() {
+    let scratch = tempfile::tempdir().unwrap();
     let run = |args: &[&str], vars: &[(&str, &str)]| {
-        let mut cmd = Command::new(LINEN);
+        let mut cmd = common::linen_meant_to_fail(scratch.path());
         cmd.args(args)
             .env_remove("LINEN_IFACE_REGEX")
             .env_remove("FLANNELD_IFACE_REGEX");
@@ -466,6 +466,7 @@ fn setup_mistakes_in_flags_exit_2() {
 /// which is not on the command line (a flanneld environment file, a unit's `Environment=`).
 #[test]
 fn a_bad_value_from_the_environment_names_its_variable() {
+    let scratch = tempfile::tempdir().unwrap();
     for (var, value, args, mentions) in [
         (
             "FLANNELD_PUBLIC_IP",
@@ -486,11 +487,9 @@ fn a_bad_value_from_the_environment_names_its_variable() {
             &["environment variable LINEN_LOG_LEVEL"],
         ),
     ] {
-        let out = Command::new("timeout")
-            .args(["--kill-after=5", "60", LINEN])
+        let out = common::linen_meant_to_fail(scratch.path())
             .args(args)
             .env(var, value)
-            .env_remove("LINEN_IP_MASQ")
             .output()
             .unwrap();
         let stderr = String::from_utf8_lossy(&out.stderr);
@@ -500,7 +499,7 @@ fn a_bad_value_from_the_environment_names_its_variable() {
         }
     }
     // On the command line, the flag is what is named.
-    let out = Command::new(LINEN)
+    let out = common::linen_meant_to_fail(scratch.path())
         .args(["run", "--mtu", "10"])
         .env("LINEN_MTU", "1400")
         .output()
@@ -567,6 +566,8 @@ fn stop_expecting_exit_0(child: &mut Helper, log: impl Fn() -> String) {
         .status()
         .unwrap();
     assert!(killed.success());
-    let status = child.wait().unwrap();
+    // A daemon that ignores the stop fails the test (and is killed as the helper drops).
+    let status = linen::lab::wait_for(Duration::from_secs(20), || child.try_wait().unwrap());
+    let status = status.unwrap_or_else(|| panic!("no exit within 20 s of SIGTERM:\n{}", log()));
     assert_eq!(status.code(), Some(0), "{}", log());
 }

@@ -938,7 +938,19 @@ async fn tls_with_client_certificates_and_a_clear_error_for_a_wrong_ca() {
         t.elapsed()
     );
 
-    // Plain http against a TLS-only etcd fails too (no hang), and a missing file is named.
+    // Plain http against a TLS-only etcd fails too, well within the test's patience (the
+    // request timeout is 5 s)...
+    let plain = EtcdOptions {
+        endpoints: vec![server.endpoint().replace("https://", "http://")],
+        ..options(&server, Duration::from_secs(60))
+    };
+    let answer = tokio::time::timeout(Duration::from_secs(30), async {
+        EtcdRegistry::connect(&plain).await?.list_leases().await?;
+        Ok::<_, anyhow::Error>(())
+    })
+    .await;
+    assert!(answer.as_ref().is_ok_and(|r| r.is_err()), "{answer:?}");
+    // ...and a missing file is named.
     let missing = EtcdOptions {
         keyfile: Some(d.join("nope-key.pem")),
         ..tls("ca.pem")

@@ -297,7 +297,9 @@ fn metrics_health_and_status_of_running_daemons() {
         .split(", ")
         .find_map(|p| p.strip_suffix(" received")?.parse().ok())
         .unwrap_or_else(|| panic!("no reply count in {ping}"));
-    assert!(received >= 1.0, "{ping}");
+    // Over a quiet veth between two namespaces none should be lost; one is allowed for a
+    // machine that stalls past ping's 1 s wait.
+    assert!(received >= 9.0, "{ping}");
     // Unroutable (198.19.250.0/24 is in nobody's lease): a no_route drop and an ICMP error.
     let _ = d.lab.host(0).run("ping", &["-c1", "-W1", "198.19.250.9"]);
     let after = d.metrics(0, 9418);

@@ -82,9 +82,11 @@ impl Overlay {
     /// start: it exits with `code` and its message names each of `mentions`.
     fn refused(&self, i: usize, flags: &[&str], code: i32, mentions: &[&str]) {
         let dir = self.dir.path().to_string_lossy();
-        let mut args = vec!["run", "--registry-dir", &dir, "--metrics-addr", "off"];
+        // Under timeout: a check that let the daemon through fails with 124, not a hang.
+        let mut args = vec!["--kill-after=5", "60", LINEN, "run", "--registry-dir", &dir];
+        args.extend_from_slice(&["--metrics-addr", "off"]);
         args.extend_from_slice(flags);
-        let out = self.lab.host(i).run(LINEN, &args).unwrap();
+        let out = self.lab.host(i).run("timeout", &args).unwrap();
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(out.status.code(), Some(code), "{flags:?}: {err}");
         for m in mentions {
@@ -399,17 +401,14 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
 
     // A subnet nobody leases answers net unreachable.
     let out = ping_output(&o, 0, &["-c1", "-W2", "-I", &src, "198.19.250.9"]);
-    assert!(
-        out.contains("Destination Net Unreachable") || out.contains("Unreachable"),
-        "{out}"
-    );
+    assert!(out.contains("Destination Net Unreachable"), "{out}");
 
     // Stop host 3: its lease expires (TTL 4 s) and the others stop routing to it.
     let (status, _) = o.stop(2);
     assert!(status.is_some_and(|s| s.success()), "SIGTERM exits 0");
     let gone = wait_for(Duration::from_secs(12), || {
         let out = ping_output(&o, 0, &["-c1", "-W1", "-I", &src, &addrs[2].0]);
-        out.contains("Unreachable").then_some(())
+        out.contains("Destination Net Unreachable").then_some(())
     });
     assert!(
         gone.is_some(),
@@ -421,7 +420,11 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
 
     // Host 2 received the transfers: with offloads its writes to the TUN were coalesced into
     // TCP (TSO) and UDP (USO) super-packets; without, never.
-    let (_, log) = o.stop(1);
+    let (status, log) = o.stop(1);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM exits 0: {log}"
+    );
     let (tso, uso) = (counter(&log, "tun_tx_tso"), counter(&log, "tun_tx_uso"));
     // UDP GRO: off with --no-offload; on otherwise from Linux 5.12 (buggy before).
     let gro = !flags.contains(&"--no-offload") && common::kernel_at_least(5, 12);
@@ -458,13 +461,15 @@ fn ipv4_echo(src: Ipv4Addr, dst: Ipv4Addr) -> Vec<u8> {
     p
 }
 
+/// The daemon's final `name=value` counter from its shutdown log line, which carries every
+/// counter, zeros too: a missing one (a daemon killed before it, a renamed counter) fails the
+/// test rather than reading as 0.
 fn counter(log: &str, name: &str) -> u64 {
-    // The daemon logs its final counters on shutdown as `name=value` fields.
     log.split_whitespace()
         .rev()
         .filter_map(|f| f.strip_prefix(&format!("{name}=")))
         .find_map(|v| v.trim_matches(|c: char| !c.is_ascii_digit()).parse().ok())
-        .unwrap_or(0)
+        .unwrap_or_else(|| panic!("no {name}= counter in the log:\n{log}"))
 }
 
 /// Another key naming this host's address (a reservation made for it while it runs with
@@ -666,6 +671,14 @@ fn iface_takes_the_first_interface_that_exists() {
 #[test]
 fn a_stop_during_start_up_is_not_lost() {
     if skip() {
+        return;
+    }
+    let has_iptables = Command::new("iptables")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    if !has_iptables {
+        common::skipped("without iptables there is no start-up window to stop in");
         return;
     }
     let mut o = Overlay::new("lnearly", 2);
@@ -1467,7 +1480,10 @@ fn accept_unknown_senders_relaxes_only_the_sender_check() {
 fn bad_flags_and_configs_exit_2_with_a_message() {
     let dir = tempfile::tempdir().unwrap();
     let run = |args: &[&str]| {
-        let out = Command::new(LINEN).args(args).output().unwrap();
+        let out = common::linen_meant_to_fail(dir.path())
+            .args(args)
+            .output()
+            .unwrap();
         (
             out.status.code(),
             String::from_utf8_lossy(&out.stderr).into_owned(),

@@ -12,6 +12,22 @@ use std::process::{Child, Command, Output};
 /// The linen binary under test.
 pub const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 
+/// linen under coreutils' `timeout` (60 s), for a command meant to fail at start: with its
+/// registry, subnet file and TUN name pointed into `scratch` and at test names, and metrics off
+/// (through `LINEN_*` variables, which the command line overrides). Should a check regress and
+/// `linen run` start, as root, it then waits on an empty registry under `scratch` and is killed,
+/// instead of using this host's `/var/lib/linen`, port 9418 or `linen0`, or hanging the suite.
+pub fn linen_meant_to_fail(scratch: &Path) -> Command {
+    let mut c = Command::new("timeout");
+    c.args(["--kill-after=5", "60", LINEN])
+        .env("LINEN_REGISTRY_DIR", scratch.join("registry"))
+        .env("LINEN_SUBNET_FILE", scratch.join("subnet.env"))
+        .env("LINEN_TUN", "lnfail0")
+        .env("LINEN_METRICS_ADDR", "off")
+        .env_remove("LINEN_IP_MASQ");
+    c
+}
+
 /// Says that a test was skipped and why, on the real stderr: libtest captures `eprintln!`
 /// output of passing tests, but not writes to the stderr handle, so the message stays visible.
 /// With `LINEN_TEST_REQUIRE_ALL=1` (set by CI, which runs as root with etcd installed) a skip
