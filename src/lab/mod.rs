@@ -112,8 +112,6 @@ impl Host {
 /// A set of test hosts and the processes started in them; all removed on drop.
 pub struct Lab {
     prefix: String,
-    /// Short unique tag for names in the root namespace (veth ends).
-    tag: String,
     hosts: Vec<Host>,
     switch: Option<String>,
     /// Namespaces added after construction ([`Lab::add_outside`]).
@@ -130,12 +128,8 @@ impl Lab {
         assert!((1..=200).contains(&n), "a lab has 1..=200 hosts");
         let seq = SEQ.fetch_add(1, Ordering::Relaxed);
         let prefix = format!("{prefix}-{}-{seq}", std::process::id());
-        // Names of veth ends in the root namespace must be unique and ≤ 15 bytes. Fixed widths,
-        // so that a two-host lab's `la<tag>` never equals another lab's `la<tag><host>`.
-        let tag = format!("{:04x}{:02x}", std::process::id() & 0xffff, seq & 0xff);
         let mut lab = Lab {
             prefix: prefix.clone(),
-            tag: tag.clone(),
             hosts: Vec::new(),
             switch: None,
             extra: Vec::new(),
@@ -154,16 +148,7 @@ impl Lab {
         }
         let mtu_s = mtu.to_string();
         if n == 2 {
-            let (a, b) = (format!("la{tag}"), format!("lb{tag}"));
-            run_ok(
-                Command::new("ip").args(["link", "add", &a, "type", "veth", "peer", "name", &b]),
-            )?;
-            for (end, host) in [(&a, &lab.hosts[0]), (&b, &lab.hosts[1])] {
-                run_ok(
-                    Command::new("ip")
-                        .args(["link", "set", end, "netns", &host.ns, "name", "eth0"]),
-                )?;
-            }
+            veth(("eth0", &lab.hosts[0].ns), ("eth0", &lab.hosts[1].ns))?;
         } else if n > 2 {
             let sw = format!("{prefix}-sw");
             run_ok(Command::new("ip").args(["netns", "add", &sw]))?;
@@ -171,19 +156,8 @@ impl Lab {
             ns_ok(&sw, &["ip", "link", "add", "br0", "type", "bridge"])?;
             ns_ok(&sw, &["ip", "link", "set", "br0", "mtu", &mtu_s, "up"])?;
             for host in lab.hosts.clone() {
-                let (a, b) = (
-                    format!("la{tag}{}", host.index),
-                    format!("lb{tag}{}", host.index),
-                );
-                run_ok(
-                    Command::new("ip")
-                        .args(["link", "add", &a, "type", "veth", "peer", "name", &b]),
-                )?;
-                run_ok(
-                    Command::new("ip").args(["link", "set", &a, "netns", &host.ns, "name", "eth0"]),
-                )?;
                 let port = format!("p{}", host.index);
-                run_ok(Command::new("ip").args(["link", "set", &b, "netns", &sw, "name", &port]))?;
+                veth(("eth0", &host.ns), (&port, &sw))?;
                 ns_ok(
                     &sw,
                     &[
@@ -282,10 +256,7 @@ impl Lab {
         run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
         self.extra.push(ns.clone());
         let gw = self.hosts[gateway].clone();
-        let (a, b) = (format!("lo{}", self.tag), format!("lp{}", self.tag));
-        run_ok(Command::new("ip").args(["link", "add", &a, "type", "veth", "peer", "name", &b]))?;
-        run_ok(Command::new("ip").args(["link", "set", &a, "netns", &gw.ns, "name", "out0"]))?;
-        run_ok(Command::new("ip").args(["link", "set", &b, "netns", &ns, "name", "eth0"]))?;
+        veth(("out0", &gw.ns), ("eth0", &ns))?;
         let outside = Host {
             ns,
             ip: Ipv4Addr::new(198, 18, 1, 2),
@@ -331,6 +302,16 @@ impl Lab {
             .find(|(_, c)| c.id() == pid)
             .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
     }
+}
+
+/// A veth pair whose ends are created straight in their namespaces, named `(name, namespace)`:
+/// nothing is left in the root namespace should a later step fail, since deleting the
+/// namespaces removes both ends.
+fn veth(a: (&str, &str), b: (&str, &str)) -> Result<()> {
+    run_ok(Command::new("ip").args([
+        "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+    ]))
+    .map(drop)
 }
 
 impl Drop for Lab {
