@@ -87,7 +87,7 @@ async fn a_lease_key_deleted_by_hand_is_reacquired() {
     let created = create_revision(&server, &path).expect("our key exists");
     server.etcdctl(&["del", &path]);
     // The key comes back, written anew (a later create revision), by the running manager.
-    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
     while create_revision(&server, &path).is_none_or(|r| r <= created) {
         assert!(
             std::time::Instant::now() < deadline,
@@ -95,7 +95,7 @@ async fn a_lease_key_deleted_by_hand_is_reacquired() {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    a.wait(5, "the same subnet again", |s| {
+    a.wait(30, "the same subnet again", |s| {
         s.own.as_ref().is_some_and(|l| l.key == mine) && s.registry.connected
     })
     .await;
@@ -116,7 +116,7 @@ async fn our_key_taken_by_another_host_is_routed_to_at_once() {
     let reg = with_config(&server).await;
     let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let mine = a.own().unwrap();
-    a.wait(5, "the watch to run", |s| s.registry.connected)
+    a.wait(30, "the watch to run", |s| s.registry.connected)
         .await;
     // Host 2 writes its lease over ours (a stale subnet.env and a hand-made put, say).
     let path = format!("{DEFAULT_PREFIX}/subnets/{mine}");
@@ -129,7 +129,7 @@ async fn our_key_taken_by_another_host_is_routed_to_at_once() {
     // We move to another subnet, and host 2 is a peer from the event that showed it: nothing
     // else is written to its key until its renewal, hours later.
     let s = a
-        .wait(5, "a new subnet and host 2 as a peer", |s| {
+        .wait(30, "a new subnet and host 2 as a peer", |s| {
             s.own.as_ref().is_some_and(|l| l.key != mine)
                 && s.peers.iter().any(|l| l.key == mine && l.attrs == host(2))
         })
@@ -153,7 +153,7 @@ async fn etcd_down_for_10_s_keeps_the_lease_and_catches_up() {
         .create_lease(&key("198.19.150.0-24"), &host(2))
         .await
         .unwrap();
-    a.wait(5, "host 2", |s| s.peers.len() == 1).await;
+    a.wait(30, "host 2", |s| s.peers.len() == 1).await;
     server.stop();
     a.wait(10, "the outage to be noticed", |s| !s.registry.connected)
         .await;

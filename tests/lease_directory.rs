@@ -15,6 +15,10 @@ use std::time::{Duration, SystemTime};
 use linen::lease::directory::DirectoryRegistry;
 use linen::lease::manager::{self, AcquireError, LeaseState, ManagerOptions};
 use linen::lease::{Registry, RegistryError, WatchEvent};
+
+/// Seconds to wait for what the registry's 200 ms polling brings without a deadline of its
+/// own (unlike a lease's TTL): generous, so that a loaded machine is slow, not failing.
+const PATIENCE: u64 = 30;
 use linen::model::{Lease, LeaseAttrs, NetworkConfigSpec, SubnetKey};
 use rand::SeedableRng;
 use rand::rngs::StdRng;
@@ -354,7 +358,7 @@ async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
     opts.previous = Some(key("198.19.150.0-24"));
     let b = Running::start(Arc::clone(&long), opts).await;
     assert_eq!(own_key(&b.state.borrow()), Some(key("198.19.150.0-24")));
-    a.wait(2, "host 3 as a peer", |s| {
+    a.wait(PATIENCE, "host 3 as a peer", |s| {
         s.peers
             .iter()
             .any(|l| l.key == key("198.19.150.0-24") && l.attrs == host(3))
@@ -536,8 +540,10 @@ async fn reservation_is_taken_by_its_public_ip_and_never_gets_an_expiry() {
         "{\"PublicIP\":\"198.18.1.2\"}\n",
     )
     .unwrap();
-    a.wait(2, "the hand-made reservation", |s| s.peers.len() == 1)
-        .await;
+    a.wait(PATIENCE, "the hand-made reservation", |s| {
+        s.peers.len() == 1
+    })
+    .await;
     // Past the TTL the reservation is still there and still ours.
     tokio::time::sleep(Duration::from_millis(2500)).await;
     let s = a.state.borrow().clone();
@@ -606,9 +612,12 @@ async fn own_lease_deleted_by_hand_is_reacquired() {
     let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let mine = own_key(&a.state.borrow()).unwrap();
     fs::remove_file(dir.path().join("subnets").join(mine.to_string())).unwrap();
-    a.wait(2, "the lease to be lost", |s| s.own.is_none()).await;
-    a.wait(3, "the same subnet again", |s| own_key(s) == Some(mine))
+    a.wait(PATIENCE, "the lease to be lost", |s| s.own.is_none())
         .await;
+    a.wait(PATIENCE, "the same subnet again", |s| {
+        own_key(s) == Some(mine)
+    })
+    .await;
     assert!(
         live(&reg)
             .await
@@ -645,7 +654,7 @@ async fn own_subnet_taken_by_another_host_is_left_to_it() {
     fs::rename(&tmp, &path).unwrap();
     // We move to a new subnet, and host 2 holds ours.
     let s = a
-        .wait(3, "a new subnet and host 2 as a peer", |s| {
+        .wait(PATIENCE, "a new subnet and host 2 as a peer", |s| {
             own_key(s).is_some_and(|k| k != mine)
                 && s.peers.iter().any(|l| l.key == mine && l.attrs == host(2))
         })
@@ -698,7 +707,7 @@ async fn manager_recovers_when_the_registry_comes_back() {
     let reg = registry(dir.path(), 3600);
     let mut a = Running::start(Arc::clone(&reg), options(1)).await;
     let mine = own_key(&a.state.borrow()).unwrap();
-    a.wait(2, "a healthy registry", |s| s.registry.connected)
+    a.wait(PATIENCE, "a healthy registry", |s| s.registry.connected)
         .await;
     // Make subnets/ unusable in a way that also stops root: a file in its place.
     let subnets = dir.path().join("subnets");
@@ -706,7 +715,9 @@ async fn manager_recovers_when_the_registry_comes_back() {
     fs::rename(&subnets, &away).unwrap();
     fs::write(&subnets, "not a directory").unwrap();
     let s = a
-        .wait(2, "the outage to be noticed", |s| !s.registry.connected)
+        .wait(PATIENCE, "the outage to be noticed", |s| {
+            !s.registry.connected
+        })
         .await;
     assert!(
         s.registry
@@ -724,7 +735,7 @@ async fn manager_recovers_when_the_registry_comes_back() {
         .await
         .unwrap();
     let s = a
-        .wait(3, "recovery and host 2", |s| {
+        .wait(PATIENCE, "recovery and host 2", |s| {
             s.registry.connected && s.peers.iter().any(|l| l.key == key("198.19.200.0-24"))
         })
         .await;
