@@ -505,9 +505,11 @@ mod test {
         assert_eq!(parse_response(b"SSH-2.0-OpenSSH\r\n"), None);
     }
 
-    /// A server on `127.0.0.1` that reads a request and writes `answer` (then holds the
-    /// connection while `hold`); its address.
-    fn serve_once(answer: &'static [u8], hold: Duration) -> SocketAddr {
+    /// A server on `127.0.0.1` that reads a request and writes `answer`, then closes the
+    /// connection, or with `hold` keeps it open until the client closes it (however long the
+    /// client takes to give up, up to 30 s: a client that never does then sees the close, and
+    /// its test fails instead of hanging); its address.
+    fn serve_once(answer: &'static [u8], hold: bool) -> SocketAddr {
         let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = listener.local_addr().unwrap();
         std::thread::spawn(move || {
@@ -522,7 +524,8 @@ mod test {
                 }
             }
             let _ = s.write_all(answer);
-            std::thread::sleep(hold);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(30)));
+            while hold && s.read(&mut buf).is_ok_and(|n| n > 0) {}
         });
         addr
     }
@@ -531,17 +534,14 @@ mod test {
     fn another_server_is_named_as_such() {
         let page = b"HTTP/1.1 404 Not Found\r\nContent-Type: text/html\r\n\r\n<html>\n<body>\n\
                      <h1>Not Found</h1>\n</body>\n</html>\n";
-        let addr = serve_once(page, Duration::ZERO);
+        let addr = serve_once(page, false);
         let msg = format!("{:#}", get(addr, "/status").unwrap_err());
         assert_eq!(
             msg,
             format!("{addr}/status answered 404; is it a linen daemon?")
         );
         // linen's own one-line errors are quoted.
-        let addr = serve_once(
-            b"HTTP/1.1 404 Not Found\r\n\r\nno such path\n",
-            Duration::ZERO,
-        );
+        let addr = serve_once(b"HTTP/1.1 404 Not Found\r\n\r\nno such path\n", false);
         let msg = format!("{:#}", get(addr, "/status").unwrap_err());
         assert_eq!(msg, format!("{addr}/status answered 404: no such path"));
     }
@@ -549,13 +549,13 @@ mod test {
     #[test]
     fn a_server_that_does_not_answer_is_named_as_such() {
         let wait = Duration::from_millis(200);
-        let addr = serve_once(b"", wait * 5);
+        let addr = serve_once(b"", true);
         let msg = format!("{:#}", get_within(addr, "/status", wait).unwrap_err());
         assert!(
             msg.contains("accepted but gave no answer to /status"),
             "{msg}"
         );
-        let addr = serve_once(b"HTTP/1.1 200 OK\r\n", wait * 5);
+        let addr = serve_once(b"HTTP/1.1 200 OK\r\n", true);
         let msg = format!("{:#}", get_within(addr, "/status", wait).unwrap_err());
         assert!(msg.contains("gave only part of an answer"), "{msg}");
     }
