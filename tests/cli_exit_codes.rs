@@ -180,6 +180,7 @@ fn a_config_being_written_is_read_again() {
         .arg("--subnet-file")
         .arg(&env)
         .args(["--metrics-addr", "off", "--tun", "lngrace0"])
+        .args(["--log-level", "linen::daemon=debug"])
         .env_remove("LINEN_IP_MASQ")
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log).unwrap());
@@ -189,8 +190,11 @@ fn a_config_being_written_is_read_again() {
         read_log().contains("reading it again").then_some(())
     });
     assert!(seen.is_some(), "{}", read_log());
-    // Invalid for a few seconds, over several re-reads, as a slow hand would leave it.
-    std::thread::sleep(Duration::from_secs(3));
+    // Invalid over several re-reads (one a second), as a slow hand would leave it.
+    let reread = linen::lab::wait_for(Duration::from_secs(9), || {
+        (read_log().matches("still invalid").count() >= 3).then_some(())
+    });
+    assert!(reread.is_some(), "{}", read_log());
     assert!(child.try_wait().unwrap().is_none(), "{}", read_log());
     std::fs::write(
         &config,

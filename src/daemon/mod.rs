@@ -674,7 +674,7 @@ async fn wait_for_config(
                     invalid_since = Some(std::time::Instant::now());
                 }
                 Some(t) if t.elapsed() >= INVALID_CONFIG_GRACE => return Err(e.into()),
-                Some(_) => {}
+                Some(_) => tracing::debug!("the network config is still invalid"),
             },
             Err(e) => return Err(e.into()),
         }
