@@ -70,7 +70,10 @@ impl Overlay {
             cmd.args(["--iface", "eth0"]);
         }
         cmd.envs(vars.iter().copied());
-        cmd.args(["--log-level", "info", "--subnet-file"])
+        if !extra.contains(&"--log-level") {
+            cmd.args(["--log-level", "info"]);
+        }
+        cmd.arg("--subnet-file")
             .arg(self.env_path(i))
             .args(extra)
             .stdout(Stdio::null())
@@ -1146,7 +1149,7 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     }
     let mut o = Overlay::new("lnmove", 2);
     // With the masquerade rules, which name the subnet and must follow it too.
-    o.start(0, &["--ip-masq"]);
+    o.start(0, &["--ip-masq", "--log-level", "linen::daemon=debug"]);
     o.start(1, &[]);
     let old = o.env(0).previous_key().unwrap();
     let (old_v4, old_v6) = o.addrs(0);
@@ -1183,8 +1186,18 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
         "{:?}",
         h0.ip(&["-o", "addr", "show", "dev", "linen0"])
     );
-    // Retried every 5 s, logged once: wait past one retry before unblocking.
-    std::thread::sleep(Duration::from_secs(6));
+    // Retried every 5 s, logged once (each retry only at debug): wait for a retry before
+    // unblocking.
+    let retried = wait_for(Duration::from_secs(15), || {
+        let log = std::fs::read_to_string(o.log_path(0)).ok()?;
+        log.contains("cannot rewrite subnet.env, again")
+            .then_some(())
+    });
+    assert!(
+        retried.is_some(),
+        "{}",
+        std::fs::read_to_string(o.log_path(0)).unwrap_or_default()
+    );
     std::fs::remove_dir_all(&env_path).unwrap();
     let moved = wait_for(Duration::from_secs(15), || {
         let env = SubnetEnv::parse(&std::fs::read_to_string(&env_path).ok()?).ok()?;
@@ -1214,7 +1227,11 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     // success after it.
     let log = std::fs::read_to_string(o.log_path(0)).unwrap_or_default();
     assert!(!log.contains("cannot move the TUN device"), "{log}");
-    assert_eq!(log.matches("cannot rewrite subnet.env").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("cannot rewrite subnet.env; retrying").count(),
+        1,
+        "{log}"
+    );
     assert!(log.contains("subnet.env rewritten after all"), "{log}");
     // The masquerade rules name the new subnet, rebuilt as expected rather than "missing".
     let rules = wait_for(Duration::from_secs(10), || {

@@ -550,6 +550,8 @@ fn retry_failed(last: &mut Option<String>, what: &str, error: String) {
     if last.as_deref() != Some(error.as_str()) {
         tracing::error!(error = %error, "{what}; retrying every 5 s (logged again if the error changes)");
         *last = Some(error);
+    } else {
+        tracing::debug!(error = %error, "{what}, again");
     }
 }
 
