@@ -516,6 +516,51 @@ fn a_key_naming_this_host_gets_no_route_here() {
     assert_eq!(counter(&text, "spoofed_source"), 0, "{text}");
 }
 
+/// A key that is no subnet of the network (written by hand, or by a compromised host) gets no
+/// route: `128.0.0.0-1` held by host 2 would otherwise send half of all addresses there, and
+/// let host 2's datagrams carry any of them as source. Unleased addresses of the network stay
+/// Net Unreachable, and the peer's real lease still works.
+#[test]
+fn a_key_outside_the_network_gets_no_route() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnwide", 2);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]));
+    let h2 = o.lab.host(1).ip.to_string();
+    std::fs::write(
+        o.dir.path().join("subnets").join("128.0.0.0-1"),
+        format!("{{\"PublicIP\":\"{h2}\"}}\n"),
+    )
+    .unwrap();
+    let log = o.log_path(0);
+    let warned = wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&log).ok()?;
+        text.contains("not routing a peer's lease").then_some(())
+    });
+    assert!(
+        warned.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap()
+    );
+    // From a bridge address, as a container would (see the mesh test).
+    let bridge = o.env(0).subnet.unwrap();
+    let h0 = o.lab.host(0).clone();
+    h0.ip(&["link", "add", "cbr0", "type", "bridge"]).unwrap();
+    h0.ip(&["addr", "add", &bridge.to_string(), "dev", "cbr0"])
+        .unwrap();
+    h0.ip(&["link", "set", "cbr0", "up"]).unwrap();
+    let src = bridge.ip().to_string();
+    let out = ping_output(&o, 0, &["-c1", "-W2", "-I", &src, "198.19.250.9"]);
+    assert!(out.contains("Destination Net Unreachable"), "{out}");
+    assert!(o.ping_ok(0, &a2, &[]));
+    let (status, text) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{text}");
+}
+
 /// A TCP flow with a small MSS gets TSO super-packets of more segments than a worker splits one
 /// read into, unless the daemon caps the TUN's `gso_max_segs`: then the worker dropped each one
 /// whole (as malformed), and the flow crawled on retransmits.

@@ -36,15 +36,14 @@ pub const EXIT_USAGE: i32 = 2;
 
 /// Routes to every peer: each lease's subnets via its public address and the network's port.
 /// An IPv4 subnet goes to the peer's IPv4 address when it has one, else to its IPv6 address;
-/// likewise for IPv6 subnets (the underlay family is independent of the overlay family).
+/// likewise for IPv6 subnets (the underlay family is independent of the overlay family). An
+/// address no datagram could go to (loopback, multicast, …) is left out.
 pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
     let mut routes = Vec::with_capacity(peers.len() * 2);
+    let hop = |ip: IpAddr| usable(ip).then(|| SocketAddr::from((ip, port)));
     for lease in peers {
-        let v4 = lease.attrs.public_ip.map(|ip| SocketAddr::from((ip, port)));
-        let v6 = lease
-            .attrs
-            .public_ipv6
-            .map(|ip| SocketAddr::from((ip, port)));
+        let v4 = lease.attrs.public_ip.and_then(|ip| hop(ip.into()));
+        let v6 = lease.attrs.public_ipv6.and_then(|ip| hop(ip.into()));
         if let Some(net) = lease.key.ipv4()
             && let Some(hop) = v4.or(v6)
         {
@@ -63,6 +62,35 @@ pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
         }
     }
     routes
+}
+
+/// Whether a datagram could be sent to `ip` as a peer's public address.
+fn usable(ip: IpAddr) -> bool {
+    crate::cli::unreachable_reason(ip).is_none()
+}
+
+/// Why a peer's lease gets no route here, if it does not. A subnet outside the network or of
+/// another length than its subnets (a hand-written or stale key, or one written by a
+/// compromised host) could cover addresses that other hosts or no host hold, `0.0.0.0/1`
+/// say, and the peer's datagrams would then pass the sender check with any of them as
+/// source. SubnetMin/SubnetMax are not checked: a reservation may lie outside them. A lease
+/// with no address a datagram could go to has no next hop. (A subnet of a family the network
+/// does not have is left alone: while hosts restart into a config without IPv6, their older
+/// dual-stack keys still carry IPv4 traffic.)
+pub fn unroutable(config: &NetworkConfig, lease: &Lease) -> Option<&'static str> {
+    if let (Some(net), Some(sub)) = (config.network, lease.key.ipv4())
+        && (sub.prefix() != config.subnet_len || !net.contains(sub.network()))
+    {
+        return Some("its IPv4 subnet is not a subnet of this network");
+    }
+    if let (Some(net), Some(sub)) = (config.ipv6_network, lease.key.ipv6())
+        && (sub.prefix() != config.ipv6_subnet_len || !net.contains(sub.network()))
+    {
+        return Some("its IPv6 subnet is not a subnet of this network");
+    }
+    let v4 = lease.attrs.public_ip.is_some_and(|ip| usable(ip.into()));
+    let v6 = lease.attrs.public_ipv6.is_some_and(|ip| usable(ip.into()));
+    (!v4 && !v6).then_some("it names no public address a datagram could go to")
 }
 
 /// Builds the snapshot for a lease state.
@@ -372,8 +400,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut retry_at: Option<tokio::time::Instant> = None;
             // The last error of the device step and of the subnet.env step, logged once.
             let mut failing: [Option<String>; 2] = [None, None];
-            // Peer keys naming this host, last warned about.
+            // Peer keys naming this host, and keys not routed, last warned about.
             let mut self_named: Vec<SubnetKey> = Vec::new();
+            let mut skipped: Vec<SubnetKey> = Vec::new();
             loop {
                 let mut current: LeaseState = state.borrow_and_update().clone();
                 let moved_now = current.own.as_ref().is_some_and(|o| o.key != table_key);
@@ -443,6 +472,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         tracing::warn!(keys = ?ours.iter().map(ToString::to_string).collect::<Vec<_>>(), "other keys name this host's public address; not routing them (they take effect if linen restarts here; `linen lease release` removes them)");
                     }
                     self_named = ours;
+                }
+                // Keys this network would not lease, or with no usable address: no route.
+                let (bad, peers): (Vec<Lease>, Vec<Lease>) = peers
+                    .into_iter()
+                    .partition(|l| unroutable(&config, l).is_some());
+                let bad_keys: Vec<SubnetKey> = bad.iter().map(|l| l.key).collect();
+                if bad_keys != skipped {
+                    for l in bad.iter().filter(|l| !skipped.contains(&l.key)) {
+                        tracing::warn!(key = %l.key, public = %l.attrs.addresses(), why = unroutable(&config, l).unwrap_or_default(), "not routing a peer's lease (`linen lease list` flags it; `linen lease release` removes it)");
+                    }
+                    skipped = bad_keys;
                 }
                 let snap = snapshot_for(&table_key, &peers, port, current.generation);
                 tracing::debug!(
@@ -714,5 +754,67 @@ impl StopSignals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn lease(key: &str, public_ip: &str) -> Lease {
+        Lease {
+            key: key.parse().unwrap(),
+            attrs: LeaseAttrs::with_public_ip(public_ip.parse().unwrap()),
+            expiration: None,
+            lease_id: None,
+        }
+    }
+
+    /// A peer's key is routed only when it is a subnet of the network, of the network's subnet
+    /// length, with an address a datagram can go to: a hand-written `0.0.0.0-1` would
+    /// otherwise take half of all addresses, and let its holder's datagrams carry any of them.
+    #[test]
+    fn only_subnets_of_the_network_with_a_usable_address_are_routed() {
+        let config = NetworkConfig::from_json(
+            r#"{"Network":"198.19.0.0/16","SubnetMin":"198.19.10.0","EnableIPv6":true,
+                "IPv6Network":"fd00:19::/48"}"#,
+        )
+        .unwrap();
+        let ok = |key: &str, ip: &str| unroutable(&config, &lease(key, ip));
+        assert_eq!(ok("198.19.20.0-24&fd00:19:0:20::-64", "198.18.0.2"), None);
+        // Below SubnetMin, as a reservation may be; and an IPv4-only key on a dual network.
+        assert_eq!(ok("198.19.1.0-24", "198.18.0.2"), None);
+        for (key, ip) in [
+            ("0.0.0.0-1", "198.18.0.2"),
+            ("198.19.0.0-16", "198.18.0.2"),
+            ("198.19.20.0-25", "198.18.0.2"),
+            ("10.0.0.0-24", "198.18.0.2"),
+            ("198.19.20.0-24&::-1", "198.18.0.2"),
+            ("198.19.20.0-24", "127.0.0.1"),
+            ("198.19.20.0-24", "224.0.0.1"),
+            ("198.19.20.0-24", "255.255.255.255"),
+        ] {
+            assert!(ok(key, ip).is_some(), "{key} via {ip} routed");
+        }
+        // A family the network lacks is left alone (hosts restarting into an IPv4-only
+        // config still hold dual-stack keys).
+        let v4_only = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        assert_eq!(
+            unroutable(
+                &v4_only,
+                &lease("198.19.20.0-24&fd00:19:0:20::-64", "198.18.0.2")
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn an_unusable_public_address_is_no_next_hop() {
+        let mut l = lease("198.19.20.0-24&fd00:19:0:20::-64", "127.0.0.1");
+        l.attrs.public_ipv6 = Some("fd00:18::2".parse().unwrap());
+        let routes = routes_for(&[l], 8285);
+        let hop: SocketAddr = "[fd00:18::2]:8285".parse().unwrap();
+        assert_eq!(routes.len(), 2, "{routes:?}");
+        assert!(routes.iter().all(|r| r.next_hop == hop), "{routes:?}");
     }
 }
