@@ -306,10 +306,12 @@ impl Lab {
 
 /// A veth pair whose ends are created straight in their namespaces, named `(name, namespace)`:
 /// nothing is left in the root namespace should a later step fail, since deleting the
-/// namespaces removes both ends.
+/// namespaces removes both ends. Run inside `a`'s namespace: kernels before 6.15 look the
+/// first name up in the caller's namespace, so `ip link add eth0 netns NS …` from a root
+/// namespace that has an `eth0` fails with "File exists".
 fn veth(a: (&str, &str), b: (&str, &str)) -> Result<()> {
     run_ok(Command::new("ip").args([
-        "link", "add", a.0, "netns", a.1, "type", "veth", "peer", "name", b.0, "netns", b.1,
+        "-n", a.1, "link", "add", a.0, "type", "veth", "peer", "name", b.0, "netns", b.1,
     ]))
     .map(drop)
 }
