@@ -15,13 +15,13 @@ use std::time::{Duration, SystemTime};
 use linen::lease::directory::DirectoryRegistry;
 use linen::lease::manager::{self, AcquireError, LeaseState, ManagerOptions};
 use linen::lease::{Registry, RegistryError, WatchEvent};
+use linen::model::{Lease, LeaseAttrs, NetworkConfigSpec, SubnetKey};
+use rand::SeedableRng;
+use rand::rngs::StdRng;
 
 /// Seconds to wait for what the registry's 200 ms polling brings without a deadline of its
 /// own (unlike a lease's TTL): generous, so that a loaded machine is slow, not failing.
 const PATIENCE: u64 = 30;
-use linen::model::{Lease, LeaseAttrs, NetworkConfigSpec, SubnetKey};
-use rand::SeedableRng;
-use rand::rngs::StdRng;
 
 const NET: &str = r#"{"Network":"198.19.0.0/16","SubnetLen":24,"Backend":{"Type":"udp"}}"#;
 /// A dual-stack network: /24s and /64s.

@@ -211,7 +211,10 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
             r.resyncs,
             match (&r.last_error, r.last_error_secs_ago) {
                 (Some(e), Some(ago)) if r.connected => {
-                    format!(", last error {} ago: {e}", super::admin::human_secs(ago))
+                    format!(
+                        ", last error ended {} ago: {e}",
+                        super::admin::human_secs(ago)
+                    )
                 }
                 (Some(e), Some(ago)) => {
                     format!(", failing for {}: {e}", super::admin::human_secs(ago))
@@ -438,7 +441,7 @@ mod test {
         };
         s.registry.connected = false;
         s.registry.last_error = Some("timeout".into());
-        // With its age: how long it has been failing, or how long ago the last error began.
+        // With its age: how long it has been failing, or how long ago the last outage ended.
         s.registry.last_error_secs_ago = Some(200);
         let text = render(&s, "127.0.0.1:9418".parse().unwrap());
         assert!(
@@ -449,7 +452,7 @@ mod test {
         s.registry.resyncs = 1;
         let text = render(&s, "127.0.0.1:9418".parse().unwrap());
         assert!(
-            text.contains("(connected, 1 resyncs, last error 3m20s ago: timeout)"),
+            text.contains("(connected, 1 resyncs, last error ended 3m20s ago: timeout)"),
             "{text}"
         );
         s.registry.connected = false;

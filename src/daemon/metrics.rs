@@ -203,11 +203,13 @@ impl Collector for StatusCollector {
             )?;
         }
         if let Some(secs) = s.registry.last_error_secs_ago {
+            // While failing, the view counts the outage's length; the metric is 0 then.
+            let ended = if s.registry.connected { secs } else { 0 };
             one(
                 &mut enc,
                 "linen_registry_last_error_age_seconds",
-                "Seconds since the last registry failure began",
-                &ConstGauge::new(i64::try_from(secs).unwrap_or(i64::MAX)),
+                "Seconds since the last registry failure ended (0 while failing)",
+                &ConstGauge::new(i64::try_from(ended).unwrap_or(i64::MAX)),
             )?;
         }
         one(

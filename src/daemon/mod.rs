@@ -623,19 +623,19 @@ pub fn counters_summary(c: &LocalCounters) -> String {
 /// rules need. Given at once, before the lease (an unprivileged start would otherwise hold a
 /// subnet in the registry for a day) and without waiting for the registry or the config; but
 /// registry options that do not fit together and a config that is there and invalid are named
-/// first (exit 2 for any user).
+/// first (exit 2 for any user). The look at the registry takes at most 5 s (an etcd out of
+/// reach is not waited for).
 async fn unprivileged(args: &RunArgs) -> anyhow::Error {
-    let lease_ttl = Duration::from_secs(args.lease_ttl);
-    match registry::open_for_run(&args.registry, lease_ttl).await {
-        Ok(r) => {
-            if let Err(e @ crate::lease::RegistryError::BadConfig { .. }) =
-                r.get_network_config().await
-            {
-                return e.into();
-            }
-        }
-        Err(e) if !registry::out_of_reach(&e) => return e,
-        Err(_) => {}
+    let look = async {
+        // As an admin command opens it: no plain-http warning before the real message.
+        let r = registry::open(&args.registry, Duration::from_secs(args.lease_ttl)).await?;
+        r.get_network_config().await?;
+        Ok::<_, anyhow::Error>(())
+    };
+    if let Ok(Err(e)) = tokio::time::timeout(Duration::from_secs(5), look).await
+        && crate::cli::exit::code_for(&e) == crate::cli::exit::USAGE
+    {
+        return e;
     }
     anyhow::anyhow!(
         "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it as \

@@ -147,7 +147,8 @@ pub struct RegistryView {
     pub connected: bool,
     /// The last failure (kept after recovery).
     pub last_error: Option<String>,
-    /// Seconds since that failure began (`None`: no failure, or a starting daemon's reason).
+    /// While failing, seconds since the outage began; once connected again, seconds since it
+    /// ended (`None`: no failure yet, or a starting daemon's reason).
     #[serde(default)]
     pub last_error_secs_ago: Option<u64>,
     /// Recoveries after a failure.
@@ -283,10 +284,12 @@ pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
         location: src.registry.clone(),
         connected: state.registry.connected,
         last_error: state.registry.last_error.clone(),
-        last_error_secs_ago: state
-            .registry
-            .last_error_since
-            .map(|t| now.duration_since(t).unwrap_or_default().as_secs()),
+        last_error_secs_ago: if state.registry.connected {
+            state.registry.recovered_at
+        } else {
+            state.registry.failing_since
+        }
+        .map(|t| t.elapsed().as_secs()),
         resyncs: state.registry.resyncs,
     };
     let workers = WorkersView {

@@ -186,9 +186,12 @@ pub struct RegistryHealth {
     pub connected: bool,
     /// The last failure, kept after recovery for diagnosis.
     pub last_error: Option<String>,
-    /// When that failure began: the first failed call after a success, or the first with
-    /// that message. Lets `status` and the metrics tell an old, resolved error from a new one.
-    pub last_error_since: Option<SystemTime>,
+    /// When the last outage began: the first failed call after a success (a changing error
+    /// message does not move it). With `recovered_at`, lets `status` and the metrics tell an
+    /// old, resolved error from a new one.
+    pub failing_since: Option<Instant>,
+    /// When the registry last came back after a failure; `None` while failing.
+    pub recovered_at: Option<Instant>,
     /// How many times the registry came back after a failure (each time the watch resyncs).
     pub resyncs: u64,
 }
@@ -553,6 +556,9 @@ impl LeaseManager {
                 self.state.send_modify(|s| {
                     s.registry.connected = true;
                     s.registry.resyncs += u64::from(had_error);
+                    if had_error {
+                        s.registry.recovered_at = Some(Instant::now());
+                    }
                 });
             }
             None => {}
@@ -564,11 +570,12 @@ impl LeaseManager {
                 self.state.send_if_modified(|s| {
                     let changed =
                         s.registry.connected || s.registry.last_error.as_ref() != Some(&msg);
+                    if s.registry.connected || s.registry.failing_since.is_none() {
+                        s.registry.failing_since = Some(Instant::now());
+                    }
                     s.registry.connected = false;
                     s.registry.last_error = Some(msg);
-                    if changed {
-                        s.registry.last_error_since = Some(SystemTime::now());
-                    }
+                    s.registry.recovered_at = None;
                     changed
                 });
             }
@@ -1128,7 +1135,7 @@ mod test {
         for _ in 0..15 {
             tokio::time::sleep(Duration::from_secs(2)).await;
             reg.shared.generation.fetch_add(1, Ordering::SeqCst);
-            let since = state.borrow().registry.last_error_since;
+            let since = state.borrow().registry.failing_since;
             first = first.or(since);
         }
         let during = state.borrow().registry.clone();
@@ -1143,10 +1150,13 @@ mod test {
         assert_eq!(attempts, 5, "renewals tried in the first 30 s");
         assert!(after.connected, "{after:?}");
         assert_eq!(after.resyncs, 1);
-        // The failure began once: failing again does not move its start, nor does recovery.
+        // The outage began once: failing again does not move its start, nor does recovery,
+        // which is recorded apart.
         assert!(first.is_some(), "{during:?}");
-        assert_eq!(during.last_error_since, first);
-        assert_eq!(after.last_error_since, first);
+        assert_eq!(during.failing_since, first);
+        assert_eq!(during.recovered_at, None);
+        assert_eq!(after.failing_since, first);
+        assert!(after.recovered_at > first, "{after:?}");
     }
 
     /// A renewal refused for good (the registry's permissions revoked) reports the registry

@@ -77,6 +77,7 @@ impl fmt::Debug for EtcdOptions {
             .field("lease_ttl", &self.lease_ttl)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
+            .field("plain_http_warning", &self.plain_http_warning)
             .finish()
     }
 }
