@@ -524,7 +524,7 @@ fn a_stop_while_waiting_for_the_config_exits_0() {
 #[cfg(feature = "etcd")]
 #[test]
 fn a_stop_while_waiting_for_etcd_with_authentication_exits_0() {
-    stop_while_waiting(
+    let log = stop_while_waiting(
         &[
             "--etcd-endpoints",
             "http://127.0.0.1:1",
@@ -535,14 +535,21 @@ fn a_stop_while_waiting_for_etcd_with_authentication_exits_0() {
         ],
         "waiting for the registry",
     );
+    // Root only: as another user the test is skipped and the log is empty.
+    if linen::lab::is_root() {
+        assert!(
+            log.contains("password and token cross the network in clear text"),
+            "{log}"
+        );
+    }
 }
 
 /// Starts `linen run` with `args` on an empty registry, waits for `waiting` in its log, then
-/// stops it: it must exit 0. Root only (without CAP_NET_ADMIN linen exits at once instead of
+/// stops it: it must exit 0; returns the log. Root only (without CAP_NET_ADMIN linen exits at once instead of
 /// waiting), in a throwaway network namespace.
-fn stop_while_waiting(args: &[&str], waiting: &str) {
+fn stop_while_waiting(args: &[&str], waiting: &str) -> String {
     if common::skip() {
-        return;
+        return String::new();
     }
     let dir = tempfile::tempdir().unwrap();
     let log = dir.path().join("log");
@@ -561,6 +568,7 @@ fn stop_while_waiting(args: &[&str], waiting: &str) {
     });
     assert!(seen.is_some(), "{}", read_log());
     stop_expecting_exit_0(&mut child, read_log);
+    read_log()
 }
 
 /// Sends SIGTERM to our own `child`, by its PID; it must exit 0 (`log` for the message).

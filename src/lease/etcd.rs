@@ -192,9 +192,13 @@ impl Shared {
                 written: kv.mod_revision(),
             }),
             Err(error) => {
+                // At most 200 characters of the value: one written to fill the log would
+                // otherwise be repeated whole at every list and watch event.
+                let shown: String = text.chars().take(200).collect();
+                let cut = if shown.len() < text.len() { "…" } else { "" };
                 tracing::warn!(
                     key = %String::from_utf8_lossy(kv.key()),
-                    value = %text,
+                    value = %format_args!("{shown}{cut}"),
                     %error,
                     "skipping a subnet key with a malformed value"
                 );

@@ -218,15 +218,24 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
             }
             options = options.with_tls(config);
         }
-        None if !opts.plain_http_warning => {}
+        None if !opts.plain_http_warning && opts.username.is_none() => {}
         None => {
-            // Once: `linen run` prepares again each second while etcd is out of reach.
+            // Once: `linen run` prepares again each second while etcd is out of reach. With a
+            // user, admin commands warn too: the password crosses the network readable.
             static SAID: Once = Once::new();
             SAID.call_once(|| {
-                tracing::warn!(
-                    endpoints = %endpoints.join(","),
-                    "no TLS files given: connecting to etcd with plain http"
-                )
+                if opts.username.is_some() {
+                    tracing::warn!(
+                        endpoints = %endpoints.join(","),
+                        "no TLS files given: connecting to etcd with plain http, so the etcd \
+                         password and token cross the network in clear text; use https://"
+                    )
+                } else {
+                    tracing::warn!(
+                        endpoints = %endpoints.join(","),
+                        "no TLS files given: connecting to etcd with plain http"
+                    )
+                }
             });
         }
     }
@@ -253,8 +262,10 @@ pub fn redacted(endpoint: &str) -> String {
         Some((scheme, rest)) => (format!("{scheme}://"), rest),
         None => (String::new(), endpoint),
     };
-    let authority_end = rest.find('/').unwrap_or(rest.len());
-    match rest[..authority_end].rfind('@') {
+    // Up to the last `@` anywhere: a password may hold a `/` (typed unescaped), which would
+    // otherwise look like the start of a path. A path with an `@` is cut too, which is
+    // harmless: endpoints with paths are refused anyway.
+    match rest.rfind('@') {
         Some(at) => format!("{scheme}…{}", &rest[at..]),
         None => endpoint.to_owned(),
     }
@@ -505,7 +516,8 @@ mod test {
     fn credentials_in_an_endpoint_stay_out_of_messages() {
         assert_eq!(redacted("http://root:pw@foo:2379"), "http://…@foo:2379");
         assert_eq!(redacted("root:pw@foo:2379/"), "…@foo:2379/");
-        assert_eq!(redacted("http://foo:2379/a@b"), "http://foo:2379/a@b");
+        assert_eq!(redacted("http://u:p/ss@h:2379"), "http://…@h:2379");
+        assert_eq!(redacted("http://foo:2379/a"), "http://foo:2379/a");
         let opts = EtcdOptions {
             endpoints: vec!["http://root:hunter2@foo:2379".into()],
             ..EtcdOptions::default()
