@@ -27,6 +27,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -300,17 +301,26 @@ impl Store {
             fs::create_dir_all(self.subnets())
                 .map_err(|e| self.io_err("cannot create", &self.subnets(), e))?;
         }
+        // Only the owner may open the lock file: flock needs no write access, so anyone who
+        // could open it could hold it for ever and stall every host's registry.
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !exclusive => return Ok(None),
             Err(e) => return Err(self.io_err("cannot open lock file", &path, e)),
         };
+        // One made by an older linen is tightened (we could open it for writing: ours).
+        if let Ok(meta) = file.metadata()
+            && meta.permissions().mode() & 0o077 != 0
+        {
+            let _ = file.set_permissions(fs::Permissions::from_mode(0o600));
+        }
         let locked = if exclusive {
             file.lock()
         } else {
@@ -756,5 +766,25 @@ mod test {
         ] {
             assert!(parse_value(bad).is_err(), "{bad:?}");
         }
+    }
+
+    /// The lock file is the owner's alone, and an older one open to others is tightened: any
+    /// user who can open it can flock it and stall every host's registry.
+    #[test]
+    fn the_lock_file_is_for_its_owner_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = DirectoryRegistry::new(dir.path());
+        let mode = || {
+            fs::metadata(dir.path().join(".lock"))
+                .unwrap()
+                .permissions()
+                .mode()
+                & 0o777
+        };
+        reg.store.lock(true).unwrap();
+        assert_eq!(mode(), 0o600);
+        fs::set_permissions(dir.path().join(".lock"), fs::Permissions::from_mode(0o644)).unwrap();
+        reg.store.lock(false).unwrap();
+        assert_eq!(mode(), 0o600);
     }
 }
