@@ -714,6 +714,8 @@ async fn malformed_entries_under_subnets_are_skipped() {
         ("198.19.8.0-24hi", host(1).to_json()),
         ("198.19.9.0-24", "not json".to_owned()),
         ("198.19.10.0-24", r#"{"PublicIPv6":null}"#.to_owned()),
+        // Nested deeper: not a key of its own, nor a stand-in for 198.19.14.0-24.
+        ("x/198.19.14.0-24", host(1).to_json()),
     ];
     for (k, v) in &junk {
         client
@@ -783,7 +785,7 @@ async fn malformed_entries_under_subnets_are_skipped() {
         )
         .await
         .unwrap();
-    assert_eq!(all.count(), 6);
+    assert_eq!(all.count(), 7);
 }
 
 struct Pki {

@@ -171,7 +171,14 @@ impl Shared {
     fn parse_key(&self, raw: &[u8]) -> Option<SubnetKey> {
         let path = String::from_utf8_lossy(raw);
         let name = path.strip_prefix(&self.subnets_prefix).unwrap_or(&path);
-        match SubnetKey::parse(name) {
+        // A key nested deeper (`subnets/x/198.19.2.0-24`) is nobody's lease: read by its last
+        // part it would stand in for the real key, or make a host give its subnet up.
+        let parsed = if name.contains('/') {
+            Err(crate::model::SubnetKeyError::Malformed(name.to_owned()))
+        } else {
+            SubnetKey::parse(name)
+        };
+        match parsed {
             Ok(key) => Some(key),
             Err(error) => {
                 tracing::warn!(key = %path, %error, "skipping a malformed key under subnets/ (neither linen nor flannel wrote it; `etcdctl del KEY` removes it)");
