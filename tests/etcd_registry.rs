@@ -437,6 +437,21 @@ async fn a_later_overlapping_lease_gives_way_at_renewal() {
     };
     reg.renew_lease(&kept, &host(3)).await.unwrap();
     assert_eq!(real_keys(&reg).await, BTreeSet::from([reserved]));
+
+    // A reservation of another length (by hand, or by a compromised host) covers a lease but
+    // holds none of its subnets: the lease keeps renewing.
+    let leased: SubnetKey = "198.19.71.0-24&fd00:19:0:4::-64".parse().unwrap();
+    let lease = reg.create_lease(&leased, &host(4)).await.unwrap();
+    let wide: SubnetKey = "128.0.0.0-1".parse().unwrap();
+    client
+        .put(reg.subnet_path(&wide), host(5).to_json(), None)
+        .await
+        .unwrap();
+    reg.renew_lease(&lease, &host(4)).await.unwrap();
+    assert_eq!(
+        real_keys(&reg).await,
+        BTreeSet::from([reserved, leased, wide])
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -282,6 +282,12 @@ async fn overlapping_leases_are_sorted_out_at_renewal() {
     assert!(matches!(err, RegistryError::NotFound(_)), "{err:?}");
     let keys: BTreeSet<_> = live(&reg).await.iter().map(|l| l.key).collect();
     assert_eq!(keys, BTreeSet::from([lower.key, reserved.key]));
+    // A reservation of another length (by hand, or by a compromised host) covers the lease
+    // but holds none of its subnets: the lease keeps renewing.
+    let wide = write("128.0.0.0-1", "198.18.1.5", false);
+    reg.renew_lease(&lower, &lower.attrs).await.unwrap();
+    let keys: BTreeSet<_> = live(&reg).await.iter().map(|l| l.key).collect();
+    assert_eq!(keys, BTreeSet::from([lower.key, reserved.key, wide.key]));
 }
 
 #[tokio::test]

@@ -559,6 +559,9 @@ fn a_key_outside_the_network_gets_no_route() {
     assert!(o.ping_ok(0, &a2, &[]));
     let (status, text) = o.stop(0);
     assert!(status.is_some_and(|s| s.success()), "{text}");
+    // Nor does the key push this host's lease out: it holds none of its subnets.
+    assert!(!text.contains("giving this one up"), "{text}");
+    assert!(!text.contains("re-acquiring"), "{text}");
 }
 
 /// A TCP flow with a small MSS gets TSO super-packets of more segments than a worker splits one

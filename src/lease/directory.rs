@@ -656,8 +656,16 @@ impl Store {
         // gives way to a reservation, and of two leases the greater key gives way.
         if current.expiration.is_some() {
             let overlapping = self.overlapping(&lease.key)?;
+            // Only a key holding one of this lease's very subnets: one of another length
+            // (`128.0.0.0-1`, by hand or by a compromised host) would otherwise push every
+            // lease it covers out at each renewal.
             let wins = overlapping.iter().find_map(|(other, e)| match e {
-                Entry::Live(l) if l.expiration.is_none() || *other < lease.key => Some(*other),
+                Entry::Live(l)
+                    if other.shares_subnet(&lease.key)
+                        && (l.expiration.is_none() || *other < lease.key) =>
+                {
+                    Some(*other)
+                }
                 _ => None,
             });
             if let Some(other) = wins {

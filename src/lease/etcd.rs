@@ -802,12 +802,15 @@ impl Registry for EtcdRegistry {
             // Creates give way to earlier overlapping keys, but a key whose check never ran
             // (an etcd outage, a crash, an older linen, a flanneld) is caught here: a lease
             // gives way to an overlapping reservation or earlier lease, as in a directory
-            // registry. A reservation is never given up.
+            // registry. A reservation is never given up. Only to a key holding one of its very
+            // subnets: one of another length (`128.0.0.0-1`, by hand or by a compromised host)
+            // would otherwise push every lease it covers out at each renewal.
             if kv.lease() != 0
                 && let Some(other) = s
                     .overlapping(&lease.key, None)
                     .await?
                     .iter()
+                    .filter(|o| o.key.shares_subnet(&lease.key))
                     .find(|o| o.lease == 0 || o.created < kv.create_revision())
                     .map(|o| o.key)
             {

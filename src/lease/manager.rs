@@ -479,7 +479,7 @@ impl LeaseManager {
             && let Some(own) = self.tracker.own()
             && let Some(other) = applied.peers.iter().find_map(|e| match e {
                 PeerEvent::Added(l) | PeerEvent::Updated { new: l, .. }
-                    if l.key.overlaps(&own.key) =>
+                    if l.key.shares_subnet(&own.key) =>
                 {
                     Some(l.key)
                 }

@@ -76,6 +76,14 @@ impl SubnetKey {
         v4 || v6
     }
 
+    /// Whether the two keys hold the very same subnet in either family: what two hosts of one
+    /// network can both hold, and what makes one of them give way at renewal. Unlike
+    /// [`overlaps`](Self::overlaps), a key of another length (`128.0.0.0-1`, written by hand
+    /// or by a compromised host, or a /24 left from an older config) does not.
+    pub fn shares_subnet(&self, other: &SubnetKey) -> bool {
+        (self.v4.is_some() && self.v4 == other.v4) || (self.v6.is_some() && self.v6 == other.v6)
+    }
+
     /// Parses a key, or a full registry path ending in one (`/coreos.com/network/subnets/…`):
     /// only the text after the last `/` is read. Stricter than flannel at the start: flannel's
     /// regex is anchored only at the end, so it also reads `x10.12.13.0-24` as 10.12.13.0/24,
@@ -210,6 +218,27 @@ mod test {
             assert_eq!(k(other).overlaps(&dual), expected, "{other} (reversed)");
         }
         assert!(dual.overlaps(&dual));
+    }
+
+    #[test]
+    fn sharing_a_subnet_means_the_very_same_one() {
+        let k = |t: &str| SubnetKey::parse(t).unwrap();
+        let dual = k("198.19.62.0-24&fd00:19:0:2::-64");
+        for (other, expected) in [
+            ("198.19.62.0-24&fd00:19:0:32::-64", true),
+            ("198.19.13.0-24&fd00:19:0:2::-64", true),
+            ("198.19.62.0-24", true),
+            ("198.19.62.128-25", false),
+            ("128.0.0.0-1", false),
+            ("198.19.63.0-24&fd00:19::-48", false),
+        ] {
+            assert_eq!(dual.shares_subnet(&k(other)), expected, "{other}");
+            assert_eq!(
+                k(other).shares_subnet(&dual),
+                expected,
+                "{other} (reversed)"
+            );
+        }
     }
 
     #[test]
