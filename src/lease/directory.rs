@@ -42,6 +42,10 @@ use crate::model::{LEASE_TTL, Lease, LeaseAttrs, NetworkConfig, NetworkConfigSpe
 /// plus one list.
 pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 
+/// How long an operation waits for the directory's lock before it reports the registry as
+/// unavailable. Every operation holds it for milliseconds.
+const LOCK_WAIT: Duration = Duration::from_secs(10);
+
 /// flannel's key layout as files under one directory. See the module docs for the format.
 #[derive(Clone, Debug)]
 pub struct DirectoryRegistry {
@@ -321,13 +325,37 @@ impl Store {
         {
             let _ = file.set_permissions(fs::Permissions::from_mode(0o600));
         }
-        let locked = if exclusive {
-            file.lock()
-        } else {
-            file.lock_shared()
-        };
-        locked.map_err(|e| self.io_err("cannot lock", &path, e))?;
-        Ok(Some(file))
+        // Waited for up to LOCK_WAIT, not for ever: a process that holds the lock and never
+        // lets go (hung on a dead NFS server, stopped, or holding it on purpose) then shows as
+        // the registry being unavailable, with backoff, instead of a renewal that never ends
+        // while the status says connected.
+        let deadline = std::time::Instant::now() + LOCK_WAIT;
+        loop {
+            let tried = if exclusive {
+                file.try_lock()
+            } else {
+                file.try_lock_shared()
+            };
+            match tried {
+                Ok(()) => return Ok(Some(file)),
+                Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(std::fs::TryLockError::WouldBlock) => {
+                    return Err(RegistryError::Unavailable {
+                        location: self.dir.display().to_string(),
+                        reason: format!(
+                            "another process has held the lock {} for over {} s",
+                            path.display(),
+                            LOCK_WAIT.as_secs()
+                        ),
+                    });
+                }
+                Err(std::fs::TryLockError::Error(e)) => {
+                    return Err(self.io_err("cannot lock", &path, e));
+                }
+            }
+        }
     }
 
     fn read_config(&self) -> Result<NetworkConfig, RegistryError> {
@@ -794,5 +822,31 @@ mod test {
         fs::set_permissions(dir.path().join(".lock"), fs::Permissions::from_mode(0o644)).unwrap();
         reg.store.lock(false).unwrap();
         assert_eq!(mode(), 0o600);
+    }
+
+    /// A lock another process holds for ever makes operations fail as unavailable after
+    /// LOCK_WAIT (so the manager backs off and the status says so), not wait for ever.
+    #[test]
+    fn a_lock_held_for_ever_is_unavailable_not_a_hang() {
+        let dir = tempfile::tempdir().unwrap();
+        let reg = DirectoryRegistry::new(dir.path());
+        reg.store.lock(true).unwrap();
+        // Another open file description: flock conflicts with it as with another process.
+        let holder = File::open(dir.path().join(".lock")).unwrap();
+        holder.lock().unwrap();
+        let started = std::time::Instant::now();
+        // In a thread, so that a lock that waits for ever fails the test instead of hanging it.
+        let store = Arc::clone(&reg.store);
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || tx.send(store.lock(false).map(drop)));
+        let outcome = rx
+            .recv_timeout(LOCK_WAIT * 3)
+            .expect("still waiting for the lock");
+        let err = outcome.unwrap_err();
+        assert!(err.is_transient(), "{err}");
+        assert!(err.to_string().contains("held the lock"), "{err}");
+        assert!(started.elapsed() >= LOCK_WAIT, "{:?}", started.elapsed());
+        holder.unlock().unwrap();
+        reg.store.lock(true).unwrap();
     }
 }
