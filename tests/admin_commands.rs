@@ -275,11 +275,10 @@ fn reservations_name_a_family_the_network_has() {
 #[test]
 fn reserving_for_a_host_with_a_lease_says_when_it_moves() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, out) = linen(
+    common::admin(
         dir.path(),
         &["network", "init", "--network", "198.19.0.0/16"],
     );
-    assert_eq!(code, Some(0), "{out}");
     write_live_lease(dir.path(), "198.19.33.0-24", "198.18.9.2");
     let reserve = |ip: &str| {
         linen(
@@ -306,11 +305,10 @@ fn reserving_for_a_host_with_a_lease_says_when_it_moves() {
 #[test]
 fn a_held_lease_is_kept_as_a_reservation() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, out) = linen(
+    common::admin(
         dir.path(),
         &["network", "init", "--network", "198.19.0.0/16"],
     );
-    assert_eq!(code, Some(0), "{out}");
     write_live_lease(dir.path(), "198.19.5.0-24", "198.18.0.9");
     let reserve = |ip: &str| {
         linen(
@@ -348,11 +346,10 @@ fn listing_a_registry_without_a_network_warns() {
         out.contains("no network uses this registry") && out.contains("network config not found"),
         "{out}"
     );
-    let (code, out) = linen(
+    common::admin(
         dir.path(),
         &["network", "init", "--network", "198.19.0.0/16"],
     );
-    assert_eq!(code, Some(0), "{out}");
     let (code, out) = linen(dir.path(), &["lease", "list"]);
     assert_eq!(code, Some(0), "{out}");
     assert!(!out.contains("WARN"), "{out}");

@@ -101,10 +101,39 @@ impl Overlay {
     fn stop(&mut self, i: usize) -> (Option<std::process::ExitStatus>, String) {
         let pid = self.pids[i].take().expect("running");
         let status = self.lab.stop(pid, Duration::from_secs(10));
-        (
-            status,
-            std::fs::read_to_string(self.log_path(i)).unwrap_or_default(),
-        )
+        (status, self.log(i))
+    }
+
+    /// Host i's daemon log so far.
+    fn log(&self, i: usize) -> String {
+        std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
+    }
+
+    /// Waits up to `secs` for `text` in host i's log; fails the test with the log otherwise.
+    fn await_log(&self, i: usize, text: &str, secs: u64) {
+        let seen = wait_for(Duration::from_secs(secs), || {
+            self.log(i).contains(text).then_some(())
+        });
+        assert!(
+            seen.is_some(),
+            "no {text:?} in host {}'s log:\n{}",
+            i + 1,
+            self.log(i)
+        );
+    }
+
+    /// A source address for pings from host i as a container would have one: the lease's
+    /// bridge address on a bridge `cbr0`. (An ICMP error to the TUN's own address would be
+    /// dropped by the kernel as a martian; flannel's functional test uses a dummy interface
+    /// carrying FLANNEL_SUBNET the same way.)
+    fn container_source(&self, i: usize) -> String {
+        let bridge = self.env(i).subnet.unwrap();
+        let h = self.lab.host(i);
+        h.ip(&["link", "add", "cbr0", "type", "bridge"]).unwrap();
+        h.ip(&["addr", "add", &bridge.to_string(), "dev", "cbr0"])
+            .unwrap();
+        h.ip(&["link", "set", "cbr0", "up"]).unwrap();
+        bridge.ip().to_string()
     }
 
     /// Host i's subnet.env once it exists.
@@ -113,13 +142,7 @@ impl Overlay {
         wait_for(Duration::from_secs(15), || {
             SubnetEnv::parse(&std::fs::read_to_string(&path).ok()?).ok()
         })
-        .unwrap_or_else(|| {
-            panic!(
-                "host {} wrote no subnet.env; log:\n{}",
-                i + 1,
-                std::fs::read_to_string(self.log_path(i)).unwrap_or_default()
-            )
-        })
+        .unwrap_or_else(|| panic!("host {} wrote no subnet.env; log:\n{}", i + 1, self.log(i)))
     }
 
     /// Host i's TUN addresses (the network addresses of its lease).
@@ -171,7 +194,7 @@ impl Drop for Overlay {
             if self.pids[i].is_some() {
                 self.stop(i);
             }
-            let log = std::fs::read_to_string(self.log_path(i)).unwrap_or_default();
+            let log = self.log(i);
             eprintln!("===== host {} =====\n{dump}----- log -----\n{log}", i + 1);
         }
     }
@@ -377,16 +400,8 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
     udp_transfer(&o, 0, &addrs[1].0, mtu - 28);
     udp_transfer(&o, 0, &addrs[1].1, mtu - 48);
 
-    // ICMP errors come from the TUN address; a packet whose source is that same local address
-    // would be dropped by the kernel as a martian, so ping from a bridge address, as a container
-    // would (flannel's functional test uses a dummy interface carrying FLANNEL_SUBNET the same way).
-    let bridge = o.env(0).subnet.unwrap();
-    let h0 = o.lab.host(0).clone();
-    h0.ip(&["link", "add", "cbr0", "type", "bridge"]).unwrap();
-    h0.ip(&["addr", "add", &bridge.to_string(), "dev", "cbr0"])
-        .unwrap();
-    h0.ip(&["link", "set", "cbr0", "up"]).unwrap();
-    let src = bridge.ip().to_string();
+    // ICMP errors come from the TUN address: ping from a container's address.
+    let src = o.container_source(0);
 
     // TTL 1: Time Exceeded from our own TUN address.
     let out = ping_output(&o, 0, &["-c1", "-W2", "-I", &src, "-t", "1", &addrs[1].0]);
@@ -491,17 +506,7 @@ fn a_key_naming_this_host_gets_no_route_here() {
     let me = o.lab.host(0).ip.to_string();
     let key = "198.19.240.0-24&fd00:19:0:f0::-64";
     common::admin(o.dir.path(), &["lease", "reserve", key, "--public-ip", &me]);
-    let log = o.log_path(0);
-    let warned = wait_for(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        text.contains("other keys name this host's public address")
-            .then_some(())
-    });
-    assert!(
-        warned.is_some(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
+    o.await_log(0, "it names this host's public address", 10);
     // Unreachable from here (no route), not sent to ourselves.
     let out = o
         .lab
@@ -536,24 +541,8 @@ fn a_key_outside_the_network_gets_no_route() {
         format!("{{\"PublicIP\":\"{h2}\"}}\n"),
     )
     .unwrap();
-    let log = o.log_path(0);
-    let warned = wait_for(Duration::from_secs(10), || {
-        let text = std::fs::read_to_string(&log).ok()?;
-        text.contains("not routing a peer's lease").then_some(())
-    });
-    assert!(
-        warned.is_some(),
-        "{}",
-        std::fs::read_to_string(&log).unwrap()
-    );
-    // From a bridge address, as a container would (see the mesh test).
-    let bridge = o.env(0).subnet.unwrap();
-    let h0 = o.lab.host(0).clone();
-    h0.ip(&["link", "add", "cbr0", "type", "bridge"]).unwrap();
-    h0.ip(&["addr", "add", &bridge.to_string(), "dev", "cbr0"])
-        .unwrap();
-    h0.ip(&["link", "set", "cbr0", "up"]).unwrap();
-    let src = bridge.ip().to_string();
+    o.await_log(0, "not routing a peer's lease", 10);
+    let src = o.container_source(0);
     let out = ping_output(&o, 0, &["-c1", "-W2", "-I", &src, "198.19.250.9"]);
     assert!(out.contains("Destination Net Unreachable"), "{out}");
     assert!(o.ping_ok(0, &a2, &[]));
@@ -1213,15 +1202,7 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     let tmp = o.dir.path().join("subnets").join(".taken.test");
     std::fs::write(&tmp, "{\"PublicIP\":\"198.18.0.99\",\"PublicIPv6\":null}\n").unwrap();
     std::fs::rename(&tmp, &path).unwrap();
-    let failed = wait_for(Duration::from_secs(10), || {
-        let log = std::fs::read_to_string(o.log_path(0)).ok()?;
-        log.contains("cannot rewrite subnet.env").then_some(())
-    });
-    assert!(
-        failed.is_some(),
-        "{}",
-        std::fs::read_to_string(o.log_path(0)).unwrap_or_default()
-    );
+    o.await_log(0, "cannot rewrite subnet.env", 10);
     // The device does not wait for subnet.env: its old address is gone already (the new one
     // is checked below, once subnet.env names it).
     let h0 = o.lab.host(0).clone();
@@ -1236,27 +1217,13 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     );
     // Retried every 5 s, logged once (each retry only at debug): wait for a retry before
     // unblocking.
-    let retried = wait_for(Duration::from_secs(15), || {
-        let log = std::fs::read_to_string(o.log_path(0)).ok()?;
-        log.contains("cannot rewrite subnet.env, again")
-            .then_some(())
-    });
-    assert!(
-        retried.is_some(),
-        "{}",
-        std::fs::read_to_string(o.log_path(0)).unwrap_or_default()
-    );
+    o.await_log(0, "cannot rewrite subnet.env, again", 15);
     std::fs::remove_dir_all(&env_path).unwrap();
     let moved = wait_for(Duration::from_secs(15), || {
         let env = SubnetEnv::parse(&std::fs::read_to_string(&env_path).ok()?).ok()?;
         env.previous_key().filter(|k| *k != old)
     });
-    let new = moved.unwrap_or_else(|| {
-        panic!(
-            "host 1 kept {old}: {}",
-            std::fs::read_to_string(o.log_path(0)).unwrap_or_default()
-        )
-    });
+    let new = moved.unwrap_or_else(|| panic!("host 1 kept {old}: {}", o.log(0)));
     let (new_v4, new_v6) = (
         new.ipv4().unwrap().network().to_string(),
         new.ipv6().unwrap().network().to_string(),
@@ -1273,7 +1240,7 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     assert!(route.contains(&format!("src {new_v4}")), "{route}");
     // Only subnet.env failed, and only it was retried; its error was logged once, and the
     // success after it.
-    let log = std::fs::read_to_string(o.log_path(0)).unwrap_or_default();
+    let log = o.log(0);
     assert!(!log.contains("cannot move the TUN device"), "{log}");
     assert_eq!(
         log.matches("cannot rewrite subnet.env; retrying").count(),
@@ -1290,7 +1257,7 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     });
     let rules = rules.unwrap_or_else(|| panic!("masquerade rules kept {old}"));
     assert!(!rules.contains(&format!("{old_v4}/24")), "{rules}");
-    let log = std::fs::read_to_string(o.log_path(0)).unwrap_or_default();
+    let log = o.log(0);
     assert!(
         log.contains("iptables rules rebuilt for the new lease"),
         "{log}"
@@ -1322,8 +1289,8 @@ fn a_port_held_by_another_program_is_a_clear_error() {
     wait_ready(&mut holder);
     o.start(0, &[]);
     let said = wait_for(Duration::from_secs(15), || {
-        let log = std::fs::read_to_string(o.log_path(0)).ok()?;
-        log.contains("UDP port 8285 is in use by another program")
+        o.log(0)
+            .contains("UDP port 8285 is in use by another program")
             .then_some(())
     });
     let _ = holder.kill();

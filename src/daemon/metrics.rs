@@ -319,6 +319,20 @@ mod test {
         );
     }
 
+    /// While the registry fails, the last error's age is 0 (the view counts the outage's
+    /// length then, which is not what the metric means).
+    #[test]
+    fn the_last_error_age_is_zero_while_failing() {
+        let mut s = sample();
+        s.registry.connected = false;
+        let text = render(s);
+        assert!(
+            text.lines()
+                .any(|l| l == "linen_registry_last_error_age_seconds 0"),
+            "{text}"
+        );
+    }
+
     #[test]
     fn no_expiry_gauge_for_a_reservation_or_without_lease() {
         let mut s = sample();

@@ -69,15 +69,27 @@ fn usable(ip: IpAddr) -> bool {
     crate::cli::unreachable_reason(ip).is_none()
 }
 
-/// Why a peer's lease gets no route here, if it does not. A subnet outside the network or of
-/// another length than its subnets (a hand-written or stale key, or one written by a
-/// compromised host) could cover addresses that other hosts or no host hold, `0.0.0.0/1`
-/// say, and the peer's datagrams would then pass the sender check with any of them as
-/// source. SubnetMin/SubnetMax are not checked: a reservation may lie outside them. A lease
-/// with no address a datagram could go to has no next hop. (A subnet of a family the network
-/// does not have is left alone: while hosts restart into a config without IPv6, their older
-/// dual-stack keys still carry IPv4 traffic.)
-pub fn unroutable(config: &NetworkConfig, lease: &Lease) -> Option<&'static str> {
+/// Why a peer's lease gets no route on the host advertising `ours`, if it does not.
+///
+/// - A key naming this host's own address (a reservation made for it, its lease from before it
+///   took one, a hand-written key): datagrams to it would only come back as spoofed.
+/// - A subnet outside the network or of another length than its subnets (a hand-written or
+///   stale key, or one written by a compromised host) could cover addresses that other hosts
+///   or no host hold, `0.0.0.0/1` say, and the peer's datagrams would then pass the sender
+///   check with any of them as source. SubnetMin/SubnetMax are not checked: a reservation may
+///   lie outside them. A subnet of a family the network does not have is left alone: while
+///   hosts restart into a config without IPv6, their older dual-stack keys still carry IPv4.
+/// - A lease with no address a datagram could go to has no next hop.
+pub fn unroutable(
+    config: &NetworkConfig,
+    ours: &LeaseAttrs,
+    lease: &Lease,
+) -> Option<&'static str> {
+    if lease.attrs.shares_address(ours) {
+        return Some(
+            "it names this host's public address (it takes effect if linen restarts here)",
+        );
+    }
     if let (Some(net), Some(sub)) = (config.network, lease.key.ipv4())
         && (sub.prefix() != config.subnet_len || !net.contains(sub.network()))
     {
@@ -400,8 +412,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut retry_at: Option<tokio::time::Instant> = None;
             // The last error of the device step and of the subnet.env step, logged once.
             let mut failing: [Option<String>; 2] = [None, None];
-            // Peer keys naming this host, and keys not routed, last warned about.
-            let mut self_named: Vec<SubnetKey> = Vec::new();
+            // Peer keys not routed, last warned about.
             let mut skipped: Vec<SubnetKey> = Vec::new();
             loop {
                 let mut current: LeaseState = state.borrow_and_update().clone();
@@ -460,27 +471,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
                 }
-                // Another key naming this host (a reservation made for it, its lease from
-                // before it took one, a hand-written key): no route, as datagrams to our own
-                // address would only come back as spoofed.
-                let (ours, peers): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut current.peers)
+                let (bad, peers): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut current.peers)
                     .into_iter()
-                    .partition(|l| l.attrs.shares_address(&attrs));
-                let ours: Vec<SubnetKey> = ours.iter().map(|l| l.key).collect();
-                if ours != self_named {
-                    if !ours.is_empty() {
-                        tracing::warn!(keys = ?ours.iter().map(ToString::to_string).collect::<Vec<_>>(), "other keys name this host's public address; not routing them (they take effect if linen restarts here; `linen lease release` removes them)");
-                    }
-                    self_named = ours;
-                }
-                // Keys this network would not lease, or with no usable address: no route.
-                let (bad, peers): (Vec<Lease>, Vec<Lease>) = peers
-                    .into_iter()
-                    .partition(|l| unroutable(&config, l).is_some());
+                    .partition(|l| unroutable(&config, &attrs, l).is_some());
                 let bad_keys: Vec<SubnetKey> = bad.iter().map(|l| l.key).collect();
                 if bad_keys != skipped {
                     for l in bad.iter().filter(|l| !skipped.contains(&l.key)) {
-                        tracing::warn!(key = %l.key, public = %l.attrs.addresses(), why = unroutable(&config, l).unwrap_or_default(), "not routing a peer's lease (`linen lease list` flags it; `linen lease release` removes it)");
+                        tracing::warn!(key = %l.key, public = %l.attrs.addresses(), why = unroutable(&config, &attrs, l).unwrap_or_default(), "not routing a peer's lease (`linen lease release` removes it)");
                     }
                     skipped = bad_keys;
                 }
@@ -780,7 +777,8 @@ mod test {
                 "IPv6Network":"fd00:19::/48"}"#,
         )
         .unwrap();
-        let ok = |key: &str, ip: &str| unroutable(&config, &lease(key, ip));
+        let me = LeaseAttrs::with_public_ip("198.18.0.1".parse().unwrap());
+        let ok = |key: &str, ip: &str| unroutable(&config, &me, &lease(key, ip));
         assert_eq!(ok("198.19.20.0-24&fd00:19:0:20::-64", "198.18.0.2"), None);
         // Below SubnetMin, as a reservation may be; and an IPv4-only key on a dual network.
         assert_eq!(ok("198.19.1.0-24", "198.18.0.2"), None);
@@ -793,6 +791,8 @@ mod test {
             ("198.19.20.0-24", "127.0.0.1"),
             ("198.19.20.0-24", "224.0.0.1"),
             ("198.19.20.0-24", "255.255.255.255"),
+            // This host's own address.
+            ("198.19.20.0-24", "198.18.0.1"),
         ] {
             assert!(ok(key, ip).is_some(), "{key} via {ip} routed");
         }
@@ -802,6 +802,7 @@ mod test {
         assert_eq!(
             unroutable(
                 &v4_only,
+                &me,
                 &lease("198.19.20.0-24&fd00:19:0:20::-64", "198.18.0.2")
             ),
             None

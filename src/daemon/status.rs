@@ -148,8 +148,8 @@ pub struct RegistryView {
     /// The last failure (kept after recovery).
     pub last_error: Option<String>,
     /// While failing, seconds since the outage began; once connected again, seconds since it
-    /// ended (`None`: no failure yet, or a starting daemon's reason).
-    #[serde(default)]
+    /// ended (`None`: no failure yet, or a starting daemon's reason; also when an older daemon
+    /// left the field out).
     pub last_error_secs_ago: Option<u64>,
     /// Recoveries after a failure.
     pub resyncs: u64,

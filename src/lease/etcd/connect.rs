@@ -223,19 +223,18 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
             // Once: `linen run` prepares again each second while etcd is out of reach. With a
             // user, admin commands warn too: the password crosses the network readable.
             static SAID: Once = Once::new();
-            SAID.call_once(|| {
-                if opts.username.is_some() {
-                    tracing::warn!(
-                        endpoints = %endpoints.join(","),
-                        "no TLS files given: connecting to etcd with plain http, so the etcd \
-                         password and token cross the network in clear text; use https://"
-                    )
-                } else {
-                    tracing::warn!(
-                        endpoints = %endpoints.join(","),
-                        "no TLS files given: connecting to etcd with plain http"
-                    )
+            let secrets = match opts.username {
+                Some(_) => {
+                    ", so the etcd password and token cross the network in clear text; \
+                            use https://"
                 }
+                None => "",
+            };
+            SAID.call_once(|| {
+                tracing::warn!(
+                    endpoints = %endpoints.join(","),
+                    "no TLS files given: connecting to etcd with plain http{secrets}"
+                )
             });
         }
     }
