@@ -511,40 +511,46 @@ fn ping(host: &Host, target: &str) -> Result<(f64, f64)> {
 fn print_table(all: &[Results]) {
     let get = |name: &str| all.iter().find(|r| r.path == name);
     let (veth, vxlan, linen) = (get("veth"), get("vxlan"), get("linen"));
-    type Metric = (&'static str, fn(&Results) -> f64);
+    /// A row: its label, the decimals it is printed with, whether the paths without a daemon
+    /// have it at all (peak RSS is the daemon's), and how it is read from a path's results.
+    type Metric = (&'static str, usize, bool, fn(&Results) -> f64);
     let metrics: [Metric; 10] = [
-        ("TCP 1 stream (Gbit/s)", |r| r.tcp1_gbps),
-        ("TCP 1 stream retransmits", |r| r.tcp1_retransmits),
-        ("TCP 4 streams (Gbit/s)", |r| r.tcp4_gbps),
-        ("TCP 4 streams retransmits", |r| r.tcp4_retransmits),
-        ("UDP 64 B, <5 % loss (kpps received)", |r| {
+        ("TCP 1 stream (Gbit/s)", 2, true, |r| r.tcp1_gbps),
+        ("TCP 1 stream retransmits", 0, true, |r| r.tcp1_retransmits),
+        ("TCP 4 streams (Gbit/s)", 2, true, |r| r.tcp4_gbps),
+        ("TCP 4 streams retransmits", 0, true, |r| r.tcp4_retransmits),
+        ("UDP 64 B, <5 % loss (kpps received)", 2, true, |r| {
             r.udp64_pps / 1000.0
         }),
-        ("UDP 64 B loss at that rate (%)", |r| r.udp64_loss_pct),
-        ("ping avg (µs)", |r| r.ping_avg_us),
-        ("ping p99 (µs)", |r| r.ping_p99_us),
-        ("CPU-s per GB (TCP 1)", |r| r.cpu_s_per_gb),
-        ("peak RSS of one daemon (MiB)", |r| r.peak_rss_mib),
+        ("UDP 64 B loss at that rate (%)", 2, true, |r| {
+            r.udp64_loss_pct
+        }),
+        ("ping avg (µs)", 2, true, |r| r.ping_avg_us),
+        ("ping p99 (µs)", 0, true, |r| r.ping_p99_us),
+        ("CPU-s per GB (TCP 1)", 2, true, |r| r.cpu_s_per_gb),
+        ("peak RSS of one daemon (MiB)", 2, false, |r| r.peak_rss_mib),
     ];
     println!(
         "| metric | veth | vxlan | linen | linen/veth | linen/vxlan |\n|---|---:|---:|---:|---:|---:|"
     );
-    let cell = |r: Option<&Results>, f: fn(&Results) -> f64| {
-        r.map(|r| format!("{:.2}", f(r)))
-            .unwrap_or_else(|| "-".into())
-    };
-    let ratio = |a: Option<&Results>, b: Option<&Results>, f: fn(&Results) -> f64| match (a, b) {
-        (Some(a), Some(b)) if f(b) != 0.0 => format!("{:.2}", f(a) / f(b)),
-        _ => "-".into(),
-    };
-    for (label, f) in metrics {
+    for (label, decimals, baselines_have_it, f) in metrics {
+        let shown = |r: &&Results| baselines_have_it || r.path == "linen";
+        let (veth, vxlan, linen) = (veth.filter(shown), vxlan.filter(shown), linen.filter(shown));
+        let cell = |r: Option<&Results>| {
+            r.map(|r| format!("{:.*}", decimals, f(r)))
+                .unwrap_or_default()
+        };
+        let ratio = |a: Option<&Results>, b: Option<&Results>| match (a, b) {
+            (Some(a), Some(b)) if f(b) != 0.0 => format!("{:.2}", f(a) / f(b)),
+            _ => String::new(),
+        };
         println!(
             "| {label} | {} | {} | {} | {} | {} |",
-            cell(veth, f),
-            cell(vxlan, f),
-            cell(linen, f),
-            ratio(linen, veth, f),
-            ratio(linen, vxlan, f)
+            cell(veth),
+            cell(vxlan),
+            cell(linen),
+            ratio(linen, veth),
+            ratio(linen, vxlan)
         );
     }
 }
