@@ -23,6 +23,7 @@ pub mod cli;
 pub mod daemon;
 pub mod dataplane;
 pub mod demo;
+pub mod files;
 pub mod lab;
 pub mod lease;
 pub mod model;

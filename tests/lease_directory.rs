@@ -9,6 +9,7 @@ use common::manager::{Running, host, key};
 use std::collections::BTreeSet;
 use std::fs;
 use std::path::Path;
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
@@ -426,8 +427,30 @@ async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
     )
     .unwrap();
     fs::create_dir(subnets.join("198.19.8.0-24")).unwrap();
+    // A link to a well-formed lease elsewhere (it was followed, so any file on the host could
+    // be read as a lease) and a FIFO (reading it waited for a writer, with the lock held).
+    let elsewhere = dir.path().join("elsewhere");
+    fs::write(&elsewhere, r#"{"PublicIP":"198.18.1.9"}"#).unwrap();
+    std::os::unix::fs::symlink(&elsewhere, subnets.join("198.19.9.0-24")).unwrap();
+    let fifo = subnets.join("198.19.10.0-24");
+    assert!(
+        Command::new("mkfifo")
+            .arg(&fifo)
+            .status()
+            .unwrap()
+            .success()
+    );
     let reg = registry(dir.path(), 3600);
-    let list = reg.list_leases().await.unwrap();
+    let Ok(list) = tokio::time::timeout(Duration::from_secs(30), reg.list_leases()).await else {
+        // Opening the FIFO for writing frees the blocked reader, so the runtime can end.
+        use std::os::unix::fs::OpenOptionsExt;
+        let _ = fs::OpenOptions::new()
+            .write(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&fifo);
+        panic!("listing hung on the FIFO");
+    };
+    let list = list.unwrap();
     assert_eq!(
         list.leases.iter().map(|l| l.key).collect::<Vec<_>>(),
         vec![key("198.19.6.0-24")]
@@ -447,7 +470,7 @@ async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
     // Not .4: a file whose name is no key ("198.19.4.0-24hi") holds no subnet, so .4 is free
     // (this asserted it was not, and failed whenever the random pick was .4, 1 run in 100).
     assert!(
-        ![3, 5, 6, 7, 8].contains(&own.ipv4().unwrap().network().octets()[2]),
+        ![3, 5, 6, 7, 8, 9, 10].contains(&own.ipv4().unwrap().network().octets()[2]),
         "{own}"
     );
     a.stop().await;

@@ -679,35 +679,14 @@ pub async fn write_atomic_off_thread(path: &Path, contents: String) -> Result<()
     tokio::task::spawn_blocking(move || write_atomic(&path, &contents)).await?
 }
 
-/// Writes `contents` to `path` atomically: a temporary file in the same directory, fsync, then
-/// rename (flannel writes `.subnet.env` and renames it). Creates the directory if needed.
+/// Writes `contents` to `path` atomically ([`crate::files::write_atomic`]; flannel too writes
+/// `.subnet.env` and renames it). Creates the directory if needed.
 pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
-    use std::io::Write;
-    let dir = path
-        .parent()
-        .filter(|p| !p.as_os_str().is_empty())
-        .unwrap_or(Path::new("."));
-    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    let name = path
-        .file_name()
-        .ok_or_else(|| anyhow!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
-    let written = std::fs::File::create(&tmp).and_then(|mut f| {
-        f.write_all(contents.as_bytes())?;
-        f.sync_all()
-    });
-    // The temporary file is not left behind when anything fails (a full disk; `path` a
-    // directory, which rename refuses).
-    let result = written
-        .with_context(|| format!("writing {}", tmp.display()))
-        .and_then(|()| {
-            std::fs::rename(&tmp, path)
-                .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
-        });
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
+    if let Some(dir) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     }
-    result
+    crate::files::write_atomic(path, contents.as_bytes())
+        .with_context(|| format!("writing {}", path.display()))
 }
 
 /// The running kernel's version (major, minor), from `/proc/sys/kernel/osrelease`.
@@ -773,27 +752,6 @@ mod test {
             assert_eq!(route_source(&link, Some(src)), Some(src));
         }
         assert_eq!(route_source(&link, None), None);
-    }
-
-    #[test]
-    fn write_atomic_replaces_the_file_and_leaves_no_temporary_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let file = dir.path().join("subnet.env");
-        write_atomic(&file, "A=1\n").unwrap();
-        write_atomic(&file, "A=2\n").unwrap();
-        assert_eq!(std::fs::read_to_string(&file).unwrap(), "A=2\n");
-        // A directory where the file should be: the rename fails, and its temporary file
-        // does not stay.
-        let taken = dir.path().join("taken");
-        std::fs::create_dir(&taken).unwrap();
-        let err = write_atomic(&taken, "A=3\n").unwrap_err();
-        assert!(format!("{err:#}").contains("renaming"), "{err:#}");
-        let mut names: Vec<String> = std::fs::read_dir(dir.path())
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect();
-        names.sort();
-        assert_eq!(names, ["subnet.env", "taken"]);
     }
 
     #[test]

@@ -244,7 +244,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.tun
         );
     }
-    let previous = std::fs::read_to_string(&args.subnet_file)
+    let previous = crate::files::read_regular(&args.subnet_file, true)
         .ok()
         .and_then(|text| SubnetEnv::previous_key_in(&text));
 

@@ -11,10 +11,11 @@
 //! - `<dir>/.lock`: the lock file. Writers hold an exclusive `flock`, readers a shared one, so
 //!   daemons in separate processes (or with separate handles) never interleave.
 //!
-//! Every write goes to a dot-file in the target's directory, is fsynced, then renamed over the
-//! target (the directory is fsynced too). Expired leases are invisible to readers; a create may
-//! take an expired key over. Malformed names or values are skipped with one warning per
-//! (file, content).
+//! Every write goes to a dot-file with an unpredictable name in the target's directory, is
+//! fsynced, then renamed over the target (the directory is fsynced too). Expired leases are
+//! invisible to readers; a create may take an expired key over. Malformed names or values are
+//! skipped with one warning per (file, content), and so is anything under `subnets/` that is not
+//! a regular file: a symbolic link is not followed, and a FIFO does not stall the reader.
 //!
 //! Change notification is polling (every 200 ms by default): a watch compares the revision, a
 //! fingerprint of `subnets/` (names, sizes, mtimes: hand-made edits do not raise the revision)
@@ -26,10 +27,9 @@
 use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
-use std::io::{self, Write};
+use std::io;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -360,7 +360,8 @@ impl Store {
 
     fn read_config(&self) -> Result<NetworkConfig, RegistryError> {
         let path = self.dir.join("config");
-        let text = match fs::read_to_string(&path) {
+        // Links are followed: a config mounted from elsewhere (a Kubernetes ConfigMap) is one.
+        let text = match crate::files::read_regular(&path, true) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return Err(RegistryError::ConfigNotFound {
@@ -404,7 +405,7 @@ impl Store {
 
     fn revision(&self) -> Result<Revision, RegistryError> {
         let path = self.dir.join("revision");
-        match fs::read_to_string(&path) {
+        match crate::files::read_regular(&path, false) {
             Ok(t) => Ok(t.trim().parse().unwrap_or_else(|_| {
                 tracing::warn!(path = %path.display(), content = %t.trim(), "registry revision file is not a number; counting from 0");
                 0
@@ -421,35 +422,9 @@ impl Store {
         Ok(next)
     }
 
-    /// Writes `content` to a dot-file next to `path`, fsyncs it, renames it over `path` and
-    /// fsyncs the directory.
+    /// [`crate::files::write_atomic`], its errors the registry's.
     fn write_atomic(&self, path: &Path, content: &[u8]) -> Result<(), RegistryError> {
-        static COUNTER: AtomicU64 = AtomicU64::new(0);
-        let dir = path.parent().unwrap_or(Path::new("."));
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy())
-            .unwrap_or_default();
-        let tmp = dir.join(format!(
-            ".{name}.tmp.{}.{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        ));
-        let result = (|| {
-            let mut file = File::create(&tmp)?;
-            file.write_all(content)?;
-            file.sync_all()?;
-            fs::rename(&tmp, path)?;
-            // Directory fsync makes the rename durable; not every filesystem supports it.
-            if let Ok(d) = File::open(dir) {
-                let _ = d.sync_all();
-            }
-            Ok(())
-        })();
-        result.map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            self.io_err("cannot write", path, e)
-        })
+        crate::files::write_atomic(path, content).map_err(|e| self.io_err("cannot write", path, e))
     }
 
     /// Reads one `subnets/` file. `Ok(None)` when it does not exist.
@@ -470,17 +445,24 @@ impl Store {
                 return Ok(Some(Entry::Malformed));
             }
         };
-        let text = match fs::read_to_string(&path) {
+        // linen writes lease files itself, by rename: a link here is not one of them, and is
+        // not followed (it could name any file on the host).
+        let text = match crate::files::read_regular(&path, false) {
             Ok(t) => t,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 self.warn_once(name, "<not UTF-8>", "the file is not UTF-8 text");
                 return Ok(Some(Entry::Malformed));
             }
-            // Skipped like a corrupt file (and, like one, it still blocks its key); other
-            // errors (permissions, I/O) concern the whole directory and are reported.
-            Err(e) if e.kind() == io::ErrorKind::IsADirectory => {
-                self.warn_once(name, "<directory>", "a directory, not a lease file");
+            // A directory, link, FIFO…: skipped like a corrupt file (and, like one, it still
+            // blocks its key); other errors (permissions, I/O) concern the whole directory and
+            // are reported.
+            Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+                self.warn_once(
+                    name,
+                    "<not a regular file>",
+                    &format!("{e}; not a lease file"),
+                );
                 return Ok(Some(Entry::Malformed));
             }
             Err(e) => return Err(self.io_err("cannot read", &path, e)),

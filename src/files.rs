@@ -1,0 +1,174 @@
+//! Small files the control plane owns (subnet.env, the directory registry's config, revision
+//! and lease files): written whole or not at all, and read only when they are regular files.
+//!
+//! Writing goes through a temporary file with an unpredictable name, created exclusively, so a
+//! file or symbolic link planted under the name it would have had cannot redirect the write.
+//! Reading opens without blocking and checks the file type first, so a FIFO left where a file
+//! was expected is reported instead of hanging the reader (which may hold the registry lock).
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Read, Write};
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::Path;
+
+/// Writes `contents` to `path` atomically: an exclusive temporary file next to it, fsync,
+/// rename over `path`, then fsync the directory (where the filesystem supports it). The
+/// temporary file is removed when anything fails.
+pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
+    let dir = path
+        .parent()
+        .filter(|p| !p.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path.file_name().ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{} is not a file path", path.display()),
+        )
+    })?;
+    let tmp = dir.join(format!(
+        ".{}.{:016x}.tmp",
+        name.to_string_lossy(),
+        rand::random::<u64>()
+    ));
+    // create_new is O_CREAT|O_EXCL: it follows no symbolic link and opens no existing file.
+    let mut file = OpenOptions::new().write(true).create_new(true).open(&tmp)?;
+    let result = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&tmp, path));
+    if result.is_err() {
+        let _ = fs::remove_file(&tmp);
+        return result;
+    }
+    // Makes the rename durable; not every filesystem can fsync a directory.
+    if let Ok(d) = File::open(dir) {
+        let _ = d.sync_all();
+    }
+    Ok(())
+}
+
+/// Reads a regular file as UTF-8 text. Anything else (a FIFO, socket, device or directory; with
+/// `follow_links` false also a symbolic link) is an [`io::ErrorKind::InvalidInput`] error that
+/// says what it is, returned without waiting for a writer. Not-found and permission errors come
+/// as they are.
+pub fn read_regular(path: &Path, follow_links: bool) -> io::Result<String> {
+    let mut flags = libc::O_NONBLOCK;
+    if !follow_links {
+        flags |= libc::O_NOFOLLOW;
+    }
+    let mut file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
+        Ok(f) => f,
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !follow_links => {
+            return Err(not_regular("a symbolic link"));
+        }
+        Err(e) => return Err(e),
+    };
+    let kind = file.metadata()?.file_type();
+    if !kind.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        return Err(not_regular(if kind.is_dir() {
+            "a directory"
+        } else if kind.is_fifo() {
+            "a FIFO"
+        } else if kind.is_socket() {
+            "a socket"
+        } else {
+            "a device"
+        }));
+    }
+    let mut text = String::new();
+    file.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+fn not_regular(what: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{what}, not a regular file"),
+    )
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    fn entries(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn writes_replace_the_file_and_leave_no_temporary_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("subnet.env");
+        write_atomic(&file, b"A=1\n").unwrap();
+        write_atomic(&file, b"A=2\n").unwrap();
+        assert_eq!(fs::read_to_string(&file).unwrap(), "A=2\n");
+        // A directory in the way: rename refuses, and the temporary file goes.
+        let taken = dir.path().join("taken");
+        fs::create_dir(&taken).unwrap();
+        write_atomic(&taken, b"A=3\n").unwrap_err();
+        assert_eq!(entries(dir.path()), ["subnet.env", "taken"]);
+    }
+
+    #[test]
+    fn a_link_planted_at_the_old_temporary_name_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let victim = dir.path().join("victim");
+        fs::write(&victim, "untouched").unwrap();
+        // The name a fixed-name scheme would use, and one per process id.
+        for planted in [
+            ".subnet.env.tmp",
+            &format!(".subnet.env.tmp.{}.0", std::process::id()),
+        ] {
+            std::os::unix::fs::symlink(&victim, dir.path().join(planted)).unwrap();
+        }
+        write_atomic(&dir.path().join("subnet.env"), b"A=1\n").unwrap();
+        assert_eq!(fs::read_to_string(&victim).unwrap(), "untouched");
+        assert_eq!(
+            fs::read_to_string(dir.path().join("subnet.env")).unwrap(),
+            "A=1\n"
+        );
+    }
+
+    #[test]
+    fn only_regular_files_are_read() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("file");
+        fs::write(&file, "text").unwrap();
+        assert_eq!(read_regular(&file, false).unwrap(), "text");
+
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&file, &link).unwrap();
+        assert_eq!(read_regular(&link, true).unwrap(), "text");
+        let e = read_regular(&link, false).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+
+        // A FIFO with no writer: a plain read would wait for one for ever.
+        let fifo = dir.path().join("fifo");
+        assert!(
+            std::process::Command::new("mkfifo")
+                .arg(&fifo)
+                .status()
+                .unwrap()
+                .success()
+        );
+        let e = read_regular(&fifo, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("FIFO"), "{e}");
+
+        let e = read_regular(dir.path(), true).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+        assert_eq!(
+            read_regular(&dir.path().join("missing"), true)
+                .unwrap_err()
+                .kind(),
+            io::ErrorKind::NotFound
+        );
+    }
+}
