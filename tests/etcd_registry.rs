@@ -1056,6 +1056,41 @@ async fn user_and_password_authentication() {
     let anonymous = EtcdRegistry::connect(&with(None, None)).await.unwrap();
     let err = anonymous.get_network_config().await.unwrap_err();
     assert!(matches!(err, RegistryError::Refused { .. }), "{err}");
+
+    // The password from a file, as an admin command (and the daemon) read it: the line end
+    // an editor adds is not part of it.
+    reg.create_lease(&subnet(15), &host(15)).await.unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let list = |file: &str, extra: &[&str]| {
+        let out = std::process::Command::new(common::LINEN)
+            .args(["lease", "list", "--etcd-endpoints", &server.endpoint()])
+            .args(["--etcd-username", "root", "--etcd-password-file"])
+            .arg(dir.path().join(file))
+            .args(extra)
+            .env_remove("LINEN_ETCD_PASSWORD")
+            .output()
+            .unwrap();
+        let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        (out.status.code(), stdout, stderr)
+    };
+    std::fs::write(dir.path().join("right"), "s3cret\n").unwrap();
+    std::fs::write(dir.path().join("wrong"), "s3cret2\n").unwrap();
+    let (code, stdout, stderr) = list("right", &[]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(stdout.contains("198.19.15.0-24"), "{stdout}");
+    let (code, _, stderr) = list("wrong", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(stderr.contains("--etcd-password"), "{stderr}");
+    let (code, _, stderr) = list("missing", &[]);
+    assert_eq!(code, Some(1), "{stderr}");
+    assert!(
+        stderr.contains("cannot read the etcd password file") && stderr.contains("missing"),
+        "{stderr}"
+    );
+    let (code, _, stderr) = list("right", &["--etcd-password", "s3cret"]);
+    assert_eq!(code, Some(2), "{stderr}");
+    assert!(stderr.contains("cannot be used with"), "{stderr}");
 }
 
 /// A watch that catches up from an old revision gets the history in one response: five

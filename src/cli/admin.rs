@@ -355,7 +355,9 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                         .unwrap_or_else(|| "-".into()),
                 );
             }
-            println!("{} leases at revision {}", list.leases.len(), list.revision);
+            let n = list.leases.len();
+            let plural = if n == 1 { "" } else { "s" };
+            println!("{n} lease{plural} at revision {}", list.revision);
             Ok(())
         }
         LeaseCommand::Reserve {

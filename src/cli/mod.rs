@@ -114,9 +114,18 @@ pub struct RegistryArgs {
     /// etcd user name.
     #[arg(long, env = "LINEN_ETCD_USERNAME")]
     pub etcd_username: Option<String>,
-    /// etcd password.
+    /// etcd password. A flag shows in `ps`: prefer --etcd-password-file, or this variable
+    /// in an environment file only root can read.
     #[arg(long, env = "LINEN_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
+    /// File holding the etcd password (its content but one final line end; only root should
+    /// be able to read it). Instead of --etcd-password.
+    #[arg(
+        long,
+        env = "LINEN_ETCD_PASSWORD_FILE",
+        conflicts_with = "etcd_password"
+    )]
+    pub etcd_password_file: Option<PathBuf>,
 }
 
 /// `linen run`.

@@ -98,6 +98,7 @@ async fn open_etcd(
         keyfile: args.etcd_keyfile.clone(),
         username: args.etcd_username.clone(),
         password: args.etcd_password.clone(),
+        password_file: args.etcd_password_file.clone(),
         lease_ttl,
         plain_http_warning: for_run,
         ..EtcdOptions::default()

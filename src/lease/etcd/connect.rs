@@ -34,6 +34,9 @@ pub struct EtcdOptions {
     pub username: Option<String>,
     /// That user's password.
     pub password: Option<String>,
+    /// A file holding that user's password (instead of `password`): a flag shows in `ps`, and
+    /// an environment variable in `/proc/PID/environ` to root and to the same user.
+    pub password_file: Option<PathBuf>,
     /// TTL of the etcd lease attached to each subnet key (flannel: 24 h; whole seconds).
     pub lease_ttl: Duration,
     /// How long to wait for a TCP (and TLS) connection to an endpoint.
@@ -55,6 +58,7 @@ impl Default for EtcdOptions {
             keyfile: None,
             username: None,
             password: None,
+            password_file: None,
             lease_ttl: LEASE_TTL,
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
@@ -74,6 +78,7 @@ impl fmt::Debug for EtcdOptions {
             .field("keyfile", &self.keyfile)
             .field("username", &self.username)
             .field("password", &self.password.as_ref().map(|_| "<redacted>"))
+            .field("password_file", &self.password_file)
             .field("lease_ttl", &self.lease_ttl)
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
@@ -238,16 +243,27 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
             });
         }
     }
-    match (&opts.username, &opts.password) {
+    let password = match (&opts.password, &opts.password_file) {
+        (Some(_), Some(_)) => {
+            return Err(EtcdSetupError::Options(
+                "both --etcd-password and --etcd-password-file are given; pass one".into(),
+            ));
+        }
+        (_, Some(path)) => Some(read_password(path)?),
+        (password, None) => password.clone(),
+    };
+    match (&opts.username, password) {
         (Some(user), password) => {
             options = options
-                .with_user(user.clone(), password.clone().unwrap_or_default())
+                .with_user(user.clone(), password.unwrap_or_default())
                 // etcd's simple tokens expire after 5 idle minutes; a daemon idles for hours.
                 .with_auto_token_refresh(true);
         }
         (None, Some(_)) => {
             return Err(EtcdSetupError::Options(
-                "--etcd-password is given without --etcd-username".into(),
+                "an etcd password is given (--etcd-password or --etcd-password-file) without \
+                 --etcd-username"
+                    .into(),
             ));
         }
         (None, None) => {}
@@ -334,6 +350,29 @@ fn check_endpoint(e: &str) -> Result<(), String> {
             _ => Err(format!("has {p:?} for a port, which is not 1 to 65535")),
         },
     }
+}
+
+/// The password in `path`: its whole content but one final line end (`echo secret > file` and
+/// editors add one), so a password may hold spaces.
+fn read_password(path: &Path) -> Result<String, EtcdSetupError> {
+    let read_error = |source| EtcdSetupError::ReadFile {
+        what: "password file",
+        path: path.to_owned(),
+        flag: "--etcd-password-file",
+        source,
+    };
+    let text = crate::files::read_regular(path, true).map_err(read_error)?;
+    let password = text
+        .strip_suffix('\n')
+        .map(|t| t.strip_suffix('\r').unwrap_or(t))
+        .unwrap_or(&text);
+    if password.is_empty() {
+        return Err(EtcdSetupError::Options(format!(
+            "the password file {} is empty; write the etcd password into it",
+            path.display()
+        )));
+    }
+    Ok(password.to_owned())
 }
 
 fn read_pem(
@@ -544,6 +583,49 @@ mod test {
             Err(e) => panic!("{e}"),
             Ok(_) => panic!("accepted"),
         }
+    }
+
+    #[test]
+    fn a_password_file_loses_one_line_end_and_must_hold_something() {
+        let dir = tempfile::tempdir().unwrap();
+        let read = |content: &str| {
+            let path = dir.path().join("password");
+            std::fs::write(&path, content).unwrap();
+            read_password(&path)
+        };
+        assert_eq!(read("s3cret\n").unwrap(), "s3cret");
+        assert_eq!(read("s3cret\r\n").unwrap(), "s3cret");
+        assert_eq!(read("pass word").unwrap(), "pass word");
+        assert_eq!(read("s3cret\n\n").unwrap(), "s3cret\n");
+        for empty in ["", "\n"] {
+            match read(empty) {
+                Err(EtcdSetupError::Options(m)) => assert!(m.contains("is empty"), "{m}"),
+                other => panic!("{empty:?}: {:?}", other.map(|_| ())),
+            }
+        }
+        let missing = dir.path().join("missing");
+        match read_password(&missing) {
+            Err(e @ EtcdSetupError::ReadFile { .. }) => {
+                assert!(e.to_string().contains("--etcd-password-file"), "{e}")
+            }
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        // With both, or without a user, the options say so.
+        std::fs::write(dir.path().join("password"), "s3cret").unwrap();
+        let both = EtcdOptions {
+            username: Some("root".into()),
+            password: Some("s3cret".into()),
+            password_file: Some(dir.path().join("password")),
+            ..EtcdOptions::default()
+        };
+        assert!(matches!(prepare(&both), Err(EtcdSetupError::Options(m)) if m.contains("both")));
+        let no_user = EtcdOptions {
+            password_file: Some(dir.path().join("password")),
+            ..EtcdOptions::default()
+        };
+        assert!(
+            matches!(prepare(&no_user), Err(EtcdSetupError::Options(m)) if m.contains("without --etcd-username"))
+        );
     }
 
     #[test]
