@@ -781,6 +781,8 @@ mod test {
         renew_delay: Duration,
         /// Renewals tried, whatever their outcome.
         renew_attempts: AtomicUsize,
+        /// Told when a renewal begins (before its `renew_delay`).
+        renewal_begins: tokio::sync::Notify,
     }
 
     #[derive(Default)]
@@ -940,6 +942,7 @@ mod test {
             unimplemented!()
         }
         async fn renew_lease(&self, l: &Lease, attrs: &LeaseAttrs) -> Result<Lease, RegistryError> {
+            self.renewal_begins.notify_one();
             tokio::time::sleep(self.renew_delay).await;
             self.renew_attempts.fetch_add(1, Ordering::SeqCst);
             self.shared.writable()?;
@@ -1249,7 +1252,7 @@ mod test {
     async fn stops_while_the_watch_keeps_the_channel_full() {
         // A watch that never pauses, so the watcher fills the manager's channel while a
         // renewal takes 50 ms.
-        let reg: Arc<dyn Registry> = Arc::new(Outage {
+        let reg = Arc::new(Outage {
             shared: Arc::new(OutageShared {
                 firehose: true,
                 ..OutageShared::default()
@@ -1264,11 +1267,13 @@ mod test {
             // The 60 s lease is renewed after 10 ms, and the stop comes during that renewal,
             // while the watcher fills the channel.
             opts.renew_margin = Duration::from_millis(59_990);
-            let mut m = LeaseManager::new(Arc::clone(&reg), config.clone(), opts);
+            let mut m = LeaseManager::new(reg.clone(), config.clone(), opts);
             m.acquire().await.unwrap();
             let cancel = CancellationToken::new();
             let task = tokio::spawn(m.run(cancel.clone()));
-            tokio::time::sleep(Duration::from_millis(30)).await;
+            tokio::time::timeout(Duration::from_secs(30), reg.renewal_begins.notified())
+                .await
+                .expect("no renewal began");
             cancel.cancel();
             tokio::time::timeout(Duration::from_secs(5), task)
                 .await
