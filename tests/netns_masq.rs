@@ -4,6 +4,12 @@
 //! between overlay addresses keeps its source. The rules come back when deleted and are gone
 //! after SIGTERM. Host 2 also reports to a systemd-style `NOTIFY_SOCKET` (READY=1 after
 //! subnet.env, STOPPING=1 on SIGTERM). Root only; skipped otherwise.
+//!
+//! Every daemon here runs with only what `dist/linen.service`'s sandboxing lines allow
+//! ([`service_sandbox`]): its capability bounding set and no new privileges (through `setpriv`),
+//! its read-only paths (through bind mounts). So these tests, which touch everything linen needs
+//! from the host (TUN, routes, sysctls, iptables and ip6tables, the notify socket), show that
+//! the unit leaves enough.
 
 mod common;
 use common::{Helper, LINEN, skip};
@@ -126,8 +132,9 @@ fn start(
     let host = lab.host(i).clone();
     let env = dir.join(format!("h{}.env", i + 1));
     let log = dir.join(format!("h{}.log", i + 1));
-    let mut cmd = host.command(LINEN);
-    cmd.args(["run", "--iface", "eth0", "--registry-dir"])
+    let mut cmd = host.command("unshare");
+    cmd.args(service_sandbox())
+        .args([LINEN, "run", "--iface", "eth0", "--registry-dir"])
         .arg(dir)
         .arg("--subnet-file")
         .arg(&env)
@@ -137,7 +144,159 @@ fn start(
     if let Some(socket) = notify {
         cmd.env("NOTIFY_SOCKET", socket);
     }
-    (lab.spawn(cmd, "linen").unwrap(), env, log)
+    let pid = lab.spawn(cmd, "linen").unwrap();
+    // The sandbox took hold (the wrappers exec, so the PID is linen's once it runs).
+    let status = wait_for(Duration::from_secs(15), || {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+        s.lines()
+            .any(|l| l.starts_with("Name:") && l.contains("linen"))
+            .then_some(s)
+    })
+    .unwrap_or_else(|| {
+        panic!(
+            "linen did not start: {}",
+            std::fs::read_to_string(&log).unwrap_or_default()
+        )
+    });
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert_eq!(field("NoNewPrivs:"), "1", "{status}");
+    let bounding = u64::from_str_radix(&field("CapBnd:"), 16).unwrap();
+    assert_eq!(bounding, unit_capabilities(), "{status}");
+    let mounts = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap_or_else(|e| {
+        let log = std::fs::read_to_string(&log).unwrap_or_default();
+        panic!("linen exited in the sandbox ({e}); log:\n{log}")
+    });
+    assert!(
+        mounts.lines().any(|l| {
+            let f: Vec<&str> = l.split(' ').collect();
+            f.get(4) == Some(&"/etc") && f.get(5).is_some_and(|o| o.split(',').any(|o| o == "ro"))
+        }),
+        "/etc is not read-only for linen:\n{mounts}"
+    );
+    (pid, env, log)
+}
+
+/// The unit file as systemd reads it (`systemd-analyze verify`, which needs no running
+/// systemd): unknown keys, bad values and a missing binary are errors. Not root only.
+#[test]
+fn the_unit_file_is_valid() {
+    if Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+        .is_err()
+    {
+        common::skipped("systemd-analyze is not installed (apt install systemd)");
+        return;
+    }
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/linen.service"))
+        .unwrap();
+    assert!(
+        unit.contains("ExecStart=/usr/local/bin/linen run"),
+        "{unit}"
+    );
+    // The installed path, here the binary under test.
+    let dir = tempfile::tempdir().unwrap();
+    let copy = dir.path().join("linen.service");
+    std::fs::write(&copy, unit.replace("/usr/local/bin/linen", LINEN)).unwrap();
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&copy)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success() && stderr.trim().is_empty(), "{stderr}");
+}
+
+/// `dist/linen.service`'s `[Service]` lines.
+fn unit_service_lines() -> Vec<(String, String)> {
+    let unit = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/dist/linen.service"))
+        .unwrap();
+    let mut in_service = false;
+    let mut lines = Vec::new();
+    for line in unit.lines().map(str::trim) {
+        if line.starts_with('[') {
+            in_service = line == "[Service]";
+        } else if in_service && !line.is_empty() && !line.starts_with('#') {
+            let (k, v) = line.split_once('=').unwrap();
+            lines.push((k.to_owned(), v.to_owned()));
+        }
+    }
+    lines
+}
+
+/// The unit's capability bounding set as a mask (`CapBnd:` in /proc/PID/status).
+fn unit_capabilities() -> u64 {
+    let (_, caps) = unit_service_lines()
+        .into_iter()
+        .find(|(k, _)| k == "CapabilityBoundingSet")
+        .expect("dist/linen.service sets no CapabilityBoundingSet");
+    caps.split_whitespace()
+        .map(|c| match c {
+            "CAP_NET_BIND_SERVICE" => 1 << 10,
+            "CAP_NET_ADMIN" => 1 << 12,
+            "CAP_NET_RAW" => 1 << 13,
+            other => panic!("add {other}'s bit here"),
+        })
+        .fold(0, |a, b| a | b)
+}
+
+/// Arguments for `unshare` that run the command after them as `dist/linen.service` would:
+/// ProtectSystem's and ProtectHome's paths bind-mounted read-only in a mount namespace of its
+/// own, then `setpriv` with NoNewPrivileges and the CapabilityBoundingSet. A sandboxing line
+/// this cannot emulate fails the test: the unit gets no line that was not tried here.
+fn service_sandbox() -> Vec<String> {
+    /// Lines that restrict nothing, so need no emulation.
+    const PLAIN: &[&str] = &[
+        "Type",
+        "EnvironmentFile",
+        "ExecStart",
+        "Restart",
+        "RestartSec",
+        "RestartPreventExitStatus",
+        "TimeoutStartSec",
+        "TimeoutStopSec",
+        "StateDirectory",
+        "RuntimeDirectory",
+        "RuntimeDirectoryPreserve",
+        "LimitNOFILE",
+    ];
+    let mut read_only: Vec<&str> = Vec::new();
+    let mut setpriv = vec!["setpriv".to_owned()];
+    for (key, value) in unit_service_lines() {
+        match (key.as_str(), value.as_str()) {
+            (k, _) if PLAIN.contains(&k) => {}
+            ("NoNewPrivileges", "yes") => setpriv.push("--no-new-privs".into()),
+            ("CapabilityBoundingSet", caps) => {
+                let keep: Vec<String> = caps
+                    .split_whitespace()
+                    .map(|c| format!("+{}", c.trim_start_matches("CAP_").to_lowercase()))
+                    .collect();
+                setpriv.push(format!("--bounding-set=-all,{}", keep.join(",")));
+            }
+            ("ProtectSystem", "full") => read_only.extend(["/usr", "/boot", "/efi", "/etc"]),
+            ("ProtectHome", "read-only") => read_only.extend(["/home", "/root", "/run/user"]),
+            (k, v) => panic!(
+                "dist/linen.service sets {k}={v}, which netns_masq does not emulate: \
+                 emulate it in service_sandbox, or leave it out of the unit"
+            ),
+        }
+    }
+    let mut script = String::from("set -e\n");
+    for path in read_only {
+        script += &format!(
+            "if [ -d {path} ]; then mount --bind {path} {path}; \
+             mount -o remount,bind,ro {path}; fi\n"
+        );
+    }
+    script += &format!("exec {} \"$@\"\n", setpriv.join(" "));
+    vec!["-m".into(), "sh".into(), "-c".into(), script, "sh".into()]
 }
 
 fn read_env(env: &Path, log: &Path) -> SubnetEnv {

@@ -636,7 +636,8 @@ async fn unprivileged(args: &RunArgs) -> anyhow::Error {
     }
     anyhow::anyhow!(
         "linen run needs CAP_NET_ADMIN to create the TUN device {} and its routes; run it as \
-         root",
+         root, and where capabilities are limited (a unit's CapabilityBoundingSet=, a \
+         container) keep CAP_NET_ADMIN",
         args.tun
     )
 }
