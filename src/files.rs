@@ -47,16 +47,20 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-/// Reads a regular file as UTF-8 text. Anything else (a FIFO, socket, device or directory; with
-/// `follow_links` false also a symbolic link) is an [`io::ErrorKind::InvalidInput`] error that
-/// says what it is, returned without waiting for a writer. Not-found and permission errors come
-/// as they are.
+/// Largest file [`read_regular`] reads: these files hold a line or two of JSON, and a huge
+/// file planted among them must not be read into memory whole.
+pub const MAX_READ: u64 = 64 * 1024;
+
+/// Reads a regular file of at most [`MAX_READ`] bytes as UTF-8 text. Anything else (a FIFO,
+/// socket, device or directory; with `follow_links` false also a symbolic link; a larger file)
+/// is an [`io::ErrorKind::InvalidInput`] error that says what it is, returned without waiting for
+/// a writer. Not-found and permission errors come as they are.
 pub fn read_regular(path: &Path, follow_links: bool) -> io::Result<String> {
     let mut flags = libc::O_NONBLOCK;
     if !follow_links {
         flags |= libc::O_NOFOLLOW;
     }
-    let mut file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
+    let file = match OpenOptions::new().read(true).custom_flags(flags).open(path) {
         Ok(f) => f,
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !follow_links => {
             return Err(not_regular("a symbolic link"));
@@ -77,7 +81,13 @@ pub fn read_regular(path: &Path, follow_links: bool) -> io::Result<String> {
         }));
     }
     let mut text = String::new();
-    file.read_to_string(&mut text)?;
+    file.take(MAX_READ + 1).read_to_string(&mut text)?;
+    if text.len() as u64 > MAX_READ {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("larger than {MAX_READ} bytes"),
+        ));
+    }
     Ok(text)
 }
 
@@ -161,6 +171,14 @@ mod test {
         let e = read_regular(&fifo, true).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("FIFO"), "{e}");
+
+        let big = dir.path().join("big");
+        fs::write(&big, vec![b' '; MAX_READ as usize + 1]).unwrap();
+        let e = read_regular(&big, true).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+        assert!(e.to_string().contains("larger than"), "{e}");
+        fs::write(&big, vec![b' '; MAX_READ as usize]).unwrap();
+        assert_eq!(read_regular(&big, true).unwrap().len(), MAX_READ as usize);
 
         let e = read_regular(dir.path(), true).unwrap_err();
         assert!(e.to_string().contains("directory"), "{e}");

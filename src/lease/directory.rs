@@ -454,15 +454,11 @@ impl Store {
                 self.warn_once(name, "<not UTF-8>", "the file is not UTF-8 text");
                 return Ok(Some(Entry::Malformed));
             }
-            // A directory, link, FIFO…: skipped like a corrupt file (and, like one, it still
-            // blocks its key); other errors (permissions, I/O) concern the whole directory and
-            // are reported.
+            // A directory, link, FIFO, huge file…: skipped like a corrupt file (and, like one,
+            // it still blocks its key); other errors (permissions, I/O) concern the whole
+            // directory and are reported.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
-                self.warn_once(
-                    name,
-                    "<not a regular file>",
-                    &format!("{e}; not a lease file"),
-                );
+                self.warn_once(name, &format!("<{e}>"), &format!("{e}; not a lease file"));
                 return Ok(Some(Entry::Malformed));
             }
             Err(e) => return Err(self.io_err("cannot read", &path, e)),
