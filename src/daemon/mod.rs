@@ -258,7 +258,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
         .acquire()
         .await
         .context("acquiring a subnet lease")?;
-    tracing::info!(subnet = %own.key, public = %attrs.addresses(), "this host's subnet");
+    tracing::info!(
+        subnet = %own.key,
+        public_ip = attrs.public_ip.map(tracing::field::display),
+        public_ipv6 = attrs.public_ipv6.map(tracing::field::display),
+        "this host's subnet"
+    );
 
     // One per core, at most 256: TUN devices take at most 256 queues, and the steering's port
     // classes (steer.rs) name 256 workers.
@@ -477,7 +482,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let bad_keys: Vec<SubnetKey> = bad.iter().map(|l| l.key).collect();
                 if bad_keys != skipped {
                     for l in bad.iter().filter(|l| !skipped.contains(&l.key)) {
-                        tracing::warn!(key = %l.key, public = %l.attrs.addresses(), why = unroutable(&config, &attrs, l).unwrap_or_default(), "not routing a peer's lease (`linen lease release` removes it)");
+                        tracing::warn!(key = %l.key, public_ip = l.attrs.public_ip.map(tracing::field::display), public_ipv6 = l.attrs.public_ipv6.map(tracing::field::display), why = unroutable(&config, &attrs, l).unwrap_or_default(), "not routing a peer's lease (`linen lease release` removes it)");
                     }
                     skipped = bad_keys;
                 }

@@ -599,14 +599,28 @@ impl LeaseManager {
     }
 }
 
+/// Logs peer changes, each address a field of its own (absent when the lease has none), so
+/// that JSON logs need no splitting.
 fn log_peers(events: &[PeerEvent]) {
     for e in events {
         match e {
             PeerEvent::Added(l) => {
-                tracing::info!(subnet = %l.key, public = %l.attrs.addresses(), "subnet added")
+                tracing::info!(
+                    subnet = %l.key,
+                    public_ip = l.attrs.public_ip.map(tracing::field::display),
+                    public_ipv6 = l.attrs.public_ipv6.map(tracing::field::display),
+                    "subnet added"
+                )
             }
             PeerEvent::Updated { old, new } => {
-                tracing::info!(subnet = %new.key, old = %old.attrs.addresses(), public = %new.attrs.addresses(), "subnet updated")
+                tracing::info!(
+                    subnet = %new.key,
+                    public_ip = new.attrs.public_ip.map(tracing::field::display),
+                    public_ipv6 = new.attrs.public_ipv6.map(tracing::field::display),
+                    old_public_ip = old.attrs.public_ip.map(tracing::field::display),
+                    old_public_ipv6 = old.attrs.public_ipv6.map(tracing::field::display),
+                    "subnet updated"
+                )
             }
             PeerEvent::Removed(l) => tracing::info!(subnet = %l.key, "subnet removed"),
         }
