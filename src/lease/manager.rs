@@ -501,7 +501,13 @@ impl LeaseManager {
                 if lease.attrs.public_ip == ours.public_ip
                     && lease.attrs.public_ipv6 == ours.public_ipv6
                 {
-                    // Our renewal seen through the watch, or someone renewed it for us.
+                    // Our renewal seen through the watch, or someone renewed it for us. After
+                    // a renewal that failed, this is one that committed although its answer
+                    // was an error (a timeout): the write went through, so the registry is no
+                    // longer reported down for it (the next write is hours away).
+                    if self.renew_failed {
+                        self.write_answered(None);
+                    }
                     self.hold(lease);
                     return;
                 }
@@ -819,6 +825,9 @@ mod test {
         unavailable_writes: std::sync::atomic::AtomicBool,
         /// Creates and renewals are refused for good (permissions revoked).
         refused_writes: std::sync::atomic::AtomicBool,
+        /// Renewals are written, and the watch told, but answered with an error (a reply lost
+        /// to a timeout).
+        lost_answers: std::sync::atomic::AtomicBool,
         /// The watch's stream breaks right after each snapshot (it re-lists, as the trait asks).
         breaking_stream: bool,
         /// Snapshots the watch has handed out.
@@ -963,6 +972,13 @@ mod test {
             self.renewals.lock().unwrap().push(Instant::now());
             let lease = sixty_seconds(l.key, attrs);
             *self.shared.leases.lock().unwrap() = vec![lease.clone()];
+            if self.shared.lost_answers.load(Ordering::SeqCst) {
+                self.shared.generation.fetch_add(1, Ordering::SeqCst);
+                return Err(RegistryError::Unavailable {
+                    location: "fake".into(),
+                    reason: "request timed out".into(),
+                });
+            }
             Ok(lease)
         }
         async fn revoke_lease(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
@@ -1174,6 +1190,37 @@ mod test {
         assert_eq!(during.recovered_at, None);
         assert_eq!(after.failing_since, first);
         assert!(after.recovered_at > first, "{after:?}");
+    }
+
+    /// A renewal that committed although it was answered with an error shows up in the watch
+    /// as our own lease, renewed: the registry is up again then, not for the day until the
+    /// next renewal (the renewal is not repeated either).
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_that_went_through_despite_its_error_clears_it() {
+        let reg = Arc::new(Outage::default());
+        // Renewal due at 10 s.
+        let (state, cancel, task) = run_manager(&reg, |o| {
+            o.renew_margin = Duration::from_secs(50);
+            o.backoff_min = Duration::from_secs(1);
+        })
+        .await;
+        reg.shared.lost_answers.store(true, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let attempts = || reg.renew_attempts.load(Ordering::SeqCst);
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while attempts() == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        reg.shared.lost_answers.store(false, Ordering::SeqCst);
+        // The watch reports the renewal within its 100 ms poll; the retry would come at 1 s.
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let after = state.borrow().registry.clone();
+        let tried = attempts();
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(tried, 1);
+        assert!(after.connected, "{after:?}");
+        assert!(after.failing_since.is_some(), "the error was never reported: {after:?}");
     }
 
     /// A renewal refused for good (the registry's permissions revoked) reports the registry
