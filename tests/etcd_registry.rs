@@ -517,8 +517,8 @@ async fn a_reservation_stays_leaseless_when_renewed() {
     let reg = registry(&server, Duration::from_secs(5)).await;
     let mut client = reg.client();
     let reserved = reg.create_reservation(&subnet(4), &host(4)).await.unwrap();
-    let renewed = reg.renew_lease(&reserved, &host(4)).await.unwrap();
-    assert_eq!((renewed.expiration, renewed.lease_id), (None, None));
+    let renewed_4 = reg.renew_lease(&reserved, &host(4)).await.unwrap();
+    assert_eq!((renewed_4.expiration, renewed_4.lease_id), (None, None));
     assert_eq!(
         key_lease(&mut client, &reg.subnet_path(&subnet(4))).await,
         Some(0)
@@ -539,6 +539,17 @@ async fn a_reservation_stays_leaseless_when_renewed() {
     );
     let list = reg.list_leases().await.unwrap();
     assert!(list.leases.iter().all(Lease::is_reservation));
+
+    // A reservation held by host 4 and, meanwhile, released and made for host 6: host 4's
+    // renewal must not write itself over host 6's (both carry no etcd lease, so only the
+    // value tells them apart).
+    reg.revoke_lease(&subnet(4)).await.unwrap();
+    reg.create_reservation(&subnet(4), &host(6)).await.unwrap();
+    let err = reg.renew_lease(&renewed_4, &host(4)).await.unwrap_err();
+    assert!(matches!(err, RegistryError::NotFound(_)), "{err}");
+    let stored = client.get(reg.subnet_path(&subnet(4)), None).await.unwrap();
+    let value = String::from_utf8_lossy(stored.kvs()[0].value()).into_owned();
+    assert_eq!(LeaseAttrs::from_json(&value).unwrap(), host(6), "{value}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

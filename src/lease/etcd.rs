@@ -441,7 +441,9 @@ impl Shared {
     }
 
     /// Resets `lease` to its granted TTL with one keep-alive: the TTL in seconds, or `None`
-    /// when etcd no longer has the lease.
+    /// when etcd no longer has the lease (it answers TTL 0, or not found). A stream that ends
+    /// without an answer, or a keep-alive that cannot be sent, says nothing about the lease:
+    /// that is an error to retry, not a lease to replace.
     async fn keep_alive_once(&self, lease: i64) -> Result<Option<i64>, RegistryError> {
         const WHAT: &str = "renew the etcd lease";
         let mut client = self.client.lease_client();
@@ -453,8 +455,16 @@ impl Shared {
         };
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(Ok(Some(ttl))) if ttl > 0 => Ok(Some(ttl)),
-            Ok(Ok(_)) => Ok(None),
-            Ok(Err(etcd_client::Error::LeaseKeepAliveError(_))) => Ok(None),
+            Ok(Ok(Some(_))) => Ok(None),
+            // etcd-client's word for a first answer with TTL 0; its other keep-alive errors are
+            // a request that could not be sent.
+            Ok(Err(etcd_client::Error::LeaseKeepAliveError(m))) if m.contains("not found") => {
+                Ok(None)
+            }
+            Ok(Ok(None)) => Err(RegistryError::Unavailable {
+                location: self.location.clone(),
+                reason: format!("cannot {WHAT}: the keep-alive stream ended without an answer"),
+            }),
             Ok(Err(etcd_client::Error::GRpcStatus(s))) if s.code() == tonic::Code::NotFound => {
                 Ok(None)
             }
@@ -579,7 +589,9 @@ impl Shared {
                 Ok(None)
             }
             Err(e) => {
-                self.revoke_unused(new).await;
+                // The move may have gone through with its answer lost: the key is then on
+                // `new`, and revoking `new` would delete it. Revoked only when no key is on it.
+                self.release(new).await;
                 Err(e)
             }
         }
@@ -615,9 +627,11 @@ struct Overlapping {
 }
 
 /// Whether the key as stored still belongs to the holder of `lease`: it carries the same etcd
-/// lease, or the same value (a reservation made from it, or a flanneld renewal).
+/// lease, or the same value (a reservation made from it, or a flanneld renewal). Reservations
+/// carry no etcd lease, so for one held as such only the value tells: another host's
+/// reservation written meanwhile must not be taken over.
 fn still_ours(lease: &Lease, kv: &KeyValue) -> bool {
-    if kv.lease() == lease.lease_id.unwrap_or(0) {
+    if lease.lease_id.is_some_and(|id| id == kv.lease()) {
         return true;
     }
     let text = String::from_utf8_lossy(kv.value());

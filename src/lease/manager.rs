@@ -1220,7 +1220,10 @@ mod test {
         task.await.unwrap();
         assert_eq!(tried, 1);
         assert!(after.connected, "{after:?}");
-        assert!(after.failing_since.is_some(), "the error was never reported: {after:?}");
+        assert!(
+            after.failing_since.is_some(),
+            "the error was never reported: {after:?}"
+        );
     }
 
     /// A renewal refused for good (the registry's permissions revoked) reports the registry
