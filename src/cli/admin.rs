@@ -530,12 +530,20 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
             println!("released {key}");
             // A running holder renews or re-acquires it at once: say so, as the release
             // otherwise looks like it moved the host.
-            if let Some(l) = list.leases.iter().find(|l| l.key == key)
-                && !l.is_reservation()
-            {
+            // A reservation's host, if it runs and holds it, takes it again too, as an
+            // ordinary lease (which a new reservation for another host then cannot replace).
+            if let Some(l) = list.leases.iter().find(|l| l.key == key) {
+                let (was, again) = if l.is_reservation() {
+                    (
+                        "a reservation for",
+                        "takes it again at once, as an ordinary lease",
+                    )
+                } else {
+                    ("a lease of", "takes it again at once")
+                };
                 eprintln!(
-                    "note: {key} was a lease of {}; a linen running there takes it again at \
-                     once (stop it first to move that host to another subnet)",
+                    "note: {key} was {was} {}; a linen running there {again} (stop it first to \
+                     move that host to another subnet)",
                     l.attrs.addresses()
                 );
             }
