@@ -552,6 +552,37 @@ async fn a_reservation_stays_leaseless_when_renewed() {
     assert_eq!(LeaseAttrs::from_json(&value).unwrap(), host(6), "{value}");
 }
 
+/// A host gives up a lease it listed earlier (superseded by its reservation, or unfit for a
+/// new config) only while the key still holds it: meanwhile it may have expired and another
+/// host taken the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_is_released_only_while_it_is_still_the_one_listed() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(60)).await;
+    let mut client = reg.client();
+    let path = reg.subnet_path(&subnet(7));
+    let old = reg.create_lease(&subnet(7), &host(7)).await.unwrap();
+    reg.revoke_lease(&subnet(7)).await.unwrap();
+    let taken = reg.create_lease(&subnet(7), &host(8)).await.unwrap();
+    assert!(!reg.release_lease(&old).await.unwrap());
+    assert_eq!(key_lease(&mut client, &path).await, taken.lease_id);
+    // Reservations carry no etcd lease: the value tells whose it is.
+    let reserved = reg.create_reservation(&subnet(9), &host(9)).await.unwrap();
+    reg.revoke_lease(&subnet(9)).await.unwrap();
+    reg.create_reservation(&subnet(9), &host(10)).await.unwrap();
+    assert!(!reg.release_lease(&reserved).await.unwrap());
+    assert_eq!(
+        key_lease(&mut client, &reg.subnet_path(&subnet(9))).await,
+        Some(0)
+    );
+    // What is still the one listed is released, its etcd lease with it.
+    assert!(reg.release_lease(&taken).await.unwrap());
+    assert_eq!(key_lease(&mut client, &path).await, None);
+    assert_eq!(etcd_lease_count(&mut client).await, 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_sees_create_renew_delete_and_expiry_in_order() {
     let Some(server) = EtcdServer::start() else {

@@ -481,6 +481,40 @@ async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
     }
 }
 
+/// A host gives up a lease it listed earlier (superseded by its reservation, or unfit for a
+/// new config) only while the key still holds it: meanwhile it may have expired and another
+/// host taken the key.
+#[tokio::test]
+async fn a_lease_is_released_only_while_it_is_still_the_one_listed() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let old = reg
+        .create_lease(&key("198.19.7.0-24"), &host(7))
+        .await
+        .unwrap();
+    reg.revoke_lease(&key("198.19.7.0-24")).await.unwrap();
+    let taken = reg
+        .create_lease(&key("198.19.7.0-24"), &host(8))
+        .await
+        .unwrap();
+    assert!(!reg.release_lease(&old).await.unwrap());
+    let reserved = reg
+        .create_reservation(&key("198.19.9.0-24"), &host(9))
+        .await
+        .unwrap();
+    reg.revoke_lease(&key("198.19.9.0-24")).await.unwrap();
+    reg.create_reservation(&key("198.19.9.0-24"), &host(10))
+        .await
+        .unwrap();
+    assert!(!reg.release_lease(&reserved).await.unwrap());
+    let holders: Vec<LeaseAttrs> = live(&reg).await.into_iter().map(|l| l.attrs).collect();
+    assert_eq!(holders, [host(8), host(10)]);
+    // What is still the one listed is released.
+    assert!(reg.release_lease(&taken).await.unwrap());
+    let holders: Vec<LeaseAttrs> = live(&reg).await.into_iter().map(|l| l.attrs).collect();
+    assert_eq!(holders, [host(10)]);
+}
+
 #[tokio::test]
 async fn full_range_gives_the_exhaustion_error() {
     let dir = setup(r#"{"Network":"198.19.0.0/24","SubnetLen":26}"#);

@@ -170,6 +170,11 @@ impl Registry for DirectoryRegistry {
         self.blocking(move |s| s.revoke(&key)).await
     }
 
+    async fn release_lease(&self, lease: &Lease) -> Result<bool, RegistryError> {
+        let lease = lease.clone();
+        self.blocking(move |s| s.release(&lease)).await
+    }
+
     /// Polling cannot replay changes, so `after` is not needed: the first event is always a
     /// snapshot of the current set, which the caller diffs against its list.
     async fn watch_leases(&self, _after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
@@ -708,6 +713,15 @@ impl Store {
     fn revoke(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let _lock = self.lock(true)?;
         self.remove_locked(key)
+    }
+
+    fn release(&self, lease: &Lease) -> Result<bool, RegistryError> {
+        let _lock = self.lock(true)?;
+        match self.read_ours(lease) {
+            Ok(_) => self.remove_locked(&lease.key),
+            Err(RegistryError::NotFound(_)) => Ok(false),
+            Err(e) => Err(e),
+        }
     }
 
     /// Deletes `key`'s file (gone already is fine): whether it was there. Call with the lock

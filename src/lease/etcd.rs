@@ -867,6 +867,26 @@ impl Registry for EtcdRegistry {
         Ok(resp.deleted() > 0)
     }
 
+    async fn release_lease(&self, lease: &Lease) -> Result<bool, RegistryError> {
+        let s = &self.shared;
+        let kv = match s.read_ours(lease, "release").await {
+            Ok(kv) => kv,
+            Err(RegistryError::NotFound(_)) => return Ok(false),
+            Err(e) => return Err(e),
+        };
+        let path = s.subnet_path(&lease.key);
+        let deleted = s
+            .delete_if_unchanged("delete the subnet key", &path, kv.mod_revision())
+            .await?;
+        if deleted {
+            tracing::info!(subnet = %lease.key, "deleted the subnet lease");
+            if kv.lease() != 0 {
+                s.release(kv.lease()).await;
+            }
+        }
+        Ok(deleted)
+    }
+
     async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
         Ok(Box::new(
             EtcdWatch::start(Arc::clone(&self.shared), after).await?,

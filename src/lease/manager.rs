@@ -82,7 +82,8 @@ pub async fn acquire(
         )?;
         for old in &plan.incompatible {
             tracing::warn!(subnet = %old.key, "Lease is not compatible with current config, deleting");
-            registry.revoke_lease(&old.key).await?;
+            // Only while it is still ours: listed earlier, it may have expired and been taken.
+            registry.release_lease(old).await?;
         }
         let key = plan.choice.key();
         let result = match plan.choice {
@@ -106,7 +107,7 @@ pub async fn acquire(
                 // them to expire, as before).
                 for old in &plan.superseded {
                     tracing::warn!(subnet = %old.key, reservation = %lease.key, "a reservation for this host supersedes its lease; releasing that lease");
-                    if let Err(e) = registry.revoke_lease(&old.key).await {
+                    if let Err(e) = registry.release_lease(old).await {
                         tracing::warn!(subnet = %old.key, error = %e, "cannot release the superseded lease; it expires on its own");
                     }
                 }
@@ -758,6 +759,9 @@ mod test {
         async fn revoke_lease(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
             Ok(false)
         }
+        async fn release_lease(&self, _: &Lease) -> Result<bool, RegistryError> {
+            Ok(false)
+        }
         async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
             unimplemented!()
         }
@@ -982,6 +986,9 @@ mod test {
             Ok(lease)
         }
         async fn revoke_lease(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
+            unimplemented!()
+        }
+        async fn release_lease(&self, _: &Lease) -> Result<bool, RegistryError> {
             unimplemented!()
         }
         async fn watch_leases(&self, _: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {

@@ -194,6 +194,11 @@ pub trait Registry: Send + Sync + 'static {
     /// Deletes `subnets/<key>`: whether it was there. Deleting a missing key is not an error.
     async fn revoke_lease(&self, key: &SubnetKey) -> Result<bool, RegistryError>;
 
+    /// Deletes `lease`'s key only while it still holds `lease` (its etcd lease, or its public
+    /// addresses): whether it did. For a host giving up a lease of its own that it listed
+    /// earlier: meanwhile the lease may have expired and another host taken the key.
+    async fn release_lease(&self, lease: &Lease) -> Result<bool, RegistryError>;
+
     /// Watches `subnets/` for changes after `after` (exclusive), normally a
     /// [`LeaseList::revision`].
     async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError>;
