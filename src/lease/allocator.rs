@@ -221,7 +221,7 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
 /// Whether a lease is ours. flannel's identity is PublicIP for an IPv4 network and PublicIPv6
 /// for an IPv6-only one; a host without the address of that family (an IPv4 overlay over an
 /// IPv6-only underlay) is known by the address it has.
-fn is_ours(config: &NetworkConfig, ours: &LeaseAttrs, lease: &Lease) -> bool {
+pub(crate) fn is_ours(config: &NetworkConfig, ours: &LeaseAttrs, lease: &Lease) -> bool {
     let by_v4 = ours.public_ip.is_some() && lease.attrs.public_ip == ours.public_ip;
     let by_v6 = ours.public_ipv6.is_some() && lease.attrs.public_ipv6 == ours.public_ipv6;
     match (

@@ -498,10 +498,14 @@ impl LeaseManager {
                 return;
             }
             Some(OwnChange::Put(lease)) => {
+                // By the identity acquisition uses (a reservation for this host may name only
+                // its PublicIP, where the host also advertises an IPv6 address).
                 let ours = &self.options.attrs;
-                if lease.attrs.public_ip == ours.public_ip
-                    && lease.attrs.public_ipv6 == ours.public_ipv6
-                {
+                if allocator::is_ours(&self.config, ours, &lease) {
+                    // Written by someone else with only some of our addresses (peers would not
+                    // know the others): write ours now, as the renewal does.
+                    let partial = lease.attrs.public_ip != ours.public_ip
+                        || lease.attrs.public_ipv6 != ours.public_ipv6;
                     // Our renewal seen through the watch, or someone renewed it for us. After
                     // a renewal that failed, this is one that committed although its answer
                     // was an error (a timeout): the write went through, so the registry is no
@@ -509,7 +513,12 @@ impl LeaseManager {
                     if self.renew_failed {
                         self.write_answered(None);
                     }
+                    let key = lease.key;
                     self.hold(lease);
+                    if partial {
+                        tracing::info!(subnet = %key, "our key names only some of this host's addresses; rewriting it");
+                        self.renew_at = Some(Instant::now());
+                    }
                     return;
                 }
                 tracing::warn!(subnet = %lease.key, holder = ?lease.attrs.public_ip, "another host holds our subnet now; re-acquiring");
@@ -807,6 +816,8 @@ mod test {
         renew_attempts: AtomicUsize,
         /// Told when a renewal begins (before its `renew_delay`).
         renewal_begins: tokio::sync::Notify,
+        /// Lists asked for (acquisitions; the watch's snapshots are not counted).
+        lists: AtomicUsize,
     }
 
     #[derive(Default)]
@@ -943,6 +954,7 @@ mod test {
         }
         async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
             self.shared.up()?;
+            self.lists.fetch_add(1, Ordering::SeqCst);
             Ok(self.shared.list())
         }
         async fn create_lease(
@@ -1197,6 +1209,43 @@ mod test {
         assert_eq!(during.recovered_at, None);
         assert_eq!(after.failing_since, first);
         assert!(after.recovered_at > first, "{after:?}");
+    }
+
+    /// Our key rewritten as a reservation naming only our PublicIP (an operator's `lease
+    /// reserve` while we hold it, on a host that also advertises IPv6) is still ours: held, and
+    /// rewritten with all our addresses, not given up and acquired again.
+    #[tokio::test(start_paused = true)]
+    async fn a_reservation_naming_only_our_public_ip_is_still_ours() {
+        let reg = Arc::new(Outage::default());
+        let (state, cancel, task) = run_manager(&reg, |o| {
+            o.attrs.public_ipv6 = Some("fd00:18::1".parse().unwrap());
+        })
+        .await;
+        // Running: its watch (whose first answer is a snapshot) is open.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let own = state.borrow().own.clone().unwrap();
+        let lists = reg.lists.load(Ordering::SeqCst);
+        let reserved = Lease {
+            attrs: LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()),
+            expiration: None,
+            ..own.clone()
+        };
+        *reg.shared.leases.lock().unwrap() = vec![reserved.clone()];
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let after = state.borrow().own.clone().unwrap();
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(reg.lists.load(Ordering::SeqCst), lists, "acquired again");
+        assert_eq!(
+            reg.renew_attempts.load(Ordering::SeqCst),
+            1,
+            "not rewritten"
+        );
+        assert_eq!(
+            (after.key, after.attrs.public_ipv6),
+            (own.key, own.attrs.public_ipv6)
+        );
     }
 
     /// A renewal that committed although it was answered with an error shows up in the watch
