@@ -105,6 +105,17 @@ pub fn unroutable(
     (!v4 && !v6).then_some("it names no public address a datagram could go to")
 }
 
+/// `peers` split into those routed and those [`unroutable`].
+fn routable(
+    config: &NetworkConfig,
+    ours: &LeaseAttrs,
+    peers: Vec<Lease>,
+) -> (Vec<Lease>, Vec<Lease>) {
+    peers
+        .into_iter()
+        .partition(|l| unroutable(config, ours, l).is_none())
+}
+
 /// Builds the snapshot for a lease state.
 pub fn snapshot_for(own: &SubnetKey, peers: &[Lease], port: u16, generation: u64) -> Snapshot {
     Snapshot::build(
@@ -371,6 +382,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
         no_random_fully: args.ip_masq_fully_random_disable,
     };
     let rules = masq::install(&config, &own.key, rule_opts).await?;
+    // Routes to the peers listed while acquiring, once the rules are in place and before
+    // subnet.env and READY=1: workloads started then reach the other hosts at once, not only
+    // when the watch answers (which an etcd leader election can put off).
+    let first = manager.subscribe().borrow().clone();
+    let (peers, _) = routable(&config, &attrs, first.peers);
+    table.publish(snapshot_for(
+        &own.key,
+        &peers,
+        config.backend.port,
+        first.generation,
+    ));
 
     let env = SubnetEnv::for_lease(
         config.network,
@@ -476,9 +498,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
                 }
-                let (bad, peers): (Vec<Lease>, Vec<Lease>) = std::mem::take(&mut current.peers)
-                    .into_iter()
-                    .partition(|l| unroutable(&config, &attrs, l).is_some());
+                let (peers, bad) = routable(&config, &attrs, std::mem::take(&mut current.peers));
                 let bad_keys: Vec<SubnetKey> = bad.iter().map(|l| l.key).collect();
                 if bad_keys != skipped {
                     for l in bad.iter().filter(|l| !skipped.contains(&l.key)) {

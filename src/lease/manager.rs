@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::allocator::{self, AllocError, Choice, Request};
 use super::tracker::{LeaseTracker, OwnChange, PeerEvent};
-use super::{LeaseWatch, Registry, RegistryError, WatchEvent};
+use super::{LeaseList, LeaseWatch, Registry, RegistryError, WatchEvent};
 use crate::model::{Lease, LeaseAttrs, NetworkConfig, SubnetKey};
 
 /// flannel's `raceRetries`: how many lost creates an acquisition tolerates.
@@ -64,6 +64,20 @@ pub async fn acquire(
     previous: Option<SubnetKey>,
     rng: &mut (impl Rng + Send),
 ) -> Result<Lease, AcquireError> {
+    acquire_listing(registry, config, attrs, previous, rng)
+        .await
+        .map(|(lease, _)| lease)
+}
+
+/// [`acquire`], also returning the other hosts' leases in the list the lease was chosen from
+/// (this host's own ones left out): what the peers were, as of just before the lease.
+async fn acquire_listing(
+    registry: &dyn Registry,
+    config: &NetworkConfig,
+    attrs: &LeaseAttrs,
+    previous: Option<SubnetKey>,
+    rng: &mut (impl Rng + Send),
+) -> Result<(Lease, LeaseList), AcquireError> {
     let mut lost: Vec<SubnetKey> = Vec::new();
     let mut last_tried = None;
     for _ in 0..RACE_RETRIES {
@@ -111,7 +125,11 @@ pub async fn acquire(
                         tracing::warn!(subnet = %old.key, error = %e, "cannot release the superseded lease; it expires on its own");
                     }
                 }
-                return Ok(lease);
+                let mut peers = list;
+                peers
+                    .leases
+                    .retain(|l| l.key != lease.key && !allocator::is_ours(config, attrs, l));
+                return Ok((lease, peers));
             }
             // Taken first by another host: list again, and do not ask for it again.
             Err(RegistryError::AlreadyExists(_) | RegistryError::Overlaps { .. }) => {
@@ -259,6 +277,9 @@ pub struct LeaseManager {
     state: watch::Sender<LeaseState>,
     /// The last lease we held, kept while re-acquiring so the same subnet is asked for.
     last_key: Option<SubnetKey>,
+    /// Whether the tracker has had a list of the peers (from the first acquisition's list, then
+    /// from the watch).
+    peers_listed: bool,
     renew_at: Option<Instant>,
     renew_backoff: Backoff,
     renew_failed: bool,
@@ -284,6 +305,7 @@ impl LeaseManager {
             registry,
             config,
             last_key: options.previous,
+            peers_listed: false,
             options,
             rng: StdRng::from_rng(&mut rand::rng()),
             tracker: LeaseTracker::new(None),
@@ -310,7 +332,7 @@ impl LeaseManager {
     /// Acquires a lease now (one attempt with up to [`RACE_RETRIES`] races), publishes it and
     /// schedules its renewal. The daemon calls this at start-up to fail fast.
     pub async fn acquire(&mut self) -> Result<Lease, AcquireError> {
-        let result = acquire(
+        let result = acquire_listing(
             self.registry.as_ref(),
             &self.config,
             &self.options.attrs,
@@ -319,9 +341,17 @@ impl LeaseManager {
         )
         .await;
         match result {
-            Ok(lease) => {
+            Ok((lease, peers)) => {
                 self.write_answered(None);
                 self.last_acquire_error = None;
+                // Before the watch has listed them, the peers known while choosing the lease:
+                // the first table then routes to them, instead of to nobody until the watch
+                // answers (which an etcd leader election can put off for seconds).
+                if !self.peers_listed {
+                    self.peers_listed = true;
+                    let applied = self.tracker.apply(WatchEvent::Snapshot(peers));
+                    log_peers(&applied.peers);
+                }
                 tracing::info!(subnet = %lease.key, expires = %lease.expiry(), "lease acquired");
                 self.hold(lease.clone());
                 Ok(lease)
@@ -464,6 +494,7 @@ impl LeaseManager {
     }
 
     fn on_event(&mut self, event: WatchEvent) {
+        self.peers_listed = true;
         if self.read_error.take().is_some() && self.renew_failed {
             // A renewal fell due while the registry was away: do it now that it answers,
             // rather than at the end of its backoff.
@@ -1209,6 +1240,22 @@ mod test {
         assert_eq!(during.recovered_at, None);
         assert_eq!(after.failing_since, first);
         assert!(after.recovered_at > first, "{after:?}");
+    }
+
+    /// The peers listed while choosing the lease are published with it, before the watch runs:
+    /// the daemon's first table (and subnet.env, READY=1) then come with routes to them.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_lease_comes_with_the_peers_listed_for_it() {
+        let reg = Arc::new(Outage::default());
+        let peer = peer_lease("198.19.5.0-24", "198.18.1.5");
+        reg.shared.leases.lock().unwrap().push(peer.clone());
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let opts = ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        let own = m.acquire().await.unwrap();
+        let state = m.subscribe().borrow().clone();
+        assert_eq!(state.own.map(|l| l.key), Some(own.key));
+        assert_eq!(state.peers, [peer]);
     }
 
     /// Our key rewritten as a reservation naming only our PublicIP (an operator's `lease
