@@ -1549,3 +1549,109 @@ fn bad_flags_and_configs_exit_2_with_a_message() {
     assert_ne!(code, Some(0), "{err}");
     assert!(err.contains("nonsense"), "{err}");
 }
+
+/// A hop on the underlay with a smaller MTU than the hosts' interfaces (a tunnel, a cloud
+/// link): the "outside" host reaches host 2 only through host 1, a router whose link to host 2
+/// carries 1400 bytes. A full-size overlay packet from the outside host makes a 1500-byte
+/// datagram that the router cannot forward; it answers "fragmentation needed", and from then
+/// on the sender must fragment such datagrams, as flannel's udp backend does. (quinn-udp's
+/// sockets ignore a learned path MTU: such packets were lost for good.)
+#[test]
+fn a_smaller_path_mtu_on_the_underlay_is_learned() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("lnpmtu", 2, 1500).unwrap();
+    let outside = lab.add_outside(0).unwrap();
+    let (router, far) = (lab.host(0).clone(), lab.host(1).clone());
+    router
+        .run_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
+        .unwrap();
+    for h in [&router, &far] {
+        h.ip(&["link", "set", "eth0", "mtu", "1400"]).unwrap();
+    }
+    outside
+        .ip(&["route", "add", "198.18.0.0/24", "via", "198.18.1.1"])
+        .unwrap();
+    far.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"])
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    common::network_init(dir.path());
+    let mut envs = Vec::new();
+    for (name, h) in [("outside", &outside), ("far", &far)] {
+        let env = dir.path().join(format!("{name}.env"));
+        let log = dir.path().join(format!("{name}.log"));
+        let mut cmd = h.command(LINEN);
+        cmd.args(["run", "--iface", "eth0", "--metrics-addr", "off"])
+            .arg("--registry-dir")
+            .arg(dir.path())
+            .arg("--subnet-file")
+            .arg(&env)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap());
+        lab.spawn(cmd, "linen").unwrap();
+        envs.push((env, log));
+    }
+    let read_env = |(env, log): &(PathBuf, PathBuf)| {
+        wait_for(Duration::from_secs(15), || {
+            SubnetEnv::parse(&std::fs::read_to_string(env).ok()?).ok()
+        })
+        .unwrap_or_else(|| panic!("no subnet.env: {}", std::fs::read_to_string(log).unwrap()))
+    };
+    let (from, to) = (read_env(&envs[0]), read_env(&envs[1]));
+    // A full-size overlay packet (as the outside host's own 1500-byte interface allows) in an
+    // IPv4 datagram does not fit the hop.
+    assert!(from.mtu + 28 > 1400, "{}", from.mtu);
+    let full = (from.mtu - 28).to_string();
+    let target = to.subnet.unwrap().network().to_string();
+    let ping = |size: &str| {
+        wait_for(Duration::from_secs(20), || {
+            outside
+                .run("ping", &["-c1", "-W1", "-M", "do", "-s", size, &target])
+                .ok()
+                .filter(|o| o.status.success())
+        })
+        .is_some()
+    };
+    let logs = || {
+        envs.iter()
+            .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    };
+    // Packets that fit the smaller hop: the setup works.
+    assert!(ping("1000"), "no small ping across the router:\n{}", logs());
+    assert!(
+        ping(&full),
+        "full-size packets are lost at the smaller hop:\n{}",
+        logs()
+    );
+    // And a TCP transfer of full-size segments, which leave in GSO batches of datagrams too
+    // large for the hop: the kernel refuses those (EINVAL), and linen sends each datagram
+    // alone, fragmented.
+    let mut server = Helper::spawn(
+        far.command("iperf3")
+            .args(["-s", "-1", "-p", "5201", "-B", &target])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null()),
+    );
+    let listening = wait_for(Duration::from_secs(10), || {
+        let out = far.run("ss", &["-Hltn", "sport = :5201"]).ok()?;
+        (!out.stdout.is_empty()).then_some(())
+    });
+    assert!(listening.is_some(), "iperf3 did not listen");
+    let out = outside
+        .run(
+            "timeout",
+            &["60", "iperf3", "-c", &target, "-p", "5201", "-n", "20M"],
+        )
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    assert!(server.wait().unwrap().success());
+}

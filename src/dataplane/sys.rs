@@ -22,6 +22,31 @@ pub fn set_socket_buffers(fd: BorrowedFd<'_>, bytes: usize) {
     }
 }
 
+/// Lets the kernel size datagrams by the path MTU it learns and fragment larger ones, as any
+/// UDP socket does by default (`IP_PMTUDISC_WANT`, and for an IPv6 socket also
+/// `IPV6_PMTUDISC_WANT` without `IPV6_DONTFRAG`). quinn-udp sets `…_PMTUDISC_PROBE` (and
+/// `IPV6_DONTFRAG`), right for QUIC, which probes the path itself: here a hop with a smaller
+/// MTU than the interface's would drop every full-size datagram for good, its "fragmentation
+/// needed" ignored. flannel's udp backend leaves the default, and fragments.
+pub fn allow_fragmentation(fd: BorrowedFd<'_>, ipv6: bool) -> std::io::Result<()> {
+    setsockopt_int(
+        fd,
+        libc::IPPROTO_IP,
+        libc::IP_MTU_DISCOVER,
+        libc::IP_PMTUDISC_WANT,
+    )?;
+    if ipv6 {
+        setsockopt_int(
+            fd,
+            libc::IPPROTO_IPV6,
+            libc::IPV6_MTU_DISCOVER,
+            libc::IPV6_PMTUDISC_WANT,
+        )?;
+        setsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_DONTFRAG, 0)?;
+    }
+    Ok(())
+}
+
 /// Turns UDP GRO off on `fd` (quinn-udp turns it on wherever the kernel has it).
 pub fn disable_udp_gro(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)
@@ -33,8 +58,8 @@ fn setsockopt_int(
     name: libc::c_int,
     value: libc::c_int,
 ) -> std::io::Result<()> {
-    // SAFETY: the options we set through here (SO_*BUF*, UDP_GRO) read exactly one `c_int`,
-    // which is what we pass.
+    // SAFETY: the options we set through here (SO_*BUF*, UDP_GRO, IP_MTU_DISCOVER,
+    // IPV6_MTU_DISCOVER, IPV6_DONTFRAG) read exactly one `c_int`, which is what we pass.
     unsafe { setsockopt(fd, level, name, &value) }
 }
 

@@ -231,9 +231,12 @@ struct Worker {
 impl Worker {
     fn new(setup: WorkerSetup, stop: Arc<AtomicBool>, shared: Arc<Counters>) -> io::Result<Worker> {
         let udp_state = UdpSocketState::new(UdpSockRef::from(&setup.udp.socket))?;
+        // After quinn-udp's setup, which forbids fragmentation.
+        sys::allow_fragmentation(setup.udp.socket.as_fd(), setup.udp.dual_stack)?;
         let tx = match setup.tx {
             Some(ep) => {
                 let state = UdpSocketState::new(UdpSockRef::from(&ep.socket))?;
+                sys::allow_fragmentation(ep.socket.as_fd(), ep.dual_stack)?;
                 Some((ep, state))
             }
             None => None,
