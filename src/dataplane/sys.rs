@@ -47,6 +47,34 @@ pub fn allow_fragmentation(fd: BorrowedFd<'_>, ipv6: bool) -> std::io::Result<()
     Ok(())
 }
 
+/// `IP_MTU_DISCOVER` of `fd` (and `IPV6_MTU_DISCOVER` when `ipv6`), for tests.
+#[cfg(test)]
+pub fn mtu_discover(fd: BorrowedFd<'_>, ipv6: bool) -> std::io::Result<libc::c_int> {
+    let (level, name) = if ipv6 {
+        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER)
+    } else {
+        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
+    };
+    let mut value: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `fd` is open for the borrow; both options write one `c_int` into `value`, whose
+    // size `len` gives, and `len` is a live `socklen_t` the kernel may update.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            level,
+            name,
+            (&mut value as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if rc == 0 {
+        Ok(value)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
 /// Turns UDP GRO off on `fd` (quinn-udp turns it on wherever the kernel has it).
 pub fn disable_udp_gro(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)

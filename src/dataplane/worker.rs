@@ -216,7 +216,8 @@ struct Worker {
     no_udp_offload: bool,
     /// Whether a refused source address was logged (once per worker).
     source_warned: bool,
-    /// When to probe quinn-udp's state again after a refused source cost it GSO.
+    /// When to probe quinn-udp's state again after a refused source or a refused GSO send
+    /// cost it GSO.
     reprobe: Reprobe,
     busy_poll: std::time::Duration,
     icmp_buf: Vec<u8>,
@@ -230,13 +231,10 @@ struct Worker {
 
 impl Worker {
     fn new(setup: WorkerSetup, stop: Arc<AtomicBool>, shared: Arc<Counters>) -> io::Result<Worker> {
-        let udp_state = UdpSocketState::new(UdpSockRef::from(&setup.udp.socket))?;
-        // After quinn-udp's setup, which forbids fragmentation.
-        sys::allow_fragmentation(setup.udp.socket.as_fd(), setup.udp.dual_stack)?;
+        let udp_state = socket_state(&setup.udp)?;
         let tx = match setup.tx {
             Some(ep) => {
-                let state = UdpSocketState::new(UdpSockRef::from(&ep.socket))?;
-                sys::allow_fragmentation(ep.socket.as_fd(), ep.dual_stack)?;
+                let state = socket_state(&ep)?;
                 Some((ep, state))
             }
             None => None,
@@ -510,6 +508,14 @@ impl Worker {
         if news != SourceNews::Nothing {
             self.source_refused(news);
         }
+        if self.max_gso_segments > 1 {
+            let state = self.tx.as_ref().map_or(&self.udp_state, |(_, st)| st);
+            if state.max_gso_segments() == 1 {
+                // Lost in this batch: for the socket's whole life, to quinn-udp, though the
+                // refusal may concern one peer only (its path MTU). Probe again later.
+                self.reprobe.gso_lost();
+            }
+        }
         // Also in batches after the address came back: a state that lost GSO stays without it.
         if self.reprobe.due(now) {
             self.reprobe();
@@ -685,8 +691,10 @@ enum SourceNews {
 const REPROBE_EVERY: Duration = Duration::from_secs(1);
 
 /// When to probe quinn-udp's state again: after a GSO send went through without the refused
-/// source (the state may have lost GSO to that refusal), at most every [`REPROBE_EVERY`], and
-/// until it has happened, also in batches with nothing refused (the address came back).
+/// source (the state may have lost GSO to that refusal) or after the state lost GSO to a
+/// refused GSO send (which may concern one peer only: a batch larger than the path MTU to it),
+/// at most every [`REPROBE_EVERY`], and until it has happened, also in batches with nothing
+/// refused (the address came back).
 #[derive(Clone, Copy, Debug, Default)]
 struct Reprobe {
     pending: bool,
@@ -694,6 +702,11 @@ struct Reprobe {
 }
 
 impl Reprobe {
+    /// quinn-udp stopped using GSO after the kernel refused a GSO send.
+    fn gso_lost(&mut self) {
+        self.pending = true;
+    }
+
     /// Takes what a batch's sends found out.
     fn note(&mut self, news: SourceNews) {
         if news == SourceNews::RefusedButGsoWorked {
@@ -713,14 +726,23 @@ impl Reprobe {
     }
 }
 
+/// quinn-udp's state for `ep`'s socket. Its setup forbids fragmentation (right for QUIC); the
+/// socket then gets the default back ([`sys::allow_fragmentation`]), after every setup.
+fn socket_state(ep: &UdpEndpoint) -> io::Result<UdpSocketState> {
+    let state = UdpSocketState::new(UdpSockRef::from(&ep.socket))?;
+    sys::allow_fragmentation(ep.socket.as_fd(), ep.dual_stack)?;
+    Ok(state)
+}
+
 /// A fresh quinn-udp state for `ep` when `state` stopped using GSO but a probe finds the
-/// socket can: quinn-udp stops for good at any EINVAL, including one about the source address.
+/// socket can: quinn-udp stops for good at any EINVAL, including one about the source address
+/// and one about a single peer (a GSO batch larger than the path MTU to it).
 #[cold]
 fn reprobe_if_gso_lost(ep: &UdpEndpoint, state: &UdpSocketState) -> Option<UdpSocketState> {
     if state.max_gso_segments() > 1 {
         return None;
     }
-    UdpSocketState::new(UdpSockRef::from(&ep.socket))
+    socket_state(ep)
         .ok()
         .filter(|fresh| fresh.max_gso_segments() > 1)
 }
@@ -908,10 +930,15 @@ fn send_gso(
                 Sent::WithoutSource => SourceNews::Refused,
             }
         }
-        Err(e) if n > 1 && e.kind() != std::io::ErrorKind::WouldBlock => {
-            // The kernel refused GSO (EIO/EINVAL: no checksum offload, a buggy driver); quinn-udp
-            // has stopped using it for later sends. Send this run's segments one by one so no
-            // traffic is lost to the fallback.
+        // The kernel refused GSO (EIO/EINVAL: no checksum offload, a buggy driver, a batch
+        // larger than the path MTU to this peer), and quinn-udp has stopped using it for later
+        // sends. Send this run's segments one by one so no traffic is lost to the fallback.
+        // Other errors (the peer unreachable, a firewall's EPERM) would only fail each of them.
+        Err(e)
+            if n > 1
+                && state.max_gso_segments() == 1
+                && e.kind() != std::io::ErrorKind::WouldBlock =>
+        {
             let mut news = SourceNews::Nothing;
             for chunk in buf.chunks(seg) {
                 let single = Transmit {
@@ -986,6 +1013,52 @@ mod test {
         }
     }
 
+    /// A GSO send the kernel refuses (here: more segments than it takes, EINVAL, as a batch
+    /// larger than a peer's path MTU is) still delivers every datagram, one by one; quinn-udp
+    /// drops GSO for the socket, and the probe gives it back. Every quinn-udp setup forbids
+    /// fragmentation; the socket keeps allowing it. Loopback only, no root.
+    #[test]
+    fn a_refused_gso_send_goes_out_datagram_by_datagram_and_gso_comes_back() {
+        let ep = super::super::io::open_udp(0, 1 << 20).unwrap();
+        let state = socket_state(&ep).unwrap();
+        assert!(state.max_gso_segments() > 1, "this kernel has UDP GSO");
+        let want = |ep: &UdpEndpoint| {
+            (
+                sys::mtu_discover(ep.socket.as_fd(), false).unwrap(),
+                sys::mtu_discover(ep.socket.as_fd(), true).unwrap(),
+            )
+        };
+        assert!(ep.dual_stack);
+        assert_eq!(
+            want(&ep),
+            (libc::IP_PMTUDISC_WANT, libc::IPV6_PMTUDISC_WANT)
+        );
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+        rx.set_nonblocking(false).unwrap();
+        socket2::SockRef::from(&rx)
+            .set_recv_buffer_size(1 << 20)
+            .unwrap();
+        let buf: Vec<u8> = (0..2000u32).map(|i| (i / 10) as u8).collect();
+        let mut local = LocalCounters::default();
+        let peer = rx.local_addr().unwrap();
+        let news = send_gso(&ep, &state, &buf, peer, 10, 200, &mut local);
+        assert_eq!(news, SourceNews::Nothing);
+        assert_eq!(state.max_gso_segments(), 1, "the kernel took 200 segments");
+        assert_eq!(local.udp_tx_packets, 200);
+        let mut got = [0u8; 64];
+        for i in 0..200 {
+            let n = rx.recv(&mut got).unwrap();
+            assert_eq!(&got[..n], &buf[i * 10..(i + 1) * 10], "datagram {i}");
+        }
+        let fresh = reprobe_if_gso_lost(&ep, &state).expect("GSO not given back");
+        assert!(fresh.max_gso_segments() > 1);
+        assert_eq!(
+            want(&ep),
+            (libc::IP_PMTUDISC_WANT, libc::IPV6_PMTUDISC_WANT)
+        );
+    }
+
     /// A refusal that comes again within the rate limit is not forgotten: the probe happens
     /// once the limit allows, even when that batch had nothing refused (the address is back),
     /// so a state that lost GSO gets it back.
@@ -1008,6 +1081,12 @@ mod test {
             "probed once the limit allows, with nothing refused now"
         );
         assert!(!r.due(ms(5_000)), "and only once");
+        // GSO lost to a refused GSO send: probed too, once the limit allows.
+        r.gso_lost();
+        assert!(r.due(ms(6_000)));
+        r.gso_lost();
+        assert!(!r.due(ms(6_500)), "rate-limited");
+        assert!(r.due(ms(7_000)));
     }
 
     #[test]
