@@ -1333,6 +1333,58 @@ fn a_deleted_tun_device_stops_the_daemon_with_an_error() {
     assert!(o.ping_ok(0, &b4, &[]), "the overlay works after a restart");
 }
 
+/// What linen set up on its TUN device and someone took away (the device set down and up,
+/// which drops its routes and IPv6 address; the overlay route deleted) comes back within the
+/// check period, and the overlay works again. Before, the workers ran on while the host routed
+/// the overlay elsewhere.
+#[test]
+fn a_tun_device_set_down_or_its_route_deleted_is_restored() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lntunback", 2);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (b4, b6) = o.addrs(1);
+    assert!(o.ping_ok(0, &b4, &[]), "the overlay works before");
+    let h = o.lab.host(0).clone();
+    let routed = |h: &linen::lab::Host| {
+        let v4 = h
+            .ip(&["route", "show", "198.19.0.0/16"])
+            .unwrap_or_default();
+        let v6 = h
+            .ip(&["-6", "route", "show", "fd00:19::/48"])
+            .unwrap_or_default();
+        v4.contains("linen0") && v6.contains("linen0")
+    };
+    for (round, undo) in [
+        &[
+            &["link", "set", "linen0", "down"][..],
+            &["link", "set", "linen0", "up"],
+        ][..],
+        &[&["route", "del", "198.19.0.0/16", "dev", "linen0"][..]],
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        for args in undo {
+            h.ip(args).unwrap();
+        }
+        let back = wait_for(Duration::from_secs(15), || routed(&h).then_some(()));
+        assert!(back.is_some(), "round {round}: not restored:\n{}", o.log(0));
+        assert!(o.ping_ok(0, &b4, &[]), "round {round}: IPv4 after");
+        assert!(o.ping_ok(0, &b6, &[]), "round {round}: IPv6 after");
+    }
+    assert_eq!(
+        o.log(0)
+            .matches("the TUN device lost what linen set up")
+            .count(),
+        2,
+        "{}",
+        o.log(0)
+    );
+}
+
 /// Waits for a helper script's first line on its (piped) stdout, which must be `ready`.
 fn wait_ready(child: &mut std::process::Child) {
     let mut line = String::new();

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::LinkAttribute;
+use netlink_packet_route::link::{LinkAttribute, LinkFlags};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -35,6 +35,8 @@ pub struct Underlay {
 struct Link {
     name: String,
     index: u32,
+    /// Administratively up.
+    up: bool,
     mtu: u32,
     gso_max_segs: Option<u32>,
     addrs: Vec<IpAddr>,
@@ -93,6 +95,7 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
         out.push(Link {
             name,
             index: msg.header.index,
+            up: msg.header.flags.contains(LinkFlags::Up),
             mtu,
             gso_max_segs,
             addrs: Vec::new(),
@@ -541,6 +544,59 @@ pub async fn configure_tun(
     Ok(())
 }
 
+/// What [`configure_tun`] set up and is gone now (someone ran `ip link set linen0 down`, which
+/// also takes its routes; flushed the routes or addresses; a network manager claimed the
+/// device): a description of each missing piece, empty when all is in place. An error when the
+/// device itself is gone or netlink cannot be read.
+pub async fn tun_missing(
+    handle: &Handle,
+    tun_name: &str,
+    v4: Option<(Ipv4Addr, Ipv4Network)>,
+    v6: Option<(Ipv6Addr, Ipv6Network)>,
+) -> Result<Vec<String>> {
+    let all = links(handle).await?;
+    let link = all
+        .iter()
+        .find(|l| l.name == tun_name)
+        .ok_or_else(|| anyhow!("the device {tun_name} has vanished"))?;
+    let mut missing = Vec::new();
+    if !link.up {
+        missing.push(format!("{tun_name} is down"));
+    }
+    let wanted = [
+        v4.map(|(a, n)| (IpAddr::V4(a), IpNetwork::V4(n))),
+        v6.map(|(a, n)| (IpAddr::V6(a), IpNetwork::V6(n))),
+    ];
+    for (addr, net) in wanted.into_iter().flatten() {
+        if !link.addrs.contains(&addr) {
+            missing.push(format!("the address {addr}"));
+        }
+        if !routes_via(handle, net, link.index).await? {
+            missing.push(format!("the route to {net}"));
+        }
+    }
+    Ok(missing)
+}
+
+/// Whether the main table routes exactly `net` out of interface `index`.
+async fn routes_via(handle: &Handle, net: IpNetwork, index: u32) -> Result<bool> {
+    let query = match net {
+        IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    };
+    let mut stream = handle.route().get(query).execute();
+    while let Some(msg) = stream.try_next().await.context("netlink: listing routes")? {
+        if route_table(&msg) == MAIN_TABLE
+            && msg.header.destination_prefix_length == net.prefix()
+            && route_matches(&msg.attributes, net)
+            && output_interface(&msg.attributes) == Some(index)
+        {
+            return Ok(true);
+        }
+    }
+    Ok(false)
+}
+
 /// Moves the TUN device to a new lease's addresses: adds the new ones and re-points the overlay
 /// routes at them (their preferred source is the host's source address for overlay traffic),
 /// then removes every other address of the overlay networks from the device: the old lease's,
@@ -731,6 +787,7 @@ mod test {
         let link = Link {
             name: "eth0".into(),
             index: 2,
+            up: true,
             mtu: 1500,
             gso_max_segs: None,
             // The kernel lists the newest first: the temporary address.

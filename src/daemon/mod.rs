@@ -437,11 +437,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut table_key = device_key;
             let mut env_key = device_key;
             let mut retry_at: Option<tokio::time::Instant> = None;
-            // The last error of the device step and of the subnet.env step, logged once.
-            let mut failing: [Option<String>; 2] = [None, None];
+            // The last error of the device step, of the subnet.env step and of the device check,
+            // logged once.
+            let mut failing: [Option<String>; 3] = [None, None, None];
+            let mut check_at = tokio::time::Instant::now() + TUN_CHECK;
             // Peer keys not routed, last warned about.
             let mut skipped: Vec<SubnetKey> = Vec::new();
-            loop {
+            'publish: loop {
                 let mut current: LeaseState = state.borrow_and_update().clone();
                 let moved_now = current.own.as_ref().is_some_and(|o| o.key != table_key);
                 if let Some(own) = &current.own {
@@ -513,11 +515,22 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     "table published"
                 );
                 table.publish(snap);
-                tokio::select! {
-                    r = state.changed() => if r.is_err() {
-                        break;
-                    },
-                    () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => {}
+                loop {
+                    tokio::select! {
+                        r = state.changed() => if r.is_err() {
+                            break 'publish;
+                        } else {
+                            break;
+                        },
+                        () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => break,
+                        () = tokio::time::sleep_until(check_at) => {
+                            check_at = tokio::time::Instant::now() + TUN_CHECK;
+                            // Not while a move is under way: the move sets the device up anew.
+                            if device_key == table_key {
+                                check_tun(&nl, &tun_name, &config, &device_key, &mut failing[2]).await;
+                            }
+                        }
+                    }
                 }
             }
         })
@@ -608,6 +621,37 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
 /// Logs a failed step that is retried every 5 s: at error level when it starts failing or its
 /// error changes, not at every retry.
+/// How often the TUN device is checked for what linen set up on it.
+const TUN_CHECK: Duration = Duration::from_secs(5);
+
+/// Puts back what [`host::configure_tun`] set up on the TUN device for `key` and is gone (the
+/// device taken down, which also drops its routes; routes or addresses flushed; a network
+/// manager that claimed it): the workers would keep running while the host routed the overlay
+/// elsewhere. A vanished device is left to the workers, which stop the daemon.
+async fn check_tun(
+    nl: &rtnetlink::Handle,
+    tun_name: &str,
+    config: &NetworkConfig,
+    key: &SubnetKey,
+    failing: &mut Option<String>,
+) {
+    let (v4, v6) = tun_addrs(key);
+    let (v4, v6) = (v4.zip(config.network), v6.zip(config.ipv6_network));
+    let missing = match host::tun_missing(nl, tun_name, v4, v6).await {
+        Ok(m) if m.is_empty() => return,
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "cannot check the TUN device");
+            return;
+        }
+    };
+    tracing::warn!(device = tun_name, missing = %missing.join(", "), "the TUN device lost what linen set up; restoring it");
+    match host::configure_tun(nl, tun_name, v4, v6).await {
+        Ok(()) => retry_done(failing, "the TUN device restored"),
+        Err(e) => retry_failed(failing, "cannot restore the TUN device", format!("{e:#}")),
+    }
+}
+
 fn retry_failed(last: &mut Option<String>, what: &str, error: String) {
     if last.as_deref() != Some(error.as_str()) {
         tracing::error!(error = %error, "{what}; retrying every 5 s (logged again if the error changes)");
