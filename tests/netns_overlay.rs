@@ -1218,6 +1218,16 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     // Retried every 5 s, logged once (each retry only at debug): wait for a retry before
     // unblocking.
     o.await_log(0, "cannot rewrite subnet.env, again", 15);
+    // `linen status` (and the metric linen_host_step_failing) says so meanwhile.
+    let status = || {
+        let out = h0.run(LINEN, &["status"]).unwrap();
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let during = status();
+    assert!(
+        during.contains("FAILING   subnet_env (retried)"),
+        "{during}"
+    );
     std::fs::remove_dir_all(&env_path).unwrap();
     let moved = wait_for(Duration::from_secs(15), || {
         let env = SubnetEnv::parse(&std::fs::read_to_string(&env_path).ok()?).ok()?;
@@ -1248,6 +1258,10 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
         "{log}"
     );
     assert!(log.contains("subnet.env rewritten after all"), "{log}");
+    let cleared = wait_for(Duration::from_secs(10), || {
+        (!status().contains("FAILING")).then_some(())
+    });
+    assert!(cleared.is_some(), "{}", status());
     // The masquerade rules name the new subnet, rebuilt as expected rather than "missing".
     let rules = wait_for(Duration::from_secs(10), || {
         let r = h0

@@ -250,6 +250,9 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
         "table     {} routes, generation {}",
         s.table.routes, s.table.generation
     );
+    for f in &s.host_failing {
+        let _ = writeln!(out, "FAILING   {} (retried): {}", f.step, f.error);
+    }
 
     let _ = writeln!(out);
     let mut rows = vec![[
@@ -473,6 +476,16 @@ mod test {
             "{text}"
         );
         assert!(text.contains("(no peers)"), "{text}");
+        assert!(!text.contains("FAILING"), "{text}");
+        s.host_failing = vec![crate::daemon::status::HostFailure {
+            step: "iptables".into(),
+            error: "iptables: exit status 4".into(),
+        }];
+        let text = render(&s, "127.0.0.1:9418".parse().unwrap());
+        assert!(
+            text.contains("FAILING   iptables (retried): iptables: exit status 4\n"),
+            "{text}"
+        );
     }
 
     #[test]

@@ -644,6 +644,7 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2]) {
 pub fn spawn_resync(
     mut masq: Masq,
     mut state: watch::Receiver<LeaseState>,
+    host: super::status::HostSteps,
     cancel: CancellationToken,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
@@ -698,6 +699,7 @@ pub fn spawn_resync(
                 }
                 Err(e) => tracing::error!(error = %e, "iptables check panicked"),
             }
+            host.set("iptables", failing.as_ref());
         }
         let m = masq.clone();
         let _ = tokio::task::spawn_blocking(move || m.remove()).await;

@@ -16,6 +16,8 @@
 //! - `registry_connected`, `registry_resyncs_total`, `registry_last_error_info{error}`,
 //!   `registry_last_error_age_seconds`
 //! - `workers_configured`, `workers_running`, `healthy`
+//! - `host_step_failing{step}`: 1 while a host-side step the daemon keeps in place fails
+//!   (`tun`, `subnet_env`, `iptables`), else 0
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -224,6 +226,20 @@ impl Collector for StatusCollector {
             "Forwarding workers whose thread runs",
             &count(s.workers.running),
         )?;
+        {
+            let mut m = enc.encode_descriptor(
+                "linen_host_step_failing",
+                "1 while a host-side step kept in place after start fails (the TUN device's \
+                 addresses and routes, subnet.env after a lease move, the iptables rules); \
+                 linen retries it",
+                None,
+                prometheus_client::metrics::MetricType::Gauge,
+            )?;
+            for step in super::status::HOST_STEPS {
+                let failing = s.host_failing.iter().any(|f| f.step == step);
+                flag(failing).encode(m.encode_family(&[("step", step)])?)?;
+            }
+        }
         one(
             &mut enc,
             "linen_healthy",
@@ -276,6 +292,10 @@ mod test {
             ok: true,
             reason: None,
         };
+        s.host_failing = vec![crate::daemon::status::HostFailure {
+            step: "subnet_env".into(),
+            error: "writing /run/linen/subnet.env: Is a directory".into(),
+        }];
         s
     }
 
@@ -301,6 +321,10 @@ mod test {
             "linen_workers_configured 2",
             "linen_workers_running 2",
             "linen_healthy 1",
+            "# TYPE linen_host_step_failing gauge",
+            "linen_host_step_failing{step=\"tun\"} 0",
+            "linen_host_step_failing{step=\"subnet_env\"} 1",
+            "linen_host_step_failing{step=\"iptables\"} 0",
             "# TYPE linen_worker_packets_total counter",
             "linen_worker_packets_total{worker=\"0\",direction=\"tun_rx\"} 3",
             "linen_worker_packets_total{worker=\"0\",direction=\"udp_rx\"} 0",

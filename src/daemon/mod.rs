@@ -408,10 +408,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         }
         return Err(e).with_context(|| format!("writing {}", args.subnet_file.display()));
     }
-    let masq = rules.map(|r| masq::spawn_resync(r, manager.subscribe(), cancel.clone()));
+    let host_steps = status::HostSteps::default();
+    let masq = rules
+        .map(|r| masq::spawn_resync(r, manager.subscribe(), host_steps.clone(), cancel.clone()));
     notify::notify_logged("READY=1");
     let mut state = manager.subscribe();
     ops.attach(status::Sources {
+        host: host_steps.clone(),
         state: manager.subscribe(),
         table: table.clone(),
         workers: handles.iter().map(WorkerHandle::monitor).collect(),
@@ -428,6 +431,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let tun_name = args.tun.clone();
         let attrs = attrs.clone();
         let mut device_key = own.key;
+        let host_steps = host_steps.clone();
         tokio::spawn(async move {
             // The lease the table is built for, and the ones the TUN device and subnet.env
             // carry: they differ after a move until each has followed. A step that fails is
@@ -515,6 +519,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     "table published"
                 );
                 table.publish(snap);
+                host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
+                host_steps.set("subnet_env", failing[1].as_ref());
                 loop {
                     tokio::select! {
                         r = state.changed() => if r.is_err() {
@@ -528,6 +534,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             // Not while a move is under way: the move sets the device up anew.
                             if device_key == table_key {
                                 check_tun(&nl, &tun_name, &config, &device_key, &mut failing[2]).await;
+                                host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
                         }
                     }

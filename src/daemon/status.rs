@@ -22,6 +22,8 @@ use crate::table::Table;
 /// runs.
 #[derive(Clone, Debug)]
 pub struct Sources {
+    /// The host-side steps failing now.
+    pub host: HostSteps,
     /// The lease manager's state.
     pub state: watch::Receiver<LeaseState>,
     /// The published forwarding table.
@@ -54,6 +56,57 @@ pub struct Status {
     /// What each worker moved, in worker order: how flows spread over the workers.
     #[serde(default)]
     pub per_worker: Vec<WorkerTraffic>,
+    /// The host-side steps failing now ([`HOST_STEPS`]), each with its error.
+    #[serde(default)]
+    pub host_failing: Vec<HostFailure>,
+}
+
+/// The steps on the host the daemon keeps in place after start, as [`HostSteps`] names them:
+/// the TUN device (its move with the lease, and the periodic check), `subnet.env` (its rewrite
+/// after a move), the iptables rules (their resync).
+pub const HOST_STEPS: [&str; 3] = ["tun", "subnet_env", "iptables"];
+
+/// A host-side step failing now, and why.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostFailure {
+    /// One of [`HOST_STEPS`].
+    pub step: String,
+    /// Its last error.
+    pub error: String,
+}
+
+/// Which host-side steps fail now: set by the tasks that retry them, read by `/status` and
+/// `/metrics`. Cheap to clone (shared).
+#[derive(Clone, Debug, Default)]
+pub struct HostSteps(std::sync::Arc<std::sync::Mutex<BTreeMap<&'static str, String>>>);
+
+impl HostSteps {
+    /// Records step `step`'s state: its error while it fails, `None` once it works.
+    pub fn set(&self, step: &'static str, error: Option<&String>) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        match error {
+            Some(e) => {
+                map.insert(step, e.clone());
+            }
+            None => {
+                map.remove(step);
+            }
+        }
+    }
+
+    /// The failing steps, in [`HOST_STEPS`] order.
+    pub fn failing(&self) -> Vec<HostFailure> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        HOST_STEPS
+            .iter()
+            .filter_map(|step| {
+                map.get(step).map(|e| HostFailure {
+                    step: (*step).to_owned(),
+                    error: e.clone(),
+                })
+            })
+            .collect()
+    }
 }
 
 /// One worker's share of the traffic.
@@ -309,6 +362,7 @@ pub fn collect(sources: Option<&Sources>, now: SystemTime) -> Status {
         workers,
         counters: CountersView::from(&total),
         per_worker,
+        host_failing: src.host.failing(),
     }
 }
 
@@ -381,6 +435,24 @@ mod test {
 
     use super::*;
     use crate::model::{LeaseAttrs, SubnetKey};
+
+    #[test]
+    fn host_steps_are_listed_while_they_fail_in_a_fixed_order() {
+        let steps = HostSteps::default();
+        assert!(steps.failing().is_empty());
+        steps.set("iptables", Some(&"lock".to_owned()));
+        steps.set("tun", Some(&"gone".to_owned()));
+        let names: Vec<String> = steps.failing().into_iter().map(|f| f.step).collect();
+        assert_eq!(names, ["tun", "iptables"]);
+        steps.clone().set("tun", None);
+        assert_eq!(
+            steps.failing(),
+            [HostFailure {
+                step: "iptables".into(),
+                error: "lock".into()
+            }]
+        );
+    }
 
     fn lease(expires_in: Option<i64>, now: SystemTime) -> Lease {
         Lease {
