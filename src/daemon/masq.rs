@@ -21,8 +21,8 @@
 //! (default 5) and, when one is missing, the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
 //! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
 
-use std::process::{Command, Output, Stdio};
-use std::time::Duration;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::IpNetwork;
@@ -234,6 +234,39 @@ impl Wait {
             Wait::Bare => &["-w"],
             Wait::Unsupported => &[],
         }
+    }
+}
+
+/// Longest an iptables command may run. `-w 5` bounds its wait for the xtables lock from 1.6.0
+/// on, but the bare `-w` of 1.4.20 to 1.5.x waits as long as another program holds the lock:
+/// for ever, a lock held for good would hang linen's start, and its stop until systemd kills it
+/// and leaves the rules behind.
+const IPTABLES_DEADLINE: Duration = Duration::from_secs(30);
+
+/// Waits for `child` to exit, at most `deadline`; kills it after that (a `TimedOut` error).
+/// Its output is read once it has exited, so it must fit the pipes' buffers (64 KiB), as the
+/// messages of the commands run through here do.
+fn finish_within(mut child: Child, deadline: Duration) -> std::io::Result<Output> {
+    let until = Instant::now() + deadline;
+    let mut nap = Duration::from_millis(1);
+    loop {
+        if child.try_wait()?.is_some() {
+            return child.wait_with_output();
+        }
+        if Instant::now() >= until {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                format!(
+                    "it did not finish within {} s (does another program hold the xtables \
+                     lock?); stopped it",
+                    deadline.as_secs()
+                ),
+            ));
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(20));
     }
 }
 
@@ -453,15 +486,25 @@ struct Ipt<'a> {
 }
 
 impl Ipt<'_> {
-    /// Runs `<program> [-w [5]] -t <table> <op> <chain> <args…>`.
+    /// Runs `<program> [-w [5]] -t <table> <op> <chain> <args…>`, for at most
+    /// [`IPTABLES_DEADLINE`].
     fn run(self, op: &str, chain: &str, args: &[String]) -> Result<Output> {
         Command::new(self.program)
             .args(self.wait.args())
             .args(["-t", self.purpose.table(), op, chain])
             .args(args)
             .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {}", self.program))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .and_then(|child| finish_within(child, IPTABLES_DEADLINE))
+            .with_context(|| {
+                format!(
+                    "running `{} -t {} {op} {chain}`",
+                    self.program,
+                    self.purpose.table()
+                )
+            })
     }
 
     /// Like [`Ipt::run`] but fails with iptables' message unless it exits 0.
@@ -793,6 +836,38 @@ mod tests {
             }
         }
         path.to_string_lossy().into_owned()
+    }
+
+    /// A command that does not end (a bare `-w` waiting for a lock held for good) is stopped
+    /// at the deadline; one that ends is read as usual.
+    #[test]
+    fn a_command_that_does_not_end_is_stopped_at_the_deadline() {
+        let spawn = |script: &str| {
+            Command::new("sh")
+                .args(["-c", script])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .unwrap()
+        };
+        let started = Instant::now();
+        let e = finish_within(spawn("sleep 60"), Duration::from_millis(300)).unwrap_err();
+        assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
+        assert!(e.to_string().contains("xtables lock"), "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited for the command"
+        );
+        let out = finish_within(
+            spawn("echo out; echo err >&2; exit 3"),
+            Duration::from_secs(30),
+        )
+        .unwrap();
+        assert_eq!(out.status.code(), Some(3));
+        assert_eq!(
+            (&out.stdout[..], &out.stderr[..]),
+            (&b"out\n"[..], &b"err\n"[..])
+        );
     }
 
     #[test]
