@@ -589,9 +589,10 @@ impl Shared {
                 Ok(None)
             }
             Err(e) => {
-                // The move may have gone through with its answer lost: the key is then on
-                // `new`, and revoking `new` would delete it. Revoked only when no key is on it.
-                self.release(new).await;
+                // The move may have gone through with its answer lost, or may still be queued
+                // and commit later: the key is then on `new`, and revoking `new` would delete
+                // it. So `new` is not touched: unused, it expires after its TTL.
+                tracing::debug!(lease = format_args!("{new:x}"), error = %e, "left the new etcd lease to expire");
                 Err(e)
             }
         }
