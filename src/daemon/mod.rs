@@ -626,8 +626,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
     outcome
 }
 
-/// Logs a failed step that is retried every 5 s: at error level when it starts failing or its
-/// error changes, not at every retry.
 /// How often the TUN device is checked for what linen set up on it.
 const TUN_CHECK: Duration = Duration::from_secs(5);
 
@@ -645,20 +643,29 @@ async fn check_tun(
     let (v4, v6) = tun_addrs(key);
     let (v4, v6) = (v4.zip(config.network), v6.zip(config.ipv6_network));
     let missing = match host::tun_missing(nl, tun_name, v4, v6).await {
-        Ok(m) if m.is_empty() => return,
+        Ok(m) if m.is_empty() => {
+            // Whole again, maybe put back by hand or by another tool: a failed restore is over.
+            retry_done(failing, "the TUN device is complete");
+            return;
+        }
         Ok(m) => m,
         Err(e) => {
             tracing::debug!(error = %format!("{e:#}"), "cannot check the TUN device");
             return;
         }
     };
-    tracing::warn!(device = tun_name, missing = %missing.join(", "), "the TUN device lost what linen set up; restoring it");
+    if failing.is_none() {
+        // While a restore keeps failing, retry_failed logs it (once per distinct error).
+        tracing::warn!(device = tun_name, missing = %missing.join(", "), "the TUN device lost what linen set up; restoring it");
+    }
     match host::configure_tun(nl, tun_name, v4, v6).await {
         Ok(()) => retry_done(failing, "the TUN device restored"),
         Err(e) => retry_failed(failing, "cannot restore the TUN device", format!("{e:#}")),
     }
 }
 
+/// Logs a failed step that is retried every 5 s: at error level when it starts failing or its
+/// error changes, not at every retry.
 fn retry_failed(last: &mut Option<String>, what: &str, error: String) {
     if last.as_deref() != Some(error.as_str()) {
         tracing::error!(error = %error, "{what}; retrying every 5 s (logged again if the error changes)");
