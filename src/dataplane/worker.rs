@@ -937,7 +937,7 @@ fn send_gso(
         Err(e)
             if n > 1
                 && state.max_gso_segments() == 1
-                && e.kind() != std::io::ErrorKind::WouldBlock =>
+                && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
         {
             let mut news = SourceNews::Nothing;
             for chunk in buf.chunks(seg) {
