@@ -1644,11 +1644,12 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
     let dir = tempfile::tempdir().unwrap();
     common::network_init(dir.path());
     let mut envs = Vec::new();
-    for (name, h) in [("outside", &outside), ("far", &far)] {
+    let mut start = |name: &str, h: &linen::lab::Host, extra: &[String]| {
         let env = dir.path().join(format!("{name}.env"));
         let log = dir.path().join(format!("{name}.log"));
         let mut cmd = h.command(LINEN);
         cmd.args(["run", "--iface", "eth0", "--metrics-addr", "off"])
+            .args(extra)
             .arg("--registry-dir")
             .arg(dir.path())
             .arg("--subnet-file")
@@ -1656,15 +1657,19 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         lab.spawn(cmd, "linen").unwrap();
+        let read = wait_for(Duration::from_secs(15), || {
+            SubnetEnv::parse(&std::fs::read_to_string(&env).ok()?).ok()
+        });
+        let read = read
+            .unwrap_or_else(|| panic!("no subnet.env: {}", std::fs::read_to_string(&log).unwrap()));
         envs.push((env, log));
-    }
-    let read_env = |(env, log): &(PathBuf, PathBuf)| {
-        wait_for(Duration::from_secs(15), || {
-            SubnetEnv::parse(&std::fs::read_to_string(env).ok()?).ok()
-        })
-        .unwrap_or_else(|| panic!("no subnet.env: {}", std::fs::read_to_string(log).unwrap()))
+        read
     };
-    let (from, to) = (read_env(&envs[0]), read_env(&envs[1]));
+    let from = start("outside", &outside, &[]);
+    // The far host's overlay takes full-size packets too (its own interface would give it a
+    // smaller MTU, and TCP between the two would then never send a segment that does not fit
+    // the hop).
+    let to = start("far", &far, &["--mtu".to_string(), from.mtu.to_string()]);
     // A full-size overlay packet (as the outside host's own 1500-byte interface allows) in an
     // IPv4 datagram does not fit the hop.
     assert!(from.mtu + 28 > 1400, "{}", from.mtu);
@@ -1693,7 +1698,7 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
         logs()
     );
     // And a TCP transfer of full-size segments, which leave in GSO batches of datagrams too
-    // large for the hop: the kernel refuses those (EINVAL), and linen sends each datagram
+    // large for the hop: the kernel refuses those (EMSGSIZE; EINVAL before 6.x), and linen sends each datagram
     // alone, fragmented.
     let mut server = Helper::spawn(
         far.command("iperf3")

@@ -930,14 +930,21 @@ fn send_gso(
                 Sent::WithoutSource => SourceNews::Refused,
             }
         }
-        // The kernel refused GSO (EIO/EINVAL: no checksum offload, a buggy driver, a batch
-        // larger than the path MTU to this peer), and quinn-udp has stopped using it for later
-        // sends. Send this run's segments one by one so no traffic is lost to the fallback.
-        // Other errors (the peer unreachable, a firewall's EPERM) would only fail each of them.
+        // The kernel refused the batch, and its datagrams may go one by one: send this run's
+        // segments singly, so no traffic is lost. EMSGSIZE: the segments are larger than the
+        // path MTU learned for this peer (a smaller hop on the way); a single datagram is
+        // fragmented instead, and GSO stays on for every other peer (each batch to this peer
+        // costs one refused call more). EIO/EINVAL: GSO itself refused (no checksum offload,
+        // a buggy driver; older kernels so refuse the path MTU case too), and quinn-udp has stopped
+        // using it for later sends. Other errors (the peer unreachable, a firewall's EPERM)
+        // would only fail each of them.
         Err(e)
             if n > 1
-                && state.max_gso_segments() == 1
-                && matches!(e.raw_os_error(), Some(libc::EIO | libc::EINVAL)) =>
+                && match e.raw_os_error() {
+                    Some(libc::EMSGSIZE) => true,
+                    Some(libc::EIO | libc::EINVAL) => state.max_gso_segments() == 1,
+                    _ => false,
+                } =>
         {
             let mut news = SourceNews::Nothing;
             for chunk in buf.chunks(seg) {
