@@ -243,15 +243,66 @@ impl Wait {
 /// and leaves the rules behind.
 const IPTABLES_DEADLINE: Duration = Duration::from_secs(30);
 
-/// Waits for `child` to exit, at most `deadline`; kills it after that (a `TimedOut` error).
-/// Its output is read once it has exited, so it must fit the pipes' buffers (64 KiB), as the
-/// messages of the commands run through here do.
-fn finish_within(mut child: Child, deadline: Duration) -> std::io::Result<Output> {
+/// Longest the removal of the rules on the way out may take, all its commands together: it
+/// must end well within the unit's `TimeoutStopSec=30`, after which systemd kills linen.
+const REMOVAL_BUDGET: Duration = Duration::from_secs(15);
+
+/// What else ends a step's iptables commands early, besides [`IPTABLES_DEADLINE`] for each: a
+/// time by which all of them must be done, and a cancellation (the daemon stopping while a
+/// resync check waits for the xtables lock: the rules must still be removed in time).
+#[derive(Clone, Default)]
+pub struct Limit {
+    until: Option<Instant>,
+    cancel: Option<CancellationToken>,
+}
+
+impl Limit {
+    /// All commands done within `budget` from now.
+    fn within(budget: Duration) -> Limit {
+        Limit {
+            until: Some(Instant::now() + budget),
+            cancel: None,
+        }
+    }
+
+    /// Each command ended at its deadline or when `cancel` is cancelled.
+    pub fn until_cancelled(cancel: &CancellationToken) -> Limit {
+        Limit {
+            until: None,
+            cancel: Some(cancel.clone()),
+        }
+    }
+
+    /// How long the next command may run.
+    fn deadline(&self) -> Duration {
+        self.until.map_or(IPTABLES_DEADLINE, |u| {
+            u.saturating_duration_since(Instant::now())
+                .min(IPTABLES_DEADLINE)
+        })
+    }
+}
+
+/// Waits for `child` to exit, at most `deadline` and not past `cancel`; kills it after that (a
+/// `TimedOut` error). Its output is read once it has exited, so it must fit the pipes' buffers
+/// (64 KiB), as the messages of the commands run through here do.
+fn finish_within(
+    mut child: Child,
+    deadline: Duration,
+    cancel: Option<&CancellationToken>,
+) -> std::io::Result<Output> {
     let until = Instant::now() + deadline;
     let mut nap = Duration::from_millis(1);
     loop {
         if child.try_wait()?.is_some() {
             return child.wait_with_output();
+        }
+        if cancel.is_some_and(CancellationToken::is_cancelled) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::Interrupted,
+                "linen is stopping; stopped it",
+            ));
         }
         if Instant::now() >= until {
             let _ = child.kill();
@@ -292,11 +343,12 @@ struct RuleSet {
 }
 
 impl RuleSet {
-    fn ipt(&self) -> Ipt<'static> {
+    fn ipt<'a>(&self, limit: &'a Limit) -> Ipt<'a> {
         Ipt {
             program: self.family.program(),
             wait: self.wait,
             purpose: self.purpose,
+            limit,
         }
     }
 
@@ -452,11 +504,11 @@ impl Masq {
 
     /// Makes sure every rule is in place; returns whether anything had to be (re)added. Every
     /// chain is tried even when one fails; the error names each that failed.
-    pub fn ensure(&self) -> Result<bool> {
+    pub fn ensure(&self, limit: &Limit) -> Result<bool> {
         let mut changed = false;
         let mut failed = Vec::new();
         for set in &self.sets {
-            match ensure_set(set) {
+            match ensure_set(set, limit) {
                 Ok(c) => changed |= c,
                 Err(e) => failed.push(format!("{e:#}")),
             }
@@ -468,10 +520,12 @@ impl Masq {
         }
     }
 
-    /// Removes the jumps and the chains (errors are logged: this runs on the way out).
+    /// Removes the jumps and the chains (errors are logged: this runs on the way out), within
+    /// [`REMOVAL_BUDGET`].
     pub fn remove(&self) {
+        let limit = Limit::within(REMOVAL_BUDGET);
         for set in &self.sets {
-            set.ipt().remove_chain();
+            set.ipt(&limit).remove_chain();
         }
     }
 }
@@ -483,11 +537,12 @@ struct Ipt<'a> {
     program: &'a str,
     wait: Wait,
     purpose: Purpose,
+    limit: &'a Limit,
 }
 
 impl Ipt<'_> {
     /// Runs `<program> [-w [5]] -t <table> <op> <chain> <args…>`, for at most
-    /// [`IPTABLES_DEADLINE`].
+    /// [`IPTABLES_DEADLINE`] and within its [`Limit`].
     fn run(self, op: &str, chain: &str, args: &[String]) -> Result<Output> {
         Command::new(self.program)
             .args(self.wait.args())
@@ -497,7 +552,9 @@ impl Ipt<'_> {
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()
-            .and_then(|child| finish_within(child, IPTABLES_DEADLINE))
+            .and_then(|child| {
+                finish_within(child, self.limit.deadline(), self.limit.cancel.as_ref())
+            })
             .with_context(|| {
                 format!(
                     "running `{} -t {} {op} {chain}`",
@@ -563,8 +620,8 @@ impl Ipt<'_> {
     }
 }
 
-fn ensure_set(set: &RuleSet) -> Result<bool> {
-    let ipt = set.ipt();
+fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
+    let ipt = set.ipt(limit);
     let chain = set.purpose.chain();
     let mut changed = false;
     if !ipt.run("-S", chain, &[])?.status.success() {
@@ -612,8 +669,9 @@ pub async fn install(
         ];
         remove_leftovers(opts.masquerade, opts.forward, families);
         let masq = Masq::new(&config, &lease, opts)?;
+        let limit = Limit::default();
         for set in &masq.sets {
-            match ensure_set(set) {
+            match ensure_set(set, &limit) {
                 Ok(_) => {}
                 // Kept: the resync tries again (the iptables lock may be held by kube-proxy or
                 // Docker at boot, say).
@@ -675,6 +733,7 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2]) {
                     program: family.program(),
                     wait,
                     purpose,
+                    limit: &Limit::default(),
                 }
                 .remove_chain();
             }
@@ -720,8 +779,13 @@ pub fn spawn_resync(
                     }
                 }
             }
-            let m = masq.clone();
-            match tokio::task::spawn_blocking(move || m.ensure()).await {
+            let (m, limit) = (masq.clone(), Limit::until_cancelled(&cancel));
+            let checked = tokio::task::spawn_blocking(move || m.ensure(&limit)).await;
+            if cancel.is_cancelled() {
+                // Cut short, not failed: the rules are removed next.
+                break;
+            }
+            match checked {
                 Ok(Ok(changed)) => {
                     if failing.take().is_some() {
                         tracing::info!("iptables rules in place again");
@@ -851,7 +915,7 @@ mod tests {
                 .unwrap()
         };
         let started = Instant::now();
-        let e = finish_within(spawn("sleep 60"), Duration::from_millis(300)).unwrap_err();
+        let e = finish_within(spawn("sleep 60"), Duration::from_millis(300), None).unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("xtables lock"), "{e}");
         assert!(
@@ -861,6 +925,7 @@ mod tests {
         let out = finish_within(
             spawn("echo out; echo err >&2; exit 3"),
             Duration::from_secs(30),
+            None,
         )
         .unwrap();
         assert_eq!(out.status.code(), Some(3));
@@ -868,6 +933,35 @@ mod tests {
             (&out.stdout[..], &out.stderr[..]),
             (&b"out\n"[..], &b"err\n"[..])
         );
+    }
+
+    /// The daemon stopping ends a command that waits (a resync check waiting for the xtables
+    /// lock), and all commands of a removal share one budget: the way out fits the unit's stop
+    /// timeout.
+    #[test]
+    fn a_stop_cuts_commands_short() {
+        let cancel = CancellationToken::new();
+        let child = Command::new("sleep").arg("60").spawn().unwrap();
+        let started = Instant::now();
+        let stopper = {
+            let cancel = cancel.clone();
+            std::thread::spawn(move || {
+                std::thread::sleep(Duration::from_millis(200));
+                cancel.cancel();
+            })
+        };
+        let e = finish_within(child, IPTABLES_DEADLINE, Some(&cancel)).unwrap_err();
+        stopper.join().unwrap();
+        assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "{e}");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "waited for the command"
+        );
+
+        assert_eq!(Limit::default().deadline(), IPTABLES_DEADLINE);
+        let removal = Limit::within(REMOVAL_BUDGET);
+        assert!(removal.deadline() <= REMOVAL_BUDGET);
+        assert_eq!(Limit::within(Duration::ZERO).deadline(), Duration::ZERO);
     }
 
     #[test]
@@ -880,6 +974,7 @@ mod tests {
                 program: &program,
                 wait: Wait::Bare,
                 purpose: Purpose::Forward,
+                limit: &Limit::default(),
             }
             .exists("FORWARD", &rule)
         };
