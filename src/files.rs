@@ -44,7 +44,44 @@ pub fn write_atomic(path: &Path, contents: &[u8]) -> io::Result<()> {
     if let Ok(d) = File::open(dir) {
         let _ = d.sync_all();
     }
+    remove_stale_temporaries(dir, &name.to_string_lossy());
     Ok(())
+}
+
+/// A temporary file older than this was left by a writer that died between creating and
+/// renaming it (a write takes milliseconds).
+const STALE: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Removes the temporary files of `name` that earlier writes left in `dir` when the process
+/// died halfway: with unpredictable names, no later write reuses and so replaces them. Only
+/// regular files of the exact pattern and older than [`STALE`]: a write in progress keeps
+/// its own. Best effort.
+fn remove_stale_temporaries(dir: &Path, name: &str) {
+    let Ok(entries) = fs::read_dir(dir) else {
+        return;
+    };
+    let prefix = format!(".{name}.");
+    for entry in entries.flatten() {
+        let file_name = entry.file_name();
+        let Some(middle) = file_name
+            .to_str()
+            .and_then(|n| n.strip_prefix(&prefix))
+            .and_then(|rest| rest.strip_suffix(".tmp"))
+        else {
+            continue;
+        };
+        if middle.len() != 16 || !middle.bytes().all(|b| b.is_ascii_hexdigit()) {
+            continue;
+        }
+        let stale = entry.metadata().is_ok_and(|m| {
+            m.is_file()
+                && m.modified()
+                    .is_ok_and(|t| t.elapsed().is_ok_and(|age| age > STALE))
+        });
+        if stale {
+            let _ = fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// Largest file [`read_regular`] reads: these files hold a line or two of JSON, and a huge
@@ -123,6 +160,36 @@ mod test {
         fs::create_dir(&taken).unwrap();
         write_atomic(&taken, b"A=3\n").unwrap_err();
         assert_eq!(entries(dir.path()), ["subnet.env", "taken"]);
+    }
+
+    /// A writer that died between creating its temporary file and renaming it left the file;
+    /// the next write removes it once it is old, and leaves a fresh one (a write in progress)
+    /// and files that only look alike.
+    #[test]
+    fn temporary_files_a_dead_writer_left_are_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = std::time::SystemTime::now() - 2 * STALE;
+        let make = |name: &str, modified| {
+            let f = File::create(dir.path().join(name)).unwrap();
+            f.set_modified(modified).unwrap();
+        };
+        make(".subnet.env.0123456789abcdef.tmp", old);
+        make(
+            ".subnet.env.fedcba9876543210.tmp",
+            std::time::SystemTime::now(),
+        );
+        make(".subnet.env.not-ours.tmp", old);
+        make(".other.0123456789abcdef.tmp", old);
+        write_atomic(&dir.path().join("subnet.env"), b"A=1\n").unwrap();
+        assert_eq!(
+            entries(dir.path()),
+            [
+                ".other.0123456789abcdef.tmp",
+                ".subnet.env.fedcba9876543210.tmp",
+                ".subnet.env.not-ours.tmp",
+                "subnet.env"
+            ]
+        );
     }
 
     #[test]
