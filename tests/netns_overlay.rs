@@ -1621,7 +1621,8 @@ fn bad_flags_and_configs_exit_2_with_a_message() {
 /// carries 1400 bytes. A full-size overlay packet from the outside host makes a 1500-byte
 /// datagram that the router cannot forward; it answers "fragmentation needed", and from then
 /// on the sender must fragment such datagrams, as flannel's udp backend does. (quinn-udp's
-/// sockets ignore a learned path MTU: such packets were lost for good.)
+/// sockets ignore a learned path MTU: such packets were lost for good.) The same for IPv6
+/// overlay traffic over the IPv6 underlay, with "packet too big".
 #[test]
 fn a_smaller_path_mtu_on_the_underlay_is_learned() {
     if skip() {
@@ -1630,9 +1631,9 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
     let mut lab = Lab::new("lnpmtu", 2, 1500).unwrap();
     let outside = lab.add_outside(0).unwrap();
     let (router, far) = (lab.host(0).clone(), lab.host(1).clone());
-    router
-        .run_ok("sysctl", &["-qw", "net.ipv4.ip_forward=1"])
-        .unwrap();
+    for sysctl in ["net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"] {
+        router.run_ok("sysctl", &["-qw", sysctl]).unwrap();
+    }
     for h in [&router, &far] {
         h.ip(&["link", "set", "eth0", "mtu", "1400"]).unwrap();
     }
@@ -1640,6 +1641,13 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
         .ip(&["route", "add", "198.18.0.0/24", "via", "198.18.1.1"])
         .unwrap();
     far.ip(&["route", "add", "198.18.1.0/24", "via", "198.18.0.1"])
+        .unwrap();
+    // IPv6 overlay traffic travels over IPv6, which routers never fragment: the sender learns
+    // the hop's MTU from "packet too big" and fragments itself.
+    outside
+        .ip(&["-6", "route", "add", "fd00:18::/64", "via", "fd00:18:1::1"])
+        .unwrap();
+    far.ip(&["-6", "route", "add", "fd00:18:1::/64", "via", "fd00:18::1"])
         .unwrap();
     let dir = tempfile::tempdir().unwrap();
     common::network_init(dir.path());
@@ -1670,59 +1678,63 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
     // smaller MTU, and TCP between the two would then never send a segment that does not fit
     // the hop).
     let to = start("far", &far, &["--mtu".to_string(), from.mtu.to_string()]);
-    // A full-size overlay packet (as the outside host's own 1500-byte interface allows) in an
-    // IPv4 datagram does not fit the hop.
+    // A full-size overlay packet (as the outside host's own 1500-byte interface allows) does
+    // not fit the hop, in an IPv4 datagram (28 bytes of headers) nor in an IPv6 one (48).
     assert!(from.mtu + 28 > 1400, "{}", from.mtu);
-    let full = (from.mtu - 28).to_string();
-    let target = to.subnet.unwrap().network().to_string();
-    let ping = |size: &str| {
-        wait_for(Duration::from_secs(20), || {
-            outside
-                .run("ping", &["-c1", "-W1", "-M", "do", "-s", size, &target])
-                .ok()
-                .filter(|o| o.status.success())
-        })
-        .is_some()
-    };
     let logs = || {
         envs.iter()
             .map(|(_, log)| std::fs::read_to_string(log).unwrap_or_default())
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
-    // Packets that fit the smaller hop: the setup works.
-    assert!(ping("1000"), "no small ping across the router:\n{}", logs());
-    assert!(
-        ping(&full),
-        "full-size packets are lost at the smaller hop:\n{}",
-        logs()
-    );
-    // And a TCP transfer of full-size segments, which leave in GSO batches of datagrams too
-    // large for the hop: the kernel refuses those (EMSGSIZE; EINVAL before 6.x), and linen sends each datagram
-    // alone, fragmented.
-    let mut server = Helper::spawn(
-        far.command("iperf3")
-            .args(["-s", "-1", "-p", "5201", "-B", &target])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null()),
-    );
-    let listening = wait_for(Duration::from_secs(10), || {
-        let out = far.run("ss", &["-Hltn", "sport = :5201"]).ok()?;
-        (!out.stdout.is_empty()).then_some(())
-    });
-    assert!(listening.is_some(), "iperf3 did not listen");
-    let out = outside
-        .run(
-            "timeout",
-            &["60", "iperf3", "-c", &target, "-p", "5201", "-n", "20M"],
-        )
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}{}\n{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-        logs()
-    );
-    assert!(server.wait().unwrap().success());
+    let target4 = to.subnet.unwrap().network().to_string();
+    let target6 = to.ipv6_subnet.unwrap().network().to_string();
+    // Overlay payload sizes: the overlay MTU less the ICMP echo's IP and ICMP headers.
+    for (target, headers) in [(&target4, 28), (&target6, 48)] {
+        let ping = |size: &str| {
+            wait_for(Duration::from_secs(20), || {
+                outside
+                    .run("ping", &["-c1", "-W1", "-M", "do", "-s", size, target])
+                    .ok()
+                    .filter(|o| o.status.success())
+            })
+            .is_some()
+        };
+        // Packets that fit the smaller hop: the setup works.
+        assert!(ping("1000"), "no small ping to {target}:\n{}", logs());
+        let full = (from.mtu - headers).to_string();
+        assert!(
+            ping(&full),
+            "full-size packets to {target} are lost at the smaller hop:\n{}",
+            logs()
+        );
+        // And a TCP transfer of full-size segments, which leave in GSO batches of datagrams
+        // too large for the hop: the kernel refuses those (EMSGSIZE; EINVAL before 6.x), and
+        // linen sends each datagram alone, fragmented.
+        let mut server = Helper::spawn(
+            far.command("iperf3")
+                .args(["-s", "-1", "-p", "5201", "-B", target])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null()),
+        );
+        let listening = wait_for(Duration::from_secs(10), || {
+            let out = far.run("ss", &["-Hltn", "sport = :5201"]).ok()?;
+            (!out.stdout.is_empty()).then_some(())
+        });
+        assert!(listening.is_some(), "iperf3 did not listen");
+        let out = outside
+            .run(
+                "timeout",
+                &["60", "iperf3", "-c", target, "-p", "5201", "-n", "20M"],
+            )
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "to {target}: {}{}\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            logs()
+        );
+        assert!(server.wait().unwrap().success());
+    }
 }
