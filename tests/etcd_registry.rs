@@ -1173,3 +1173,61 @@ async fn a_replay_larger_than_four_mib_is_read() {
     }
     assert_eq!(keys, (20..25u8).map(subnet).collect::<Vec<_>>());
 }
+
+/// A renewal that must move the key to a new etcd lease (the key's lease has another TTL, as
+/// after `--subnet-lease-ttl` changed) but whose write etcd refuses (the user may read the
+/// prefix, not write it) leaves no lease behind: each of the manager's retries grants one,
+/// and each would otherwise live for a whole TTL.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_move_leaves_no_etcd_lease_behind() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let prefix = format!("{DEFAULT_PREFIX}/");
+    for args in [
+        &["user", "add", "root", "--new-user-password=s3cret"][..],
+        &["role", "add", "reader"],
+        &[
+            "role",
+            "grant-permission",
+            "reader",
+            "--prefix=true",
+            "read",
+            &prefix,
+        ],
+        &["user", "add", "ro", "--new-user-password=pw"],
+        &["user", "grant-role", "ro", "reader"],
+        &["auth", "enable"],
+    ] {
+        server.etcdctl(args);
+    }
+    let as_user = |user: &str, password: &str, ttl: u64| EtcdOptions {
+        username: Some(user.to_owned()),
+        password: Some(password.to_owned()),
+        ..options(&server, Duration::from_secs(ttl))
+    };
+    let root = EtcdRegistry::connect(&as_user("root", "s3cret", 60))
+        .await
+        .unwrap();
+    let lease = root.create_lease(&subnet(16), &host(16)).await.unwrap();
+    let mut client = root.client();
+    let before = etcd_lease_count(&mut client).await;
+    assert_eq!(before, 1);
+
+    let reader = EtcdRegistry::connect(&as_user("ro", "pw", 120))
+        .await
+        .unwrap();
+    for attempt in 0..3 {
+        let err = reader.renew_lease(&lease, &host(16)).await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Refused { .. }),
+            "{attempt}: {err}"
+        );
+    }
+    // The key kept its lease, and the leases the refused moves were granted are gone.
+    assert_eq!(
+        key_lease(&mut client, &root.subnet_path(&subnet(16))).await,
+        lease.lease_id
+    );
+    assert_eq!(etcd_lease_count(&mut client).await, before);
+}

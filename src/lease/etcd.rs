@@ -65,6 +65,11 @@ pub(crate) struct Shared {
     lease_ttl: Duration,
     request_timeout: Duration,
     expiry: ExpiryCache,
+    /// The etcd lease of a move whose put failed without a clear answer, with the key it was
+    /// for: the put may still commit, so the lease is kept (not revoked) and the next move of
+    /// that key uses it again instead of granting one more. Without this, every retry while
+    /// etcd is flaky would leave another lease alive for a whole TTL.
+    pending_move: std::sync::Mutex<Option<(String, i64)>>,
 }
 
 /// A subnet key as read from etcd, before its expiry is known.
@@ -113,6 +118,7 @@ impl EtcdRegistry {
                 lease_ttl: Duration::from_secs(options.lease_ttl.as_secs()),
                 request_timeout: options.request_timeout,
                 expiry: ExpiryCache::default(),
+                pending_move: std::sync::Mutex::new(None),
             }),
         })
     }
@@ -538,6 +544,9 @@ impl Shared {
                     0,
                 )
                 .await?;
+            if done.is_some() {
+                self.settle_pending_move(&path, 0).await;
+            }
             return Ok(done.map(|_| renewed(None, None)));
         }
         let alive = self.keep_alive_once(current).await?;
@@ -552,6 +561,9 @@ impl Shared {
                     current,
                 )
                 .await?;
+            if done.is_some() {
+                self.settle_pending_move(&path, current).await;
+            }
             return Ok(done.map(|revision| {
                 let expires = SystemTime::now() + self.lease_ttl;
                 self.expiry.record(current, expires, revision);
@@ -559,8 +571,12 @@ impl Shared {
             }));
         }
         // The etcd lease is gone (the key is about to be deleted: the write below then fails)
-        // or was granted with another TTL: move the key to a new lease.
-        let (new, expires) = self.grant().await?;
+        // or was granted with another TTL: move the key to a new lease, the one an unclear
+        // earlier move left if it is still alive with our TTL.
+        let (new, expires) = match self.reuse_pending_move(&path).await? {
+            Some(reused) => reused,
+            None => self.grant().await?,
+        };
         match self
             .put_if(
                 "move the key to a new lease",
@@ -573,6 +589,7 @@ impl Shared {
         {
             Ok(Some(revision)) => {
                 self.expiry.record(new, expires, revision);
+                self.settle_pending_move(&path, new).await;
                 if alive.is_some() {
                     self.release(current).await;
                 }
@@ -585,16 +602,79 @@ impl Shared {
                 Ok(Some(renewed(Some(expires), Some(new))))
             }
             Ok(None) => {
-                self.revoke_unused(new).await;
+                // Not applied; but a reused lease may carry the key after all (the earlier
+                // put committed meanwhile, which is why the key changed): only revoked when
+                // no key is on it.
+                self.release(new).await;
                 Ok(None)
             }
-            Err(e) => {
+            Err(e) if e.is_transient() => {
                 // The move may have gone through with its answer lost, or may still be queued
                 // and commit later: the key is then on `new`, and revoking `new` would delete
-                // it. So `new` is not touched: unused, it expires after its TTL.
-                tracing::debug!(lease = format_args!("{new:x}"), error = %e, "left the new etcd lease to expire");
+                // it. So `new` is kept for the next attempt, and released once a later write
+                // settles where the key is.
+                tracing::debug!(lease = format_args!("{new:x}"), error = %e, "keeping the new etcd lease for the next attempt");
+                *self.pending_move.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, new));
                 Err(e)
             }
+            Err(e) => {
+                // Refused (permissions, a bad request): nothing was written.
+                self.release(new).await;
+                Err(e)
+            }
+        }
+    }
+
+    /// The lease an unclear move of `path` left, with its new expiry, when it is still alive
+    /// with our TTL (one keep-alive); otherwise forgotten (gone, or released when its TTL
+    /// differs), and `None`.
+    async fn reuse_pending_move(
+        &self,
+        path: &str,
+    ) -> Result<Option<(i64, SystemTime)>, RegistryError> {
+        let pending = self.take_pending_move(path);
+        let Some(lease) = pending else {
+            return Ok(None);
+        };
+        match self.keep_alive_once(lease).await {
+            Ok(Some(ttl)) if ttl == self.ttl_secs() => {
+                Ok(Some((lease, SystemTime::now() + self.lease_ttl)))
+            }
+            Ok(Some(_)) => {
+                self.release(lease).await;
+                Ok(None)
+            }
+            Ok(None) => Ok(None),
+            Err(e) => {
+                // Still unclear: kept for the next attempt.
+                *self.pending_move.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some((path.to_owned(), lease));
+                Err(e)
+            }
+        }
+    }
+
+    /// The pending move lease for `path`, taken out (another key's stays).
+    fn take_pending_move(&self, path: &str) -> Option<i64> {
+        let mut pending = self.pending_move.lock().unwrap_or_else(|p| p.into_inner());
+        match pending.as_ref() {
+            Some((p, lease)) if p == path => {
+                let lease = *lease;
+                *pending = None;
+                Some(lease)
+            }
+            _ => None,
+        }
+    }
+
+    /// After a write to `path` that went through on etcd lease `used` (0 for a reservation):
+    /// the key's lease is settled, so an unclear move's lease is released unless it is the
+    /// one in use (only revoked when no key is on it).
+    async fn settle_pending_move(&self, path: &str, used: i64) {
+        if let Some(lease) = self.take_pending_move(path)
+            && lease != used
+        {
+            self.release(lease).await;
         }
     }
 
