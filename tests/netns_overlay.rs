@@ -1738,3 +1738,77 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
         assert!(server.wait().unwrap().success());
     }
 }
+
+/// iptables 1.4.20 to 1.5.x take only a bare `-w`, which waits for the xtables lock as long as
+/// another program holds it. A stop that comes while linen's start-up waits so (here: an
+/// iptables of that version that never ends) cuts the commands short and exits at once; before,
+/// each command ran its 30 s and the unit's stop timeout killed linen first.
+#[test]
+fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("lnipwait", 2, 1500).unwrap();
+    let h = lab.host(0).clone();
+    let dir = tempfile::tempdir().unwrap();
+    common::network_init(dir.path());
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for (name, body) in [
+        (
+            "iptables",
+            "case \"$1\" in --version) echo 'iptables v1.4.21'; exit 0;; esac\nexec sleep 600\n",
+        ),
+        (
+            "ip6tables",
+            "case \"$1\" in --version) echo 'ip6tables v1.4.21'; exit 0;; esac\nexec sleep 600\n",
+        ),
+        ("iptables-save", "exit 0\n"),
+        ("ip6tables-save", "exit 0\n"),
+    ] {
+        use std::os::unix::fs::PermissionsExt;
+        let path = bin.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    let env = dir.path().join("subnet.env");
+    let log = dir.path().join("linen.log");
+    let mut cmd = h.command(LINEN);
+    cmd.args([
+        "run",
+        "--iface",
+        "eth0",
+        "--metrics-addr",
+        "off",
+        "--ip-masq",
+    ])
+    .arg("--registry-dir")
+    .arg(dir.path())
+    .arg("--subnet-file")
+    .arg(&env)
+    .env("PATH", &path)
+    .stdout(Stdio::null())
+    .stderr(std::fs::File::create(&log).unwrap());
+    let pid = lab.spawn(cmd, "linen").unwrap();
+    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
+    let running = wait_for(Duration::from_secs(15), || {
+        read_log().contains("data plane running").then_some(())
+    });
+    assert!(running.is_some(), "{}", read_log());
+    // Into the install's first command.
+    std::thread::sleep(Duration::from_millis(500));
+    // Killed (not a success) if it takes longer than 20 s.
+    let status = lab.stop(pid, Duration::from_secs(20));
+    let text = read_log();
+    assert!(status.is_some_and(|s| s.success()), "{status:?}: {text}");
+    assert!(
+        text.contains("stopping while the iptables rules were being installed"),
+        "{text}"
+    );
+    assert!(!env.exists(), "subnet.env written: {text}");
+}

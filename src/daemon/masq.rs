@@ -273,6 +273,21 @@ impl Limit {
         }
     }
 
+    /// Why no further command may start: the budget is spent, or the daemon is stopping.
+    fn spent(&self) -> Option<&'static str> {
+        if self
+            .cancel
+            .as_ref()
+            .is_some_and(CancellationToken::is_cancelled)
+        {
+            Some("not run: linen is stopping")
+        } else if self.until.is_some_and(|u| Instant::now() >= u) {
+            Some("not run: the time for removing the rules ran out")
+        } else {
+            None
+        }
+    }
+
     /// How long the next command may run.
     fn deadline(&self) -> Duration {
         self.until.map_or(IPTABLES_DEADLINE, |u| {
@@ -521,12 +536,21 @@ impl Masq {
     }
 
     /// Removes the jumps and the chains (errors are logged: this runs on the way out), within
-    /// [`REMOVAL_BUDGET`].
-    pub fn remove(&self) {
+    /// [`REMOVAL_BUDGET`], and says whether all went. A chain that stays is named in a warning.
+    pub fn remove(&self) -> bool {
         let limit = Limit::within(REMOVAL_BUDGET);
+        let mut all = true;
         for set in &self.sets {
-            set.ipt(&limit).remove_chain();
+            all &= set.ipt(&limit).remove_chain();
         }
+        if all {
+            tracing::info!("iptables rules removed");
+        } else {
+            tracing::warn!(
+                "some iptables rules are left behind (see above); the next start removes them,                  or `iptables -t nat -D POSTROUTING -j LINEN-POSTRTG`, `iptables -t filter -D                  FORWARD -j LINEN-FWD` and `-F`/`-X` of those chains (ip6tables alike)"
+            );
+        }
+        all
     }
 }
 
@@ -544,6 +568,13 @@ impl Ipt<'_> {
     /// Runs `<program> [-w [5]] -t <table> <op> <chain> <args…>`, for at most
     /// [`IPTABLES_DEADLINE`] and within its [`Limit`].
     fn run(self, op: &str, chain: &str, args: &[String]) -> Result<Output> {
+        if let Some(why) = self.limit.spent() {
+            bail!(
+                "`{} -t {} {op} {chain}`: {why}",
+                self.program,
+                self.purpose.table()
+            );
+        }
         Command::new(self.program)
             .args(self.wait.args())
             .args(["-t", self.purpose.table(), op, chain])
@@ -596,8 +627,8 @@ impl Ipt<'_> {
         )
     }
 
-    /// Removes the purpose's jump and chain (errors are logged).
-    fn remove_chain(self) {
+    /// Removes the purpose's jump and chain (errors are logged); whether the chain is gone.
+    fn remove_chain(self) -> bool {
         let (p, purpose) = (self.program, self.purpose);
         let chain = purpose.chain();
         // The jump may have been added more than once by hand; remove every copy.
@@ -612,11 +643,18 @@ impl Ipt<'_> {
         for op in ["-F", "-X"] {
             match self.run(op, chain, &[]) {
                 Ok(o) if o.status.success() => {}
-                Ok(o) => tracing::warn!(program = p, op, chain,
-                    error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove chain"),
-                Err(e) => tracing::warn!(program = p, chain, error = %e, "cannot remove chain"),
+                Ok(o) => {
+                    tracing::warn!(program = p, op, chain,
+                        error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove chain");
+                    return false;
+                }
+                Err(e) => {
+                    tracing::warn!(program = p, chain, error = %format!("{e:#}"), "cannot remove chain");
+                    return false;
+                }
             }
         }
+        true
     }
 }
 
@@ -660,6 +698,7 @@ pub async fn install(
     config: &NetworkConfig,
     lease: &SubnetKey,
     opts: Options,
+    limit: Limit,
 ) -> Result<Option<Masq>> {
     let (config, lease) = (config.clone(), *lease);
     tokio::task::spawn_blocking(move || {
@@ -667,15 +706,14 @@ pub async fn install(
             config.network.is_some() && lease.ipv4().is_some(),
             config.ipv6_network.is_some() && lease.ipv6().is_some(),
         ];
-        remove_leftovers(opts.masquerade, opts.forward, families);
+        remove_leftovers(opts.masquerade, opts.forward, families, &limit);
         let masq = Masq::new(&config, &lease, opts)?;
-        let limit = Limit::default();
         for set in &masq.sets {
             match ensure_set(set, &limit) {
                 Ok(_) => {}
                 // Kept: the resync tries again (the iptables lock may be held by kube-proxy or
                 // Docker at boot, say).
-                Err(e) if set.purpose == Purpose::Forward => {
+                Err(e) if set.purpose == Purpose::Forward && limit.spent().is_none() => {
                     tracing::warn!(error = %format!("{e:#}"), program = set.family.program(),
                         retry_s = masq.resync.as_secs(),
                         "cannot install the FORWARD accept rules yet; retrying");
@@ -696,7 +734,7 @@ pub async fn install(
 /// `--iptables-forward-rules=false` must not keep accepting, nor a dual-stack run's ip6tables
 /// rules outlive the IPv6 network). `families` is which of IPv4 and IPv6 this run's network
 /// and lease have. Quiet when there is no such chain or no iptables.
-fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2]) {
+fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit: &Limit) {
     if masquerade && forward && families == [true, true] {
         return;
     }
@@ -733,7 +771,7 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2]) {
                     program: family.program(),
                     wait,
                     purpose,
-                    limit: &Limit::default(),
+                    limit,
                 }
                 .remove_chain();
             }
@@ -810,7 +848,6 @@ pub fn spawn_resync(
         }
         let m = masq.clone();
         let _ = tokio::task::spawn_blocking(move || m.remove()).await;
-        tracing::info!("iptables rules removed");
     })
 }
 
@@ -881,18 +918,23 @@ mod tests {
 
     /// A stand-in for iptables that exits with `code` and says so on stderr.
     fn fake_iptables(dir: &std::path::Path, code: i32) -> String {
-        use std::os::unix::fs::PermissionsExt;
-        let path = dir.join(format!("iptables-{code}"));
-        std::fs::write(
-            &path,
-            format!("#!/bin/sh\necho \"exit {code}\" >&2\nexit {code}\n"),
+        fake_iptables_script(
+            dir,
+            &format!("iptables-{code}"),
+            &format!("echo \"exit {code}\" >&2\nexit {code}\n"),
         )
-        .unwrap();
+    }
+
+    /// An executable `name` in `dir` running `body` with /bin/sh; its path.
+    fn fake_iptables_script(dir: &std::path::Path, name: &str, body: &str) -> String {
+        use std::os::unix::fs::PermissionsExt;
+        let path = dir.join(name);
+        std::fs::write(&path, format!("#!/bin/sh\n{body}")).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
         // A process another test thread forks while the file is open for writing holds it
         // until it execs: running it fails with ETXTBSY ("Text file busy") meanwhile.
         for _ in 0..100 {
-            match std::process::Command::new(&path).output() {
+            match std::process::Command::new(&path).arg("--version").output() {
                 Err(e) if e.raw_os_error() == Some(libc::ETXTBSY) => {
                     std::thread::sleep(std::time::Duration::from_millis(10));
                 }
@@ -958,10 +1000,42 @@ mod tests {
             "waited for the command"
         );
 
-        assert_eq!(Limit::default().deadline(), IPTABLES_DEADLINE);
-        let removal = Limit::within(REMOVAL_BUDGET);
-        assert!(removal.deadline() <= REMOVAL_BUDGET);
-        assert_eq!(Limit::within(Duration::ZERO).deadline(), Duration::ZERO);
+        // A removal whose every command hangs: the first takes the whole budget, the others
+        // do not start, and the chain is reported as left behind.
+        let dir = tempfile::tempdir().unwrap();
+        let program = fake_iptables_script(
+            dir.path(),
+            "hangs",
+            "case \"$1\" in --version) exit 0;; esac\nexec sleep 60\n",
+        );
+        let limit = Limit::within(Duration::from_millis(300));
+        let started = Instant::now();
+        let removed = Ipt {
+            program: &program,
+            wait: Wait::Bare,
+            purpose: Purpose::Masquerade,
+            limit: &limit,
+        }
+        .remove_chain();
+        assert!(!removed);
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the removal took {:?}",
+            started.elapsed()
+        );
+        let e = Ipt {
+            program: &program,
+            wait: Wait::Bare,
+            purpose: Purpose::Masquerade,
+            limit: &limit,
+        }
+        .run("-F", "LINEN-POSTRTG", &[])
+        .unwrap_err();
+        assert!(format!("{e:#}").contains("ran out"), "{e:#}");
+        cancel.cancel();
+        let stopping = Limit::until_cancelled(&cancel);
+        assert!(stopping.spent().is_some());
+        assert!(Limit::default().spent().is_none());
     }
 
     #[test]

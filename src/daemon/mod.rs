@@ -381,7 +381,28 @@ pub async fn run(args: RunArgs) -> Result<()> {
         resync: Duration::from_secs(args.iptables_resync.into()),
         no_random_fully: args.ip_masq_fully_random_disable,
     };
-    let rules = masq::install(&config, &own.key, rule_opts).await?;
+    // A stop while the commands wait for the xtables lock (a bare `-w` waits for ever, each
+    // command at most 30 s) cuts them short: the unit's stop timeout is 30 s.
+    let installing = CancellationToken::new();
+    let install = masq::install(
+        &config,
+        &own.key,
+        rule_opts,
+        masq::Limit::until_cancelled(&installing),
+    );
+    tokio::pin!(install);
+    let rules = tokio::select! {
+        rules = &mut install => rules?,
+        () = stop.recv() => {
+            installing.cancel();
+            // What was installed is removed (a failed install removes its own).
+            if let Ok(Some(r)) = install.await {
+                let _ = tokio::task::spawn_blocking(move || r.remove()).await;
+            }
+            tracing::info!("stopping while the iptables rules were being installed; the lease is kept");
+            return Ok(());
+        }
+    };
     // Routes to the peers listed while acquiring, once the rules are in place and before
     // subnet.env and READY=1: workloads started then reach the other hosts at once, not only
     // when the watch answers (which an etcd leader election can put off).
