@@ -1709,7 +1709,7 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
             logs()
         );
         // And a TCP transfer of full-size segments, which leave in GSO batches of datagrams
-        // too large for the hop: the kernel refuses those (EMSGSIZE; EINVAL before 6.x), and
+        // too large for the hop: the kernel refuses those (EMSGSIZE; EINVAL on kernels without upstream commit 235174b2bed8), and
         // linen sends each datagram alone, fragmented.
         let mut server = Helper::spawn(
             far.command("iperf3")

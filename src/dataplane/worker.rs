@@ -736,7 +736,9 @@ fn socket_state(ep: &UdpEndpoint) -> io::Result<UdpSocketState> {
 
 /// A fresh quinn-udp state for `ep` when `state` stopped using GSO but a probe finds the
 /// socket can: quinn-udp stops for good at any EINVAL, including one about the source address
-/// and one about a single peer (a GSO batch larger than the path MTU to it).
+/// and, on kernels without upstream commit 235174b2bed8 (6.13, backported to the stable
+/// branches in early 2025; with it they say EMSGSIZE), one about a single peer (a GSO batch
+/// larger than the path MTU to it).
 #[cold]
 fn reprobe_if_gso_lost(ep: &UdpEndpoint, state: &UdpSocketState) -> Option<UdpSocketState> {
     if state.max_gso_segments() > 1 {
@@ -934,10 +936,11 @@ fn send_gso(
         // segments singly, so no traffic is lost. EMSGSIZE: the segments are larger than the
         // path MTU learned for this peer (a smaller hop on the way); a single datagram is
         // fragmented instead, and GSO stays on for every other peer (each batch to this peer
-        // costs one refused call more). EIO/EINVAL: GSO itself refused (no checksum offload,
-        // a buggy driver; older kernels so refuse the path MTU case too), and quinn-udp has stopped
-        // using it for later sends. Other errors (the peer unreachable, a firewall's EPERM)
-        // would only fail each of them.
+        // costs one refused call more, after the kernel copied the batch). EIO/EINVAL: GSO
+        // itself refused (no checksum offload, a buggy driver; kernels without upstream commit
+        // 235174b2bed8 so refuse the path MTU case too), and quinn-udp has stopped using it for
+        // later sends. Other errors (the peer unreachable, a firewall's EPERM) would only fail
+        // each of them.
         Err(e)
             if n > 1
                 && match e.raw_os_error() {
@@ -1020,8 +1023,8 @@ mod test {
         }
     }
 
-    /// A GSO send the kernel refuses (here: more segments than it takes, EINVAL, as a batch
-    /// larger than a peer's path MTU is) still delivers every datagram, one by one; quinn-udp
+    /// A GSO send the kernel refuses (here: more segments than it takes, EINVAL, as older
+    /// kernels also say for a batch larger than a peer's path MTU) still delivers every datagram, one by one; quinn-udp
     /// drops GSO for the socket, and the probe gives it back. Every quinn-udp setup forbids
     /// fragmentation; the socket keeps allowing it. Loopback only, no root.
     #[test]
