@@ -1362,6 +1362,7 @@ fn a_tun_device_set_down_or_its_route_deleted_is_restored() {
     let (b4, b6) = o.addrs(1);
     assert!(o.ping_ok(0, &b4, &[]), "the overlay works before");
     let h = o.lab.host(0).clone();
+    let mtu = o.env(0).mtu;
     let routed = |h: &linen::lab::Host| {
         let v4 = h
             .ip(&["route", "show", "198.19.0.0/16"])
@@ -1369,7 +1370,8 @@ fn a_tun_device_set_down_or_its_route_deleted_is_restored() {
         let v6 = h
             .ip(&["-6", "route", "show", "fd00:19::/48"])
             .unwrap_or_default();
-        v4.contains("linen0") && v6.contains("linen0")
+        let link = h.ip(&["link", "show", "linen0"]).unwrap_or_default();
+        v4.contains("linen0") && v6.contains("linen0") && link.contains(&format!("mtu {mtu} "))
     };
     for (round, undo) in [
         &[
@@ -1377,6 +1379,8 @@ fn a_tun_device_set_down_or_its_route_deleted_is_restored() {
             &["link", "set", "linen0", "up"],
         ][..],
         &[&["route", "del", "198.19.0.0/16", "dev", "linen0"][..]],
+        // A larger MTU: packets longer than the workers' buffers would be dropped.
+        &[&["link", "set", "linen0", "mtu", "9000"][..]],
     ]
     .into_iter()
     .enumerate()
@@ -1393,7 +1397,7 @@ fn a_tun_device_set_down_or_its_route_deleted_is_restored() {
         o.log(0)
             .matches("the TUN device lost what linen set up")
             .count(),
-        2,
+        3,
         "{}",
         o.log(0)
     );

@@ -475,6 +475,7 @@ fn names_and_addresses<'a>(links: impl IntoIterator<Item = &'a Link>) -> String 
 pub async fn configure_tun(
     handle: &Handle,
     tun_name: &str,
+    mtu: u32,
     v4: Option<(Ipv4Addr, Ipv4Network)>,
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<()> {
@@ -511,7 +512,7 @@ pub async fn configure_tun(
     }
     handle
         .link()
-        .set(LinkUnspec::new_with_index(index).up().build())
+        .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
         .execute()
         .await
         .with_context(|| format!("netlink: bringing {tun_name} up"))?;
@@ -551,6 +552,7 @@ pub async fn configure_tun(
 pub async fn tun_missing(
     handle: &Handle,
     tun_name: &str,
+    mtu: u32,
     v4: Option<(Ipv4Addr, Ipv4Network)>,
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<Vec<String>> {
@@ -562,6 +564,11 @@ pub async fn tun_missing(
     let mut missing = Vec::new();
     if !link.up {
         missing.push(format!("{tun_name} is down"));
+    }
+    // A larger MTU set by hand lets the kernel hand the workers packets longer than their
+    // buffers' stride, which they must drop; a smaller one fragments what need not be.
+    if link.mtu != mtu {
+        missing.push(format!("the MTU {mtu} (it is {})", link.mtu));
     }
     let wanted = [
         v4.map(|(a, n)| (IpAddr::V4(a), IpNetwork::V4(n))),
@@ -604,10 +611,11 @@ async fn routes_via(handle: &Handle, net: IpNetwork, index: u32) -> Result<bool>
 pub async fn readdress_tun(
     handle: &Handle,
     tun_name: &str,
+    mtu: u32,
     v4: Option<(Ipv4Addr, Ipv4Network)>,
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<()> {
-    configure_tun(handle, tun_name, v4, v6).await?;
+    configure_tun(handle, tun_name, mtu, v4, v6).await?;
     let index = link_index(handle, tun_name).await?;
     let stale = |ip: IpAddr| match ip {
         IpAddr::V4(a) => v4.is_some_and(|(ours, net)| net.contains(a) && a != ours),

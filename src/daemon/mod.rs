@@ -300,6 +300,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     host::configure_tun(
         &nl,
         &args.tun,
+        u32::from(mtu),
         tun_v4.zip(config.network),
         tun_v6.zip(config.ipv6_network),
     )
@@ -450,6 +451,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let ip_masq = args.ip_masq;
         let nl = nl.clone();
         let tun_name = args.tun.clone();
+        let tun_mtu = u32::from(mtu);
         let attrs = attrs.clone();
         let mut device_key = own.key;
         let host_steps = host_steps.clone();
@@ -485,6 +487,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                         match host::readdress_tun(
                             &nl,
                             &tun_name,
+                            tun_mtu,
                             v4.zip(config.network),
                             v6.zip(config.ipv6_network),
                         )
@@ -554,7 +557,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             check_at = tokio::time::Instant::now() + TUN_CHECK;
                             // Not while a move is under way: the move sets the device up anew.
                             if device_key == table_key {
-                                check_tun(&nl, &tun_name, &config, &device_key, &mut failing[2]).await;
+                                check_tun(&nl, (&tun_name, tun_mtu), &config, &device_key, &mut failing[2]).await;
                                 host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
                         }
@@ -652,18 +655,18 @@ const TUN_CHECK: Duration = Duration::from_secs(5);
 
 /// Puts back what [`host::configure_tun`] set up on the TUN device for `key` and is gone (the
 /// device taken down, which also drops its routes; routes or addresses flushed; a network
-/// manager that claimed it): the workers would keep running while the host routed the overlay
-/// elsewhere. A vanished device is left to the workers, which stop the daemon.
+/// manager that claimed it; its MTU changed by hand): the workers would keep running while the
+/// host routed the overlay elsewhere, or drop the packets too long for their buffers. A vanished device is left to the workers, which stop the daemon.
 async fn check_tun(
     nl: &rtnetlink::Handle,
-    tun_name: &str,
+    (tun_name, mtu): (&str, u32),
     config: &NetworkConfig,
     key: &SubnetKey,
     failing: &mut Option<String>,
 ) {
     let (v4, v6) = tun_addrs(key);
     let (v4, v6) = (v4.zip(config.network), v6.zip(config.ipv6_network));
-    let missing = match host::tun_missing(nl, tun_name, v4, v6).await {
+    let missing = match host::tun_missing(nl, tun_name, mtu, v4, v6).await {
         Ok(m) if m.is_empty() => {
             // Whole again, maybe put back by hand or by another tool: a failed restore is over.
             retry_done(failing, "the TUN device is complete");
@@ -679,7 +682,7 @@ async fn check_tun(
         // While a restore keeps failing, retry_failed logs it (once per distinct error).
         tracing::warn!(device = tun_name, missing = %missing.join(", "), "the TUN device lost what linen set up; restoring it");
     }
-    match host::configure_tun(nl, tun_name, v4, v6).await {
+    match host::configure_tun(nl, tun_name, mtu, v4, v6).await {
         Ok(()) => retry_done(failing, "the TUN device restored"),
         Err(e) => retry_failed(failing, "cannot restore the TUN device", format!("{e:#}")),
     }
