@@ -608,18 +608,15 @@ impl Shared {
                 self.release(new).await;
                 Ok(None)
             }
-            Err(e) if e.is_transient() => {
+            Err(e) => {
                 // The move may have gone through with its answer lost, or may still be queued
-                // and commit later: the key is then on `new`, and revoking `new` would delete
-                // it. So `new` is kept for the next attempt, and released once a later write
-                // settles where the key is.
+                // and commit later (even a "refused" can be a connection dropped mid-request):
+                // the key is then on `new`, and revoking `new` would delete it. So `new` is
+                // kept for the next attempt, which reuses it instead of granting another (at
+                // most one such lease per key), and released once a later write settles where
+                // the key is.
                 tracing::debug!(lease = format_args!("{new:x}"), error = %e, "keeping the new etcd lease for the next attempt");
                 *self.pending_move.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, new));
-                Err(e)
-            }
-            Err(e) => {
-                // Refused (permissions, a bad request): nothing was written.
-                self.release(new).await;
                 Err(e)
             }
         }
