@@ -547,7 +547,10 @@ impl Masq {
             tracing::info!("iptables rules removed");
         } else {
             tracing::warn!(
-                "some iptables rules are left behind (see above); the next start removes them,                  or `iptables -t nat -D POSTROUTING -j LINEN-POSTRTG`, `iptables -t filter -D                  FORWARD -j LINEN-FWD` and `-F`/`-X` of those chains (ip6tables alike)"
+                "some iptables rules are left behind (see above); a later start takes them over \
+                 or removes them; by hand, `iptables -t nat -S POSTROUTING` and `iptables -S \
+                 FORWARD` show the jumps to delete with -D (comment included), then -F and -X \
+                 the chains LINEN-POSTRTG and LINEN-FWD (ip6tables alike)"
             );
         }
         all
@@ -643,10 +646,21 @@ impl Ipt<'_> {
         for op in ["-F", "-X"] {
             match self.run(op, chain, &[]) {
                 Ok(o) if o.status.success() => {}
+                // Never there (an install that failed, a chain removed by hand): nothing left.
+                Ok(o) if no_such_chain(&o.stderr) => return true,
                 Ok(o) => {
                     tracing::warn!(program = p, op, chain,
                         error = %String::from_utf8_lossy(&o.stderr).trim(), "cannot remove chain");
                     return false;
+                }
+                // No such program: it cannot have made rules.
+                Err(e)
+                    if e.chain().any(|c| {
+                        c.downcast_ref::<std::io::Error>()
+                            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+                    }) =>
+                {
+                    return true;
                 }
                 Err(e) => {
                     tracing::warn!(program = p, chain, error = %format!("{e:#}"), "cannot remove chain");
@@ -656,6 +670,19 @@ impl Ipt<'_> {
         }
         true
     }
+}
+
+/// Whether iptables' message says the chain does not exist (legacy: "No chain/target/match
+/// by that name."; nft: "... does not exist" / "No such file or directory").
+fn no_such_chain(stderr: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(stderr);
+    [
+        "No chain/target/match",
+        "does not exist",
+        "No such file or directory",
+    ]
+    .iter()
+    .any(|m| text.contains(m))
 }
 
 fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
@@ -1036,6 +1063,31 @@ mod tests {
         let stopping = Limit::until_cancelled(&cancel);
         assert!(stopping.spent().is_some());
         assert!(Limit::default().spent().is_none());
+    }
+
+    /// A chain that was never there (or a missing iptables) counts as removed, so the
+    /// "left behind" warning is not given for nothing; a real failure does not.
+    #[test]
+    fn a_chain_that_was_never_there_counts_as_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let remove = |program: &str| {
+            Ipt {
+                program,
+                wait: Wait::Bare,
+                purpose: Purpose::Forward,
+                limit: &Limit::default(),
+            }
+            .remove_chain()
+        };
+        let absent = fake_iptables_script(
+            dir.path(),
+            "absent",
+            "echo 'iptables: No chain/target/match by that name.' >&2\nexit 1\n",
+        );
+        assert!(remove(&absent));
+        assert!(remove(&dir.path().join("not-installed").to_string_lossy()));
+        let broken = fake_iptables_script(dir.path(), "broken", "echo 'locked' >&2\nexit 4\n");
+        assert!(!remove(&broken));
     }
 
     #[test]
