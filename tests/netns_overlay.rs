@@ -1620,6 +1620,28 @@ fn bad_flags_and_configs_exit_2_with_a_message() {
     assert!(err.contains("nonsense"), "{err}");
 }
 
+/// `linen run` on `h` over eth0 with the directory registry `dir`, metrics off and `extra`
+/// flags; its subnet.env and log (stderr) are `dir/<name>.env` and `dir/<name>.log`.
+fn linen_run(
+    h: &linen::lab::Host,
+    dir: &Path,
+    name: &str,
+    extra: &[String],
+) -> (Command, PathBuf, PathBuf) {
+    let env = dir.join(format!("{name}.env"));
+    let log = dir.join(format!("{name}.log"));
+    let mut cmd = h.command(LINEN);
+    cmd.args(["run", "--iface", "eth0", "--metrics-addr", "off"])
+        .args(extra)
+        .arg("--registry-dir")
+        .arg(dir)
+        .arg("--subnet-file")
+        .arg(&env)
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    (cmd, env, log)
+}
+
 /// A hop on the underlay with a smaller MTU than the hosts' interfaces (a tunnel, a cloud
 /// link): the "outside" host reaches host 2 only through host 1, a router whose link to host 2
 /// carries 1400 bytes. A full-size overlay packet from the outside host makes a 1500-byte
@@ -1657,17 +1679,7 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
     common::network_init(dir.path());
     let mut envs = Vec::new();
     let mut start = |name: &str, h: &linen::lab::Host, extra: &[String]| {
-        let env = dir.path().join(format!("{name}.env"));
-        let log = dir.path().join(format!("{name}.log"));
-        let mut cmd = h.command(LINEN);
-        cmd.args(["run", "--iface", "eth0", "--metrics-addr", "off"])
-            .args(extra)
-            .arg("--registry-dir")
-            .arg(dir.path())
-            .arg("--subnet-file")
-            .arg(&env)
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap());
+        let (cmd, env, log) = linen_run(h, dir.path(), name, extra);
         lab.spawn(cmd, "linen").unwrap();
         let read = wait_for(Duration::from_secs(15), || {
             SubnetEnv::parse(&std::fs::read_to_string(&env).ok()?).ok()
@@ -1780,24 +1792,8 @@ fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
         bin.display(),
         std::env::var("PATH").unwrap_or_default()
     );
-    let env = dir.path().join("subnet.env");
-    let log = dir.path().join("linen.log");
-    let mut cmd = h.command(LINEN);
-    cmd.args([
-        "run",
-        "--iface",
-        "eth0",
-        "--metrics-addr",
-        "off",
-        "--ip-masq",
-    ])
-    .arg("--registry-dir")
-    .arg(dir.path())
-    .arg("--subnet-file")
-    .arg(&env)
-    .env("PATH", &path)
-    .stdout(Stdio::null())
-    .stderr(std::fs::File::create(&log).unwrap());
+    let (mut cmd, env, log) = linen_run(&h, dir.path(), "linen", &["--ip-masq".to_string()]);
+    cmd.env("PATH", &path);
     let pid = lab.spawn(cmd, "linen").unwrap();
     let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let running = wait_for(Duration::from_secs(15), || {

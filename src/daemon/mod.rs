@@ -656,7 +656,8 @@ const TUN_CHECK: Duration = Duration::from_secs(5);
 /// Puts back what [`host::configure_tun`] set up on the TUN device for `key` and is gone (the
 /// device taken down, which also drops its routes; routes or addresses flushed; a network
 /// manager that claimed it; its MTU changed by hand): the workers would keep running while the
-/// host routed the overlay elsewhere, or drop the packets too long for their buffers. A vanished device is left to the workers, which stop the daemon.
+/// host routed the overlay elsewhere, or drop the packets too long for their buffers. A
+/// vanished device is left to the workers, which stop the daemon.
 async fn check_tun(
     nl: &rtnetlink::Handle,
     (tun_name, mtu): (&str, u32),

@@ -264,10 +264,10 @@ impl Worker {
         let seg_len = (setup.config.mtu + 64).max(1600);
         // Full-size segments of a split super-packet are exactly MTU bytes long.
         let stride = setup.config.mtu.max(576);
-        // A GRO buffer takes a TUN read too (see `tun_raw`).
+        // A GRO receive (up to 64 KiB) or, in the first buffer, a TUN read (see `tun_raw`).
         let tun_read_len = VIRTIO_NET_HDR_LEN + 65_535;
         let (rx_count, rx_len) = if gro {
-            (RX_GRO_BUFS, tun_read_len.max(65_536))
+            (RX_GRO_BUFS, tun_read_len)
         } else {
             (RX_BUFS, seg_len)
         };

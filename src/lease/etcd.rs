@@ -65,10 +65,10 @@ pub(crate) struct Shared {
     lease_ttl: Duration,
     request_timeout: Duration,
     expiry: ExpiryCache,
-    /// The etcd lease of a move whose put failed without a clear answer, with the key it was
-    /// for: the put may still commit, so the lease is kept (not revoked) and the next move of
-    /// that key uses it again instead of granting one more. Without this, every retry while
-    /// etcd is flaky would leave another lease alive for a whole TTL.
+    /// The etcd lease of a move whose put failed, with the key it was for: the put may still
+    /// commit (an answer lost, a request still queued), so the lease is kept (not revoked) and
+    /// the next move of that key uses it again instead of granting one more. Without this,
+    /// every retry of a failing move would leave another lease alive for a whole TTL.
     pending_move: std::sync::Mutex<Option<(String, i64)>>,
 }
 
@@ -616,7 +616,7 @@ impl Shared {
                 // most one such lease per key), and released once a later write settles where
                 // the key is.
                 tracing::debug!(lease = format_args!("{new:x}"), error = %e, "keeping the new etcd lease for the next attempt");
-                *self.pending_move.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, new));
+                self.keep_pending_move(path, new);
                 Err(e)
             }
         }
@@ -644,11 +644,16 @@ impl Shared {
             Ok(None) => Ok(None),
             Err(e) => {
                 // Still unclear: kept for the next attempt.
-                *self.pending_move.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((path.to_owned(), lease));
+                self.keep_pending_move(path.to_owned(), lease);
                 Err(e)
             }
         }
+    }
+
+    /// Keeps `lease` as the pending move lease of `path` (replacing any other key's: linen
+    /// holds one lease).
+    fn keep_pending_move(&self, path: String, lease: i64) {
+        *self.pending_move.lock().unwrap_or_else(|p| p.into_inner()) = Some((path, lease));
     }
 
     /// The pending move lease for `path`, taken out (another key's stays).
