@@ -170,7 +170,7 @@ fn table_1000() -> linen::table::Snapshot {
 /// a batch of 64, against a 1,000-lease table; and the ingress decision (sender check, inner
 /// source check, local destination) over the same packets as they arrive at their peer.
 fn bench_decisions(c: &mut Criterion) {
-    use linen::dataplane::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
+    use linen::dataplane::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
     use std::net::SocketAddr;
     use std::time::Instant;
     let snap = table_1000();
@@ -185,6 +185,8 @@ fn bench_decisions(c: &mut Criterion) {
     group.bench_function("decide_batch64", |b| {
         let mut limiter = IcmpLimiter::default();
         let mut icmp = [0u8; 1280];
+        // No peer behind a smaller hop: the common case, one emptiness check per packet.
+        let paths = PathMtus::default();
         b.iter_batched_ref(
             || batch.clone(),
             |packets| {
@@ -192,7 +194,7 @@ fn bench_decisions(c: &mut Criterion) {
                 let mut sent = 0usize;
                 for buf in packets.iter_mut() {
                     if let Egress::Send { len, .. } =
-                        forward::egress(buf, &snap, &cfg, &mut limiter, now, &mut icmp)
+                        forward::egress(buf, &snap, &cfg, &paths, &mut limiter, now, &mut icmp)
                     {
                         sent += len;
                     }

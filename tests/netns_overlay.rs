@@ -1752,6 +1752,21 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
             logs()
         );
         assert!(server.wait().unwrap().success());
+        // linen learned the smaller path from the refused batches and told the sender: its
+        // kernel now sizes packets to the overlay address by the hop (1400 bytes less the
+        // outer 28 or 48), so they cross unfragmented.
+        let (family, outer) = if *target == target4 {
+            ("-4", 28)
+        } else {
+            ("-6", 48)
+        };
+        let route = outside.ip(&[family, "route", "get", target]).unwrap();
+        let path = 1400 - outer;
+        assert!(
+            route.contains(&format!(" mtu {path}")),
+            "the sender to {target} did not learn the path MTU {path}: {route}\n{}",
+            logs()
+        );
     }
 }
 

@@ -1,14 +1,15 @@
 //! The per-packet forwarding decisions on arbitrary bytes against a small fixed table: never
 //! panic; a forwarded packet keeps its length, loses exactly one TTL and (IPv4) keeps a valid
-//! header checksum if it had one; an ICMP reply parses back with a valid checksum; ingress only
-//! delivers packets from a known sender whose inner source it owns.
+//! header checksum if it had one; an ICMP reply parses back with a valid checksum; a packet
+//! larger than its peer's learned path MTU goes alone, and any advice to its sender parses;
+//! ingress only delivers packets from a known sender whose inner source it owns.
 #![no_main]
 
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use linen::dataplane::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
+use linen::dataplane::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
 use linen::table::{LocalSubnets, Route, Snapshot};
 use linen::wire::{Icmpv4Packet, IpPacket, Ipv4Packet};
 
@@ -40,14 +41,27 @@ fuzz_target!(|data: &[u8]| {
     let v4_ok_before = Ipv4Packet::new_checked(data).is_ok_and(|p| p.verify_checksum());
     let mut icmp = [0u8; 1280];
     let mut limiter = IcmpLimiter::default();
-    match forward::egress(
-        &mut pkt,
-        &snap,
-        &cfg,
-        &mut limiter,
-        Instant::now(),
-        &mut icmp,
-    ) {
+    // Host 3 sits behind a smaller hop: its path carries 1000 to 1255 bytes (the second byte).
+    let now = Instant::now();
+    let mut paths = PathMtus::default();
+    let path = 1000 + usize::from(data.get(1).copied().unwrap_or(0));
+    let host3 = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 3), 8285));
+    paths.learn(host3, Some(path), now);
+    let check_icmp = |reply: &[u8]| {
+        let len = reply.len();
+        assert!(len <= 1280);
+        let reply = IpPacket::new_checked(reply).expect("ICMP reply parses");
+        assert_eq!(reply.packet_len(), len);
+        if let IpPacket::V4(v4) = &reply {
+            assert!(v4.verify_checksum());
+            assert!(
+                Icmpv4Packet::new_checked(v4.payload())
+                    .unwrap()
+                    .verify_checksum()
+            );
+        }
+    };
+    match forward::egress(&mut pkt, &snap, &cfg, &paths, &mut limiter, now, &mut icmp) {
         Egress::Send { len, .. } => {
             let (plen, ttl) = before.expect("only parsed packets are sent");
             assert_eq!(len, plen);
@@ -58,19 +72,18 @@ fuzz_target!(|data: &[u8]| {
                 assert!(Ipv4Packet::new_checked(&pkt[..]).unwrap().verify_checksum());
             }
         }
-        Egress::Icmp { len, .. } => {
-            assert!(len <= 1280);
-            let reply = IpPacket::new_checked(&icmp[..len]).expect("ICMP reply parses");
-            assert_eq!(reply.packet_len(), len);
-            if let IpPacket::V4(v4) = &reply {
-                assert!(v4.verify_checksum());
-                assert!(
-                    Icmpv4Packet::new_checked(v4.payload())
-                        .unwrap()
-                        .verify_checksum()
-                );
+        Egress::SendAlone { peer, len, icmp: n } => {
+            let (plen, ttl) = before.expect("only parsed packets are sent");
+            assert_eq!(peer, host3);
+            assert_eq!(len, plen);
+            assert!(len > path && len <= cfg.mtu);
+            let after = IpPacket::new_checked(&pkt[..]).unwrap();
+            assert_eq!(after.hop_limit(), ttl - 1);
+            if n > 0 {
+                check_icmp(&icmp[..n]);
             }
         }
+        Egress::Icmp { len, .. } => check_icmp(&icmp[..len]),
         Egress::Drop(_) => {}
     }
     let sender = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 2), 8285));

@@ -5,7 +5,7 @@
 //! Must not import tokio, `lease` or `daemon`.
 
 use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::table::Snapshot;
 use crate::wire::{self, Icmpv4Error, Icmpv6Error, IpPacket};
@@ -33,6 +33,21 @@ pub enum Egress {
         peer: SocketAddr,
         /// Bytes of the packet (the buffer may be longer).
         len: usize,
+    },
+    /// Larger than the path to `peer` carries in one datagram (a hop on the underlay with a
+    /// smaller MTU, see [`PathMtus`]): send the (TTL-decremented) packet in a datagram of its
+    /// own, which the kernel fragments. When `icmp` is not 0, also write that many bytes of
+    /// ICMP error from the ICMP buffer into the TUN: "fragmentation needed" (or "packet too
+    /// big") with the path's MTU, so that the sender sends smaller packets from then on. The
+    /// packet is sent all the same, so traffic whose sender never hears the error (a firewall
+    /// dropping ICMP) still flows, fragmented.
+    SendAlone {
+        /// The peer's UDP address.
+        peer: SocketAddr,
+        /// Bytes of the packet.
+        len: usize,
+        /// Bytes of the ICMP error for the sender; 0 for none (not needed, or rate-limited).
+        icmp: usize,
     },
     /// Write the ICMP error of `len` bytes, built into the ICMP buffer, back into the TUN.
     Icmp {
@@ -100,9 +115,91 @@ impl Default for IcmpLimiter {
     }
 }
 
+/// How long a learned path MTU is used: the kernel's own default for the MTUs it learns
+/// (`net.ipv4.route.mtu_expires`, 10 minutes). A path that shrank further is learned again
+/// from the next refused send; one that grew back is used in full after this.
+pub const PATH_MTU_EXPIRY: Duration = Duration::from_secs(600);
+
+/// How many peers' path MTUs a worker remembers; a new one replaces the oldest. Hosts behind
+/// a smaller hop than their own interfaces are few.
+pub const PATH_MTU_SLOTS: usize = 16;
+
+/// The path MTUs a worker learned for peers whose underlay path carries less than the
+/// overlay MTU plus the UDP encapsulation (a tunnel, a VPN or a smaller link between two
+/// hosts), as inner packet sizes: the largest inner packet that crosses in one datagram.
+/// The worker learns one when the kernel refuses a batch as larger than the path MTU it
+/// learned from the underlay's ICMP; [`egress`] then sends larger packets alone
+/// (fragmented, as before) and tells their senders the smaller MTU, as kernel tunnels do.
+/// Fixed capacity: the packet path never allocates here.
+#[derive(Clone, Debug)]
+pub struct PathMtus {
+    entries: Vec<PathMtu>,
+}
+
+#[derive(Clone, Copy, Debug)]
+struct PathMtu {
+    peer: SocketAddr,
+    inner: usize,
+    learned: Instant,
+}
+
+impl Default for PathMtus {
+    fn default() -> Self {
+        PathMtus {
+            entries: Vec::with_capacity(PATH_MTU_SLOTS),
+        }
+    }
+}
+
+impl PathMtus {
+    /// The largest inner packet the path to `peer` carries in one datagram, if learned and
+    /// not expired.
+    #[inline]
+    pub fn get(&self, peer: SocketAddr, now: Instant) -> Option<usize> {
+        if self.entries.is_empty() {
+            return None;
+        }
+        self.entries
+            .iter()
+            .find(|e| e.peer == peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY)
+            .map(|e| e.inner)
+    }
+
+    /// Whether to ask the kernel for `peer`'s path MTU after a refusal: not again within a
+    /// second of the last answer (a burst of refused batches costs one question).
+    pub fn due(&self, peer: SocketAddr, now: Instant) -> bool {
+        !self.entries.iter().any(|e| {
+            e.peer == peer && now.saturating_duration_since(e.learned) < Duration::from_secs(1)
+        })
+    }
+
+    /// Records that the path to `peer` carries inner packets of at most `inner` bytes, or with
+    /// `None` that it carries full-size ones again. Expired entries go first; when all slots
+    /// are taken the oldest entry makes room.
+    pub fn learn(&mut self, peer: SocketAddr, inner: Option<usize>, now: Instant) {
+        self.entries.retain(|e| {
+            e.peer != peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY
+        });
+        let Some(inner) = inner else {
+            return;
+        };
+        if self.entries.len() == PATH_MTU_SLOTS
+            && let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].learned)
+        {
+            self.entries.swap_remove(oldest);
+        }
+        self.entries.push(PathMtu {
+            peer,
+            inner,
+            learned: now,
+        });
+    }
+}
+
 /// Decides the fate of a packet read from the TUN device (design.md "Egress"):
 /// header check, Time Exceeded for TTL ≤ 1, Net Unreachable on a table miss, Fragmentation
-/// Needed / Packet Too Big when larger than the overlay MTU, otherwise TTL − 1 and send.
+/// Needed / Packet Too Big when larger than the overlay MTU, otherwise TTL − 1 and send
+/// (alone, and its sender told, when larger than the peer's learned path MTU: [`PathMtus`]).
 ///
 /// `icmp_out` receives an ICMP error when the verdict is [`Egress::Icmp`]; it should hold at
 /// least 1280 bytes.
@@ -111,6 +208,7 @@ pub fn egress(
     pkt: &mut [u8],
     snap: &Snapshot,
     cfg: &ForwardConfig,
+    paths: &PathMtus,
     limiter: &mut IcmpLimiter,
     now: Instant,
     icmp_out: &mut [u8],
@@ -161,6 +259,30 @@ pub fn egress(
             icmp_out,
             DropReason::TooBig,
         );
+    }
+    if let Some(path) = paths.get(peer, now)
+        && len > path
+    {
+        // The MTU to tell the sender: IPv4 senders that forbid fragmentation learn the path's;
+        // IPv6 links carry at least 1280 bytes (RFC 8200), so below that the datagram is
+        // fragmented without a word.
+        let advice = match &ip {
+            IpPacket::V4(v4) => v4.dont_frag().then_some(path),
+            IpPacket::V6(_) => Some(path.max(1280)).filter(|&m| len > m),
+        };
+        let icmp = advice.map_or(0, |mtu| {
+            build_icmp(
+                ip.packet(),
+                IcmpKind::TooBig(mtu),
+                snap,
+                limiter,
+                now,
+                icmp_out,
+            )
+            .unwrap_or(0)
+        });
+        ip.decrement_hop_limit();
+        return Egress::SendAlone { peer, len, icmp };
     }
     ip.decrement_hop_limit();
     Egress::Send { peer, len }
@@ -214,6 +336,8 @@ enum IcmpKind {
     TooBig(usize),
 }
 
+/// The ICMP error `kind` about `original`, as the packet is dropped for `reason`: a verdict
+/// to write it, or to drop the packet without one.
 fn icmp(
     original: &[u8],
     kind: IcmpKind,
@@ -223,17 +347,32 @@ fn icmp(
     out: &mut [u8],
     reason: DropReason,
 ) -> Egress {
+    match build_icmp(original, kind, snap, limiter, now, out) {
+        Some(len) => Egress::Icmp { len, reason },
+        None => Egress::Drop(reason),
+    }
+}
+
+/// Builds the ICMP error `kind` about `original` into `out`, from the TUN device's address;
+/// its length, or `None` when rate-limited, not possible (no local subnet of that family) or
+/// not allowed (an error about an error).
+fn build_icmp(
+    original: &[u8],
+    kind: IcmpKind,
+    snap: &Snapshot,
+    limiter: &mut IcmpLimiter,
+    now: Instant,
+    out: &mut [u8],
+) -> Option<usize> {
     // Asked before building: under a flood, building an error only to drop it would cost a
     // copy and a checksum per packet. The token is taken only for an error that was built (an
     // ICMP error is never answered with one, and must not use up the budget).
     if !limiter.ready(now) {
-        return Egress::Drop(reason);
+        return None;
     }
     let built = match original.first().map(|b| b >> 4) {
         Some(4) => {
-            let Some(src) = tun_v4(snap) else {
-                return Egress::Drop(reason);
-            };
+            let src = tun_v4(snap)?;
             let kind = match kind {
                 IcmpKind::TimeExceeded => Icmpv4Error::TimeExceeded,
                 IcmpKind::Unreachable => Icmpv4Error::NetUnreachable,
@@ -244,9 +383,7 @@ fn icmp(
             wire::build_icmpv4_error(original, kind, src, out)
         }
         _ => {
-            let Some(src) = tun_v6(snap) else {
-                return Egress::Drop(reason);
-            };
+            let src = tun_v6(snap)?;
             let kind = match kind {
                 IcmpKind::TimeExceeded => Icmpv6Error::TimeExceeded,
                 IcmpKind::Unreachable => Icmpv6Error::NoRoute,
@@ -257,13 +394,9 @@ fn icmp(
             wire::build_icmpv6_error(original, kind, src, out)
         }
     };
-    match built {
-        Ok(len) => {
-            limiter.take();
-            Egress::Icmp { len, reason }
-        }
-        Err(_) => Egress::Drop(reason),
-    }
+    let len = built.ok()?;
+    limiter.take();
+    Some(len)
 }
 
 #[cfg(test)]
@@ -340,7 +473,11 @@ mod test {
     }
 
     fn run_egress(pkt: &mut [u8], limiter: &mut IcmpLimiter, out: &mut [u8]) -> Egress {
-        egress(pkt, &snap(), &cfg(), limiter, Instant::now(), out)
+        egress_at(pkt, limiter, Instant::now(), out)
+    }
+
+    fn egress_at(pkt: &mut [u8], limiter: &mut IcmpLimiter, at: Instant, out: &mut [u8]) -> Egress {
+        egress(pkt, &snap(), &cfg(), &PathMtus::default(), limiter, at, out)
     }
 
     #[test]
@@ -434,6 +571,7 @@ mod test {
             &mut pkt,
             &moved,
             &cfg(),
+            &PathMtus::default(),
             &mut IcmpLimiter::default(),
             Instant::now(),
             &mut out,
@@ -507,6 +645,124 @@ mod test {
         assert_eq!((icmp.msg_type(), icmp.mtu()), (2, Some(1400)));
     }
 
+    fn via(paths: &PathMtus, pkt: &mut [u8], at: Instant, out: &mut [u8]) -> Egress {
+        egress(
+            pkt,
+            &snap(),
+            &cfg(),
+            paths,
+            &mut IcmpLimiter::default(),
+            at,
+            out,
+        )
+    }
+
+    /// A peer behind a smaller hop (its learned path carries 1300-byte inner packets): larger
+    /// packets go alone, fragmented, and their senders hear the path's MTU (IPv4 with DF, and
+    /// IPv6 above 1280 bytes with at least 1280); smaller ones, other peers and everything
+    /// after the entry expires go as before.
+    #[test]
+    fn packets_larger_than_a_learned_path_go_alone_and_their_sender_is_told() {
+        let mut out = [0u8; 1280];
+        let now = Instant::now();
+        let mut paths = PathMtus::default();
+        paths.learn(peer2(), Some(1300), now);
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, true);
+        let Egress::SendAlone { peer, len, icmp } = via(&paths, &mut pkt, now, &mut out) else {
+            panic!("expected a lone datagram");
+        };
+        assert_eq!((peer, len), (peer2(), 1301));
+        assert!(icmp > 0);
+        // Forwarded all the same, one TTL less.
+        assert_eq!(Ipv4Packet::new_checked(&pkt[..]).unwrap().ttl(), 63);
+        let ip = Ipv4Packet::new_checked(&out[..icmp]).unwrap();
+        assert_eq!(ip.dst_addr(), Ipv4Addr::new(198, 19, 1, 5));
+        let m = Icmpv4Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((m.msg_type(), m.code(), m.mtu()), (3, 4, Some(1300)));
+        // The sender allows fragmentation: nothing to tell.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, false);
+        assert_eq!(
+            via(&paths, &mut pkt, now, &mut out),
+            Egress::SendAlone {
+                peer: peer2(),
+                len: 1301,
+                icmp: 0
+            }
+        );
+        // Exactly the path's MTU is a normal send.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1300, true);
+        assert!(matches!(
+            via(&paths, &mut pkt, now, &mut out),
+            Egress::Send { .. }
+        ));
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 64, 1301);
+        let Egress::SendAlone { icmp, .. } = via(&paths, &mut pkt, now, &mut out) else {
+            panic!("expected a lone datagram");
+        };
+        let ip = Ipv6Packet::new_checked(&out[..icmp]).unwrap();
+        let m = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!((m.msg_type(), m.mtu()), (2, Some(1300)));
+        // After the entry expires: the overlay MTU again.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, true);
+        assert!(matches!(
+            via(&paths, &mut pkt, now + PATH_MTU_EXPIRY, &mut out),
+            Egress::Send { .. }
+        ));
+        // An IPv6 path below 1280: IPv6 senders are told 1280 and no less, and packets up to
+        // that go alone without a word.
+        let mut paths = PathMtus::default();
+        paths.learn(peer2(), Some(1200), now);
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 64, 1280);
+        assert!(matches!(
+            via(&paths, &mut pkt, now, &mut out),
+            Egress::SendAlone { icmp: 0, .. }
+        ));
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 64, 1281);
+        let Egress::SendAlone { icmp, .. } = via(&paths, &mut pkt, now, &mut out) else {
+            panic!("expected a lone datagram");
+        };
+        let ip = Ipv6Packet::new_checked(&out[..icmp]).unwrap();
+        let m = Icmpv6Packet::new_checked(ip.payload()).unwrap();
+        assert_eq!(m.mtu(), Some(1280));
+    }
+
+    #[test]
+    fn path_mtus_expire_are_asked_for_once_a_second_and_keep_the_newest() {
+        let now = Instant::now();
+        let peer = |i: u8| SocketAddr::from((Ipv4Addr::new(198, 18, 0, i), 8285));
+        let mut paths = PathMtus::default();
+        assert!(paths.due(peer(1), now));
+        paths.learn(peer(1), Some(1300), now);
+        assert_eq!(paths.get(peer(1), now), Some(1300));
+        assert_eq!(paths.get(peer(2), now), None);
+        assert!(!paths.due(peer(1), now + Duration::from_millis(999)));
+        assert!(paths.due(peer(1), now + Duration::from_secs(1)));
+        assert!(paths.due(peer(2), now));
+        // A later answer replaces the entry; "full size again" removes it.
+        paths.learn(peer(1), Some(1200), now + Duration::from_secs(1));
+        assert_eq!(paths.get(peer(1), now + Duration::from_secs(1)), Some(1200));
+        paths.learn(peer(1), None, now + Duration::from_secs(2));
+        assert_eq!(paths.get(peer(1), now + Duration::from_secs(2)), None);
+        // Full: the oldest entry makes room, the capacity stays.
+        for i in 0..=PATH_MTU_SLOTS as u8 {
+            paths.learn(
+                peer(10 + i),
+                Some(1300),
+                now + Duration::from_secs(u64::from(i)),
+            );
+        }
+        let later = now + Duration::from_secs(PATH_MTU_SLOTS as u64);
+        assert_eq!(paths.get(peer(10), later), None);
+        assert_eq!(paths.get(peer(11), later), Some(1300));
+        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
+        assert_eq!(paths.entries.capacity(), PATH_MTU_SLOTS);
+        // Expired entries are not used, and go at the next learning.
+        let expired = now + Duration::from_secs(PATH_MTU_SLOTS as u64) + PATH_MTU_EXPIRY;
+        assert_eq!(paths.get(peer(10 + PATH_MTU_SLOTS as u8), expired), None);
+        paths.learn(peer(1), Some(1300), expired);
+        assert_eq!(paths.entries.len(), 1);
+    }
+
     #[test]
     fn icmp_errors_are_rate_limited() {
         let mut out = [0u8; 1280];
@@ -515,9 +771,7 @@ mod test {
         let mut icmp = 0;
         for _ in 0..10 {
             let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
-            if let Egress::Icmp { .. } =
-                egress(&mut pkt, &snap(), &cfg(), &mut limiter, now, &mut out)
-            {
+            if let Egress::Icmp { .. } = egress_at(&mut pkt, &mut limiter, now, &mut out) {
                 icmp += 1;
             }
         }
@@ -528,12 +782,20 @@ mod test {
         // With the bucket empty no error is even built.
         out.fill(0xa5);
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
-        egress(&mut pkt, &snap(), &cfg(), &mut limiter, now, &mut out);
+        egress_at(&mut pkt, &mut limiter, now, &mut out);
         assert!(out.iter().all(|b| *b == 0xa5), "an error was built");
         let later = now + std::time::Duration::from_secs(2);
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
         assert!(matches!(
-            egress(&mut pkt, &snap(), &cfg(), &mut limiter, later, &mut out),
+            egress(
+                &mut pkt,
+                &snap(),
+                &cfg(),
+                &PathMtus::default(),
+                &mut limiter,
+                later,
+                &mut out
+            ),
             Egress::Icmp { .. }
         ));
     }

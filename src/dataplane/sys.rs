@@ -3,7 +3,8 @@
 
 #![allow(unsafe_code)]
 
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 /// Sets `SO_SNDBUF`/`SO_RCVBUF` to `bytes`, first with the `…FORCE` variants (root may exceed
 /// `net.core.{w,r}mem_max`), then the plain ones. Best effort: a failure only means smaller
@@ -50,15 +51,50 @@ pub fn allow_fragmentation(fd: BorrowedFd<'_>, ipv6: bool) -> std::io::Result<()
 /// `IP_MTU_DISCOVER` of `fd` (and `IPV6_MTU_DISCOVER` when `ipv6`), for tests.
 #[cfg(test)]
 pub fn mtu_discover(fd: BorrowedFd<'_>, ipv6: bool) -> std::io::Result<libc::c_int> {
-    let (level, name) = if ipv6 {
-        (libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER)
+    if ipv6 {
+        getsockopt_int(fd, libc::IPPROTO_IPV6, libc::IPV6_MTU_DISCOVER)
     } else {
-        (libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
+        getsockopt_int(fd, libc::IPPROTO_IP, libc::IP_MTU_DISCOVER)
+    }
+}
+
+/// The path MTU the kernel knows for `peer`: the outgoing interface's MTU, or a smaller one
+/// it learned from the underlay's ICMP ("fragmentation needed", "packet too big"). Read as
+/// `IP_MTU` (`IPV6_MTU`) of a throwaway socket connected to `peer`, from `source` when given
+/// (as the worker's datagrams leave), so that the route lookup is the one they get. Four
+/// system calls: for the rare refusal of a batch, never per packet.
+pub fn path_mtu(peer: SocketAddr, source: Option<IpAddr>) -> std::io::Result<usize> {
+    let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(peer),
+        socket2::Type::DGRAM,
+        None,
+    )?;
+    if let Some(ip) = source.filter(|ip| ip.is_ipv4() == peer.is_ipv4()) {
+        // Best effort: the address may be gone, and the kernel's choice is the same route
+        // but in policy routing.
+        let _ = socket.bind(&SocketAddr::new(ip, 0).into());
+    }
+    socket.connect(&peer.into())?;
+    let mtu = if peer.is_ipv4() {
+        getsockopt_int(socket.as_fd(), libc::IPPROTO_IP, libc::IP_MTU)?
+    } else {
+        getsockopt_int(socket.as_fd(), libc::IPPROTO_IPV6, libc::IPV6_MTU)?
     };
+    usize::try_from(mtu).map_err(|_| std::io::Error::other(format!("path MTU {mtu}")))
+}
+
+/// An option that is one `c_int`.
+fn getsockopt_int(
+    fd: BorrowedFd<'_>,
+    level: libc::c_int,
+    name: libc::c_int,
+) -> std::io::Result<libc::c_int> {
     let mut value: libc::c_int = 0;
     let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `fd` is open for the borrow; both options write one `c_int` into `value`, whose
-    // size `len` gives, and `len` is a live `socklen_t` the kernel may update.
+    // SAFETY: `fd` is open for the borrow; the options read through here (IP_MTU_DISCOVER,
+    // IPV6_MTU_DISCOVER, IP_MTU, IPV6_MTU) write one `c_int` into `value`, whose size `len`
+    // gives, and `len` is a live `socklen_t` the kernel may update.
     let rc = unsafe {
         libc::getsockopt(
             fd.as_raw_fd(),

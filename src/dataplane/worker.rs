@@ -23,7 +23,7 @@ use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 use super::batch::Run;
 use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
-use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress};
+use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
 use super::io::{UdpEndpoint, socket_addr_for};
 use super::sys;
 use crate::table::Reader;
@@ -206,6 +206,8 @@ struct Worker {
     shared: Arc<Counters>,
     local: LocalCounters,
     limiter: IcmpLimiter,
+    /// Path MTUs learned for peers behind a smaller hop (see [`PathMtus`]).
+    paths: PathMtus,
     // TUN → UDP
     /// Where an offloaded TUN read lands (virtio-net header and up to 64 KiB). Empty when the
     /// first UDP GRO receive buffer serves instead: the two are never in use at once (a TUN
@@ -315,6 +317,7 @@ impl Worker {
             shared,
             local: LocalCounters::default(),
             limiter: IcmpLimiter::default(),
+            paths: PathMtus::default(),
         })
     }
 
@@ -460,17 +463,24 @@ impl Worker {
         let now = Instant::now();
         let snap = self.table.load();
         let mut news = SourceNews::Nothing;
+        // A peer whose path MTU refused a batch of this one (learned after the batch).
+        let mut too_big = None;
         // Anything not sent breaks a run: send the open run first.
         macro_rules! flush {
             ($run:expr) => {
                 if let Some(r) = $run.take() {
-                    news = news.max(send_run(
+                    let peer = r.peer;
+                    let sent = send_run(
                         sender(&self.tx, &self.udp, &self.udp_state),
                         &mut self.arena,
                         stride,
                         r,
                         &mut self.local,
-                    ));
+                    );
+                    news = news.max(sent.news);
+                    if sent.too_big {
+                        too_big = Some(peer);
+                    }
                 }
             };
         }
@@ -484,6 +494,7 @@ impl Worker {
                 &mut self.arena[at..at + size],
                 snap,
                 &self.config,
+                &self.paths,
                 &mut self.limiter,
                 now,
                 &mut self.icmp_buf,
@@ -491,6 +502,21 @@ impl Worker {
             let Egress::Send { peer, len } = verdict else {
                 flush!(run);
                 match verdict {
+                    Egress::SendAlone { peer, len, icmp } => {
+                        let (udp, state) = sender(&self.tx, &self.udp, &self.udp_state);
+                        let pkt = &self.arena[at..at + len];
+                        let sent = send_gso(udp, state, pkt, peer, len, 1, &mut self.local);
+                        news = news.max(sent.news);
+                        if icmp > 0
+                            && self.tun_out.write_one(
+                                &self.tun,
+                                &self.icmp_buf[..icmp],
+                                &mut self.local,
+                            )?
+                        {
+                            self.local.icmp_sent += 1;
+                        }
+                    }
                     Egress::Icmp { len, reason } => {
                         self.local.drop(reason);
                         if self.tun_out.write_one(
@@ -517,6 +543,12 @@ impl Worker {
         flush!(run);
         if news != SourceNews::Nothing {
             self.source_refused(news);
+        }
+        if let Some(peer) = too_big
+            && self.paths.due(peer, now)
+        {
+            let (udp, _) = sender(&self.tx, &self.udp, &self.udp_state);
+            learn_path_mtu(self.id, udp, peer, self.config.mtu, &mut self.paths, now);
         }
         if self.max_gso_segments > 1 {
             let state = self.tx.as_ref().map_or(&self.udp_state, |(_, st)| st);
@@ -909,9 +941,59 @@ fn send_run(
     stride: usize,
     run: Run,
     local: &mut LocalCounters,
-) -> SourceNews {
+) -> Outcome {
     let range = run.gather(arena, stride);
     send_gso(udp, state, &arena[range], run.peer, run.seg, run.n, local)
+}
+
+/// What a send found out.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Outcome {
+    /// About the source address.
+    news: SourceNews,
+    /// The kernel refused the batch as larger than the peer's path MTU (EMSGSIZE).
+    too_big: bool,
+}
+
+/// A GSO batch to `peer` was refused as larger than the path MTU the kernel learned for it
+/// (a smaller hop on the underlay): asks the kernel for that MTU and remembers the inner
+/// packet size it leaves, so that [`forward::egress`] sends larger packets alone and tells
+/// their senders. A path that carries the overlay MTU after all forgets an earlier entry.
+#[cold]
+fn learn_path_mtu(
+    worker: usize,
+    udp: &UdpEndpoint,
+    peer: SocketAddr,
+    mtu: usize,
+    paths: &mut PathMtus,
+    now: Instant,
+) {
+    let overhead = match peer {
+        SocketAddr::V4(_) => 28,
+        SocketAddr::V6(_) => 48,
+    };
+    match sys::path_mtu(peer, udp.source.for_peer(peer)) {
+        Ok(path) => {
+            let inner = path.saturating_sub(overhead);
+            if inner < mtu {
+                tracing::info!(
+                    worker,
+                    %peer,
+                    path_mtu = path,
+                    inner_mtu = inner,
+                    "the path to this peer carries smaller datagrams than the overlay MTU \
+                     needs: larger packets go fragmented, and their senders are told the \
+                     smaller MTU"
+                );
+                paths.learn(peer, Some(inner), now);
+            } else {
+                paths.learn(peer, None, now);
+            }
+        }
+        Err(e) => {
+            tracing::debug!(worker, %peer, error = %e, "cannot read the path MTU to this peer")
+        }
+    }
 }
 
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`; says
@@ -924,7 +1006,7 @@ fn send_gso(
     seg: usize,
     n: usize,
     local: &mut LocalCounters,
-) -> SourceNews {
+) -> Outcome {
     let transmit = Transmit {
         destination: socket_addr_for(peer, udp.dual_stack),
         ecn: None,
@@ -936,10 +1018,14 @@ fn send_gso(
         Ok(sent) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
-            match sent {
+            let news = match sent {
                 Sent::AsAsked => SourceNews::Nothing,
                 Sent::WithoutSource if n > 1 => SourceNews::RefusedButGsoWorked,
                 Sent::WithoutSource => SourceNews::Refused,
+            };
+            Outcome {
+                news,
+                too_big: false,
             }
         }
         // The kernel refused the batch, and its datagrams may go one by one: send this run's
@@ -950,7 +1036,8 @@ fn send_gso(
         // itself refused (no checksum offload, a buggy driver; kernels without upstream commit
         // 235174b2bed8 so refuse the path MTU case too), and quinn-udp has stopped using it for
         // later sends. Other errors (the peer unreachable, a firewall's EPERM) would only fail
-        // each of them.
+        // each of them. After an EMSGSIZE the worker learns the peer's path MTU
+        // ([`learn_path_mtu`]), and larger packets stop coming in batches.
         Err(e)
             if n > 1
                 && match e.raw_os_error() {
@@ -979,13 +1066,19 @@ fn send_gso(
                     Err(_) => local.drop(DropReason::SendFailed),
                 }
             }
-            news
+            Outcome {
+                news,
+                too_big: e.raw_os_error() == Some(libc::EMSGSIZE),
+            }
         }
         Err(_) => {
             for _ in 0..n {
                 local.drop(DropReason::SendFailed);
             }
-            SourceNews::Nothing
+            Outcome {
+                news: SourceNews::Nothing,
+                too_big: false,
+            }
         }
     }
 }
@@ -1016,8 +1109,8 @@ mod test {
             let buf: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
             let mut local = LocalCounters::default();
             let peer = rx.local_addr().unwrap();
-            let news = send_gso(&ep, &state, &buf, peer, 100, 3, &mut local);
-            assert_eq!(news, SourceNews::RefusedButGsoWorked, "{to}");
+            let sent = send_gso(&ep, &state, &buf, peer, 100, 3, &mut local);
+            assert_eq!(sent.news, SourceNews::RefusedButGsoWorked, "{to}");
             assert_eq!(local.udp_tx_packets, 3);
             let mut got = [0u8; 512];
             for i in 0..3 {
@@ -1064,8 +1157,14 @@ mod test {
         let buf: Vec<u8> = (0..2000u32).map(|i| (i / 10) as u8).collect();
         let mut local = LocalCounters::default();
         let peer = rx.local_addr().unwrap();
-        let news = send_gso(&ep, &state, &buf, peer, 10, 200, &mut local);
-        assert_eq!(news, SourceNews::Nothing);
+        let sent = send_gso(&ep, &state, &buf, peer, 10, 200, &mut local);
+        assert_eq!(
+            sent,
+            Outcome {
+                news: SourceNews::Nothing,
+                too_big: false
+            }
+        );
         assert_eq!(state.max_gso_segments(), 1, "the kernel took 200 segments");
         assert_eq!(local.udp_tx_packets, 200);
         let mut got = [0u8; 64];
