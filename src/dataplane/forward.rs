@@ -787,15 +787,7 @@ mod test {
         let later = now + std::time::Duration::from_secs(2);
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
         assert!(matches!(
-            egress(
-                &mut pkt,
-                &snap(),
-                &cfg(),
-                &PathMtus::default(),
-                &mut limiter,
-                later,
-                &mut out
-            ),
+            egress_at(&mut pkt, &mut limiter, later, &mut out),
             Egress::Icmp { .. }
         ));
     }
