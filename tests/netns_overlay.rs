@@ -1770,16 +1770,12 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
     }
 }
 
-/// iptables 1.4.20 to 1.5.x take only a bare `-w`, which waits for the xtables lock as long as
-/// another program holds it. A stop that comes while linen's start-up waits so (here: an
-/// iptables of that version that never ends) cuts the commands short and exits at once; before,
-/// each command ran its 30 s and the unit's stop timeout killed linen first.
-#[test]
-fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
-    if skip() {
-        return;
-    }
-    let mut lab = Lab::new("lnipwait", 2, 1500).unwrap();
+/// A `linen run --ip-masq` in a lab of its own (namespace prefix `prefix`) whose iptables is
+/// version 1.4.21 (a bare `-w`) and never ends, as when another program holds the xtables
+/// lock; returned once the data plane runs and the install's first command has started:
+/// the lab, linen's pid, its subnet.env and log paths, and the directory that holds them.
+fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, tempfile::TempDir) {
+    let mut lab = Lab::new(prefix, 2, 1500).unwrap();
     let h = lab.host(0).clone();
     let dir = tempfile::tempdir().unwrap();
     common::network_init(dir.path());
@@ -1810,20 +1806,76 @@ fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
     let (mut cmd, env, log) = linen_run(&h, dir.path(), "linen", &["--ip-masq".to_string()]);
     cmd.env("PATH", &path);
     let pid = lab.spawn(cmd, "linen").unwrap();
-    let read_log = || std::fs::read_to_string(&log).unwrap_or_default();
     let running = wait_for(Duration::from_secs(15), || {
-        read_log().contains("data plane running").then_some(())
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("data plane running")
+            .then_some(())
     });
-    assert!(running.is_some(), "{}", read_log());
+    assert!(
+        running.is_some(),
+        "{}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     // Into the install's first command.
     std::thread::sleep(Duration::from_millis(500));
+    (lab, pid, env, log, dir)
+}
+
+/// iptables 1.4.20 to 1.5.x take only a bare `-w`, which waits for the xtables lock as long as
+/// another program holds it. A stop that comes while linen's start-up waits so (here: an
+/// iptables of that version that never ends) cuts the commands short and exits at once; before,
+/// each command ran its 30 s and the unit's stop timeout killed linen first.
+#[test]
+fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
+    if skip() {
+        return;
+    }
+    let (mut lab, pid, env, log, _dir) = linen_waiting_for_iptables("lnipwait");
     // Killed (not a success) if it takes longer than 20 s.
     let status = lab.stop(pid, Duration::from_secs(20));
-    let text = read_log();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert!(status.is_some_and(|s| s.success()), "{status:?}: {text}");
     assert!(
         text.contains("stopping while the iptables rules were being installed"),
         "{text}"
     );
     assert!(!env.exists(), "subnet.env written: {text}");
+}
+
+/// The stop above still takes 15 s: removing what the install may have added waits for the
+/// lock too, up to its budget. A second stop signal (Ctrl-C pressed twice) ends linen at once,
+/// with exit code 130; before, it was ignored until the budget ran out.
+#[test]
+fn a_second_stop_signal_ends_a_slow_stop_at_once() {
+    if skip() {
+        return;
+    }
+    let (mut lab, pid, _env, log, _dir) = linen_waiting_for_iptables("lnipwait2");
+    let first = Command::new("kill")
+        .args(["-TERM", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(first.success());
+    let stopping = wait_for(Duration::from_secs(2), || {
+        std::fs::read_to_string(&log)
+            .ok()?
+            .contains("stopping while the iptables rules were being installed")
+            .then_some(())
+    });
+    // The first stop is still removing rules (waiting on the lock) when the second comes.
+    assert!(
+        stopping.is_none(),
+        "the first stop ended on its own: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    // The second SIGTERM; killed (not 130) if it takes longer than 5 s.
+    let status = lab.stop(pid, Duration::from_secs(5));
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(130),
+        "{status:?}: {text}"
+    );
+    assert!(text.contains("a second stop signal"), "{text}");
 }

@@ -1,6 +1,7 @@
 //! Exit codes that mean something, and the error type for bad input: 0 success, 1 runtime
 //! failure, 2 bad flags or an invalid config (the message says what to fix; a service manager
-//! should not restart on it), 130 interrupted (`linen demo` or `linen bench`, after cleaning up).
+//! should not restart on it), 130 interrupted (`linen demo` or `linen bench`, after cleaning up;
+//! `linen run` on a second stop signal, at once).
 
 use crate::bench::interrupt::Interrupted;
 use crate::lease::RegistryError;
@@ -12,7 +13,8 @@ pub const OK: i32 = 0;
 pub const FAILURE: i32 = 1;
 /// Bad flags or an invalid network config.
 pub const USAGE: i32 = 2;
-/// Stopped by SIGINT/SIGTERM before finishing (128 + SIGINT, as shells report it).
+/// Stopped by SIGINT/SIGTERM before finishing (128 + SIGINT, as shells report it); for
+/// `linen run`, a second stop signal while it stops.
 pub const INTERRUPTED: i32 = 130;
 
 /// A flag value or argument that cannot work; the message names the flag and what to give.

@@ -395,6 +395,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let rules = tokio::select! {
         rules = &mut install => rules?,
         () = stop.recv() => {
+            stop.exit_on_next();
             installing.cancel();
             // What was installed is removed (a failed install removes its own).
             if let Ok(Some(r)) = install.await {
@@ -574,7 +575,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut publisher = publisher;
     let mut control_done = false;
     let outcome = tokio::select! {
-        () = stop.recv() => Ok(()),
+        () = stop.recv() => {
+            stop.exit_on_next();
+            Ok(())
+        }
         () = all_stopped(&monitors) => {
             // The reason is the daemon's exit message (printed once, on the way out).
             tracing::error!("no forwarding worker is left; stopping");
@@ -860,6 +864,23 @@ impl StopSignals {
             _ = self.term.recv() => {}
             _ = self.int.recv() => {}
         }
+    }
+
+    /// After the first stop signal: a second one ends the process at once (exit code 130),
+    /// for an operator who does not want to wait for the rest of the stop (removing the
+    /// iptables rules waits up to 15 s for the xtables lock). What that skips is what a
+    /// crash skips: the lease is kept anyway, the TUN device goes with the process, and the
+    /// next start takes over the rules.
+    fn exit_on_next(self) {
+        let mut signals = self;
+        tokio::spawn(async move {
+            signals.recv().await;
+            tracing::warn!(
+                "a second stop signal: exiting now, without finishing the stop (the next start \
+                 takes over any iptables rules left behind)"
+            );
+            std::process::exit(crate::cli::exit::INTERRUPTED);
+        });
     }
 }
 
