@@ -134,6 +134,9 @@ pub const PATH_MTU_SLOTS: usize = 16;
 #[derive(Clone, Debug)]
 pub struct PathMtus {
     entries: Vec<PathMtu>,
+    /// The smallest inner MTU among the entries (expired ones too); `usize::MAX` without any.
+    /// A packet no longer than this needs no lookup.
+    smallest: usize,
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -147,6 +150,7 @@ impl Default for PathMtus {
     fn default() -> Self {
         PathMtus {
             entries: Vec::with_capacity(PATH_MTU_SLOTS),
+            smallest: usize::MAX,
         }
     }
 }
@@ -156,9 +160,6 @@ impl PathMtus {
     /// not expired.
     #[inline]
     pub fn get(&self, peer: SocketAddr, now: Instant) -> Option<usize> {
-        if self.entries.is_empty() {
-            return None;
-        }
         self.entries
             .iter()
             .find(|e| e.peer == peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY)
@@ -180,19 +181,25 @@ impl PathMtus {
         self.entries.retain(|e| {
             e.peer != peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY
         });
-        let Some(inner) = inner else {
-            return;
-        };
-        if self.entries.len() == PATH_MTU_SLOTS
-            && let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].learned)
-        {
-            self.entries.swap_remove(oldest);
+        if let Some(inner) = inner {
+            if self.entries.len() == PATH_MTU_SLOTS
+                && let Some(oldest) =
+                    (0..self.entries.len()).min_by_key(|&i| self.entries[i].learned)
+            {
+                self.entries.swap_remove(oldest);
+            }
+            self.entries.push(PathMtu {
+                peer,
+                inner,
+                learned: now,
+            });
         }
-        self.entries.push(PathMtu {
-            peer,
-            inner,
-            learned: now,
-        });
+        self.smallest = self
+            .entries
+            .iter()
+            .map(|e| e.inner)
+            .min()
+            .unwrap_or(usize::MAX);
     }
 }
 
@@ -260,32 +267,53 @@ pub fn egress(
             DropReason::TooBig,
         );
     }
-    if let Some(path) = paths.get(peer, now)
-        && len > path
+    // One comparison per packet while no path is smaller than this packet (always, when no
+    // peer sits behind a smaller hop); the lookup and the rest are out of line.
+    if len > paths.smallest
+        && let Some(verdict) = too_big_for_path(&mut ip, peer, paths, snap, limiter, now, icmp_out)
     {
-        // The MTU to tell the sender: IPv4 senders that forbid fragmentation learn the path's;
-        // IPv6 links carry at least 1280 bytes (RFC 8200), so below that the datagram is
-        // fragmented without a word.
-        let advice = match &ip {
-            IpPacket::V4(v4) => v4.dont_frag().then_some(path),
-            IpPacket::V6(_) => Some(path.max(1280)).filter(|&m| len > m),
-        };
-        let icmp = advice.map_or(0, |mtu| {
-            build_icmp(
-                ip.packet(),
-                IcmpKind::TooBig(mtu),
-                snap,
-                limiter,
-                now,
-                icmp_out,
-            )
-            .unwrap_or(0)
-        });
-        ip.decrement_hop_limit();
-        return Egress::SendAlone { peer, len, icmp };
+        return verdict;
     }
     ip.decrement_hop_limit();
     Egress::Send { peer, len }
+}
+
+/// A packet to `peer` larger than the path MTU learned for it ([`PathMtus`]): the
+/// [`Egress::SendAlone`] verdict, or `None` when it fits after all (no entry for this peer, or
+/// an expired one).
+#[cold]
+#[inline(never)]
+fn too_big_for_path(
+    ip: &mut IpPacket<&mut [u8]>,
+    peer: SocketAddr,
+    paths: &PathMtus,
+    snap: &Snapshot,
+    limiter: &mut IcmpLimiter,
+    now: Instant,
+    icmp_out: &mut [u8],
+) -> Option<Egress> {
+    let len = ip.packet_len();
+    let path = paths.get(peer, now).filter(|&path| len > path)?;
+    // The MTU to tell the sender: IPv4 senders that forbid fragmentation learn the path's;
+    // IPv6 links carry at least 1280 bytes (RFC 8200), so below that the datagram is
+    // fragmented without a word.
+    let advice = match &*ip {
+        IpPacket::V4(v4) => v4.dont_frag().then_some(path),
+        IpPacket::V6(_) => Some(path.max(1280)).filter(|&m| len > m),
+    };
+    let icmp = advice.map_or(0, |mtu| {
+        build_icmp(
+            ip.packet(),
+            IcmpKind::TooBig(mtu),
+            snap,
+            limiter,
+            now,
+            icmp_out,
+        )
+        .unwrap_or(0)
+    });
+    ip.decrement_hop_limit();
+    Some(Egress::SendAlone { peer, len, icmp })
 }
 
 /// Decides the fate of a datagram from `sender` (design.md "Ingress"): the sender must hold a
@@ -741,8 +769,10 @@ mod test {
         // A later answer replaces the entry; "full size again" removes it.
         paths.learn(peer(1), Some(1200), now + Duration::from_secs(1));
         assert_eq!(paths.get(peer(1), now + Duration::from_secs(1)), Some(1200));
+        assert_eq!(paths.smallest, 1200);
         paths.learn(peer(1), None, now + Duration::from_secs(2));
         assert_eq!(paths.get(peer(1), now + Duration::from_secs(2)), None);
+        assert_eq!(paths.smallest, usize::MAX, "no lookup without entries");
         // Full: the oldest entry makes room, the capacity stays.
         for i in 0..=PATH_MTU_SLOTS as u8 {
             paths.learn(
