@@ -504,18 +504,22 @@ pub async fn configure_tun(
     // addresses, and with a link-local one the kernel sends router solicitations and MLD
     // reports into the TUN, which nobody can route (counted as no_route from the start).
     // Set while the device is down; absent when IPv6 is off, which needs nothing.
-    let gen_mode = format!("/proc/sys/net/ipv6/conf/{tun_name}/addr_gen_mode");
-    if let Err(e) = std::fs::write(&gen_mode, "1")
-        && e.kind() != std::io::ErrorKind::NotFound
-    {
-        tracing::debug!(error = %e, path = %gen_mode, "cannot turn the TUN's link-local address off");
-    }
+    let had_ipv6 = no_link_local(tun_name);
     handle
         .link()
         .set(LinkUnspec::new_with_index(index).mtu(mtu).up().build())
         .execute()
         .await
         .with_context(|| format!("netlink: bringing {tun_name} up"))?;
+    // A device without IPv6 state (an MTU under 1280, set by hand) gets it back from the MTU
+    // just set, with the default address mode: a link-local address is already there.
+    if !had_ipv6 && no_link_local(tun_name) {
+        remove_addresses(handle, index, tun_name, |ip| match ip {
+            IpAddr::V6(a) => a.is_unicast_link_local(),
+            IpAddr::V4(_) => false,
+        })
+        .await?;
+    }
     if let Some((addr, network)) = v4 {
         add_address(handle, index, IpAddr::V4(addr), 32, tun_name).await?;
         // ICMP errors that linen writes into the TUN come from the TUN's own address; without
@@ -621,6 +625,30 @@ pub async fn readdress_tun(
         IpAddr::V4(a) => v4.is_some_and(|(ours, net)| net.contains(a) && a != ours),
         IpAddr::V6(a) => v6.is_some_and(|(ours, net)| net.contains(a) && a != ours),
     };
+    remove_addresses(handle, index, tun_name, stale).await
+}
+
+/// Turns the IPv6 link-local address of `tun_name` off (`addr_gen_mode` 1, "none"); whether
+/// the device has IPv6 state to set it in (not when IPv6 is off, or its MTU is under 1280).
+fn no_link_local(tun_name: &str) -> bool {
+    let gen_mode = format!("/proc/sys/net/ipv6/conf/{tun_name}/addr_gen_mode");
+    match std::fs::write(&gen_mode, "1") {
+        Ok(()) => true,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(e) => {
+            tracing::debug!(error = %e, path = %gen_mode, "cannot turn the TUN's link-local address off");
+            true
+        }
+    }
+}
+
+/// Removes the addresses of device `index` that `unwanted` picks.
+async fn remove_addresses(
+    handle: &Handle,
+    index: u32,
+    tun_name: &str,
+    unwanted: impl Fn(IpAddr) -> bool,
+) -> Result<()> {
     let mut found = handle
         .address()
         .get()
@@ -636,7 +664,7 @@ pub async fn readdress_tun(
             AddressAttribute::Address(ip) => Some(*ip),
             _ => None,
         });
-        if ip.is_some_and(stale) {
+        if ip.is_some_and(&unwanted) {
             old.push(msg);
         }
     }
@@ -646,7 +674,7 @@ pub async fn readdress_tun(
             .del(msg)
             .execute()
             .await
-            .with_context(|| format!("netlink: removing an old address from {tun_name}"))?;
+            .with_context(|| format!("netlink: removing an address from {tun_name}"))?;
     }
     Ok(())
 }
