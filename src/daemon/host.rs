@@ -56,17 +56,15 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
 
 /// The index of the device named `name` (the TUN device, which may have been deleted).
 async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
-    links(handle)
+    link_named(handle, name)
         .await?
-        .iter()
-        .find(|l| l.name == name)
         .map(|l| l.index)
         .ok_or_else(|| anyhow!("the device {name} has vanished"))
 }
 
 /// Whether a network device named `name` exists.
 pub async fn link_exists(handle: &Handle, name: &str) -> Result<bool> {
-    Ok(links(handle).await?.iter().any(|l| l.name == name))
+    Ok(link_named(handle, name).await?.is_some())
 }
 
 /// A netlink connection (its task runs on the current tokio runtime).
@@ -77,10 +75,38 @@ pub fn connect() -> Result<Handle> {
     Ok(handle)
 }
 
+/// Every device of this host, with its addresses.
 async fn links(handle: &Handle) -> Result<Vec<Link>> {
+    read_links(handle, None).await
+}
+
+/// The device named `name`, if there is one, with its addresses: the kernel answers with that
+/// device alone, where a dump parses every device (the TUN check runs every 5 s, on hosts that
+/// may have a veth per container).
+async fn link_named(handle: &Handle, name: &str) -> Result<Option<Link>> {
+    Ok(read_links(handle, Some(name)).await?.pop())
+}
+
+/// The devices (only the one named `name`, when given) and their addresses.
+async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
     let mut out = Vec::new();
-    let mut stream = handle.link().get().execute();
-    while let Some(msg) = stream.try_next().await.context("netlink: listing links")? {
+    let mut request = handle.link().get();
+    if let Some(name) = name {
+        request = request.match_name(name);
+    }
+    let mut stream = request.execute();
+    loop {
+        let msg = match stream.try_next().await {
+            Ok(Some(msg)) => msg,
+            Ok(None) => break,
+            // No device of that name.
+            Err(rtnetlink::Error::NetlinkError(e))
+                if name.is_some() && e.raw_code() == -libc::ENODEV =>
+            {
+                break;
+            }
+            Err(e) => return Err(e).context("netlink: listing links"),
+        };
         let mut name = String::new();
         let mut mtu = 1500;
         let mut gso_max_segs = None;
@@ -102,7 +128,13 @@ async fn links(handle: &Handle) -> Result<Vec<Link>> {
             poor_v6: Vec::new(),
         });
     }
-    let mut stream = handle.address().get().execute();
+    let mut request = handle.address().get();
+    match (name, out.first()) {
+        (Some(_), None) => return Ok(out),
+        (Some(_), Some(link)) => request = request.set_link_index_filter(link.index),
+        (None, _) => {}
+    }
+    let mut stream = request.execute();
     while let Some(msg) = stream
         .try_next()
         .await
@@ -489,7 +521,7 @@ pub async fn configure_tun(
     let capped = match handle.link().set(cap).execute().await {
         Err(e) => Err(e.to_string()),
         // Read back: a kernel may take the attribute and ignore it.
-        Ok(()) => match links(handle).await?.iter().find(|l| l.index == index) {
+        Ok(()) => match link_named(handle, tun_name).await? {
             Some(l) if l.gso_max_segs.is_some_and(|n| n > SEGMENTS as u32) => Err(format!(
                 "the kernel kept gso_max_segs {}",
                 l.gso_max_segs.unwrap_or_default()
@@ -560,10 +592,8 @@ pub async fn tun_missing(
     v4: Option<(Ipv4Addr, Ipv4Network)>,
     v6: Option<(Ipv6Addr, Ipv6Network)>,
 ) -> Result<Vec<String>> {
-    let all = links(handle).await?;
-    let link = all
-        .iter()
-        .find(|l| l.name == tun_name)
+    let link = link_named(handle, tun_name)
+        .await?
         .ok_or_else(|| anyhow!("the device {tun_name} has vanished"))?;
     let mut missing = Vec::new();
     if !link.up {
