@@ -120,29 +120,34 @@ impl Default for IcmpLimiter {
 /// from the next refused send; one that grew back is used in full after this.
 pub const PATH_MTU_EXPIRY: Duration = Duration::from_secs(600);
 
-/// How many peers' path MTUs a worker remembers; a new one replaces the oldest. Hosts behind
-/// a smaller hop than their own interfaces are few.
-pub const PATH_MTU_SLOTS: usize = 16;
+/// How many peers' path MTUs a worker remembers (answers that a path carries full-size
+/// datagrams included); a new one replaces the oldest. Enough for two sites joined by a VPN
+/// with dozens of hosts behind it, in 3 KiB per worker.
+pub const PATH_MTU_SLOTS: usize = 64;
 
 /// The path MTUs a worker learned for peers whose underlay path carries less than the
 /// overlay MTU plus the UDP encapsulation (a tunnel, a VPN or a smaller link between two
 /// hosts), as inner packet sizes: the largest inner packet that crosses in one datagram.
-/// The worker learns one when the kernel refuses a batch as larger than the path MTU it
-/// learned from the underlay's ICMP; [`egress`] then sends larger packets alone
+/// The worker learns one when the kernel refuses a batch (the segments larger than the path
+/// MTU it learned from the underlay's ICMP); [`egress`] then sends larger packets alone
 /// (fragmented, as before) and tells their senders the smaller MTU, as kernel tunnels do.
 /// Fixed capacity: the packet path never allocates here.
 #[derive(Clone, Debug)]
 pub struct PathMtus {
     entries: Vec<PathMtu>,
-    /// The smallest inner MTU among the entries (expired ones too); `usize::MAX` without any.
-    /// A packet no longer than this needs no lookup.
+    /// The smallest inner MTU among the entries; `usize::MAX` without any. A packet no longer
+    /// than this needs no lookup.
     smallest: usize,
+    /// When the oldest entry expires ([`expire`](Self::expire) is due).
+    first_expiry: Option<Instant>,
 }
 
 #[derive(Clone, Copy, Debug)]
 struct PathMtu {
     peer: SocketAddr,
-    inner: usize,
+    /// `None`: the kernel said the path carries full-size datagrams (kept so that the
+    /// question is not asked again within a second).
+    inner: Option<usize>,
     learned: Instant,
 }
 
@@ -151,6 +156,7 @@ impl Default for PathMtus {
         PathMtus {
             entries: Vec::with_capacity(PATH_MTU_SLOTS),
             smallest: usize::MAX,
+            first_expiry: None,
         }
     }
 }
@@ -163,11 +169,12 @@ impl PathMtus {
         self.entries
             .iter()
             .find(|e| e.peer == peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY)
-            .map(|e| e.inner)
+            .and_then(|e| e.inner)
     }
 
     /// Whether to ask the kernel for `peer`'s path MTU after a refusal: not again within a
-    /// second of the last answer (a burst of refused batches costs one question).
+    /// second of the last answer, whatever it was (a burst of refused batches costs one
+    /// question).
     pub fn due(&self, peer: SocketAddr, now: Instant) -> bool {
         !self.entries.iter().any(|e| {
             e.peer == peer && now.saturating_duration_since(e.learned) < Duration::from_secs(1)
@@ -175,31 +182,50 @@ impl PathMtus {
     }
 
     /// Records that the path to `peer` carries inner packets of at most `inner` bytes, or with
-    /// `None` that it carries full-size ones again. Expired entries go first; when all slots
-    /// are taken the oldest entry makes room.
-    pub fn learn(&mut self, peer: SocketAddr, inner: Option<usize>, now: Instant) {
-        self.entries.retain(|e| {
-            e.peer != peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY
-        });
-        if let Some(inner) = inner {
-            if self.entries.len() == PATH_MTU_SLOTS
-                && let Some(oldest) =
-                    (0..self.entries.len()).min_by_key(|&i| self.entries[i].learned)
-            {
-                self.entries.swap_remove(oldest);
-            }
-            self.entries.push(PathMtu {
-                peer,
-                inner,
-                learned: now,
-            });
+    /// `None` that it carries full-size ones. Expired entries go first; when all slots are
+    /// taken the oldest entry makes room. Returns whether this changes what was known of
+    /// `peer` (a first learning, another value), for a log line.
+    pub fn learn(&mut self, peer: SocketAddr, inner: Option<usize>, now: Instant) -> bool {
+        let before = self.get(peer, now);
+        self.entries.retain(|e| e.peer != peer);
+        self.expire(now);
+        if self.entries.len() == PATH_MTU_SLOTS
+            && let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].learned)
+        {
+            self.entries.swap_remove(oldest);
         }
+        self.entries.push(PathMtu {
+            peer,
+            inner,
+            learned: now,
+        });
+        self.summarise();
+        before != inner
+    }
+
+    /// Drops the entries that expired by `now`, so that packets are no longer compared with
+    /// their MTUs. Cheap when nothing is due: the worker calls it once per batch.
+    #[inline]
+    pub fn expire(&mut self, now: Instant) {
+        if self.first_expiry.is_some_and(|t| now >= t) {
+            self.entries
+                .retain(|e| now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY);
+            self.summarise();
+        }
+    }
+
+    fn summarise(&mut self) {
         self.smallest = self
             .entries
             .iter()
-            .map(|e| e.inner)
+            .filter_map(|e| e.inner)
             .min()
             .unwrap_or(usize::MAX);
+        self.first_expiry = self
+            .entries
+            .iter()
+            .map(|e| e.learned + PATH_MTU_EXPIRY)
+            .min();
     }
 }
 
@@ -707,6 +733,10 @@ mod test {
         assert_eq!(ip.dst_addr(), Ipv4Addr::new(198, 19, 1, 5));
         let m = Icmpv4Packet::new_checked(ip.payload()).unwrap();
         assert_eq!((m.msg_type(), m.code(), m.mtu()), (3, 4, Some(1300)));
+        // It quotes the packet as the sender sent it: TTL 64, a valid header checksum.
+        let quoted = Ipv4Packet::new_unchecked(&ip.payload()[8..]);
+        assert_eq!(quoted.ttl(), 64);
+        assert!(quoted.verify_checksum());
         // The sender allows fragmentation: nothing to tell.
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, false);
         assert_eq!(
@@ -757,40 +787,45 @@ mod test {
     #[test]
     fn path_mtus_expire_are_asked_for_once_a_second_and_keep_the_newest() {
         let now = Instant::now();
+        let secs = |n: u64| now + Duration::from_secs(n);
         let peer = |i: u8| SocketAddr::from((Ipv4Addr::new(198, 18, 0, i), 8285));
         let mut paths = PathMtus::default();
         assert!(paths.due(peer(1), now));
-        paths.learn(peer(1), Some(1300), now);
+        assert!(paths.learn(peer(1), Some(1300), now), "a first learning");
         assert_eq!(paths.get(peer(1), now), Some(1300));
         assert_eq!(paths.get(peer(2), now), None);
         assert!(!paths.due(peer(1), now + Duration::from_millis(999)));
-        assert!(paths.due(peer(1), now + Duration::from_secs(1)));
+        assert!(paths.due(peer(1), secs(1)));
         assert!(paths.due(peer(2), now));
-        // A later answer replaces the entry; "full size again" removes it.
-        paths.learn(peer(1), Some(1200), now + Duration::from_secs(1));
-        assert_eq!(paths.get(peer(1), now + Duration::from_secs(1)), Some(1200));
+        assert!(!paths.learn(peer(1), Some(1300), secs(1)), "the same again");
+        // A later answer replaces the entry.
+        assert!(paths.learn(peer(1), Some(1200), secs(2)));
+        assert_eq!(paths.get(peer(1), secs(2)), Some(1200));
         assert_eq!(paths.smallest, 1200);
-        paths.learn(peer(1), None, now + Duration::from_secs(2));
-        assert_eq!(paths.get(peer(1), now + Duration::from_secs(2)), None);
-        assert_eq!(paths.smallest, usize::MAX, "no lookup without entries");
+        // "Full size" is kept too: not used, but not asked again within the second.
+        assert!(paths.learn(peer(1), None, secs(3)));
+        assert_eq!(paths.get(peer(1), secs(3)), None);
+        assert!(!paths.due(peer(1), secs(3)));
+        assert_eq!(paths.smallest, usize::MAX, "no lookup without an MTU");
         // Full: the oldest entry makes room, the capacity stays.
+        let capacity = paths.entries.capacity();
         for i in 0..=PATH_MTU_SLOTS as u8 {
-            paths.learn(
-                peer(10 + i),
-                Some(1300),
-                now + Duration::from_secs(u64::from(i)),
-            );
+            paths.learn(peer(10 + i), Some(1300), secs(4 + u64::from(i)));
         }
-        let later = now + Duration::from_secs(PATH_MTU_SLOTS as u64);
+        let later = secs(4 + PATH_MTU_SLOTS as u64);
         assert_eq!(paths.get(peer(10), later), None);
         assert_eq!(paths.get(peer(11), later), Some(1300));
         assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
-        assert_eq!(paths.entries.capacity(), PATH_MTU_SLOTS);
-        // Expired entries are not used, and go at the next learning.
-        let expired = now + Duration::from_secs(PATH_MTU_SLOTS as u64) + PATH_MTU_EXPIRY;
+        assert_eq!(paths.entries.capacity(), capacity);
+        // Expired entries are not used, and go once the worker expires them.
+        let expired = later + PATH_MTU_EXPIRY;
         assert_eq!(paths.get(peer(10 + PATH_MTU_SLOTS as u8), expired), None);
-        paths.learn(peer(1), Some(1300), expired);
-        assert_eq!(paths.entries.len(), 1);
+        paths.expire(later);
+        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS, "nothing expired yet");
+        paths.expire(expired);
+        assert!(paths.entries.is_empty());
+        assert_eq!(paths.smallest, usize::MAX);
+        assert_eq!(paths.first_expiry, None);
     }
 
     #[test]

@@ -61,7 +61,7 @@ pub fn mtu_discover(fd: BorrowedFd<'_>, ipv6: bool) -> std::io::Result<libc::c_i
 /// The path MTU the kernel knows for `peer`: the outgoing interface's MTU, or a smaller one
 /// it learned from the underlay's ICMP ("fragmentation needed", "packet too big"). Read as
 /// `IP_MTU` (`IPV6_MTU`) of a throwaway socket connected to `peer`, from `source` when given
-/// (as the worker's datagrams leave), so that the route lookup is the one they get. Four
+/// (as the worker's datagrams leave), so that the route lookup is the one they get. Five
 /// system calls: for the rare refusal of a batch, never per packet.
 pub fn path_mtu(peer: SocketAddr, source: Option<IpAddr>) -> std::io::Result<usize> {
     let peer = SocketAddr::new(peer.ip().to_canonical(), peer.port());
@@ -173,5 +173,32 @@ unsafe fn setsockopt<T>(
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use super::*;
+
+    /// Loopback's MTU is the path MTU to any loopback address (IPv4 caps it at 65535), an
+    /// IPv4-mapped one included (asked over IPv4), with or without a source. No root.
+    #[test]
+    fn the_path_mtu_is_the_route_s() {
+        let lo: usize = std::fs::read_to_string("/sys/class/net/lo/mtu")
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap();
+        let v4 = lo.min(65535);
+        let lo4: SocketAddr = "127.0.0.1:9".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:127.0.0.1]:9".parse().unwrap();
+        assert_eq!(path_mtu(lo4, None).unwrap(), v4);
+        assert_eq!(path_mtu(mapped, None).unwrap(), v4);
+        assert_eq!(path_mtu(lo4, Some(lo4.ip())).unwrap(), v4);
+        // A source of the other family is left out, not an error.
+        assert_eq!(path_mtu(lo4, Some("::1".parse().unwrap())).unwrap(), v4);
+        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
+            assert_eq!(path_mtu("[::1]:9".parse().unwrap(), None).unwrap(), lo);
+        }
     }
 }

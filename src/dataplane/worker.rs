@@ -461,6 +461,7 @@ impl Worker {
             self.max_gso_segments = state.max_gso_segments().max(1);
         }
         let now = Instant::now();
+        self.paths.expire(now);
         let snap = self.table.load();
         let mut news = SourceNews::Nothing;
         // A peer whose path MTU refused a batch of this one (learned after the batch).
@@ -951,14 +952,17 @@ fn send_run(
 struct Outcome {
     /// About the source address.
     news: SourceNews,
-    /// The kernel refused the batch as larger than the peer's path MTU (EMSGSIZE).
+    /// The kernel refused the batch as such (EMSGSIZE: larger than the peer's path MTU;
+    /// EIO/EINVAL: GSO refused, which kernels without upstream 235174b2bed8 also say for the
+    /// path MTU): worth asking for the path MTU.
     too_big: bool,
 }
 
-/// A GSO batch to `peer` was refused as larger than the path MTU the kernel learned for it
-/// (a smaller hop on the underlay): asks the kernel for that MTU and remembers the inner
-/// packet size it leaves, so that [`forward::egress`] sends larger packets alone and tells
-/// their senders. A path that carries the overlay MTU after all forgets an earlier entry.
+/// A GSO batch to `peer` was refused, maybe as larger than the path MTU the kernel learned
+/// for it (a smaller hop on the underlay): asks the kernel for that MTU and remembers the
+/// inner packet size it leaves, so that [`forward::egress`] sends larger packets alone and
+/// tells their senders. An answer of full size is remembered too (not asked again within a
+/// second). Logged when what is known of the peer changes, per worker.
 #[cold]
 fn learn_path_mtu(
     worker: usize,
@@ -968,14 +972,19 @@ fn learn_path_mtu(
     paths: &mut PathMtus,
     now: Instant,
 ) {
-    let overhead = match peer {
-        SocketAddr::V4(_) => 28,
-        SocketAddr::V6(_) => 48,
+    // An IPv4 peer written as IPv4-mapped IPv6 is reached over IPv4.
+    let overhead = if peer.ip().to_canonical().is_ipv4() {
+        28
+    } else {
+        48
     };
     match sys::path_mtu(peer, udp.source.for_peer(peer)) {
         Ok(path) => {
-            let inner = path.saturating_sub(overhead);
-            if inner < mtu {
+            let inner = Some(path.saturating_sub(overhead)).filter(|&inner| inner < mtu);
+            let changed = paths.learn(peer, inner, now);
+            if let Some(inner) = inner
+                && changed
+            {
                 tracing::info!(
                     worker,
                     %peer,
@@ -985,9 +994,6 @@ fn learn_path_mtu(
                      needs: larger packets go fragmented, and their senders are told the \
                      smaller MTU"
                 );
-                paths.learn(peer, Some(inner), now);
-            } else {
-                paths.learn(peer, None, now);
             }
         }
         Err(e) => {
@@ -1068,7 +1074,7 @@ fn send_gso(
             }
             Outcome {
                 news,
-                too_big: e.raw_os_error() == Some(libc::EMSGSIZE),
+                too_big: true,
             }
         }
         Err(_) => {
@@ -1158,11 +1164,12 @@ mod test {
         let mut local = LocalCounters::default();
         let peer = rx.local_addr().unwrap();
         let sent = send_gso(&ep, &state, &buf, peer, 10, 200, &mut local);
+        // Refused as a batch: worth asking for the path MTU (older kernels say EINVAL for it).
         assert_eq!(
             sent,
             Outcome {
                 news: SourceNews::Nothing,
-                too_big: false
+                too_big: true
             }
         );
         assert_eq!(state.max_gso_segments(), 1, "the kernel took 200 segments");
