@@ -827,8 +827,11 @@ fn tun_lost(e: io::Error) -> io::Error {
 struct TunWriter {
     /// The device takes virtio-net headers.
     offload: bool,
-    /// The device accepted USO (`TUN_F_USO4|6`): UDP runs may coalesce.
+    /// The device accepted USO (`TUN_F_USO4|6`): UDP runs may coalesce. Turned off after
+    /// [`USO_REFUSALS`] refused UDP super-packets in a row.
     uso: bool,
+    /// Consecutive UDP super-packets the kernel refused.
+    uso_refused: u32,
     /// Virtio-net + IP + TCP/UDP header of a coalesced write.
     header: [u8; coalesce::MAX_HEADER],
 }
@@ -838,8 +841,25 @@ impl TunWriter {
         TunWriter {
             offload,
             uso,
+            uso_refused: 0,
             header: [0; coalesce::MAX_HEADER],
         }
+    }
+
+    /// Notes how a UDP super-packet write went; after [`USO_REFUSALS`] refusals in a row, UDP
+    /// runs stop coalescing (each refusal cost a failed `writev` before the segments went one
+    /// by one). Returns true when it turns USO off.
+    fn uso_outcome(&mut self, written: bool) -> bool {
+        if written {
+            self.uso_refused = 0;
+            return false;
+        }
+        self.uso_refused += 1;
+        if self.uso && self.uso_refused >= USO_REFUSALS {
+            self.uso = false;
+            return true;
+        }
+        false
     }
 
     /// Writes one packet; false when the kernel refused it (counted as `TunWriteFailed`).
@@ -907,6 +927,7 @@ impl TunWriter {
                     local.tun_tx_bytes += (run.count * run.head.header_len + run.payload) as u64;
                     if run.head.udp {
                         local.tun_tx_uso += 1;
+                        self.uso_outcome(true);
                     } else {
                         local.tun_tx_tso += 1;
                     }
@@ -914,7 +935,11 @@ impl TunWriter {
                 }
                 Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                 // Refused (an old kernel's virtio-net rules): write the segments one by one.
-                Err(_) => {}
+                Err(e) => {
+                    if run.head.udp && self.uso_outcome(false) {
+                        tracing::warn!(error = %e, "the kernel refused {USO_REFUSALS} UDP super-packets in a row although the TUN device took USO; this worker writes UDP datagrams one by one from now on");
+                    }
+                }
             }
         }
         for j in segments {
@@ -923,6 +948,11 @@ impl TunWriter {
         Ok(())
     }
 }
+
+/// Consecutive refused UDP super-packet writes after which a worker stops coalescing UDP: a
+/// kernel whose virtio-net checks refuse USO although the device took the offload (as some
+/// 6.6 stable releases did) would otherwise cost a failed `writev` per run, for ever.
+const USO_REFUSALS: u32 = 8;
 
 /// The socket egress sends on: the worker's send-only socket when it has one.
 #[inline]
@@ -1228,6 +1258,26 @@ mod test {
         assert_eq!(spin_budget(us(500), Duration::from_secs(60)), us(500));
         // Off.
         assert_eq!(spin_budget(Duration::ZERO, ms(10)), Duration::ZERO);
+    }
+
+    /// USO goes off after 8 refused UDP super-packets in a row, not after fewer, nor when a
+    /// write went through in between; it never comes back on its own.
+    #[test]
+    fn refused_uso_writes_turn_uso_off_after_a_run_of_them() {
+        let mut w = TunWriter::new(true, true);
+        for _ in 0..USO_REFUSALS - 1 {
+            assert!(!w.uso_outcome(false));
+        }
+        assert!(!w.uso_outcome(true), "a success resets the count");
+        for _ in 0..USO_REFUSALS - 1 {
+            assert!(!w.uso_outcome(false));
+        }
+        assert!(w.uso);
+        assert!(w.uso_outcome(false), "the eighth in a row");
+        assert!(!w.uso);
+        assert!(!w.uso_outcome(false), "reported once");
+        assert!(!w.uso_outcome(true));
+        assert!(!w.uso);
     }
 
     /// A worker thread that panics must count as stopped (the daemon exits when none runs):
