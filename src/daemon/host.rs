@@ -107,19 +107,19 @@ async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
             }
             Err(e) => return Err(e).context("netlink: listing links"),
         };
-        let mut name = String::new();
+        let mut ifname = String::new();
         let mut mtu = 1500;
         let mut gso_max_segs = None;
         for attr in msg.attributes {
             match attr {
-                LinkAttribute::IfName(n) => name = n,
+                LinkAttribute::IfName(n) => ifname = n,
                 LinkAttribute::Mtu(m) => mtu = m,
                 LinkAttribute::GsoMaxSegs(n) => gso_max_segs = Some(n),
                 _ => {}
             }
         }
         out.push(Link {
-            name,
+            name: ifname,
             index: msg.header.index,
             up: msg.header.flags.contains(LinkFlags::Up),
             mtu,

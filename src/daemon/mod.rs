@@ -425,7 +425,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         args.ip_masq,
     );
     if let Err(e) = host::write_atomic_off_thread(&args.subnet_file, env.render()).await {
-        // Exiting: the rules go too, as on any other way out.
+        // Exiting: the rules go too, as on any other way out (a stop signal meanwhile ends it).
+        stop.exit_on_next();
         if let Some(r) = rules {
             let _ = tokio::task::spawn_blocking(move || r.remove()).await;
         }
@@ -575,10 +576,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let mut publisher = publisher;
     let mut control_done = false;
     let outcome = tokio::select! {
-        () = stop.recv() => {
-            stop.exit_on_next();
-            Ok(())
-        }
+        () = stop.recv() => Ok(()),
         () = all_stopped(&monitors) => {
             // The reason is the daemon's exit message (printed once, on the way out).
             tracing::error!("no forwarding worker is left; stopping");
@@ -607,6 +605,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ))
         }
     };
+    // Whatever ended the run, a stop signal during the rest (waiting for the xtables lock
+    // for up to 15 s) ends it at once: a second one after a stop, a first one after a failure.
+    stop.exit_on_next();
     notify::notify_logged("STOPPING=1");
     tracing::info!(
         "stopping: workers first (the device goes with them), then the lease manager and the \
@@ -866,18 +867,19 @@ impl StopSignals {
         }
     }
 
-    /// After the first stop signal: a second one ends the process at once (exit code 130),
-    /// for an operator who does not want to wait for the rest of the stop (removing the
-    /// iptables rules waits up to 15 s for the xtables lock). What that skips is what a
-    /// crash skips: the lease is kept anyway, the TUN device goes with the process, and the
-    /// next start takes over the rules.
+    /// Once the daemon is on its way out: a (further) stop signal ends the process at once
+    /// (exit code 130), for an operator who does not want to wait for the rest of the stop
+    /// (removing the iptables rules waits up to 15 s for the xtables lock). What that skips
+    /// is what a crash skips: the lease is kept anyway, the TUN device goes with the process,
+    /// and the next start takes over the rules. A command still running (an `iptables -w`
+    /// waiting for the lock) is left to end on its own.
     fn exit_on_next(self) {
         let mut signals = self;
         tokio::spawn(async move {
             signals.recv().await;
             tracing::warn!(
-                "a second stop signal: exiting now, without finishing the stop (the next start \
-                 takes over any iptables rules left behind)"
+                "a stop signal while stopping: exiting now, without finishing the stop (the \
+                 next start takes over any iptables rules left behind)"
             );
             std::process::exit(crate::cli::exit::INTERRUPTED);
         });
