@@ -464,7 +464,8 @@ impl Worker {
         self.paths.expire(now);
         let snap = self.table.load();
         let mut news = SourceNews::Nothing;
-        // A peer whose path MTU refused a batch of this one (learned after the batch).
+        // A peer to which the kernel refused a batch (its path MTU is asked for after the
+        // batch).
         let mut too_big = None;
         // Anything not sent breaks a run: send the open run first.
         macro_rules! flush {
@@ -1033,7 +1034,7 @@ fn learn_path_mtu(
 }
 
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`; says
-/// whether the kernel refused the source address.
+/// whether the kernel refused the source address, or the batch as such.
 fn send_gso(
     udp: &UdpEndpoint,
     state: &UdpSocketState,
