@@ -1832,7 +1832,7 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
 
 /// iptables 1.4.20 to 1.5.x take only a bare `-w`, which waits for the xtables lock as long as
 /// another program holds it. A stop that comes while linen's start-up waits so (here: an
-/// iptables of that version that never ends) cuts the commands short and exits at once; before,
+/// iptables of that version that does not end) cuts the commands short and exits at once; before,
 /// each command ran its 30 s and the unit's stop timeout killed linen first.
 #[test]
 fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {

@@ -873,10 +873,9 @@ impl StopSignals {
     /// is what a crash skips: the lease is kept anyway, the TUN device goes with the process,
     /// and the next start takes over the rules. A command still running (an `iptables -w`
     /// waiting for the lock) is left to end on its own.
-    fn exit_on_next(self) {
-        let mut signals = self;
+    fn exit_on_next(mut self) {
         tokio::spawn(async move {
-            signals.recv().await;
+            self.recv().await;
             tracing::warn!(
                 "a stop signal while stopping: exiting now, without finishing the stop (the \
                  next start takes over any iptables rules left behind)"

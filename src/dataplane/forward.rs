@@ -760,6 +760,15 @@ mod test {
         let ip = Ipv6Packet::new_checked(&out[..icmp]).unwrap();
         let m = Icmpv6Packet::new_checked(ip.payload()).unwrap();
         assert_eq!((m.msg_type(), m.mtu()), (2, Some(1300)));
+        // Another peer's smaller path is no concern of this one's packets (the lookup runs,
+        // as the packet is larger than the smallest path known, and finds nothing).
+        let mut others = PathMtus::default();
+        others.learn("198.18.0.9:8285".parse().unwrap(), Some(1300), now);
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, true);
+        assert!(matches!(
+            via(&others, &mut pkt, now, &mut out),
+            Egress::Send { len: 1301, .. }
+        ));
         // After the entry expires: the overlay MTU again.
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, true);
         assert!(matches!(
