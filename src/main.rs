@@ -62,6 +62,9 @@ fn main() {
             Command::Demo(args) => linen::demo::run(args).await,
         }
     });
+    // Without waiting for blocking tasks (dropping the runtime would): what is left is work a
+    // stop abandoned, such as a registry request waiting for another process's directory lock.
+    runtime.shutdown_background();
     if let Err(e) = result {
         eprintln!("linen: {}", linen::cli::exit::describe(&e));
         std::process::exit(linen::cli::exit::code_for(&e));

@@ -1887,3 +1887,45 @@ fn a_second_stop_signal_ends_a_slow_stop_at_once() {
     );
     assert!(text.contains("a stop signal while stopping"), "{text}");
 }
+
+/// A stop while the lease is being taken ends linen at once: a registry request can take
+/// seconds (etcd's request timeout; here the directory's lock, which another process holds for
+/// reading, so the config and the leases can be read but no lease written), and the start used
+/// to wait for it, then fail. Nothing is left behind: no device, no subnet.env.
+#[test]
+fn a_stop_while_the_lease_is_being_taken_ends_at_once() {
+    if skip() {
+        return;
+    }
+    let mut lab = Lab::new("lnacqstop", 2, 1500).unwrap();
+    let h = lab.host(0).clone();
+    let dir = tempfile::tempdir().unwrap();
+    common::network_init(dir.path());
+    let lock = std::fs::File::open(dir.path().join(".lock")).unwrap();
+    lock.lock_shared().unwrap();
+    let (cmd, env, log) = linen_run(&h, dir.path(), "linen", &[]);
+    let pid = lab.spawn(cmd, "linen").unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    // Logged just before the lease is written, which waits for the lock.
+    let taking = wait_for(Duration::from_secs(15), || {
+        text().contains("picked a free subnet").then_some(())
+    });
+    assert!(taking.is_some(), "{}", text());
+    std::thread::sleep(Duration::from_millis(300));
+    // Killed (not a success) if it takes longer than 5 s; the lock wait gives up after 10.
+    let status = lab.stop(pid, Duration::from_secs(5));
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "{status:?}: {}",
+        text()
+    );
+    assert!(
+        text().contains("stopped while acquiring the lease"),
+        "{}",
+        text()
+    );
+    assert!(!env.exists(), "subnet.env written: {}", text());
+    let links = h.ip(&["-o", "link", "show"]).unwrap();
+    assert!(!links.contains("linen0"), "{links}");
+    drop(lock);
+}

@@ -265,10 +265,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     options.previous = previous;
     options.renew_margin = Duration::from_secs(u64::from(args.subnet_lease_renew_margin) * 60);
     let mut manager = LeaseManager::new(Arc::clone(&registry), config.clone(), options);
-    let own = manager
-        .acquire()
-        .await
-        .context("acquiring a subnet lease")?;
+    // Raced against a stop: one registry request can take seconds (etcd's request timeout, a
+    // directory lock another process holds), and a stop must not wait for them all. A lease
+    // the registry grants after all is this host's again at the next start (by its address).
+    let Some(own) = stop.unless_stopped(manager.acquire()).await else {
+        tracing::info!("stopped while acquiring the lease");
+        return Ok(());
+    };
+    let own = own.context("acquiring a subnet lease")?;
     tracing::info!(
         subnet = %own.key,
         public_ip = attrs.public_ip.map(tracing::field::display),
@@ -766,7 +770,16 @@ async fn open_registry(
 ) -> Result<Option<Arc<dyn Registry>>> {
     let mut logged = false;
     loop {
-        match registry::open_for_run(&args.registry, Duration::from_secs(args.lease_ttl)).await {
+        let opened = stop
+            .unless_stopped(registry::open_for_run(
+                &args.registry,
+                Duration::from_secs(args.lease_ttl),
+            ))
+            .await;
+        let Some(opened) = opened else {
+            return Ok(None);
+        };
+        match opened {
             Ok(r) => {
                 if args.registry.etcd_endpoints.is_empty() {
                     tracing::info!(registry = %r.location(), "using the directory registry");
@@ -808,7 +821,9 @@ async fn wait_for_config(
     let mut logged = false;
     let mut invalid_since: Option<std::time::Instant> = None;
     loop {
-        let read = registry.get_network_config().await;
+        let Some(read) = stop.unless_stopped(registry.get_network_config()).await else {
+            return Ok(None);
+        };
         if let Err(e) = &read {
             ops.waiting(registry.location(), e.to_string());
         }
@@ -857,6 +872,15 @@ impl StopSignals {
         tokio::select! {
             _ = tokio::time::sleep(d) => false,
             () = self.recv() => true,
+        }
+    }
+
+    /// `fut`'s output, or `None` when a stop signal comes first (`fut` is then dropped: a
+    /// registry request is abandoned, and a blocking one runs on to its end unwaited for).
+    async fn unless_stopped<T>(&mut self, fut: impl Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            v = fut => Some(v),
+            () = self.recv() => None,
         }
     }
 
