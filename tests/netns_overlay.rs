@@ -1779,8 +1779,8 @@ fn a_smaller_path_mtu_on_the_underlay_is_learned() {
 
 /// A `linen run --ip-masq` in a lab of its own (namespace prefix `prefix`) whose iptables is
 /// version 1.4.21 (a bare `-w`) and does not end for 40 s, as when another program holds the
-/// xtables lock (longer than any wait here; a command that an abrupt exit leaves running ends
-/// by itself); returned once the data plane runs and the install's first command has started:
+/// xtables lock (longer than any wait here); each command writes its pid to `pids` in the
+/// directory; returned once the data plane runs and the install's first command has started:
 /// the lab, linen's pid, its subnet.env and log paths, and the directory that holds them.
 fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, tempfile::TempDir) {
     let mut lab = Lab::new(prefix, 2, 1500).unwrap();
@@ -1789,17 +1789,19 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
     common::network_init(dir.path());
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
+    let pids = dir.path().join("pids");
+    let waits = |program: &str| {
+        format!(
+            "case \"$1\" in --version) echo '{program} v1.4.21'; exit 0;; esac\n\
+             echo $$ >> '{}'\nexec sleep 40\n",
+            pids.display()
+        )
+    };
     for (name, body) in [
-        (
-            "iptables",
-            "case \"$1\" in --version) echo 'iptables v1.4.21'; exit 0;; esac\nexec sleep 40\n",
-        ),
-        (
-            "ip6tables",
-            "case \"$1\" in --version) echo 'ip6tables v1.4.21'; exit 0;; esac\nexec sleep 40\n",
-        ),
-        ("iptables-save", "exit 0\n"),
-        ("ip6tables-save", "exit 0\n"),
+        ("iptables", waits("iptables")),
+        ("ip6tables", waits("ip6tables")),
+        ("iptables-save", "exit 0\n".to_string()),
+        ("ip6tables-save", "exit 0\n".to_string()),
     ] {
         use std::os::unix::fs::PermissionsExt;
         let path = bin.join(name);
@@ -1859,7 +1861,7 @@ fn a_second_stop_signal_ends_a_slow_stop_at_once() {
     if skip() {
         return;
     }
-    let (mut lab, pid, _env, log, _dir) = linen_waiting_for_iptables("lnipwait2");
+    let (mut lab, pid, _env, log, dir) = linen_waiting_for_iptables("lnipwait2");
     let first = Command::new("kill")
         .args(["-TERM", &pid.to_string()])
         .status()
@@ -1886,6 +1888,17 @@ fn a_second_stop_signal_ends_a_slow_stop_at_once() {
         "{status:?}: {text}"
     );
     assert!(text.contains("a stop signal while stopping"), "{text}");
+    // The command waiting for the lock went with linen: left running, it would change the
+    // rules after linen had gone.
+    let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap();
+    assert!(!pids.trim().is_empty(), "no iptables command ran");
+    for pid in pids.split_whitespace() {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        assert!(
+            stat.is_empty() || stat.contains(") Z "),
+            "iptables command {pid} still runs after linen exited: {stat}"
+        );
+    }
 }
 
 /// A stop while the lease is being taken ends linen at once: a registry request can take

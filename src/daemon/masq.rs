@@ -22,6 +22,7 @@
 //! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
 
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, anyhow, bail};
@@ -297,8 +298,55 @@ impl Limit {
     }
 }
 
+/// How many iptables commands run now, each counted by an [`InFlight`] from before it is
+/// spawned until it is reaped.
+static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+
+/// Set by [`stop_commands`]: no command starts any more, and a running one is killed.
+static EXITING: AtomicBool = AtomicBool::new(false);
+
+/// One running command, for [`stop_commands`] to wait for.
+struct InFlight;
+
+impl InFlight {
+    /// `None` once linen is exiting: the command must not start.
+    fn start() -> Option<InFlight> {
+        // Counted first, then checked: a command that starts while `stop_commands` sets the
+        // flag is either not spawned or counted, so waited for, and killed.
+        IN_FLIGHT.fetch_add(1, Ordering::SeqCst);
+        if EXITING.load(Ordering::SeqCst) {
+            IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+            return None;
+        }
+        Some(InFlight)
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        IN_FLIGHT.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+/// For a process about to exit without finishing its stop (a second stop signal): kills the
+/// iptables commands still running and waits up to `within` for them to be reaped; how many
+/// are left. Without it an `iptables -w` waiting for the xtables lock would outlive linen and
+/// change the rules after it had gone (a masquerade rule the next start does not expect, or
+/// one removed under it). No command starts after this.
+pub fn stop_commands(within: Duration) -> usize {
+    EXITING.store(true, Ordering::SeqCst);
+    let until = Instant::now() + within;
+    loop {
+        let left = IN_FLIGHT.load(Ordering::SeqCst);
+        if left == 0 || Instant::now() >= until {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}
+
 /// Waits for `child` to exit, at most `deadline` and not past `cancel`; kills it after that (a
-/// `TimedOut` error). Its output is read once it has exited, so it must fit the pipes' buffers
+/// `TimedOut` error), or as soon as linen exits at once ([`stop_commands`]). Its output is read once it has exited, so it must fit the pipes' buffers
 /// (64 KiB), as the messages of the commands run through here do.
 fn finish_within(
     mut child: Child,
@@ -311,7 +359,7 @@ fn finish_within(
         if child.try_wait()?.is_some() {
             return child.wait_with_output();
         }
-        if cancel.is_some_and(CancellationToken::is_cancelled) {
+        if cancel.is_some_and(CancellationToken::is_cancelled) || EXITING.load(Ordering::SeqCst) {
             let _ = child.kill();
             let _ = child.wait();
             return Err(std::io::Error::new(
@@ -578,6 +626,13 @@ impl Ipt<'_> {
                 self.purpose.table()
             );
         }
+        let Some(_running) = InFlight::start() else {
+            bail!(
+                "`{} -t {} {op} {chain}`: not run: linen is exiting",
+                self.program,
+                self.purpose.table()
+            );
+        };
         Command::new(self.program)
             .args(self.wait.args())
             .args(["-t", self.purpose.table(), op, chain])

@@ -896,7 +896,7 @@ impl StopSignals {
     /// (removing the iptables rules waits up to 15 s for the xtables lock). What that skips
     /// is what a crash skips: the lease is kept anyway, the TUN device goes with the process,
     /// and the next start takes over the rules. A command still running (an `iptables -w`
-    /// waiting for the lock) is left to end on its own.
+    /// waiting for the lock) is killed first, so that it cannot change the rules later.
     fn exit_on_next(mut self) {
         tokio::spawn(async move {
             self.recv().await;
@@ -904,6 +904,11 @@ impl StopSignals {
                 "a stop signal while stopping: exiting now, without finishing the stop (the \
                  next start takes over any iptables rules left behind)"
             );
+            // Blocks the runtime for a moment: it has nothing left to do.
+            let left = masq::stop_commands(Duration::from_millis(500));
+            if left > 0 {
+                tracing::warn!(commands = left, "iptables commands still running at exit");
+            }
             std::process::exit(crate::cli::exit::INTERRUPTED);
         });
     }
