@@ -120,8 +120,13 @@ impl Default for IcmpLimiter {
 /// from the next refused send; one that grew back is used in full after this.
 pub const PATH_MTU_EXPIRY: Duration = Duration::from_secs(600);
 
+/// How often a worker asks the kernel for one peer's path MTU at most; also how long an
+/// answer that the path carries full-size datagrams is kept (only to not ask again sooner).
+pub const PATH_MTU_ASK_INTERVAL: Duration = Duration::from_secs(1);
+
 /// How many peers' path MTUs a worker remembers (answers that a path carries full-size
-/// datagrams included); a new one replaces the oldest. Enough for two sites joined by a VPN
+/// datagrams included, for a second); a new one replaces the oldest such answer, else the
+/// oldest MTU. Enough for two sites joined by a VPN
 /// with dozens of hosts behind it, in 3 KiB per worker.
 pub const PATH_MTU_SLOTS: usize = 64;
 
@@ -129,7 +134,8 @@ pub const PATH_MTU_SLOTS: usize = 64;
 /// overlay MTU plus the UDP encapsulation (a tunnel, a VPN or a smaller link between two
 /// hosts), as inner packet sizes: the largest inner packet that crosses in one datagram.
 /// The worker learns one when the kernel refuses a batch (the segments larger than the path
-/// MTU it learned from the underlay's ICMP); [`egress`] then sends larger packets alone
+/// MTU it learned from the underlay's ICMP), and asks after sending a large datagram alone
+/// (which the kernel fragments without a word); [`egress`] then sends larger packets alone
 /// (fragmented, as before) and tells their senders the smaller MTU, as kernel tunnels do.
 /// Fixed capacity: the packet path never allocates here.
 #[derive(Clone, Debug)]
@@ -142,13 +148,36 @@ pub struct PathMtus {
     first_expiry: Option<Instant>,
 }
 
+/// What made a worker ask for a peer's path MTU.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Asked {
+    /// The kernel refused a batch to the peer: its path MTU is likely smaller now.
+    Refused,
+    /// A large datagram went to the peer alone (maybe fragmented): asked in passing.
+    Alone,
+}
+
 #[derive(Clone, Copy, Debug)]
 struct PathMtu {
     peer: SocketAddr,
+    asked: Asked,
     /// `None`: the kernel said the path carries full-size datagrams (kept so that the
     /// question is not asked again within a second).
     inner: Option<usize>,
     learned: Instant,
+}
+
+impl PathMtu {
+    /// Until when the entry counts: an MTU for [`PATH_MTU_EXPIRY`], "full size" until the
+    /// question may be asked again.
+    fn expiry(&self) -> Instant {
+        self.learned
+            + if self.inner.is_some() {
+                PATH_MTU_EXPIRY
+            } else {
+                PATH_MTU_ASK_INTERVAL
+            }
+    }
 }
 
 impl Default for PathMtus {
@@ -168,34 +197,47 @@ impl PathMtus {
     pub fn get(&self, peer: SocketAddr, now: Instant) -> Option<usize> {
         self.entries
             .iter()
-            .find(|e| e.peer == peer && now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY)
+            .find(|e| e.peer == peer && now < e.expiry())
             .and_then(|e| e.inner)
     }
 
-    /// Whether to ask the kernel for `peer`'s path MTU after a refusal: not again within a
-    /// second of the last answer, whatever it was (a burst of refused batches costs one
-    /// question).
-    pub fn due(&self, peer: SocketAddr, now: Instant) -> bool {
+    /// Whether to ask the kernel for `peer`'s path MTU: not again within a second of the last
+    /// answer (a burst of refused batches costs one question), except after a refusal when
+    /// that answer was "full size" to a question asked in passing: the kernel may have
+    /// learned a smaller MTU from the underlay's ICMP just after it (the first datagram too
+    /// large for the path is the one that makes the kernel learn).
+    pub fn due(&self, peer: SocketAddr, now: Instant, asked: Asked) -> bool {
         !self.entries.iter().any(|e| {
-            e.peer == peer && now.saturating_duration_since(e.learned) < Duration::from_secs(1)
+            e.peer == peer
+                && now.saturating_duration_since(e.learned) < PATH_MTU_ASK_INTERVAL
+                && !(asked == Asked::Refused && e.asked == Asked::Alone && e.inner.is_none())
         })
     }
 
     /// Records that the path to `peer` carries inner packets of at most `inner` bytes, or with
     /// `None` that it carries full-size ones. Expired entries go first; when all slots are
-    /// taken the oldest entry makes room. Returns whether this changes what was known of
-    /// `peer` (a first learning, another value), for a log line.
-    pub fn learn(&mut self, peer: SocketAddr, inner: Option<usize>, now: Instant) -> bool {
+    /// taken the oldest "full size" answer makes room, else the oldest MTU (so that peers
+    /// asked about in passing do not push out what was learned). Returns whether this changes
+    /// what was known of `peer` (a first learning, another value), for a log line.
+    pub fn learn(
+        &mut self,
+        peer: SocketAddr,
+        inner: Option<usize>,
+        now: Instant,
+        asked: Asked,
+    ) -> bool {
         let before = self.get(peer, now);
         self.entries.retain(|e| e.peer != peer);
         self.expire(now);
         if self.entries.len() == PATH_MTU_SLOTS
-            && let Some(oldest) = (0..self.entries.len()).min_by_key(|&i| self.entries[i].learned)
+            && let Some(oldest) = (0..self.entries.len())
+                .min_by_key(|&i| (self.entries[i].inner.is_some(), self.entries[i].learned))
         {
             self.entries.swap_remove(oldest);
         }
         self.entries.push(PathMtu {
             peer,
+            asked,
             inner,
             learned: now,
         });
@@ -208,8 +250,7 @@ impl PathMtus {
     #[inline]
     pub fn expire(&mut self, now: Instant) {
         if self.first_expiry.is_some_and(|t| now >= t) {
-            self.entries
-                .retain(|e| now.saturating_duration_since(e.learned) < PATH_MTU_EXPIRY);
+            self.entries.retain(|e| now < e.expiry());
             self.summarise();
         }
     }
@@ -221,11 +262,7 @@ impl PathMtus {
             .filter_map(|e| e.inner)
             .min()
             .unwrap_or(usize::MAX);
-        self.first_expiry = self
-            .entries
-            .iter()
-            .map(|e| e.learned + PATH_MTU_EXPIRY)
-            .min();
+        self.first_expiry = self.entries.iter().map(PathMtu::expiry).min();
     }
 }
 
@@ -720,7 +757,7 @@ mod test {
         let mut out = [0u8; 1280];
         let now = Instant::now();
         let mut paths = PathMtus::default();
-        paths.learn(peer2(), Some(1300), now);
+        paths.learn(peer2(), Some(1300), now, Asked::Refused);
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, true);
         let Egress::SendAlone { peer, len, icmp } = via(&paths, &mut pkt, now, &mut out) else {
             panic!("expected a lone datagram");
@@ -763,7 +800,12 @@ mod test {
         // Another peer's smaller path is no concern of this one's packets (the lookup runs,
         // as the packet is larger than the smallest path known, and finds nothing).
         let mut others = PathMtus::default();
-        others.learn("198.18.0.9:8285".parse().unwrap(), Some(1300), now);
+        others.learn(
+            "198.18.0.9:8285".parse().unwrap(),
+            Some(1300),
+            now,
+            Asked::Refused,
+        );
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1301, true);
         assert!(matches!(
             via(&others, &mut pkt, now, &mut out),
@@ -778,7 +820,7 @@ mod test {
         // An IPv6 path below 1280: IPv6 senders are told 1280 and no less, and packets up to
         // that go alone without a word.
         let mut paths = PathMtus::default();
-        paths.learn(peer2(), Some(1200), now);
+        paths.learn(peer2(), Some(1200), now, Asked::Refused);
         let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 64, 1280);
         assert!(matches!(
             via(&paths, &mut pkt, now, &mut out),
@@ -799,27 +841,38 @@ mod test {
         let secs = |n: u64| now + Duration::from_secs(n);
         let peer = |i: u8| SocketAddr::from((Ipv4Addr::new(198, 18, 0, i), 8285));
         let mut paths = PathMtus::default();
-        assert!(paths.due(peer(1), now));
-        assert!(paths.learn(peer(1), Some(1300), now), "a first learning");
+        assert!(paths.due(peer(1), now, Asked::Refused));
+        assert!(
+            paths.learn(peer(1), Some(1300), now, Asked::Refused),
+            "a first learning"
+        );
         assert_eq!(paths.get(peer(1), now), Some(1300));
         assert_eq!(paths.get(peer(2), now), None);
-        assert!(!paths.due(peer(1), now + Duration::from_millis(999)));
-        assert!(paths.due(peer(1), secs(1)));
-        assert!(paths.due(peer(2), now));
-        assert!(!paths.learn(peer(1), Some(1300), secs(1)), "the same again");
+        assert!(!paths.due(peer(1), now + Duration::from_millis(999), Asked::Refused));
+        assert!(paths.due(peer(1), secs(1), Asked::Refused));
+        assert!(paths.due(peer(2), now, Asked::Refused));
+        assert!(
+            !paths.learn(peer(1), Some(1300), secs(1), Asked::Refused),
+            "the same again"
+        );
         // A later answer replaces the entry.
-        assert!(paths.learn(peer(1), Some(1200), secs(2)));
+        assert!(paths.learn(peer(1), Some(1200), secs(2), Asked::Refused));
         assert_eq!(paths.get(peer(1), secs(2)), Some(1200));
         assert_eq!(paths.smallest, 1200);
         // "Full size" is kept too: not used, but not asked again within the second.
-        assert!(paths.learn(peer(1), None, secs(3)));
+        assert!(paths.learn(peer(1), None, secs(3), Asked::Refused));
         assert_eq!(paths.get(peer(1), secs(3)), None);
-        assert!(!paths.due(peer(1), secs(3)));
+        assert!(!paths.due(peer(1), secs(3), Asked::Refused));
         assert_eq!(paths.smallest, usize::MAX, "no lookup without an MTU");
         // Full: the oldest entry makes room, the capacity stays.
         let capacity = paths.entries.capacity();
         for i in 0..=PATH_MTU_SLOTS as u8 {
-            paths.learn(peer(10 + i), Some(1300), secs(4 + u64::from(i)));
+            paths.learn(
+                peer(10 + i),
+                Some(1300),
+                secs(4 + u64::from(i)),
+                Asked::Refused,
+            );
         }
         let later = secs(4 + PATH_MTU_SLOTS as u64);
         assert_eq!(paths.get(peer(10), later), None);
@@ -835,6 +888,49 @@ mod test {
         assert!(paths.entries.is_empty());
         assert_eq!(paths.smallest, usize::MAX);
         assert_eq!(paths.first_expiry, None);
+    }
+
+    /// Answers of "full size" are kept only until the question may come again, and give
+    /// way first when the slots are full: peers asked about in passing (every peer that gets
+    /// a large packet alone, on a host with hundreds) never push out a learned MTU.
+    #[test]
+    fn full_size_answers_last_a_second_and_give_way_first() {
+        let now = Instant::now();
+        let peer =
+            |i: u16| SocketAddr::from((Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8), 8285));
+        let mut paths = PathMtus::default();
+        paths.learn(peer(1), Some(1300), now, Asked::Refused);
+        paths.learn(peer(2), None, now, Asked::Alone);
+        assert_eq!(paths.first_expiry, Some(now + PATH_MTU_ASK_INTERVAL));
+        paths.expire(now + PATH_MTU_ASK_INTERVAL);
+        assert_eq!(paths.entries.len(), 1, "the full-size answer went");
+        assert!(paths.due(peer(2), now + PATH_MTU_ASK_INTERVAL, Asked::Refused));
+        assert_eq!(paths.first_expiry, Some(now + PATH_MTU_EXPIRY));
+        // A burst of questions within one second: every slot taken, the MTU stays.
+        for i in 0..3 * PATH_MTU_SLOTS as u16 {
+            paths.learn(
+                peer(100 + i),
+                None,
+                now + Duration::from_millis(u64::from(i)),
+                Asked::Alone,
+            );
+        }
+        let later = now + Duration::from_millis(3 * PATH_MTU_SLOTS as u64);
+        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
+        assert_eq!(paths.get(peer(1), later), Some(1300));
+        assert_eq!(paths.smallest, 1300);
+        // The newest answers are the ones kept.
+        let newest = peer(100 + 3 * PATH_MTU_SLOTS as u16 - 1);
+        assert!(!paths.due(newest, later, Asked::Alone));
+        assert!(paths.due(peer(100), later, Asked::Alone));
+        // A refusal within the second is asked about all the same: the passing question may
+        // have come just before the kernel learned the smaller MTU.
+        assert!(paths.due(newest, later, Asked::Refused));
+        // Not so after an answer to a refusal, nor after an MTU.
+        paths.learn(newest, None, later, Asked::Refused);
+        assert!(!paths.due(newest, later, Asked::Refused));
+        paths.learn(newest, Some(1300), later, Asked::Alone);
+        assert!(!paths.due(newest, later, Asked::Refused));
     }
 
     #[test]

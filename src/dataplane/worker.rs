@@ -23,7 +23,7 @@ use tun_rs::{SyncDevice, VIRTIO_NET_HDR_LEN};
 use super::batch::Run;
 use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
-use super::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
+use super::forward::{self, Asked, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
 use super::io::{UdpEndpoint, socket_addr_for};
 use super::sys;
 use crate::table::Reader;
@@ -467,11 +467,19 @@ impl Worker {
         // A peer to which the kernel refused a batch (its path MTU is asked for after the
         // batch).
         let mut too_big = None;
+        // A peer that got a datagram alone which some path may not carry: the kernel
+        // fragments it without a word when it learned a smaller path MTU, so the worker asks
+        // (once a second at most): without UDP GSO (`--no-offload`, kernels before 4.18) no
+        // batch is ever refused, and with it a packet alone is not batched.
+        let mut alone = None;
         // Anything not sent breaks a run: send the open run first.
         macro_rules! flush {
             ($run:expr) => {
                 if let Some(r) = $run.take() {
                     let peer = r.peer;
+                    if r.n == 1 && r.bytes > EVERY_PATH_CARRIES {
+                        alone = Some(peer);
+                    }
                     let sent = send_run(
                         sender(&self.tx, &self.udp, &self.udp_state),
                         &mut self.arena,
@@ -546,11 +554,22 @@ impl Worker {
         if news != SourceNews::Nothing {
             self.source_refused(news);
         }
-        if let Some(peer) = too_big
-            && self.paths.due(peer, now)
+        let question = too_big
+            .map(|peer| (peer, Asked::Refused))
+            .or(alone.map(|peer| (peer, Asked::Alone)));
+        if let Some((peer, asked)) = question
+            && self.paths.due(peer, now, asked)
         {
             let (udp, _) = sender(&self.tx, &self.udp, &self.udp_state);
-            learn_path_mtu(self.id, udp, peer, self.config.mtu, &mut self.paths, now);
+            learn_path_mtu(
+                self.id,
+                udp,
+                peer,
+                self.config.mtu,
+                &mut self.paths,
+                now,
+                asked,
+            );
         }
         if self.max_gso_segments > 1 {
             let state = self.tx.as_ref().map_or(&self.udp_state, |(_, st)| st);
@@ -689,6 +708,11 @@ fn spin_budget(busy_poll: Duration, slept: Duration) -> Duration {
         busy_poll.min(slept / 16)
     }
 }
+
+/// Inner packets of up to this size fit every underlay path (576 bytes, the IPv4 datagram
+/// every host must accept, less the outer 28): larger ones sent alone prompt a question for
+/// the peer's path MTU.
+const EVERY_PATH_CARRIES: usize = 576 - 28;
 
 /// The shortest sleep that earns polling. Traffic paced in bursts a millisecond or less apart
 /// (iperf3's default pacing, a flow throttled by a busy core) does not: polling between its
@@ -990,7 +1014,8 @@ struct Outcome {
 }
 
 /// A GSO batch to `peer` was refused, maybe as larger than the path MTU the kernel learned
-/// for it (a smaller hop on the underlay): asks the kernel for that MTU and remembers the
+/// for it (a smaller hop on the underlay), or a large datagram went to it alone (which the
+/// kernel fragments when that MTU is smaller): asks the kernel for that MTU and remembers the
 /// inner packet size it leaves, so that [`forward::egress`] sends larger packets alone and
 /// tells their senders. An answer of full size is remembered too (not asked again within a
 /// second). Logged when what is known of the peer changes, per worker.
@@ -1002,6 +1027,7 @@ fn learn_path_mtu(
     mtu: usize,
     paths: &mut PathMtus,
     now: Instant,
+    asked: Asked,
 ) {
     // An IPv4 peer written as IPv4-mapped IPv6 is reached over IPv4.
     let overhead = if peer.ip().to_canonical().is_ipv4() {
@@ -1012,7 +1038,7 @@ fn learn_path_mtu(
     match sys::path_mtu(peer, udp.source.for_peer(peer)) {
         Ok(path) => {
             let inner = Some(path.saturating_sub(overhead)).filter(|&inner| inner < mtu);
-            let changed = paths.learn(peer, inner, now);
+            let changed = paths.learn(peer, inner, now, asked);
             if let Some(inner) = inner
                 && changed
             {
