@@ -9,7 +9,9 @@ use std::net::{Ipv4Addr, SocketAddr};
 use std::time::Instant;
 
 use libfuzzer_sys::fuzz_target;
-use linen::dataplane::forward::{self, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
+use linen::dataplane::forward::{
+    self, Asked, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus,
+};
 use linen::table::{LocalSubnets, Route, Snapshot};
 use linen::wire::{Icmpv4Packet, IpPacket, Ipv4Packet};
 
@@ -46,7 +48,7 @@ fuzz_target!(|data: &[u8]| {
     let mut paths = PathMtus::default();
     let path = 1000 + usize::from(data.get(1).copied().unwrap_or(0));
     let host3 = SocketAddr::from((Ipv4Addr::new(198, 18, 0, 3), 8285));
-    paths.learn(host3, Some(path), now);
+    paths.learn(host3, Some(path), now, Asked::Refused);
     let check_icmp = |reply: &[u8]| {
         let len = reply.len();
         assert!(len <= 1280);
