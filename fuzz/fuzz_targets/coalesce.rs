@@ -20,11 +20,12 @@ fn fill_checksums(p: &mut [u8]) {
         Some(6) if p.len() >= 40 => (40, 40 + usize::from(u16::from_be_bytes([p[4], p[5]])), p[6]),
         _ => return,
     };
-    let at = ip + match proto {
-        6 => 16,
-        17 => 6,
-        _ => return,
-    };
+    let at = ip
+        + match proto {
+            6 => 16,
+            17 => 6,
+            _ => return,
+        };
     if total > p.len() || at + 2 > total {
         return;
     }
@@ -34,8 +35,17 @@ fn fill_checksums(p: &mut [u8]) {
         p[10..12].copy_from_slice(&c.to_be_bytes());
     }
     p[at..at + 2].copy_from_slice(&[0, 0]);
-    let addrs = if ip == 20 { sum(&p[12..20]) } else { sum(&p[8..40]) };
-    let c = !combine(&[addrs, u16::from(proto), (total - ip) as u16, sum(&p[ip..total])]);
+    let addrs = if ip == 20 {
+        sum(&p[12..20])
+    } else {
+        sum(&p[8..40])
+    };
+    let c = !combine(&[
+        addrs,
+        u16::from(proto),
+        (total - ip) as u16,
+        sum(&p[ip..total]),
+    ]);
     let c = if c == 0 && proto == 17 { 0xffff } else { c };
     p[at..at + 2].copy_from_slice(&c.to_be_bytes());
 }
