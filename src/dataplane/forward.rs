@@ -124,9 +124,15 @@ pub const PATH_MTU_EXPIRY: Duration = Duration::from_secs(600);
 /// answer that the path carries full-size datagrams is kept (only to not ask again sooner).
 pub const PATH_MTU_ASK_INTERVAL: Duration = Duration::from_secs(1);
 
+/// How many questions in passing ([`Asked::Alone`]) a worker asks per second at most, over
+/// all peers: each costs a few system calls, and a host with hundreds of peers sends large
+/// datagrams alone to many of them. Their "full size" answers, kept for that second, then
+/// never fill the [`PATH_MTU_SLOTS`].
+pub const PATH_MTU_PASSING_PER_SECOND: u32 = 16;
+
 /// How many peers' path MTUs a worker remembers (answers that a path carries full-size
 /// datagrams included, for a second); a new one replaces the oldest such answer, else the
-/// oldest MTU. Enough for two sites joined by a VPN
+/// oldest MTU (a "full size" answer replaces no MTU: it is not kept then). Enough for two sites joined by a VPN
 /// with dozens of hosts behind it, in 3 KiB per worker.
 pub const PATH_MTU_SLOTS: usize = 64;
 
@@ -146,6 +152,8 @@ pub struct PathMtus {
     smallest: usize,
     /// When the oldest entry expires ([`expire`](Self::expire) is due).
     first_expiry: Option<Instant>,
+    /// Questions in passing asked in the second that began at the instant.
+    passing: (Option<Instant>, u32),
 }
 
 /// What made a worker ask for a peer's path MTU.
@@ -186,6 +194,7 @@ impl Default for PathMtus {
             entries: Vec::with_capacity(PATH_MTU_SLOTS),
             smallest: usize::MAX,
             first_expiry: None,
+            passing: (None, 0),
         }
     }
 }
@@ -205,8 +214,16 @@ impl PathMtus {
     /// answer (a burst of refused batches costs one question), except after a refusal when
     /// that answer was "full size" to a question asked in passing: the kernel may have
     /// learned a smaller MTU from the underlay's ICMP just after it (the first datagram too
-    /// large for the path is the one that makes the kernel learn).
+    /// large for the path is the one that makes the kernel learn). Questions in passing also
+    /// wait while this second's [`PATH_MTU_PASSING_PER_SECOND`] are used up.
     pub fn due(&self, peer: SocketAddr, now: Instant, asked: Asked) -> bool {
+        if asked == Asked::Alone
+            && let (Some(since), n) = self.passing
+            && now.saturating_duration_since(since) < Duration::from_secs(1)
+            && n >= PATH_MTU_PASSING_PER_SECOND
+        {
+            return false;
+        }
         !self.entries.iter().any(|e| {
             e.peer == peer
                 && now.saturating_duration_since(e.learned) < PATH_MTU_ASK_INTERVAL
@@ -214,11 +231,27 @@ impl PathMtus {
         })
     }
 
+    /// Counts a question about to be asked (one in passing against this second's budget).
+    pub fn asking(&mut self, now: Instant, asked: Asked) {
+        if asked == Asked::Alone {
+            self.passing = match self.passing {
+                (Some(since), n)
+                    if now.saturating_duration_since(since) < Duration::from_secs(1) =>
+                {
+                    (Some(since), n + 1)
+                }
+                _ => (Some(now), 1),
+            };
+        }
+    }
+
     /// Records that the path to `peer` carries inner packets of at most `inner` bytes, or with
-    /// `None` that it carries full-size ones. Expired entries go first; when all slots are
-    /// taken the oldest "full size" answer makes room, else the oldest MTU (so that peers
-    /// asked about in passing do not push out what was learned). Returns whether this changes
-    /// what was known of `peer` (a first learning, another value), for a log line.
+    /// `None` that it carries full-size ones (or that the question found nothing out: asked
+    /// again after a second, like any answer). Expired entries go first; when all slots are
+    /// taken the oldest "full size" answer makes room, else the oldest MTU, except for a "full
+    /// size" answer, which is then not kept: peers asked about in passing never push out what
+    /// was learned. Returns whether this changes what was known of `peer` (a first learning,
+    /// another value), for a log line.
     pub fn learn(
         &mut self,
         peer: SocketAddr,
@@ -229,11 +262,16 @@ impl PathMtus {
         let before = self.get(peer, now);
         self.entries.retain(|e| e.peer != peer);
         self.expire(now);
-        if self.entries.len() == PATH_MTU_SLOTS
-            && let Some(oldest) = (0..self.entries.len())
+        if self.entries.len() == PATH_MTU_SLOTS {
+            let oldest = (0..self.entries.len())
                 .min_by_key(|&i| (self.entries[i].inner.is_some(), self.entries[i].learned))
-        {
-            self.entries.swap_remove(oldest);
+                .filter(|&i| inner.is_some() || self.entries[i].inner.is_none());
+            match oldest {
+                Some(i) => {
+                    self.entries.swap_remove(i);
+                }
+                None => return before != inner,
+            }
         }
         self.entries.push(PathMtu {
             peer,
@@ -908,6 +946,7 @@ mod test {
         assert_eq!(paths.first_expiry, Some(now + PATH_MTU_EXPIRY));
         // A burst of questions within one second: every slot taken, the MTU stays.
         for i in 0..3 * PATH_MTU_SLOTS as u16 {
+            paths.asking(now + Duration::from_millis(u64::from(i)), Asked::Alone);
             paths.learn(
                 peer(100 + i),
                 None,
@@ -919,10 +958,17 @@ mod test {
         assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
         assert_eq!(paths.get(peer(1), later), Some(1300));
         assert_eq!(paths.smallest, 1300);
-        // The newest answers are the ones kept.
+        // The newest answers are the ones kept; this second's questions in passing are used
+        // up (the worker asked no more than these, of course).
         let newest = peer(100 + 3 * PATH_MTU_SLOTS as u16 - 1);
         assert!(!paths.due(newest, later, Asked::Alone));
-        assert!(paths.due(peer(100), later, Asked::Alone));
+        assert!(
+            !paths.due(peer(100), later, Asked::Alone),
+            "over the budget"
+        );
+        assert!(paths.due(peer(100), later, Asked::Refused));
+        let next_second = now + Duration::from_secs(1);
+        assert!(paths.due(peer(100), next_second, Asked::Alone));
         // A refusal within the second is asked about all the same: the passing question may
         // have come just before the kernel learned the smaller MTU.
         assert!(paths.due(newest, later, Asked::Refused));
@@ -931,6 +977,40 @@ mod test {
         assert!(!paths.due(newest, later, Asked::Refused));
         paths.learn(newest, Some(1300), later, Asked::Alone);
         assert!(!paths.due(newest, later, Asked::Refused));
+    }
+
+    /// A worker asks at most [`PATH_MTU_PASSING_PER_SECOND`] questions in passing a second,
+    /// and with every slot holding an MTU a "full size" answer is not kept (no MTU is pushed
+    /// out for it), while a new MTU replaces the oldest.
+    #[test]
+    fn questions_in_passing_are_budgeted_and_never_push_out_an_mtu() {
+        let now = Instant::now();
+        let peer =
+            |i: u16| SocketAddr::from((Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8), 8285));
+        let mut paths = PathMtus::default();
+        let mut asked = 0;
+        for i in 0..100 {
+            let t = now + Duration::from_millis(i);
+            if paths.due(peer(i as u16), t, Asked::Alone) {
+                paths.asking(t, Asked::Alone);
+                paths.learn(peer(i as u16), None, t, Asked::Alone);
+                asked += 1;
+            }
+        }
+        assert_eq!(asked, PATH_MTU_PASSING_PER_SECOND);
+        let mut paths = PathMtus::default();
+        for i in 0..PATH_MTU_SLOTS as u16 {
+            paths.learn(peer(i), Some(1300 - usize::from(i)), now, Asked::Refused);
+        }
+        let t = now + Duration::from_secs(2);
+        assert!(!paths.learn(peer(500), None, t, Asked::Alone));
+        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
+        assert_eq!(paths.get(peer(0), t), Some(1300), "the oldest MTU stays");
+        assert!(paths.due(peer(500), t + Duration::from_secs(1), Asked::Alone));
+        assert!(paths.learn(peer(501), Some(1000), t, Asked::Refused));
+        assert_eq!(paths.get(peer(501), t), Some(1000));
+        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
+        assert_eq!(paths.smallest, 1000);
     }
 
     #[test]

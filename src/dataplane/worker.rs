@@ -477,7 +477,7 @@ impl Worker {
             ($run:expr) => {
                 if let Some(r) = $run.take() {
                     let peer = r.peer;
-                    if r.n == 1 && r.bytes > EVERY_PATH_CARRIES {
+                    if r.n == 1 && r.bytes > every_path_carries(peer) {
                         alone = Some(peer);
                     }
                     let sent = send_run(
@@ -561,6 +561,7 @@ impl Worker {
             && self.paths.due(peer, now, asked)
         {
             let (udp, _) = sender(&self.tx, &self.udp, &self.udp_state);
+            self.paths.asking(now, asked);
             learn_path_mtu(
                 self.id,
                 udp,
@@ -709,10 +710,17 @@ fn spin_budget(busy_poll: Duration, slept: Duration) -> Duration {
     }
 }
 
-/// Inner packets of up to this size fit every underlay path (576 bytes, the IPv4 datagram
-/// every host must accept, less the outer 28): larger ones sent alone prompt a question for
-/// the peer's path MTU.
-const EVERY_PATH_CARRIES: usize = 576 - 28;
+/// The largest inner packet that fits every underlay path to `peer`: 576 bytes less the outer
+/// 28 over IPv4 (the datagram every host must accept), 1280 less 48 over IPv6 (the smallest
+/// IPv6 link MTU). Larger ones sent alone prompt a question for the peer's path MTU.
+#[inline]
+fn every_path_carries(peer: SocketAddr) -> usize {
+    if peer.ip().to_canonical().is_ipv4() {
+        576 - 28
+    } else {
+        1280 - 48
+    }
+}
 
 /// The shortest sleep that earns polling. Traffic paced in bursts a millisecond or less apart
 /// (iperf3's default pacing, a flow throttled by a busy core) does not: polling between its
@@ -1054,6 +1062,11 @@ fn learn_path_mtu(
             }
         }
         Err(e) => {
+            // Kept as "full size" for a second: not asked again at every batch (the peer may
+            // be unreachable for now), and what was learned before stays in use.
+            if paths.get(peer, now).is_none() {
+                paths.learn(peer, None, now, asked);
+            }
             tracing::debug!(worker, %peer, error = %e, "cannot read the path MTU to this peer")
         }
     }
