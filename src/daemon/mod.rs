@@ -853,7 +853,9 @@ async fn wait_for_config(
 }
 
 /// SIGTERM and SIGINT, listened for from the daemon's start: a signal that arrives during
-/// start-up is kept and acted on once the daemon is up (or while it waits for the config).
+/// start-up ends it at once while it waits for the registry, the config or the lease, and is
+/// otherwise kept and acted on at the next step that looks (at the latest once the daemon is
+/// up).
 struct StopSignals {
     term: Signal,
     int: Signal,
