@@ -173,6 +173,9 @@ struct PathMtu {
     /// question is not asked again within a second).
     inner: Option<usize>,
     learned: Instant,
+    /// When the kernel was last asked about this peer (a question that found nothing out
+    /// leaves `inner` and `learned` as they were).
+    asked_at: Instant,
 }
 
 impl PathMtu {
@@ -226,7 +229,7 @@ impl PathMtus {
         }
         !self.entries.iter().any(|e| {
             e.peer == peer
-                && now.saturating_duration_since(e.learned) < PATH_MTU_ASK_INTERVAL
+                && now.saturating_duration_since(e.asked_at) < PATH_MTU_ASK_INTERVAL
                 && !(asked == Asked::Refused && e.asked == Asked::Alone && e.inner.is_none())
         })
     }
@@ -242,6 +245,22 @@ impl PathMtus {
                 }
                 _ => (Some(now), 1),
             };
+        }
+    }
+
+    /// Records that a question about `peer` found nothing out (the peer unreachable for now):
+    /// what was learned stays in use, and the question waits a second like any other (without
+    /// an entry, as a "full size" answer).
+    pub fn unanswered(&mut self, peer: SocketAddr, now: Instant, asked: Asked) {
+        match self
+            .entries
+            .iter_mut()
+            .find(|e| e.peer == peer && e.inner.is_some() && now < e.expiry())
+        {
+            Some(e) => e.asked_at = now,
+            None => {
+                self.learn(peer, None, now, asked);
+            }
         }
     }
 
@@ -278,6 +297,7 @@ impl PathMtus {
             asked,
             inner,
             learned: now,
+            asked_at: now,
         });
         self.summarise();
         before != inner
@@ -1011,6 +1031,27 @@ mod test {
         assert_eq!(paths.get(peer(501), t), Some(1000));
         assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
         assert_eq!(paths.smallest, 1000);
+    }
+
+    /// A question that finds nothing out keeps what was learned and waits a second.
+    #[test]
+    fn an_unanswered_question_keeps_the_mtu_and_waits() {
+        let now = Instant::now();
+        let peer = |i: u8| SocketAddr::from((Ipv4Addr::new(198, 18, 0, i), 8285));
+        let mut paths = PathMtus::default();
+        paths.learn(peer(1), Some(1300), now, Asked::Refused);
+        let t = now + Duration::from_secs(5);
+        assert!(paths.due(peer(1), t, Asked::Refused));
+        paths.unanswered(peer(1), t, Asked::Refused);
+        assert!(!paths.due(peer(1), t, Asked::Refused));
+        assert_eq!(paths.get(peer(1), t), Some(1300));
+        // Expiry still counts from the learning.
+        assert_eq!(paths.get(peer(1), now + PATH_MTU_EXPIRY), None);
+        // Without an entry: "full size" for a second.
+        paths.unanswered(peer(2), t, Asked::Alone);
+        assert!(!paths.due(peer(2), t, Asked::Alone));
+        assert_eq!(paths.get(peer(2), t), None);
+        assert!(paths.due(peer(2), t + PATH_MTU_ASK_INTERVAL, Asked::Alone));
     }
 
     #[test]

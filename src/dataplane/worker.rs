@@ -1062,11 +1062,9 @@ fn learn_path_mtu(
             }
         }
         Err(e) => {
-            // Kept as "full size" for a second: not asked again at every batch (the peer may
-            // be unreachable for now), and what was learned before stays in use.
-            if paths.get(peer, now).is_none() {
-                paths.learn(peer, None, now, asked);
-            }
+            // Not asked again at every batch (the peer may be unreachable for now); what was
+            // learned before stays in use.
+            paths.unanswered(peer, now, asked);
             tracing::debug!(worker, %peer, error = %e, "cannot read the path MTU to this peer")
         }
     }
