@@ -1850,10 +1850,12 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
     let bin = dir.path().join("bin");
     std::fs::create_dir(&bin).unwrap();
     let pids = dir.path().join("pids");
+    // Not `exec sleep`: a wrapper script whose own child waits, so that a stop must reach
+    // the child as well (both pids recorded).
     let waits = |program: &str| {
         format!(
             "case \"$1\" in --version) echo '{program} v1.4.21'; exit 0;; esac\n\
-             echo $$ >> '{}'\nexec sleep 40\n",
+             echo $$ >> '{0}'\nsleep 40 &\necho $! >> '{0}'\nwait\n",
             pids.display()
         )
     };
@@ -1901,7 +1903,7 @@ fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
     if skip() {
         return;
     }
-    let (mut lab, pid, env, log, _dir) = linen_waiting_for_iptables("lnipwait");
+    let (mut lab, pid, env, log, dir) = linen_waiting_for_iptables("lnipwait");
     // Killed (not a success) if it takes longer than 20 s.
     let status = lab.stop(pid, Duration::from_secs(20));
     let text = std::fs::read_to_string(&log).unwrap_or_default();
@@ -1911,6 +1913,7 @@ fn a_stop_while_iptables_waits_for_its_lock_ends_the_start() {
         "{text}"
     );
     assert!(!env.exists(), "subnet.env written: {text}");
+    assert_commands_gone(dir.path());
 }
 
 /// The stop above still takes 15 s: removing what the install may have added waits for the
@@ -1950,13 +1953,19 @@ fn a_second_stop_signal_ends_a_slow_stop_at_once() {
     assert!(text.contains("a stop signal while stopping"), "{text}");
     // The command waiting for the lock went with linen: left running, it would change the
     // rules after linen had gone.
-    let pids = std::fs::read_to_string(dir.path().join("pids")).unwrap();
+    assert_commands_gone(dir.path());
+}
+
+/// Every process that [`linen_waiting_for_iptables`]'s fake iptables recorded in `dir` (the
+/// scripts and their children) has ended.
+fn assert_commands_gone(dir: &Path) {
+    let pids = std::fs::read_to_string(dir.join("pids")).unwrap();
     assert!(!pids.trim().is_empty(), "no iptables command ran");
     for pid in pids.split_whitespace() {
         let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
         assert!(
             stat.is_empty() || stat.contains(") Z "),
-            "iptables command {pid} still runs after linen exited: {stat}"
+            "iptables process {pid} still runs after linen stopped it: {stat}"
         );
     }
 }

@@ -21,6 +21,7 @@
 //! (default 5) and, when one is missing, the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
 //! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
 
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
@@ -346,8 +347,9 @@ pub fn stop_commands(within: Duration) -> usize {
 }
 
 /// Waits for `child` to exit, at most `deadline` and not past `cancel`; kills it after that (a
-/// `TimedOut` error), or as soon as linen exits at once ([`stop_commands`]). Its output is read once it has exited, so it must fit the pipes' buffers
-/// (64 KiB), as the messages of the commands run through here do.
+/// `TimedOut` error), or as soon as linen exits at once ([`stop_commands`]), with its process
+/// group when it leads one. Its output is read once it has exited, so it must fit the pipes'
+/// buffers (64 KiB), as the messages of the commands run through here do.
 fn finish_within(
     mut child: Child,
     deadline: Duration,
@@ -360,7 +362,7 @@ fn finish_within(
             return child.wait_with_output();
         }
         if cancel.is_some_and(CancellationToken::is_cancelled) || EXITING.load(Ordering::SeqCst) {
-            let _ = child.kill();
+            kill_with_group(&mut child);
             let _ = child.wait();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Interrupted,
@@ -368,7 +370,7 @@ fn finish_within(
             ));
         }
         if Instant::now() >= until {
-            let _ = child.kill();
+            kill_with_group(&mut child);
             let _ = child.wait();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
@@ -381,6 +383,15 @@ fn finish_within(
         }
         std::thread::sleep(nap);
         nap = (nap * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Kills `child` and, when it leads a process group of its own (as [`Ipt::run`] starts
+/// commands), everything else in that group: an `iptables` that a wrapper script runs without
+/// `exec` would otherwise wait on for the xtables lock, and change the rules later.
+fn kill_with_group(child: &mut Child) {
+    if crate::dataplane::kill_process_group(child.id()).is_err() {
+        let _ = child.kill();
     }
 }
 
@@ -634,6 +645,8 @@ impl Ipt<'_> {
             );
         };
         Command::new(self.program)
+            // A group of its own, so that a stop kills what it started too.
+            .process_group(0)
             .args(self.wait.args())
             .args(["-t", self.purpose.table(), op, chain])
             .args(args)

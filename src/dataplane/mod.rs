@@ -7,7 +7,8 @@
 //!   TSO/USO super-packets for the TUN.
 //! - [`io`]: opening the TUN device (tun-rs) and the `SO_REUSEPORT` UDP sockets.
 //! - [`counters`]: per-worker packet and drop counters.
-//! - `sys`: the crate's only `unsafe` (socket options).
+//! - `sys`: the crate's only `unsafe` (socket options; [`kill_process_group`] for the
+//!   daemon's iptables commands).
 //!
 //! Must not import tokio, `lease` or `daemon`.
 
@@ -22,4 +23,5 @@ pub mod worker;
 
 pub use counters::{Counters, DropReason, LocalCounters};
 pub use forward::{Egress, ForwardConfig, IcmpLimiter, Ingress};
+pub use sys::kill_process_group;
 pub use worker::{WorkerHandle, WorkerMonitor, WorkerSetup};

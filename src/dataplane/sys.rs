@@ -1,5 +1,6 @@
-//! The only module of linen with `unsafe`: socket options that `socket2` does not offer.
-//! Each block carries a `// SAFETY:` comment.
+//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, and
+//! one signal to a process group (the daemon's iptables commands). Each block carries a
+//! `// SAFETY:` comment.
 
 #![allow(unsafe_code)]
 
@@ -170,6 +171,24 @@ unsafe fn setsockopt<T>(
         )
     };
     if rc == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Sends SIGKILL to every process in the process group `pgid`: a command started as the
+/// leader of a group of its own, with whatever it started (a wrapper script's `iptables`).
+/// Refuses the groups that are no command's (0: our own; 1: init's; anything past `pid_t`).
+pub fn kill_process_group(pgid: u32) -> std::io::Result<()> {
+    let pgid = libc::pid_t::try_from(pgid)
+        .ok()
+        .filter(|&g| g > 1)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    // SAFETY: kill(2) takes plain integers and touches none of our memory. A negative pid
+    // names a process group; `pgid > 1` keeps the argument from being -1 (every process we
+    // may signal) or 0 (our own group).
+    if unsafe { libc::kill(-pgid, libc::SIGKILL) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())
