@@ -27,5 +27,7 @@ pub mod files;
 pub mod lab;
 pub mod lease;
 pub mod model;
+/// The crate's only `unsafe`: socket options and a process-group kill.
+mod sys;
 pub mod table;
 pub mod wire;

@@ -390,7 +390,7 @@ fn finish_within(
 /// commands), everything else in that group: an `iptables` that a wrapper script runs without
 /// `exec` would otherwise wait on for the xtables lock, and change the rules later.
 fn kill_with_group(child: &mut Child) {
-    if crate::dataplane::kill_process_group(child.id()).is_err() {
+    if crate::sys::kill_process_group(child.id()).is_err() {
         let _ = child.kill();
     }
 }

@@ -18,7 +18,7 @@ use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{DeviceBuilder, SyncDevice};
 
 use super::steer::send_port_candidates;
-use super::sys;
+use crate::sys;
 
 /// How to open the TUN device.
 #[derive(Clone, Debug)]

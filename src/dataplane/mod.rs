@@ -7,8 +7,6 @@
 //!   TSO/USO super-packets for the TUN.
 //! - [`io`]: opening the TUN device (tun-rs) and the `SO_REUSEPORT` UDP sockets.
 //! - [`counters`]: per-worker packet and drop counters.
-//! - `sys`: the crate's only `unsafe` (socket options; [`kill_process_group`] for the
-//!   daemon's iptables commands).
 //!
 //! Must not import tokio, `lease` or `daemon`.
 
@@ -18,10 +16,8 @@ pub mod counters;
 pub mod forward;
 pub mod io;
 pub mod steer;
-mod sys;
 pub mod worker;
 
 pub use counters::{Counters, DropReason, LocalCounters};
 pub use forward::{Egress, ForwardConfig, IcmpLimiter, Ingress};
-pub use sys::kill_process_group;
 pub use worker::{WorkerHandle, WorkerMonitor, WorkerSetup};

@@ -25,7 +25,7 @@ use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Asked, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
 use super::io::{UdpEndpoint, socket_addr_for};
-use super::sys;
+use crate::sys;
 use crate::table::Reader;
 
 const TUN: Token = Token(0);
