@@ -126,15 +126,17 @@ pub const PATH_MTU_ASK_INTERVAL: Duration = Duration::from_secs(1);
 
 /// How many questions in passing ([`Asked::Alone`]) a worker asks per second at most, over
 /// all peers: each costs a few system calls, and a host with hundreds of peers sends large
-/// datagrams alone to many of them. Their "full size" answers, kept for that second, then
-/// never fill the [`PATH_MTU_SLOTS`].
+/// datagrams alone to many of them.
 pub const PATH_MTU_PASSING_PER_SECOND: u32 = 16;
 
-/// How many peers' path MTUs a worker remembers (answers that a path carries full-size
-/// datagrams included, for a second); a new one replaces the oldest such answer, else the
-/// oldest MTU (a "full size" answer replaces no MTU: it is not kept then). Enough for two sites joined by a VPN
-/// with dozens of hosts behind it, in 3 KiB per worker.
+/// How many peers' path MTUs a worker remembers; a new one replaces the oldest. Enough for
+/// two sites joined by a VPN with dozens of hosts behind it.
 pub const PATH_MTU_SLOTS: usize = 64;
+
+/// How many answers of "full size" (or of nothing: the peer unreachable) a worker keeps, each
+/// for a second, so that the peer is not asked again sooner; apart from the MTUs, which they
+/// never push out. Twice the questions in passing a second; a new one replaces the oldest.
+pub const PATH_MTU_FULL_SIZE_SLOTS: usize = 2 * PATH_MTU_PASSING_PER_SECOND as usize;
 
 /// The path MTUs a worker learned for peers whose underlay path carries less than the
 /// overlay MTU plus the UDP encapsulation (a tunnel, a VPN or a smaller link between two
@@ -194,7 +196,7 @@ impl PathMtu {
 impl Default for PathMtus {
     fn default() -> Self {
         PathMtus {
-            entries: Vec::with_capacity(PATH_MTU_SLOTS),
+            entries: Vec::with_capacity(PATH_MTU_SLOTS + PATH_MTU_FULL_SIZE_SLOTS),
             smallest: usize::MAX,
             first_expiry: None,
             passing: (None, 0),
@@ -266,11 +268,11 @@ impl PathMtus {
 
     /// Records that the path to `peer` carries inner packets of at most `inner` bytes, or with
     /// `None` that it carries full-size ones (or that the question found nothing out: asked
-    /// again after a second, like any answer). Expired entries go first; when all slots are
-    /// taken the oldest "full size" answer makes room, else the oldest MTU, except for a "full
-    /// size" answer, which is then not kept: peers asked about in passing never push out what
-    /// was learned. Returns whether this changes what was known of `peer` (a first learning,
-    /// another value), for a log line.
+    /// again after a second, like any answer). Expired entries go first; when all slots of
+    /// its kind are taken ([`PATH_MTU_SLOTS`], [`PATH_MTU_FULL_SIZE_SLOTS`]) the oldest of
+    /// that kind makes room, so peers asked about in passing never push out what was learned.
+    /// Returns whether this changes what was known of `peer` (a first learning, another
+    /// value), for a log line.
     pub fn learn(
         &mut self,
         peer: SocketAddr,
@@ -281,16 +283,19 @@ impl PathMtus {
         let before = self.get(peer, now);
         self.entries.retain(|e| e.peer != peer);
         self.expire(now);
-        if self.entries.len() == PATH_MTU_SLOTS {
-            let oldest = (0..self.entries.len())
-                .min_by_key(|&i| (self.entries[i].inner.is_some(), self.entries[i].learned))
-                .filter(|&i| inner.is_some() || self.entries[i].inner.is_none());
-            match oldest {
-                Some(i) => {
-                    self.entries.swap_remove(i);
-                }
-                None => return before != inner,
-            }
+        // MTUs and "full size" answers each have their own number of slots.
+        let same_kind = |e: &PathMtu| e.inner.is_some() == inner.is_some();
+        let slots = if inner.is_some() {
+            PATH_MTU_SLOTS
+        } else {
+            PATH_MTU_FULL_SIZE_SLOTS
+        };
+        if self.entries.iter().filter(|e| same_kind(e)).count() >= slots
+            && let Some(oldest) = (0..self.entries.len())
+                .filter(|&i| same_kind(&self.entries[i]))
+                .min_by_key(|&i| self.entries[i].learned)
+        {
+            self.entries.swap_remove(oldest);
         }
         self.entries.push(PathMtu {
             peer,
@@ -948,62 +953,74 @@ mod test {
         assert_eq!(paths.first_expiry, None);
     }
 
-    /// Answers of "full size" are kept only until the question may come again, and give
-    /// way first when the slots are full: peers asked about in passing (every peer that gets
-    /// a large packet alone, on a host with hundreds) never push out a learned MTU.
+    /// Answers of "full size" are kept only until the question may come again, in slots of
+    /// their own: peers asked about in passing (every peer that gets a large packet alone, on
+    /// a host with hundreds) never push out a learned MTU, and are not asked again within
+    /// their second however many there are.
     #[test]
-    fn full_size_answers_last_a_second_and_give_way_first() {
+    fn full_size_answers_last_a_second_in_slots_of_their_own() {
         let now = Instant::now();
         let peer =
             |i: u16| SocketAddr::from((Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8), 8285));
+        let kept = |paths: &PathMtus, p: SocketAddr| paths.entries.iter().any(|e| e.peer == p);
         let mut paths = PathMtus::default();
         paths.learn(peer(1), Some(1300), now, Asked::Refused);
         paths.learn(peer(2), None, now, Asked::Alone);
         assert_eq!(paths.first_expiry, Some(now + PATH_MTU_ASK_INTERVAL));
         paths.expire(now + PATH_MTU_ASK_INTERVAL);
         assert_eq!(paths.entries.len(), 1, "the full-size answer went");
-        assert!(paths.due(peer(2), now + PATH_MTU_ASK_INTERVAL, Asked::Refused));
+        assert!(paths.due(peer(2), now + PATH_MTU_ASK_INTERVAL, Asked::Alone));
         assert_eq!(paths.first_expiry, Some(now + PATH_MTU_EXPIRY));
-        // A burst of questions within one second: every slot taken, the MTU stays.
-        for i in 0..3 * PATH_MTU_SLOTS as u16 {
-            paths.asking(now + Duration::from_millis(u64::from(i)), Asked::Alone);
-            paths.learn(
-                peer(100 + i),
-                None,
-                now + Duration::from_millis(u64::from(i)),
-                Asked::Alone,
-            );
+        // Every MTU slot taken, then more "full size" answers within one second than their
+        // slots hold: the MTUs all stay, the newest answers are kept.
+        for i in 0..PATH_MTU_SLOTS as u16 - 1 {
+            paths.learn(peer(10 + i), Some(1200), now, Asked::Refused);
         }
-        let later = now + Duration::from_millis(3 * PATH_MTU_SLOTS as u64);
-        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
-        assert_eq!(paths.get(peer(1), later), Some(1300));
-        assert_eq!(paths.smallest, 1300);
-        // The newest answers are the ones kept; this second's questions in passing are used
-        // up (the worker asked no more than these, of course).
-        let newest = peer(100 + 3 * PATH_MTU_SLOTS as u16 - 1);
-        assert!(!paths.due(newest, later, Asked::Alone));
-        assert!(
-            !paths.due(peer(100), later, Asked::Alone),
-            "over the budget"
+        let n = 3 * PATH_MTU_FULL_SIZE_SLOTS as u16;
+        for i in 0..n {
+            let t = now + Duration::from_millis(u64::from(i));
+            paths.learn(peer(100 + i), None, t, Asked::Refused);
+        }
+        let later = now + Duration::from_millis(u64::from(n));
+        assert_eq!(
+            paths.entries.len(),
+            PATH_MTU_SLOTS + PATH_MTU_FULL_SIZE_SLOTS
         );
-        assert!(paths.due(peer(100), later, Asked::Refused));
-        let next_second = now + Duration::from_secs(1);
-        assert!(paths.due(peer(100), next_second, Asked::Alone));
-        // A refusal within the second is asked about all the same: the passing question may
-        // have come just before the kernel learned the smaller MTU.
+        assert_eq!(paths.get(peer(1), later), Some(1300));
+        assert_eq!(paths.get(peer(10), later), Some(1200));
+        assert_eq!(paths.smallest, 1200);
+        let newest = peer(100 + n - 1);
+        assert!(kept(&paths, newest));
+        assert!(kept(
+            &paths,
+            peer(100 + n - PATH_MTU_FULL_SIZE_SLOTS as u16)
+        ));
+        assert!(!kept(
+            &paths,
+            peer(100 + n - PATH_MTU_FULL_SIZE_SLOTS as u16 - 1)
+        ));
+        assert!(!paths.due(newest, later, Asked::Refused));
+        // A new MTU replaces the oldest MTU, not an answer.
+        assert!(paths.learn(peer(9), Some(1000), later, Asked::Refused));
+        assert!(!kept(&paths, peer(1)));
+        assert!(kept(&paths, newest));
+        assert_eq!(paths.smallest, 1000);
+        // A refusal within the second is asked about even after a passing "full size"
+        // answer: the passing question may have come just before the kernel learned the
+        // smaller MTU. Not after an answer to a refusal, nor after an MTU.
+        paths.learn(newest, None, later, Asked::Alone);
+        assert!(!paths.due(newest, later, Asked::Alone));
         assert!(paths.due(newest, later, Asked::Refused));
-        // Not so after an answer to a refusal, nor after an MTU.
         paths.learn(newest, None, later, Asked::Refused);
         assert!(!paths.due(newest, later, Asked::Refused));
         paths.learn(newest, Some(1300), later, Asked::Alone);
         assert!(!paths.due(newest, later, Asked::Refused));
     }
 
-    /// A worker asks at most [`PATH_MTU_PASSING_PER_SECOND`] questions in passing a second,
-    /// and with every slot holding an MTU a "full size" answer is not kept (no MTU is pushed
-    /// out for it), while a new MTU replaces the oldest.
+    /// A worker asks at most [`PATH_MTU_PASSING_PER_SECOND`] questions in passing a second
+    /// (refusals are not counted), and may ask again the next second.
     #[test]
-    fn questions_in_passing_are_budgeted_and_never_push_out_an_mtu() {
+    fn questions_in_passing_are_budgeted() {
         let now = Instant::now();
         let peer =
             |i: u16| SocketAddr::from((Ipv4Addr::new(198, 18, (i >> 8) as u8, i as u8), 8285));
@@ -1018,19 +1035,10 @@ mod test {
             }
         }
         assert_eq!(asked, PATH_MTU_PASSING_PER_SECOND);
-        let mut paths = PathMtus::default();
-        for i in 0..PATH_MTU_SLOTS as u16 {
-            paths.learn(peer(i), Some(1300 - usize::from(i)), now, Asked::Refused);
-        }
-        let t = now + Duration::from_secs(2);
-        assert!(!paths.learn(peer(500), None, t, Asked::Alone));
-        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
-        assert_eq!(paths.get(peer(0), t), Some(1300), "the oldest MTU stays");
-        assert!(paths.due(peer(500), t + Duration::from_secs(1), Asked::Alone));
-        assert!(paths.learn(peer(501), Some(1000), t, Asked::Refused));
-        assert_eq!(paths.get(peer(501), t), Some(1000));
-        assert_eq!(paths.entries.len(), PATH_MTU_SLOTS);
-        assert_eq!(paths.smallest, 1000);
+        let t = now + Duration::from_millis(100);
+        assert!(!paths.due(peer(200), t, Asked::Alone), "over the budget");
+        assert!(paths.due(peer(200), t, Asked::Refused));
+        assert!(paths.due(peer(200), now + Duration::from_secs(1), Asked::Alone));
     }
 
     /// A question that finds nothing out keeps what was learned and waits a second.
