@@ -62,12 +62,15 @@ fn main() {
             Command::Demo(args) => linen::demo::run(args).await,
         }
     });
+    // The error first: the wait below may take its second.
+    if let Err(e) = &result {
+        eprintln!("linen: {}", linen::cli::exit::describe(e));
+    }
     // Blocking tasks still running get a second to finish (a subnet.env rewrite, say), not
     // for ever as dropping the runtime would give them: what is left is work a stop abandoned,
     // such as a registry request waiting for another process's directory lock (up to 10 s).
     runtime.shutdown_timeout(std::time::Duration::from_secs(1));
     if let Err(e) = result {
-        eprintln!("linen: {}", linen::cli::exit::describe(&e));
         std::process::exit(linen::cli::exit::code_for(&e));
     }
 }

@@ -1889,8 +1889,17 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
         "{}",
         std::fs::read_to_string(&log).unwrap_or_default()
     );
-    // Into the install's first command.
-    std::thread::sleep(Duration::from_millis(500));
+    // Into the install's first command: the script and its child have recorded their pids.
+    let pids = dir.path().join("pids");
+    let started = wait_for(Duration::from_secs(10), || {
+        let text = std::fs::read_to_string(&pids).ok()?;
+        (text.lines().count() >= 2).then_some(())
+    });
+    assert!(
+        started.is_some(),
+        "no iptables command started: {}",
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
     (lab, pid, env, log, dir)
 }
 
@@ -1960,12 +1969,24 @@ fn a_second_stop_signal_ends_a_slow_stop_at_once() {
 /// scripts and their children) has ended.
 fn assert_commands_gone(dir: &Path) {
     let pids = std::fs::read_to_string(dir.join("pids")).unwrap();
-    assert!(!pids.trim().is_empty(), "no iptables command ran");
-    for pid in pids.split_whitespace() {
-        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let pids: Vec<&str> = pids.split_whitespace().collect();
+    // Each script records itself, then its child: an odd count would mean a child unrecorded.
+    assert!(
+        !pids.is_empty() && pids.len().is_multiple_of(2),
+        "iptables pids: {pids:?}"
+    );
+    for pid in pids {
+        // A killed grandchild may take a moment to go; a pid reused since is another program.
+        let gone = wait_for(Duration::from_secs(3), || {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+            let ours = stat.contains("(sh) ") || stat.contains("(sleep) ");
+            (stat.is_empty() || !ours || stat.contains(") Z ") || stat.contains(") X "))
+                .then_some(())
+        });
         assert!(
-            stat.is_empty() || stat.contains(") Z "),
-            "iptables process {pid} still runs after linen stopped it: {stat}"
+            gone.is_some(),
+            "iptables process {pid} still runs after linen stopped it: {}",
+            std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default()
         );
     }
 }
