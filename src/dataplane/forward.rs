@@ -221,7 +221,7 @@ impl PathMtus {
     /// learned a smaller MTU from the underlay's ICMP just after it (the first datagram too
     /// large for the path is the one that makes the kernel learn). Questions in passing also
     /// wait while this second's [`PATH_MTU_PASSING_PER_SECOND`] are used up.
-    pub fn due(&self, peer: SocketAddr, now: Instant, asked: Asked) -> bool {
+    fn due(&self, peer: SocketAddr, now: Instant, asked: Asked) -> bool {
         if asked == Asked::Alone
             && let (Some(since), n) = self.passing
             && now.saturating_duration_since(since) < Duration::from_secs(1)
@@ -236,8 +236,12 @@ impl PathMtus {
         })
     }
 
-    /// Counts a question about to be asked (one in passing against this second's budget).
-    pub fn asking(&mut self, now: Instant, asked: Asked) {
+    /// Whether to ask the kernel for `peer`'s path MTU now ([`due`](Self::due)); a yes is
+    /// counted as asked (one in passing against this second's budget).
+    pub fn ask(&mut self, peer: SocketAddr, now: Instant, asked: Asked) -> bool {
+        if !self.due(peer, now, asked) {
+            return false;
+        }
         if asked == Asked::Alone {
             self.passing = match self.passing {
                 (Some(since), n)
@@ -248,6 +252,7 @@ impl PathMtus {
                 _ => (Some(now), 1),
             };
         }
+        true
     }
 
     /// Records that a question about `peer` found nothing out (the peer unreachable for now):
@@ -1028,8 +1033,7 @@ mod test {
         let mut asked = 0;
         for i in 0..100 {
             let t = now + Duration::from_millis(i);
-            if paths.due(peer(i as u16), t, Asked::Alone) {
-                paths.asking(t, Asked::Alone);
+            if paths.ask(peer(i as u16), t, Asked::Alone) {
                 paths.learn(peer(i as u16), None, t, Asked::Alone);
                 asked += 1;
             }

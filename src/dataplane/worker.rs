@@ -558,10 +558,9 @@ impl Worker {
             .map(|peer| (peer, Asked::Refused))
             .or(alone.map(|peer| (peer, Asked::Alone)));
         if let Some((peer, asked)) = question
-            && self.paths.due(peer, now, asked)
+            && self.paths.ask(peer, now, asked)
         {
             let (udp, _) = sender(&self.tx, &self.udp, &self.udp_state);
-            self.paths.asking(now, asked);
             learn_path_mtu(
                 self.id,
                 udp,
