@@ -82,45 +82,68 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 
 fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
     require_root_and_tools("linen bench")?;
-    let mut lab = Lab::new("lnbench", 2, 1500)?;
-    let mut all = Vec::new();
-    for path in &args.paths {
-        interrupt::check(stop, WHAT)?;
-        eprintln!(
-            "bench: measuring {path} ({} runs of {} s each)…",
-            args.runs, args.seconds
-        );
-        let r = match path.as_str() {
-            "veth" => {
-                let target = lab.host(1).ip.to_string();
-                measure(&mut lab, "veth", &target, args, stop)?
-            }
-            "vxlan" => {
-                setup_vxlan(&lab)?;
-                let r = measure(&mut lab, "vxlan", VXLAN_TARGET, args, stop);
-                teardown_vxlan(&lab);
-                r?
-            }
-            "linen" => {
-                let flags: Vec<&str> = args.linen_flags.split_whitespace().collect();
-                let (pids, target) = start_linen(&mut lab, &flags)?;
-                let r = measure(&mut lab, "linen", &target, args, stop);
-                let rss = pids
-                    .iter()
-                    .filter_map(|&p| peak_rss_kib(p))
-                    .max()
-                    .unwrap_or(0);
-                for pid in pids {
-                    lab.stop(pid, Duration::from_secs(5));
-                }
-                let mut r = r?;
-                r.peak_rss_mib = rss as f64 / 1024.0;
-                r
-            }
-            other => bail!("unknown path {other:?}; use veth, vxlan or linen"),
-        };
-        all.push(r);
+    if let Some(other) = args
+        .paths
+        .iter()
+        .find(|p| !["veth", "vxlan", "linen"].contains(&p.as_str()))
+    {
+        bail!("unknown path {other:?}; use veth, vxlan or linen");
     }
+    if args.runs == 0 {
+        bail!("--runs 0 measures nothing; use 1 or more (3 or more for medians)");
+    }
+    let mut lab = Lab::new("lnbench", 2, 1500)?;
+    // Every path is set up first and stays up, so that each measurement is taken on all paths
+    // one after the other: a machine that gets slower or faster during the run (a shared VM
+    // does) then moves a path and its baselines together, not the path measured last alone.
+    let mut paths = Vec::new();
+    let mut linen_pids = Vec::new();
+    let mut vxlan_up = false;
+    let measured = (|| -> Result<Vec<Samples>> {
+        for path in &args.paths {
+            interrupt::check(stop, WHAT)?;
+            eprintln!("bench: setting up {path}…");
+            let target = match path.as_str() {
+                "veth" => lab.host(1).ip.to_string(),
+                "vxlan" => {
+                    vxlan_up = true;
+                    setup_vxlan(&lab)?;
+                    VXLAN_TARGET.to_owned()
+                }
+                _ => {
+                    let flags: Vec<&str> = args.linen_flags.split_whitespace().collect();
+                    let (pids, target) = start_linen(&mut lab, &flags)?;
+                    linen_pids = pids;
+                    target
+                }
+            };
+            paths.push((path.as_str(), target));
+        }
+        measure(&mut lab, &paths, args, stop)
+    })();
+    // Read before the daemons stop: the peak over the whole run, the idle phases included.
+    let rss = linen_pids
+        .iter()
+        .filter_map(|&p| peak_rss_kib(p))
+        .max()
+        .unwrap_or(0);
+    for &pid in &linen_pids {
+        lab.stop(pid, Duration::from_secs(5));
+    }
+    if vxlan_up {
+        teardown_vxlan(&lab);
+    }
+    let all: Vec<Results> = paths
+        .iter()
+        .zip(measured?)
+        .map(|((name, _), samples)| {
+            let mut r = samples.medians(name);
+            if *name == "linen" {
+                r.peak_rss_mib = rss as f64 / 1024.0;
+            }
+            r
+        })
+        .collect();
     print_table(&all);
     if let Some(path) = &args.json {
         std::fs::write(path, serde_json::to_string_pretty(&all)?)
@@ -219,12 +242,14 @@ pub(crate) fn ping_once(host: &Host, target: &str) -> Option<f64> {
 }
 
 /// Writes the demo/bench network config (198.19.0.0/16, plus `extra` flags such as
-/// `--ipv6-network`) into a directory registry with `linen network init`.
+/// `--ipv6-network`) into a directory registry with `linen network init`. Leases end at
+/// 198.19.199.0/24: the kernel VXLAN baseline's 198.19.200.0/24 ([`setup_vxlan`]) runs beside
+/// the daemons and must not be a host's subnet too.
 pub(crate) fn init_network(dir: &Path, extra: &[&str]) -> Result<()> {
     let out = Command::new(std::env::current_exe()?)
         .args(["network", "init", "--registry-dir"])
         .arg(dir)
-        .args(["--network", "198.19.0.0/16"])
+        .args(["--network", "198.19.0.0/16", "--subnet-max", "198.19.199.0"])
         .args(extra)
         .stdin(Stdio::null())
         .output()?;
@@ -306,62 +331,102 @@ fn median(mut v: Vec<f64>) -> f64 {
     if v.is_empty() { 0.0 } else { v[v.len() / 2] }
 }
 
+/// One path's measurements, one entry per run.
+#[derive(Default)]
+struct Samples {
+    tcp1: Vec<f64>,
+    retr: Vec<f64>,
+    tcp4: Vec<f64>,
+    retr4: Vec<f64>,
+    pps: Vec<f64>,
+    loss: Vec<f64>,
+    avg: Vec<f64>,
+    p99: Vec<f64>,
+    cpu: Vec<f64>,
+}
+
+impl Samples {
+    fn medians(self, name: &str) -> Results {
+        Results {
+            path: name.to_owned(),
+            tcp1_gbps: median(self.tcp1),
+            tcp1_retransmits: median(self.retr),
+            tcp4_gbps: median(self.tcp4),
+            tcp4_retransmits: median(self.retr4),
+            udp64_pps: median(self.pps),
+            udp64_loss_pct: median(self.loss),
+            ping_avg_us: median(self.avg),
+            ping_p99_us: median(self.p99),
+            cpu_s_per_gb: median(self.cpu),
+            peak_rss_mib: 0.0,
+        }
+    }
+}
+
+/// `args.runs` rounds; in each, every measurement is taken on every path in turn (`paths`:
+/// name and target), so a path and its baselines are measured seconds apart. The order of the
+/// paths rotates from round to round: none is always the first after a pause, or always
+/// right after linen's.
 fn measure(
     lab: &mut Lab,
-    name: &str,
-    target: &str,
+    paths: &[(&str, String)],
     args: &BenchArgs,
     stop: &AtomicBool,
-) -> Result<Results> {
+) -> Result<Vec<Samples>> {
     let check = || interrupt::check(stop, WHAT);
-    let mut tcp1 = Vec::new();
-    let mut retr = Vec::new();
-    let mut tcp4 = Vec::new();
-    let mut retr4 = Vec::new();
-    let mut pps = Vec::new();
-    let mut loss = Vec::new();
-    let mut avg = Vec::new();
-    let mut p99 = Vec::new();
-    let mut cpu = Vec::new();
+    let mut all: Vec<Samples> = paths.iter().map(|_| Samples::default()).collect();
     let secs = args.seconds.to_string();
-    for _ in 0..args.runs {
-        check()?;
-        let before = cpu_jiffies()?;
-        let j = iperf(lab, target, &["-t", &secs])?;
-        let after = cpu_jiffies()?;
-        let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
-        tcp1.push(received_gbps(&j));
-        retr.push(retransmits(&j));
-        if bytes > 0.0 {
-            // USER_HZ is 100 on Linux.
-            cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
+    for run in 0..args.runs {
+        let order = round_order(paths.len(), run);
+        let names: Vec<&str> = order.iter().map(|&i| paths[i].0).collect();
+        eprintln!(
+            "bench: run {} of {} ({} s per iperf3 measurement): {}…",
+            run + 1,
+            args.runs,
+            args.seconds,
+            names.join(", ")
+        );
+        for &i in &order {
+            check()?;
+            let before = cpu_jiffies()?;
+            let j = iperf(lab, &paths[i].1, &["-t", &secs])?;
+            let after = cpu_jiffies()?;
+            let s = &mut all[i];
+            let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+            s.tcp1.push(received_gbps(&j));
+            s.retr.push(retransmits(&j));
+            if bytes > 0.0 {
+                // USER_HZ is 100 on Linux.
+                s.cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
+            }
         }
-        check()?;
-        let j = iperf(lab, target, &["-t", &secs, "-P", "4"])?;
-        tcp4.push(received_gbps(&j));
-        retr4.push(retransmits(&j));
-        check()?;
-        let (rate, lost) = udp_rate(lab, target, &secs, args.udp_window.as_deref(), &check)?;
-        pps.push(rate);
-        loss.push(lost);
-        check()?;
-        let (a, p) = ping(lab.host(0), target)?;
-        avg.push(a);
-        p99.push(p);
+        for &i in &order {
+            check()?;
+            let j = iperf(lab, &paths[i].1, &["-t", &secs, "-P", "4"])?;
+            all[i].tcp4.push(received_gbps(&j));
+            all[i].retr4.push(retransmits(&j));
+        }
+        for &i in &order {
+            check()?;
+            let (rate, lost) =
+                udp_rate(lab, &paths[i].1, &secs, args.udp_window.as_deref(), &check)?;
+            all[i].pps.push(rate);
+            all[i].loss.push(lost);
+        }
+        for &i in &order {
+            check()?;
+            let (a, p) = ping(lab.host(0), &paths[i].1)?;
+            all[i].avg.push(a);
+            all[i].p99.push(p);
+        }
     }
-    Ok(Results {
-        path: name.to_owned(),
-        tcp1_gbps: median(tcp1),
-        tcp1_retransmits: median(retr),
-        tcp4_gbps: median(tcp4),
-        tcp4_retransmits: median(retr4),
-        udp64_pps: median(pps),
-        udp64_loss_pct: median(loss),
-        ping_avg_us: median(avg),
-        ping_p99_us: median(p99),
-        cpu_s_per_gb: median(cpu),
-        peak_rss_mib: 0.0,
-    })
+    Ok(all)
+}
+
+/// The order in which round `run` (from 0) measures `paths` paths: the given order, rotated by
+/// one more each round, so that over `paths` rounds each path comes first once.
+fn round_order(paths: usize, run: usize) -> Vec<usize> {
+    (0..paths).map(|i| (i + run) % paths).collect()
 }
 
 /// The sender's TCP retransmits of an iperf3 run; NaN (shown as such) if iperf3 did not report
@@ -552,5 +617,27 @@ fn print_table(all: &[Results]) {
             ratio(linen, veth),
             ratio(linen, vxlan)
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_round_measures_every_path_once_and_each_path_leads_one_round() {
+        for paths in 1..=3 {
+            let rounds: Vec<Vec<usize>> = (0..paths).map(|r| round_order(paths, r)).collect();
+            for order in &rounds {
+                let mut sorted = order.clone();
+                sorted.sort_unstable();
+                assert_eq!(sorted, (0..paths).collect::<Vec<_>>(), "{rounds:?}");
+            }
+            let mut firsts: Vec<usize> = rounds.iter().map(|o| o[0]).collect();
+            firsts.sort_unstable();
+            assert_eq!(firsts, (0..paths).collect::<Vec<_>>(), "{rounds:?}");
+        }
+        assert_eq!(round_order(3, 0), [0, 1, 2]);
+        assert_eq!(round_order(3, 4), [1, 2, 0]);
     }
 }
