@@ -618,9 +618,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
          iptables rules; the lease is kept"
     );
     // Workers first: their final counters are logged even if removing the iptables rules
-    // waits on the xtables lock until a service manager gives up on us.
-    for h in handles {
-        if let Err(e) = h.join() {
+    // waits on the xtables lock until a service manager gives up on us. Joined off the
+    // runtime's one thread, which meanwhile still answers a second stop signal.
+    let joined = tokio::task::spawn_blocking(move || {
+        handles
+            .into_iter()
+            .map(WorkerHandle::join)
+            .collect::<Vec<_>>()
+    })
+    .await;
+    for r in joined.unwrap_or_else(|e| vec![Err(std::io::Error::other(e))]) {
+        if let Err(e) = r {
             tracing::warn!(error = %e, "worker ended with an error");
         }
     }
