@@ -290,17 +290,16 @@ impl Limit {
         }
     }
 
-    /// How long the next command may run.
-    fn deadline(&self) -> Duration {
-        self.until.map_or(IPTABLES_DEADLINE, |u| {
-            u.saturating_duration_since(Instant::now())
-                .min(IPTABLES_DEADLINE)
+    /// How long the next command may run: `cap`, or less when the time left is shorter.
+    fn deadline(&self, cap: Duration) -> Duration {
+        self.until.map_or(cap, |u| {
+            u.saturating_duration_since(Instant::now()).min(cap)
         })
     }
 }
 
-/// How many iptables commands run now, each counted by an [`InFlight`] from before it is
-/// spawned until it is reaped.
+/// How many iptables commands (`iptables-save` and `--version` too) run now, each counted by
+/// an [`InFlight`] from before it is spawned until it is reaped.
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 
 /// Set by [`stop_commands`]: no command starts any more, and a running one is killed.
@@ -346,47 +345,203 @@ pub fn stop_commands(within: Duration) -> usize {
     }
 }
 
-/// Waits for `child` to exit, at most `deadline` and not past `cancel`; kills it after that (a
-/// `TimedOut` error), or as soon as linen exits at once ([`stop_commands`]), with its process
-/// group when it leads one. Its output is read once it has exited, so it must fit the pipes'
-/// buffers (64 KiB), as the messages of the commands run through here do.
+/// Longest `<program> --version` may take. It only prints a line, and [`Masq::new`] asks it
+/// before the rules are installed: a wrapper that hangs must not hold up linen's start for the
+/// whole [`IPTABLES_DEADLINE`].
+const VERSION_DEADLINE: Duration = Duration::from_secs(10);
+
+/// How long the output of a command that has exited is still read when its pipes stay open:
+/// something it started and left running holds them (a wrapper script's background process).
+/// After that its process group is killed and the output is what was read by then.
+const READ_GRACE: Duration = Duration::from_millis(150);
+
+/// Runs `command` with no input, in a process group of its own (so that a stop kills what it
+/// started too), counted by [`InFlight`], for at most `cap` and within `limit`, through
+/// [`finish_within`]: its output is read while it runs, so it may be of any size. `what` names
+/// the command in errors, and `late` says, in the error for a command that timed out, what may
+/// have held it up. An error when the command could not start or did not end; its exit status
+/// is the caller's to judge.
+fn run_bounded(
+    command: &mut Command,
+    what: &str,
+    limit: &Limit,
+    cap: Duration,
+    late: Option<&str>,
+) -> Result<Output> {
+    if let Some(why) = limit.spent() {
+        bail!("`{what}`: {why}");
+    }
+    let Some(_running) = InFlight::start() else {
+        bail!("`{what}`: not run: linen is exiting");
+    };
+    command
+        .process_group(0)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .and_then(|child| finish_within(child, limit.deadline(cap), limit.cancel.as_ref(), late))
+        .with_context(|| format!("running `{what}`"))
+}
+
+/// Waits for `child` to exit, at most `deadline` and not past `cancel`, reading its stdout and
+/// stderr (those piped) meanwhile, so that it never waits on a full pipe. Kills it after that
+/// (a `TimedOut` error, which quotes `late`), or as soon as linen exits at once
+/// ([`stop_commands`]; an `Interrupted` error), with its process group when it leads one. The
+/// child is reaped in every case. Once it has exited, its pipes are read to their end, or for
+/// [`READ_GRACE`] while something it left running still holds them: that is then killed with
+/// the child's process group, and the output is what was read.
 fn finish_within(
     mut child: Child,
     deadline: Duration,
     cancel: Option<&CancellationToken>,
+    late: Option<&str>,
 ) -> std::io::Result<Output> {
+    let waited = Pipes::of(&mut child).and_then(|mut pipes| {
+        let status = wait_reading(&mut child, &mut pipes, deadline, cancel, late)?;
+        Ok((pipes, status))
+    });
+    let (mut pipes, status) = match waited {
+        Ok(waited) => waited,
+        Err(e) => {
+            // Not reaped yet: its pid, and the group it leads, are still its own.
+            kill_with_group(&mut child);
+            let _ = child.wait();
+            return Err(e);
+        }
+    };
+    let grace = Instant::now() + READ_GRACE;
+    while !pipes.closed() {
+        let left = grace.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            // The child is reaped, but a process still holds its pipes: one it started, so
+            // (unless it left with setsid) a member of the group the child led, and the kernel
+            // gives no process a group's id while any member of that group lives. The group
+            // killed here is then the child's own: the kill closes the pipes. A holder that
+            // left the group lives on, and the pipes are not waited for (dropping them closes
+            // our end); the group is then empty, and this signals no one unless its id was
+            // taken again by a new group leader within the grace, which needs the pids to wrap
+            // around meanwhile.
+            let _ = crate::sys::kill_process_group(child.id());
+            // What they have written is in the pipes still.
+            pipes.read_for(Duration::ZERO)?;
+            break;
+        }
+        pipes.read_for(left.min(Duration::from_millis(20)))?;
+    }
+    Ok(pipes.output(status))
+}
+
+/// Reads `pipes` until `child` exits, and reaps it; an error (the child not reaped) when it
+/// does not exit within `deadline` or before `cancel` (see [`finish_within`]).
+fn wait_reading(
+    child: &mut Child,
+    pipes: &mut Pipes,
+    deadline: Duration,
+    cancel: Option<&CancellationToken>,
+    late: Option<&str>,
+) -> std::io::Result<std::process::ExitStatus> {
     let until = Instant::now() + deadline;
     let mut nap = Duration::from_millis(1);
     loop {
-        if child.try_wait()?.is_some() {
-            return child.wait_with_output();
+        pipes.read_for(nap)?;
+        if let Some(status) = child.try_wait()? {
+            return Ok(status);
         }
         if cancel.is_some_and(CancellationToken::is_cancelled) || EXITING.load(Ordering::SeqCst) {
-            kill_with_group(&mut child);
-            let _ = child.wait();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::Interrupted,
                 "linen is stopping; stopped it",
             ));
         }
         if Instant::now() >= until {
-            kill_with_group(&mut child);
-            let _ = child.wait();
+            let within = if deadline >= Duration::from_secs(1) {
+                format!("{} s", deadline.as_secs())
+            } else {
+                format!("{} ms", deadline.as_millis())
+            };
+            let late = late.map(|l| format!(" ({l})")).unwrap_or_default();
             return Err(std::io::Error::new(
                 std::io::ErrorKind::TimedOut,
-                format!(
-                    "it did not finish within {} s (does another program hold the xtables \
-                     lock?); stopped it",
-                    deadline.as_secs()
-                ),
+                format!("it did not finish within {within}{late}; stopped it"),
             ));
         }
-        std::thread::sleep(nap);
         nap = (nap * 2).min(Duration::from_millis(20));
     }
 }
 
-/// Kills `child` and, when it leads a process group of its own (as [`Ipt::run`] starts
+/// A child's stdout and stderr, each read without blocking until it reaches its end.
+struct Pipes {
+    /// Wakes [`Pipes::read_for`] when output comes or a pipe ends.
+    poll: mio::Poll,
+    events: mio::Events,
+    /// stdout and stderr, each until its end (or `None`: not piped).
+    open: [Option<mio::unix::pipe::Receiver>; 2],
+    /// What was read from each.
+    read: [Vec<u8>; 2],
+}
+
+impl Pipes {
+    /// Takes `child`'s piped stdout and stderr.
+    fn of(child: &mut Child) -> std::io::Result<Pipes> {
+        let poll = mio::Poll::new()?;
+        let mut open = [
+            child.stdout.take().map(mio::unix::pipe::Receiver::from),
+            child.stderr.take().map(mio::unix::pipe::Receiver::from),
+        ];
+        for (i, pipe) in open.iter_mut().enumerate() {
+            if let Some(pipe) = pipe {
+                pipe.set_nonblocking(true)?;
+                poll.registry()
+                    .register(pipe, mio::Token(i), mio::Interest::READABLE)?;
+            }
+        }
+        Ok(Pipes {
+            poll,
+            events: mio::Events::with_capacity(2),
+            open,
+            read: [Vec::new(), Vec::new()],
+        })
+    }
+
+    /// Waits up to `nap` for output or the end of a pipe (all of `nap` once both have ended),
+    /// then takes all there is; a pipe at its end is closed.
+    fn read_for(&mut self, nap: Duration) -> std::io::Result<()> {
+        match self.poll.poll(&mut self.events, Some(nap)) {
+            Err(e) if e.kind() != std::io::ErrorKind::Interrupted => return Err(e),
+            _ => {}
+        }
+        let mut chunk = [0u8; 16 * 1024];
+        for (pipe, read) in self.open.iter_mut().zip(&mut self.read) {
+            while let Some(p) = pipe {
+                match std::io::Read::read(p, &mut chunk) {
+                    Ok(0) => *pipe = None,
+                    Ok(n) => read.extend_from_slice(&chunk[..n]),
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(e),
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether both pipes have ended (or were not piped).
+    fn closed(&self) -> bool {
+        self.open.iter().all(Option::is_none)
+    }
+
+    fn output(self, status: std::process::ExitStatus) -> Output {
+        let [stdout, stderr] = self.read;
+        Output {
+            status,
+            stdout,
+            stderr,
+        }
+    }
+}
+
+/// Kills `child` and, when it leads a process group of its own (as [`run_bounded`] starts
 /// commands), everything else in that group: an `iptables` that a wrapper script runs without
 /// `exec` would otherwise wait on for the xtables lock, and change the rules later.
 fn kill_with_group(child: &mut Child) {
@@ -395,13 +550,37 @@ fn kill_with_group(child: &mut Child) {
     }
 }
 
-/// What `program --version` prints, or why it could not run.
-fn version_of(program: &str) -> std::io::Result<String> {
-    let out = Command::new(program)
-        .arg("--version")
-        .stdin(Stdio::null())
-        .output()?;
+/// Whether `e` says the program is not there (no such file).
+fn not_found(e: &anyhow::Error) -> bool {
+    e.chain().any(|c| {
+        c.downcast_ref::<std::io::Error>()
+            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
+    })
+}
+
+/// What `program --version` prints (whatever its exit status), or why it could not run: within
+/// `limit`, and [`VERSION_DEADLINE`] at most.
+fn version_of(program: &str, limit: &Limit) -> Result<String> {
+    let out = run_bounded(
+        Command::new(program).arg("--version"),
+        &format!("{program} --version"),
+        limit,
+        VERSION_DEADLINE,
+        None,
+    )?;
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+/// Runs `save` (`iptables-save`, `ip6tables-save`), within `limit` and [`IPTABLES_DEADLINE`]:
+/// its output lists every table there is, megabytes on a Kubernetes host.
+fn saved_rules(save: &str, limit: &Limit) -> Result<Output> {
+    run_bounded(
+        &mut Command::new(save),
+        save,
+        limit,
+        IPTABLES_DEADLINE,
+        None,
+    )
 }
 
 /// One family's rules for one purpose: the contents of one chain.
@@ -467,8 +646,14 @@ impl Masq {
     /// Probes `iptables` (and `ip6tables` when the lease has an IPv6 subnet) and computes the
     /// masquerade rules when `masquerade`, the FORWARD rules when `forward`; installs nothing
     /// yet. A missing command is an error for the masquerade rules, which were asked for, and a
-    /// warning for the FORWARD rules, which are on by default.
-    pub fn new(config: &NetworkConfig, lease: &SubnetKey, opts: Options) -> Result<Masq> {
+    /// warning for the FORWARD rules, which are on by default. The commands are asked for their
+    /// version within `limit`.
+    pub fn new(
+        config: &NetworkConfig,
+        lease: &SubnetKey,
+        opts: Options,
+        limit: &Limit,
+    ) -> Result<Masq> {
         let Options {
             masquerade,
             forward,
@@ -505,16 +690,20 @@ impl Masq {
             let (Some(network), Some(own)) = (network, own) else {
                 continue;
             };
-            let version = match version_of(family.program()) {
+            let version = match version_of(family.program(), limit) {
                 Ok(version) => version,
+                Err(e) if masquerade && not_found(&e) => {
+                    return Err(e.context(format!(
+                        "--ip-masq needs the `{}` command; install it (Debian: apt-get install \
+                         iptables) or drop --ip-masq",
+                        family.program()
+                    )));
+                }
                 Err(e) if masquerade => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "--ip-masq needs the `{}` command; install it (Debian: apt-get \
-                             install iptables) or drop --ip-masq",
-                            family.program()
-                        )
-                    });
+                    return Err(e.context(format!(
+                        "--ip-masq needs the `{}` command, which did not tell its version",
+                        family.program()
+                    )));
                 }
                 Err(e) => {
                     tracing::warn!(program = family.program(), error = %e,
@@ -628,42 +817,18 @@ struct Ipt<'a> {
 
 impl Ipt<'_> {
     /// Runs `<program> [-w [5]] -t <table> <op> <chain> <args…>`, for at most
-    /// [`IPTABLES_DEADLINE`] and within its [`Limit`].
+    /// [`IPTABLES_DEADLINE`] and within its [`Limit`] (see [`run_bounded`]).
     fn run(self, op: &str, chain: &str, args: &[String]) -> Result<Output> {
-        if let Some(why) = self.limit.spent() {
-            bail!(
-                "`{} -t {} {op} {chain}`: {why}",
-                self.program,
-                self.purpose.table()
-            );
-        }
-        let Some(_running) = InFlight::start() else {
-            bail!(
-                "`{} -t {} {op} {chain}`: not run: linen is exiting",
-                self.program,
-                self.purpose.table()
-            );
-        };
-        Command::new(self.program)
-            // A group of its own, so that a stop kills what it started too.
-            .process_group(0)
-            .args(self.wait.args())
-            .args(["-t", self.purpose.table(), op, chain])
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .and_then(|child| {
-                finish_within(child, self.limit.deadline(), self.limit.cancel.as_ref())
-            })
-            .with_context(|| {
-                format!(
-                    "running `{} -t {} {op} {chain}`",
-                    self.program,
-                    self.purpose.table()
-                )
-            })
+        run_bounded(
+            Command::new(self.program)
+                .args(self.wait.args())
+                .args(["-t", self.purpose.table(), op, chain])
+                .args(args),
+            &format!("{} -t {} {op} {chain}", self.program, self.purpose.table()),
+            self.limit,
+            IPTABLES_DEADLINE,
+            Some("does another program hold the xtables lock?"),
+        )
     }
 
     /// Like [`Ipt::run`] but fails with iptables' message unless it exits 0.
@@ -722,14 +887,7 @@ impl Ipt<'_> {
                     return false;
                 }
                 // No such program: it cannot have made rules.
-                Err(e)
-                    if e.chain().any(|c| {
-                        c.downcast_ref::<std::io::Error>()
-                            .is_some_and(|io| io.kind() == std::io::ErrorKind::NotFound)
-                    }) =>
-                {
-                    return true;
-                }
+                Err(e) if not_found(&e) => return true,
                 Err(e) => {
                     tracing::warn!(program = p, chain, error = %format!("{e:#}"), "cannot remove chain");
                     return false;
@@ -802,7 +960,7 @@ pub async fn install(
             config.ipv6_network.is_some() && lease.ipv6().is_some(),
         ];
         remove_leftovers(opts.masquerade, opts.forward, families, &limit);
-        let masq = Masq::new(&config, &lease, opts)?;
+        let masq = Masq::new(&config, &lease, opts, &limit)?;
         for set in &masq.sets {
             match ensure_set(set, &limit) {
                 Ok(_) => {}
@@ -838,7 +996,7 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit:
         // with `-t nat` would create that table (and with iptables-legacy load NAT, and with it
         // connection tracking), which a run without --ip-masq must not do.
         let save = format!("{}-save", family.program());
-        let out = match Command::new(&save).stdin(Stdio::null()).output() {
+        let out = match saved_rules(&save, limit) {
             Ok(out) if out.status.success() => out,
             Ok(out) => {
                 tracing::warn!(program = %save, error = %String::from_utf8_lossy(&out.stderr).trim(),
@@ -846,7 +1004,12 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit:
                 continue;
             }
             // No iptables here: nothing can have been left behind.
-            Err(_) => continue,
+            Err(e) if not_found(&e) => continue,
+            Err(e) => {
+                tracing::warn!(program = %save, error = %format!("{e:#}"),
+                    "cannot look for rules an earlier run left behind");
+                continue;
+            }
         };
         let text = String::from_utf8_lossy(&out.stdout);
         for (purpose, wanted) in [
@@ -860,8 +1023,8 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit:
                     chain = purpose.chain(),
                     "removing the rules an earlier run left behind"
                 );
-                let wait =
-                    version_of(family.program()).map_or(Wait::Seconds, |v| Wait::for_version(&v));
+                let wait = version_of(family.program(), limit)
+                    .map_or(Wait::Seconds, |v| Wait::for_version(&v));
                 Ipt {
                     program: family.program(),
                     wait,
@@ -1052,7 +1215,13 @@ mod tests {
                 .unwrap()
         };
         let started = Instant::now();
-        let e = finish_within(spawn("sleep 60"), Duration::from_millis(300), None).unwrap_err();
+        let e = finish_within(
+            spawn("sleep 60"),
+            Duration::from_millis(300),
+            None,
+            Some("does another program hold the xtables lock?"),
+        )
+        .unwrap_err();
         assert_eq!(e.kind(), std::io::ErrorKind::TimedOut);
         assert!(e.to_string().contains("xtables lock"), "{e}");
         assert!(
@@ -1062,6 +1231,7 @@ mod tests {
         let out = finish_within(
             spawn("echo out; echo err >&2; exit 3"),
             Duration::from_secs(30),
+            None,
             None,
         )
         .unwrap();
@@ -1087,7 +1257,7 @@ mod tests {
                 cancel.cancel();
             })
         };
-        let e = finish_within(child, IPTABLES_DEADLINE, Some(&cancel)).unwrap_err();
+        let e = finish_within(child, IPTABLES_DEADLINE, Some(&cancel), None).unwrap_err();
         stopper.join().unwrap();
         assert_eq!(e.kind(), std::io::ErrorKind::Interrupted, "{e}");
         assert!(
@@ -1131,6 +1301,146 @@ mod tests {
         let stopping = Limit::until_cancelled(&cancel);
         assert!(stopping.spent().is_some());
         assert!(Limit::default().spent().is_none());
+    }
+
+    /// The kind of the I/O error behind `e`, if any.
+    fn io_kind(e: &anyhow::Error) -> Option<std::io::ErrorKind> {
+        e.chain()
+            .find_map(|c| c.downcast_ref::<std::io::Error>())
+            .map(std::io::Error::kind)
+    }
+
+    /// What `f` returns, having checked that it took less than `secs` seconds.
+    fn quickly<T>(secs: u64, f: impl FnOnce() -> T) -> T {
+        let started = Instant::now();
+        let t = f();
+        assert!(
+            started.elapsed() < Duration::from_secs(secs),
+            "took {:?}",
+            started.elapsed()
+        );
+        t
+    }
+
+    /// An iptables command with `program` in table nat, within `limit`.
+    fn ipt<'a>(program: &'a str, limit: &'a Limit) -> Ipt<'a> {
+        Ipt {
+            program,
+            wait: Wait::Bare,
+            purpose: Purpose::Masquerade,
+            limit,
+        }
+    }
+
+    /// Output larger than the pipes hold (an `iptables-save` on a Kubernetes host prints
+    /// megabytes) is read while the command runs: all of it comes back, well before the
+    /// deadline, instead of the command waiting on a full pipe until it is killed.
+    #[test]
+    fn output_larger_than_a_pipe_is_read_in_full() {
+        let dir = tempfile::tempdir().unwrap();
+        let program = fake_iptables_script(
+            dir.path(),
+            "talkative",
+            "head -c 300000 /dev/zero | tr '\\0' x\nhead -c 100000 /dev/zero | tr '\\0' y >&2\n",
+        );
+        let limit = Limit::within(Duration::from_secs(5));
+        let out = quickly(3, || {
+            ipt(&program, &limit)
+                .run("-S", "LINEN-POSTRTG", &[])
+                .unwrap()
+        });
+        assert!(out.status.success());
+        assert_eq!(out.stdout, vec![b'x'; 300_000]);
+        assert_eq!(out.stderr, vec![b'y'; 100_000]);
+        let out = quickly(3, || saved_rules(&program, &limit).unwrap());
+        assert_eq!(out.stdout.len(), 300_000);
+    }
+
+    /// Whether process `pid` has ended (gone, or a zombie nobody reaped yet).
+    fn ended(pid: &str) -> bool {
+        std::fs::read_to_string(format!("/proc/{pid}/stat")).map_or(true, |stat| {
+            stat.rsplit_once(") ")
+                .is_some_and(|(_, rest)| rest.starts_with('Z'))
+        })
+    }
+
+    /// A wrapper that exits leaving a process behind that holds its stdout does not hold the
+    /// command up: after a short grace the leftover is killed with the wrapper's process
+    /// group, and the wrapper's exit status and output come back. One that left the group
+    /// (setsid) is not waited for either.
+    #[test]
+    fn a_process_left_holding_the_output_does_not_hold_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        // Runs a wrapper that starts `leftover` in the background, prints its pid and exits.
+        let run = |name: &str, leftover: &str| {
+            let program = fake_iptables_script(
+                dir.path(),
+                name,
+                &format!("case \"$1\" in --version) exit 0;; esac\n{leftover} &\necho \"$!\"\n"),
+            );
+            let out = quickly(2, || {
+                ipt(&program, &Limit::default())
+                    .run("-S", "LINEN-POSTRTG", &[])
+                    .unwrap()
+            });
+            assert!(out.status.success(), "{:?}", out.status);
+            let stdout = String::from_utf8(out.stdout).unwrap();
+            assert!(!stdout.trim().is_empty(), "no pid in {stdout:?}");
+            stdout.trim().to_owned()
+        };
+        let pid = run("leaves-one-behind", "sleep 30");
+        let until = Instant::now() + Duration::from_secs(5);
+        while !ended(&pid) {
+            assert!(Instant::now() < until, "process {pid} was not killed");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        run("leaves-one-outside", "setsid sleep 5");
+    }
+
+    /// `--version` and `iptables-save` are bounded like every iptables command: one that
+    /// hangs is stopped at its deadline, or when linen stops, and the error says what ran and
+    /// why it was stopped.
+    #[test]
+    fn a_hanging_version_or_save_is_stopped() {
+        let dir = tempfile::tempdir().unwrap();
+        // Hangs only once armed: making it runs it once.
+        let armed = dir.path().join("armed");
+        let program = fake_iptables_script(
+            dir.path(),
+            "hangs-when-armed",
+            &format!("[ -e '{}' ] && exec sleep 30\nexit 0\n", armed.display()),
+        );
+        std::fs::write(&armed, "").unwrap();
+        let soon = || Limit::within(Duration::from_millis(300));
+        let e = quickly(2, || version_of(&program, &soon()).unwrap_err());
+        let text = format!("{e:#}");
+        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::TimedOut), "{text}");
+        assert!(
+            text.contains(&format!("running `{program} --version`"))
+                && text.contains("did not finish within"),
+            "{text}"
+        );
+        let e = quickly(2, || saved_rules(&program, &soon()).unwrap_err());
+        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::TimedOut), "{e:#}");
+
+        // Linen stopping meanwhile.
+        let cancel = CancellationToken::new();
+        let e = std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(200));
+                cancel.cancel();
+            });
+            quickly(2, || {
+                saved_rules(&program, &Limit::until_cancelled(&cancel)).unwrap_err()
+            })
+        });
+        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::Interrupted), "{e:#}");
+        // `--version` is bounded more tightly than the commands that wait for the lock.
+        assert_eq!(
+            Limit::default().deadline(VERSION_DEADLINE),
+            VERSION_DEADLINE
+        );
+        assert!(VERSION_DEADLINE < IPTABLES_DEADLINE);
     }
 
     /// A chain that was never there (or a missing iptables) counts as removed, so the
