@@ -89,6 +89,14 @@ fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
     {
         bail!("unknown path {other:?}; use veth, vxlan or linen");
     }
+    if let Some(twice) = args
+        .paths
+        .iter()
+        .enumerate()
+        .find_map(|(i, p)| args.paths[..i].contains(p).then_some(p))
+    {
+        bail!("--paths names {twice:?} twice; name each path once (the runs repeat them)");
+    }
     if args.runs == 0 {
         bail!("--runs 0 measures nothing; use 1 or more (3 or more for medians)");
     }
