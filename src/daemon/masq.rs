@@ -427,7 +427,11 @@ fn finish_within(
             pipes.read_for(Duration::ZERO)?;
             break;
         }
-        pipes.read_for(left.min(Duration::from_millis(20)))?;
+        if let Err(e) = pipes.read_for(left.min(Duration::from_millis(20))) {
+            // Whatever holds the pipes must not outlive the error (see above).
+            let _ = crate::sys::kill_process_group(child.id());
+            return Err(e);
+        }
     }
     Ok(pipes.output(status))
 }
@@ -701,12 +705,13 @@ impl Masq {
                 }
                 Err(e) if masquerade => {
                     return Err(e.context(format!(
-                        "--ip-masq needs the `{}` command, which did not tell its version",
+                        "--ip-masq needs the `{}` command, which could not be asked for its \
+                         version",
                         family.program()
                     )));
                 }
                 Err(e) => {
-                    tracing::warn!(program = family.program(), error = %e,
+                    tracing::warn!(program = family.program(), error = %format!("{e:#}"),
                         "cannot run the command for the FORWARD accept rules; running without \
                          them (a FORWARD policy of DROP will block containers from the overlay). \
                          Install iptables, or pass --iptables-forward-rules=false to silence this");
@@ -1206,9 +1211,12 @@ mod tests {
     /// at the deadline; one that ends is read as usual.
     #[test]
     fn a_command_that_does_not_end_is_stopped_at_the_deadline() {
+        // A group of its own, as `run_bounded` starts commands: the kill at the deadline
+        // takes the shell's `sleep` too, which would otherwise outlive the test.
         let spawn = |script: &str| {
             Command::new("sh")
                 .args(["-c", script])
+                .process_group(0)
                 .stdout(Stdio::piped())
                 .stderr(Stdio::piped())
                 .spawn()
@@ -1378,7 +1386,7 @@ mod tests {
                 name,
                 &format!("case \"$1\" in --version) exit 0;; esac\n{leftover} &\necho \"$!\"\n"),
             );
-            let out = quickly(2, || {
+            let out = quickly(5, || {
                 ipt(&program, &Limit::default())
                     .run("-S", "LINEN-POSTRTG", &[])
                     .unwrap()
@@ -1394,7 +1402,9 @@ mod tests {
             assert!(Instant::now() < until, "process {pid} was not killed");
             std::thread::sleep(Duration::from_millis(10));
         }
-        run("leaves-one-outside", "setsid sleep 5");
+        // Not in the group: it lives on, and is not waited for. Ended here, by its pid.
+        let pid = run("leaves-one-outside", "setsid sleep 30");
+        let _ = Command::new("kill").arg(&pid).status();
     }
 
     /// `--version` and `iptables-save` are bounded like every iptables command: one that
@@ -1412,16 +1422,18 @@ mod tests {
         );
         std::fs::write(&armed, "").unwrap();
         let soon = || Limit::within(Duration::from_millis(300));
-        let e = quickly(2, || version_of(&program, &soon()).unwrap_err());
-        let text = format!("{e:#}");
-        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::TimedOut), "{text}");
-        assert!(
-            text.contains(&format!("running `{program} --version`"))
-                && text.contains("did not finish within"),
-            "{text}"
-        );
-        let e = quickly(2, || saved_rules(&program, &soon()).unwrap_err());
-        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::TimedOut), "{e:#}");
+        // Stopped at the bound, or (a machine stalled past it) not started at all.
+        let stopped = |e: &anyhow::Error, kind: std::io::ErrorKind, not_run: &str| {
+            let text = format!("{e:#}");
+            assert!(io_kind(e) == Some(kind) || text.contains(not_run), "{text}");
+            text
+        };
+        let ran_out = "the time for removing the rules ran out";
+        let e = quickly(5, || version_of(&program, &soon()).unwrap_err());
+        let text = stopped(&e, std::io::ErrorKind::TimedOut, ran_out);
+        assert!(text.contains(&format!("`{program} --version`")), "{text}");
+        let e = quickly(5, || saved_rules(&program, &soon()).unwrap_err());
+        stopped(&e, std::io::ErrorKind::TimedOut, ran_out);
 
         // Linen stopping meanwhile.
         let cancel = CancellationToken::new();
@@ -1430,11 +1442,15 @@ mod tests {
                 std::thread::sleep(Duration::from_millis(200));
                 cancel.cancel();
             });
-            quickly(2, || {
+            quickly(5, || {
                 saved_rules(&program, &Limit::until_cancelled(&cancel)).unwrap_err()
             })
         });
-        assert_eq!(io_kind(&e), Some(std::io::ErrorKind::Interrupted), "{e:#}");
+        stopped(
+            &e,
+            std::io::ErrorKind::Interrupted,
+            "not run: linen is stopping",
+        );
         // `--version` is bounded more tightly than the commands that wait for the lock.
         assert_eq!(
             Limit::default().deadline(VERSION_DEADLINE),
