@@ -334,9 +334,12 @@ fn start_linen(lab: &mut Lab, flags: &[&str]) -> Result<(Vec<u32>, String)> {
     Ok((pids, target))
 }
 
+/// The median of the figures that were measured (NaN marks one that was not); NaN when none
+/// was.
 fn median(mut v: Vec<f64>) -> f64 {
+    v.retain(|x| !x.is_nan());
     v.sort_by(|a, b| a.total_cmp(b));
-    if v.is_empty() { 0.0 } else { v[v.len() / 2] }
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
 /// One path's measurements, one entry per run.
@@ -354,6 +357,29 @@ struct Samples {
 }
 
 impl Samples {
+    /// Round `run`'s figures (the last taken), in one line.
+    fn last_round(&self, run: usize) -> String {
+        let at = |v: &[f64], decimals: usize| match v.get(run) {
+            Some(x) => format!("{x:.decimals$}"),
+            None => "-".to_owned(),
+        };
+        format!(
+            "TCP 1 stream {} Gbit/s ({} retransmits), 4 streams {} Gbit/s ({}), 64 B {} kpps \
+             ({} % loss), ping {} µs (p99 {}), {} CPU-s per GB",
+            at(&self.tcp1, 2),
+            at(&self.retr, 0),
+            at(&self.tcp4, 2),
+            at(&self.retr4, 0),
+            self.pps
+                .get(run)
+                .map_or("-".to_owned(), |x| format!("{:.1}", x / 1000.0)),
+            at(&self.loss, 2),
+            at(&self.avg, 0),
+            at(&self.p99, 0),
+            at(&self.cpu, 2),
+        )
+    }
+
     fn medians(self, name: &str) -> Results {
         Results {
             path: name.to_owned(),
@@ -403,10 +429,12 @@ fn measure(
             let bytes = j["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
             s.tcp1.push(received_gbps(&j));
             s.retr.push(retransmits(&j));
-            if bytes > 0.0 {
-                // USER_HZ is 100 on Linux.
-                s.cpu.push((after - before) as f64 / 100.0 / (bytes / 1e9));
-            }
+            // USER_HZ is 100 on Linux. NaN: nothing arrived to divide by.
+            s.cpu.push(if bytes > 0.0 {
+                (after - before) as f64 / 100.0 / (bytes / 1e9)
+            } else {
+                f64::NAN
+            });
         }
         for &i in &order {
             check()?;
@@ -426,6 +454,11 @@ fn measure(
             let (a, p) = ping(lab.host(0), &paths[i].1)?;
             all[i].avg.push(a);
             all[i].p99.push(p);
+        }
+        // Each round's figures as they come: the table gives only medians, and the spread
+        // between rounds is what says how far to trust them.
+        for &i in &order {
+            eprintln!("bench:   {:<5} {}", paths[i].0, all[i].last_round(run));
         }
     }
     Ok(all)
@@ -647,5 +680,14 @@ mod tests {
         }
         assert_eq!(round_order(3, 0), [0, 1, 2]);
         assert_eq!(round_order(3, 4), [1, 2, 0]);
+    }
+
+    #[test]
+    fn a_median_leaves_out_what_was_not_measured() {
+        assert_eq!(median(vec![3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(vec![f64::NAN, 5.0, 1.0, f64::NAN]), 5.0);
+        assert_eq!(median(vec![4.0, f64::NAN]), 4.0);
+        assert!(median(vec![f64::NAN]).is_nan());
+        assert!(median(Vec::new()).is_nan());
     }
 }
