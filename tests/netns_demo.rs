@@ -286,3 +286,33 @@ fn sigint_mid_bench_removes_namespaces_and_processes() {
         "{stderr}"
     );
 }
+
+/// Output to pipes nobody reads any more (`linen bench | head`, once `head` has exited) does
+/// not end the bench half-way: its lines are dropped, it runs to the end and removes what it
+/// built. The std print macros panic on a closed pipe, and the release build aborts on a panic,
+/// which left the namespaces behind.
+#[test]
+fn a_closed_output_does_not_stop_the_bench_half_way() {
+    if skip() {
+        return;
+    }
+    let mut child = Command::new(LINEN)
+        .args(["bench", "--paths", "linen", "--runs", "1", "--seconds", "1"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let _sweep = Sweep("lnbench", pid);
+    // Closed before it has written anything.
+    drop(child.stdout.take());
+    drop(child.stderr.take());
+    let status = wait_exit(&mut child, Duration::from_secs(180));
+    assert_eq!(
+        status.and_then(|s| s.code()),
+        Some(0),
+        "the bench did not run to its end"
+    );
+    assert_eq!(leftovers_of("lnbench", pid), Vec::<String>::new());
+}

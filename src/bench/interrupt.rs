@@ -12,6 +12,34 @@ use tokio::signal::unix::{SignalKind, signal};
 
 use crate::lab::wait_for;
 
+/// `print!` for `linen demo` and `linen bench` that ignores a closed stdout (`linen bench |
+/// head`). The std macros panic there, and the release build aborts on a panic: with the
+/// namespaces and daemons still up.
+macro_rules! say {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = write!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `println!` that ignores a closed stdout, as [`say!`].
+macro_rules! sayln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($arg)*);
+    }};
+}
+
+/// `eprintln!` that ignores a closed stderr, as [`say!`].
+macro_rules! esayln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+pub(crate) use {esayln, say, sayln};
+
 /// The command was stopped by SIGINT/SIGTERM (after cleaning up); exit code 130.
 #[derive(Debug, thiserror::Error)]
 #[error("interrupted; everything {0} created has been removed")]
@@ -38,8 +66,8 @@ pub async fn run_interruptible(
         _ = term.recv() => {}
     }
     stop.store(true, Ordering::Relaxed);
-    println!();
-    println!("interrupted: stopping linen and removing the namespaces…");
+    sayln!();
+    sayln!("interrupted: stopping linen and removing the namespaces…");
     // The lab is dropped on the work thread; wait for it (the current step may take a few
     // seconds).
     let _ = task.await;

@@ -14,6 +14,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use clap::Args;
 use serde_json::Value;
 
+use crate::bench::interrupt::{esayln, sayln};
 use crate::lab::{Host, Lab, is_root, wait_for};
 use crate::model::{SubnetEnv, SubnetKey};
 
@@ -110,7 +111,7 @@ fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
     let measured = (|| -> Result<Vec<Samples>> {
         for path in &args.paths {
             interrupt::check(stop, WHAT)?;
-            eprintln!("bench: setting up {path}…");
+            esayln!("bench: setting up {path}…");
             let target = match path.as_str() {
                 "veth" => lab.host(1).ip.to_string(),
                 "vxlan" => {
@@ -413,7 +414,7 @@ fn measure(
     for run in 0..args.runs {
         let order = round_order(paths.len(), run);
         let names: Vec<&str> = order.iter().map(|&i| paths[i].0).collect();
-        eprintln!(
+        esayln!(
             "bench: run {} of {} ({} s per iperf3 measurement): {}…",
             run + 1,
             args.runs,
@@ -458,7 +459,7 @@ fn measure(
         // Each round's figures as they come: the table gives only medians, and the spread
         // between rounds is what says how far to trust them.
         for &i in &order {
-            eprintln!("bench:   {:<5} {}", paths[i].0, all[i].last_round(run));
+            esayln!("bench:   {:<5} {}", paths[i].0, all[i].last_round(run));
         }
     }
     Ok(all)
@@ -667,7 +668,7 @@ fn print_table(all: &[Results]) {
         ("CPU-s per GB (TCP 1)", 2, true, |r| r.cpu_s_per_gb),
         ("peak RSS of one daemon (MiB)", 2, false, |r| r.peak_rss_mib),
     ];
-    println!(
+    sayln!(
         "| metric | veth | vxlan | linen | linen/veth | linen/vxlan |\n|---|---:|---:|---:|---:|---:|"
     );
     for (label, decimals, baselines_have_it, f) in metrics {
@@ -681,7 +682,7 @@ fn print_table(all: &[Results]) {
             (Some(a), Some(b)) if f(b) != 0.0 => format!("{:.2}", f(a) / f(b)),
             _ => String::new(),
         };
-        println!(
+        sayln!(
             "| {label} | {} | {} | {} | {} | {} |",
             cell(veth),
             cell(vxlan),

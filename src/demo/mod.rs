@@ -14,7 +14,7 @@ use anyhow::{Result, anyhow, bail};
 use clap::Args;
 
 use crate::bench;
-use crate::bench::interrupt::{self, Interrupted, run_interruptible};
+use crate::bench::interrupt::{self, Interrupted, run_interruptible, say, sayln};
 use crate::lab::Lab;
 use crate::model::SubnetKey;
 
@@ -42,21 +42,21 @@ pub async fn run(args: DemoArgs) -> Result<()> {
 
 fn run_blocking(args: &DemoArgs, stop: &AtomicBool) -> Result<()> {
     bench::require_root_and_tools("linen demo")?;
-    println!(
+    sayln!(
         "linen demo: {HOSTS} hosts in network namespaces, one `linen run` each, one shared registry"
     );
     progress(&format!("building {HOSTS} hosts"));
     let mut lab = Lab::new("lndemo", HOSTS, 1500)?;
-    println!(
+    sayln!(
         "ok ({}-h1…h{HOSTS}, underlay 198.18.0.0/24 on a bridge)",
         lab.prefix()
     );
     let result = demo(&mut lab, args, stop).map_err(|e| with_logs(e, &mut lab));
     progress("removing namespaces, linen processes and files");
     drop(lab);
-    println!("ok");
+    sayln!("ok");
     let report = result?;
-    print!("{}", report.render());
+    say!("{}", report.render());
     if !report.all_ok() {
         bail!("some pairs did not ping over linen; see the report above");
     }
@@ -65,7 +65,7 @@ fn run_blocking(args: &DemoArgs, stop: &AtomicBool) -> Result<()> {
 
 /// Prints a progress line's beginning; its end ("ok", a value) follows when the step is done.
 fn progress(what: &str) {
-    print!("{what}… ");
+    say!("{what}… ");
     let _ = std::io::stdout().flush();
 }
 
@@ -119,7 +119,7 @@ fn demo(lab: &mut Lab, args: &DemoArgs, stop: &AtomicBool) -> Result<Report> {
         if ipv6 { " + fd00:19::/48" } else { "" }
     ));
     bench::init_network(&registry, extra)?;
-    println!("ok ({})", registry.display());
+    sayln!("ok ({})", registry.display());
 
     let mut hosts = Vec::new();
     for i in 0..lab.hosts().len() {
@@ -131,11 +131,11 @@ fn demo(lab: &mut Lab, args: &DemoArgs, stop: &AtomicBool) -> Result<Report> {
         let env = bench::subnet_file(&registry, index);
         let key = wait(stop, Duration::from_secs(15), || bench::read_lease(&env))?
             .ok_or_else(|| anyhow!("linen on h{index} wrote no subnet.env within 15 s"))?;
-        println!("subnet {}", describe(&key));
+        sayln!("subnet {}", describe(&key));
         hosts.push((index, underlay, key));
     }
 
-    println!(
+    sayln!(
         "pinging every pair over linen (IPv4{}):",
         if ipv6 { " and IPv6" } else { "" }
     );
@@ -166,7 +166,7 @@ fn demo(lab: &mut Lab, args: &DemoArgs, stop: &AtomicBool) -> Result<Report> {
                 v4,
                 v6,
             };
-            println!("  {}", pair_line(&pair));
+            sayln!("  {}", pair_line(&pair));
             pairs.push(pair);
         }
     }
@@ -186,7 +186,7 @@ fn demo(lab: &mut Lab, args: &DemoArgs, stop: &AtomicBool) -> Result<Report> {
             &target.network().to_string(),
             &["-t", &secs],
         )?);
-        println!("{linen:.2} Gbit/s");
+        sayln!("{linen:.2} Gbit/s");
         check(stop)?;
         progress(&format!(
             "measuring TCP h1 → h2 over kernel VXLAN ({} s)",
@@ -196,7 +196,7 @@ fn demo(lab: &mut Lab, args: &DemoArgs, stop: &AtomicBool) -> Result<Report> {
         let vxlan = bench::iperf(lab, bench::VXLAN_TARGET, &["-t", &secs]);
         bench::teardown_vxlan(lab);
         let vxlan = bench::received_gbps(&vxlan?);
-        println!("{vxlan:.2} Gbit/s");
+        sayln!("{vxlan:.2} Gbit/s");
         throughput = Some((linen, vxlan));
     }
     Ok(Report {
