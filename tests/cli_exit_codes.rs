@@ -127,6 +127,16 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             format!("{init} --network 198.19.0.0/16 --subnet-len 8"),
             &["SubnetLen"],
         ),
+        // The benchmark's flags, checked before it asks for root.
+        (
+            "bench --paths veth,wifi".into(),
+            &["--paths", "\"wifi\"", "veth, vxlan or linen"],
+        ),
+        (
+            "bench --paths linen,vxlan,linen".into(),
+            &["\"linen\" twice"],
+        ),
+        ("bench --runs 0".into(), &["--runs 0", "1 or more"]),
     ];
     for (args, mentions) in cases {
         let args: Vec<&str> = args.split_whitespace().collect();

@@ -15,6 +15,7 @@ use clap::Args;
 use serde_json::Value;
 
 use crate::bench::interrupt::{esayln, sayln};
+use crate::cli::exit::usage;
 use crate::lab::{Host, Lab, is_root, wait_for};
 use crate::model::{SubnetEnv, SubnetKey};
 
@@ -82,13 +83,14 @@ pub async fn run(args: BenchArgs) -> Result<()> {
 }
 
 fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
-    require_root_and_tools("linen bench")?;
     if let Some(other) = args
         .paths
         .iter()
         .find(|p| !["veth", "vxlan", "linen"].contains(&p.as_str()))
     {
-        bail!("unknown path {other:?}; use veth, vxlan or linen");
+        return Err(usage(format!(
+            "--paths: unknown path {other:?}; use veth, vxlan or linen"
+        )));
     }
     if let Some(twice) = args
         .paths
@@ -96,11 +98,16 @@ fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
         .enumerate()
         .find_map(|(i, p)| args.paths[..i].contains(p).then_some(p))
     {
-        bail!("--paths names {twice:?} twice; name each path once (the runs repeat them)");
+        return Err(usage(format!(
+            "--paths names {twice:?} twice; name each path once (the runs repeat them)"
+        )));
     }
     if args.runs == 0 {
-        bail!("--runs 0 measures nothing; use 1 or more (3 or more for medians)");
+        return Err(usage(
+            "--runs 0 measures nothing; use 1 or more (3 or more for medians)",
+        ));
     }
+    require_root_and_tools("linen bench")?;
     let mut lab = Lab::new("lnbench", 2, 1500)?;
     // Every path is set up first and stays up, so that each measurement is taken on all paths
     // one after the other: a machine that gets slower or faster during the run (a shared VM
