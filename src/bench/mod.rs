@@ -22,7 +22,8 @@ use crate::model::{SubnetEnv, SubnetKey};
 /// Flags of `linen bench`.
 #[derive(Clone, Debug, Args)]
 pub struct BenchArgs {
-    /// Repetitions of each measurement (the median is reported).
+    /// Rounds: in each, every measurement is taken on every path in turn (the median of the
+    /// rounds is reported).
     #[arg(long, default_value_t = 3)]
     pub runs: usize,
     /// Seconds per iperf3 measurement.

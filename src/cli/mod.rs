@@ -82,8 +82,9 @@ pub enum Command {
     /// Show the local daemon's lease, peers and counters (asks its --metrics-addr); exits 1
     /// when it is unhealthy or does not answer.
     Status(status::StatusArgs),
-    /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts;
-    /// removes everything afterwards, also on Ctrl-C (root).
+    /// Benchmark linen against the raw veth and kernel VXLAN between two namespace hosts, each
+    /// measurement on every path in turn; prints each round on stderr and the medians as a
+    /// table; removes everything afterwards, also on Ctrl-C (root).
     Bench(crate::bench::BenchArgs),
     /// Show linen working: three namespace hosts, pings between all, throughput against kernel
     /// VXLAN; removes everything afterwards, also on Ctrl-C (root).
