@@ -35,7 +35,8 @@ pub struct BenchArgs {
     /// Extra flags for `linen run` (e.g. `--no-offload`, `--workers=1`), space-separated.
     #[arg(long, default_value = "")]
     pub linen_flags: String,
-    /// Write the results as JSON to this file too.
+    /// Write the results as JSON to this file too: per path the medians and, under
+    /// `rounds`, each round's figures (`null` where one was not measured).
     #[arg(long)]
     pub json: Option<PathBuf>,
     /// Socket buffer for the 64-byte UDP runs on every path (iperf3 `-w`, e.g. `2M`); the
@@ -72,6 +73,8 @@ pub struct Results {
     pub cpu_s_per_gb: f64,
     /// Peak resident memory of one linen daemon over the whole run, MiB (linen only).
     pub peak_rss_mib: f64,
+    /// Each round's figures, whose medians the fields above are (`--json` only).
+    pub rounds: Samples,
 }
 
 /// What the benchmark calls itself in [`Interrupted`](interrupt::Interrupted).
@@ -351,17 +354,27 @@ fn median(mut v: Vec<f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// One path's measurements, one entry per run.
-#[derive(Default)]
-struct Samples {
+/// One path's measurements, one entry per round, in the units and under the names of
+/// [`Results`]; in the JSON a figure that was not measured is `null`.
+#[derive(Clone, Debug, Default, serde::Serialize)]
+pub struct Samples {
+    #[serde(rename = "tcp1_gbps")]
     tcp1: Vec<f64>,
+    #[serde(rename = "tcp1_retransmits")]
     retr: Vec<f64>,
+    #[serde(rename = "tcp4_gbps")]
     tcp4: Vec<f64>,
+    #[serde(rename = "tcp4_retransmits")]
     retr4: Vec<f64>,
+    #[serde(rename = "udp64_pps")]
     pps: Vec<f64>,
+    #[serde(rename = "udp64_loss_pct")]
     loss: Vec<f64>,
+    #[serde(rename = "ping_avg_us")]
     avg: Vec<f64>,
+    #[serde(rename = "ping_p99_us")]
     p99: Vec<f64>,
+    #[serde(rename = "cpu_s_per_gb")]
     cpu: Vec<f64>,
 }
 
@@ -392,16 +405,17 @@ impl Samples {
     fn medians(self, name: &str) -> Results {
         Results {
             path: name.to_owned(),
-            tcp1_gbps: median(self.tcp1),
-            tcp1_retransmits: median(self.retr),
-            tcp4_gbps: median(self.tcp4),
-            tcp4_retransmits: median(self.retr4),
-            udp64_pps: median(self.pps),
-            udp64_loss_pct: median(self.loss),
-            ping_avg_us: median(self.avg),
-            ping_p99_us: median(self.p99),
-            cpu_s_per_gb: median(self.cpu),
+            tcp1_gbps: median(self.tcp1.clone()),
+            tcp1_retransmits: median(self.retr.clone()),
+            tcp4_gbps: median(self.tcp4.clone()),
+            tcp4_retransmits: median(self.retr4.clone()),
+            udp64_pps: median(self.pps.clone()),
+            udp64_loss_pct: median(self.loss.clone()),
+            ping_avg_us: median(self.avg.clone()),
+            ping_p99_us: median(self.p99.clone()),
+            cpu_s_per_gb: median(self.cpu.clone()),
             peak_rss_mib: 0.0,
+            rounds: self,
         }
     }
 }
@@ -763,6 +777,27 @@ mod tests {
         let (offered, found) = search_on(1e5, |_| 1.0);
         assert_eq!(offered, [0.0]);
         assert_eq!(found, (99_000.0, 1.0));
+    }
+
+    #[test]
+    fn the_json_holds_each_round_beside_the_medians() {
+        let samples = Samples {
+            tcp1: vec![9.0, 7.0, 8.0],
+            cpu: vec![1.5, f64::NAN, 1.25],
+            ..Samples::default()
+        };
+        let json = serde_json::to_value(samples.medians("linen")).unwrap();
+        assert_eq!(json["tcp1_gbps"], 8.0);
+        assert_eq!(json["cpu_s_per_gb"], 1.5);
+        assert_eq!(
+            json["rounds"]["tcp1_gbps"],
+            serde_json::json!([9.0, 7.0, 8.0])
+        );
+        // Not measured in the second round.
+        assert_eq!(
+            json["rounds"]["cpu_s_per_gb"],
+            serde_json::json!([1.5, null, 1.25])
+        );
     }
 
     #[test]
