@@ -1283,27 +1283,16 @@ mod tests {
         );
         let limit = Limit::within(Duration::from_millis(300));
         let started = Instant::now();
-        let removed = Ipt {
-            program: &program,
-            wait: Wait::Bare,
-            purpose: Purpose::Masquerade,
-            limit: &limit,
-        }
-        .remove_chain();
+        let removed = ipt(&program, &limit).remove_chain();
         assert!(!removed);
         assert!(
             started.elapsed() < Duration::from_secs(5),
             "the removal took {:?}",
             started.elapsed()
         );
-        let e = Ipt {
-            program: &program,
-            wait: Wait::Bare,
-            purpose: Purpose::Masquerade,
-            limit: &limit,
-        }
-        .run("-F", "LINEN-POSTRTG", &[])
-        .unwrap_err();
+        let e = ipt(&program, &limit)
+            .run("-F", "LINEN-POSTRTG", &[])
+            .unwrap_err();
         assert!(format!("{e:#}").contains("ran out"), "{e:#}");
         cancel.cancel();
         let stopping = Limit::until_cancelled(&cancel);
@@ -1330,7 +1319,7 @@ mod tests {
         t
     }
 
-    /// An iptables command with `program` in table nat, within `limit`.
+    /// An iptables command with `program` in table nat, with a bare `-w`, within `limit`.
     fn ipt<'a>(program: &'a str, limit: &'a Limit) -> Ipt<'a> {
         Ipt {
             program,
