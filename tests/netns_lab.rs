@@ -66,3 +66,62 @@ fn two_and_three_hosts_reach_each_other_and_vanish_on_drop() {
         );
     }
 }
+
+/// The state letter of process `pid` from /proc ("Z" for a zombie), or None when it is gone.
+fn state(pid: u32) -> Option<String> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    Some(
+        stat.rsplit_once(')')?
+            .1
+            .split_whitespace()
+            .next()?
+            .to_owned(),
+    )
+}
+
+/// `linen bench` and `linen demo` are built to abort on a panic, which drops nothing: their lab
+/// asks a panic hook to remove it. Here a thread panics while two labs live; the hook runs
+/// before the unwinding, so what it removed is gone while both labs still exist, and only the
+/// lab that asked lost anything.
+#[test]
+fn a_panic_removes_the_labs_that_asked_and_no_other() {
+    if skip() {
+        return;
+    }
+    let mut asked = Lab::new("lnpanic", 2, 1500).unwrap();
+    let other = Lab::new("lnkeep", 2, 1500).unwrap();
+    asked.remove_on_panic();
+    let mut sleep = asked.host(1).command("sleep");
+    sleep.arg("60");
+    let pid = asked.spawn(sleep, "sleep").unwrap();
+    let dir = asked.scratch_dir().unwrap();
+    assert_eq!(state(pid).as_deref().map(|s| s != "Z"), Some(true));
+    assert_eq!(namespaces().matches(asked.prefix()).count(), 2);
+
+    let panicked = std::thread::spawn(|| panic!("a panic on purpose")).join();
+    assert!(panicked.is_err());
+
+    assert_eq!(
+        namespaces().matches(asked.prefix()).count(),
+        0,
+        "the lab that asked keeps namespaces"
+    );
+    assert!(!dir.exists(), "its scratch directory is left");
+    // Stopped but not reaped (the lab reaps it when dropped): a zombie.
+    assert_eq!(state(pid).as_deref(), Some("Z"), "its process still runs");
+    assert_eq!(
+        namespaces().matches(other.prefix()).count(),
+        2,
+        "the other lab lost namespaces"
+    );
+    other
+        .host(0)
+        .run_ok("ping", &["-c1", "-W2", &other.host(1).ip.to_string()])
+        .unwrap();
+    // Dropping a lab the hook removed finds nothing left to do, and fails on nothing.
+    drop(asked);
+    assert_eq!(state(pid), None, "the drop did not reap its child");
+    let prefix = other.prefix().to_owned();
+    drop(other);
+    assert_eq!(namespaces().matches(&prefix).count(), 0);
+}

@@ -113,6 +113,8 @@ fn run_blocking(args: &BenchArgs, stop: &AtomicBool) -> Result<()> {
     }
     require_root_and_tools("linen bench")?;
     let mut lab = Lab::new("lnbench", 2, 1500)?;
+    // The release build aborts on a panic, dropping nothing: a hook removes the lab then.
+    lab.remove_on_panic();
     // Every path is set up first and stays up, so that each measurement is taken on all paths
     // one after the other: a machine that gets slower or faster during the run (a shared VM
     // does) then moves a path and its baselines together, not the path measured last alone.

@@ -47,6 +47,8 @@ fn run_blocking(args: &DemoArgs, stop: &AtomicBool) -> Result<()> {
     );
     progress(&format!("building {HOSTS} hosts"));
     let mut lab = Lab::new("lndemo", HOSTS, 1500)?;
+    // The release build aborts on a panic, dropping nothing: a hook removes the lab then.
+    lab.remove_on_panic();
     sayln!(
         "ok ({}-h1…h{HOSTS}, underlay 198.18.0.0/24 on a bridge)",
         lab.prefix()

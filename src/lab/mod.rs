@@ -2,18 +2,21 @@
 //! `linen bench` and `linen demo`. Needs root. Imports nothing else of linen.
 //!
 //! Every namespace and process a [`Lab`] creates is removed when it is dropped (also when a test
-//! panics), and only those: processes are stopped by the PIDs it started. Addresses come from
+//! panics), and only those: processes are stopped by the PIDs it started. A program built to
+//! abort on a panic drops nothing; a lab that [`Lab::remove_on_panic`] is then removed by a
+//! panic hook instead (`linen bench`, `linen demo`). Addresses come from
 //! the benchmarking ranges only: underlay `198.18.0.0/16` and `fd00:18::/64`, overlays use
 //! `198.19.0.0/16` and `fd00:19::/48`. Namespaces get no default route.
 //!
 //! Host setup here runs `ip`; that is fine for a lab. The daemon itself uses netlink.
 
 use std::fmt;
-use std::io;
+use std::io::{self, Write as _};
 use std::net::{Ipv4Addr, Ipv6Addr};
 use std::path::PathBuf;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
 
 /// Whether this process runs as root (namespaces and TUN devices need it).
@@ -118,6 +121,8 @@ pub struct Lab {
     extra: Vec<String>,
     scratch: Option<PathBuf>,
     children: Vec<(String, Child)>,
+    /// The lab's entry in [`ON_PANIC`], when it asked to be removed on a panic.
+    on_panic: Option<u64>,
 }
 
 impl Lab {
@@ -135,6 +140,7 @@ impl Lab {
             extra: Vec::new(),
             scratch: None,
             children: Vec::new(),
+            on_panic: None,
         };
         for i in 1..=n {
             let ns = format!("{prefix}-h{i}");
@@ -243,7 +249,52 @@ impl Lab {
             detail: e.to_string(),
         })?;
         self.scratch = Some(dir.clone());
+        self.note_for_panic();
         Ok(dir)
+    }
+
+    /// Has a panic hook remove this lab (stop its processes, delete its namespaces and scratch
+    /// directory) should the program panic while the lab lives: a build that aborts on a panic
+    /// never drops it. For `linen bench` and `linen demo`; tests unwind and need no hook. Only
+    /// labs that asked are removed, whichever thread panics.
+    pub fn remove_on_panic(&mut self) {
+        static HOOK: Once = Once::new();
+        HOOK.call_once(|| {
+            let previous = std::panic::take_hook();
+            std::panic::set_hook(Box::new(move |info| {
+                previous(info);
+                remove_labs_on_panic();
+            }));
+        });
+        if self.on_panic.is_none() {
+            static IDS: AtomicU64 = AtomicU64::new(0);
+            self.on_panic = Some(IDS.fetch_add(1, Ordering::Relaxed));
+        }
+        self.note_for_panic();
+    }
+
+    /// Brings this lab's entry in [`ON_PANIC`] up to date, if it has one (after every change to
+    /// what it owns).
+    fn note_for_panic(&self) {
+        let Some(id) = self.on_panic else { return };
+        let entry = Leftovers {
+            id,
+            pids: self.children.iter().map(|(_, c)| c.id()).collect(),
+            namespaces: self.namespaces().cloned().collect(),
+            scratch: self.scratch.clone(),
+        };
+        let mut labs = ON_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+        labs.retain(|l| l.id != id);
+        labs.push(entry);
+    }
+
+    /// Every namespace of the lab: hosts, switch, outside.
+    fn namespaces(&self) -> impl Iterator<Item = &String> {
+        self.hosts
+            .iter()
+            .map(|h| &h.ns)
+            .chain(&self.switch)
+            .chain(&self.extra)
     }
 
     /// Adds an "outside" host (a namespace outside the underlay, like a machine on the
@@ -255,6 +306,7 @@ impl Lab {
         let ns = format!("{}-out", self.prefix);
         run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
         self.extra.push(ns.clone());
+        self.note_for_panic();
         let gw = self.hosts[gateway].clone();
         veth(("out0", &gw.ns), ("eth0", &ns))?;
         let outside = Host {
@@ -284,6 +336,7 @@ impl Lab {
         })?;
         let pid = child.id();
         self.children.push((label.to_owned(), child));
+        self.note_for_panic();
         Ok(pid)
     }
 
@@ -292,6 +345,8 @@ impl Lab {
     pub fn stop(&mut self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
         let idx = self.children.iter().position(|(_, c)| c.id() == pid)?;
         let (_, mut child) = self.children.remove(idx);
+        // Out of the panic entry before it is reaped: a reaped PID may be another process's.
+        self.note_for_panic();
         terminate(&mut child, timeout)
     }
 
@@ -318,19 +373,86 @@ fn veth(a: (&str, &str), b: (&str, &str)) -> Result<()> {
 
 impl Drop for Lab {
     fn drop(&mut self) {
+        if let Some(id) = self.on_panic {
+            // Out of the panic entry before the children are reaped (see `stop`). A panic hook
+            // that is removing the lab right now holds the lock: this waits for it, and then
+            // finds the namespaces gone.
+            let mut labs = ON_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+            labs.retain(|l| l.id != id);
+        }
         for (_, mut child) in self.children.drain(..) {
             terminate(&mut child, Duration::from_secs(3));
         }
-        for host in &self.hosts {
-            let _ = output_quiet(Command::new("ip").args(["netns", "del", &host.ns]));
-        }
-        for ns in self.switch.iter().chain(&self.extra) {
+        for ns in self.namespaces() {
             let _ = output_quiet(Command::new("ip").args(["netns", "del", ns]));
         }
         if let Some(dir) = &self.scratch {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
+}
+
+/// What the panic hook removes of one lab that asked for it ([`Lab::remove_on_panic`]).
+struct Leftovers {
+    id: u64,
+    /// Children not reaped yet: their PIDs cannot have been reused.
+    pids: Vec<u32>,
+    namespaces: Vec<String>,
+    scratch: Option<PathBuf>,
+}
+
+/// The labs to remove on a panic.
+static ON_PANIC: Mutex<Vec<Leftovers>> = Mutex::new(Vec::new());
+
+/// The panic hook's work: stops the processes of every lab that asked (SIGTERM, SIGKILL after
+/// 3 s, as on drop; a daemon that stops in order removes what it set up in its namespace),
+/// then deletes their namespaces and scratch directories. A lab that is dropped meanwhile waits
+/// for this to finish.
+fn remove_labs_on_panic() {
+    // Nothing that holds the lock can panic (it pushes and retains entries built beforehand),
+    // so this thread does not hold it, and the wait is for another thread's few pushes.
+    let labs = ON_PANIC.lock().unwrap_or_else(|e| e.into_inner());
+    if labs.is_empty() {
+        return;
+    }
+    let _ = writeln!(
+        io::stderr(),
+        "removing the namespaces and processes of this run after the panic…"
+    );
+    let pids: Vec<String> = labs
+        .iter()
+        .flat_map(|l| &l.pids)
+        .map(u32::to_string)
+        .collect();
+    if !pids.is_empty() {
+        let _ = output_quiet(Command::new("kill").arg("-TERM").args(&pids));
+        let deadline = Instant::now() + Duration::from_secs(3);
+        while pids.iter().any(|p| running(p)) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let left: Vec<&String> = pids.iter().filter(|p| running(p)).collect();
+        if !left.is_empty() {
+            let _ = output_quiet(Command::new("kill").arg("-KILL").args(left));
+        }
+    }
+    for lab in labs.iter() {
+        for ns in &lab.namespaces {
+            let _ = output_quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        if let Some(dir) = &lab.scratch {
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Whether the process `pid` (a child not reaped yet) still runs: it exists and is no zombie.
+fn running(pid: &str) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        // "pid (comm) S …": the state follows the last ')' (comm may hold one).
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().next())
+            .is_some_and(|state| state != "Z" && state != "X")
+    })
 }
 
 fn terminate(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
