@@ -135,7 +135,8 @@ pub struct RunArgs {
     /// Registry location.
     #[command(flatten)]
     pub registry: RegistryArgs,
-    /// Underlay interface, by name or by one of its addresses. Repeatable (or comma-separated),
+    /// Underlay interface, by name (an alternative name counts, as in `ip link`) or by one of
+    /// its addresses. Repeatable (or comma-separated),
     /// as flannel's `-iface`: the first that exists on this host wins, so one unit file can
     /// serve hosts whose interfaces are named differently. Default: the interface holding
     /// --public-ip (or --public-ipv6; not lo), else the default route's (IPv4, else IPv6),
@@ -144,8 +145,8 @@ pub struct RunArgs {
     pub iface: Vec<String>,
     /// Underlay interface by pattern, as flannel's `-iface-regex`: each pattern (repeatable, not
     /// comma-separated) is matched, unanchored, against every interface's addresses and then
-    /// against the names; the first that matches wins, and a matched address is advertised.
-    /// Checked after --iface.
+    /// against the names (not the alternative names, as flannel); the first that matches wins,
+    /// and a matched address is advertised. Checked after --iface.
     #[arg(long, env = "LINEN_IFACE_REGEX", value_name = "REGEX", value_parser = parse_regex)]
     pub iface_regex: Vec<regex_lite::Regex>,
     /// Underlay interface: the one the route to this address leaves through, advertising the

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
-use netlink_packet_route::link::{LinkAttribute, LinkFlags};
+use netlink_packet_route::link::{LinkAttribute, LinkFlags, Prop};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
@@ -34,6 +34,9 @@ pub struct Underlay {
 
 struct Link {
     name: String,
+    /// Its alternative names (`ip link property add … altname`; systemd gives interfaces their
+    /// path-based names this way), which `--iface NAME` matches too, as `ip link` does.
+    altnames: Vec<String>,
     index: u32,
     /// Administratively up.
     up: bool,
@@ -108,11 +111,18 @@ async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
             Err(e) => return Err(e).context("netlink: listing links"),
         };
         let mut ifname = String::new();
+        let mut altnames = Vec::new();
         let mut mtu = 1500;
         let mut gso_max_segs = None;
         for attr in msg.attributes {
             match attr {
                 LinkAttribute::IfName(n) => ifname = n,
+                LinkAttribute::PropList(props) => {
+                    altnames.extend(props.into_iter().filter_map(|p| match p {
+                        Prop::AltIfName(n) => Some(n),
+                        _ => None,
+                    }));
+                }
                 LinkAttribute::Mtu(m) => mtu = m,
                 LinkAttribute::GsoMaxSegs(n) => gso_max_segs = Some(n),
                 _ => {}
@@ -120,6 +130,7 @@ async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
         }
         out.push(Link {
             name: ifname,
+            altnames,
             index: msg.header.index,
             up: msg.header.flags.contains(LinkFlags::Up),
             mtu,
@@ -428,8 +439,10 @@ fn first_v6(link: &Link) -> Option<Ipv6Addr> {
         .or_else(|| global().next())
 }
 
-/// `--iface` values in order, then `--iface-regex` patterns in order (each against all
-/// addresses, then all names).
+/// `--iface` values in order (an address, or a name: the interface's or one of its alternative
+/// names, as `ip link` takes them), then `--iface-regex` patterns in order (each against all
+/// addresses, then all names; alternative names are left to `--iface`, as flannel, which knows
+/// none, matches patterns against the names it has).
 fn pick_by_name_or_regex<'a>(links: &'a [Link], choice: &InterfaceChoice) -> Option<Picked<'a>> {
     let usable = || links.iter().filter(|l| has_advertisable(l));
     let by_iface = choice
@@ -440,7 +453,9 @@ fn pick_by_name_or_regex<'a>(links: &'a [Link], choice: &InterfaceChoice) -> Opt
                 .iter()
                 .find(|l| l.addrs.contains(&ip))
                 .map(|l| (l, Some(ip))),
-            Err(_) => usable().find(|l| l.name == *want).map(|l| (l, None)),
+            Err(_) => usable()
+                .find(|l| l.name == *want || l.altnames.contains(want))
+                .map(|l| (l, None)),
         });
     by_iface.or_else(|| {
         choice.regex.iter().find_map(|re| {
@@ -490,13 +505,15 @@ async fn route_to(handle: &Handle, ip: IpAddr) -> Result<Option<(u32, Option<IpA
     }))
 }
 
-/// `eth0 [198.18.0.1, fd00::1], lo [127.0.0.1]`, for errors about the interface choice.
+/// `eth0 altname enp0s3 [198.18.0.1, fd00::1], lo [127.0.0.1]`, for errors about the interface
+/// choice.
 fn names_and_addresses<'a>(links: impl IntoIterator<Item = &'a Link>) -> String {
     links
         .into_iter()
         .map(|l| {
             let addrs: Vec<String> = l.addrs.iter().map(IpAddr::to_string).collect();
-            format!("{} [{}]", l.name, addrs.join(", "))
+            let alt: String = l.altnames.iter().map(|a| format!(" altname {a}")).collect();
+            format!("{}{alt} [{}]", l.name, addrs.join(", "))
         })
         .collect::<Vec<_>>()
         .join(", ")
@@ -852,6 +869,7 @@ mod test {
         let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
         let link = Link {
             name: "eth0".into(),
+            altnames: Vec::new(),
             index: 2,
             up: true,
             mtu: 1500,
