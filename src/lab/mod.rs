@@ -3,8 +3,9 @@
 //!
 //! Every namespace and process a [`Lab`] creates is removed when it is dropped (also when a test
 //! panics), and only those: processes are stopped by the PIDs it started. A program built to
-//! abort on a panic drops nothing; a lab that [`Lab::remove_on_panic`] is then removed by a
-//! panic hook instead (`linen bench`, `linen demo`). Addresses come from
+//! abort on a panic drops nothing; the processes and namespaces of a lab that
+//! [`Lab::remove_on_panic`] are then removed by a panic hook instead (`linen bench`, `linen
+//! demo`), which keeps its scratch directory for a look. Addresses come from
 //! the benchmarking ranges only: underlay `198.18.0.0/16` and `fd00:18::/64`, overlays use
 //! `198.19.0.0/16` and `fd00:19::/48`. Namespaces get no default route.
 //!
@@ -249,14 +250,15 @@ impl Lab {
             detail: e.to_string(),
         })?;
         self.scratch = Some(dir.clone());
-        self.note_for_panic();
+        self.with_panic_entry(|e| e.scratch = Some(dir.clone()));
         Ok(dir)
     }
 
-    /// Has a panic hook remove this lab (stop its processes, delete its namespaces and scratch
-    /// directory) should the program panic while the lab lives: a build that aborts on a panic
-    /// never drops it. For `linen bench` and `linen demo`; tests unwind and need no hook. Only
-    /// labs that asked are removed, whichever thread panics.
+    /// Has a panic hook remove this lab (stop its processes, delete its namespaces; its scratch
+    /// directory is kept, with the daemons' logs, and named on stderr) should the program panic
+    /// while the lab lives: a build that aborts on a panic never drops it. For `linen bench` and
+    /// `linen demo`; tests unwind and need no hook. Only labs that asked are removed, whichever
+    /// thread panics; afterwards such a lab starts no more processes.
     pub fn remove_on_panic(&mut self) {
         static HOOK: Once = Once::new();
         HOOK.call_once(|| {
@@ -266,26 +268,29 @@ impl Lab {
                 remove_labs_on_panic();
             }));
         });
-        if self.on_panic.is_none() {
-            static IDS: AtomicU64 = AtomicU64::new(0);
-            self.on_panic = Some(IDS.fetch_add(1, Ordering::Relaxed));
+        if self.on_panic.is_some() {
+            return;
         }
-        self.note_for_panic();
-    }
-
-    /// Brings this lab's entry in [`ON_PANIC`] up to date, if it has one (after every change to
-    /// what it owns).
-    fn note_for_panic(&self) {
-        let Some(id) = self.on_panic else { return };
+        static IDS: AtomicU64 = AtomicU64::new(0);
+        let id = IDS.fetch_add(1, Ordering::Relaxed);
+        self.on_panic = Some(id);
         let entry = Leftovers {
             id,
             pids: self.children.iter().map(|(_, c)| c.id()).collect(),
             namespaces: self.namespaces().cloned().collect(),
             scratch: self.scratch.clone(),
+            removed: false,
         };
-        let mut labs = ON_PANIC.lock().unwrap_or_else(|e| e.into_inner());
-        labs.retain(|l| l.id != id);
-        labs.push(entry);
+        panic_list().push(entry);
+    }
+
+    /// Changes this lab's entry in [`ON_PANIC`], if it has one.
+    fn with_panic_entry(&self, f: impl FnOnce(&mut Leftovers)) {
+        if let Some(id) = self.on_panic
+            && let Some(entry) = panic_list().iter_mut().find(|l| l.id == id)
+        {
+            f(entry);
+        }
     }
 
     /// Every namespace of the lab: hosts, switch, outside.
@@ -304,9 +309,11 @@ impl Lab {
     /// whose source lies in 198.18.1.0/24 (e.g. masqueraded by the gateway). Removed on drop.
     pub fn add_outside(&mut self, gateway: usize) -> Result<Host> {
         let ns = format!("{}-out", self.prefix);
+        // Recorded first: a panic right after the namespace is made still finds it (deleting
+        // one that was never made fails harmlessly).
+        self.with_panic_entry(|e| e.namespaces.push(ns.clone()));
         run_ok(Command::new("ip").args(["netns", "add", &ns]))?;
         self.extra.push(ns.clone());
-        self.note_for_panic();
         let gw = self.hosts[gateway].clone();
         veth(("out0", &gw.ns), ("eth0", &ns))?;
         let outside = Host {
@@ -330,13 +337,28 @@ impl Lab {
     /// Starts a long-running program in a host's namespace; it is killed when the lab drops
     /// (or by [`Lab::stop`]). Returns a handle number.
     pub fn spawn(&mut self, mut cmd: Command, label: &str) -> Result<u32> {
+        // A lab removed on a panic starts the child and records it under the lock, so that the
+        // hook either sees the child or has run before, and then nothing is started.
+        let mut labs = self.on_panic.map(|_| panic_list());
+        let entry = labs
+            .as_mut()
+            .and_then(|l| l.iter_mut().find(|e| Some(e.id) == self.on_panic));
+        if entry.as_ref().is_some_and(|e| e.removed) {
+            return Err(LabError {
+                command: format!("{cmd:?}"),
+                detail: "not started: the lab was removed after a panic".to_owned(),
+            });
+        }
         let child = cmd.spawn().map_err(|e| LabError {
             command: format!("{cmd:?}"),
             detail: e.to_string(),
         })?;
         let pid = child.id();
+        if let Some(entry) = entry {
+            entry.pids.push(pid);
+        }
+        drop(labs);
         self.children.push((label.to_owned(), child));
-        self.note_for_panic();
         Ok(pid)
     }
 
@@ -345,17 +367,14 @@ impl Lab {
     pub fn stop(&mut self, pid: u32, timeout: Duration) -> Option<std::process::ExitStatus> {
         let idx = self.children.iter().position(|(_, c)| c.id() == pid)?;
         let (_, mut child) = self.children.remove(idx);
-        // Out of the panic entry before it is reaped: a reaped PID may be another process's.
-        self.note_for_panic();
-        terminate(&mut child, timeout)
+        let id = self.on_panic;
+        terminate(&mut child, timeout, || forget_pid(id, pid))
     }
 
-    /// Whether a process started by [`Lab::spawn`] is still running.
-    pub fn is_running(&mut self, pid: u32) -> bool {
-        self.children
-            .iter_mut()
-            .find(|(_, c)| c.id() == pid)
-            .is_some_and(|(_, c)| matches!(c.try_wait(), Ok(None)))
+    /// Whether a process started by [`Lab::spawn`] is still running. Looks in /proc and does
+    /// not reap it: a child is reaped only when the lab stops it (see [`terminate`]).
+    pub fn is_running(&self, pid: u32) -> bool {
+        self.children.iter().any(|(_, c)| c.id() == pid) && running(&pid.to_string())
     }
 }
 
@@ -373,18 +392,18 @@ fn veth(a: (&str, &str), b: (&str, &str)) -> Result<()> {
 
 impl Drop for Lab {
     fn drop(&mut self) {
-        if let Some(id) = self.on_panic {
-            // Out of the panic entry before the children are reaped (see `stop`). A panic hook
-            // that is removing the lab right now holds the lock: this waits for it, and then
-            // finds the namespaces gone.
-            let mut labs = ON_PANIC.lock().unwrap_or_else(|e| e.into_inner());
-            labs.retain(|l| l.id != id);
-        }
+        // Each child leaves the panic entry only as it is reaped, and the namespaces only once
+        // deleted: a panic on another thread meanwhile still removes what is left.
+        let id = self.on_panic;
         for (_, mut child) in self.children.drain(..) {
-            terminate(&mut child, Duration::from_secs(3));
+            let pid = child.id();
+            terminate(&mut child, Duration::from_secs(3), || forget_pid(id, pid));
         }
         for ns in self.namespaces() {
             let _ = output_quiet(Command::new("ip").args(["netns", "del", ns]));
+        }
+        if let Some(id) = id {
+            panic_list().retain(|l| l.id != id);
         }
         if let Some(dir) = &self.scratch {
             let _ = std::fs::remove_dir_all(dir);
@@ -395,31 +414,51 @@ impl Drop for Lab {
 /// What the panic hook removes of one lab that asked for it ([`Lab::remove_on_panic`]).
 struct Leftovers {
     id: u64,
-    /// Children not reaped yet: their PIDs cannot have been reused.
+    /// Its children, none reaped yet (a child leaves before it is reaped): their PIDs cannot
+    /// have been reused.
     pids: Vec<u32>,
     namespaces: Vec<String>,
+    /// Kept on a panic, and named.
     scratch: Option<PathBuf>,
+    /// The hook has removed the lab: it starts nothing more.
+    removed: bool,
 }
 
 /// The labs to remove on a panic.
 static ON_PANIC: Mutex<Vec<Leftovers>> = Mutex::new(Vec::new());
 
+/// [`ON_PANIC`], locked. Nothing that holds the lock can panic (entries are built before, and
+/// changed by pushes and retains), so a poisoned lock is taken over, and the panic hook never
+/// waits for its own thread.
+fn panic_list() -> std::sync::MutexGuard<'static, Vec<Leftovers>> {
+    ON_PANIC.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// Takes a child out of its lab's panic entry (before it is reaped).
+fn forget_pid(lab: Option<u64>, pid: u32) {
+    if let Some(id) = lab
+        && let Some(entry) = panic_list().iter_mut().find(|l| l.id == id)
+    {
+        entry.pids.retain(|p| *p != pid);
+    }
+}
+
 /// The panic hook's work: stops the processes of every lab that asked (SIGTERM, SIGKILL after
 /// 3 s, as on drop; a daemon that stops in order removes what it set up in its namespace),
-/// then deletes their namespaces and scratch directories. A lab that is dropped meanwhile waits
-/// for this to finish.
+/// then deletes their namespaces. Their scratch directories stay, with the daemons' logs, the
+/// evidence of what went wrong; stderr names them. Each lab is removed once, and starts nothing
+/// afterwards. A lab dropped meanwhile on another thread waits for this to finish.
 fn remove_labs_on_panic() {
-    // Nothing that holds the lock can panic (it pushes and retains entries built beforehand),
-    // so this thread does not hold it, and the wait is for another thread's few pushes.
-    let labs = ON_PANIC.lock().unwrap_or_else(|e| e.into_inner());
-    if labs.is_empty() {
+    let mut labs = panic_list();
+    let pending: Vec<&mut Leftovers> = labs.iter_mut().filter(|l| !l.removed).collect();
+    if pending.is_empty() {
         return;
     }
     let _ = writeln!(
         io::stderr(),
         "removing the namespaces and processes of this run after the panic…"
     );
-    let pids: Vec<String> = labs
+    let pids: Vec<String> = pending
         .iter()
         .flat_map(|l| &l.pids)
         .map(u32::to_string)
@@ -435,13 +474,20 @@ fn remove_labs_on_panic() {
             let _ = output_quiet(Command::new("kill").arg("-KILL").args(left));
         }
     }
-    for lab in labs.iter() {
-        for ns in &lab.namespaces {
-            let _ = output_quiet(Command::new("ip").args(["netns", "del", ns]));
+    for lab in pending {
+        for ns in lab.namespaces.drain(..) {
+            let _ = output_quiet(Command::new("ip").args(["netns", "del", &ns]));
         }
         if let Some(dir) = &lab.scratch {
-            let _ = std::fs::remove_dir_all(dir);
+            let _ = writeln!(
+                io::stderr(),
+                "kept this run's files (the daemons' logs among them) in {}; remove it when done",
+                dir.display()
+            );
         }
+        // Not reaped: still this process's children, so their PIDs stay theirs.
+        lab.pids.clear();
+        lab.removed = true;
     }
 }
 
@@ -455,20 +501,27 @@ fn running(pid: &str) -> bool {
     })
 }
 
-fn terminate(child: &mut Child, timeout: Duration) -> Option<std::process::ExitStatus> {
-    if let Ok(Some(status)) = child.try_wait() {
-        return Some(status);
-    }
-    // SIGTERM by PID through kill(1): we only ever signal processes we started.
-    let _ = output_quiet(Command::new("kill").args(["-TERM", &child.id().to_string()]));
-    let deadline = Instant::now() + timeout;
-    while Instant::now() < deadline {
-        if let Ok(Some(status)) = child.try_wait() {
-            return Some(status);
+/// Stops a child of the lab: SIGTERM, then SIGKILL after `timeout`; then `forget` (which takes
+/// it out of the panic entry) and only then reaps it, since a reaped PID may be reused. Watches
+/// it through /proc, which does not reap. Children are reaped only here.
+fn terminate(
+    child: &mut Child,
+    timeout: Duration,
+    forget: impl FnOnce(),
+) -> Option<std::process::ExitStatus> {
+    let pid = child.id().to_string();
+    if running(&pid) {
+        // SIGTERM by PID through kill(1): we only ever signal processes we started.
+        let _ = output_quiet(Command::new("kill").args(["-TERM", &pid]));
+        let deadline = Instant::now() + timeout;
+        while running(&pid) && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
         }
-        std::thread::sleep(Duration::from_millis(20));
+        if running(&pid) {
+            let _ = child.kill();
+        }
     }
-    let _ = child.kill();
+    forget();
     child.wait().ok()
 }
 
