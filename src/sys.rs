@@ -1,5 +1,6 @@
-//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, and
-//! one signal to a process group (the daemon's iptables commands). Each block carries a
+//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, one
+//! signal to a process group (the daemon's iptables commands), and a look at a child's exit
+//! that does not reap it (the test lab). Each block carries a
 //! `// SAFETY:` comment.
 
 #![allow(unsafe_code)]
@@ -195,9 +196,54 @@ pub fn kill_process_group(pgid: u32) -> std::io::Result<()> {
     }
 }
 
+/// Whether this process's child `pid` has exited, without reaping it (`waitid` with
+/// `WNOWAIT`): an unreaped child keeps its PID, so the caller may still signal it. Exact where
+/// /proc's state is not: a process whose main thread ended while other threads run shows as a
+/// zombie there. Fails with ECHILD for a PID that is not an unreaped child of this process.
+pub fn child_has_exited(pid: u32) -> std::io::Result<bool> {
+    let id = libc::id_t::try_from(pid)
+        .ok()
+        .filter(|&p| p > 0)
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::InvalidInput))?;
+    let mut info = std::mem::MaybeUninit::<libc::siginfo_t>::zeroed();
+    let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+    // SAFETY: `info` is valid, writable memory of the size waitid(2) writes; P_PID with a
+    // positive id names one process, and WNOWAIT leaves it unreaped.
+    if unsafe { libc::waitid(libc::P_PID, id, info.as_mut_ptr(), flags) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: zeroed, then filled by a successful waitid; with WNOHANG and no exited child the
+    // kernel leaves si_pid 0, which `si_pid` reads from the union's child fields.
+    Ok(unsafe { info.assume_init().si_pid() } != 0)
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn a_child_s_exit_is_seen_without_reaping_it() {
+        let mut child = std::process::Command::new("sleep")
+            .arg("30")
+            .spawn()
+            .unwrap();
+        let pid = child.id();
+        assert!(!child_has_exited(pid).unwrap());
+        child.kill().unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !child_has_exited(pid).unwrap() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the killed child never exited"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        // Still there to reap, and then no child of ours any more.
+        assert!(child_has_exited(pid).unwrap());
+        assert!(!child.wait().unwrap().success());
+        let gone = child_has_exited(pid).unwrap_err();
+        assert_eq!(gone.raw_os_error(), Some(libc::ECHILD), "{gone}");
+    }
 
     /// Loopback's MTU is the path MTU to any loopback address (IPv4 caps it at 65535), an
     /// IPv4-mapped one included (asked over IPv4), with or without a source. No root.

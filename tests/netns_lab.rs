@@ -138,7 +138,12 @@ fn a_panic_removes_the_labs_that_asked_and_no_other() {
     // Dropping a lab the hook removed reaps its children and removes its files, and fails on
     // nothing.
     drop(asked);
-    assert_eq!(state(pid), None, "the drop did not reap its child");
+    // Reaped: gone (or, rarely, the PID already another process's, which is no zombie).
+    assert_ne!(
+        state(pid).as_deref(),
+        Some("Z"),
+        "the drop did not reap its child"
+    );
     assert!(!dir.exists());
     let prefix = other.prefix().to_owned();
     drop(other);

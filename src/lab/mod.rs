@@ -1,12 +1,13 @@
 //! Test hosts on one machine: network namespaces joined by veth, for the namespace tests,
-//! `linen bench` and `linen demo`. Needs root. Imports nothing else of linen.
+//! `linen bench` and `linen demo`. Needs root. Imports nothing else of linen but [`crate::sys`]
+//! (one system call).
 //!
 //! Every namespace and process a [`Lab`] creates is removed when it is dropped (also when a test
 //! panics), and only those: processes are stopped by the PIDs it started. A program built to
 //! abort on a panic drops nothing; the processes and namespaces of a lab that
 //! [`Lab::remove_on_panic`] are then removed by a panic hook instead (`linen bench`, `linen
-//! demo`), which keeps its scratch directory for a look. Addresses come from
-//! the benchmarking ranges only: underlay `198.18.0.0/16` and `fd00:18::/64`, overlays use
+//! demo`), which keeps its scratch directory for a look. Addresses come from the benchmarking
+//! ranges only: underlay `198.18.0.0/16` and `fd00:18::/64`, overlays use
 //! `198.19.0.0/16` and `fd00:19::/48`. Namespaces get no default route.
 //!
 //! Host setup here runs `ip`; that is fine for a lab. The daemon itself uses netlink.
@@ -19,6 +20,8 @@ use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Mutex, Once};
 use std::time::{Duration, Instant};
+
+use crate::sys;
 
 /// Whether this process runs as root (namespaces and TUN devices need it).
 pub fn is_root() -> bool {
@@ -371,10 +374,10 @@ impl Lab {
         terminate(&mut child, timeout, || forget_pid(id, pid))
     }
 
-    /// Whether a process started by [`Lab::spawn`] is still running. Looks in /proc and does
-    /// not reap it: a child is reaped only when the lab stops it (see [`terminate`]).
+    /// Whether a process started by [`Lab::spawn`] is still running. Does not reap it: a child
+    /// is reaped only when the lab stops it (see [`terminate`]).
     pub fn is_running(&self, pid: u32) -> bool {
-        self.children.iter().any(|(_, c)| c.id() == pid) && running(&pid.to_string())
+        self.children.iter().any(|(_, c)| c.id() == pid) && running(pid)
     }
 }
 
@@ -427,9 +430,9 @@ struct Leftovers {
 /// The labs to remove on a panic.
 static ON_PANIC: Mutex<Vec<Leftovers>> = Mutex::new(Vec::new());
 
-/// [`ON_PANIC`], locked. Nothing that holds the lock can panic (entries are built before, and
-/// changed by pushes and retains), so a poisoned lock is taken over, and the panic hook never
-/// waits for its own thread.
+/// [`ON_PANIC`], locked; a poisoned lock is taken over (the entries stay whole: they are
+/// changed by pushes and retains). Not for the panic hook, whose thread may hold the lock
+/// ([`Lab::spawn`] holds it across `Command::spawn`, which can panic).
 fn panic_list() -> std::sync::MutexGuard<'static, Vec<Leftovers>> {
     ON_PANIC.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -449,7 +452,26 @@ fn forget_pid(lab: Option<u64>, pid: u32) {
 /// evidence of what went wrong; stderr names them. Each lab is removed once, and starts nothing
 /// afterwards. A lab dropped meanwhile on another thread waits for this to finish.
 fn remove_labs_on_panic() {
-    let mut labs = panic_list();
+    // The panicking thread may hold the lock itself (a panic in `Command::spawn`), where
+    // waiting would hang the program instead of letting it abort: wait 5 s at most.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let mut labs = loop {
+        match ON_PANIC.try_lock() {
+            Ok(labs) => break labs,
+            Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
+            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            Err(std::sync::TryLockError::WouldBlock) => {
+                let _ = writeln!(
+                    io::stderr(),
+                    "could not remove this run's namespaces and processes after the panic \
+                     (`ip netns list`)"
+                );
+                return;
+            }
+        }
+    };
     let pending: Vec<&mut Leftovers> = labs.iter_mut().filter(|l| !l.removed).collect();
     if pending.is_empty() {
         return;
@@ -458,22 +480,23 @@ fn remove_labs_on_panic() {
         io::stderr(),
         "removing the namespaces and processes of this run after the panic…"
     );
-    let pids: Vec<String> = pending
+    let pids: Vec<u32> = pending
         .iter()
-        .flat_map(|l| &l.pids)
-        .map(u32::to_string)
+        .flat_map(|l| l.pids.iter().copied())
         .collect();
-    if !pids.is_empty() {
-        let _ = output_quiet(Command::new("kill").arg("-TERM").args(&pids));
-        let deadline = Instant::now() + Duration::from_secs(3);
-        while pids.iter().any(|p| running(p)) && Instant::now() < deadline {
-            std::thread::sleep(Duration::from_millis(20));
+    let signal = |sig: &str, pids: &[u32]| {
+        if !pids.is_empty() {
+            let pids = pids.iter().map(u32::to_string);
+            let _ = output_quiet(Command::new("kill").arg(sig).args(pids));
         }
-        let left: Vec<&String> = pids.iter().filter(|p| running(p)).collect();
-        if !left.is_empty() {
-            let _ = output_quiet(Command::new("kill").arg("-KILL").args(left));
-        }
+    };
+    signal("-TERM", &pids);
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while pids.iter().any(|&p| running(p)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
     }
+    let left: Vec<u32> = pids.iter().copied().filter(|&p| running(p)).collect();
+    signal("-KILL", &left);
     for lab in pending {
         for ns in lab.namespaces.drain(..) {
             let _ = output_quiet(Command::new("ip").args(["netns", "del", &ns]));
@@ -481,7 +504,7 @@ fn remove_labs_on_panic() {
         if let Some(dir) = &lab.scratch {
             let _ = writeln!(
                 io::stderr(),
-                "kept this run's files (the daemons' logs among them) in {}; remove it when done",
+                "kept this run's files in {}; remove it when done",
                 dir.display()
             );
         }
@@ -491,33 +514,30 @@ fn remove_labs_on_panic() {
     }
 }
 
-/// Whether the process `pid` (a child not reaped yet) still runs: it exists and is no zombie.
-fn running(pid: &str) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        // "pid (comm) S …": the state follows the last ')' (comm may hold one).
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.split_whitespace().next())
-            .is_some_and(|state| state != "Z" && state != "X")
-    })
+/// Whether the child `pid` (not reaped yet) still runs. Asks the kernel without reaping it
+/// ([`sys::child_has_exited`]); a PID that is no unreaped child of ours counts as not running,
+/// so it is never signalled.
+fn running(pid: u32) -> bool {
+    matches!(sys::child_has_exited(pid), Ok(false))
 }
 
 /// Stops a child of the lab: SIGTERM, then SIGKILL after `timeout`; then `forget` (which takes
 /// it out of the panic entry) and only then reaps it, since a reaped PID may be reused. Watches
-/// it through /proc, which does not reap. Children are reaped only here.
+/// it with [`running`], which does not reap. Children are reaped only here.
 fn terminate(
     child: &mut Child,
     timeout: Duration,
     forget: impl FnOnce(),
 ) -> Option<std::process::ExitStatus> {
-    let pid = child.id().to_string();
-    if running(&pid) {
+    let pid = child.id();
+    if running(pid) {
         // SIGTERM by PID through kill(1): we only ever signal processes we started.
-        let _ = output_quiet(Command::new("kill").args(["-TERM", &pid]));
+        let _ = output_quiet(Command::new("kill").args(["-TERM", &pid.to_string()]));
         let deadline = Instant::now() + timeout;
-        while running(&pid) && Instant::now() < deadline {
+        while running(pid) && Instant::now() < deadline {
             std::thread::sleep(Duration::from_millis(20));
         }
-        if running(&pid) {
+        if running(pid) {
             let _ = child.kill();
         }
     }
