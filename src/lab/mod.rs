@@ -258,10 +258,10 @@ impl Lab {
     }
 
     /// Has a panic hook remove this lab (stop its processes, delete its namespaces; its scratch
-    /// directory is kept, with the daemons' logs, and named on stderr) should the program panic
-    /// while the lab lives: a build that aborts on a panic never drops it. For `linen bench` and
-    /// `linen demo`; tests unwind and need no hook. Only labs that asked are removed, whichever
-    /// thread panics; afterwards such a lab starts no more processes.
+    /// directory is kept, with `linen demo`'s daemon logs, and named on stderr) should the
+    /// program panic while the lab lives: a build that aborts on a panic never drops it. For
+    /// `linen bench` and `linen demo`; tests unwind and need no hook. Only labs that asked are
+    /// removed, whichever thread panics; afterwards such a lab starts no more processes.
     pub fn remove_on_panic(&mut self) {
         static HOOK: Once = Once::new();
         HOOK.call_once(|| {
@@ -448,8 +448,8 @@ fn forget_pid(lab: Option<u64>, pid: u32) {
 
 /// The panic hook's work: stops the processes of every lab that asked (SIGTERM, SIGKILL after
 /// 3 s, as on drop; a daemon that stops in order removes what it set up in its namespace),
-/// then deletes their namespaces. Their scratch directories stay, with the daemons' logs, the
-/// evidence of what went wrong; stderr names them. Each lab is removed once, and starts nothing
+/// then deletes their namespaces. Their scratch directories stay (`linen demo` keeps its
+/// daemons' logs there, the evidence of what went wrong); stderr names them. Each lab is removed once, and starts nothing
 /// afterwards. A lab dropped meanwhile on another thread waits for this to finish.
 fn remove_labs_on_panic() {
     // The panicking thread may hold the lock itself (a panic in `Command::spawn`), where
