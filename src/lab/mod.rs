@@ -340,13 +340,9 @@ impl Lab {
     /// Starts a long-running program in a host's namespace; it is killed when the lab drops
     /// (or by [`Lab::stop`]). Returns a handle number.
     pub fn spawn(&mut self, mut cmd: Command, label: &str) -> Result<u32> {
-        // A lab removed on a panic starts the child and records it under the lock, so that the
-        // hook either sees the child or has run before, and then nothing is started.
-        let mut labs = self.on_panic.map(|_| panic_list());
-        let entry = labs
-            .as_mut()
-            .and_then(|l| l.iter_mut().find(|e| Some(e.id) == self.on_panic));
-        if entry.as_ref().is_some_and(|e| e.removed) {
+        let mut removed = false;
+        self.with_panic_entry(|e| removed = e.removed);
+        if removed {
             return Err(LabError {
                 command: format!("{cmd:?}"),
                 detail: "not started: the lab was removed after a panic".to_owned(),
@@ -357,10 +353,8 @@ impl Lab {
             detail: e.to_string(),
         })?;
         let pid = child.id();
-        if let Some(entry) = entry {
-            entry.pids.push(pid);
-        }
-        drop(labs);
+        // Recorded right after the start: only a panic on another thread in between misses it.
+        self.with_panic_entry(|e| e.pids.push(pid));
         self.children.push((label.to_owned(), child));
         Ok(pid)
     }
@@ -430,9 +424,9 @@ struct Leftovers {
 /// The labs to remove on a panic.
 static ON_PANIC: Mutex<Vec<Leftovers>> = Mutex::new(Vec::new());
 
-/// [`ON_PANIC`], locked; a poisoned lock is taken over (the entries stay whole: they are
-/// changed by pushes and retains). Not for the panic hook, whose thread may hold the lock
-/// ([`Lab::spawn`] holds it across `Command::spawn`, which can panic).
+/// [`ON_PANIC`], locked; a poisoned lock is taken over. Nothing that holds the lock can panic
+/// (entries are built before, then changed by pushes, clears and retains), so the panic hook's
+/// thread never holds it already.
 fn panic_list() -> std::sync::MutexGuard<'static, Vec<Leftovers>> {
     ON_PANIC.lock().unwrap_or_else(|e| e.into_inner())
 }
@@ -452,26 +446,7 @@ fn forget_pid(lab: Option<u64>, pid: u32) {
 /// daemons' logs there, the evidence of what went wrong); stderr names them. Each lab is removed once, and starts nothing
 /// afterwards. A lab dropped meanwhile on another thread waits for this to finish.
 fn remove_labs_on_panic() {
-    // The panicking thread may hold the lock itself (a panic in `Command::spawn`), where
-    // waiting would hang the program instead of letting it abort: wait 5 s at most.
-    let deadline = Instant::now() + Duration::from_secs(5);
-    let mut labs = loop {
-        match ON_PANIC.try_lock() {
-            Ok(labs) => break labs,
-            Err(std::sync::TryLockError::Poisoned(e)) => break e.into_inner(),
-            Err(std::sync::TryLockError::WouldBlock) if Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(std::sync::TryLockError::WouldBlock) => {
-                let _ = writeln!(
-                    io::stderr(),
-                    "could not remove this run's namespaces and processes after the panic \
-                     (`ip netns list`)"
-                );
-                return;
-            }
-        }
-    };
+    let mut labs = panic_list();
     let pending: Vec<&mut Leftovers> = labs.iter_mut().filter(|l| !l.removed).collect();
     if pending.is_empty() {
         return;
