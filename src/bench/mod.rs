@@ -670,33 +670,49 @@ fn ping(host: &Host, target: &str) -> Result<(f64, f64)> {
     Ok((avg, p99))
 }
 
+/// The median over the rounds of `a[i] / b[i]`: each round's linen figure against the
+/// baseline measured seconds apart in the same round, so drift between rounds cancels out.
+/// Rounds where either figure is missing or the baseline is 0 are left out; NaN when none is
+/// left.
+fn paired_ratio(a: &[f64], b: &[f64]) -> f64 {
+    median(
+        a.iter()
+            .zip(b)
+            .map(|(&a, &b)| if b == 0.0 { f64::NAN } else { a / b })
+            .collect(),
+    )
+}
+
 fn print_table(all: &[Results]) {
     let get = |name: &str| all.iter().find(|r| r.path == name);
     let (veth, vxlan, linen) = (get("veth"), get("vxlan"), get("linen"));
-    /// A row: its label, the decimals it is printed with, whether the paths without a daemon
-    /// have it at all (peak RSS is the daemon's), and how it is read from a path's results.
-    type Metric = (&'static str, usize, bool, fn(&Results) -> f64);
+    /// A row: its label, the decimals it is printed with, how it is read from a path's
+    /// results, and its rounds (peak RSS has none: it is the daemon's, over the whole run).
+    type Metric = (
+        &'static str,
+        usize,
+        fn(&Results) -> f64,
+        Option<fn(&Samples) -> &[f64]>,
+    );
+    #[rustfmt::skip]
     let metrics: [Metric; 10] = [
-        ("TCP 1 stream (Gbit/s)", 2, true, |r| r.tcp1_gbps),
-        ("TCP 1 stream retransmits", 0, true, |r| r.tcp1_retransmits),
-        ("TCP 4 streams (Gbit/s)", 2, true, |r| r.tcp4_gbps),
-        ("TCP 4 streams retransmits", 0, true, |r| r.tcp4_retransmits),
-        ("UDP 64 B, <5 % loss (kpps received)", 2, true, |r| {
-            r.udp64_pps / 1000.0
-        }),
-        ("UDP 64 B loss at that rate (%)", 2, true, |r| {
-            r.udp64_loss_pct
-        }),
-        ("ping avg (µs)", 2, true, |r| r.ping_avg_us),
-        ("ping p99 (µs)", 0, true, |r| r.ping_p99_us),
-        ("CPU-s per GB (TCP 1)", 2, true, |r| r.cpu_s_per_gb),
-        ("peak RSS of one daemon (MiB)", 2, false, |r| r.peak_rss_mib),
+        ("TCP 1 stream (Gbit/s)", 2, |r| r.tcp1_gbps, Some(|s| &s.tcp1)),
+        ("TCP 1 stream retransmits", 0, |r| r.tcp1_retransmits, Some(|s| &s.retr)),
+        ("TCP 4 streams (Gbit/s)", 2, |r| r.tcp4_gbps, Some(|s| &s.tcp4)),
+        ("TCP 4 streams retransmits", 0, |r| r.tcp4_retransmits, Some(|s| &s.retr4)),
+        ("UDP 64 B, <5 % loss (kpps received)", 2, |r| r.udp64_pps / 1000.0, Some(|s| &s.pps)),
+        ("UDP 64 B loss at that rate (%)", 2, |r| r.udp64_loss_pct, Some(|s| &s.loss)),
+        ("ping avg (µs)", 2, |r| r.ping_avg_us, Some(|s| &s.avg)),
+        ("ping p99 (µs)", 0, |r| r.ping_p99_us, Some(|s| &s.p99)),
+        ("CPU-s per GB (TCP 1)", 2, |r| r.cpu_s_per_gb, Some(|s| &s.cpu)),
+        ("peak RSS of one daemon (MiB)", 2, |r| r.peak_rss_mib, None),
     ];
     sayln!(
-        "| metric | veth | vxlan | linen | linen/veth | linen/vxlan |\n|---|---:|---:|---:|---:|---:|"
+        "| metric | veth | vxlan | linen | linen/veth | linen/vxlan | linen/vxlan per round |\n\
+         |---|---:|---:|---:|---:|---:|---:|"
     );
-    for (label, decimals, baselines_have_it, f) in metrics {
-        let shown = |r: &&Results| baselines_have_it || r.path == "linen";
+    for (label, decimals, f, rounds) in metrics {
+        let shown = |r: &&Results| rounds.is_some() || r.path == "linen";
         let (veth, vxlan, linen) = (veth.filter(shown), vxlan.filter(shown), linen.filter(shown));
         let cell = |r: Option<&Results>| {
             r.map(|r| format!("{:.*}", decimals, f(r)))
@@ -706,8 +722,19 @@ fn print_table(all: &[Results]) {
             (Some(a), Some(b)) if f(b) != 0.0 => format!("{:.2}", f(a) / f(b)),
             _ => String::new(),
         };
+        let paired = match (linen, vxlan, rounds) {
+            (Some(a), Some(b), Some(rounds)) => {
+                let r = paired_ratio(rounds(&a.rounds), rounds(&b.rounds));
+                if r.is_nan() {
+                    String::new()
+                } else {
+                    format!("{r:.2}")
+                }
+            }
+            _ => String::new(),
+        };
         sayln!(
-            "| {label} | {} | {} | {} | {} | {} |",
+            "| {label} | {} | {} | {} | {} | {} | {paired} |",
             cell(veth),
             cell(vxlan),
             cell(linen),
@@ -800,6 +827,19 @@ mod tests {
             json["rounds"]["cpu_s_per_gb"],
             serde_json::json!([1.5, null, 1.25])
         );
+    }
+
+    #[test]
+    fn a_paired_ratio_is_the_median_of_each_rounds_ratio() {
+        // Ratios 0.5, 4.0 and 1.0 per round: their median, not 3/2 of the medians.
+        assert_eq!(paired_ratio(&[1.0, 8.0, 3.0], &[2.0, 2.0, 3.0]), 1.0);
+        // A round missing on either side, or with a zero baseline, is left out.
+        assert_eq!(
+            paired_ratio(&[f64::NAN, 6.0, 1.0, 9.0], &[1.0, 2.0, 0.0, f64::NAN]),
+            3.0
+        );
+        assert!(paired_ratio(&[1.0], &[0.0]).is_nan());
+        assert!(paired_ratio(&[], &[]).is_nan());
     }
 
     #[test]
