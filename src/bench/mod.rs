@@ -3,6 +3,7 @@
 //! and 4 streams (iperf3), the 64-byte UDP packet rate and loss, ping average and p99, and
 //! CPU-seconds per GB. Prints medians and ratios; on a shared machine the ratios are what count.
 
+mod counters;
 pub mod interrupt;
 
 use std::path::{Path, PathBuf};
@@ -378,6 +379,11 @@ pub struct Samples {
     p99: Vec<f64>,
     #[serde(rename = "cpu_s_per_gb")]
     cpu: Vec<f64>,
+    /// The loss and reordering counters that moved during the single-stream run (see
+    /// [`counters`]).
+    tcp1_counters_moved: Vec<counters::Reading>,
+    /// The same for the four-stream run.
+    tcp4_counters_moved: Vec<counters::Reading>,
 }
 
 impl Samples {
@@ -447,6 +453,7 @@ fn measure(
         );
         for &i in &order {
             check()?;
+            let counted = Counted::start(lab);
             let before = cpu_jiffies()?;
             let j = iperf(lab, &paths[i].1, &["-t", &secs])?;
             let after = cpu_jiffies()?;
@@ -460,12 +467,17 @@ fn measure(
             } else {
                 f64::NAN
             });
+            let moved = counted.finish(lab, paths[i].0, "1 stream", retransmits(&j));
+            all[i].tcp1_counters_moved.push(moved);
         }
         for &i in &order {
             check()?;
+            let counted = Counted::start(lab);
             let j = iperf(lab, &paths[i].1, &["-t", &secs, "-P", "4"])?;
             all[i].tcp4.push(received_gbps(&j));
             all[i].retr4.push(retransmits(&j));
+            let moved = counted.finish(lab, paths[i].0, "4 streams", retransmits(&j));
+            all[i].tcp4_counters_moved.push(moved);
         }
         for &i in &order {
             check()?;
@@ -487,6 +499,34 @@ fn measure(
         }
     }
     Ok(all)
+}
+
+/// The kernel's loss and reordering counters of both hosts around one TCP measurement.
+struct Counted(Result<counters::Reading>);
+
+impl Counted {
+    fn start(lab: &Lab) -> Counted {
+        Counted(counters::read(&[lab.host(0), lab.host(1)]))
+    }
+
+    /// The counters that moved since [`Counted::start`]; when the run had retransmits, they
+    /// go to stderr too, as where the segments were lost or whether they were reordered.
+    /// Counters that cannot be read cost the run nothing: the measurement stands, stderr
+    /// says why they are missing.
+    fn finish(self, lab: &Lab, path: &str, run: &str, retransmits: f64) -> counters::Reading {
+        let moved = self
+            .0
+            .and_then(|before| Ok(counters::moved(&before, &Counted::start(lab).0?)));
+        if retransmits > 0.0 {
+            let what = match &moved {
+                Ok(m) if m.is_empty() => "no loss or reordering counter moved".to_owned(),
+                Ok(m) => format!("counters that moved: {}", counters::describe(m)),
+                Err(e) => format!("counters not read: {e:#}"),
+            };
+            esayln!("bench:   {path:<5} TCP {run}: {retransmits} retransmits; {what}");
+        }
+        moved.unwrap_or_default()
+    }
 }
 
 /// The order in which round `run` (from 0) measures `paths` paths: the given order, rotated by
