@@ -142,13 +142,14 @@ async fn main() -> anyhow::Result<()> {
 
     // Initial sync: a new registry lists everything, then the table is built.
     let (own, _) = lease(4095);
+    let attrs = LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 255, 254));
     let mut sync = Vec::new();
     for round in 1..=SYNC_ROUNDS {
         let fresh = EtcdRegistry::connect(&options).await?;
         let t = Instant::now();
         let list = fresh.list_leases().await?;
         let listed = t.elapsed();
-        let snap = snapshot_for(&own, &list.leases, PORT, 1);
+        let snap = snapshot_for(&own, &attrs, &list.leases, PORT, 1);
         let total = t.elapsed();
         assert_eq!(snap.len(), list.leases.len());
         println!(
@@ -163,8 +164,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Propagation: a daemon's control plane and publisher; another handle writes.
     let registry: Arc<dyn Registry> = Arc::new(EtcdRegistry::connect(&options).await?);
-    let attrs = LeaseAttrs::with_public_ip(Ipv4Addr::new(198, 18, 255, 254));
-    let mut manager = LeaseManager::new(registry, config, ManagerOptions::new(attrs));
+    let mut manager = LeaseManager::new(registry, config, ManagerOptions::new(attrs.clone()));
     let own = manager.acquire().await?;
     let mut state = manager.subscribe();
     let cancel = CancellationToken::new();
@@ -179,6 +179,7 @@ async fn main() -> anyhow::Result<()> {
                 if let Some(own) = &current.own {
                     table.publish(snapshot_for(
                         &own.key,
+                        &attrs,
                         &current.peers,
                         PORT,
                         current.generation,

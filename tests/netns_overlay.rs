@@ -616,6 +616,36 @@ fn the_mtu_is_flannels_default_or_the_flag() {
     );
 }
 
+/// A dual-stack overlay between a host without an IPv6 underlay address (its address came up
+/// after the daemon started, or it has none) and a host with both: each sends the other's IPv6
+/// subnet over IPv4, and each takes the other's datagrams as the owner's. Before, host 2 sent
+/// from its IPv4 address and host 1 refused that as spoofed, and host 1 sent to host 2's IPv6
+/// address, which it had no route to.
+#[test]
+fn an_ipv6_overlay_crosses_to_a_host_without_an_ipv6_underlay() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnmix", 2);
+    o.lab
+        .host(0)
+        .ip(&["-6", "addr", "flush", "dev", "eth0"])
+        .unwrap();
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (_, a6) = o.addrs(0);
+    let (_, b6) = o.addrs(1);
+    assert!(o.ping_ok(0, &b6, &["-6"]), "host 1 to host 2 over IPv6");
+    assert!(o.ping_ok(1, &a6, &["-6"]), "host 2 to host 1 over IPv6");
+    for i in 0..2 {
+        let (status, log) = o.stop(i);
+        assert!(status.is_some_and(|s| s.success()), "{log}");
+        for c in ["spoofed_source", "unknown_sender", "send_failed"] {
+            assert_eq!(counter(&log, c), 0, "host {}: {c}\n{log}", i + 1);
+        }
+    }
+}
+
 /// The TUN device has no IPv6 link-local address: the kernel would send router solicitations
 /// and MLD reports from it into the TUN, which no peer can take (an idle daemon counted them
 /// as no_route). Its overlay addresses are all it carries.

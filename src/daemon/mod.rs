@@ -35,15 +35,20 @@ use tokio_util::sync::CancellationToken;
 pub const EXIT_USAGE: i32 = 2;
 
 /// Routes to every peer: each lease's subnets via its public address and the network's port.
-/// An IPv4 subnet goes to the peer's IPv4 address when it has one, else to its IPv6 address;
-/// likewise for IPv6 subnets (the underlay family is independent of the overlay family). An
-/// address no datagram could go to (loopback, multicast, …) is left out.
-pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
+/// A subnet goes to the peer's address of the subnet's own family when this host (`ours`)
+/// advertises an address of that family too, else to the peer's address of the other family
+/// when both advertise one (the underlay family is independent of the overlay family). Both
+/// ends of a pair choose alike, and the sender check on each end compares a datagram's source
+/// with this choice: in a dual-stack overlay, a host without an IPv6 underlay address and a
+/// peer with both exchange their IPv6 subnets' packets over IPv4. A peer that shares no family
+/// with this host, or whose addresses no datagram could go to (loopback, multicast, …), gets
+/// no route (see [`unroutable`]).
+pub fn routes_for(ours: &LeaseAttrs, peers: &[Lease], port: u16) -> Vec<Route> {
     let mut routes = Vec::with_capacity(peers.len() * 2);
     let hop = |ip: IpAddr| usable(ip).then(|| SocketAddr::from((ip, port)));
     for lease in peers {
-        let v4 = lease.attrs.public_ip.and_then(|ip| hop(ip.into()));
-        let v6 = lease.attrs.public_ipv6.and_then(|ip| hop(ip.into()));
+        let (v4, v6) = common_hops(ours, &lease.attrs);
+        let (v4, v6) = (v4.and_then(hop), v6.and_then(hop));
         if let Some(net) = lease.key.ipv4()
             && let Some(hop) = v4.or(v6)
         {
@@ -64,6 +69,18 @@ pub fn routes_for(peers: &[Lease], port: u16) -> Vec<Route> {
     routes
 }
 
+/// The peer's addresses (IPv4, IPv6) of the families this host advertises too.
+fn common_hops(ours: &LeaseAttrs, peer: &LeaseAttrs) -> (Option<IpAddr>, Option<IpAddr>) {
+    (
+        peer.public_ip
+            .filter(|_| ours.public_ip.is_some())
+            .map(IpAddr::from),
+        peer.public_ipv6
+            .filter(|_| ours.public_ipv6.is_some())
+            .map(IpAddr::from),
+    )
+}
+
 /// Whether a datagram could be sent to `ip` as a peer's public address.
 fn usable(ip: IpAddr) -> bool {
     crate::cli::unreachable_reason(ip).is_none()
@@ -80,6 +97,8 @@ fn usable(ip: IpAddr) -> bool {
 ///   lie outside them. A subnet of a family the network does not have is left alone: while
 ///   hosts restart into a config without IPv6, their older dual-stack keys still carry IPv4.
 /// - A lease with no address a datagram could go to has no next hop.
+/// - Nor has a lease whose addresses are all of a family this host does not advertise: the
+///   peer could not tell this host's datagrams from forged ones, nor this host reach it.
 pub fn unroutable(
     config: &NetworkConfig,
     ours: &LeaseAttrs,
@@ -102,7 +121,14 @@ pub fn unroutable(
     }
     let v4 = lease.attrs.public_ip.is_some_and(|ip| usable(ip.into()));
     let v6 = lease.attrs.public_ipv6.is_some_and(|ip| usable(ip.into()));
-    (!v4 && !v6).then_some("it names no public address a datagram could go to")
+    if !v4 && !v6 {
+        return Some("it names no public address a datagram could go to");
+    }
+    let shared = (v4 && ours.public_ip.is_some()) || (v6 && ours.public_ipv6.is_some());
+    (!shared).then_some(
+        "its public addresses are all of a family this host advertises none of; give both \
+         hosts an underlay address of one family (--public-ip, --public-ipv6)",
+    )
 }
 
 /// `peers` split into those routed and those [`unroutable`].
@@ -116,14 +142,21 @@ fn routable(
         .partition(|l| unroutable(config, ours, l).is_none())
 }
 
-/// Builds the snapshot for a lease state.
-pub fn snapshot_for(own: &SubnetKey, peers: &[Lease], port: u16, generation: u64) -> Snapshot {
+/// Builds the snapshot for a lease state: this host's subnets (`own`) and addresses
+/// (`ours`), and its routable peers.
+pub fn snapshot_for(
+    own: &SubnetKey,
+    ours: &LeaseAttrs,
+    peers: &[Lease],
+    port: u16,
+    generation: u64,
+) -> Snapshot {
     Snapshot::build(
         LocalSubnets {
             v4: own.ipv4(),
             v6: own.ipv6(),
         },
-        routes_for(peers, port),
+        routes_for(ours, peers, port),
         generation,
     )
 }
@@ -320,7 +353,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             }
         };
 
-    let table = Table::new(snapshot_for(&own.key, &[], config.backend.port, 0));
+    let table = Table::new(snapshot_for(&own.key, &attrs, &[], config.backend.port, 0));
     // Datagrams leave from the advertised addresses when they are local: peers accept only
     // those (an address behind NAT is left to the kernel, and to --accept-unknown-senders).
     let source = Source::advertised(public_ip, public_ipv6, &host::local_addresses(&nl).await?);
@@ -416,6 +449,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let (peers, _) = routable(&config, &attrs, first.peers);
     table.publish(snapshot_for(
         &own.key,
+        &attrs,
         &peers,
         config.backend.port,
         first.generation,
@@ -542,7 +576,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     }
                     skipped = bad_keys;
                 }
-                let snap = snapshot_for(&table_key, &peers, port, current.generation);
+                let snap = snapshot_for(&table_key, &attrs, &peers, port, current.generation);
                 tracing::debug!(
                     generation = current.generation,
                     peers = snap.len(),
@@ -979,13 +1013,83 @@ mod test {
         );
     }
 
+    /// Attributes with either address or both ("" for none).
+    fn attrs(v4: &str, v6: &str) -> LeaseAttrs {
+        LeaseAttrs {
+            public_ip: (!v4.is_empty()).then(|| v4.parse().unwrap()),
+            public_ipv6: (!v6.is_empty()).then(|| v6.parse().unwrap()),
+            ..LeaseAttrs::default()
+        }
+    }
+
     #[test]
     fn an_unusable_public_address_is_no_next_hop() {
         let mut l = lease("198.19.20.0-24&fd00:19:0:20::-64", "127.0.0.1");
         l.attrs.public_ipv6 = Some("fd00:18::2".parse().unwrap());
-        let routes = routes_for(&[l], 8285);
+        let routes = routes_for(&attrs("198.18.0.1", "fd00:18::1"), &[l], 8285);
         let hop: SocketAddr = "[fd00:18::2]:8285".parse().unwrap();
         assert_eq!(routes.len(), 2, "{routes:?}");
         assert!(routes.iter().all(|r| r.next_hop == hop), "{routes:?}");
+    }
+
+    /// In a dual-stack overlay, a host that advertises only an IPv4 underlay address (its
+    /// IPv6 address came up after the daemon started) and a peer with both send each other's
+    /// IPv6 subnets over IPv4, both ways: each end's sender check then accepts the other's
+    /// datagrams. Before, the dual-stack peer sent from its IPv4 address and was refused as
+    /// spoofed, and the IPv4-only host tried to send to the peer's IPv6 address.
+    #[test]
+    fn two_hosts_carry_each_overlay_family_over_an_underlay_family_both_have() {
+        let a = Lease {
+            attrs: attrs("198.18.0.1", ""),
+            ..lease("198.19.1.0-24&fd00:19:0:1::-64", "198.18.0.1")
+        };
+        let b = Lease {
+            attrs: attrs("198.18.0.2", "fd00:18::2"),
+            ..lease("198.19.2.0-24&fd00:19:0:2::-64", "198.18.0.2")
+        };
+        let at_a = snapshot_for(&a.key, &a.attrs, std::slice::from_ref(&b), 8285, 1);
+        let at_b = snapshot_for(&b.key, &b.attrs, std::slice::from_ref(&a), 8285, 1);
+        let (a6, b6): (IpAddr, IpAddr) = (
+            "fd00:19:0:1::5".parse().unwrap(),
+            "fd00:19:0:2::5".parse().unwrap(),
+        );
+        // Each end sends the other's IPv6 subnet to its IPv4 address…
+        let hop = |snap: &Snapshot, dst| snap.lookup(dst).map(|e| e.next_hop);
+        assert_eq!(hop(&at_a, b6), Some("198.18.0.2:8285".parse().unwrap()));
+        assert_eq!(hop(&at_b, a6), Some("198.18.0.1:8285".parse().unwrap()));
+        // …and takes the other's datagrams from there as the owner's.
+        assert!(at_b.sender_owns("198.18.0.1".parse().unwrap(), a6));
+        assert!(at_a.sender_owns("198.18.0.2".parse().unwrap(), b6));
+        // But not from the IPv6 address, which the pair does not use.
+        assert!(!at_a.sender_owns("fd00:18::2".parse().unwrap(), b6));
+        // Two dual-stack hosts keep each family on its own underlay family.
+        let c = Lease {
+            attrs: attrs("198.18.0.3", "fd00:18::3"),
+            ..lease("198.19.3.0-24&fd00:19:0:3::-64", "198.18.0.3")
+        };
+        let at_c = snapshot_for(&c.key, &c.attrs, std::slice::from_ref(&b), 8285, 1);
+        assert_eq!(hop(&at_c, b6), Some("[fd00:18::2]:8285".parse().unwrap()));
+        assert_eq!(
+            hop(&at_c, "198.19.2.5".parse().unwrap()),
+            Some("198.18.0.2:8285".parse().unwrap())
+        );
+    }
+
+    /// A peer whose addresses are all of a family this host does not advertise gets no route,
+    /// with a reason that says what to do.
+    #[test]
+    fn a_peer_without_an_underlay_family_in_common_is_not_routed() {
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let v6_only = Lease {
+            attrs: attrs("", "fd00:18::2"),
+            ..lease("198.19.2.0-24", "198.18.0.2")
+        };
+        let why = unroutable(&config, &attrs("198.18.0.1", ""), &v6_only).unwrap();
+        assert!(why.contains("--public-ipv6"), "{why}");
+        assert_eq!(
+            unroutable(&config, &attrs("198.18.0.1", "fd00:18::1"), &v6_only),
+            None
+        );
+        assert!(routes_for(&attrs("198.18.0.1", ""), &[v6_only], 8285).is_empty());
     }
 }
