@@ -103,6 +103,17 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             format!("{init} --no-ipv4 --ipv6-network fd00:19::/48 --subnet-len 20"),
             &["--subnet-len", "IPv4", "--network"],
         ),
+        // IPv4 settings of an IPv6-only network would be stored and never used.
+        (
+            format!("{init} --no-ipv4 --ipv6-network fd00:19::/48 --network 198.19.0.0/16"),
+            &["--no-ipv4", "--network"],
+        ),
+        // The etcd flags without endpoints would be ignored, and the directory used.
+        (format!("{run} --etcd-prefix /x"), &["--etcd-endpoints"]),
+        (
+            format!("lease list --registry-dir {reg} --etcd-cafile /etc/ca.pem"),
+            &["--etcd-endpoints"],
+        ),
         (
             format!("lease reserve --registry-dir {reg} garbage --public-ip 198.18.0.9"),
             &["198.19.5.0/24"],

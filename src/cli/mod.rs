@@ -97,34 +97,43 @@ pub struct RegistryArgs {
     /// Directory of the embedded registry (used unless --etcd-endpoints is given).
     #[arg(long, env = "LINEN_REGISTRY_DIR", default_value = "/var/lib/linen")]
     pub registry_dir: PathBuf,
-    /// Comma-separated etcd v3 endpoints (e.g. http://127.0.0.1:2379); selects the etcd registry.
+    /// Comma-separated etcd v3 endpoints (e.g. http://127.0.0.1:2379); selects the etcd
+    /// registry. The other --etcd-* flags need it: linen has no default endpoint (flanneld's
+    /// is http://127.0.0.1:4001,http://127.0.0.1:2379), and without it uses the directory
+    /// registry.
     #[arg(long, env = "LINEN_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix, as flannel's -etcd-prefix.
-    #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
+    #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX, requires = "etcd_endpoints")]
     pub etcd_prefix: String,
     /// CA certificate file for etcd TLS (default: the system trust store, for https:// endpoints).
-    #[arg(long, env = "LINEN_ETCD_CAFILE")]
+    #[arg(long, env = "LINEN_ETCD_CAFILE", requires = "etcd_endpoints")]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate file for etcd TLS.
-    #[arg(long, env = "LINEN_ETCD_CERTFILE")]
+    #[arg(long, env = "LINEN_ETCD_CERTFILE", requires = "etcd_endpoints")]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key file for etcd TLS.
-    #[arg(long, env = "LINEN_ETCD_KEYFILE")]
+    #[arg(long, env = "LINEN_ETCD_KEYFILE", requires = "etcd_endpoints")]
     pub etcd_keyfile: Option<PathBuf>,
     /// etcd user name.
-    #[arg(long, env = "LINEN_ETCD_USERNAME")]
+    #[arg(long, env = "LINEN_ETCD_USERNAME", requires = "etcd_endpoints")]
     pub etcd_username: Option<String>,
     /// etcd password. A flag shows in `ps`: prefer --etcd-password-file, or this variable
     /// in an environment file only root can read.
-    #[arg(long, env = "LINEN_ETCD_PASSWORD", hide_env_values = true)]
+    #[arg(
+        long,
+        env = "LINEN_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_endpoints"
+    )]
     pub etcd_password: Option<String>,
     /// File holding the etcd password (its content but one final line end; only root should
     /// be able to read it). Instead of --etcd-password.
     #[arg(
         long,
         env = "LINEN_ETCD_PASSWORD_FILE",
-        conflicts_with = "etcd_password"
+        conflicts_with = "etcd_password",
+        requires = "etcd_endpoints"
     )]
     pub etcd_password_file: Option<PathBuf>,
 }
@@ -407,8 +416,8 @@ pub struct NetworkInitArgs {
     /// Last IPv6 subnet that may be leased.
     #[arg(long)]
     pub ipv6_subnet_max: Option<Ipv6Addr>,
-    /// IPv6 only: no IPv4 network.
-    #[arg(long)]
+    /// IPv6 only: no IPv4 network (so no --network, which would be stored and never used).
+    #[arg(long, conflicts_with = "network")]
     pub no_ipv4: bool,
     /// Replace an existing config.
     #[arg(long)]
