@@ -1021,6 +1021,16 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
         1,
         &["^nomatch", &secondary, "wan7"],
     );
+    // An address on lo (a routed host's node address) or loopback's own is no underlay:
+    // flannel takes lo, with an overlay MTU of 65508 that no datagram can carry.
+    h1.ip(&["addr", "add", "198.18.251.1/32", "dev", "lo"])
+        .unwrap();
+    o.refused(0, &["--iface", "198.18.251.1"], 1, &["--public-ip"]);
+    o.refused(0, &["--iface", "127.0.0.1"], 1, &["127.0.0.1", "eth0"]);
+    // The next --iface that exists wins, as for a name without an address.
+    let _ = std::fs::remove_file(o.env_path(0));
+    o.start(0, &["--iface", "198.18.251.1", "--iface", &secondary]);
+    assert_eq!(advertised(&o, 0), secondary);
 }
 
 /// A host that advertises a secondary address of its interface (`--public-ip`) sends from it:

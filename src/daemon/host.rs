@@ -344,7 +344,8 @@ pub async fn discover_underlay(
     let candidates = if outside.is_empty() { usable } else { outside };
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
         let mut why = "no interface with an address peers could use matches (lo and \
-                       link-local addresses do not count)"
+                       link-local addresses do not count; a node address kept on lo is \
+                       advertised with --public-ip)"
             .to_owned();
         let mut picked = pick_by_name_or_regex(&links, choice);
         if let (None, Some(ip)) = (picked, choice.can_reach) {
@@ -449,9 +450,12 @@ fn pick_by_name_or_regex<'a>(links: &'a [Link], choice: &InterfaceChoice) -> Opt
         .iface
         .iter()
         .find_map(|want| match want.parse::<IpAddr>() {
+            // As with names, an address counts only where peers could use it, and not on lo:
+            // a node address kept there is no underlay (datagrams leave through a real
+            // interface, whose MTU the overlay's must fit); `--public-ip` advertises it.
             Ok(ip) => links
                 .iter()
-                .find(|l| l.addrs.contains(&ip))
+                .find(|l| l.name != "lo" && advertisable(&ip) && l.addrs.contains(&ip))
                 .map(|l| (l, Some(ip))),
             Err(_) => usable()
                 .find(|l| l.name == *want || l.altnames.contains(want))
