@@ -452,6 +452,20 @@ async fn a_later_overlapping_lease_gives_way_at_renewal() {
         real_keys(&reg).await,
         BTreeSet::from([reserved, leased, wide])
     );
+
+    // A reservation with a malformed value (a typo in a hand-written address) is skipped
+    // by list and watch, so no host routes it, and no lease gives way to it either.
+    let typo: SubnetKey = "198.19.71.0-24&fd00:19:0:5::-64".parse().unwrap();
+    client
+        .put(
+            reg.subnet_path(&typo),
+            r#"{"PublicIP":"198.18.1.300"}"#,
+            None,
+        )
+        .await
+        .unwrap();
+    reg.renew_lease(&lease, &host(4)).await.unwrap();
+    assert!(real_keys(&reg).await.contains(&leased));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

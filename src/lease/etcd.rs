@@ -302,7 +302,9 @@ impl Shared {
         key: &SubnetKey,
         before: Option<Revision>,
     ) -> Result<Vec<Overlapping>, RegistryError> {
-        let mut options = GetOptions::new().with_keys_only();
+        // With values: a key whose value is malformed is skipped, as by list and watch, so
+        // that no host routes it and none gives way to it (as in a directory registry).
+        let mut options = GetOptions::new();
         if let Some(before) = before {
             // 0 would mean no limit; no key is created at revision 1 or before anyway.
             options = options.with_max_create_revision(before.saturating_sub(1).max(1));
@@ -318,7 +320,7 @@ impl Shared {
             .filter(|kv| kv.key() != path.as_bytes())
             .filter(|kv| before.is_none_or(|b| kv.create_revision() < b))
             .filter_map(|kv| {
-                let other = self.parse_key(kv.key())?;
+                let other = self.parse_kv(kv)?.key;
                 other.overlaps(key).then_some(Overlapping {
                     key: other,
                     lease: kv.lease(),
