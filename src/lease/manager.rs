@@ -507,7 +507,7 @@ impl LeaseManager {
         // A peer's key sharing one of our subnets got past the create check (a flanneld, an
         // older linen, a check cut short): renewing settles which key keeps the subnets, so do
         // it now rather than at the next renewal, hours away.
-        if self.renew_at.is_some()
+        let settle = if self.renew_at.is_some()
             && let Some(own) = self.tracker.own()
             && let Some(other) = applied.peers.iter().find_map(|e| match e {
                 PeerEvent::Added(l) | PeerEvent::Updated { new: l, .. }
@@ -516,11 +516,13 @@ impl LeaseManager {
                     Some(l.key)
                 }
                 _ => None,
-            })
-        {
+            }) {
             tracing::info!(subnet = %own.key, %other, "a peer's key overlaps this host's; renewing now, which settles which one keeps the subnets");
             self.renew_at = Some(Instant::now());
-        }
+            true
+        } else {
+            false
+        };
         match applied.own {
             None => {}
             Some(OwnChange::Removed) => {
@@ -548,6 +550,10 @@ impl LeaseManager {
                     self.hold(lease);
                     if partial {
                         tracing::info!(subnet = %key, "our key names only some of this host's addresses; rewriting it");
+                    }
+                    // hold() scheduled the next renewal from the new expiry: the one due at
+                    // once stays so.
+                    if partial || settle {
                         self.renew_at = Some(Instant::now());
                     }
                     return;
@@ -1126,7 +1132,20 @@ mod test {
         CancellationToken,
         tokio::task::JoinHandle<()>,
     ) {
-        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        run_manager_in(reg, r#"{"Network":"198.19.0.0/16"}"#, tune).await
+    }
+
+    /// [`run_manager`] in the network of config `json`.
+    async fn run_manager_in(
+        reg: &Arc<Outage>,
+        json: &str,
+        tune: impl FnOnce(&mut ManagerOptions),
+    ) -> (
+        watch::Receiver<LeaseState>,
+        CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
+        let config = NetworkConfig::from_json(json).unwrap();
         let mut opts =
             ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
         tune(&mut opts);
@@ -1163,6 +1182,41 @@ mod test {
         task.await.unwrap();
         assert_eq!(reg.shared.failing_watch_opens.load(Ordering::SeqCst), 0);
         assert_eq!(peer_keys(&state), ["198.19.5.0-24"]);
+    }
+
+    /// A peer's key sharing our IPv4 subnet (past the create check: a flanneld, a check cut
+    /// short) arrives in the same snapshot as a rewrite of our own key (an expiry that moved
+    /// after a re-list): the renewal that settles which key keeps the subnet is still made at
+    /// once, not put back to the normal schedule by taking in our key's new expiry.
+    #[tokio::test(start_paused = true)]
+    async fn an_overlapping_key_seen_with_our_own_rewritten_still_renews_at_once() {
+        let reg = Arc::new(Outage::default());
+        let (state, cancel, task) = run_manager_in(
+            &reg,
+            r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#,
+            |_| {},
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let own = state.borrow().own.clone().unwrap();
+        let other = SubnetKey::parse(&format!(
+            "{}&fd00:19:0:ffff::-64",
+            own.key.to_string().split('&').next().unwrap()
+        ))
+        .unwrap();
+        assert!(other != own.key && other.shares_subnet(&own.key));
+        {
+            let mut leases = reg.shared.leases.lock().unwrap();
+            let mine = leases.iter_mut().find(|l| l.key == own.key).unwrap();
+            mine.expiration = Some(SystemTime::now() + Duration::from_secs(120));
+            leases.push(peer_lease(&other.to_string(), "198.18.1.9"));
+        }
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        let renewals = reg.renew_attempts.load(Ordering::SeqCst);
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(renewals, 1, "the overlap was not settled at once");
     }
 
     /// While a lost lease cannot be re-acquired (no free subnet, a refusing registry), peers
