@@ -5,7 +5,10 @@
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 use ipnetwork::{Ipv4Network, Ipv6Network};
+use serde_json::value::RawValue;
 use serde_json::{Map, Value};
+
+use super::json::InOrder;
 
 /// flannel's udp backend port.
 pub const DEFAULT_PORT: u16 = 8285;
@@ -99,9 +102,11 @@ pub enum ConfigError {
 impl NetworkConfigSpec {
     /// Reads the JSON text of `<prefix>/config`.
     pub fn from_json(text: &str) -> Result<NetworkConfigSpec, ConfigError> {
-        let map: Map<String, Value> = serde_json::from_str(text)?;
+        // In the document's order: of two keys for one field, the later wins, as in Go.
+        let members: InOrder<Box<RawValue>> = serde_json::from_str(text)?;
         let mut spec = NetworkConfigSpec::default();
-        for (key, value) in map {
+        for (key, raw) in members.0 {
+            let value: Value = serde_json::from_str(raw.get())?;
             match key.to_ascii_lowercase().as_str() {
                 "network" => {
                     spec.network = parse_str(&value, "Network", "a CIDR such as 198.19.0.0/16")?
@@ -127,17 +132,17 @@ impl NetworkConfigSpec {
                 "ipv6subnetmax" => {
                     spec.ipv6_subnet_max = parse_ip(&value, "IPv6SubnetMax", "an IPv6 address")?
                 }
-                "backend" => spec.read_backend(&value)?,
+                "backend" => spec.read_backend(&value, &raw)?,
                 _ => {}
             }
         }
         Ok(spec)
     }
 
-    fn read_backend(&mut self, value: &Value) -> Result<(), ConfigError> {
-        let map = match value {
+    fn read_backend(&mut self, value: &Value, raw: &RawValue) -> Result<(), ConfigError> {
+        let members: InOrder<Value> = match value {
             Value::Null => return Ok(()),
-            Value::Object(m) => m,
+            Value::Object(_) => serde_json::from_str(raw.get())?,
             other => {
                 return Err(field_err(
                     "Backend",
@@ -146,7 +151,7 @@ impl NetworkConfigSpec {
                 ));
             }
         };
-        for (key, value) in map {
+        for (key, value) in &members.0 {
             match key.to_ascii_lowercase().as_str() {
                 "type" => {
                     self.backend_type =
@@ -573,6 +578,22 @@ mod test {
 
     fn err(text: &str) -> String {
         NetworkConfig::from_json(text).unwrap_err().to_string()
+    }
+
+    /// Of two keys naming one field, the later in the document wins, as in flanneld (Go's
+    /// encoding/json), whatever their case.
+    #[test]
+    fn the_later_of_two_keys_for_one_field_wins() {
+        let c = NetworkConfig::from_json(
+            r#"{"network":"10.1.0.0/16","Network":"10.2.0.0/16",
+                "Backend":{"Port":9000,"port":9001,"Type":"udp"}}"#,
+        )
+        .unwrap();
+        assert_eq!(c.network, Some("10.2.0.0/16".parse().unwrap()));
+        assert_eq!(c.backend.port, 9001);
+        let c = NetworkConfig::from_json(r#"{"Network":"10.2.0.0/16","network":"10.1.0.0/16"}"#)
+            .unwrap();
+        assert_eq!(c.network, Some("10.1.0.0/16".parse().unwrap()));
     }
 
     #[test]

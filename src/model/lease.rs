@@ -8,6 +8,7 @@ use serde_json::Value;
 use serde_json::value::RawValue;
 
 use super::SubnetKey;
+use super::json::InOrder;
 
 /// The value stored under a subnet key.
 ///
@@ -100,9 +101,10 @@ impl LeaseAttrs {
     pub fn from_json(text: &str) -> Result<LeaseAttrs, LeaseValueError> {
         // Values stay raw until a field needs them, so BackendData keeps its exact bytes (a
         // parse into `Value` and back would reprint floats differently: found by fuzzing).
-        let map: std::collections::BTreeMap<String, Box<RawValue>> = serde_json::from_str(text)?;
+        // In the document's order: of two keys for one field, the later wins, as in Go.
+        let members: InOrder<Box<RawValue>> = serde_json::from_str(text)?;
         let mut attrs = LeaseAttrs::default();
-        for (key, raw_value) in map {
+        for (key, raw_value) in members.0 {
             let lower = key.to_ascii_lowercase();
             if lower == "backenddata" || lower == "backendv6data" {
                 let kept = (raw_value.get() != "null").then_some(raw_value);
@@ -306,6 +308,25 @@ mod test {
         ] {
             let attrs = LeaseAttrs::from_json(text).unwrap();
             assert_eq!(attrs.to_json(), text);
+        }
+    }
+
+    /// Of two keys naming one field, the later in the document wins, as in flanneld: peers
+    /// of both send to the same address.
+    #[test]
+    fn the_later_of_two_keys_for_one_field_wins() {
+        for (text, want) in [
+            (
+                r#"{"publicip":"198.18.1.9","PublicIP":"198.18.1.1"}"#,
+                [198, 18, 1, 1],
+            ),
+            (
+                r#"{"PublicIP":"198.18.1.1","publicip":"198.18.1.9"}"#,
+                [198, 18, 1, 9],
+            ),
+        ] {
+            let attrs = LeaseAttrs::from_json(text).unwrap();
+            assert_eq!(attrs.public_ip, Some(Ipv4Addr::from(want)), "{text}");
         }
     }
 

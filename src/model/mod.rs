@@ -4,6 +4,7 @@
 //! tokio, no registry. Formats are flannel's, byte for byte (see `flannel-compat.md` §a, §b, §e).
 
 mod config;
+mod json;
 mod lease;
 mod subnet_env;
 mod subnet_key;
