@@ -106,23 +106,31 @@ pub fn unroutable(
 ) -> Option<&'static str> {
     if lease.attrs.shares_address(ours) {
         return Some(
-            "it names this host's public address (it takes effect if linen restarts here)",
+            "it names this host's public address (it takes effect if linen restarts here; \
+             `linen lease release` removes it)",
         );
     }
     if let (Some(net), Some(sub)) = (config.network, lease.key.ipv4())
         && (sub.prefix() != config.subnet_len || !net.contains(sub.network()))
     {
-        return Some("its IPv4 subnet is not a subnet of this network");
+        return Some(
+            "its IPv4 subnet is not a subnet of this network (`linen lease release` removes it)",
+        );
     }
     if let (Some(net), Some(sub)) = (config.ipv6_network, lease.key.ipv6())
         && (sub.prefix() != config.ipv6_subnet_len || !net.contains(sub.network()))
     {
-        return Some("its IPv6 subnet is not a subnet of this network");
+        return Some(
+            "its IPv6 subnet is not a subnet of this network (`linen lease release` removes it)",
+        );
     }
     let v4 = lease.attrs.public_ip.is_some_and(|ip| usable(ip.into()));
     let v6 = lease.attrs.public_ipv6.is_some_and(|ip| usable(ip.into()));
     if !v4 && !v6 {
-        return Some("it names no public address a datagram could go to");
+        return Some(
+            "it names no public address a datagram could go to (`linen lease release` removes \
+             it)",
+        );
     }
     let shared = (v4 && ours.public_ip.is_some()) || (v6 && ours.public_ipv6.is_some());
     (!shared).then_some(
@@ -572,7 +580,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 let bad_keys: Vec<SubnetKey> = bad.iter().map(|l| l.key).collect();
                 if bad_keys != skipped {
                     for l in bad.iter().filter(|l| !skipped.contains(&l.key)) {
-                        tracing::warn!(key = %l.key, public_ip = l.attrs.public_ip.map(tracing::field::display), public_ipv6 = l.attrs.public_ipv6.map(tracing::field::display), why = unroutable(&config, &attrs, l).unwrap_or_default(), "not routing a peer's lease (`linen lease release` removes it)");
+                        tracing::warn!(key = %l.key, public_ip = l.attrs.public_ip.map(tracing::field::display), public_ipv6 = l.attrs.public_ipv6.map(tracing::field::display), why = unroutable(&config, &attrs, l).unwrap_or_default(), "not routing a peer's lease");
                     }
                     skipped = bad_keys;
                 }
