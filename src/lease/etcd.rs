@@ -320,8 +320,10 @@ impl Shared {
             .filter(|kv| kv.key() != path.as_bytes())
             .filter(|kv| before.is_none_or(|b| kv.create_revision() < b))
             .filter_map(|kv| {
-                let other = self.parse_kv(kv)?.key;
-                other.overlaps(key).then_some(Overlapping {
+                let other = self.parse_key(kv.key())?;
+                // The value only of an overlapping key: each malformed one is logged, and
+                // list and watch already log the others.
+                (other.overlaps(key) && self.parse_kv(kv).is_some()).then_some(Overlapping {
                     key: other,
                     lease: kv.lease(),
                     created: kv.create_revision(),
