@@ -107,7 +107,19 @@ impl NetworkConfigSpec {
         let mut spec = NetworkConfigSpec::default();
         for (key, raw) in members.0 {
             let value: Value = serde_json::from_str(raw.get())?;
-            match key.to_ascii_lowercase().as_str() {
+            let key = key.to_ascii_lowercase();
+            // Go: null into a plain uint or bool field changes nothing (an earlier value stays).
+            let plain = [
+                "subnetlen",
+                "ipv6subnetlen",
+                "enableipv4",
+                "enableipv6",
+                "enablenftables",
+            ];
+            if value.is_null() && plain.contains(&key.as_str()) {
+                continue;
+            }
+            match key.as_str() {
                 "network" => {
                     spec.network = parse_str(&value, "Network", "a CIDR such as 198.19.0.0/16")?
                         .map(|s| parse_v4_cidr(s, "Network"))
@@ -140,6 +152,10 @@ impl NetworkConfigSpec {
     }
 
     fn read_backend(&mut self, value: &Value, raw: &RawValue) -> Result<(), ConfigError> {
+        // flannel keeps Backend as raw JSON, read later: a second Backend (or a null one)
+        // replaces the first whole, fields it lacks included.
+        self.backend_type = None;
+        self.backend_port = None;
         let members: InOrder<Value> = match value {
             Value::Null => return Ok(()),
             Value::Object(_) => serde_json::from_str(raw.get())?,
@@ -586,11 +602,20 @@ mod test {
     fn the_later_of_two_keys_for_one_field_wins() {
         let c = NetworkConfig::from_json(
             r#"{"network":"10.1.0.0/16","Network":"10.2.0.0/16",
-                "Backend":{"Port":9000,"port":9001,"Type":"udp"}}"#,
+                "Backend":{"port":9001,"Port":9000,"Type":"udp"}}"#,
         )
         .unwrap();
         assert_eq!(c.network, Some("10.2.0.0/16".parse().unwrap()));
-        assert_eq!(c.backend.port, 9001);
+        assert_eq!(c.backend.port, 9000);
+        // A second Backend replaces the first whole (flannel keeps it as raw JSON), and null
+        // into a length or a switch changes nothing (Go's rule for plain fields).
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.0.0.0/8","Backend":{"Type":"udp","Port":9000},
+                "backend":{"Type":"udp"},"SubnetLen":20,"subnetlen":null}"#,
+        )
+        .unwrap();
+        assert_eq!(c.backend.port, 8285);
+        assert_eq!(c.subnet_len, 20);
         let c = NetworkConfig::from_json(r#"{"Network":"10.2.0.0/16","network":"10.1.0.0/16"}"#)
             .unwrap();
         assert_eq!(c.network, Some("10.1.0.0/16".parse().unwrap()));
