@@ -127,6 +127,10 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
         (format!("{run} --public-ip 127.0.0.1"), &["loopback"]),
         (format!("{run} --public-ipv6 ff02::1"), &["multicast"]),
         (format!("{run} --public-ipv6 fe80::1"), &["link-local"]),
+        (
+            format!("{run} --public-ipv6 ::ffff:198.18.0.1"),
+            &["written as IPv6", "--public-ip"],
+        ),
         (format!("{run} --public-ip fd00::1"), &["--public-ipv6"]),
         (format!("{run} --iface eth0,"), &["--iface", "stray comma"]),
         (
@@ -532,6 +536,33 @@ fn a_bad_value_from_the_environment_names_its_variable() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
     assert!(!stderr.contains("environment variable"), "{stderr}");
+}
+
+/// An etcd variable left empty in an environment file is no etcd flag: the directory registry
+/// is used, where a set one without endpoints is refused.
+#[test]
+fn an_empty_etcd_variable_is_not_an_etcd_flag() {
+    let scratch = tempfile::tempdir().unwrap();
+    let list = |var: &str, value: &str| {
+        common::linen_meant_to_fail(scratch.path())
+            .args(["lease", "list"])
+            .env(var, value)
+            .output()
+            .unwrap()
+    };
+    for var in [
+        "LINEN_ETCD_USERNAME",
+        "LINEN_ETCD_PASSWORD",
+        "LINEN_ETCD_PREFIX",
+    ] {
+        let out = list(var, "");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{var}=: {stderr}");
+        let out = list(var, "x");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{var}=x: {stderr}");
+        assert!(stderr.contains("--etcd-endpoints"), "{var}=x: {stderr}");
+    }
 }
 
 /// SIGTERM while the daemon waits for the network config is a normal stop: exit 0.

@@ -104,36 +104,30 @@ pub struct RegistryArgs {
     #[arg(long, env = "LINEN_ETCD_ENDPOINTS", value_delimiter = ',')]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix, as flannel's -etcd-prefix.
-    #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX, requires = "etcd_endpoints")]
+    #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// CA certificate file for etcd TLS (default: the system trust store, for https:// endpoints).
-    #[arg(long, env = "LINEN_ETCD_CAFILE", requires = "etcd_endpoints")]
+    #[arg(long, env = "LINEN_ETCD_CAFILE")]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate file for etcd TLS.
-    #[arg(long, env = "LINEN_ETCD_CERTFILE", requires = "etcd_endpoints")]
+    #[arg(long, env = "LINEN_ETCD_CERTFILE")]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key file for etcd TLS.
-    #[arg(long, env = "LINEN_ETCD_KEYFILE", requires = "etcd_endpoints")]
+    #[arg(long, env = "LINEN_ETCD_KEYFILE")]
     pub etcd_keyfile: Option<PathBuf>,
     /// etcd user name.
-    #[arg(long, env = "LINEN_ETCD_USERNAME", requires = "etcd_endpoints")]
+    #[arg(long, env = "LINEN_ETCD_USERNAME")]
     pub etcd_username: Option<String>,
     /// etcd password. A flag shows in `ps`: prefer --etcd-password-file, or this variable
     /// in an environment file only root can read.
-    #[arg(
-        long,
-        env = "LINEN_ETCD_PASSWORD",
-        hide_env_values = true,
-        requires = "etcd_endpoints"
-    )]
+    #[arg(long, env = "LINEN_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
     /// File holding the etcd password (its content but one final line end; only root should
     /// be able to read it). Instead of --etcd-password.
     #[arg(
         long,
         env = "LINEN_ETCD_PASSWORD_FILE",
-        conflicts_with = "etcd_password",
-        requires = "etcd_endpoints"
+        conflicts_with = "etcd_password"
     )]
     pub etcd_password_file: Option<PathBuf>,
 }
@@ -333,6 +327,10 @@ pub(crate) fn unreachable_reason(ip: IpAddr) -> Option<&'static str> {
         a if a.is_multicast() => "a multicast address",
         IpAddr::V4(a) if a.is_broadcast() => "the broadcast address",
         IpAddr::V6(a) if a.is_unicast_link_local() => "link-local (it would need a zone)",
+        // Datagrams to it travel over IPv4: the two ends would not agree on the family.
+        IpAddr::V6(a) if a.to_ipv4_mapped().is_some() => {
+            "an IPv4 address written as IPv6 (give it as IPv4, --public-ip)"
+        }
         _ => return None,
     })
 }

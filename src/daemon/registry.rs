@@ -7,13 +7,48 @@ use std::time::Duration;
 use anyhow::Result;
 
 use crate::cli::RegistryArgs;
+use crate::cli::exit::usage;
 use crate::lease::Registry;
 use crate::lease::directory::DirectoryRegistry;
 #[cfg(feature = "etcd")]
 use crate::lease::etcd::{EtcdOptions, EtcdRegistry};
 
+/// Refuses etcd flags given without `--etcd-endpoints` (a usage error): ignored, they would
+/// leave linen on the directory registry, waiting for a config that is in etcd. Empty values
+/// (`LINEN_ETCD_USERNAME=` in an environment file) and flannel's default prefix count as not
+/// given.
+fn refuse_etcd_flags_without_endpoints(args: &RegistryArgs) -> Result<()> {
+    if !args.etcd_endpoints.is_empty() {
+        return Ok(());
+    }
+    let text = |v: &Option<String>| v.as_deref().is_some_and(|v| !v.is_empty());
+    let given = [
+        (
+            "--etcd-prefix",
+            !args.etcd_prefix.is_empty() && args.etcd_prefix != crate::model::DEFAULT_PREFIX,
+        ),
+        ("--etcd-cafile", args.etcd_cafile.is_some()),
+        ("--etcd-certfile", args.etcd_certfile.is_some()),
+        ("--etcd-keyfile", args.etcd_keyfile.is_some()),
+        ("--etcd-username", text(&args.etcd_username)),
+        ("--etcd-password", text(&args.etcd_password)),
+        ("--etcd-password-file", args.etcd_password_file.is_some()),
+    ];
+    match given.iter().find(|(_, given)| *given) {
+        Some((flag, _)) => Err(usage(format!(
+            "{flag} (or its variable) is for the etcd registry, and no --etcd-endpoints is \
+             given: add --etcd-endpoints URL (linen has no default endpoint; flanneld's is \
+             http://127.0.0.1:4001,http://127.0.0.1:2379), or drop {flag} to use the directory \
+             registry at {}",
+            args.registry_dir.display()
+        ))),
+        None => Ok(()),
+    }
+}
+
 /// Opens the registry. `lease_ttl` applies to new leases (flannel: 24 h).
 pub async fn open(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Registry>> {
+    refuse_etcd_flags_without_endpoints(args)?;
     if args.etcd_endpoints.is_empty() {
         return Ok(Arc::new(DirectoryRegistry::with_ttl(
             args.registry_dir.clone(),
@@ -26,6 +61,7 @@ pub async fn open(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Re
 /// [`open`] for `linen run`: a directory registry whose config goes away is out of reach
 /// ([`DirectoryRegistry::requiring_config`]), never a new empty one.
 pub async fn open_for_run(args: &RegistryArgs, lease_ttl: Duration) -> Result<Arc<dyn Registry>> {
+    refuse_etcd_flags_without_endpoints(args)?;
     if args.etcd_endpoints.is_empty() {
         return Ok(Arc::new(
             DirectoryRegistry::with_ttl(args.registry_dir.clone(), lease_ttl).requiring_config(),
