@@ -517,7 +517,8 @@ impl Counted {
         let moved = self
             .0
             .and_then(|before| Ok(counters::moved(&before, &Counted::start(lab).0?)));
-        if retransmits > 0.0 {
+        // A failed reading is said whatever the run: in `--json` it looks like "nothing moved".
+        if retransmits > 0.0 || moved.is_err() {
             let what = match &moved {
                 Ok(m) if m.is_empty() => "no loss or reordering counter moved".to_owned(),
                 Ok(m) => format!("counters that moved: {}", counters::describe(m)),
