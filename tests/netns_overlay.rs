@@ -616,28 +616,44 @@ fn the_mtu_is_flannels_default_or_the_flag() {
     );
 }
 
-/// A dual-stack overlay between a host without an IPv6 underlay address (its address came up
-/// after the daemon started, or it has none) and a host with both: each sends the other's IPv6
-/// subnet over IPv4, and each takes the other's datagrams as the owner's. Before, host 2 sent
-/// from its IPv4 address and host 1 refused that as spoofed, and host 1 sent to host 2's IPv6
-/// address, which it had no route to.
+/// A dual-stack overlay between hosts with different underlay families: host 1 has no IPv6
+/// underlay address (it came up after the daemon started, or there is none), host 2 has both,
+/// host 3 no IPv4 one. Each pair carries both overlay families over an underlay family both
+/// hosts advertise, and each end takes the other's datagrams as the owner's. Before, host 2
+/// sent IPv6 overlay packets to host 1 from its IPv4 address and host 1 refused them as
+/// spoofed, and host 1 sent to host 2's IPv6 address, which it had no route to (likewise for
+/// IPv4 overlay packets with host 3). Hosts 1 and 3 share no underlay family: each says so.
 #[test]
-fn an_ipv6_overlay_crosses_to_a_host_without_an_ipv6_underlay() {
+fn each_overlay_family_crosses_an_underlay_family_both_hosts_have() {
     if skip() {
         return;
     }
-    let mut o = Overlay::new("lnmix", 2);
+    let mut o = Overlay::new("lnmix", 3);
     o.lab
         .host(0)
         .ip(&["-6", "addr", "flush", "dev", "eth0"])
         .unwrap();
-    o.start(0, &[]);
-    o.start(1, &[]);
-    let (_, a6) = o.addrs(0);
-    let (_, b6) = o.addrs(1);
-    assert!(o.ping_ok(0, &b6, &["-6"]), "host 1 to host 2 over IPv6");
-    assert!(o.ping_ok(1, &a6, &["-6"]), "host 2 to host 1 over IPv6");
-    for i in 0..2 {
+    let h3 = o.lab.host(2).clone();
+    h3.ip(&["addr", "del", &format!("{}/24", h3.ip), "dev", "eth0"])
+        .unwrap();
+    for i in 0..3 {
+        o.start(i, &[]);
+    }
+    let addrs: Vec<(String, String)> = (0..3).map(|i| o.addrs(i)).collect();
+    for (from, to) in [(0, 1), (1, 0), (1, 2), (2, 1)] {
+        for (family, addr) in [("-4", &addrs[to].0), ("-6", &addrs[to].1)] {
+            assert!(
+                o.ping_ok(from, addr, &[family]),
+                "host {} to host {} ({family})",
+                from + 1,
+                to + 1
+            );
+        }
+    }
+    for i in [0, 2] {
+        o.await_log(i, "a family this host advertises none of", 10);
+    }
+    for i in 0..3 {
         let (status, log) = o.stop(i);
         assert!(status.is_some_and(|s| s.success()), "{log}");
         for c in ["spoofed_source", "unknown_sender", "send_failed"] {
