@@ -506,7 +506,11 @@ struct Counted(Result<counters::Reading>);
 
 impl Counted {
     fn start(lab: &Lab) -> Counted {
-        Counted(counters::read(&[lab.host(0), lab.host(1)]))
+        Counted(Counted::read(lab))
+    }
+
+    fn read(lab: &Lab) -> Result<counters::Reading> {
+        counters::read(&[lab.host(0), lab.host(1)])
     }
 
     /// The counters that moved since [`Counted::start`]; when the run had retransmits, they
@@ -516,7 +520,7 @@ impl Counted {
     fn finish(self, lab: &Lab, path: &str, run: &str, retransmits: f64) -> counters::Reading {
         let moved = self
             .0
-            .and_then(|before| Ok(counters::moved(&before, &Counted::start(lab).0?)));
+            .and_then(|before| Ok(counters::moved(&before, &Counted::read(lab)?)));
         // A failed reading is said whatever the run: in `--json` it looks like "nothing moved".
         if retransmits > 0.0 || moved.is_err() {
             let what = match &moved {
