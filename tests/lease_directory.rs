@@ -877,3 +877,58 @@ async fn watch_delivers_a_snapshot_first_and_on_change() {
     assert_eq!(next.revision, 1);
     assert_eq!(next.leases.len(), 1);
 }
+
+#[tokio::test]
+async fn watch_sees_a_same_size_file_renamed_in_with_the_old_mtime() {
+    // `mv`, `cp -p` or `rsync -t` of a hand-edited reservation: same name, same size, same
+    // mtime, and no linen write to raise the revision. Only the inode and ctime change.
+    let dir = setup(NET);
+    let subnets = dir.path().join("subnets");
+    fs::create_dir_all(&subnets).unwrap();
+    let path = subnets.join("198.19.43.0-24");
+    fs::write(&path, "{\"PublicIP\":\"198.18.1.5\"}\n").unwrap();
+    let mtime = fs::metadata(&path).unwrap().modified().unwrap();
+    let reg = registry(dir.path(), 3600);
+    let mut w = reg.watch_leases(0).await.unwrap();
+    let WatchEvent::Snapshot(first) = w.next().await.unwrap() else {
+        panic!("first event must be a snapshot")
+    };
+    assert_eq!(
+        first.leases[0].attrs.public_ip,
+        Some("198.18.1.5".parse().unwrap())
+    );
+    let edited = subnets.join(".edited");
+    fs::write(&edited, "{\"PublicIP\":\"198.18.1.6\"}\n").unwrap();
+    fs::File::options()
+        .write(true)
+        .open(&edited)
+        .unwrap()
+        .set_modified(mtime)
+        .unwrap();
+    fs::rename(&edited, &path).unwrap();
+    assert_eq!(fs::metadata(&path).unwrap().modified().unwrap(), mtime);
+    let ev = tokio::time::timeout(Duration::from_secs(PATIENCE), w.next())
+        .await
+        .expect("the replaced file was not noticed")
+        .unwrap();
+    let WatchEvent::Snapshot(next) = ev else {
+        panic!("{ev:?}")
+    };
+    assert_eq!(
+        next.leases[0].attrs.public_ip,
+        Some("198.18.1.6".parse().unwrap())
+    );
+}
+
+#[tokio::test]
+async fn a_revision_at_the_top_of_its_range_does_not_stop_writes() {
+    let dir = setup(NET);
+    fs::write(dir.path().join("revision"), format!("{}\n", i64::MAX)).unwrap();
+    let reg = registry(dir.path(), 3600);
+    reg.create_lease(&key("198.19.8.0-24"), &host(8))
+        .await
+        .unwrap();
+    let list = reg.list_leases().await.unwrap();
+    assert_eq!(list.revision, i64::MAX);
+    assert_eq!(list.leases.len(), 1);
+}

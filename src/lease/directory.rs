@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use std::fs::{self, File, OpenOptions};
 use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
-use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -422,7 +422,9 @@ impl Store {
 
     /// Raises the revision; the caller holds the exclusive lock.
     fn bump(&self) -> Result<Revision, RegistryError> {
-        let next = self.revision()? + 1;
+        // Saturating: a hand-written huge revision must not overflow; the fingerprint's file
+        // stamps still show changes while it stays at the top.
+        let next = self.revision()?.saturating_add(1);
         self.write_atomic(&self.dir.join("revision"), format!("{next}\n").as_bytes())?;
         Ok(next)
     }
@@ -522,11 +524,20 @@ impl Store {
             if name.starts_with('.') {
                 continue;
             }
-            // Size and mtime stand for the content in the fingerprint.
+            // Size, mtime, inode and ctime stand for the content in the fingerprint: a file
+            // renamed in (`mv`, `cp -p`, `rsync -t`) may keep size and mtime, but not its
+            // inode, and no tool can set ctime.
             let stamp = entry.metadata().ok().map_or(0, |m| {
                 let mut h = DefaultHasher::new();
-                m.len().hash(&mut h);
-                m.modified().ok().hash(&mut h);
+                (
+                    m.len(),
+                    m.mtime(),
+                    m.mtime_nsec(),
+                    m.ino(),
+                    m.ctime(),
+                    m.ctime_nsec(),
+                )
+                    .hash(&mut h);
                 h.finish()
             });
             names.push((name, stamp));
