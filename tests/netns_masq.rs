@@ -183,6 +183,20 @@ fn start(
     (pid, env, log)
 }
 
+/// [`start`] on a host whose daemon ran before, returned once it has written subnet.env
+/// anew (its rules are in place by then): its pid and log.
+fn restart(lab: &mut Lab, i: usize, dir: &Path, flags: &[&str]) -> (u32, PathBuf) {
+    let _ = std::fs::remove_file(dir.join(format!("h{}.env", i + 1)));
+    let (pid, env, log) = start(lab, i, dir, None, flags);
+    assert!(
+        wait_for(Duration::from_secs(15), || env.exists().then_some(())).is_some(),
+        "host {} wrote no subnet.env after its restart: {}",
+        i + 1,
+        std::fs::read_to_string(&log).unwrap_or_default()
+    );
+    (pid, log)
+}
+
 /// The unit file as systemd reads it (`systemd-analyze verify`, which needs no running
 /// systemd): unknown keys, bad values and a missing binary are errors. Not root only.
 #[test]
@@ -500,21 +514,59 @@ fn masquerade_to_outside_but_not_inside_the_overlay() {
         );
     }
 
-    // SIGTERM removes every rule and the chain, and exits 0.
+    // SIGTERM exits 0 and leaves the rules, as flanneld does: the host's containers keep
+    // reaching the outside while linen is down (a restart, an upgrade).
     let status = lab.stop(pid1, Duration::from_secs(10));
     let log = std::fs::read_to_string(&log1).unwrap_or_default();
     assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(log.contains("iptables rules left in place"), "{log}");
+    assert!(
+        rules_there().is_some(),
+        "rules gone after a stop:\n{}\n{}",
+        nat_rules(&h1, "iptables"),
+        nat_rules(&h1, "ip6tables")
+    );
+    let (answered, seen) = udp_exchange(&h1, &b1, &outside, "198.18.1.2");
+    assert!(answered, "no answer from outside while linen is stopped");
+    assert_eq!(seen.as_deref(), Some("198.18.1.1"));
+    let status = lab.stop(pid2, Duration::from_secs(10));
+    assert!(status.is_some_and(|s| s.success()));
+    let n = notify.recv(&mut buf).expect("no STOPPING=1 from linen run");
+    assert_eq!(&buf[..n], b"STOPPING=1");
+
+    // The next start takes them over as they are: one jump per family, the same six rules,
+    // nothing reported missing.
+    let (pid1, log1) = restart(&mut lab, 0, dir.path(), &["--ip-masq"]);
+    for p in ["iptables", "ip6tables"] {
+        let rules = nat_rules(&h1, p);
+        assert_eq!(chain_rule_count(&h1, p), 6, "{p}:\n{rules}");
+        let jumps = rules
+            .lines()
+            .filter(|l| l.contains("-j LINEN-POSTRTG"))
+            .count();
+        assert_eq!(jumps, 1, "{p}:\n{rules}");
+    }
+    let status = lab.stop(pid1, Duration::from_secs(10));
+    let log = std::fs::read_to_string(&log1).unwrap_or_default();
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(!log.contains("re-added"), "{log}");
+
+    // A start without --ip-masq (and without the FORWARD rules) removes what the others left.
+    let (pid1, _) = restart(&mut lab, 0, dir.path(), &["--iptables-forward-rules=false"]);
     for p in ["iptables", "ip6tables"] {
         let rules = nat_rules(&h1, p);
         assert!(
             !rules.contains("LINEN"),
             "{p} still has linen rules:\n{rules}"
         );
+        let rules = filter_rules(&h1, p);
+        assert!(
+            !rules.contains("LINEN"),
+            "{p} still has linen rules:\n{rules}"
+        );
     }
-    let status = lab.stop(pid2, Duration::from_secs(10));
+    let status = lab.stop(pid1, Duration::from_secs(10));
     assert!(status.is_some_and(|s| s.success()));
-    let n = notify.recv(&mut buf).expect("no STOPPING=1 from linen run");
-    assert_eq!(&buf[..n], b"STOPPING=1");
 
     // Without masquerade the outside host cannot answer: the test above could fail.
     let (answered, _) = udp_exchange(&h1, &b1, &outside, "198.18.1.2");
@@ -549,7 +601,7 @@ fn forward_rules_there(h: &Host, program: &str) -> bool {
 
 /// A host whose FORWARD policy is DROP (as Docker leaves it) forwards between a container and
 /// the overlay only thanks to linen's FORWARD accept rules, which are on by default (flannel's
-/// `-iptables-forward-rules`), gone after SIGTERM, and absent with `=false`.
+/// `-iptables-forward-rules`), left in place by SIGTERM, and removed by a start with `=false`.
 #[test]
 fn forward_rules_let_a_container_reach_the_overlay_under_a_drop_policy() {
     if skip() {
@@ -613,41 +665,22 @@ fn forward_rules_let_a_container_reach_the_overlay_under_a_drop_policy() {
         filter_rules(&h1, "iptables")
     );
 
-    // SIGTERM removes the chain and the jump, in both families.
+    // SIGTERM leaves the chain and the jump, in both families, for the next start.
     let status = lab.stop(pid1, Duration::from_secs(10));
     assert!(
         status.is_some_and(|s| s.success()),
         "{}",
         std::fs::read_to_string(&log1).unwrap_or_default()
     );
-    for p in ["iptables", "ip6tables"] {
-        let rules = filter_rules(&h1, p);
-        assert!(
-            !rules.contains("LINEN"),
-            "{p} still has linen rules:\n{rules}"
-        );
-    }
+    assert!(
+        there().is_some(),
+        "FORWARD rules gone after a stop:\n{}",
+        filter_rules(&h1, "iptables")
+    );
 
-    // Without the rules the policy drops the container's traffic, while host 1 itself (its
-    // own traffic does not cross FORWARD) still reaches the peer: the test above could fail.
-    // Rules a killed daemon left behind are removed, or they would still accept.
-    for rule in [
-        &["-N", "LINEN-FWD"][..],
-        &["-A", "LINEN-FWD", "-s", "198.19.0.0/16", "-j", "ACCEPT"],
-        &["-A", "LINEN-FWD", "-d", "198.19.0.0/16", "-j", "ACCEPT"],
-        &[
-            "-A",
-            "FORWARD",
-            "-m",
-            "comment",
-            "--comment",
-            "linen forward",
-            "-j",
-            "LINEN-FWD",
-        ],
-    ] {
-        h1.run_ok("iptables", rule).unwrap();
-    }
+    // A start with `=false` removes what the stopped daemon left, or it would still accept:
+    // the policy then drops the container's traffic, while host 1 itself (its own traffic does
+    // not cross FORWARD) still reaches the peer, so the test above could fail.
     let (pid1, _, log1) = start(
         &mut lab,
         0,

@@ -18,8 +18,14 @@
 //! overlay. Without the `iptables` command these are skipped with a warning.
 //!
 //! As with flannel's `-iptables-resync`, the rules are checked every `--iptables-resync` seconds
-//! (default 5) and, when one is missing, the chain is flushed and rebuilt in order; each chain is linen's alone, so rebuilding it also
-//! drops rules of an older lease or network. The jumps and the chains are removed on shutdown.
+//! (default 5) and, when one is missing, the chain is flushed and rebuilt in order; each chain
+//! is linen's alone, so rebuilding it also drops rules of an older lease or network.
+//!
+//! A stop leaves the jumps and the chains in place, as flanneld does (flannel #836; #2237 and
+//! #2239 moved a later flannel's clean-up from its stop to its start): the host's containers
+//! keep reaching the outside while linen restarts, and the next start takes them over (or
+//! removes them, for a purpose or family it has no use for). Only a start that ends before its
+//! rules were in place (stopped, or failed) removes what it added.
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
@@ -1043,7 +1049,7 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit:
 }
 
 /// Keeps the rules in place until `cancel`: every `--iptables-resync` and whenever our lease
-/// changes; then removes them.
+/// changes; then leaves them, for the next start to take over.
 pub fn spawn_resync(
     mut masq: Masq,
     mut state: watch::Receiver<LeaseState>,
@@ -1083,7 +1089,7 @@ pub fn spawn_resync(
             let (m, limit) = (masq.clone(), Limit::until_cancelled(&cancel));
             let checked = tokio::task::spawn_blocking(move || m.ensure(&limit)).await;
             if cancel.is_cancelled() {
-                // Cut short, not failed: the rules are removed next.
+                // Cut short, not failed: the next start checks them again.
                 break;
             }
             match checked {
@@ -1109,8 +1115,11 @@ pub fn spawn_resync(
             }
             host.set("iptables", failing.as_ref());
         }
-        let m = masq.clone();
-        let _ = tokio::task::spawn_blocking(move || m.remove()).await;
+        tracing::info!(
+            "iptables rules left in place (as flanneld leaves its): containers keep reaching \
+             the outside until the next start takes them over; to remove them for good, see \
+             \"Uninstalling\" in the README"
+        );
     })
 }
 

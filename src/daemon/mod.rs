@@ -651,17 +651,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
             ))
         }
     };
-    // Whatever ended the run, a stop signal during the rest (waiting for the xtables lock
-    // for up to 15 s) ends it at once: a second one after a stop, a first one after a failure.
+    // Whatever ended the run, a stop signal during the rest ends it at once: a second one
+    // after a stop, a first one after a failure.
     stop.exit_on_next();
     notify::notify_logged("STOPPING=1");
     tracing::info!(
         "stopping: workers first (the device goes with them), then the lease manager and the \
-         iptables rules; the lease is kept"
+         iptables checks; the lease and the iptables rules are kept"
     );
-    // Workers first: their final counters are logged even if removing the iptables rules
-    // waits on the xtables lock until a service manager gives up on us. Joined off the
-    // runtime's one thread, which meanwhile still answers a second stop signal.
+    // Workers first: their final counters are logged before anything else can hold up the
+    // stop. Joined off the runtime's one thread, which meanwhile still answers a second stop
+    // signal.
     let joined = tokio::task::spawn_blocking(move || {
         handles
             .into_iter()
@@ -945,7 +945,8 @@ impl StopSignals {
 
     /// Once the daemon is on its way out: a (further) stop signal ends the process at once
     /// (exit code 130), for an operator who does not want to wait for the rest of the stop
-    /// (removing the iptables rules waits up to 15 s for the xtables lock). What that skips
+    /// (a start stopped before its iptables rules were in place removes what it added, which
+    /// waits up to 15 s for the xtables lock). What that skips
     /// is what a crash skips: the lease is kept anyway, the TUN device goes with the process,
     /// and the next start takes over the rules. A command still running (an `iptables -w`
     /// waiting for the lock) is killed first, so that it cannot change the rules later.
