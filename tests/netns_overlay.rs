@@ -1980,6 +1980,70 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
     (lab, pid, env, log, dir)
 }
 
+/// A chain listing that fails for another reason than a missing chain (here the xtables lock
+/// not free within the wait, exit 4, with the chain left by an earlier run) is reported as
+/// that. Taken for a missing chain, it led to `-N` and "Chain already exists", which says
+/// nothing of the lock.
+#[test]
+fn a_failed_chain_listing_is_reported_as_itself() {
+    if skip() {
+        return;
+    }
+    let o = Overlay::new("lnipslist", 2);
+    let h = o.lab.host(0).clone();
+    for p in ["iptables", "ip6tables"] {
+        h.run_ok(p, &["-t", "nat", "-N", "LINEN-POSTRTG"]).unwrap();
+    }
+    let bin = o.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for p in ["iptables", "ip6tables"] {
+        use std::os::unix::fs::PermissionsExt;
+        let real = String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {p}")])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let path = bin.join(p);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -S ] && {{ echo 'Another app is \
+                 currently holding the xtables lock. Stopped waiting after 5s.' >&2; exit 4; }}; \
+                 done\nexec {} \"$@\"\n",
+                real.trim()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let (cmd, _env, log) = linen_run(&h, o.dir.path(), "h1", &["--ip-masq".to_string()]);
+    // Under timeout: a start that went on fails with 124, not a hang.
+    let mut timed = h.command("timeout");
+    timed
+        .args(["--kill-after=5", "60"])
+        .arg(cmd.get_program())
+        .args(cmd.get_args())
+        .env(
+            "PATH",
+            format!(
+                "{}:{}",
+                bin.display(),
+                std::env::var("PATH").unwrap_or_default()
+            ),
+        )
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap());
+    let status = timed.status().unwrap();
+    let text = std::fs::read_to_string(&log).unwrap_or_default();
+    assert_eq!(status.code(), Some(1), "{text}");
+    assert!(text.contains("-t nat -S LINEN-POSTRTG` failed"), "{text}");
+    assert!(text.contains("holding the xtables lock"), "{text}");
+    assert!(!text.contains("already exists"), "{text}");
+}
+
 /// iptables 1.4.20 to 1.5.x take only a bare `-w`, which waits for the xtables lock as long as
 /// another program holds it. A stop that comes while linen's start-up waits so (here: an
 /// iptables of that version that does not end) cuts the commands short and exits at once; before,

@@ -865,11 +865,13 @@ impl Ipt<'_> {
     }
 
     fn failed(self, op: &str, chain: &str, args: &[String], out: &Output) -> anyhow::Error {
+        let command = [self.program, "-t", self.purpose.table(), op, chain]
+            .into_iter()
+            .chain(args.iter().map(String::as_str))
+            .collect::<Vec<_>>()
+            .join(" ");
         anyhow!(
-            "`{} -t {} {op} {chain} {}` failed: {}",
-            self.program,
-            self.purpose.table(),
-            args.join(" "),
+            "`{command}` failed: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         )
     }
@@ -926,9 +928,16 @@ fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
     let ipt = set.ipt(limit);
     let chain = set.purpose.chain();
     let mut changed = false;
-    if !ipt.run("-S", chain, &[])?.status.success() {
-        ipt.ok("-N", chain, &[])?;
-        changed = true;
+    // As with `-C`, only exit 1 means "no such chain": a lock not free within the wait (exit
+    // 4) taken for it would try `-N` and report "Chain already exists" instead.
+    let listed = ipt.run("-S", chain, &[])?;
+    match listed.status.code() {
+        Some(0) => {}
+        Some(1) => {
+            ipt.ok("-N", chain, &[])?;
+            changed = true;
+        }
+        _ => return Err(ipt.failed("-S", chain, &[], &listed)),
     }
     let mut complete = true;
     for rule in &set.rules {
