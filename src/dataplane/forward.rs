@@ -109,7 +109,9 @@ impl IcmpLimiter {
 }
 
 impl Default for IcmpLimiter {
-    /// 1000 errors per second, bursts of 100 (Linux's `icmp_ratelimit` is 1 per ms).
+    /// 1000 errors per second, bursts of 100 (Linux's global limit, `icmp_msgs_per_sec`, is
+    /// 1000 a second with bursts of 50; its per-destination `icmp_ratelimit` would not help
+    /// here, where every error goes to this host).
     fn default() -> Self {
         IcmpLimiter::new(1000, 100)
     }
@@ -523,10 +525,15 @@ fn build_icmp(
     now: Instant,
     out: &mut [u8],
 ) -> Option<usize> {
+    // Path MTU discovery is not limited (nor is it by Linux: `icmpv4_mask_allow`, and type 2
+    // is outside the default `icmpv6_ratemask`): with the budget spent by errors about a scan
+    // of unleased addresses, say, a sender would keep sending too large packets, and lose
+    // them. Each goes to a program on this host, which sent the packet that caused it.
+    let limited = !matches!(kind, IcmpKind::TooBig(_));
     // Asked before building: under a flood, building an error only to drop it would cost a
     // copy and a checksum per packet. The token is taken only for an error that was built (an
     // ICMP error is never answered with one, and must not use up the budget).
-    if !limiter.ready(now) {
+    if limited && !limiter.ready(now) {
         return None;
     }
     let built = match original.first().map(|b| b >> 4) {
@@ -554,7 +561,9 @@ fn build_icmp(
         }
     };
     let len = built.ok()?;
-    limiter.take();
+    if limited {
+        limiter.take();
+    }
     Some(len)
 }
 
@@ -1087,7 +1096,32 @@ mod test {
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
         egress_at(&mut pkt, &mut limiter, now, &mut out);
         assert!(out.iter().all(|b| *b == 0xa5), "an error was built");
+        // Path MTU discovery is not limited: a too large packet is still answered.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1401, true);
+        assert!(matches!(
+            egress_at(&mut pkt, &mut limiter, now, &mut out),
+            Egress::Icmp {
+                reason: DropReason::TooBig,
+                ..
+            }
+        ));
+        let mut pkt = v6("fd00:19:0:1::5", "fd00:19:0:2::7", 64, 1401);
+        assert!(matches!(
+            egress_at(&mut pkt, &mut limiter, now, &mut out),
+            Egress::Icmp {
+                reason: DropReason::TooBig,
+                ..
+            }
+        ));
         let later = now + std::time::Duration::from_secs(2);
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
+        assert!(matches!(
+            egress_at(&mut pkt, &mut limiter, later, &mut out),
+            Egress::Icmp { .. }
+        ));
+        // And it did not take the token that came back meanwhile: the next error is sent too.
+        let mut pkt = v4([198, 19, 1, 5], [198, 19, 2, 7], 64, 1401, true);
+        egress_at(&mut pkt, &mut limiter, later, &mut out);
         let mut pkt = v4([198, 19, 1, 5], [198, 19, 9, 7], 64, 100, true);
         assert!(matches!(
             egress_at(&mut pkt, &mut limiter, later, &mut out),
