@@ -300,7 +300,8 @@ impl fmt::Display for Suppress {
             Suppress::IcmpError => f.write_str("no ICMP error in answer to an ICMP error"),
             Suppress::NonFirstFragment => f.write_str("no ICMP error for a non-first fragment"),
             Suppress::BadSource => f.write_str(
-                "no ICMP error to an unspecified, loopback, multicast, broadcast or class E source",
+                "no ICMP error to an unspecified (0/8), loopback, multicast, broadcast or class E \
+                 source",
             ),
             Suppress::BadDestination => {
                 f.write_str("no ICMP error for a packet sent to multicast or broadcast")
@@ -322,7 +323,8 @@ impl std::error::Error for Suppress {
 }
 
 /// ICMPv4 error types (RFC 1812 §4.3.2.7): destination unreachable, source quench, redirect,
-/// time exceeded, parameter problem.
+/// time exceeded, parameter problem; and, as Linux assumes ("think about it"), any type past
+/// the last one RFC 792 and its successors define (18, address mask reply), which may be one.
 #[inline]
 fn is_icmpv4_error(msg_type: u8) -> bool {
     matches!(
@@ -332,7 +334,7 @@ fn is_icmpv4_error(msg_type: u8) -> bool {
             | icmpv4_type::REDIRECT
             | icmpv4_type::TIME_EXCEEDED
             | icmpv4_type::PARAMETER_PROBLEM
-    )
+    ) || msg_type > 18
 }
 
 /// Writes the ICMP header (checksum zero) and the quote into `message`, which is exactly
@@ -356,8 +358,8 @@ fn write_icmp(message: &mut [u8], msg_type: u8, code: u8, rest: u32, original: &
 /// clear, TTL 64, protocol 1. Both checksums are filled.
 ///
 /// Refused ([`Suppress`]) for a malformed original, an ICMP error (or an ICMP message without
-/// a type byte), a non-first fragment, a source that is unspecified, loopback, multicast,
-/// broadcast or class E, a multicast or broadcast destination, or an `out` under 28 bytes.
+/// a type byte), a non-first fragment, a source that is in 0/8 (unspecified), loopback,
+/// multicast, broadcast or class E, a multicast or broadcast destination, or an `out` under 28 bytes.
 pub fn build_icmpv4_error(
     original: &[u8],
     kind: Icmpv4Error,
@@ -375,7 +377,8 @@ pub fn build_icmpv4_error(
         }
     }
     let orig_src = orig.src_addr();
-    if orig_src.is_unspecified()
+    // 0/8 is "this network" (RFC 1812 §4.2.2.11(b)): never a source to answer, 0.0.0.0 or not.
+    if orig_src.octets()[0] == 0
         || orig_src.is_loopback()
         || orig_src.is_multicast()
         || orig_src.octets()[0] >= 240
@@ -842,6 +845,12 @@ mod test {
             (8, true),
             (11, false),
             (12, false),
+            (13, true),
+            (18, true),
+            // Past the last defined type: maybe an error, as Linux assumes.
+            (19, false),
+            (42, false),
+            (255, false),
         ] {
             let mut pkt = ECHO_V4;
             pkt[20] = msg_type;
@@ -873,6 +882,7 @@ mod test {
         let good = Ipv4Addr::new(198, 19, 2, 2);
         let sources = [
             "0.0.0.0",
+            "0.1.2.3",
             "127.0.0.1",
             "224.0.0.1",
             "239.255.255.250",
