@@ -468,3 +468,61 @@ fn concurrent_inits_leave_one_winner() {
         "{stored}"
     );
 }
+
+/// One lease file this user cannot read (another user's, mode 0600; the service runs as root
+/// without `CAP_DAC_OVERRIDE`) is skipped with a warning naming it, like a corrupt one: it used
+/// to fail every list, on every host. As root, the listing runs as `nobody` (through
+/// `setpriv`), which owns the directory but not that file.
+#[test]
+fn an_unreadable_lease_file_is_skipped_not_fatal() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, out) = linen(
+        dir.path(),
+        &["network", "init", "--network", "198.19.0.0/16"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    write_live_lease(dir.path(), "198.19.1.0-24", "198.18.0.1");
+    let hidden = write_live_lease(dir.path(), "198.19.2.0-24", "198.18.0.2");
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let root = linen::lab::is_root();
+    if root {
+        // Everything nobody's but the hidden file, which stays root's.
+        let chown = Command::new("chown")
+            .args(["-R", "65534"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(chown.success());
+        std::os::unix::fs::chown(&hidden, Some(0), None).unwrap();
+    }
+    let mut cmd = if root {
+        let mut c = Command::new("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", LINEN]);
+        c
+    } else {
+        Command::new(LINEN)
+    };
+    let out = cmd
+        .args(["lease", "list", "--json", "--registry-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    let v: serde_json::Value = serde_json::from_str(stdout.trim()).unwrap();
+    let listed: Vec<&str> = v["leases"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["subnet"].as_str().unwrap())
+        .collect();
+    assert_eq!(listed, ["198.19.1.0-24"], "{stderr}");
+    assert!(
+        stderr.contains("198.19.2.0-24") && stderr.contains("chmod a+r"),
+        "{stderr}"
+    );
+}

@@ -462,10 +462,21 @@ impl Store {
                 return Ok(Some(Entry::Malformed));
             }
             // A directory, link, FIFO, huge file…: skipped like a corrupt file (and, like one,
-            // it still blocks its key); other errors (permissions, I/O) concern the whole
-            // directory and are reported.
+            // it still blocks its key); other errors (I/O) concern the whole directory and are
+            // reported.
             Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
                 self.warn_once(name, &format!("<{e}>"), &format!("{e}; not a lease file"));
+                return Ok(Some(Entry::Malformed));
+            }
+            // One file this user may not read (made by hand by another user, mode 0600; the
+            // unit leaves root without CAP_DAC_OVERRIDE) must not stop every list, on every
+            // host: skipped like a corrupt one, and still blocking its key.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                self.warn_once(
+                    name,
+                    "<permission denied>",
+                    &format!("{e}; let this user read it (chmod a+r), or delete it"),
+                );
                 return Ok(Some(Entry::Malformed));
             }
             Err(e) => return Err(self.io_err("cannot read", &path, e)),
