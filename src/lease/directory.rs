@@ -46,6 +46,22 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// unavailable. Every operation holds it for milliseconds.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
 
+/// How far the time a file server stamps on a lease file written may be from this host's clock
+/// before linen warns: every host judges a lease's expiry by its own clock, so hosts sharing a
+/// directory must keep their clocks in step (NTP), and a file server's clock stands for theirs.
+const CLOCK_SKEW_WARN: Duration = Duration::from_secs(60);
+
+/// How far `stamped` (a file's mtime, set by the file system as it was written) lies outside
+/// [`before`, `after`] (this host's clock around the write); `None` within [`CLOCK_SKEW_WARN`].
+/// A local file system stamps with this host's clock, a network one (NFS) with the server's.
+fn clock_skew(before: SystemTime, after: SystemTime, stamped: SystemTime) -> Option<Duration> {
+    let off = match stamped.duration_since(after) {
+        Ok(ahead) => ahead,
+        Err(_) => before.duration_since(stamped).unwrap_or_default(),
+    };
+    (off > CLOCK_SKEW_WARN).then_some(off)
+}
+
 /// flannel's key layout as files under one directory. See the module docs for the format.
 #[derive(Clone, Debug)]
 pub struct DirectoryRegistry {
@@ -608,7 +624,22 @@ impl Store {
             let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
             text.push_str(&format!("expires={secs}\n"));
         }
-        self.write_atomic(&self.key_path(&lease.key), text.as_bytes())
+        let path = self.key_path(&lease.key);
+        let before = SystemTime::now();
+        self.write_atomic(&path, text.as_bytes())?;
+        let after = SystemTime::now();
+        if let Some(off) = fs::metadata(&path)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|stamped| clock_skew(before, after, stamped))
+        {
+            tracing::warn!(file = %path.display(), skew_s = off.as_secs(),
+                "the file system stamped this lease file with a time far from this host's \
+                 clock: every host judges a lease's expiry by its own clock, so a host whose \
+                 clock is off sees live leases expire, or expired ones live; keep the clocks of \
+                 the hosts (and of the file server) in step, with NTP");
+        }
+        Ok(())
     }
 
     fn create(&self, key: SubnetKey, attrs: LeaseAttrs, ttl: bool) -> Result<Lease, RegistryError> {
@@ -793,6 +824,24 @@ fn parse_value(text: &str) -> Result<(LeaseAttrs, Option<SystemTime>), String> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn a_file_stamped_far_from_this_hosts_clock_is_skew() {
+        let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let after = t + Duration::from_millis(20);
+        let s = Duration::from_secs;
+        // Within the write, or off by less than the margin: no skew.
+        assert_eq!(clock_skew(t, after, t + Duration::from_millis(10)), None);
+        assert_eq!(clock_skew(t, after, after + s(60)), None);
+        assert_eq!(clock_skew(t, after, t - s(60)), None);
+        // A server 2 h ahead, or a host that booted at 1970 writing to a correct server.
+        assert_eq!(clock_skew(t, after, after + s(7200)), Some(s(7200)));
+        assert_eq!(clock_skew(t, after, t - s(61)), Some(s(61)));
+        assert_eq!(
+            clock_skew(UNIX_EPOCH + s(60), UNIX_EPOCH + s(61), t),
+            Some(t.duration_since(UNIX_EPOCH + s(61)).unwrap())
+        );
+    }
 
     #[test]
     fn parses_lease_files() {
