@@ -932,3 +932,43 @@ async fn a_revision_at_the_top_of_its_range_does_not_stop_writes() {
     assert_eq!(list.revision, i64::MAX);
     assert_eq!(list.leases.len(), 1);
 }
+
+/// An operation that does not return (a hard NFS mount whose server is gone; here, the
+/// directory's lock held by another process, which the operation waits 10 s for) is reported as
+/// the registry being unavailable at its deadline, not waited for; and abandoned operations
+/// do not pile up threads without bound.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_operation_that_does_not_return_is_unavailable_at_its_deadline() {
+    let dir = setup(NET);
+    let reg = DirectoryRegistry::with_ttl(dir.path(), Duration::from_secs(3600))
+        .with_op_deadline(Duration::from_millis(300));
+    reg.list_leases().await.unwrap();
+    let lock = fs::File::open(dir.path().join(".lock")).unwrap();
+    lock.lock().unwrap();
+    // Not the lock wait's own error, 10 s later: the deadline's.
+    let err = reg
+        .create_lease(&key("198.19.8.0-24"), &host(8))
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::Unavailable { reason, .. } if reason.contains("no answer")),
+        "{err:?}"
+    );
+    // 64 operations under way (63 more, each abandoned after 300 ms and waiting for the lock
+    // for up to 10 s): the next one fails at once.
+    let waits: Vec<_> = (0..63)
+        .map(|_| {
+            let reg = reg.clone();
+            tokio::spawn(async move { reg.list_leases().await })
+        })
+        .collect();
+    for w in waits {
+        assert!(w.await.unwrap().is_err());
+    }
+    let err = reg.list_leases().await.unwrap_err();
+    assert!(
+        matches!(&err, RegistryError::Unavailable { reason, .. } if reason.contains("have not returned")),
+        "{err:?}"
+    );
+    drop(lock);
+}

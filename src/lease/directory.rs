@@ -30,6 +30,7 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use std::io;
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -45,6 +46,18 @@ pub const DEFAULT_POLL_INTERVAL: Duration = Duration::from_millis(200);
 /// How long an operation waits for the directory's lock before it reports the registry as
 /// unavailable. Every operation holds it for milliseconds.
 const LOCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How long an operation may take in all (the lock wait included) before it is reported as the
+/// registry being unavailable. A network file system whose server is gone blocks reads and
+/// writes for as long as it is gone (a "hard" NFS mount): without a deadline the lease manager
+/// waited inside a renewal, and the status said connected, until the lease ran out. Within the
+/// unit's `TimeoutStopSec=30`, since a stop waits for an operation under way.
+const OP_DEADLINE: Duration = Duration::from_secs(15);
+
+/// How many operations may be under way at once, abandoned ones included (a thread blocked in
+/// the file system cannot be stopped): past that, an operation fails at once, so a hung file
+/// system does not take a thread per retry.
+const MAX_IN_FLIGHT: usize = 64;
 
 /// How far the time a file server stamps on a lease file written may be from this host's clock
 /// before linen warns: every host judges a lease's expiry by its own clock, so hosts sharing a
@@ -67,6 +80,7 @@ fn clock_skew(before: SystemTime, after: SystemTime, stamped: SystemTime) -> Opt
 pub struct DirectoryRegistry {
     store: Arc<Store>,
     poll_interval: Duration,
+    op_deadline: Duration,
 }
 
 impl DirectoryRegistry {
@@ -88,8 +102,10 @@ impl DirectoryRegistry {
                 ttl: ttl.max(Duration::from_secs(1)),
                 warned: Mutex::new(HashMap::new()),
                 require_config,
+                in_flight: AtomicUsize::new(0),
             }),
             poll_interval: DEFAULT_POLL_INTERVAL,
+            op_deadline: OP_DEADLINE,
         }
     }
 
@@ -98,8 +114,18 @@ impl DirectoryRegistry {
     /// to recreate. Without this (admin commands), a missing directory lists as empty, so a
     /// mistyped `--registry-dir` is warned about rather than failed on.
     pub fn requiring_config(self) -> DirectoryRegistry {
-        DirectoryRegistry::build(self.store.dir.clone(), self.store.ttl, true)
-            .with_poll_interval(self.poll_interval)
+        DirectoryRegistry {
+            op_deadline: self.op_deadline,
+            ..DirectoryRegistry::build(self.store.dir.clone(), self.store.ttl, true)
+                .with_poll_interval(self.poll_interval)
+        }
+    }
+
+    /// Sets how long an operation may take before it is reported as the registry being
+    /// unavailable (15 s by default).
+    pub fn with_op_deadline(mut self, deadline: Duration) -> DirectoryRegistry {
+        self.op_deadline = deadline;
+        self
     }
 
     /// Sets how often watches poll the directory.
@@ -117,13 +143,35 @@ impl DirectoryRegistry {
         &self,
         op: impl FnOnce(&Store) -> Result<T, RegistryError> + Send + 'static,
     ) -> Result<T, RegistryError> {
+        let unavailable = |reason: String| RegistryError::Unavailable {
+            location: self.location(),
+            reason,
+        };
         let store = Arc::clone(&self.store);
-        tokio::task::spawn_blocking(move || op(&store))
-            .await
-            .map_err(|e| RegistryError::Unavailable {
-                location: self.location(),
-                reason: format!("registry task failed: {e}"),
-            })?
+        let running = store.in_flight.fetch_add(1, Ordering::AcqRel);
+        if running >= MAX_IN_FLIGHT {
+            store.in_flight.fetch_sub(1, Ordering::AcqRel);
+            return Err(unavailable(format!(
+                "{running} operations on the directory have not returned (is it on a network \
+                 file system whose server is gone?)"
+            )));
+        }
+        let task = tokio::task::spawn_blocking(move || {
+            let done = op(&store);
+            store.in_flight.fetch_sub(1, Ordering::AcqRel);
+            done
+        });
+        match tokio::time::timeout(self.op_deadline, task).await {
+            Ok(Ok(done)) => done,
+            Ok(Err(e)) => Err(unavailable(format!("registry task failed: {e}"))),
+            // The thread goes on (a blocked file system call cannot be cut short); its result,
+            // when it comes, is dropped.
+            Err(_) => Err(unavailable(format!(
+                "no answer from the directory within {} s (is it on a network file system whose \
+                 server is gone?)",
+                self.op_deadline.as_secs_f64()
+            ))),
+        }
     }
 }
 
@@ -265,6 +313,8 @@ struct Store {
     warned: Mutex<HashMap<String, u64>>,
     /// See [`DirectoryRegistry::requiring_config`].
     require_config: bool,
+    /// Operations under way, abandoned ones included (see [`MAX_IN_FLIGHT`]).
+    in_flight: AtomicUsize,
 }
 
 /// One parsed `subnets/` file.
