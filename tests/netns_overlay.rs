@@ -1980,47 +1980,29 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
     (lab, pid, env, log, dir)
 }
 
-/// A chain listing that fails for another reason than a missing chain (here the xtables lock
-/// not free within the wait, exit 4, with the chain left by an earlier run) is reported as
-/// that. Taken for a missing chain, it led to `-N` and "Chain already exists", which says
-/// nothing of the lock.
-#[test]
-fn a_failed_chain_listing_is_reported_as_itself() {
-    if skip() {
-        return;
-    }
-    let o = Overlay::new("lnipslist", 2);
-    let h = o.lab.host(0).clone();
-    for p in ["iptables", "ip6tables"] {
-        h.run_ok(p, &["-t", "nat", "-N", "LINEN-POSTRTG"]).unwrap();
-    }
-    let bin = o.dir.path().join("bin");
-    std::fs::create_dir(&bin).unwrap();
-    for p in ["iptables", "ip6tables"] {
-        use std::os::unix::fs::PermissionsExt;
-        let real = String::from_utf8(
-            Command::new("sh")
-                .args(["-c", &format!("command -v {p}")])
-                .output()
-                .unwrap()
-                .stdout,
-        )
-        .unwrap();
+/// A directory `bin` in `dir` holding, for each of `programs`, a script that runs `before`
+/// (shell lines that may exit in its place), then the real command; for a PATH in front.
+fn wrapped_commands(dir: &Path, programs: &[&str], before: &str) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let bin = dir.join("bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    for p in programs {
+        let out = Command::new("sh")
+            .args(["-c", &format!("command -v {p}")])
+            .output()
+            .unwrap();
+        let real = String::from_utf8(out.stdout).unwrap();
         let path = bin.join(p);
-        std::fs::write(
-            &path,
-            format!(
-                "#!/bin/sh\nfor a in \"$@\"; do [ \"$a\" = -S ] && {{ echo 'Another app is \
-                 currently holding the xtables lock. Stopped waiting after 5s.' >&2; exit 4; }}; \
-                 done\nexec {} \"$@\"\n",
-                real.trim()
-            ),
-        )
-        .unwrap();
+        let script = format!("#!/bin/sh\n{before}\nexec {} \"$@\"\n", real.trim());
+        std::fs::write(&path, script).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
     }
-    let (cmd, _env, log) = linen_run(&h, o.dir.path(), "h1", &["--ip-masq".to_string()]);
-    // Under timeout: a start that went on fails with 124, not a hang.
+    bin
+}
+
+/// `cmd` in host `h`, with `bin` first in its PATH, under `timeout` (a start that should have
+/// ended fails with 124 rather than hanging the test), stderr to `log`.
+fn timed_with_path(h: &linen::lab::Host, cmd: &Command, bin: &Path, log: &Path) -> Command {
     let mut timed = h.command("timeout");
     timed
         .args(["--kill-after=5", "60"])
@@ -2035,13 +2017,90 @@ fn a_failed_chain_listing_is_reported_as_itself() {
             ),
         )
         .stdout(Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap());
-    let status = timed.status().unwrap();
+        .stderr(std::fs::File::create(log).unwrap());
+    timed
+}
+
+/// A chain listing that fails for another reason than a missing chain (here the xtables lock
+/// not free within the wait, exit 4, with the chain left by an earlier run) is reported as
+/// that. Taken for a missing chain, it led to `-N` and "Chain already exists", which says
+/// nothing of the lock.
+#[test]
+fn a_failed_chain_listing_is_reported_as_itself() {
+    if skip() {
+        return;
+    }
+    let o = Overlay::new("lnipslist", 2);
+    let h = o.lab.host(0).clone();
+    for p in ["iptables", "ip6tables"] {
+        h.run_ok(p, &["-t", "nat", "-N", "LINEN-POSTRTG"]).unwrap();
+    }
+    let bin = wrapped_commands(
+        o.dir.path(),
+        &["iptables", "ip6tables"],
+        "for a in \"$@\"; do [ \"$a\" = -S ] && { echo 'Another app is currently holding the \
+         xtables lock. Stopped waiting after 5s.' >&2; exit 4; }; done",
+    );
+    let (cmd, _env, log) = linen_run(&h, o.dir.path(), "h1", &["--ip-masq".to_string()]);
+    let status = timed_with_path(&h, &cmd, &bin, &log).status().unwrap();
     let text = std::fs::read_to_string(&log).unwrap_or_default();
     assert_eq!(status.code(), Some(1), "{text}");
     assert!(text.contains("-t nat -S LINEN-POSTRTG` failed"), "{text}");
     assert!(text.contains("holding the xtables lock"), "{text}");
     assert!(!text.contains("already exists"), "{text}");
+}
+
+/// A dual-stack `--ip-masq` on a kernel without IPv6 NAT (no `ip6table_nat`; here an ip6tables
+/// that says so for table nat) runs with the IPv4 rules and retries the IPv6 ones, as
+/// flanneld does; it used to exit 1, leaving no overlay at all. With neither family's rules,
+/// the start still fails.
+#[test]
+fn masquerade_runs_with_one_family_when_the_other_cannot() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnip6nat", 2);
+    let h = o.lab.host(0).clone();
+    let no_nat = "case \" $* \" in *' -t nat '*) echo \"ip6tables v1.8.9 (legacy): can't initialize \
+                  ip6tables table \\`nat': Table does not exist (do you need to insmod?)\" >&2; \
+                  exit 3;; esac";
+    let bin = wrapped_commands(o.dir.path(), &["ip6tables"], no_nat);
+    let (cmd, env, log) = linen_run(&h, o.dir.path(), "h1", &["--ip-masq".to_string()]);
+    let pid = o
+        .lab
+        .spawn(timed_with_path(&h, &cmd, &bin, &log), "linen")
+        .unwrap();
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let written = wait_for(Duration::from_secs(20), || env.exists().then_some(()));
+    assert!(written.is_some(), "no subnet.env: {}", text());
+    let v4 = h
+        .run_ok("iptables", &["-t", "nat", "-S", "LINEN-POSTRTG"])
+        .unwrap();
+    assert_eq!(
+        v4.lines().filter(|l| l.starts_with("-A")).count(),
+        6,
+        "{v4}"
+    );
+    assert!(
+        text().contains("cannot install this family's --ip-masq rules"),
+        "{}",
+        text()
+    );
+    assert!(text().contains("Table does not exist"), "{}", text());
+    let stopped = o.lab.stop(pid, Duration::from_secs(10));
+    assert!(stopped.is_some_and(|s| s.success()), "{}", text());
+
+    // Both families without NAT: no start.
+    std::fs::remove_file(&env).unwrap();
+    let bin = wrapped_commands(o.dir.path(), &["iptables", "ip6tables"], no_nat);
+    let status = timed_with_path(&h, &cmd, &bin, &log).status().unwrap();
+    assert_eq!(status.code(), Some(1), "{}", text());
+    assert!(
+        text().contains("installing the --ip-masq rules"),
+        "{}",
+        text()
+    );
+    assert!(!env.exists(), "{}", text());
 }
 
 /// iptables 1.4.20 to 1.5.x take only a bare `-w`, which waits for the xtables lock as long as

@@ -981,21 +981,37 @@ pub async fn install(
         ];
         remove_leftovers(opts.masquerade, opts.forward, families, &limit);
         let masq = Masq::new(&config, &lease, opts, &limit)?;
+        // One family's masquerade rules that fail (a kernel without ip6table_nat) while the
+        // other's went in are retried at each check, as flanneld does, rather than stopping
+        // the whole overlay; if no family's went in, the start fails.
+        let mut masquerading = false;
+        let mut failed = None;
         for set in &masq.sets {
             match ensure_set(set, &limit) {
-                Ok(_) => {}
+                Ok(_) => masquerading |= set.purpose == Purpose::Masquerade,
+                Err(e) if limit.spent().is_some() => {
+                    masq.remove();
+                    return Err(e.context("installing the iptables rules"));
+                }
                 // Kept: the resync tries again (the iptables lock may be held by kube-proxy or
                 // Docker at boot, say).
-                Err(e) if set.purpose == Purpose::Forward && limit.spent().is_none() => {
+                Err(e) if set.purpose == Purpose::Forward => {
                     tracing::warn!(error = %format!("{e:#}"), program = set.family.program(),
                         retry_s = masq.resync.as_secs(),
                         "cannot install the FORWARD accept rules yet; retrying");
                 }
-                Err(e) => {
-                    masq.remove();
-                    return Err(e.context("installing the --ip-masq rules"));
-                }
+                Err(e) => failed = Some((set.family, e)),
             }
+        }
+        if let Some((family, e)) = failed {
+            if !masquerading {
+                masq.remove();
+                return Err(e.context("installing the --ip-masq rules"));
+            }
+            tracing::warn!(error = %format!("{e:#}"), program = family.program(),
+                retry_s = masq.resync.as_secs(),
+                "cannot install this family's --ip-masq rules; the other family's are in place; \
+                 retrying");
         }
         Ok((!masq.sets.is_empty()).then_some(masq))
     })
