@@ -7,9 +7,9 @@
 //! default on a loopback port), one request per connection (`Connection: close`), no bodies to
 //! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
 //! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
-//! head, 5 s to send it, 5 s to take the answer, 16 connections at a time, 4 from one
-//! address) so a stuck client cannot pile up tasks, nor one source hold every slot and starve
-//! a liveness probe.
+//! head, 5 s to send it, 5 s to take the answer, 256 connections at a time, 4 from one
+//! address) so a stuck client cannot pile up tasks, nor a few sources hold every slot and
+//! starve a liveness probe.
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
@@ -30,8 +30,11 @@ use crate::cli::status::MetricsAddr;
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client gets to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the listen backlog.
-const MAX_CONNECTIONS: usize = 16;
+/// Connections served at once; more wait in the listen backlog. Many, since one waiting for
+/// its head costs a task and a few KiB: with 16, four addresses holding their four idle
+/// connections each (four loopback addresses are any local user's; on `--healthz-port`, four
+/// remote hosts) kept every later client, a kubelet's probe among them, waiting for 5 s.
+const MAX_CONNECTIONS: usize = 256;
 /// Connections served at once from one address; more are closed at once. Sixteen idle
 /// connections from anywhere would otherwise hold every slot for 5 s at a time, and a
 /// kubelet's probe on `--healthz-port` (1 s timeout) would fail.
@@ -470,7 +473,7 @@ mod test {
     async fn idle_connections_from_one_address_do_not_starve_a_probe() {
         let (addr, cancel) = serve_healthz().await;
         let mut idle = Vec::new();
-        for _ in 0..MAX_CONNECTIONS {
+        for _ in 0..16 {
             idle.push(TcpStream::connect(addr).await.unwrap());
         }
         // The probe comes from another loopback address.
@@ -507,7 +510,49 @@ mod test {
                 refused += 1;
             }
         }
-        assert_eq!(refused, MAX_CONNECTIONS - MAX_PER_ADDRESS);
+        assert_eq!(refused, 16 - MAX_PER_ADDRESS);
+        cancel.cancel();
+    }
+
+    /// Four idle connections from each of four addresses, every one within its share, do not
+    /// keep a probe from a fifth waiting: it is answered while all sixteen are still held
+    /// (with 16 slots in all it waited until the server's head timeout closed one of them).
+    #[tokio::test]
+    async fn idle_connections_from_a_few_addresses_do_not_starve_a_probe() {
+        let (addr, cancel) = serve_healthz().await;
+        let mut idle = Vec::new();
+        for from in 2..6 {
+            for _ in 0..MAX_PER_ADDRESS {
+                let s = tokio::net::TcpSocket::new_v4().unwrap();
+                s.bind(format!("127.0.0.{from}:0").parse().unwrap())
+                    .unwrap();
+                idle.push(s.connect(addr).await.unwrap());
+            }
+        }
+        let probe = tokio::net::TcpSocket::new_v4().unwrap();
+        probe.bind("127.0.0.6:0".parse().unwrap()).unwrap();
+        // (A guard against hanging, not a timing: what counts is the order checked below.)
+        let answer = tokio::time::timeout(Duration::from_secs(30), async {
+            let mut s = probe.connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        })
+        .await
+        .expect("the probe was never answered");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        // Answered before the server let go of any idle one: each is open, with nothing to read.
+        for (i, s) in idle.iter().enumerate() {
+            let mut byte = [0u8; 1];
+            let read = s.try_read(&mut byte);
+            assert!(
+                matches!(&read, Err(e) if e.kind() == std::io::ErrorKind::WouldBlock),
+                "idle connection {i} was closed before the probe's answer: {read:?}"
+            );
+        }
         cancel.cancel();
     }
 
