@@ -486,7 +486,15 @@ fn an_unreadable_lease_file_is_skipped_not_fatal() {
     let hidden = write_live_lease(dir.path(), "198.19.2.0-24", "198.18.0.2");
     std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(0o000)).unwrap();
     let root = linen::lab::is_root();
+    // The binary, where nobody reaches it (a checkout under /root, mode 0700, is out of its
+    // reach): linked, or copied across file systems, into a directory of its own, left root's.
+    let bin_dir = tempfile::tempdir().unwrap();
+    let bin = bin_dir.path().join("linen");
     if root {
+        std::fs::set_permissions(bin_dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::hard_link(LINEN, &bin)
+            .or_else(|_| std::fs::copy(LINEN, &bin).map(drop))
+            .unwrap();
         // Everything nobody's but the hidden file, which stays root's.
         let chown = Command::new("chown")
             .args(["-R", "65534"])
@@ -498,7 +506,8 @@ fn an_unreadable_lease_file_is_skipped_not_fatal() {
     }
     let mut cmd = if root {
         let mut c = Command::new("setpriv");
-        c.args(["--reuid=65534", "--regid=65534", "--clear-groups", LINEN]);
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin);
         c
     } else {
         Command::new(LINEN)
