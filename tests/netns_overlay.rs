@@ -2050,6 +2050,36 @@ fn a_failed_chain_listing_is_reported_as_itself() {
     assert!(!text.contains("already exists"), "{text}");
 }
 
+/// An underlay slower than the TUN reads (here a 40 Mbit/s shaper, with a small socket send
+/// buffer so that it fills at once): sends wait for room instead of failing. A full buffer
+/// dropped whole GSO batches as `send_failed`, up to 64 segments of one flow in a row; now
+/// the TUN queue fills meanwhile, as with flanneld's blocking send, and TCP paces itself.
+#[test]
+fn a_full_socket_send_buffer_is_waited_for() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnsndbuf", 2);
+    o.lab
+        .host(0)
+        .run_ok(
+            "tc",
+            &[
+                "qdisc", "add", "dev", "eth0", "root", "tbf", "rate", "40mbit", "burst", "64kb",
+                "limit", "64mb",
+            ],
+        )
+        .unwrap();
+    o.start(0, &["--socket-buffer", "65536"]);
+    o.start(1, &[]);
+    let (a2, _) = o.addrs(1);
+    assert!(o.ping_ok(0, &a2, &[]), "host 1 -> host 2");
+    tcp_transfer(&o, 0, &a2, 10);
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(counter(&log, "send_failed"), 0, "{log}");
+}
+
 /// A dual-stack `--ip-masq` on a kernel without IPv6 NAT (no `ip6table_nat`; here an ip6tables
 /// that says so for table nat) runs with the IPv4 rules and retries the IPv6 ones, as
 /// flanneld does; it used to exit 1, leaving no overlay at all. With neither family's rules,

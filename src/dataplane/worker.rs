@@ -733,14 +733,32 @@ const QUIET: Duration = Duration::from_millis(2);
 /// and is left to the caller, with the source kept.
 #[inline]
 fn try_send(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<Sent> {
-    match state.try_send(UdpSockRef::from(&udp.socket), t) {
+    match send_waiting(udp, state, t) {
         Err(e) if t.src_ip.is_some() && source_refused(&e) => {
             let without = Transmit { src_ip: None, ..*t };
-            state
-                .try_send(UdpSockRef::from(&udp.socket), &without)
-                .map(|()| Sent::WithoutSource)
+            send_waiting(udp, state, &without).map(|()| Sent::WithoutSource)
         }
         sent => sent.map(|()| Sent::AsAsked),
+    }
+}
+
+/// How long a send waits for a full socket send buffer to take it (the underlay slower than
+/// the TUN reads: a 1 GbE link, a shaping qdisc) before the datagrams are dropped as
+/// `send_failed`. Meanwhile the worker reads nothing more from the TUN, whose queue then
+/// fills: the backpressure flanneld's blocking send gives. At 100 Mbit/s a GSO batch of 64 KiB
+/// leaves in about 5 ms.
+const SEND_WAIT: Duration = Duration::from_millis(50);
+
+/// One send; when the socket's send buffer is full (`EAGAIN`: the socket is non-blocking),
+/// waits up to [`SEND_WAIT`] for room and tries once more. Before, a full buffer dropped the
+/// whole GSO batch, up to 64 segments of one flow in a row, which TCP recovers from slowly.
+fn send_waiting(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<()> {
+    match state.try_send(UdpSockRef::from(&udp.socket), t) {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+            sys::wait_writable(udp.socket.as_fd(), SEND_WAIT)?;
+            state.try_send(UdpSockRef::from(&udp.socket), t)
+        }
+        sent => sent,
     }
 }
 
