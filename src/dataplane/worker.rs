@@ -671,6 +671,7 @@ impl Worker {
                 };
                 let info = if self.tun_offload {
                     coalesce::classify(&seg[..len], self.tun_out.uso)
+                        .filter(|s| s.udp || self.tun_out.tso)
                 } else {
                     None
                 };
@@ -878,10 +879,12 @@ struct TunWriter {
     /// The device takes virtio-net headers.
     offload: bool,
     /// The device accepted USO (`TUN_F_USO4|6`): UDP runs may coalesce. Turned off after
-    /// [`USO_REFUSALS`] refused UDP super-packets in a row.
+    /// [`REFUSALS`] refused UDP super-packets in a row.
     uso: bool,
-    /// Consecutive UDP super-packets the kernel refused.
-    uso_refused: u32,
+    /// TCP runs may coalesce (TSO): on with the offloads, turned off like `uso`.
+    tso: bool,
+    /// Consecutive super-packets the kernel refused: TCP, UDP.
+    refused: [u32; 2],
     /// Virtio-net + IP + TCP/UDP header of a coalesced write.
     header: [u8; coalesce::MAX_HEADER],
 }
@@ -891,22 +894,37 @@ impl TunWriter {
         TunWriter {
             offload,
             uso,
-            uso_refused: 0,
+            tso: offload,
+            refused: [0; 2],
             header: [0; coalesce::MAX_HEADER],
         }
     }
 
-    /// Notes how a UDP super-packet write went; after [`USO_REFUSALS`] refusals in a row, UDP
-    /// runs stop coalescing (each refusal cost a failed `writev` before the segments went one
-    /// by one). Returns true when it turns USO off.
-    fn uso_outcome(&mut self, written: bool) -> bool {
-        if written {
-            self.uso_refused = 0;
-            return false;
+    /// Whether a run of this protocol may coalesce.
+    #[inline]
+    fn coalesces(&self, udp: bool) -> bool {
+        if udp { self.uso } else { self.tso }
+    }
+
+    /// Notes how a UDP (`udp`) or TCP super-packet write went: written, refused by the
+    /// kernel's virtio-net checks (EINVAL), or failed otherwise (EIO: the device down for a
+    /// moment; not the offload's fault, and not counted). After [`REFUSALS`] refusals in a
+    /// row, runs of that protocol stop coalescing (each refusal cost a failed `writev`, after
+    /// the kernel copied up to 64 KiB, before the segments went one by one). Returns true when
+    /// it turns the offload off.
+    fn outcome(&mut self, udp: bool, written: Result<(), &io::Error>) -> bool {
+        let count = &mut self.refused[usize::from(udp)];
+        match written {
+            Ok(()) => *count = 0,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) => *count += 1,
+            Err(_) => return false,
         }
-        self.uso_refused += 1;
-        if self.uso && self.uso_refused >= USO_REFUSALS {
-            self.uso = false;
+        if *count >= REFUSALS && self.coalesces(udp) {
+            if udp {
+                self.uso = false;
+            } else {
+                self.tso = false;
+            }
             return true;
         }
         false
@@ -977,17 +995,22 @@ impl TunWriter {
                     local.tun_tx_bytes += (run.count * run.head.header_len + run.payload) as u64;
                     if run.head.udp {
                         local.tun_tx_uso += 1;
-                        self.uso_outcome(true);
                     } else {
                         local.tun_tx_tso += 1;
                     }
+                    self.outcome(run.head.udp, Ok(()));
                     return Ok(());
                 }
                 Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
-                // Refused (an old kernel's virtio-net rules): write the segments one by one.
+                // Refused (a kernel's virtio-net rules) or failed: the segments one by one.
                 Err(e) => {
-                    if run.head.udp && self.uso_outcome(false) {
-                        tracing::warn!(error = %e, "the kernel refused {USO_REFUSALS} UDP super-packets in a row although the TUN device took USO; this worker writes UDP datagrams one by one from now on");
+                    if self.outcome(run.head.udp, Err(&e)) {
+                        let what = if run.head.udp {
+                            "UDP (USO)"
+                        } else {
+                            "TCP (TSO)"
+                        };
+                        tracing::warn!(error = %e, "the kernel refused {REFUSALS} {what} super-packets in a row although the TUN device took the offload; this worker writes those segments one by one from now on");
                     }
                 }
             }
@@ -999,10 +1022,11 @@ impl TunWriter {
     }
 }
 
-/// Consecutive refused UDP super-packet writes after which a worker stops coalescing UDP: a
-/// kernel whose virtio-net checks refuse USO although the device took the offload (as some
-/// 6.6 stable releases did) would otherwise cost a failed `writev` per run, for ever.
-const USO_REFUSALS: u32 = 8;
+/// Consecutive refused (EINVAL) super-packet writes of one protocol after which a worker stops
+/// coalescing it: a kernel whose virtio-net checks refuse TSO or USO although the device took
+/// the offload (6.6.44 for TSO, tailscale#13041; some 6.6 stable releases for USO) would
+/// otherwise cost a failed `writev` per run, for ever.
+const REFUSALS: u32 = 8;
 
 /// The socket egress sends on: the worker's send-only socket when it has one.
 #[inline]
@@ -1315,24 +1339,35 @@ mod test {
         assert_eq!(spin_budget(Duration::ZERO, ms(10)), Duration::ZERO);
     }
 
-    /// USO goes off after 8 refused UDP super-packets in a row, not after fewer, nor when a
-    /// write went through in between; it never comes back on its own.
+    /// USO and TSO each go off after 8 refused (EINVAL) super-packets of their protocol in a
+    /// row, not after fewer, nor when a write went through in between, nor for failures that
+    /// are not refusals (EIO: the device down for a moment); they never come back on their own.
     #[test]
-    fn refused_uso_writes_turn_uso_off_after_a_run_of_them() {
-        let mut w = TunWriter::new(true, true);
-        for _ in 0..USO_REFUSALS - 1 {
-            assert!(!w.uso_outcome(false));
+    fn refused_super_packets_turn_their_offload_off_after_a_run_of_them() {
+        let einval = io::Error::from_raw_os_error(libc::EINVAL);
+        let eio = io::Error::from_raw_os_error(libc::EIO);
+        for udp in [true, false] {
+            let mut w = TunWriter::new(true, true);
+            for _ in 0..REFUSALS - 1 {
+                assert!(!w.outcome(udp, Err(&einval)));
+            }
+            assert!(!w.outcome(udp, Ok(())), "a success resets the count");
+            for _ in 0..REFUSALS - 1 {
+                assert!(!w.outcome(udp, Err(&einval)));
+            }
+            // Failures that are no refusal neither count nor reset.
+            for _ in 0..3 * REFUSALS {
+                assert!(!w.outcome(udp, Err(&eio)));
+            }
+            // The other protocol's refusals are its own.
+            assert!(!w.outcome(!udp, Err(&einval)));
+            assert!(w.coalesces(udp) && w.coalesces(!udp));
+            assert!(w.outcome(udp, Err(&einval)), "the eighth in a row");
+            assert!(!w.coalesces(udp) && w.coalesces(!udp));
+            assert!(!w.outcome(udp, Err(&einval)), "reported once");
+            assert!(!w.outcome(udp, Ok(())));
+            assert!(!w.coalesces(udp));
         }
-        assert!(!w.uso_outcome(true), "a success resets the count");
-        for _ in 0..USO_REFUSALS - 1 {
-            assert!(!w.uso_outcome(false));
-        }
-        assert!(w.uso);
-        assert!(w.uso_outcome(false), "the eighth in a row");
-        assert!(!w.uso);
-        assert!(!w.uso_outcome(false), "reported once");
-        assert!(!w.uso_outcome(true));
-        assert!(!w.uso);
     }
 
     /// A worker thread that panics must count as stopped (the daemon exits when none runs):
