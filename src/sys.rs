@@ -132,6 +132,12 @@ pub fn wait_writable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> std::i
     }
 }
 
+/// Whether UDP GRO is on for `fd` (tests).
+#[cfg(test)]
+pub fn udp_gro_enabled(fd: BorrowedFd<'_>) -> std::io::Result<bool> {
+    getsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO).map(|v| v != 0)
+}
+
 /// Turns UDP GRO off on `fd` (quinn-udp turns it on wherever the kernel has it).
 pub fn disable_udp_gro(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)

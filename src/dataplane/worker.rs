@@ -606,18 +606,18 @@ impl Worker {
         self.reprobe.note(news);
     }
 
-    /// Gives GSO back to a quinn-udp state that lost it to a refused source address (at most
-    /// every [`REPROBE_EVERY`]). A fresh state turns UDP GRO on, so the receive socket's state
-    /// (one worker, or `--fixed-source-port`) is left alone when this worker receives without
-    /// GRO: its small buffers cannot take GRO'd datagrams.
+    /// Gives GSO back to a quinn-udp state that lost it to a refused source address or a
+    /// refused GSO send (at most every [`REPROBE_EVERY`]). A fresh state turns UDP GRO on:
+    /// on the receive socket (one worker, or `--fixed-source-port`) of a worker that receives
+    /// without GRO (a kernel before 5.12), it is turned off again at once, since its small
+    /// buffers cannot take GRO'd datagrams. (It used to be left without GSO for good there.)
     #[cold]
     fn reprobe(&mut self) {
-        let (ep, state) = match &mut self.tx {
-            Some((ep, st)) => (&*ep, st),
-            None if self.udp_gro => (&self.udp, &mut self.udp_state),
-            None => return,
+        let (ep, state, keep_gro_off) = match &mut self.tx {
+            Some((ep, st)) => (&*ep, st, false),
+            None => (&self.udp, &mut self.udp_state, !self.udp_gro),
         };
-        if let Some(fresh) = reprobe_if_gso_lost(ep, state) {
+        if let Some(fresh) = reprobe_if_gso_lost(ep, state, keep_gro_off) {
             *state = fresh;
         }
     }
@@ -834,13 +834,21 @@ fn socket_state(ep: &UdpEndpoint) -> io::Result<UdpSocketState> {
 /// branches in early 2025; with it they say EMSGSIZE), one about a single peer (a GSO batch
 /// larger than the path MTU to it).
 #[cold]
-fn reprobe_if_gso_lost(ep: &UdpEndpoint, state: &UdpSocketState) -> Option<UdpSocketState> {
+fn reprobe_if_gso_lost(
+    ep: &UdpEndpoint,
+    state: &UdpSocketState,
+    keep_gro_off: bool,
+) -> Option<UdpSocketState> {
     if state.max_gso_segments() > 1 {
         return None;
     }
-    socket_state(ep)
-        .ok()
-        .filter(|fresh| fresh.max_gso_segments() > 1)
+    let fresh = socket_state(ep).ok();
+    if keep_gro_off && let Err(e) = sys::disable_udp_gro(ep.socket.as_fd()) {
+        // Not expected: it worked at start.
+        tracing::warn!(error = %e, "cannot turn UDP GRO off again after probing GSO; \
+            datagrams that arrive coalesced are cut short");
+    }
+    fresh.filter(|fresh| fresh.max_gso_segments() > 1)
 }
 
 /// Whether a send failed because of its source address.
@@ -1233,7 +1241,7 @@ mod test {
                 assert_eq!(&got[..n], &buf[i * 100..(i + 1) * 100], "{to} segment {i}");
             }
             // Whatever quinn-udp made of the refusal, GSO is there after the probe.
-            let after = reprobe_if_gso_lost(&ep, &state);
+            let after = reprobe_if_gso_lost(&ep, &state, false);
             let gso = after.as_ref().unwrap_or(&state).max_gso_segments();
             assert!(gso > 1, "{to}: GSO lost");
             // IPv6 says EINVAL, which quinn-udp took for a GSO refusal.
@@ -1288,9 +1296,17 @@ mod test {
             let n = rx.recv(&mut got).unwrap();
             assert_eq!(&got[..n], &buf[i * 10..(i + 1) * 10], "datagram {i}");
         }
-        let fresh = reprobe_if_gso_lost(&ep, &state).expect("GSO not given back");
+        // A socket that receives without GRO (a worker on a kernel before 5.12) gets GSO
+        // back and keeps GRO off; without that, GSO was never probed again there.
+        sys::disable_udp_gro(ep.socket.as_fd()).unwrap();
+        let fresh = reprobe_if_gso_lost(&ep, &state, true).expect("GSO not given back");
         assert!(fresh.max_gso_segments() > 1);
+        assert!(!sys::udp_gro_enabled(ep.socket.as_fd()).unwrap());
         assert_eq!(want(&ep), wanted);
+        // Otherwise the fresh state's GRO stays on.
+        let fresh = reprobe_if_gso_lost(&ep, &state, false).expect("GSO not given back");
+        assert!(fresh.max_gso_segments() > 1);
+        assert!(sys::udp_gro_enabled(ep.socket.as_fd()).unwrap());
     }
 
     /// A refusal that comes again within the rate limit is not forgotten: the probe happens
