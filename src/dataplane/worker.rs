@@ -335,13 +335,19 @@ impl Worker {
         let mut spin_left = Duration::ZERO;
         while !self.stop.load(Ordering::Acquire) {
             while tun_ready || udp_ready {
-                if tun_ready {
-                    tun_ready = self.tun_batch()?;
-                }
-                if udp_ready {
-                    udp_ready = self.udp_batch()?;
-                }
+                // A fatal error (the device deleted) ends the worker: what this batch counted
+                // is published first, for the final counters line and /metrics.
+                let batch = (|| {
+                    if tun_ready {
+                        tun_ready = self.tun_batch()?;
+                    }
+                    if udp_ready {
+                        udp_ready = self.udp_batch()?;
+                    }
+                    Ok::<_, io::Error>(())
+                })();
                 self.shared.publish(&self.local);
+                batch?;
                 self.local = LocalCounters::default();
                 if self.stop.load(Ordering::Acquire) {
                     return Ok(());
