@@ -122,6 +122,14 @@ impl OpsServer {
         }
     }
 
+    /// What [`waiting`](Self::waiting) reported is over (the registry answered, the config
+    /// came): the answers go back to the plain "starting", not a past error.
+    pub fn resolved(&self) {
+        if let Ok(mut w) = self.waiting.lock() {
+            *w = None;
+        }
+    }
+
     /// Hands over the running daemon's handles; from now on answers come from them.
     pub fn attach(&self, sources: Sources) {
         let _ = self.sources.set(sources);

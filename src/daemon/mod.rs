@@ -831,6 +831,7 @@ async fn open_registry(
         };
         match opened {
             Ok(r) => {
+                ops.resolved();
                 if args.registry.etcd_endpoints.is_empty() {
                     tracing::info!(registry = %r.location(), "using the directory registry");
                 } else {
@@ -878,7 +879,12 @@ async fn wait_for_config(
             ops.waiting(registry.location(), e.to_string());
         }
         match read {
-            Ok(c) => return Ok(Some(c)),
+            Ok(c) => {
+                // The lease and the iptables rules may still take a while: no past error
+                // stands for them meanwhile in /healthz and /status.
+                ops.resolved();
+                return Ok(Some(c));
+            }
             Err(e) if e.is_transient() || matches!(e, RegistryError::ConfigNotFound { .. }) => {
                 invalid_since = None;
                 if !logged {
@@ -970,6 +976,58 @@ impl StopSignals {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// Once the config comes, what was waited for no longer shows: /healthz said "starting
+    /// (network config not found …)" until the daemon was up, through the lease and the
+    /// iptables rules (up to 30 s per command under a held xtables lock), and /status showed
+    /// the registry as not connected.
+    #[tokio::test]
+    async fn a_config_that_came_is_not_still_reported_missing() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let dir = tempfile::tempdir().unwrap();
+        let registry = crate::lease::directory::DirectoryRegistry::new(dir.path());
+        let ops = http::OpsServer::start(
+            crate::cli::status::MetricsAddr::On("127.0.0.1:0".parse().unwrap()),
+            None,
+        )
+        .await
+        .unwrap();
+        let get = || async {
+            let mut s = tokio::net::TcpStream::connect(ops.local_addr().unwrap())
+                .await
+                .unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            s.read_to_string(&mut out).await.unwrap();
+            out
+        };
+        let mut stop = StopSignals::new().unwrap();
+        let config = dir.path().join("config");
+        let write = tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            std::fs::write(config, r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        });
+        let waited = wait_for_config(&registry, &ops, &mut stop);
+        tokio::pin!(waited);
+        // Reported while it is missing…
+        let during = tokio::select! {
+            _ = &mut waited => panic!("a config before it was written"),
+            body = async {
+                tokio::time::sleep(Duration::from_millis(500)).await;
+                get().await
+            } => body,
+        };
+        assert!(during.contains("not found"), "{during}");
+        let got = waited.await.unwrap();
+        assert!(got.is_some());
+        write.await.unwrap();
+        // … and not after.
+        let after = get().await;
+        assert!(after.starts_with("HTTP/1.1 503"), "{after}");
+        assert!(!after.contains("not found"), "{after}");
+    }
 
     fn lease(key: &str, public_ip: &str) -> Lease {
         Lease {
