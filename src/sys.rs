@@ -1,5 +1,5 @@
-//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, a
-//! wait for a full socket to drain, one signal to a process group (the daemon's iptables commands), and a look at a child's exit
+//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, one
+//! signal to a process group (the daemon's iptables commands), and a look at a child's exit
 //! that does not reap it (the test lab). Each block carries a
 //! `// SAFETY:` comment.
 
@@ -110,25 +110,6 @@ fn getsockopt_int(
         Ok(value)
     } else {
         Err(std::io::Error::last_os_error())
-    }
-}
-
-/// Waits up to `timeout` for `fd` to take more data (`POLLOUT`); whether it will. For a
-/// non-blocking socket whose send buffer is full: the wait is the backpressure a blocking send
-/// would give.
-pub fn wait_writable(fd: BorrowedFd<'_>, timeout: std::time::Duration) -> std::io::Result<bool> {
-    let mut pfd = libc::pollfd {
-        fd: fd.as_raw_fd(),
-        events: libc::POLLOUT,
-        revents: 0,
-    };
-    let ms = libc::c_int::try_from(timeout.as_millis()).unwrap_or(libc::c_int::MAX);
-    // SAFETY: `pfd` is one valid, writable `pollfd`, and we pass a count of 1; the fd is
-    // borrowed, so it stays open for the call.
-    match unsafe { libc::poll(&mut pfd, 1, ms) } {
-        rc if rc < 0 => Err(std::io::Error::last_os_error()),
-        0 => Ok(false),
-        _ => Ok(pfd.revents & libc::POLLOUT != 0),
     }
 }
 

@@ -478,6 +478,8 @@ impl Worker {
         // (once a second at most): without UDP GSO (`--no-offload`, kernels before 4.18) no
         // batch is ever refused, and with it a packet alone is not batched.
         let mut alone = None;
+        // What is left of this batch's time to wait for room in a full send buffer.
+        let mut wait = BATCH_SEND_WAIT;
         // Anything not sent breaks a run: send the open run first.
         macro_rules! flush {
             ($run:expr) => {
@@ -492,6 +494,7 @@ impl Worker {
                         stride,
                         r,
                         &mut self.local,
+                        &mut wait,
                     );
                     news = news.max(sent.news);
                     if sent.too_big {
@@ -519,9 +522,9 @@ impl Worker {
                 flush!(run);
                 match verdict {
                     Egress::SendAlone { peer, len, icmp } => {
-                        let (udp, state) = sender(&self.tx, &self.udp, &self.udp_state);
+                        let sock = sender(&self.tx, &self.udp, &self.udp_state);
                         let pkt = &self.arena[at..at + len];
-                        let sent = send_gso(udp, state, pkt, peer, len, 1, &mut self.local);
+                        let sent = send_gso(sock, pkt, peer, (len, 1), &mut self.local, &mut wait);
                         news = news.max(sent.news);
                         if icmp > 0
                             && self.tun_out.write_one(
@@ -739,33 +742,53 @@ const QUIET: Duration = Duration::from_millis(2);
 /// rather than not at all. A refusal for another reason (GSO refused with EINVAL) fails both
 /// and is left to the caller, with the source kept.
 #[inline]
-fn try_send(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<Sent> {
-    match send_waiting(udp, state, t) {
+fn try_send(
+    udp: &UdpEndpoint,
+    state: &UdpSocketState,
+    t: &Transmit<'_>,
+    wait: &mut Duration,
+) -> io::Result<Sent> {
+    match send_waiting(udp, state, t, wait) {
         Err(e) if t.src_ip.is_some() && source_refused(&e) => {
             let without = Transmit { src_ip: None, ..*t };
-            send_waiting(udp, state, &without).map(|()| Sent::WithoutSource)
+            send_waiting(udp, state, &without, wait).map(|()| Sent::WithoutSource)
         }
         sent => sent.map(|()| Sent::AsAsked),
     }
 }
 
-/// How long a send waits for a full socket send buffer to take it (the underlay slower than
-/// the TUN reads: a 1 GbE link, a shaping qdisc) before the datagrams are dropped as
-/// `send_failed`. Meanwhile the worker reads nothing more from the TUN, whose queue then
-/// fills: the backpressure flanneld's blocking send gives. At 100 Mbit/s a GSO batch of 64 KiB
-/// leaves in about 5 ms.
-const SEND_WAIT: Duration = Duration::from_millis(50);
+/// How long the sends of one TUN batch may wait, in all, for room in a full socket send buffer
+/// (the underlay slower than the TUN reads: a 1 GbE link, a shaping qdisc), before what is left
+/// is dropped as `send_failed`. Meanwhile the worker reads nothing more from the TUN, whose
+/// queue then fills: the backpressure of flanneld's blocking send. A batch holds at most about
+/// 270 KB, which a 10 Mbit/s link takes some 220 ms to carry; a link that carries nothing (a
+/// stalled NIC) holds up the worker's receiving for this long per batch, and no longer.
+const BATCH_SEND_WAIT: Duration = Duration::from_millis(250);
+
+/// How often a full send buffer is tried again. Not `poll`: a UDP socket reports room only
+/// once its buffer is half empty (`sock_writeable`), megabytes later, where the next send
+/// needs only its own size.
+const SEND_RETRY_STEP: Duration = Duration::from_micros(500);
 
 /// One send; when the socket's send buffer is full (`EAGAIN`: the socket is non-blocking),
-/// waits up to [`SEND_WAIT`] for room and tries once more. Before, a full buffer dropped the
-/// whole GSO batch, up to 64 segments of one flow in a row, which TCP recovers from slowly.
-fn send_waiting(udp: &UdpEndpoint, state: &UdpSocketState, t: &Transmit<'_>) -> io::Result<()> {
-    match state.try_send(UdpSockRef::from(&udp.socket), t) {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-            sys::wait_writable(udp.socket.as_fd(), SEND_WAIT)?;
-            state.try_send(UdpSockRef::from(&udp.socket), t)
+/// tries again every [`SEND_RETRY_STEP`] while `wait` (the batch's budget) lasts, and takes
+/// the time from it. Before, a full buffer dropped the whole GSO batch, up to 64 segments of
+/// one flow in a row, which TCP recovers from slowly.
+fn send_waiting(
+    udp: &UdpEndpoint,
+    state: &UdpSocketState,
+    t: &Transmit<'_>,
+    wait: &mut Duration,
+) -> io::Result<()> {
+    loop {
+        match state.try_send(UdpSockRef::from(&udp.socket), t) {
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock && !wait.is_zero() => {
+                let from = Instant::now();
+                std::thread::sleep(SEND_RETRY_STEP.min(*wait));
+                *wait = wait.saturating_sub(from.elapsed());
+            }
+            sent => return sent,
         }
-        sent => sent,
     }
 }
 
@@ -849,7 +872,11 @@ fn reprobe_if_gso_lost(
         return None;
     }
     let fresh = socket_state(ep).ok();
-    if keep_gro_off && let Err(e) = sys::disable_udp_gro(ep.socket.as_fd()) {
+    // Only where the fresh state turned it on: a kernel before 5.0 has no UDP GRO to turn off.
+    if keep_gro_off
+        && fresh.as_ref().is_some_and(|f| f.gro_segments() > 1)
+        && let Err(e) = sys::disable_udp_gro(ep.socket.as_fd())
+    {
         // Not expected: it worked at start.
         tracing::warn!(error = %e, "cannot turn UDP GRO off again after probing GSO; \
             datagrams that arrive coalesced are cut short");
@@ -1055,14 +1082,15 @@ fn sender<'a>(
 /// Sends a run: one GSO `sendmsg` when it has several packets, a plain one otherwise
 /// ([`Run::gather`] makes its packets contiguous first).
 fn send_run(
-    (udp, state): (&UdpEndpoint, &UdpSocketState),
+    sock: (&UdpEndpoint, &UdpSocketState),
     arena: &mut [u8],
     stride: usize,
     run: Run,
     local: &mut LocalCounters,
+    wait: &mut Duration,
 ) -> Outcome {
     let range = run.gather(arena, stride);
-    send_gso(udp, state, &arena[range], run.peer, run.seg, run.n, local)
+    send_gso(sock, &arena[range], run.peer, (run.seg, run.n), local, wait)
 }
 
 /// What a send found out.
@@ -1128,13 +1156,12 @@ fn learn_path_mtu(
 /// Sends the staged run of `n` segments of `seg` bytes to `peer` in one `sendmsg`; says
 /// whether the kernel refused the source address, or the batch as such.
 fn send_gso(
-    udp: &UdpEndpoint,
-    state: &UdpSocketState,
+    (udp, state): (&UdpEndpoint, &UdpSocketState),
     buf: &[u8],
     peer: SocketAddr,
-    seg: usize,
-    n: usize,
+    (seg, n): (usize, usize),
     local: &mut LocalCounters,
+    wait: &mut Duration,
 ) -> Outcome {
     let transmit = Transmit {
         destination: socket_addr_for(peer, udp.dual_stack),
@@ -1143,7 +1170,7 @@ fn send_gso(
         segment_size: (n > 1).then_some(seg),
         src_ip: udp.source.for_peer(peer),
     };
-    match try_send(udp, state, &transmit) {
+    match try_send(udp, state, &transmit, wait) {
         Ok(sent) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
@@ -1184,7 +1211,7 @@ fn send_gso(
                     segment_size: None,
                     src_ip: transmit.src_ip,
                 };
-                match try_send(udp, state, &single) {
+                match try_send(udp, state, &single, wait) {
                     Ok(sent) => {
                         local.udp_tx_packets += 1;
                         local.udp_tx_bytes += chunk.len() as u64;
@@ -1238,7 +1265,14 @@ mod test {
             let buf: Vec<u8> = (0..300u32).map(|i| i as u8).collect();
             let mut local = LocalCounters::default();
             let peer = rx.local_addr().unwrap();
-            let sent = send_gso(&ep, &state, &buf, peer, 100, 3, &mut local);
+            let sent = send_gso(
+                (&ep, &state),
+                &buf,
+                peer,
+                (100, 3),
+                &mut local,
+                &mut Duration::from_secs(0),
+            );
             assert_eq!(sent.news, SourceNews::RefusedButGsoWorked, "{to}");
             assert_eq!(local.udp_tx_packets, 3);
             let mut got = [0u8; 512];
@@ -1286,7 +1320,14 @@ mod test {
         let buf: Vec<u8> = (0..2000u32).map(|i| (i / 10) as u8).collect();
         let mut local = LocalCounters::default();
         let peer = rx.local_addr().unwrap();
-        let sent = send_gso(&ep, &state, &buf, peer, 10, 200, &mut local);
+        let sent = send_gso(
+            (&ep, &state),
+            &buf,
+            peer,
+            (10, 200),
+            &mut local,
+            &mut Duration::from_secs(0),
+        );
         // Refused as a batch: worth asking for the path MTU (older kernels say EINVAL for it).
         assert_eq!(
             sent,
