@@ -1932,9 +1932,12 @@ fn linen_waiting_for_iptables(prefix: &str) -> (Lab, u32, PathBuf, PathBuf, temp
     let pids = dir.path().join("pids");
     // Not `exec sleep`: a wrapper script whose own child waits, so that a stop must reach
     // the child as well (both pids recorded).
+    // The chain is created (listed as missing, then made), so that a stop removes what this
+    // start made; every later command waits, the removal's too.
     let waits = |program: &str| {
         format!(
             "case \"$1\" in --version) echo '{program} v1.4.21'; exit 0;; esac\n\
+             case \" $* \" in *' -S '*) exit 1;; *' -N '*) exit 0;; esac\n\
              echo $$ >> '{0}'\nsleep 40 &\necho $! >> '{0}'\nwait\n",
             pids.display()
         )
@@ -2083,6 +2086,72 @@ fn a_full_socket_send_buffer_is_waited_for() {
     assert_eq!(counter(&log, "send_failed"), 0, "{log}");
 }
 
+/// A start stopped while it installs its rules removes only what it made: the chains and
+/// jumps an earlier run left in force (a stop leaves them) stay, so that the host's containers
+/// keep their masquerade. Here the earlier run's chain is in place, and the new start's
+/// check of its rules (`-C`) waits until the stop.
+#[test]
+fn a_stop_during_the_install_keeps_an_earlier_runs_rules() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnipkeep", 2);
+    let h = o.lab.host(0).clone();
+    for p in ["iptables", "ip6tables"] {
+        h.run_ok(p, &["-t", "nat", "-N", "LINEN-POSTRTG"]).unwrap();
+        h.run_ok(p, &["-t", "nat", "-A", "LINEN-POSTRTG", "-j", "RETURN"])
+            .unwrap();
+        h.run_ok(
+            p,
+            &[
+                "-t",
+                "nat",
+                "-A",
+                "POSTROUTING",
+                "-m",
+                "comment",
+                "--comment",
+                "linen masq",
+                "-j",
+                "LINEN-POSTRTG",
+            ],
+        )
+        .unwrap();
+    }
+    let started = o.dir.path().join("checking");
+    let bin = wrapped_commands(
+        o.dir.path(),
+        &["iptables", "ip6tables"],
+        &format!(
+            "case \" $* \" in *' -C '*) touch '{}'; sleep 40;; esac",
+            started.display()
+        ),
+    );
+    let (cmd, _env, log) = linen_run(&h, o.dir.path(), "h1", &["--ip-masq".to_string()]);
+    let pid = o
+        .lab
+        .spawn(timed_with_path(&h, &cmd, &bin, &log), "linen")
+        .unwrap();
+    let checking = wait_for(Duration::from_secs(20), || started.exists().then_some(()));
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    assert!(checking.is_some(), "{}", text());
+    let stopped = o.lab.stop(pid, Duration::from_secs(20));
+    assert!(stopped.is_some_and(|s| s.success()), "{}", text());
+    assert!(
+        text().contains("stopping while the iptables rules were being installed"),
+        "{}",
+        text()
+    );
+    for p in ["iptables", "ip6tables"] {
+        let rules = h.run_ok(p, &["-t", "nat", "-S"]).unwrap();
+        assert!(
+            rules.contains("-A LINEN-POSTRTG -j RETURN"),
+            "{p}:\n{rules}"
+        );
+        assert!(rules.contains("-j LINEN-POSTRTG"), "{p}:\n{rules}");
+    }
+}
+
 /// A dual-stack `--ip-masq` on a kernel without IPv6 NAT (no `ip6table_nat`; here an ip6tables
 /// that says so for table nat) runs with the IPv4 rules and retries the IPv6 ones, as
 /// flanneld does; it used to exit 1, leaving no overlay at all. With neither family's rules,
@@ -2133,6 +2202,17 @@ fn masquerade_runs_with_one_family_when_the_other_cannot() {
         "{}",
         text()
     );
+    assert!(!env.exists(), "{}", text());
+
+    // IPv6 fine, IPv4's commands finding the xtables lock busy (exit 4): a failure that a
+    // retry may mend is no reason to start without IPv4's rules; the start fails.
+    let busy = "case \" $* \" in *' -t nat '*) echo 'Another app is currently holding the \
+                xtables lock. Stopped waiting after 5s.' >&2; exit 4;; esac";
+    wrapped_commands(o.dir.path(), &["ip6tables"], "");
+    let bin = wrapped_commands(o.dir.path(), &["iptables"], busy);
+    let status = timed_with_path(&h, &cmd, &bin, &log).status().unwrap();
+    assert_eq!(status.code(), Some(1), "{}", text());
+    assert!(text().contains("holding the xtables lock"), "{}", text());
     assert!(!env.exists(), "{}", text());
 }
 

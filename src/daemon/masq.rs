@@ -29,6 +29,7 @@
 
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -603,6 +604,9 @@ struct RuleSet {
     network: IpNetwork,
     random_fully: bool,
     rules: Vec<Vec<String>>,
+    /// This daemon created the chain or added the jump to it: a start that ends before its
+    /// rules are in place removes only what it made, not what an earlier run left in force.
+    made: Arc<AtomicBool>,
 }
 
 impl RuleSet {
@@ -629,6 +633,7 @@ impl RuleSet {
             network,
             random_fully,
             rules: chain_rules(family, network, own, random_fully),
+            made: Arc::default(),
         }
     }
 
@@ -640,6 +645,7 @@ impl RuleSet {
             network,
             random_fully: false,
             rules: forward_rules(network),
+            made: Arc::default(),
         }
     }
 }
@@ -794,12 +800,14 @@ impl Masq {
         }
     }
 
-    /// Removes the jumps and the chains (errors are logged: this runs on the way out), within
-    /// [`REMOVAL_BUDGET`], and says whether all went. A chain that stays is named in a warning.
+    /// Removes the jumps and the chains this daemon made (errors are logged: this runs on the
+    /// way out of a start that did not complete), within [`REMOVAL_BUDGET`], and says whether
+    /// all went; those an earlier run left in force stay, as a stop leaves them. A chain that
+    /// stays is named in a warning.
     pub fn remove(&self) -> bool {
         let limit = Limit::within(REMOVAL_BUDGET);
         let mut all = true;
-        for set in &self.sets {
+        for set in self.sets.iter().filter(|s| s.made.load(Ordering::Relaxed)) {
             all &= set.ipt(&limit).remove_chain();
         }
         if all {
@@ -870,10 +878,13 @@ impl Ipt<'_> {
             .chain(args.iter().map(String::as_str))
             .collect::<Vec<_>>()
             .join(" ");
-        anyhow!(
-            "`{command}` failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )
+        anyhow::Error::new(Refused {
+            message: format!(
+                "`{command}` failed: {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            code: out.status.code(),
+        })
     }
 
     /// Removes the purpose's jump and chain (errors are logged); whether the chain is gone.
@@ -911,6 +922,30 @@ impl Ipt<'_> {
     }
 }
 
+/// An iptables command that ran and exited non-zero: its message and exit code.
+#[derive(Debug)]
+struct Refused {
+    message: String,
+    code: Option<i32>,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// Whether `e` will stay as it is on retry: the command ran and refused, other than for the
+/// xtables lock (exit 4, `RESOURCE_PROBLEM`: another program holds it) — a missing table
+/// (a kernel without `ip6table_nat`), a match or target the kernel lacks. Not a command that
+/// could not be run, was cut short, or waited too long.
+fn lasting(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<Refused>()
+        .is_some_and(|r| r.code.is_some_and(|c| c != 4))
+}
+
 /// Whether iptables' message says the chain does not exist (legacy: "No chain/target/match
 /// by that name."; nft: "... does not exist" / "No such file or directory").
 fn no_such_chain(stderr: &[u8]) -> bool {
@@ -935,6 +970,7 @@ fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
         Some(0) => {}
         Some(1) => {
             ipt.ok("-N", chain, &[])?;
+            set.made.store(true, Ordering::Relaxed);
             changed = true;
         }
         _ => return Err(ipt.failed("-S", chain, &[], &listed)),
@@ -957,6 +993,7 @@ fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
     let jump = jump_rule(set.purpose);
     if !ipt.exists(set.purpose.hook(), &jump)? {
         ipt.ok("-A", set.purpose.hook(), &jump)?;
+        set.made.store(true, Ordering::Relaxed);
         changed = true;
     }
     Ok(changed)
@@ -981,11 +1018,13 @@ pub async fn install(
         ];
         remove_leftovers(opts.masquerade, opts.forward, families, &limit);
         let masq = Masq::new(&config, &lease, opts, &limit)?;
-        // One family's masquerade rules that fail (a kernel without ip6table_nat) while the
-        // other's went in are retried at each check, as flanneld does, rather than stopping
-        // the whole overlay; if no family's went in, the start fails.
+        // One family's masquerade rules that the kernel cannot take (no ip6table_nat) while
+        // the other's went in are retried at each check, as flanneld does, rather than
+        // stopping the whole overlay. Any other failure (the xtables lock busy at boot) ends
+        // the start, as does one in every family: subnet.env must not say FLANNEL_IPMASQ=true
+        // while a family's containers would leave unmasqueraded, and conntrack keep them so.
         let mut masquerading = false;
-        let mut failed = None;
+        let mut failed = Vec::new();
         for set in &masq.sets {
             match ensure_set(set, &limit) {
                 Ok(_) => masquerading |= set.purpose == Purpose::Masquerade,
@@ -1000,18 +1039,21 @@ pub async fn install(
                         retry_s = masq.resync.as_secs(),
                         "cannot install the FORWARD accept rules yet; retrying");
                 }
-                Err(e) => failed = Some((set.family, e)),
+                Err(e) => failed.push((set.family, e)),
             }
         }
-        if let Some((family, e)) = failed {
-            if !masquerading {
+        if !failed.is_empty() {
+            if !masquerading || failed.iter().any(|(_, e)| !lasting(e)) {
                 masq.remove();
-                return Err(e.context("installing the --ip-masq rules"));
+                let all: Vec<String> = failed.iter().map(|(_, e)| format!("{e:#}")).collect();
+                bail!("installing the --ip-masq rules: {}", all.join("; "));
             }
-            tracing::warn!(error = %format!("{e:#}"), program = family.program(),
-                retry_s = masq.resync.as_secs(),
-                "cannot install this family's --ip-masq rules; the other family's are in place; \
-                 retrying");
+            for (family, e) in failed {
+                tracing::warn!(error = %format!("{e:#}"), program = family.program(),
+                    retry_s = masq.resync.as_secs(),
+                    "cannot install this family's --ip-masq rules; the other family's are in \
+                     place; retrying");
+            }
         }
         Ok((!masq.sets.is_empty()).then_some(masq))
     })

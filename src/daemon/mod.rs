@@ -442,7 +442,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         () = stop.recv() => {
             stop.exit_on_next();
             installing.cancel();
-            // What was installed is removed (a failed install removes its own).
+            // What this start made is removed (a failed install removes its own); rules an
+            // earlier run left in force stay, as a stop leaves them.
             if let Ok(Some(r)) = install.await {
                 let _ = tokio::task::spawn_blocking(move || r.remove()).await;
             }
