@@ -32,8 +32,9 @@ const MAX_HEAD: usize = 8 * 1024;
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// Connections served at once; more wait in the listen backlog. Many, since one waiting for
 /// its head costs a task and a few KiB: with 16, four addresses holding their four idle
-/// connections each (four loopback addresses are any local user's; on `--healthz-port`, four
-/// remote hosts) kept every later client, a kubelet's probe among them, waiting for 5 s.
+/// connections each (on `--healthz-port`, four remote hosts) kept every later client, a
+/// kubelet's probe among them, waiting for 5 s; it now takes 64. (A local user, who has all
+/// of 127/8, can still fill them: the endpoint does not defend against this host's users.)
 const MAX_CONNECTIONS: usize = 256;
 /// Connections served at once from one address; more are closed at once. Sixteen idle
 /// connections from anywhere would otherwise hold every slot for 5 s at a time, and a

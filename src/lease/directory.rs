@@ -18,7 +18,8 @@
 //! a regular file: a symbolic link is not followed, and a FIFO does not stall the reader.
 //!
 //! Change notification is polling (every 200 ms by default): a watch compares the revision, a
-//! fingerprint of `subnets/` (names, sizes, mtimes: hand-made edits do not raise the revision)
+//! fingerprint of `subnets/` (names, sizes, mtimes, inodes, ctimes: hand-made edits do not
+//! raise the revision)
 //! and the earliest expiry, and delivers a [`WatchEvent::Snapshot`] when any of them moved.
 //!
 //! Blocking I/O: every operation runs on tokio's blocking pool (`spawn_blocking`), because
@@ -157,9 +158,15 @@ impl DirectoryRegistry {
             )));
         }
         let task = tokio::task::spawn_blocking(move || {
-            let done = op(&store);
-            store.in_flight.fetch_sub(1, Ordering::AcqRel);
-            done
+            // Given back however the operation ends (a panic included).
+            struct Done<'a>(&'a AtomicUsize);
+            impl Drop for Done<'_> {
+                fn drop(&mut self) {
+                    self.0.fetch_sub(1, Ordering::AcqRel);
+                }
+            }
+            let _done = Done(&store.in_flight);
+            op(&store)
         });
         match tokio::time::timeout(self.op_deadline, task).await {
             Ok(Ok(done)) => done,

@@ -324,7 +324,8 @@ impl std::error::Error for Suppress {
 
 /// ICMPv4 error types (RFC 1812 §4.3.2.7): destination unreachable, source quench, redirect,
 /// time exceeded, parameter problem; and, as Linux assumes ("think about it"), any type past
-/// the last one RFC 792 and its successors define (18, address mask reply), which may be one.
+/// the last one it knows (18, address mask reply; `NR_ICMP_TYPES`), which may be one. (Types
+/// 42 and 43, RFC 8335's extended echo, are queries, unanswered here as Linux leaves them.)
 #[inline]
 fn is_icmpv4_error(msg_type: u8) -> bool {
     matches!(
