@@ -134,10 +134,6 @@ impl OpsServer {
     /// Hands over the running daemon's handles; from now on answers come from them.
     pub fn attach(&self, sources: Sources) {
         let _ = self.sources.set(sources);
-        // Not read any more: no clone of it per request.
-        if let Ok(mut w) = self.waiting.lock() {
-            *w = None;
-        }
     }
 
     /// The bound address (`None` when off).
@@ -444,6 +440,22 @@ pub fn respond(
     response
 }
 
+/// `GET /healthz` from `from` (a socket bound to the source address wanted) or any address;
+/// the whole answer. For tests, here and in the daemon's.
+#[cfg(test)]
+pub(crate) async fn get_healthz(addr: SocketAddr, from: Option<tokio::net::TcpSocket>) -> String {
+    let mut s = match from {
+        Some(socket) => socket.connect(addr).await.unwrap(),
+        None => TcpStream::connect(addr).await.unwrap(),
+    };
+    s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut out = String::new();
+    s.read_to_string(&mut out).await.unwrap();
+    out
+}
+
 #[cfg(test)]
 mod test {
     use super::*;
@@ -489,17 +501,9 @@ mod test {
         let probe = tokio::net::TcpSocket::new_v4().unwrap();
         probe.bind("127.0.0.2:0".parse().unwrap()).unwrap();
         // (A guard against hanging, not a timing: what shows the share is the count below.)
-        let answer = tokio::time::timeout(Duration::from_secs(30), async {
-            let mut s = probe.connect(addr).await.unwrap();
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        })
-        .await
-        .expect("the probe waited behind idle connections");
+        let answer = tokio::time::timeout(Duration::from_secs(30), get_healthz(addr, Some(probe)))
+            .await
+            .expect("the probe waited behind idle connections");
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         // Of the idle ones, those over the share were told so and closed at once; the others
         // still wait for their request.
@@ -541,17 +545,9 @@ mod test {
         let probe = tokio::net::TcpSocket::new_v4().unwrap();
         probe.bind("127.0.0.6:0".parse().unwrap()).unwrap();
         // (A guard against hanging, not a timing: what counts is the order checked below.)
-        let answer = tokio::time::timeout(Duration::from_secs(30), async {
-            let mut s = probe.connect(addr).await.unwrap();
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        })
-        .await
-        .expect("the probe was never answered");
+        let answer = tokio::time::timeout(Duration::from_secs(30), get_healthz(addr, Some(probe)))
+            .await
+            .expect("the probe was never answered");
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         // Answered before the server let go of any idle one: each is open, with nothing to read.
         for (i, s) in idle.iter().enumerate() {

@@ -27,9 +27,9 @@
 //! removes them, for a purpose or family it has no use for). Only a start that ends before its
 //! rules were in place (stopped, or failed) removes what it added.
 
+use std::cell::Cell;
 use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, Output, Stdio};
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
@@ -606,7 +606,7 @@ struct RuleSet {
     rules: Vec<Vec<String>>,
     /// This daemon created the chain or added the jump to it: a start that ends before its
     /// rules are in place removes only what it made, not what an earlier run left in force.
-    made: Arc<AtomicBool>,
+    made: Cell<bool>,
 }
 
 impl RuleSet {
@@ -633,7 +633,7 @@ impl RuleSet {
             network,
             random_fully,
             rules: chain_rules(family, network, own, random_fully),
-            made: Arc::default(),
+            made: Cell::new(false),
         }
     }
 
@@ -645,7 +645,7 @@ impl RuleSet {
             network,
             random_fully: false,
             rules: forward_rules(network),
-            made: Arc::default(),
+            made: Cell::new(false),
         }
     }
 }
@@ -807,7 +807,7 @@ impl Masq {
     pub fn remove(&self) -> bool {
         let limit = Limit::within(REMOVAL_BUDGET);
         let mut all = true;
-        for set in self.sets.iter().filter(|s| s.made.load(Ordering::Relaxed)) {
+        for set in self.sets.iter().filter(|s| s.made.get()) {
             all &= set.ipt(&limit).remove_chain();
         }
         if all {
@@ -970,7 +970,7 @@ fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
         Some(0) => {}
         Some(1) => {
             ipt.ok("-N", chain, &[])?;
-            set.made.store(true, Ordering::Relaxed);
+            set.made.set(true);
             changed = true;
         }
         _ => return Err(ipt.failed("-S", chain, &[], &listed)),
@@ -993,7 +993,7 @@ fn ensure_set(set: &RuleSet, limit: &Limit) -> Result<bool> {
     let jump = jump_rule(set.purpose);
     if !ipt.exists(set.purpose.hook(), &jump)? {
         ipt.ok("-A", set.purpose.hook(), &jump)?;
-        set.made.store(true, Ordering::Relaxed);
+        set.made.set(true);
         changed = true;
     }
     Ok(changed)

@@ -984,7 +984,6 @@ mod test {
     /// the registry as not connected.
     #[tokio::test]
     async fn a_config_that_came_is_not_still_reported_missing() {
-        use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let dir = tempfile::tempdir().unwrap();
         let registry = crate::lease::directory::DirectoryRegistry::new(dir.path());
         let ops = http::OpsServer::start(
@@ -993,17 +992,7 @@ mod test {
         )
         .await
         .unwrap();
-        let get = || async {
-            let mut s = tokio::net::TcpStream::connect(ops.local_addr().unwrap())
-                .await
-                .unwrap();
-            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
-                .await
-                .unwrap();
-            let mut out = String::new();
-            s.read_to_string(&mut out).await.unwrap();
-            out
-        };
+        let get = || http::get_healthz(ops.local_addr().unwrap(), None);
         let mut stop = StopSignals::new().unwrap();
         let config = dir.path().join("config");
         let write = tokio::spawn(async move {
