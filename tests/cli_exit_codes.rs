@@ -69,6 +69,14 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             &["'--ip-blackhole-route'"],
         ),
         ("run --mtu 10".into(), &["--mtu", "576"]),
+        (
+            "run --udp-gso maybe".into(),
+            &["--udp-gso", "auto, on, off"],
+        ),
+        (
+            format!("{run} --no-offload --udp-gso on"),
+            &["--udp-gso on", "--no-offload"],
+        ),
         ("run --subnet-lease-renew-margin 0".into(), &["1..=1439"]),
         ("demo --seconds 0".into(), &["--seconds"]),
         ("status --metrics-addr off".into(), &["no daemon to ask"]),

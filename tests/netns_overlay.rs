@@ -367,6 +367,16 @@ fn three_hosts_mesh_without_offloads() {
     mesh("lnmeshno", &["--no-offload", "--busy-poll-us=0"], 50);
 }
 
+/// The same with UDP GSO alone turned off: every datagram its own send, while the TUN
+/// offloads and UDP GRO stay on.
+#[test]
+fn three_hosts_mesh_without_udp_gso() {
+    if skip() {
+        return;
+    }
+    mesh("lnmeshgso", &["--udp-gso=off"], 50);
+}
+
 /// Three hosts: every pair pings over IPv4 and IPv6, `megabytes` of TCP arrive byte-identical,
 /// ICMP rules hold, and a stopped host's subnet becomes unreachable once its lease expires.
 fn mesh(name: &str, flags: &[&str], megabytes: usize) {
@@ -452,8 +462,24 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
     assert!(log.contains(&format!("udp_gro={gro}")), "{log}");
     // A log file gets no terminal colours.
     assert!(!log.contains('\x1b'), "escape codes in {log}");
+    // Host 1 sent them: with UDP GSO several datagrams per send (kernels from 4.18 have it).
+    let (status, log) = o.stop(0);
+    assert!(
+        status.is_some_and(|s| s.success()),
+        "SIGTERM exits 0: {log}"
+    );
+    let gso_sends = counter(&log, "udp_tx_gso");
+    let no_gso = flags.contains(&"--no-offload") || flags.contains(&"--udp-gso=off");
+    if no_gso {
+        assert_eq!(gso_sends, 0, "a GSO send with {flags:?}");
+    } else if common::kernel_at_least(4, 18) {
+        assert!(gso_sends > 0, "no GSO send: {log}");
+    }
     if flags.contains(&"--no-offload") {
         assert_eq!((tso, uso), (0, 0), "no coalescing without offloads");
+    } else if no_gso {
+        // A receiver coalesces the segments of one GRO'd datagram, and veth merges no
+        // datagrams that were sent one by one (a NIC's GRO would): nothing to say here.
     } else if common::kernel_at_least(6, 2) {
         assert!(tso > 0 && uso > 0, "coalesced writes: tso={tso} uso={uso}");
     } else {

@@ -67,6 +67,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether workers send a peer's datagrams in one UDP GSO call (`--udp-gso`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum UdpGso {
+    /// Where the kernel has it, except on Linux 7.0.0 to 7.1.4, whose UDP GSO corrupts
+    /// datagrams with some network drivers.
+    Auto,
+    /// Where the kernel has it, on every version.
+    On,
+    /// Never: one system call per datagram.
+    Off,
+}
+
 /// The subcommands.
 #[derive(Debug, Subcommand)]
 pub enum Command {
@@ -241,6 +253,13 @@ pub struct RunArgs {
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]
     pub no_offload: bool,
+    /// Send each peer's datagrams in one system call with UDP GSO: `auto` uses it where the
+    /// kernel has it except on Linux 7.0.0 to 7.1.4, whose UDP GSO mangles datagrams with some
+    /// network drivers (fixed in 7.1.5; `on` for a kernel that has the fix backported, or a
+    /// driver known to be spared). Receiving with UDP GRO and the TUN offloads do not depend
+    /// on it; `--no-offload` turns it off too.
+    #[arg(long, env = "LINEN_UDP_GSO", value_enum, default_value_t = UdpGso::Auto)]
+    pub udp_gso: UdpGso,
     /// UDP socket buffer size in bytes (SO_SNDBUF/SO_RCVBUF, forced when root).
     #[arg(long, env = "LINEN_SOCKET_BUFFER", default_value_t = 4 << 20)]
     pub socket_buffer: usize,

@@ -292,6 +292,7 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
         coalesced("tcp"),
         coalesced("udp")
     );
+    let _ = writeln!(out, "UDP GSO sends: {}", c.udp_gso_sends);
 
     let _ = writeln!(out);
     let mut rows = vec![[

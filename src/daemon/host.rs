@@ -832,17 +832,32 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
-/// The running kernel's version (major, minor), from `/proc/sys/kernel/osrelease`.
-pub fn kernel_version() -> Option<(u32, u32)> {
+/// The running kernel's version (major, minor, patch), from `/proc/sys/kernel/osrelease`.
+pub fn kernel_version() -> Option<(u32, u32, u32)> {
     parse_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)
 }
 
-/// "6.1.0-26-amd64" → (6, 1); "5.12" → (5, 12).
-fn parse_kernel_release(release: &str) -> Option<(u32, u32)> {
+/// "6.1.0-26-amd64" → (6, 1, 0); "5.12" → (5, 12, 0); "7.1.4+" → (7, 1, 4). A release
+/// candidate counts as the release it leads to ("7.1.0-rc3" → (7, 1, 0)).
+fn parse_kernel_release(release: &str) -> Option<(u32, u32, u32)> {
     let mut parts = release.trim().split(['.', '-']);
     let major = parts.next()?.parse().ok()?;
     let minor = parts.next()?.parse().ok()?;
-    Some((major, minor))
+    let patch = parts.next().map_or(0, |p| {
+        let digits = p.find(|c: char| !c.is_ascii_digit()).unwrap_or(p.len());
+        p[..digits].parse().unwrap_or(0)
+    });
+    Some((major, minor, patch))
+}
+
+/// Whether this kernel is one whose UDP GSO can send corrupt datagrams: Linux 7.0.0 to 7.1.4
+/// mangle UDP headers and checksums of segmented datagrams with some network drivers (the
+/// regression of commit b10b446 in 7.0-rc1, fixed by 78effd8 and 5f17ae0; the range is the
+/// one tailscale switches its workaround on for: tailscale#19777, PR #19918). Which drivers
+/// cannot be told from here, so every host on such a kernel counts; a distribution kernel that
+/// took the fixes into its 7.0.y is counted too (`--udp-gso on` for it).
+pub fn udp_gso_may_corrupt(version: (u32, u32, u32)) -> bool {
+    ((7, 0, 0)..=(7, 1, 4)).contains(&version)
 }
 
 /// Whether this process may administer the network (`CAP_NET_ADMIN` in its effective set,
@@ -976,10 +991,39 @@ mod test {
 
     #[test]
     fn kernel_releases_parse() {
-        assert_eq!(parse_kernel_release("6.1.0-26-amd64\n"), Some((6, 1)));
-        assert_eq!(parse_kernel_release("5.12"), Some((5, 12)));
-        assert_eq!(parse_kernel_release("4.19.0-rc1"), Some((4, 19)));
+        assert_eq!(parse_kernel_release("6.1.0-26-amd64\n"), Some((6, 1, 0)));
+        assert_eq!(parse_kernel_release("5.12"), Some((5, 12, 0)));
+        assert_eq!(parse_kernel_release("4.19.0-rc1"), Some((4, 19, 0)));
+        assert_eq!(parse_kernel_release("7.1.4-arch1-1"), Some((7, 1, 4)));
+        assert_eq!(parse_kernel_release("7.1.5+"), Some((7, 1, 5)));
+        assert_eq!(parse_kernel_release("7.0-rc2"), Some((7, 0, 0)));
+        assert_eq!(parse_kernel_release("6.18.0-rc5+\n"), Some((6, 18, 0)));
         assert_eq!(parse_kernel_release("garbage"), None);
         assert_eq!(parse_kernel_release("6"), None);
+    }
+
+    #[test]
+    fn udp_gso_is_distrusted_from_7_0_to_7_1_4() {
+        let release = |r: &str| udp_gso_may_corrupt(parse_kernel_release(r).unwrap());
+        for bad in [
+            "7.0.0-rc1",
+            "7.0",
+            "7.0.2-6-pve",
+            "7.0.0-14-generic",
+            "7.1.0",
+            "7.1.4",
+        ] {
+            assert!(release(bad), "{bad}");
+        }
+        for good in [
+            "6.17.0-41-generic",
+            "6.18.0",
+            "7.1.5",
+            "7.2.0-rc1",
+            "8.0",
+            "5.10.0",
+        ] {
+            assert!(!release(good), "{good}");
+        }
     }
 }

@@ -10,6 +10,7 @@
 //!   flows spread over the workers)
 //! - `drops_total{reason}`: every [`DropReason`](crate::dataplane::DropReason) name, zeros too
 //! - `icmp_errors_sent_total`
+//! - `udp_gso_sends_total`: sends that each carried several datagrams (UDP GSO)
 //! - `table_routes`, `table_generation`, `peers`
 //! - `lease_held`, `lease_reservation`, `lease_expiry_seconds` (seconds until the own lease
 //!   expires; absent for a reservation or without a lease)
@@ -147,6 +148,12 @@ impl Collector for StatusCollector {
         )?;
         one(
             &mut enc,
+            "linen_udp_gso_sends",
+            "UDP sends that each carried several datagrams to one peer (UDP GSO)",
+            &ConstCounter::new(c.udp_gso_sends),
+        )?;
+        one(
+            &mut enc,
             "linen_table_routes",
             "Routes to peers in the forwarding table",
             &count(s.table.routes),
@@ -260,6 +267,7 @@ mod test {
         s.counters.traffic.get_mut("udp_rx").unwrap().bytes = 840;
         *s.counters.drops.get_mut("spoofed_source").unwrap() = 2;
         *s.counters.coalesced.get_mut("udp").unwrap() = 5;
+        s.counters.udp_gso_sends = 11;
         s.lease = Some(LeaseView {
             subnet: "198.19.1.0-24".into(),
             expires_in_secs: Some(86_000),
@@ -311,6 +319,7 @@ mod test {
             "linen_icmp_errors_sent_total 0",
             "linen_tun_coalesced_writes_total{proto=\"tcp\"} 0",
             "linen_tun_coalesced_writes_total{proto=\"udp\"} 5",
+            "linen_udp_gso_sends_total 11",
             "linen_lease_held 1",
             "linen_lease_reservation 0",
             "linen_lease_expiry_seconds 86000",

@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::IpNetwork;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::cli::RunArgs;
+use crate::cli::{RunArgs, UdpGso};
 use crate::dataplane::io::{
     Source, TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
 };
@@ -178,11 +178,39 @@ fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
     )
 }
 
+/// Whether workers send with UDP GSO (`--udp-gso`, `--no-offload`), on a kernel of `version`
+/// (`None`: unknown). Says so when `auto` leaves it off.
+fn send_with_udp_gso(choice: UdpGso, no_offload: bool, version: Option<(u32, u32, u32)>) -> bool {
+    match choice {
+        _ if no_offload => false,
+        UdpGso::Off => false,
+        UdpGso::On => true,
+        UdpGso::Auto => match version {
+            Some(v) if host::udp_gso_may_corrupt(v) => {
+                tracing::warn!(
+                    kernel = %format_args!("{}.{}.{}", v.0, v.1, v.2),
+                    "sending without UDP GSO, one system call per datagram: Linux 7.0.0 to \
+                     7.1.4 corrupt UDP GSO datagrams with some network drivers (fixed in \
+                     7.1.5); with a kernel that has the fix, pass --udp-gso on"
+                );
+                false
+            }
+            _ => true,
+        },
+    }
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
     // Before anything else: once tokio handles SIGTERM, one that arrives while nothing listens
     // is lost, and a daemon stopped during start-up would run on until killed.
     let mut stop = StopSignals::new()?;
+    if args.no_offload && args.udp_gso == UdpGso::On {
+        return Err(crate::cli::exit::usage(
+            "--udp-gso on contradicts --no-offload, which turns UDP GSO off with the other \
+             offloads; pass one of them",
+        ));
+    }
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
     if host::has_net_admin() == Some(false) {
@@ -354,12 +382,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // UDP GRO before Linux 5.12 had bugs (perf-techniques.md): receive without it there.
     let udp_gro = !args.no_offload
         && match host::kernel_version() {
-            Some(v) if v >= (5, 12) => true,
+            Some(v) if v >= (5, 12, 0) => true,
             v => {
                 tracing::info!(kernel = ?v, "not receiving with UDP GRO: it needs Linux 5.12 or later");
                 false
             }
         };
+
+    let udp_gso = send_with_udp_gso(args.udp_gso, args.no_offload, host::kernel_version());
 
     let table = Table::new(snapshot_for(&own.key, &attrs, &[], config.backend.port, 0));
     // Datagrams leave from the advertised addresses when they are local: peers accept only
@@ -407,13 +437,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 mtu: usize::from(mtu),
                 accept_unknown_senders: args.accept_unknown_senders,
             },
-            no_udp_offload: args.no_offload,
+            no_udp_offload: !udp_gso,
             udp_gro,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
         })?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
         udp_gro = handles.iter().all(|h| h.udp_gro),
+        udp_gso,
         port = config.backend.port, underlay = %underlay.name, "data plane running");
 
     // The rules before subnet.env (flanneld starts installing them at this point too, but in
@@ -977,6 +1008,19 @@ impl StopSignals {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn udp_gso_is_left_off_where_asked_and_on_kernels_that_corrupt_it() {
+        let (good, bad) = (Some((6, 18, 0)), Some((7, 0, 9)));
+        assert!(send_with_udp_gso(UdpGso::Auto, false, good));
+        assert!(send_with_udp_gso(UdpGso::Auto, false, None));
+        assert!(!send_with_udp_gso(UdpGso::Auto, false, bad));
+        assert!(send_with_udp_gso(UdpGso::On, false, bad));
+        assert!(!send_with_udp_gso(UdpGso::Off, false, good));
+        for choice in [UdpGso::Auto, UdpGso::On, UdpGso::Off] {
+            assert!(!send_with_udp_gso(choice, true, good));
+        }
+    }
 
     /// Once the config comes, what was waited for no longer shows: /healthz said "starting
     /// (network config not found …)" until the daemon was up, through the lease and the

@@ -244,6 +244,9 @@ pub struct CountersView {
     /// Coalesced super-packets written to the TUN device, by protocol (`tcp`: TSO, `udp`: USO).
     #[serde(default)]
     pub coalesced: BTreeMap<String, u64>,
+    /// UDP GSO sends: system calls that each carried several datagrams to one peer.
+    #[serde(default)]
+    pub udp_gso_sends: u64,
     /// Drops by [`DropReason::name`], every reason present.
     pub drops: BTreeMap<String, u64>,
 }
@@ -276,6 +279,7 @@ impl From<&LocalCounters> for CountersView {
                 .into_iter()
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
+            udp_gso_sends: c.udp_tx_gso,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))

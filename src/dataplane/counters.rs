@@ -85,6 +85,8 @@ pub struct LocalCounters {
     pub tun_tx_tso: u64,
     /// Coalesced UDP super-packets (USO) written to the TUN device.
     pub tun_tx_uso: u64,
+    /// UDP GSO sends: system calls that each carried several datagrams to one peer.
+    pub udp_tx_gso: u64,
     /// Drops by reason, indexed by `DropReason as usize`.
     pub drops: [u64; DropReason::COUNT],
 }
@@ -114,6 +116,7 @@ impl LocalCounters {
         self.icmp_sent += other.icmp_sent;
         self.tun_tx_tso += other.tun_tx_tso;
         self.tun_tx_uso += other.tun_tx_uso;
+        self.udp_tx_gso += other.udp_tx_gso;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }
@@ -121,7 +124,7 @@ impl LocalCounters {
 }
 
 /// Traffic counters before the drop counters in [`Counters`].
-const TRAFFIC: usize = 11;
+const TRAFFIC: usize = 12;
 
 /// One worker's published counters: written only by that worker, read by anyone.
 #[derive(Debug, Default)]
@@ -159,6 +162,7 @@ impl Counters {
             icmp_sent: v[8],
             tun_tx_tso: v[9],
             tun_tx_uso: v[10],
+            udp_tx_gso: v[11],
             ..LocalCounters::default()
         };
         c.drops.copy_from_slice(&v[TRAFFIC..]);
@@ -186,6 +190,7 @@ impl LocalCounters {
             ("icmp_sent", self.icmp_sent),
             ("tun_tx_tso", self.tun_tx_tso),
             ("tun_tx_uso", self.tun_tx_uso),
+            ("udp_tx_gso", self.udp_tx_gso),
         ]
         .into_iter()
         .chain(
@@ -207,6 +212,7 @@ mod test {
             tun_rx_packets: 3,
             udp_tx_bytes: 4200,
             icmp_sent: 1,
+            udp_tx_gso: 5,
             ..LocalCounters::default()
         };
         a.drop(DropReason::SpoofedSource);
@@ -217,6 +223,7 @@ mod test {
         assert_eq!(s.tun_rx_packets, 6);
         assert_eq!(s.udp_tx_bytes, 8400);
         assert_eq!(s.icmp_sent, 2);
+        assert_eq!(s.udp_tx_gso, 10);
         assert_eq!(s.named().count(), TRAFFIC + DropReason::COUNT);
         assert_eq!(s.drops_for(DropReason::SpoofedSource), 4);
         assert_eq!(s.drops_for(DropReason::Malformed), 0);

@@ -1174,6 +1174,7 @@ fn send_gso(
         Ok(sent) => {
             local.udp_tx_packets += n as u64;
             local.udp_tx_bytes += buf.len() as u64;
+            local.udp_tx_gso += u64::from(n > 1);
             let news = match sent {
                 Sent::AsAsked => SourceNews::Nothing,
                 Sent::WithoutSource if n > 1 => SourceNews::RefusedButGsoWorked,
