@@ -119,6 +119,23 @@ pub fn udp_gro_enabled(fd: BorrowedFd<'_>) -> std::io::Result<bool> {
     getsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO).map(|v| v != 0)
 }
 
+/// Sends IPv6 datagrams from `fd` with a zero UDP checksum (`UDP_NO_CHECK6_TX`), so the kernel
+/// refuses GSO sends to IPv6 peers (EINVAL) while it takes IPv4 ones: a host whose IPv6 GSO
+/// fails, for tests. linux/udp.h's value; the libc crate has it for Android only.
+#[cfg(test)]
+pub fn refuse_ipv6_gso(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    const UDP_NO_CHECK6_TX: libc::c_int = 101;
+    setsockopt_int(fd, libc::SOL_UDP, UDP_NO_CHECK6_TX, 1)
+}
+
+/// Takes IPv6 datagrams with a zero UDP checksum on `fd` (`UDP_NO_CHECK6_RX`), which
+/// [`refuse_ipv6_gso`]'s socket sends; the kernel drops them otherwise.
+#[cfg(test)]
+pub fn accept_zero_ipv6_checksum(fd: BorrowedFd<'_>) -> std::io::Result<()> {
+    const UDP_NO_CHECK6_RX: libc::c_int = 102;
+    setsockopt_int(fd, libc::SOL_UDP, UDP_NO_CHECK6_RX, 1)
+}
+
 /// Turns UDP GRO off on `fd` (quinn-udp turns it on wherever the kernel has it).
 pub fn disable_udp_gro(fd: BorrowedFd<'_>) -> std::io::Result<()> {
     setsockopt_int(fd, libc::SOL_UDP, libc::UDP_GRO, 0)

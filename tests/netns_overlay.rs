@@ -377,6 +377,84 @@ fn three_hosts_mesh_without_udp_gso() {
     mesh("lnmeshgso", &["--udp-gso=off"], 50);
 }
 
+/// Makes every UDP socket of process `pid` send IPv6 datagrams with a zero checksum, so that
+/// the kernel refuses its GSO sends to IPv6 peers with EINVAL while it takes IPv4 ones (a
+/// host whose IPv6 GSO fails, perf-techniques.md pitfall 10), and take such datagrams. Works
+/// on the process's own sockets through `pidfd_getfd` (root). Returns how many.
+fn zero_ipv6_checksums(pid: u32) -> usize {
+    let script = r#"
+import ctypes, os, socket, sys
+libc = ctypes.CDLL(None, use_errno=True)
+pid = int(sys.argv[1]); pidfd = os.pidfd_open(pid); n = 0
+for name in os.listdir(f"/proc/{pid}/fd"):
+    try:
+        if not os.readlink(f"/proc/{pid}/fd/{name}").startswith("socket:"): continue
+    except OSError: continue
+    fd = libc.syscall(438, pidfd, int(name), 0)  # pidfd_getfd
+    if fd < 0: raise OSError(ctypes.get_errno(), "pidfd_getfd")
+    s = socket.socket(fileno=fd)
+    if s.family in (socket.AF_INET, socket.AF_INET6) and s.type == socket.SOCK_DGRAM:
+        s.setsockopt(socket.SOL_UDP, 101, 1)  # UDP_NO_CHECK6_TX
+        s.setsockopt(socket.SOL_UDP, 102, 1)  # UDP_NO_CHECK6_RX
+        n += 1
+    s.close()
+print(n)
+"#;
+    let out = Command::new("python3")
+        .args(["-c", script, &pid.to_string()])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// A host whose kernel refuses UDP GSO to IPv6 peers: its IPv6 overlay traffic goes out one
+/// datagram per call and arrives intact, and its IPv4 traffic, through the same socket at the
+/// same time, keeps GSO. quinn-udp's single switch per socket would turn GSO off for both at
+/// each refusal (given back a second later, until the next IPv6 batch).
+#[test]
+fn an_ipv6_gso_refusal_leaves_ipv4_its_gso() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lngsofam", 2);
+    // One worker: one socket sends to both families.
+    o.start(0, &["--workers", "1"]);
+    o.start(1, &[]);
+    let addrs: Vec<_> = (0..2).map(|i| o.addrs(i)).collect();
+    assert!(o.ping_ok(0, &addrs[1].0, &[]));
+    assert!(o.ping_ok(0, &addrs[1].1, &["-6"]));
+    for i in 0..2 {
+        let n = zero_ipv6_checksums(o.pids[i].unwrap());
+        assert!(n >= 1, "host {}: no UDP socket", i + 1);
+    }
+    // The IPv6 transfer, slower without GSO, runs all through the IPv4 one.
+    std::thread::scope(|s| {
+        let v6 = s.spawn(|| tcp_transfer(&o, 0, &addrs[1].1, 120));
+        std::thread::sleep(Duration::from_millis(500));
+        tcp_transfer(&o, 0, &addrs[1].0, 50);
+        assert!(
+            !v6.is_finished(),
+            "the IPv6 transfer ended before the IPv4 one"
+        );
+        v6.join().unwrap();
+    });
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(
+        log.contains("refused a UDP GSO send to an IPv6 peer"),
+        "{log}"
+    );
+    assert!(!log.contains("to an IPv4 peer"), "{log}");
+    let (gso, udp_tx) = (counter(&log, "udp_tx_gso"), counter(&log, "udp_tx"));
+    // About 950 here; 7 when a refusal turned GSO off for both families. 50 MB of IPv4 are
+    // some 34,000 datagrams.
+    assert!(
+        gso >= 100,
+        "udp_tx_gso={gso} udp_tx={udp_tx}: IPv4 lost its GSO"
+    );
+}
+
 /// Three hosts: every pair pings over IPv4 and IPv6, `megabytes` of TCP arrive byte-identical,
 /// ICMP rules hold, and a stopped host's subnet becomes unreachable once its lease expires.
 fn mesh(name: &str, flags: &[&str], megabytes: usize) {

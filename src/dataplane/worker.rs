@@ -219,6 +219,8 @@ struct Worker {
     stride: usize,
     seg_sizes: Vec<usize>,
     max_gso_segments: usize,
+    /// Families whose GSO sends were refused lately (see [`FamilyGso`]).
+    family_gso: FamilyGso,
     no_udp_offload: bool,
     /// Whether a refused source address was logged (once per worker).
     source_warned: bool,
@@ -297,6 +299,7 @@ impl Worker {
             stride,
             seg_sizes: vec![0; segs],
             max_gso_segments,
+            family_gso: FamilyGso::default(),
             no_udp_offload: setup.no_udp_offload,
             source_warned: false,
             reprobe: Reprobe::default(),
@@ -480,6 +483,9 @@ impl Worker {
         let mut alone = None;
         // What is left of this batch's time to wait for room in a full send buffer.
         let mut wait = BATCH_SEND_WAIT;
+        // The most segments a run may have, by the peer's family.
+        self.family_gso.update(self.max_gso_segments, now);
+        let mut gso_refused = false;
         // Anything not sent breaks a run: send the open run first.
         macro_rules! flush {
             ($run:expr) => {
@@ -499,6 +505,10 @@ impl Worker {
                     news = news.max(sent.news);
                     if sent.too_big {
                         too_big = Some(peer);
+                    }
+                    if sent.gso_refused {
+                        gso_refused = true;
+                        self.family_gso.refuse(self.id, peer, now);
                     }
                 }
             };
@@ -553,7 +563,7 @@ impl Worker {
             };
             let extended = run
                 .as_mut()
-                .is_some_and(|r| r.try_extend(peer, len, self.max_gso_segments));
+                .is_some_and(|r| r.try_extend(peer, len, self.family_gso.limit(peer)));
             if !extended {
                 flush!(run);
                 run = Some(Run::new(peer, i, len));
@@ -579,6 +589,10 @@ impl Worker {
                 now,
                 asked,
             );
+        }
+        if gso_refused {
+            // The refused family waits (`family_gso`); the other keeps GSO.
+            self.reprobe();
         }
         if self.max_gso_segments > 1 {
             let state = self.tx.as_ref().map_or(&self.udp_state, |(_, st)| st);
@@ -1102,6 +1116,80 @@ struct Outcome {
     /// EIO/EINVAL: GSO refused, which kernels without upstream 235174b2bed8 also say for the
     /// path MTU): worth asking for the path MTU.
     too_big: bool,
+    /// GSO as such was refused (EIO/EINVAL), and quinn-udp has stopped using it on the socket.
+    gso_refused: bool,
+}
+
+/// The address family of a peer, as an index: 0 IPv4, 1 IPv6.
+#[inline]
+fn family(peer: SocketAddr) -> usize {
+    usize::from(!peer.ip().to_canonical().is_ipv4())
+}
+
+/// GSO per address family. quinn-udp keeps one GSO switch per socket, and a refused GSO send
+/// to any peer turns it off. Some hosts refuse GSO for IPv6 only (perf-techniques pitfall 10,
+/// quic-go#3911), and one socket sends to both families here, so one family's refusal would
+/// cost the other its GSO: the worker instead sends that family's datagrams one per call for
+/// [`REPROBE_EVERY`], gives the socket its GSO back at once, and then tries the family again
+/// (one refused call a second at most, whose datagrams go out singly: nothing is lost).
+#[derive(Clone, Copy, Debug)]
+struct FamilyGso {
+    /// The most segments a run to a peer of each family may have in this batch.
+    limits: [usize; 2],
+    refused_until: [Option<Instant>; 2],
+    /// Whether a refusal was logged, per family (once per worker).
+    told: [bool; 2],
+}
+
+impl Default for FamilyGso {
+    fn default() -> FamilyGso {
+        FamilyGso {
+            limits: [1; 2],
+            refused_until: [None; 2],
+            told: [false; 2],
+        }
+    }
+}
+
+impl FamilyGso {
+    /// Sets the limits for a batch at `now`: `max`, the socket's, for a family not refused
+    /// lately, else 1.
+    #[inline]
+    fn update(&mut self, max: usize, now: Instant) {
+        for (limit, until) in self.limits.iter_mut().zip(&mut self.refused_until) {
+            if until.is_some_and(|t| now < t) {
+                *limit = 1;
+            } else {
+                *until = None;
+                *limit = max;
+            }
+        }
+    }
+
+    /// The most segments a run to `peer` may have.
+    #[inline]
+    fn limit(&self, peer: SocketAddr) -> usize {
+        self.limits[family(peer)]
+    }
+
+    /// The kernel refused a GSO send to `peer` (worker `worker`): its family's runs are single
+    /// datagrams for [`REPROBE_EVERY`].
+    #[cold]
+    fn refuse(&mut self, worker: usize, peer: SocketAddr, now: Instant) {
+        let f = family(peer);
+        self.limits[f] = 1;
+        self.refused_until[f] = Some(now + REPROBE_EVERY);
+        if !std::mem::replace(&mut self.told[f], true) {
+            tracing::info!(
+                worker,
+                %peer,
+                "the kernel refused a UDP GSO send to an {} peer; this worker sends to {0} \
+                 peers one datagram per call for a second at a time, then tries again \
+                 (peers of the other family keep GSO)",
+                if f == 0 { "IPv4" } else { "IPv6" }
+            );
+        }
+    }
 }
 
 /// A GSO batch to `peer` was refused, maybe as larger than the path MTU the kernel learned
@@ -1183,6 +1271,7 @@ fn send_gso(
             Outcome {
                 news,
                 too_big: false,
+                gso_refused: false,
             }
         }
         // The kernel refused the batch, and its datagrams may go one by one: send this run's
@@ -1203,6 +1292,7 @@ fn send_gso(
                     _ => false,
                 } =>
         {
+            let gso_refused = e.raw_os_error() != Some(libc::EMSGSIZE);
             let mut news = SourceNews::Nothing;
             for chunk in buf.chunks(seg) {
                 let single = Transmit {
@@ -1226,6 +1316,7 @@ fn send_gso(
             Outcome {
                 news,
                 too_big: true,
+                gso_refused,
             }
         }
         Err(_) => {
@@ -1235,6 +1326,7 @@ fn send_gso(
             Outcome {
                 news: SourceNews::Nothing,
                 too_big: false,
+                gso_refused: false,
             }
         }
     }
@@ -1334,7 +1426,8 @@ mod test {
             sent,
             Outcome {
                 news: SourceNews::Nothing,
-                too_big: true
+                too_big: true,
+                gso_refused: true,
             }
         );
         assert_eq!(state.max_gso_segments(), 1, "the kernel took 200 segments");
@@ -1355,6 +1448,79 @@ mod test {
         let fresh = reprobe_if_gso_lost(&ep, &state, false).expect("GSO not given back");
         assert!(fresh.max_gso_segments() > 1);
         assert!(sys::udp_gro_enabled(ep.socket.as_fd()).unwrap());
+    }
+
+    /// A host that refuses GSO for IPv6 only (a zero IPv6 UDP checksum, here; some hosts'
+    /// drivers in the wild): the refused batch goes out datagram by datagram and says GSO was
+    /// refused, and once the state is probed again the same socket sends IPv4 batches with
+    /// GSO. Loopback only, no root.
+    #[test]
+    fn a_gso_refusal_for_ipv6_peers_leaves_ipv4_peers_their_gso() {
+        let ep = super::super::io::open_udp(0, 1 << 20).unwrap();
+        if !ep.dual_stack {
+            eprintln!("SKIPPED: no IPv6 on this host");
+            return;
+        }
+        sys::refuse_ipv6_gso(ep.socket.as_fd()).unwrap();
+        let mut state = socket_state(&ep).unwrap();
+        assert!(state.max_gso_segments() > 1, "this kernel has UDP GSO");
+        let buf: Vec<u8> = (0..40u8).collect();
+        let mut got = [0u8; 64];
+        for (to, refused) in [("[::1]:0", true), ("127.0.0.1:0", false)] {
+            let rx = std::net::UdpSocket::bind(to).unwrap();
+            rx.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+            sys::accept_zero_ipv6_checksum(rx.as_fd()).unwrap();
+            if let Some(fresh) = reprobe_if_gso_lost(&ep, &state, false) {
+                state = fresh;
+            }
+            assert!(state.max_gso_segments() > 1, "{to}: GSO not given back");
+            let mut local = LocalCounters::default();
+            let sent = send_gso(
+                (&ep, &state),
+                &buf,
+                rx.local_addr().unwrap(),
+                (10, 4),
+                &mut local,
+                &mut Duration::from_secs(0),
+            );
+            assert_eq!(sent.gso_refused, refused, "{to}: {sent:?}");
+            assert_eq!(state.max_gso_segments() == 1, refused, "{to}");
+            assert_eq!(local.udp_tx_packets, 4, "{to}");
+            assert_eq!(local.udp_tx_gso, u64::from(!refused), "{to}");
+            for i in 0..4 {
+                let n = rx.recv(&mut got).unwrap();
+                assert_eq!(&got[..n], &buf[i * 10..(i + 1) * 10], "{to}: datagram {i}");
+            }
+        }
+    }
+
+    /// After a refusal, the refused family's runs are single datagrams for a second, and the
+    /// other family's are not limited.
+    #[test]
+    fn a_refused_family_sends_singly_for_a_while() {
+        let t0 = Instant::now();
+        let v4: SocketAddr = "198.18.0.2:8285".parse().unwrap();
+        let mapped: SocketAddr = "[::ffff:198.18.0.2]:8285".parse().unwrap();
+        let v6: SocketAddr = "[fd00:18::2]:8285".parse().unwrap();
+        let mut f = FamilyGso::default();
+        f.update(64, t0);
+        assert_eq!([f.limit(v4), f.limit(mapped), f.limit(v6)], [64, 64, 64]);
+        f.refuse(0, v6, t0);
+        assert_eq!(
+            [f.limit(v4), f.limit(v6)],
+            [64, 1],
+            "at once, in the same batch"
+        );
+        f.update(64, t0 + Duration::from_millis(999));
+        assert_eq!([f.limit(v4), f.limit(mapped), f.limit(v6)], [64, 64, 1]);
+        f.update(64, t0 + REPROBE_EVERY);
+        assert_eq!([f.limit(v4), f.limit(v6)], [64, 64], "tried again");
+        // The socket's own limit applies to both (1 after quinn-udp lost GSO).
+        f.refuse(0, mapped, t0 + REPROBE_EVERY);
+        f.update(1, t0 + REPROBE_EVERY);
+        assert_eq!([f.limit(v4), f.limit(v6)], [1, 1]);
+        f.update(64, t0 + REPROBE_EVERY * 2);
+        assert_eq!([f.limit(v4), f.limit(v6)], [64, 64]);
     }
 
     /// A refusal that comes again within the rate limit is not forgotten: the probe happens
