@@ -562,6 +562,10 @@ fn an_empty_etcd_variable_is_not_an_etcd_flag() {
         "LINEN_ETCD_USERNAME",
         "LINEN_ETCD_PASSWORD",
         "LINEN_ETCD_PREFIX",
+        "LINEN_ETCD_CAFILE",
+        "LINEN_ETCD_CERTFILE",
+        "LINEN_ETCD_KEYFILE",
+        "LINEN_ETCD_PASSWORD_FILE",
     ] {
         let out = list(var, "");
         let stderr = String::from_utf8_lossy(&out.stderr);

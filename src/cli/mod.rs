@@ -119,13 +119,13 @@ pub struct RegistryArgs {
     #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
     pub etcd_prefix: String,
     /// CA certificate file for etcd TLS (default: the system trust store, for https:// endpoints).
-    #[arg(long, env = "LINEN_ETCD_CAFILE")]
+    #[arg(long, env = "LINEN_ETCD_CAFILE", value_parser = path_or_empty)]
     pub etcd_cafile: Option<PathBuf>,
     /// Client certificate file for etcd TLS.
-    #[arg(long, env = "LINEN_ETCD_CERTFILE")]
+    #[arg(long, env = "LINEN_ETCD_CERTFILE", value_parser = path_or_empty)]
     pub etcd_certfile: Option<PathBuf>,
     /// Client key file for etcd TLS.
-    #[arg(long, env = "LINEN_ETCD_KEYFILE")]
+    #[arg(long, env = "LINEN_ETCD_KEYFILE", value_parser = path_or_empty)]
     pub etcd_keyfile: Option<PathBuf>,
     /// etcd user name.
     #[arg(long, env = "LINEN_ETCD_USERNAME")]
@@ -139,9 +139,24 @@ pub struct RegistryArgs {
     #[arg(
         long,
         env = "LINEN_ETCD_PASSWORD_FILE",
-        conflicts_with = "etcd_password"
+        conflicts_with = "etcd_password",
+        value_parser = path_or_empty
     )]
     pub etcd_password_file: Option<PathBuf>,
+}
+
+impl RegistryArgs {
+    /// A file flag's value, where an empty one (`LINEN_ETCD_CAFILE=` in an environment file)
+    /// counts as not given, as the README says of every etcd variable.
+    pub fn file(value: &Option<PathBuf>) -> Option<PathBuf> {
+        value.clone().filter(|p| !p.as_os_str().is_empty())
+    }
+}
+
+/// A path, or nothing: clap's own path parser refuses an empty value, which
+/// [`RegistryArgs::file`] then reads as not given.
+fn path_or_empty(s: &str) -> Result<PathBuf, String> {
+    Ok(PathBuf::from(s))
 }
 
 /// `linen run`.
@@ -207,7 +222,9 @@ pub struct RunArgs {
     pub accept_unknown_senders: bool,
     /// Install flannel's masquerade rules (iptables chain LINEN-POSTRTG in table nat; ip6tables
     /// too when the network has IPv6): traffic from the overlay to outside it leaves with this
-    /// host's address. Re-checked every --iptables-resync seconds, removed on shutdown.
+    /// host's address. Re-checked every --iptables-resync seconds, and left in place by a stop,
+    /// as flanneld leaves its rules (the next start takes them over; README, "Uninstalling",
+    /// says how to remove them).
     #[arg(long, env = "LINEN_IP_MASQ", value_name = "BOOL", default_value_t = false,
           num_args = 0..=1, default_missing_value = "true", action = clap::ArgAction::Set,
           value_parser = clap::builder::BoolishValueParser::new())]

@@ -27,12 +27,24 @@ fn refuse_etcd_flags_without_endpoints(args: &RegistryArgs) -> Result<()> {
             "--etcd-prefix",
             !args.etcd_prefix.is_empty() && args.etcd_prefix != crate::model::DEFAULT_PREFIX,
         ),
-        ("--etcd-cafile", args.etcd_cafile.is_some()),
-        ("--etcd-certfile", args.etcd_certfile.is_some()),
-        ("--etcd-keyfile", args.etcd_keyfile.is_some()),
+        (
+            "--etcd-cafile",
+            RegistryArgs::file(&args.etcd_cafile).is_some(),
+        ),
+        (
+            "--etcd-certfile",
+            RegistryArgs::file(&args.etcd_certfile).is_some(),
+        ),
+        (
+            "--etcd-keyfile",
+            RegistryArgs::file(&args.etcd_keyfile).is_some(),
+        ),
         ("--etcd-username", text(&args.etcd_username)),
         ("--etcd-password", text(&args.etcd_password)),
-        ("--etcd-password-file", args.etcd_password_file.is_some()),
+        (
+            "--etcd-password-file",
+            RegistryArgs::file(&args.etcd_password_file).is_some(),
+        ),
     ];
     match given.iter().find(|(_, given)| *given) {
         Some((flag, _)) => Err(usage(format!(
@@ -129,12 +141,12 @@ async fn open_etcd(
     let options = EtcdOptions {
         endpoints: args.etcd_endpoints.clone(),
         prefix: args.etcd_prefix.clone(),
-        cafile: args.etcd_cafile.clone(),
-        certfile: args.etcd_certfile.clone(),
-        keyfile: args.etcd_keyfile.clone(),
+        cafile: RegistryArgs::file(&args.etcd_cafile),
+        certfile: RegistryArgs::file(&args.etcd_certfile),
+        keyfile: RegistryArgs::file(&args.etcd_keyfile),
         username: args.etcd_username.clone(),
         password: args.etcd_password.clone(),
-        password_file: args.etcd_password_file.clone(),
+        password_file: RegistryArgs::file(&args.etcd_password_file),
         lease_ttl,
         plain_http_warning: for_run,
         ..EtcdOptions::default()
