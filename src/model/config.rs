@@ -249,8 +249,14 @@ impl NetworkConfigSpec {
                 u128::from(u32::from(net.network())),
                 net.prefix(),
                 self.subnet_len,
-                self.subnet_min.map(|a| u128::from(u32::from(a))),
-                self.subnet_max.map(|a| u128::from(u32::from(a))),
+                // flannel reads "0.0.0.0" as unset: Go's zero value, which any program that
+                // marshals flannel's Config struct writes for a field it left alone.
+                self.subnet_min
+                    .filter(|a| !a.is_unspecified())
+                    .map(|a| u128::from(u32::from(a))),
+                self.subnet_max
+                    .filter(|a| !a.is_unspecified())
+                    .map(|a| u128::from(u32::from(a))),
             )?;
             (
                 Some(net),
@@ -641,6 +647,30 @@ mod test {
         assert_eq!(c.subnet_len, 28);
         assert_eq!(c.subnet_min, v4("10.3.5.0"));
         assert_eq!(c.subnet_max, v4("10.3.8.0"));
+    }
+
+    /// flannel takes a zero SubnetMin or SubnetMax for unset (Go's zero value, which a program
+    /// marshalling flannel's Config struct writes), not for an address outside the network.
+    #[test]
+    fn a_zero_subnet_min_or_max_is_unset() {
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.3.0.0/16","SubnetMin":"0.0.0.0","SubnetMax":"0.0.0.0","SubnetLen":0}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.subnet_len, c.subnet_min, c.subnet_max),
+            (24, v4("10.3.1.0"), v4("10.3.255.0"))
+        );
+        let c = NetworkConfig::from_json(
+            r#"{"Network":"10.3.0.0/16","SubnetMin":"0.0.0.0","SubnetMax":"10.3.8.0"}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            (c.subnet_min, c.subnet_max),
+            (v4("10.3.1.0"), v4("10.3.8.0"))
+        );
+        // Any other address outside the network is still refused.
+        assert!(err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.4.0.0"}"#).contains("SubnetMin"));
     }
 
     #[test]
