@@ -95,6 +95,12 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             &["--port 0", "8285"],
         ),
         (init.clone(), &["--network is required"]),
+        (format!("{init} --no-ipv4"), &["--no-ipv4 needs --ipv6-network"]),
+        // A bare address would name a /32 no lease has.
+        (
+            format!("lease release --registry-dir {reg} 198.19.5.0"),
+            &["no prefix length", "198.19.5.0/24"],
+        ),
         (
             format!("{init} --network 198.19.0.0"),
             &["no prefix length", "198.19.0.0/16"],

@@ -104,6 +104,12 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     spec.ipv6_subnet_min = args.ipv6_subnet_min;
     spec.ipv6_subnet_max = args.ipv6_subnet_max;
     if args.no_ipv4 {
+        if spec.ipv6_network.is_none() {
+            return Err(usage(
+                "--no-ipv4 needs --ipv6-network (e.g. --ipv6-network fd00:19::/48): a network \
+                 without IPv4 must have IPv6",
+            ));
+        }
         spec.enable_ipv4 = Some(false);
     }
     if spec.network.is_none() && !args.no_ipv4 {
@@ -209,6 +215,14 @@ fn no_host_bits(what: &str, kind: &str, net: IpNetwork) -> Result<()> {
 /// either form, as `ip` refuses them: `198.19.5.7/24` is more likely a mistyped address than
 /// a subnet, and a release must not remove a subnet other than the one named.
 fn parse_subnet(text: &str) -> Result<SubnetKey> {
+    // A bare address would parse as a /32 (/128), a key no lease has: "no lease for
+    // 198.19.5.0" while 198.19.5.0/24 is leased.
+    if text.parse::<IpAddr>().is_ok() {
+        return Err(usage(format!(
+            "{text:?} has no prefix length; give the subnet as a CIDR such as 198.19.5.0/24 \
+             (`linen lease list` shows each lease's)"
+        )));
+    }
     if let Ok(net) = text.parse::<IpNetwork>() {
         no_host_bits(text, "subnet", net)?;
         let key = match net {
