@@ -332,7 +332,15 @@ fn parse_ifname(s: &str) -> Result<String, String> {
         && s != "."
         && s != ".."
         && !s.chars().any(|c| c == '/' || c == ':' || c.is_whitespace());
-    if ok {
+    if s.contains('%') {
+        // The kernel would number a template such as flannel's `flannel%d` (`flannel0`), and
+        // linen would then look for a device by the template's name.
+        Err(
+            "'%' makes a name template (flannel's flannel%d); give the name itself, such as \
+             flannel0"
+                .to_owned(),
+        )
+    } else if ok {
         Ok(s.to_owned())
     } else {
         Err("an interface name is 1 to 15 bytes without '/', ':' or spaces".to_owned())

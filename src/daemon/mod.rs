@@ -200,6 +200,28 @@ fn send_with_udp_gso(choice: UdpGso, no_offload: bool, version: Option<(u32, u32
     }
 }
 
+/// The subnets the last run wrote to `path` (flanneld's `FLANNEL_SUBNET` and
+/// `FLANNEL_IPV6_SUBNET`), to ask for them again. A file that cannot be read or holds no
+/// subnet is said, as flanneld says "Couldn't fetch previous FLANNEL_SUBNET": this host then
+/// gets its old subnet only if its lease is still in the registry.
+fn previous_subnet(path: &std::path::Path) -> Option<SubnetKey> {
+    let text = match crate::files::read_regular(path, true) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return None,
+        Err(e) => {
+            tracing::warn!(path = %path.display(), error = %e,
+                "cannot read the previous run's subnet file; asking for any subnet");
+            return None;
+        }
+    };
+    let key = SubnetEnv::previous_key_in(&text);
+    if key.is_none() {
+        tracing::warn!(path = %path.display(),
+            "the previous run's subnet file names no subnet linen can read; asking for any subnet");
+    }
+    key
+}
+
 /// Runs the daemon until SIGTERM/SIGINT.
 pub async fn run(args: RunArgs) -> Result<()> {
     // Before anything else: once tokio handles SIGTERM, one that arrives while nothing listens
@@ -290,6 +312,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
             .unwrap_or(u16::MAX)
             .max(576),
     };
+    if args.mtu.is_none() && u32::from(mtu) + overhead > underlay.mtu {
+        // Linux's floor for IPv4 hosts; below it nothing sensible runs over the overlay.
+        tracing::warn!(
+            mtu,
+            underlay = %underlay.name,
+            underlay_mtu = underlay.mtu,
+            "the underlay MTU leaves less than 576 bytes for overlay packets after the \
+             {overhead}-byte outer header; using 576, so full-size overlay packets make \
+             datagrams larger than the underlay MTU, which are fragmented or dropped on the way"
+        );
+    }
     if args.mtu.is_some() && u32::from(mtu) + overhead > underlay.mtu {
         tracing::warn!(
             mtu,
@@ -324,9 +357,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             args.tun
         );
     }
-    let previous = crate::files::read_regular(&args.subnet_file, true)
-        .ok()
-        .and_then(|text| SubnetEnv::previous_key_in(&text));
+    let previous = previous_subnet(&args.subnet_file);
 
     // Before anything is acquired or created: a port held by another program is an error.
     ensure_port_free(config.backend.port)?;
