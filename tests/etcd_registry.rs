@@ -146,6 +146,62 @@ async fn real_keys(reg: &EtcdRegistry) -> BTreeSet<SubnetKey> {
         .collect()
 }
 
+/// A TCP proxy on loopback to `upstream` (`host:port`) that counts the connections made to it.
+fn counting_proxy(upstream: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let count = std::sync::Arc::new(AtomicUsize::new(0));
+    let counted = std::sync::Arc::clone(&count);
+    std::thread::spawn(move || {
+        for client in listener.incoming() {
+            let Ok(client) = client else { return };
+            counted.fetch_add(1, Ordering::SeqCst);
+            let Ok(server) = std::net::TcpStream::connect(&upstream) else {
+                continue;
+            };
+            for (mut from, mut to) in [
+                (client.try_clone().unwrap(), server.try_clone().unwrap()),
+                (server, client),
+            ] {
+                std::thread::spawn(move || {
+                    let _ = std::io::copy(&mut from, &mut to);
+                    let _ = to.shutdown(std::net::Shutdown::Write);
+                });
+            }
+        }
+    });
+    (format!("http://{addr}"), count)
+}
+
+/// A connection with no stream open is not pinged: etcd counts each such ping as a strike and
+/// closes the connection at the third (GOAWAY "too_many_pings"), so idle member connections
+/// were torn down and made again every few pings. Pings every second here, so the third
+/// comes within the 8 s idle.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_connection_is_not_pinged_away() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let upstream = server.endpoint().trim_start_matches("http://").to_owned();
+    let (endpoint, connections) = counting_proxy(upstream);
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        endpoints: vec![endpoint],
+        keep_alive: Duration::from_secs(1),
+        ..options(&server, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    reg.list_leases().await.unwrap();
+    tokio::time::sleep(Duration::from_secs(8)).await;
+    reg.list_leases().await.unwrap();
+    assert_eq!(
+        connections.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the idle connection was closed and made again"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stores_flannels_keys_and_values() {
     let Some(server) = EtcdServer::start() else {

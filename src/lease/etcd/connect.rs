@@ -46,6 +46,9 @@ pub struct EtcdOptions {
     /// Whether to warn, once per process, that the connection is plain http: a daemon's log
     /// should, a one-shot admin command's output need not every time.
     pub plain_http_warning: bool,
+    /// How often HTTP/2 pings check a connection that carries a stream (the watch). etcd
+    /// refuses pings more often than every 5 s (`--grpc-keepalive-min-time`).
+    pub keep_alive: Duration,
 }
 
 impl Default for EtcdOptions {
@@ -63,6 +66,7 @@ impl Default for EtcdOptions {
             connect_timeout: Duration::from_secs(5),
             request_timeout: Duration::from_secs(10),
             plain_http_warning: true,
+            keep_alive: Duration::from_secs(10),
         }
     }
 }
@@ -83,6 +87,7 @@ impl fmt::Debug for EtcdOptions {
             .field("connect_timeout", &self.connect_timeout)
             .field("request_timeout", &self.request_timeout)
             .field("plain_http_warning", &self.plain_http_warning)
+            .field("keep_alive", &self.keep_alive)
             .finish()
     }
 }
@@ -147,9 +152,15 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
         .with_timeout(opts.request_timeout)
         // Without a leader etcd cannot commit; fail (and re-list later) instead of waiting.
         .with_require_leader(true)
-        // HTTP/2 pings find a dead connection under a silent watch stream.
-        .with_keep_alive(Duration::from_secs(10), opts.request_timeout)
-        .with_keep_alive_while_idle(true);
+        // HTTP/2 pings find a dead connection under a silent watch stream. Only where a stream
+        // is open: etcd (grpc-go, PermitWithoutStream false) counts each ping on a connection
+        // without one as a strike and closes it with GOAWAY "too_many_pings" at the third, so
+        // pinging idle connections (every member's but the watch's) had them torn down and
+        // rebuilt about every 40 s, a request caught in that failing as unavailable. flanneld's
+        // Go client does not ping idle connections either. A request on an idle connection
+        // that died has its own timeout.
+        .with_keep_alive(opts.keep_alive, opts.request_timeout)
+        .with_keep_alive_while_idle(false);
 
     // TLS with any TLS file or any https:// endpoint (as flannel's etcd client: an https
     // endpoint without files verifies against the system's trust store).
