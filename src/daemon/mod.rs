@@ -368,11 +368,24 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Raced against a stop: one registry request can take seconds (etcd's request timeout, a
     // directory lock another process holds), and a stop must not wait for them all. A lease
     // the registry grants after all is this host's again at the next start (by its address).
-    let Some(own) = stop.unless_stopped(manager.acquire()).await else {
+    let location = registry::describe(&args.registry);
+    let mut told = false;
+    let acquiring = manager.acquire_patiently(|e| {
+        ops.waiting(
+            location.clone(),
+            format!("cannot acquire a subnet lease yet: {e}"),
+        );
+        if !told {
+            told = true;
+            tracing::warn!(error = %e, "cannot acquire a subnet lease yet; retrying every second");
+        }
+    });
+    let Some(own) = stop.unless_stopped(acquiring).await else {
         tracing::info!("stopped while acquiring the lease");
         return Ok(());
     };
     let own = own.context("acquiring a subnet lease")?;
+    ops.resolved();
     tracing::info!(
         subnet = %own.key,
         public_ip = attrs.public_ip.map(tracing::field::display),

@@ -54,6 +54,21 @@ pub enum AcquireError {
     },
 }
 
+impl AcquireError {
+    /// Whether trying again later may succeed: the registry was out of reach, or other hosts
+    /// won every race.
+    pub fn may_pass(&self) -> bool {
+        match self {
+            AcquireError::Registry(e) => e.is_transient(),
+            AcquireError::Races { .. } => true,
+            AcquireError::Alloc(_) => false,
+        }
+    }
+}
+
+/// How long [`LeaseManager::acquire_patiently`] waits between tries.
+pub const ACQUIRE_RETRY: Duration = Duration::from_secs(1);
+
 /// Acquires a lease once, as flannel's `tryAcquireLease` does: list, decide with the
 /// [`allocator`], create atomically; on a lost race list again, at most [`RACE_RETRIES`]
 /// times. Own leases the config no longer allows are deleted on the way.
@@ -365,6 +380,26 @@ impl LeaseManager {
                     _ => self.write_answered(None),
                 }
                 Err(e)
+            }
+        }
+    }
+
+    /// [`acquire`](Self::acquire), tried again every [`ACQUIRE_RETRY`] while the failure may
+    /// pass: the registry out of reach (an etcd leader election, a request timeout), or other
+    /// hosts winning every race. The daemon waited out the same outage for the registry and
+    /// the config just before, and exited on one that came a moment later. `waiting` hears of
+    /// each such failure; any other ends it.
+    pub async fn acquire_patiently(
+        &mut self,
+        mut waiting: impl FnMut(&AcquireError),
+    ) -> Result<Lease, AcquireError> {
+        loop {
+            match self.acquire().await {
+                Err(e) if e.may_pass() => {
+                    waiting(&e);
+                    tokio::time::sleep(ACQUIRE_RETRY).await;
+                }
+                done => return done,
             }
         }
     }
@@ -1248,6 +1283,38 @@ mod test {
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(peers, ["198.19.7.0-24"]);
+    }
+
+    /// A registry that goes out of reach between the config read and the lease is waited for,
+    /// as it was before the config; a refusal is not.
+    #[tokio::test(start_paused = true)]
+    async fn the_first_lease_is_waited_for_while_the_registry_is_out_of_reach() {
+        let reg = Arc::new(Outage::default());
+        reg.shared.down.store(true, Ordering::SeqCst);
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let opts = ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        let back = Arc::clone(&reg);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(3500)).await;
+            back.shared.down.store(false, Ordering::SeqCst);
+        });
+        let mut heard = 0;
+        let lease = m.acquire_patiently(|e| {
+            assert!(e.may_pass(), "{e}");
+            heard += 1;
+        });
+        let lease = lease.await.unwrap();
+        assert_eq!(heard, 4, "tries at 0, 1, 2 and 3 s failed");
+        assert!(reg.shared.leases.lock().unwrap().contains(&lease));
+        // No free subnet (creates refused) is an answer, not an outage: no waiting.
+        let reg = Arc::new(Outage::default());
+        reg.shared.refuse_creates.store(true, Ordering::SeqCst);
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let opts = ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        let err = m.acquire_patiently(|e| panic!("waited on {e}")).await;
+        assert!(err.is_err());
     }
 
     /// While renewals fail for a reason that may pass and the watch still answers (etcd over
