@@ -36,6 +36,31 @@ pub const FLANNEL_FLAGS: &[&str] = &[
     "healthz-port",
 ];
 
+/// flanneld's flags that linen does not have (the Kubernetes subnet manager's, and
+/// `-ip-blackhole-route`): on the command line clap refuses them; their `FLANNELD_*`
+/// variables are named by [`ignored_flanneld_variables`].
+pub const FLANNEL_ONLY_FLAGS: &[&str] = &[
+    "kube-subnet-mgr",
+    "kube-api-url",
+    "kubeconfig-file",
+    "kube-annotation-prefix",
+    "net-config-path",
+    "set-node-network-unavailable",
+    "ip-blackhole-route",
+];
+
+/// The `FLANNELD_*` variables set (not empty) for flags linen does not have
+/// ([`FLANNEL_ONLY_FLAGS`]), which it ignores: an environment file written for flanneld's
+/// Kubernetes subnet manager, say, where linen uses its own registry instead. The daemon warns
+/// of each at start.
+pub fn ignored_flanneld_variables(lookup: impl Fn(&str) -> Option<OsString>) -> Vec<String> {
+    FLANNEL_ONLY_FLAGS
+        .iter()
+        .map(|name| env_name("FLANNELD_", name))
+        .filter(|var| lookup(var).is_some_and(|v| !v.is_empty()))
+        .collect()
+}
+
 /// The environment variable `prefix` + `name` in flannel's spelling: `FLANNELD_` and
 /// `etcd-endpoints` give `FLANNELD_ETCD_ENDPOINTS`.
 pub fn env_name(prefix: &str, name: &str) -> String {
@@ -199,6 +224,30 @@ mod test {
     use super::*;
     use crate::cli::Cli;
     use clap::{CommandFactory, FromArgMatches};
+
+    #[test]
+    fn flanneld_variables_for_flags_linen_lacks_are_named() {
+        let env: HashMap<&str, &str> = [
+            ("FLANNELD_KUBE_SUBNET_MGR", "true"),
+            ("FLANNELD_IP_BLACKHOLE_ROUTE", ""),
+            ("FLANNELD_IFACE", "eth1"),
+            (
+                "FLANNELD_NET_CONFIG_PATH",
+                "/etc/kube-flannel/net-conf.json",
+            ),
+        ]
+        .into();
+        let ignored = ignored_flanneld_variables(|k| env.get(k).map(OsString::from));
+        // An empty one is unset, as flannel reads it; one linen has is not ignored.
+        assert_eq!(
+            ignored,
+            ["FLANNELD_KUBE_SUBNET_MGR", "FLANNELD_NET_CONFIG_PATH"]
+        );
+        // None of them is a flag linen has.
+        for flag in FLANNEL_ONLY_FLAGS {
+            assert!(!FLANNEL_FLAGS.contains(flag), "{flag}");
+        }
+    }
     use std::ffi::OsStr;
 
     fn os_args(args: &[&str]) -> Vec<OsString> {

@@ -227,6 +227,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // Before anything else: once tokio handles SIGTERM, one that arrives while nothing listens
     // is lost, and a daemon stopped during start-up would run on until killed.
     let mut stop = StopSignals::new()?;
+    for var in crate::cli::compat::ignored_flanneld_variables(|k| std::env::var_os(k)) {
+        tracing::warn!(
+            "{var} is set, but linen has no such flag (flanneld's -{}); it is ignored",
+            var.trim_start_matches("FLANNELD_")
+                .to_ascii_lowercase()
+                .replace('_', "-")
+        );
+    }
     if args.no_offload && args.udp_gso == UdpGso::On {
         return Err(crate::cli::exit::usage(
             "--udp-gso on contradicts --no-offload, which turns UDP GSO off with the other \
