@@ -363,6 +363,34 @@ fn metrics_health_and_status_of_running_daemons() {
     );
     assert_eq!(json["health"]["ok"], true, "{json}");
 
+    // Host 2's underlay address goes (DHCP gave the host another): peers would drop what it
+    // sends from a new one, so it is reported, and no longer once the address is back.
+    let underlay = "linen_host_step_failing{step=\"underlay\"}";
+    let h2 = d.lab.host(1).clone();
+    assert_eq!(val(&d.metrics(1, 9500), underlay), 0.0);
+    h2.ip(&["addr", "del", "198.18.0.2/24", "dev", "eth0"])
+        .unwrap();
+    let seen = wait_for(Duration::from_secs(12), || {
+        (val(&d.metrics(1, 9500), underlay) == 1.0).then_some(())
+    });
+    let out = d.linen(1, &["status", "--metrics-addr", "127.0.0.1:9500"]);
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    h2.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"])
+        .unwrap();
+    assert!(
+        seen.is_some(),
+        "the address's loss not reported:\n{}",
+        d.log(1)
+    );
+    assert!(
+        text.contains("FAILING   underlay (retried): 198.18.0.2 is on no interface"),
+        "{text}"
+    );
+    let cleared = wait_for(Duration::from_secs(12), || {
+        (val(&d.metrics(1, 9500), underlay) == 0.0).then_some(())
+    });
+    assert!(cleared.is_some(), "still reported:\n{}", d.log(1));
+
     // Host 1's subnet is given to another machine (a reservation dropped into the registry, as
     // configuration management would): host 1 loses its lease, and with both subnets taken it
     // cannot get another. Health must say so.

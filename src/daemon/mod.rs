@@ -585,6 +585,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let tun_name = args.tun.clone();
         let tun_mtu = u32::from(mtu);
         let attrs = attrs.clone();
+        // The advertised addresses that were this host's at start (not one behind NAT).
+        let advertised: Vec<IpAddr> = [source.v4.map(IpAddr::V4), source.v6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .collect();
         let mut device_key = own.key;
         let host_steps = host_steps.clone();
         tokio::spawn(async move {
@@ -596,9 +601,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
             let mut table_key = device_key;
             let mut env_key = device_key;
             let mut retry_at: Option<tokio::time::Instant> = None;
-            // The last error of the device step, of the subnet.env step and of the device check,
-            // logged once.
-            let mut failing: [Option<String>; 3] = [None, None, None];
+            // The last error of the device step, of the subnet.env step, of the device check and
+            // of the underlay check, logged once.
+            let mut failing: [Option<String>; 4] = [None, None, None, None];
             let mut check_at = tokio::time::Instant::now() + TUN_CHECK;
             // Peer keys not routed, last warned about.
             let mut skipped: Vec<SubnetKey> = Vec::new();
@@ -692,6 +697,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 check_tun(&nl, (&tun_name, tun_mtu), &config, &device_key, &mut failing[2]).await;
                                 host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
+                            check_underlay(&nl, &advertised, &mut failing[3]).await;
+                            host_steps.set("underlay", failing[3].as_ref());
                         }
                     }
                 }
@@ -791,6 +798,48 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     publisher.abort();
     outcome
+}
+
+/// Says while an advertised address that was this host's at start is on no interface any more
+/// (DHCP gave the host another address, say): peers still send to it, and drop this host's
+/// datagrams, which the kernel now sends from another address, as from an unknown sender. A
+/// lease cannot change address under a running daemon (the address is the host's identity
+/// in the registry), so linen reports it (`linen_host_step_failing{step="underlay"}`, a
+/// FAILING line in `linen status`) and a restart takes the new address.
+async fn check_underlay(
+    nl: &rtnetlink::Handle,
+    advertised: &[IpAddr],
+    failing: &mut Option<String>,
+) {
+    if advertised.is_empty() {
+        return;
+    }
+    let local = match host::local_addresses(nl).await {
+        Ok(l) => l,
+        Err(e) => {
+            tracing::debug!(error = %format!("{e:#}"), "cannot list this host's addresses");
+            return;
+        }
+    };
+    let gone: Vec<String> = advertised
+        .iter()
+        .filter(|ip| !local.contains(ip))
+        .map(IpAddr::to_string)
+        .collect();
+    if gone.is_empty() {
+        retry_done(failing, "the advertised underlay address is back");
+    } else {
+        retry_failed(
+            failing,
+            "the advertised underlay address is gone",
+            format!(
+                "{} is on no interface of this host any more: peers send to it, and drop what \
+                 this host sends from another address; restart linen to advertise the new one \
+                 (give it with --public-ip or --public-ipv6 if it was given)",
+                gone.join(" and ")
+            ),
+        );
+    }
 }
 
 /// How often the TUN device is checked for what linen set up on it.
