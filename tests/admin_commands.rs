@@ -143,6 +143,22 @@ fn reservations_fit_the_network_and_releases_say_what_they_removed() {
     let both = "198.19.5.0-24&fd00:19:0:5::-64";
     let (code, out) = reserve(both);
     assert_eq!(code, Some(0), "{out}");
+    assert!(!out.contains("IPv6-only"), "{out}");
+    assert_eq!(subnets(dir.path()), [both]);
+    // By an IPv6 address, the reservation is taken only by a host without IPv4: it goes in,
+    // with a warning that says so.
+    let v6 = "198.19.7.0-24&fd00:19:0:7::-64";
+    let (code, out) = linen(
+        dir.path(),
+        &["lease", "reserve", v6, "--public-ip", "fd00:18::9"],
+    );
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("IPv6-only") && out.contains("fd00:18::9"),
+        "{out}"
+    );
+    let (code, out) = linen(dir.path(), &["lease", "release", v6]);
+    assert_eq!(code, Some(0), "{out}");
     assert_eq!(subnets(dir.path()), [both]);
     // A key sharing its IPv4 subnet would give that subnet to two hosts.
     let (code, out) = reserve("198.19.5.0-24&fd00:19:0:6::-64");

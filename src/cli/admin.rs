@@ -389,6 +389,16 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
                      run on that host; a host's public IP must be outside SubnetMin..SubnetMax"
                 )));
             }
+            // A host with an IPv4 underlay address is known by it in a network with IPv4
+            // (`allocator::is_ours`): one known by IPv6 there has no IPv4 address at all.
+            if config.network.is_some() && public_ip.is_ipv6() {
+                tracing::warn!(
+                    "this network has IPv4, where a host with an IPv4 underlay address is known \
+                     by it: only a host whose only underlay address is {public_ip} (IPv6-only, \
+                     carrying the IPv4 overlay over IPv6) takes this reservation; for a host \
+                     with an IPv4 address too, give --public-ip as that address"
+                );
+            }
             // Hosts of an IPv6-only network are known by their PublicIPv6 alone.
             if config.network.is_none() && public_ip.is_ipv4() {
                 return Err(usage(format!(
