@@ -689,22 +689,33 @@ fn the_mtu_is_flannels_default_or_the_flag() {
     if skip() {
         return;
     }
-    let mut o = Overlay::new("lnmtu", 2);
+    let mut o = Overlay::new("lnmtu", 3);
     o.lab
         .host(0)
         .ip(&["-6", "addr", "flush", "dev", "eth0"])
         .unwrap();
+    // Host 3's IPv6 MTU is below its link's, as a router advertisement sets it on a tunnelled
+    // uplink: its datagrams over IPv6 must fit that.
+    o.lab
+        .host(2)
+        .run_ok("sysctl", &["-qw", "net.ipv6.conf.eth0.mtu=1400"])
+        .unwrap();
     o.start(0, &[]);
     o.start(1, &["--mtu", "1400"]);
+    o.start(2, &[]);
     assert_eq!(o.env(0).mtu, 1472, "1500 - 28 without an IPv6 underlay");
     assert_eq!(o.env(1).mtu, 1400, "--mtu");
-    for (i, mtu) in [(0, "mtu 1472 "), (1, "mtu 1400 ")] {
+    assert_eq!(o.env(2).mtu, 1352, "the IPv6 MTU 1400 - 48");
+    for (i, mtu) in [(0, "mtu 1472 "), (1, "mtu 1400 "), (2, "mtu 1352 ")] {
         let link = o.lab.host(i).ip(&["link", "show", "linen0"]).unwrap();
         assert!(link.contains(mtu), "{link}");
     }
     let (a1, _) = o.addrs(0);
     // 1372 bytes of ICMP payload + 28 of headers = 1400, with DF.
     assert!(o.ping_ok(1, &a1, &["-M", "do", "-s", "1372"]));
+    // 1304 + 48 = 1352 over IPv6, in a datagram of exactly host 3's IPv6 MTU.
+    let (_, b6) = o.addrs(1);
+    assert!(o.ping_ok(2, &b6, &["-6", "-M", "do", "-s", "1304"]));
 
     // The network has IPv6, which needs 1280: a smaller MTU is refused before any lease is
     // taken (the kernel would refuse the TUN's IPv6 address with a message about neither).

@@ -832,6 +832,16 @@ pub fn write_atomic(path: &Path, contents: &str) -> Result<()> {
         .with_context(|| format!("writing {}", path.display()))
 }
 
+/// The IPv6 MTU of interface `name` (`net.ipv6.conf.<name>.mtu`, which a router advertisement
+/// may set below the link's), or `None` where it has none (IPv6 off on it).
+pub fn ipv6_mtu(name: &str) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{name}/mtu"))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 /// The running kernel's version (major, minor, patch), from `/proc/sys/kernel/osrelease`.
 pub fn kernel_version() -> Option<(u32, u32, u32)> {
     parse_kernel_release(&std::fs::read_to_string("/proc/sys/kernel/osrelease").ok()?)

@@ -314,32 +314,38 @@ pub async fn run(args: RunArgs) -> Result<()> {
     // over IPv6) the larger overhead applies to all traffic; an IPv4-only cluster keeps flannel's
     // interface MTU − 28.
     let overhead = if public_ipv6.is_some() { 48 } else { 28 };
+    // IPv6 may have a smaller MTU than the link (a router advertisement's MTU option, 1480 on
+    // a 6in4 or PPPoE uplink): datagrams over IPv6 must fit that one.
+    let underlay_mtu = match public_ipv6 {
+        Some(_) => host::ipv6_mtu(&underlay.name).map_or(underlay.mtu, |m| m.min(underlay.mtu)),
+        None => underlay.mtu,
+    };
     let mtu = match args.mtu {
         Some(m) => m,
-        None => u16::try_from(underlay.mtu.saturating_sub(overhead))
+        None => u16::try_from(underlay_mtu.saturating_sub(overhead))
             .unwrap_or(u16::MAX)
             .max(576),
     };
-    if args.mtu.is_none() && u32::from(mtu) + overhead > underlay.mtu {
+    if args.mtu.is_none() && u32::from(mtu) + overhead > underlay_mtu {
         // Linux's floor for IPv4 hosts; below it nothing sensible runs over the overlay.
         tracing::warn!(
             mtu,
             underlay = %underlay.name,
-            underlay_mtu = underlay.mtu,
+            underlay_mtu = underlay_mtu,
             "the underlay MTU leaves less than 576 bytes for overlay packets after the \
              {overhead}-byte outer header; using 576, so full-size overlay packets make \
              datagrams larger than the underlay MTU, which are fragmented or dropped on the way"
         );
     }
-    if args.mtu.is_some() && u32::from(mtu) + overhead > underlay.mtu {
+    if args.mtu.is_some() && u32::from(mtu) + overhead > underlay_mtu {
         tracing::warn!(
             mtu,
             underlay = %underlay.name,
-            underlay_mtu = underlay.mtu,
+            underlay_mtu = underlay_mtu,
             "--mtu leaves no room for the {overhead}-byte outer header: full-size overlay packets \
              make datagrams larger than the underlay MTU, which are fragmented or dropped on \
              the way; use at most {}",
-            underlay.mtu.saturating_sub(overhead)
+            underlay_mtu.saturating_sub(overhead)
         );
     }
     if config.ipv6_network.is_some() && mtu < 1280 {
@@ -350,7 +356,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             if args.mtu.is_some() {
                 "--mtu".to_owned()
             } else {
-                format!("{} − {overhead}", underlay.mtu)
+                format!("{} − {overhead}", underlay_mtu)
             },
             1280 + overhead
         )));
