@@ -603,6 +603,17 @@ fn a_bad_value_from_the_environment_names_its_variable() {
 /// is used, where a set one without endpoints is refused.
 #[test]
 fn an_empty_etcd_variable_is_not_an_etcd_flag() {
+    // An empty password file beside a password conflicts with nothing (clap's conflict check
+    // counted it as given): refused only for want of endpoints.
+    let scratch = tempfile::tempdir().unwrap();
+    let out = common::linen_meant_to_fail(scratch.path())
+        .args(["lease", "list", "--etcd-password", "x"])
+        .env("LINEN_ETCD_PASSWORD_FILE", "")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{stderr}");
+    assert!(stderr.contains("--etcd-password (or its variable)"), "{stderr}");
     let scratch = tempfile::tempdir().unwrap();
     let list = |var: &str, value: &str| {
         common::linen_meant_to_fail(scratch.path())

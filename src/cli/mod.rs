@@ -135,11 +135,11 @@ pub struct RegistryArgs {
     #[arg(long, env = "LINEN_ETCD_PASSWORD", hide_env_values = true)]
     pub etcd_password: Option<String>,
     /// File holding the etcd password (its content but one final line end; only root should
-    /// be able to read it). Instead of --etcd-password.
+    /// be able to read it). Instead of --etcd-password: both is an error (clap's own conflict
+    /// check would also count an empty variable of either as given).
     #[arg(
         long,
         env = "LINEN_ETCD_PASSWORD_FILE",
-        conflicts_with = "etcd_password",
         value_parser = path_or_empty
     )]
     pub etcd_password_file: Option<PathBuf>,

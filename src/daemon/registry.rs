@@ -144,8 +144,9 @@ async fn open_etcd(
         cafile: RegistryArgs::file(&args.etcd_cafile),
         certfile: RegistryArgs::file(&args.etcd_certfile),
         keyfile: RegistryArgs::file(&args.etcd_keyfile),
-        username: args.etcd_username.clone(),
-        password: args.etcd_password.clone(),
+        // Empty counts as not given, as for every etcd variable (README).
+        username: args.etcd_username.clone().filter(|u| !u.is_empty()),
+        password: args.etcd_password.clone().filter(|p| !p.is_empty()),
         password_file: RegistryArgs::file(&args.etcd_password_file),
         lease_ttl,
         plain_http_warning: for_run,
