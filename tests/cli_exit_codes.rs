@@ -613,7 +613,10 @@ fn an_empty_etcd_variable_is_not_an_etcd_flag() {
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{stderr}");
-    assert!(stderr.contains("--etcd-password (or its variable)"), "{stderr}");
+    assert!(
+        stderr.contains("--etcd-password (or its variable)"),
+        "{stderr}"
+    );
     let scratch = tempfile::tempdir().unwrap();
     let list = |var: &str, value: &str| {
         common::linen_meant_to_fail(scratch.path())
