@@ -58,8 +58,9 @@ pub const MAX_HEADER: usize = VNET_HDR_LEN + 40 + 60;
 pub fn classify(pkt: &[u8], udp: bool) -> Option<Segment> {
     let (v6, ip_len, total, proto) = match pkt.first()? >> 4 {
         4 if pkt.len() >= 20 && pkt[0] == 0x45 => {
-            // MF or a fragment offset (not a whole segment), or no DF.
-            if u16::from_be_bytes([pkt[6], pkt[7]]) & 0x7fff != 0x4000 {
+            // MF or a fragment offset (not a whole segment), no DF, or the reserved flag bit
+            // (Linux GRO merges none of these: only DF may be set).
+            if u16::from_be_bytes([pkt[6], pkt[7]]) != 0x4000 {
                 return None;
             }
             (
@@ -502,6 +503,11 @@ mod test {
         let mut no_df = seg(1, 10, ACK);
         no_df[6] = 0;
         assert!(classify_tcp(&no_df).is_none());
+        // Nor the reserved IPv4 flag bit beside DF (checksums valid: the bit alone refuses it).
+        let mut evil = seg(1, 10, ACK);
+        evil[6] |= 0x80;
+        fill(&mut evil);
+        assert!(classify_tcp(&evil).is_none());
         for bit in [0x01, 0x02, 0x08] {
             let mut ae = seg(1, 10, ACK);
             ae[32] |= bit;
