@@ -383,7 +383,7 @@ fn metrics_health_and_status_of_running_daemons() {
         d.log(1)
     );
     assert!(
-        text.contains("FAILING   underlay (retried): 198.18.0.2 is on no interface"),
+        text.contains("FAILING   underlay (checked every 5 s): 198.18.0.2 is on no interface"),
         "{text}"
     );
     let cleared = wait_for(Duration::from_secs(12), || {

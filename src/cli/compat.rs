@@ -45,19 +45,30 @@ pub const FLANNEL_ONLY_FLAGS: &[&str] = &[
     "kubeconfig-file",
     "kube-annotation-prefix",
     "net-config-path",
-    "set-node-network-unavailable",
     "ip-blackhole-route",
 ];
 
-/// The `FLANNELD_*` variables set (not empty) for flags linen does not have
+/// Those of [`FLANNEL_ONLY_FLAGS`] that are switches, off by default.
+const FLANNEL_ONLY_SWITCHES: &[&str] = &["kube-subnet-mgr", "ip-blackhole-route"];
+
+/// The `FLANNELD_*` variables that ask for something linen does not have
 /// ([`FLANNEL_ONLY_FLAGS`]), which it ignores: an environment file written for flanneld's
-/// Kubernetes subnet manager, say, where linen uses its own registry instead. The daemon warns
-/// of each at start.
+/// Kubernetes subnet manager, say, where linen uses its own registry instead. A switch counts
+/// unless Go reads it as false (`false`, `0`, `f`, …), a value flag unless empty. The daemon
+/// warns of each at start. (`-set-node-network-unavailable`, on by default and only for the
+/// Kubernetes manager, is left out.)
 pub fn ignored_flanneld_variables(lookup: impl Fn(&str) -> Option<OsString>) -> Vec<String> {
+    let go_false = |v: &str| matches!(v, "0" | "f" | "F" | "false" | "FALSE" | "False");
     FLANNEL_ONLY_FLAGS
         .iter()
-        .map(|name| env_name("FLANNELD_", name))
-        .filter(|var| lookup(var).is_some_and(|v| !v.is_empty()))
+        .filter_map(|name| {
+            let var = env_name("FLANNELD_", name);
+            let value = lookup(&var)?;
+            let value = value.to_string_lossy();
+            let off = FLANNEL_ONLY_SWITCHES.contains(name) && go_false(value.trim());
+            let asks = !value.is_empty() && !off;
+            asks.then_some(var)
+        })
         .collect()
 }
 
@@ -229,7 +240,9 @@ mod test {
     fn flanneld_variables_for_flags_linen_lacks_are_named() {
         let env: HashMap<&str, &str> = [
             ("FLANNELD_KUBE_SUBNET_MGR", "true"),
-            ("FLANNELD_IP_BLACKHOLE_ROUTE", ""),
+            ("FLANNELD_IP_BLACKHOLE_ROUTE", "false"),
+            ("FLANNELD_KUBE_API_URL", ""),
+            ("FLANNELD_SET_NODE_NETWORK_UNAVAILABLE", "true"),
             ("FLANNELD_IFACE", "eth1"),
             (
                 "FLANNELD_NET_CONFIG_PATH",
@@ -238,7 +251,8 @@ mod test {
         ]
         .into();
         let ignored = ignored_flanneld_variables(|k| env.get(k).map(OsString::from));
-        // An empty one is unset, as flannel reads it; one linen has is not ignored.
+        // An empty one is unset, as flannel reads it; a switch set false asks for nothing; one
+        // linen has is not ignored.
         assert_eq!(
             ignored,
             ["FLANNELD_KUBE_SUBNET_MGR", "FLANNELD_NET_CONFIG_PATH"]

@@ -274,7 +274,7 @@ pub struct RunArgs {
     /// kernel has it except on Linux 7.0.0 to 7.1.4, whose UDP GSO mangles datagrams with some
     /// network drivers (fixed in 7.1.5; `on` for a kernel that has the fix backported, or a
     /// driver known to be spared). Receiving with UDP GRO and the TUN offloads do not depend
-    /// on it; `--no-offload` turns it off too.
+    /// on it; `--no-offload` turns it off too (and refuses `--udp-gso on`).
     #[arg(long, env = "LINEN_UDP_GSO", value_enum, default_value_t = UdpGso::Auto)]
     pub udp_gso: UdpGso,
     /// UDP socket buffer size in bytes (SO_SNDBUF/SO_RCVBUF, forced when root).

@@ -251,7 +251,13 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
         s.table.routes, s.table.generation
     );
     for f in &s.host_failing {
-        let _ = writeln!(out, "FAILING   {} (retried): {}", f.step, f.error);
+        // The underlay address is checked, not repaired: a restart takes the new one.
+        let how = if f.step == "underlay" {
+            "checked every 5 s"
+        } else {
+            "retried"
+        };
+        let _ = writeln!(out, "FAILING   {} ({how}): {}", f.step, f.error);
     }
 
     let _ = writeln!(out);

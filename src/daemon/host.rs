@@ -57,6 +57,28 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
         .collect())
 }
 
+/// Which of `wanted` are on some interface of this host: one address dump, no device one (the
+/// underlay check runs every 5 s, on hosts that may have a veth per container).
+pub async fn present_addresses(handle: &Handle, wanted: &[IpAddr]) -> Result<Vec<IpAddr>> {
+    let mut found = Vec::new();
+    let mut stream = handle.address().get().execute();
+    while let Some(msg) = stream
+        .try_next()
+        .await
+        .context("netlink: listing addresses")?
+    {
+        for attr in &msg.attributes {
+            if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr
+                && wanted.contains(ip)
+                && !found.contains(ip)
+            {
+                found.push(*ip);
+            }
+        }
+    }
+    Ok(found)
+}
+
 /// The index of the device named `name` (the TUN device, which may have been deleted).
 async fn link_index(handle: &Handle, name: &str) -> Result<u32> {
     link_named(handle, name)

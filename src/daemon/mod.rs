@@ -502,7 +502,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
         udp_gro = handles.iter().all(|h| h.udp_gro),
-        udp_gso,
+        udp_gso = handles.iter().all(|h| h.udp_gso),
         port = config.backend.port, underlay = %underlay.name, "data plane running");
 
     // The rules before subnet.env (flanneld starts installing them at this point too, but in
@@ -820,7 +820,7 @@ async fn check_underlay(
     if advertised.is_empty() {
         return;
     }
-    let local = match host::local_addresses(nl).await {
+    let local = match host::present_addresses(nl, advertised).await {
         Ok(l) => l,
         Err(e) => {
             tracing::debug!(error = %format!("{e:#}"), "cannot list this host's addresses");

@@ -80,6 +80,9 @@ pub struct WorkerSetup {
 pub struct WorkerHandle {
     /// Whether the worker receives with UDP GRO.
     pub udp_gro: bool,
+    /// Whether the worker sends with UDP GSO (at its start: the kernel has it, and it was not
+    /// turned off).
+    pub udp_gso: bool,
     thread: Option<std::thread::JoinHandle<io::Result<()>>>,
     waker: Arc<Waker>,
     stop: Arc<AtomicBool>,
@@ -97,6 +100,7 @@ impl WorkerHandle {
         let counters = Arc::new(Counters::default());
         let mut worker = Worker::new(setup, Arc::clone(&stop), Arc::clone(&counters))?;
         let udp_gro = worker.udp_gro;
+        let udp_gso = worker.max_gso_segments > 1;
         let flag = ClearOnExit(Arc::clone(&running));
         let thread = std::thread::Builder::new()
             .name(format!("linen-worker-{}", worker.id))
@@ -112,6 +116,7 @@ impl WorkerHandle {
             })?;
         Ok(WorkerHandle {
             udp_gro,
+            udp_gso,
             thread: Some(thread),
             waker,
             stop,
@@ -590,8 +595,9 @@ impl Worker {
                 asked,
             );
         }
-        if gso_refused {
-            // The refused family waits (`family_gso`); the other keeps GSO.
+        if gso_refused && !self.family_gso.all_refused() {
+            // The refused family waits (`family_gso`); the other keeps GSO. When both wait, the
+            // rate-limited probe below gives GSO back instead.
             self.reprobe();
         }
         if self.max_gso_segments > 1 {
@@ -1172,6 +1178,12 @@ impl FamilyGso {
         self.limits[family(peer)]
     }
 
+    /// Whether both families are waiting after a refusal (GSO may be refused for the socket
+    /// as such: no checksum offload, say).
+    fn all_refused(&self) -> bool {
+        self.refused_until.iter().all(Option::is_some)
+    }
+
     /// The kernel refused a GSO send to `peer` (worker `worker`): its family's runs are single
     /// datagrams for [`REPROBE_EVERY`].
     #[cold]
@@ -1511,12 +1523,16 @@ mod test {
             [64, 1],
             "at once, in the same batch"
         );
+        assert!(!f.all_refused());
         f.update(64, t0 + Duration::from_millis(999));
         assert_eq!([f.limit(v4), f.limit(mapped), f.limit(v6)], [64, 64, 1]);
         f.update(64, t0 + REPROBE_EVERY);
         assert_eq!([f.limit(v4), f.limit(v6)], [64, 64], "tried again");
         // The socket's own limit applies to both (1 after quinn-udp lost GSO).
         f.refuse(0, mapped, t0 + REPROBE_EVERY);
+        assert!(!f.all_refused());
+        f.refuse(0, v6, t0 + REPROBE_EVERY);
+        assert!(f.all_refused());
         f.update(1, t0 + REPROBE_EVERY);
         assert_eq!([f.limit(v4), f.limit(v6)], [1, 1]);
         f.update(64, t0 + REPROBE_EVERY * 2);
