@@ -79,6 +79,10 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             format!("{run} --no-offload --udp-gso on"),
             &["--udp-gso on", "--no-offload"],
         ),
+        (
+            format!("{run} --no-offload --udp-gro on"),
+            &["--udp-gro on", "--no-offload"],
+        ),
         ("run --subnet-lease-renew-margin 0".into(), &["1..=1439"]),
         ("demo --seconds 0".into(), &["--seconds"]),
         ("status --metrics-addr off".into(), &["no daemon to ask"]),

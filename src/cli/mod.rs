@@ -67,15 +67,15 @@ pub enum LogFormat {
     Json,
 }
 
-/// Whether workers send a peer's datagrams in one UDP GSO call (`--udp-gso`).
+/// A UDP offload switch (`--udp-gso`, `--udp-gro`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum UdpGso {
-    /// Where the kernel has it, except on Linux 7.0.0 to 7.1.4, whose UDP GSO corrupts
-    /// datagrams with some network drivers.
+pub enum Offload {
+    /// Where the kernel has it, except on kernels whose implementation is known to be broken
+    /// (see the flag).
     Auto,
     /// Where the kernel has it, on every version.
     On,
-    /// Never: one system call per datagram.
+    /// Never.
     Off,
 }
 
@@ -275,8 +275,15 @@ pub struct RunArgs {
     /// network drivers (fixed in 7.1.5; `on` for a kernel that has the fix backported, or a
     /// driver known to be spared). Receiving with UDP GRO and the TUN offloads do not depend
     /// on it; `--no-offload` turns it off too (and refuses `--udp-gso on`).
-    #[arg(long, env = "LINEN_UDP_GSO", value_enum, default_value_t = UdpGso::Auto)]
-    pub udp_gso: UdpGso,
+    #[arg(long, env = "LINEN_UDP_GSO", value_enum, default_value_t = Offload::Auto)]
+    pub udp_gso: Offload,
+    /// Receive many datagrams in one buffer with UDP GRO: `auto` where the kernel has it from
+    /// Linux 5.12 (its UDP GRO had bugs before; wireguard-go does the same), `on` on every
+    /// kernel that has it, `off` never (datagrams one per buffer, 32 per system call;
+    /// consecutive segments of a flow are still written to the TUN as one). `--no-offload`
+    /// turns it off too (and refuses `--udp-gro on`).
+    #[arg(long, env = "LINEN_UDP_GRO", value_enum, default_value_t = Offload::Auto)]
+    pub udp_gro: Offload,
     /// UDP socket buffer size in bytes (SO_SNDBUF/SO_RCVBUF, forced when root).
     #[arg(long, env = "LINEN_SOCKET_BUFFER", default_value_t = 4 << 20)]
     pub socket_buffer: usize,

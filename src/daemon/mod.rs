@@ -20,7 +20,7 @@ use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::IpNetwork;
 use tokio::signal::unix::{Signal, SignalKind, signal};
 
-use crate::cli::{RunArgs, UdpGso};
+use crate::cli::{Offload, RunArgs};
 use crate::dataplane::io::{
     Source, TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
 };
@@ -180,12 +180,12 @@ fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
 
 /// Whether workers send with UDP GSO (`--udp-gso`, `--no-offload`), on a kernel of `version`
 /// (`None`: unknown). Says so when `auto` leaves it off.
-fn send_with_udp_gso(choice: UdpGso, no_offload: bool, version: Option<(u32, u32, u32)>) -> bool {
+fn send_with_udp_gso(choice: Offload, no_offload: bool, version: Option<(u32, u32, u32)>) -> bool {
     match choice {
         _ if no_offload => false,
-        UdpGso::Off => false,
-        UdpGso::On => true,
-        UdpGso::Auto => match version {
+        Offload::Off => false,
+        Offload::On => true,
+        Offload::Auto => match version {
             Some(v) if host::udp_gso_may_corrupt(v) => {
                 tracing::warn!(
                     kernel = %format_args!("{}.{}.{}", v.0, v.1, v.2),
@@ -235,11 +235,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 .replace('_', "-")
         );
     }
-    if args.no_offload && args.udp_gso == UdpGso::On {
-        return Err(crate::cli::exit::usage(
-            "--udp-gso on contradicts --no-offload, which turns UDP GSO off with the other \
-             offloads; pass one of them",
-        ));
+    for (flag, choice) in [("--udp-gso", args.udp_gso), ("--udp-gro", args.udp_gro)] {
+        if args.no_offload && choice == Offload::On {
+            return Err(crate::cli::exit::usage(format!(
+                "{flag} on contradicts --no-offload, which turns it off with the other \
+                 offloads; pass one of them"
+            )));
+        }
     }
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
@@ -439,10 +441,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
 
     // UDP GRO before Linux 5.12 had bugs (perf-techniques.md): receive without it there.
     let udp_gro = !args.no_offload
-        && match host::kernel_version() {
-            Some(v) if v >= (5, 12, 0) => true,
-            v => {
-                tracing::info!(kernel = ?v, "not receiving with UDP GRO: it needs Linux 5.12 or later");
+        && match (args.udp_gro, host::kernel_version()) {
+            (Offload::Off, _) => false,
+            (Offload::On, _) => true,
+            (Offload::Auto, Some(v)) if v >= (5, 12, 0) => true,
+            (Offload::Auto, v) => {
+                tracing::info!(kernel = ?v, "not receiving with UDP GRO: it needs Linux 5.12 or later (--udp-gro on to use it anyway)");
                 false
             }
         };
@@ -1119,12 +1123,12 @@ mod test {
     #[test]
     fn udp_gso_is_left_off_where_asked_and_on_kernels_that_corrupt_it() {
         let (good, bad) = (Some((6, 18, 0)), Some((7, 0, 9)));
-        assert!(send_with_udp_gso(UdpGso::Auto, false, good));
-        assert!(send_with_udp_gso(UdpGso::Auto, false, None));
-        assert!(!send_with_udp_gso(UdpGso::Auto, false, bad));
-        assert!(send_with_udp_gso(UdpGso::On, false, bad));
-        assert!(!send_with_udp_gso(UdpGso::Off, false, good));
-        for choice in [UdpGso::Auto, UdpGso::On, UdpGso::Off] {
+        assert!(send_with_udp_gso(Offload::Auto, false, good));
+        assert!(send_with_udp_gso(Offload::Auto, false, None));
+        assert!(!send_with_udp_gso(Offload::Auto, false, bad));
+        assert!(send_with_udp_gso(Offload::On, false, bad));
+        assert!(!send_with_udp_gso(Offload::Off, false, good));
+        for choice in [Offload::Auto, Offload::On, Offload::Off] {
             assert!(!send_with_udp_gso(choice, true, good));
         }
     }
