@@ -237,7 +237,11 @@ struct Worker {
     // UDP → TUN
     /// Receiving with UDP GRO (64 KiB buffers).
     udp_gro: bool,
-    rx_bufs: Vec<Vec<u8>>,
+    /// The receive buffers, `rx_len` bytes each, one after the other: without GRO a flow's
+    /// datagrams in consecutive buffers are then chunks `rx_len` apart, which a coalescing run
+    /// spans as it spans the chunks of one GRO'd datagram.
+    rx_arena: Vec<u8>,
+    rx_len: usize,
     rx_meta: Vec<RecvMeta>,
     tun_out: TunWriter,
 }
@@ -311,7 +315,8 @@ impl Worker {
             busy_poll: setup.busy_poll,
             icmp_buf: vec![0; 1280],
             udp_gro: gro,
-            rx_bufs: vec![vec![0; rx_len]; rx_count],
+            rx_arena: vec![0; rx_len * rx_count],
+            rx_len,
             rx_meta: vec![RecvMeta::default(); rx_count],
             tun_out: TunWriter::new(setup.tun_offload, setup.tun_offload && setup.tun.udp_gso()),
             tun: setup.tun,
@@ -429,9 +434,10 @@ impl Worker {
                 let mut chunks = self.arena[count * stride..].chunks_exact_mut(stride);
                 let mut bufs: [&mut [u8]; SEGMENTS] =
                     std::array::from_fn(|_| chunks.next().unwrap_or(&mut []));
-                let raw = match self.rx_bufs.first_mut() {
-                    Some(shared) if self.tun_raw.is_empty() => shared,
-                    _ => &mut self.tun_raw,
+                let raw = if self.tun_raw.is_empty() {
+                    &mut self.rx_arena[..self.rx_len]
+                } else {
+                    &mut self.tun_raw
                 };
                 match self.tun.recv_multiple(
                     raw,
@@ -654,8 +660,8 @@ impl Worker {
     /// Receives one `recvmmsg` batch and delivers it. Returns false once the socket is drained.
     fn udp_batch(&mut self) -> io::Result<bool> {
         let n = {
-            let count = self.rx_bufs.len();
-            let mut bufs = self.rx_bufs.iter_mut();
+            let count = self.rx_arena.len() / self.rx_len;
+            let mut bufs = self.rx_arena.chunks_exact_mut(self.rx_len);
             let mut iovs: [IoSliceMut<'_>; RX_BUFS] = std::array::from_fn(|_| {
                 IoSliceMut::new(bufs.next().map_or(&mut [][..], |b| &mut b[..]))
             });
@@ -676,19 +682,33 @@ impl Worker {
             }
         };
         let snap = self.table.load();
+        // Without GRO each buffer holds one datagram: a run spans buffers, its chunks
+        // `rx_len` apart in the whole arena (a flannel peer, or a linen one without UDP GSO,
+        // sends each segment alone). With GRO a run stays within one GRO'd datagram.
+        let across = !self.udp_gro;
+        let all = &self.rx_arena[..];
+        // An open run of segments to coalesce (offloads only).
+        let mut run: Option<CoalesceRun> = None;
         for m in 0..n {
             let meta = self.rx_meta[m];
             let stride = meta.stride.max(1);
-            let buf = &self.rx_bufs[m][..meta.len.min(self.rx_bufs[m].len())];
+            let base = m * self.rx_len;
+            let buf = &self.rx_arena[base..base + meta.len.min(self.rx_len)];
+            // Where the run's chunks are: the arena (chunk m) or this datagram (chunk k).
+            let (run_buf, run_stride) = if across {
+                (all, self.rx_len)
+            } else {
+                (buf, stride)
+            };
             if buf.is_empty() {
                 // An empty datagram has no chunks to walk below.
                 self.local.udp_rx_packets += 1;
                 self.local.drop(DropReason::Malformed);
                 continue;
             }
-            // An open run of segments to coalesce (offloads only).
-            let mut run: Option<CoalesceRun> = None;
             for (k, seg) in buf.chunks(stride).enumerate() {
+                // One chunk per buffer without GRO (the datagram is no longer than `rx_len`).
+                let chunk = if across { m } else { k };
                 self.local.udp_rx_packets += 1;
                 self.local.udp_rx_bytes += seg.len() as u64;
                 let len = match forward::ingress(seg, meta.addr, snap, &self.config) {
@@ -705,25 +725,30 @@ impl Worker {
                     None
                 };
                 if let (Some(next), Some(r)) = (info, &mut run)
-                    && r.try_append(buf, stride, k, seg, next)
+                    && r.try_append(run_buf, run_stride, chunk, seg, next)
                 {
                     continue;
                 }
                 if let Some(r) = run.take() {
                     self.tun_out
-                        .write_run(&self.tun, buf, stride, r, &mut self.local)?;
+                        .write_run(&self.tun, run_buf, run_stride, r, &mut self.local)?;
                 }
                 if let Some(info) = info {
-                    run = Some(CoalesceRun::new(k, info));
+                    run = Some(CoalesceRun::new(chunk, info));
                     continue;
                 }
                 self.tun_out
                     .deliver(&self.tun, &seg[..len], &mut self.local)?;
             }
-            if let Some(r) = run.take() {
+            if !across && let Some(r) = run.take() {
                 self.tun_out
                     .write_run(&self.tun, buf, stride, r, &mut self.local)?;
             }
+        }
+        if let Some(r) = run.take() {
+            // Without GRO: the run that reached the last buffer.
+            self.tun_out
+                .write_run(&self.tun, all, self.rx_len, r, &mut self.local)?;
         }
         Ok(true)
     }
