@@ -682,10 +682,6 @@ impl Worker {
             }
         };
         let snap = self.table.load();
-        // Without GRO each buffer holds one datagram: a run spans buffers, its chunks
-        // `rx_len` apart in the whole arena (a flannel peer, or a linen one without UDP GSO,
-        // sends each segment alone). With GRO a run stays within one GRO'd datagram.
-        let across = !self.udp_gro;
         let all = &self.rx_arena[..];
         // An open run of segments to coalesce (offloads only).
         let mut run: Option<CoalesceRun> = None;
@@ -694,6 +690,12 @@ impl Worker {
             let stride = meta.stride.max(1);
             let base = m * self.rx_len;
             let buf = &self.rx_arena[base..base + meta.len.min(self.rx_len)];
+            let across = spans_buffers(self.udp_gro, stride, buf.len());
+            if !across && let Some(r) = run.take() {
+                // A run from earlier buffers ends before a GRO'd datagram.
+                self.tun_out
+                    .write_run(&self.tun, all, self.rx_len, r, &mut self.local)?;
+            }
             // Where the run's chunks are: the arena (chunk m) or this datagram (chunk k).
             let (run_buf, run_stride) = if across {
                 (all, self.rx_len)
@@ -707,7 +709,7 @@ impl Worker {
                 continue;
             }
             for (k, seg) in buf.chunks(stride).enumerate() {
-                // One chunk per buffer without GRO (the datagram is no longer than `rx_len`).
+                // One chunk in this buffer when `across`.
                 let chunk = if across { m } else { k };
                 self.local.udp_rx_packets += 1;
                 self.local.udp_rx_bytes += seg.len() as u64;
@@ -746,12 +748,24 @@ impl Worker {
             }
         }
         if let Some(r) = run.take() {
-            // Without GRO: the run that reached the last buffer.
+            // A run spanning buffers that reached the last one.
             self.tun_out
                 .write_run(&self.tun, all, self.rx_len, r, &mut self.local)?;
         }
         Ok(true)
     }
+}
+
+/// Whether a receive buffer's run of one flow's segments may go on into the next buffer: without
+/// GRO each buffer holds one datagram (a flannel peer, or a linen one without UDP GSO, sends
+/// each segment alone), whose chunk is then the buffer's index in the arena. A buffer whose
+/// datagram is GRO'd after all (`stride` below its length: GRO came back on with a fresh
+/// quinn-udp state and could not be turned off again) holds several chunks, and its runs stay
+/// within it, as with GRO: numbered by buffer, its second chunk would be read from its first's
+/// place.
+#[inline]
+fn spans_buffers(udp_gro: bool, stride: usize, len: usize) -> bool {
+    !udp_gro && stride >= len
 }
 
 /// The polling allowance a sleep of `slept` earns (see [`Worker::run`]): 1/16 of it, at most
@@ -1529,6 +1543,19 @@ mod test {
                 assert_eq!(&got[..n], &buf[i * 10..(i + 1) * 10], "{to}: datagram {i}");
             }
         }
+    }
+
+    /// Without GRO a buffer's one datagram may continue a run from the buffer before; a GRO'd
+    /// datagram never does (its chunks would be numbered by buffer).
+    #[test]
+    fn only_single_datagrams_join_runs_across_buffers() {
+        assert!(spans_buffers(false, 1400, 1400));
+        assert!(spans_buffers(false, 1400, 900), "a short last datagram");
+        assert!(!spans_buffers(false, 1400, 2800), "GRO'd after all");
+        assert!(
+            !spans_buffers(true, 1400, 1400),
+            "with GRO, runs stay per datagram"
+        );
     }
 
     /// After a refusal, the refused family's runs are single datagrams for a second, and the
