@@ -1202,7 +1202,10 @@ async fn user_and_password_authentication() {
     );
     let (code, _, stderr) = list("right", &["--etcd-password", "s3cret"]);
     assert_eq!(code, Some(2), "{stderr}");
-    assert!(stderr.contains("cannot be used with"), "{stderr}");
+    assert!(
+        stderr.contains("both --etcd-password and --etcd-password-file are given"),
+        "{stderr}"
+    );
 }
 
 /// A watch that catches up from an old revision gets the history in one response: five
