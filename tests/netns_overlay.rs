@@ -427,7 +427,7 @@ fn an_ipv6_gso_refusal_leaves_ipv4_its_gso() {
     if skip() {
         return;
     }
-    if linen::daemon::host::kernel_version().is_some_and(linen::daemon::host::udp_gso_may_corrupt) {
+    if common::udp_gso_distrusted() {
         eprintln!(
             "SKIPPED: this kernel's UDP GSO is not to be trusted (--udp-gso auto sends without it)"
         );
@@ -589,9 +589,9 @@ fn mesh(name: &str, flags: &[&str], megabytes: usize) {
     );
     let gso_sends = counter(&log, "udp_tx_gso");
     // `--udp-gso auto` sends without it on kernels whose UDP GSO is not to be trusted.
-    let distrusted =
-        linen::daemon::host::kernel_version().is_some_and(linen::daemon::host::udp_gso_may_corrupt);
-    let no_gso = flags.contains(&"--no-offload") || flags.contains(&"--udp-gso=off") || distrusted;
+    let no_gso = flags.contains(&"--no-offload")
+        || flags.contains(&"--udp-gso=off")
+        || common::udp_gso_distrusted();
     if no_gso {
         assert_eq!(gso_sends, 0, "a GSO send with {flags:?}");
     } else if common::kernel_at_least(4, 18) {

@@ -235,6 +235,7 @@ mod test {
     use super::*;
     use crate::cli::Cli;
     use clap::{CommandFactory, FromArgMatches};
+    use std::ffi::OsStr;
 
     #[test]
     fn flanneld_variables_for_flags_linen_lacks_are_named() {
@@ -262,7 +263,6 @@ mod test {
             assert!(!FLANNEL_FLAGS.contains(flag), "{flag}");
         }
     }
-    use std::ffi::OsStr;
 
     fn os_args(args: &[&str]) -> Vec<OsString> {
         args.iter().map(OsString::from).collect()

@@ -178,6 +178,28 @@ fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
     )
 }
 
+/// Whether workers receive with UDP GRO (`--udp-gro`, `--no-offload`), on a kernel of
+/// `version` (`None`: unknown): UDP GRO before Linux 5.12 had bugs (perf-techniques.md), so
+/// `auto` receives without it there, and says so.
+fn receive_with_udp_gro(
+    choice: Offload,
+    no_offload: bool,
+    version: Option<(u32, u32, u32)>,
+) -> bool {
+    match choice {
+        _ if no_offload => false,
+        Offload::Off => false,
+        Offload::On => true,
+        Offload::Auto => match version {
+            Some(v) if v >= (5, 12, 0) => true,
+            v => {
+                tracing::info!(kernel = ?v, "not receiving with UDP GRO: it needs Linux 5.12 or later (--udp-gro on to use it anyway)");
+                false
+            }
+        },
+    }
+}
+
 /// Whether workers send with UDP GSO (`--udp-gso`, `--no-offload`), on a kernel of `version`
 /// (`None`: unknown). Says so when `auto` leaves it off.
 fn send_with_udp_gso(choice: Offload, no_offload: bool, version: Option<(u32, u32, u32)>) -> bool {
@@ -439,19 +461,9 @@ pub async fn run(args: RunArgs) -> Result<()> {
     )
     .await?;
 
-    // UDP GRO before Linux 5.12 had bugs (perf-techniques.md): receive without it there.
-    let udp_gro = !args.no_offload
-        && match (args.udp_gro, host::kernel_version()) {
-            (Offload::Off, _) => false,
-            (Offload::On, _) => true,
-            (Offload::Auto, Some(v)) if v >= (5, 12, 0) => true,
-            (Offload::Auto, v) => {
-                tracing::info!(kernel = ?v, "not receiving with UDP GRO: it needs Linux 5.12 or later (--udp-gro on to use it anyway)");
-                false
-            }
-        };
-
-    let udp_gso = send_with_udp_gso(args.udp_gso, args.no_offload, host::kernel_version());
+    let kernel = host::kernel_version();
+    let udp_gro = receive_with_udp_gro(args.udp_gro, args.no_offload, kernel);
+    let udp_gso = send_with_udp_gso(args.udp_gso, args.no_offload, kernel);
 
     let table = Table::new(snapshot_for(&own.key, &attrs, &[], config.backend.port, 0));
     // Datagrams leave from the advertised addresses when they are local: peers accept only
@@ -1131,6 +1143,17 @@ mod test {
         for choice in [Offload::Auto, Offload::On, Offload::Off] {
             assert!(!send_with_udp_gso(choice, true, good));
         }
+    }
+
+    #[test]
+    fn udp_gro_is_left_off_where_asked_and_before_5_12() {
+        let (new, old) = (Some((5, 12, 0)), Some((5, 11, 22)));
+        assert!(receive_with_udp_gro(Offload::Auto, false, new));
+        assert!(!receive_with_udp_gro(Offload::Auto, false, old));
+        assert!(!receive_with_udp_gro(Offload::Auto, false, None));
+        assert!(receive_with_udp_gro(Offload::On, false, old));
+        assert!(!receive_with_udp_gro(Offload::Off, false, new));
+        assert!(!receive_with_udp_gro(Offload::Auto, true, new));
     }
 
     /// Once the config comes, what was waited for no longer shows: /healthz said "starting

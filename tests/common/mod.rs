@@ -137,14 +137,13 @@ pub fn admin(dir: &Path, args: &[&str]) -> Vec<u8> {
     out.stdout
 }
 
-/// Whether the running kernel is at least `major.minor` (from /proc/sys/kernel/osrelease,
-/// e.g. "6.1.0-26-amd64").
+/// Whether the running kernel is at least `major.minor` (the daemon's own reading of
+/// /proc/sys/kernel/osrelease; an unreadable one counts as older).
 pub fn kernel_at_least(major: u32, minor: u32) -> bool {
-    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
-    let mut parts = release
-        .trim()
-        .split(['.', '-'])
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let have = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    have >= (major, minor)
+    linen::daemon::host::kernel_version().is_some_and(|(a, b, _)| (a, b) >= (major, minor))
+}
+
+/// Whether this kernel's UDP GSO is one `--udp-gso auto` does without (Linux 7.0.0–7.1.4).
+pub fn udp_gso_distrusted() -> bool {
+    linen::daemon::host::kernel_version().is_some_and(linen::daemon::host::udp_gso_may_corrupt)
 }
