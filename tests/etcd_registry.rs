@@ -653,6 +653,29 @@ async fn a_lease_is_released_only_while_it_is_still_the_one_listed() {
     assert_eq!(etcd_lease_count(&mut client).await, 0);
 }
 
+/// `lease release` of a key it did not list deletes only what holds no lease (a value linen
+/// cannot read), never a live lease or a reservation: a host may have taken the key since.
+#[tokio::test]
+async fn only_a_dead_entry_is_revoked_as_dead() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(60)).await;
+    let mut client = reg.client();
+    let lease = reg.create_lease(&subnet(1), &host(1)).await.unwrap();
+    reg.create_reservation(&subnet(2), &host(2)).await.unwrap();
+    let junk = reg.subnet_path(&subnet(3));
+    client.put(junk.as_str(), "not json", None).await.unwrap();
+    for live in [subnet(1), subnet(2), subnet(4)] {
+        assert!(!reg.revoke_dead(&live).await.unwrap(), "{live}");
+    }
+    assert!(reg.revoke_dead(&subnet(3)).await.unwrap());
+    assert_eq!(key_lease(&mut client, &junk).await, None);
+    let path = reg.subnet_path(&subnet(1));
+    assert_eq!(key_lease(&mut client, &path).await, lease.lease_id);
+    assert_eq!(real_keys(&reg).await, [subnet(1), subnet(2)].into());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_watch_sees_create_renew_delete_and_expiry_in_order() {
     let Some(server) = EtcdServer::start() else {

@@ -515,6 +515,36 @@ async fn a_lease_is_released_only_while_it_is_still_the_one_listed() {
     assert_eq!(holders, [host(10)]);
 }
 
+/// `lease release` of a key it did not list deletes only what holds no lease: an expired or
+/// unreadable entry, never a live lease or a reservation (a host may have taken the key since).
+#[tokio::test]
+async fn only_a_dead_entry_is_revoked_as_dead() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let subnets = dir.path().join("subnets");
+    reg.create_lease(&key("198.19.1.0-24"), &host(1))
+        .await
+        .unwrap();
+    reg.create_reservation(&key("198.19.2.0-24"), &host(2))
+        .await
+        .unwrap();
+    fs::write(
+        subnets.join("198.19.3.0-24"),
+        "{\"PublicIP\":\"198.18.0.3\"}\nexpires=1\n",
+    )
+    .unwrap();
+    fs::write(subnets.join("198.19.4.0-24"), "not json\n").unwrap();
+    for live in ["198.19.1.0-24", "198.19.2.0-24", "198.19.5.0-24"] {
+        assert!(!reg.revoke_dead(&key(live)).await.unwrap(), "{live}");
+    }
+    for dead in ["198.19.3.0-24", "198.19.4.0-24"] {
+        assert!(reg.revoke_dead(&key(dead)).await.unwrap(), "{dead}");
+        assert!(!subnets.join(dead).exists(), "{dead}");
+    }
+    let holders: Vec<LeaseAttrs> = live(&reg).await.into_iter().map(|l| l.attrs).collect();
+    assert_eq!(holders, [host(1), host(2)]);
+}
+
 #[tokio::test]
 async fn full_range_gives_the_exhaustion_error() {
     let dir = setup(r#"{"Network":"198.19.0.0/24","SubnetLen":26}"#);

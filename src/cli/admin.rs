@@ -234,6 +234,79 @@ fn parse_subnet(text: &str) -> Result<SubnetKey> {
     SubnetKey::parse(text).map_err(|e| usage(format!("{e}; or give a CIDR such as 198.19.5.0/24")))
 }
 
+/// `linen lease release`: deletes the key holding `asked` (a key listed live, or an expired or
+/// unreadable one named in full), never a lease another host took after the list.
+async fn release(reg: &dyn crate::lease::Registry, asked: SubnetKey, subnet: &str) -> Result<()> {
+    // The stored key: the one given, or the dual-stack key holding the one subnet
+    // given (`release 198.19.5.0/24` on a dual-stack network).
+    let list = reg.list_leases().await?;
+    let part_of = |k: &SubnetKey| {
+        *k == asked
+            || (asked.ipv6().is_none() && asked.ipv4().is_some() && k.ipv4() == asked.ipv4())
+            || (asked.ipv4().is_none() && asked.ipv6().is_some() && k.ipv6() == asked.ipv6())
+    };
+    let matches: Vec<&crate::model::Lease> =
+        list.leases.iter().filter(|l| part_of(&l.key)).collect();
+    let exact = matches.iter().find(|l| l.key == asked);
+    let l = match (exact, matches.as_slice()) {
+        (Some(l), _) | (None, [l]) => *l,
+        (None, []) => {
+            // A key linen does not list (expired, or a value it cannot read) is still
+            // removed when named in full (every family the network has), so that it
+            // can be cleaned up.
+            let full = reg.get_network_config().await.is_ok_and(|c| {
+                c.network.is_some() == asked.ipv4().is_some()
+                    && c.ipv6_network.is_some() == asked.ipv6().is_some()
+            });
+            let removed = if full && reg.revoke_dead(&asked).await? {
+                "; the expired or unreadable entry stored under that key has been removed"
+            } else {
+                ""
+            };
+            bail!(
+                "no live lease or reservation for {subnet} at {}{removed} (`linen lease \
+                 list` shows what is there)",
+                reg.location()
+            );
+        }
+        (None, many) => {
+            let keys: Vec<String> = many.iter().map(|l| l.key.to_string()).collect();
+            bail!(
+                "{asked} is part of several keys ({}); name the one to release",
+                keys.join(", ")
+            );
+        }
+    };
+    let key = l.key;
+    // Deleted only while it holds the lease listed: meanwhile that lease may have expired
+    // and another host taken the key.
+    if !reg.release_lease(l).await? {
+        bail!(
+            "{key} changed since it was listed (expired, released, or taken by another host) \
+             and was left alone; `linen lease list` shows who holds it now"
+        );
+    }
+    println!("released {key}");
+    // A running holder renews or re-acquires it at once: say so, as the release
+    // otherwise looks like it moved the host.
+    // A reservation's host, if it runs and holds it, takes it again too, as an
+    // ordinary lease (which a new reservation for another host then cannot replace).
+    let (was, again) = if l.is_reservation() {
+        (
+            "a reservation for",
+            "takes it again at once, as an ordinary lease",
+        )
+    } else {
+        ("a lease of", "takes it again at once")
+    };
+    eprintln!(
+        "note: {key} was {was} {}; a linen running there {again} (stop it first to move that \
+         host to another subnet)",
+        l.attrs.addresses()
+    );
+    Ok(())
+}
+
 /// `lease reserve` of a key that exists: the host at `public_ip` holding it keeps it as a
 /// reservation (flannel's documented way: its lease rewritten without a TTL); a key another
 /// host holds is refused, and one already reserved for `public_ip` is left as it is.
@@ -504,74 +577,7 @@ pub async fn lease(cmd: LeaseCommand) -> Result<()> {
         LeaseCommand::Release { registry, subnet } => {
             let asked = parse_subnet(&subnet)?;
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
-            // The stored key: the one given, or the dual-stack key holding the one subnet
-            // given (`release 198.19.5.0/24` on a dual-stack network).
-            let list = reg.list_leases().await?;
-            let part_of = |k: &SubnetKey| {
-                *k == asked
-                    || (asked.ipv6().is_none()
-                        && asked.ipv4().is_some()
-                        && k.ipv4() == asked.ipv4())
-                    || (asked.ipv4().is_none()
-                        && asked.ipv6().is_some()
-                        && k.ipv6() == asked.ipv6())
-            };
-            let matches: Vec<SubnetKey> =
-                list.leases.iter().map(|l| l.key).filter(part_of).collect();
-            let key = match matches.as_slice() {
-                _ if matches.contains(&asked) => asked,
-                [one] => *one,
-                [] => {
-                    // A key linen does not list (expired, or a value it cannot read) is still
-                    // removed when named in full (every family the network has), so that it
-                    // can be cleaned up.
-                    let full = reg.get_network_config().await.is_ok_and(|c| {
-                        c.network.is_some() == asked.ipv4().is_some()
-                            && c.ipv6_network.is_some() == asked.ipv6().is_some()
-                    });
-                    let removed = if full && reg.revoke_lease(&asked).await? {
-                        "; the expired or unreadable entry stored under that key has been removed"
-                    } else {
-                        ""
-                    };
-                    bail!(
-                        "no live lease or reservation for {subnet} at {}{removed} (`linen lease \
-                         list` shows what is there)",
-                        reg.location()
-                    );
-                }
-                many => {
-                    let keys: Vec<String> = many.iter().map(ToString::to_string).collect();
-                    bail!(
-                        "{asked} is part of several keys ({}); name the one to release",
-                        keys.join(", ")
-                    );
-                }
-            };
-            if !reg.revoke_lease(&key).await? {
-                bail!("{key} was gone already (expired or released meanwhile)");
-            }
-            println!("released {key}");
-            // A running holder renews or re-acquires it at once: say so, as the release
-            // otherwise looks like it moved the host.
-            // A reservation's host, if it runs and holds it, takes it again too, as an
-            // ordinary lease (which a new reservation for another host then cannot replace).
-            if let Some(l) = list.leases.iter().find(|l| l.key == key) {
-                let (was, again) = if l.is_reservation() {
-                    (
-                        "a reservation for",
-                        "takes it again at once, as an ordinary lease",
-                    )
-                } else {
-                    ("a lease of", "takes it again at once")
-                };
-                eprintln!(
-                    "note: {key} was {was} {}; a linen running there {again} (stop it first to \
-                     move that host to another subnet)",
-                    l.attrs.addresses()
-                );
-            }
-            Ok(())
+            release(reg.as_ref(), asked, &subnet).await
         }
     }
 }
@@ -588,5 +594,133 @@ pub(crate) fn human_secs(s: u64) -> String {
         format!("{}m{:02}s", s / 60, s % 60)
     } else {
         format!("{s}s")
+    }
+}
+
+#[cfg(test)]
+mod test {
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::lease::directory::DirectoryRegistry;
+    use crate::lease::{LeaseList, LeaseWatch, Registry, Revision};
+    use crate::model::{Lease, NetworkConfigSpec};
+
+    /// A directory registry where, right after each list, another host takes `key` over: the
+    /// old holder's lease expired (or was released) between the list and the release.
+    struct TakenAfterList {
+        inner: DirectoryRegistry,
+        key: SubnetKey,
+        taker: LeaseAttrs,
+    }
+
+    #[async_trait]
+    impl Registry for TakenAfterList {
+        fn location(&self) -> String {
+            self.inner.location()
+        }
+        async fn get_network_config(&self) -> Result<NetworkConfig, RegistryError> {
+            self.inner.get_network_config().await
+        }
+        async fn put_network_config(&self, s: &NetworkConfigSpec) -> Result<(), RegistryError> {
+            self.inner.put_network_config(s).await
+        }
+        async fn create_network_config(
+            &self,
+            s: &NetworkConfigSpec,
+        ) -> Result<bool, RegistryError> {
+            self.inner.create_network_config(s).await
+        }
+        async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
+            let list = self.inner.list_leases().await?;
+            self.inner.revoke_lease(&self.key).await?;
+            self.inner.create_lease(&self.key, &self.taker).await?;
+            Ok(list)
+        }
+        async fn create_lease(
+            &self,
+            key: &SubnetKey,
+            attrs: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            self.inner.create_lease(key, attrs).await
+        }
+        async fn create_reservation(
+            &self,
+            key: &SubnetKey,
+            attrs: &LeaseAttrs,
+        ) -> Result<Lease, RegistryError> {
+            self.inner.create_reservation(key, attrs).await
+        }
+        async fn renew_lease(&self, l: &Lease, a: &LeaseAttrs) -> Result<Lease, RegistryError> {
+            self.inner.renew_lease(l, a).await
+        }
+        async fn keep_as_reservation(&self, l: &Lease) -> Result<Lease, RegistryError> {
+            self.inner.keep_as_reservation(l).await
+        }
+        async fn revoke_lease(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
+            self.inner.revoke_lease(key).await
+        }
+        async fn release_lease(&self, l: &Lease) -> Result<bool, RegistryError> {
+            self.inner.release_lease(l).await
+        }
+        async fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
+            self.inner.revoke_dead(key).await
+        }
+        async fn watch_leases(&self, r: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
+            self.inner.watch_leases(r).await
+        }
+        fn lease_ttl(&self) -> Duration {
+            self.inner.lease_ttl()
+        }
+    }
+
+    fn host(n: u8) -> LeaseAttrs {
+        LeaseAttrs::with_public_ip(std::net::Ipv4Addr::new(198, 18, 0, n))
+    }
+
+    fn registry() -> (tempfile::TempDir, DirectoryRegistry) {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("config"), r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let r = DirectoryRegistry::new(d.path());
+        (d, r)
+    }
+
+    async fn holders(reg: &DirectoryRegistry) -> Vec<LeaseAttrs> {
+        let list = reg.list_leases().await.unwrap();
+        list.leases.into_iter().map(|l| l.attrs).collect()
+    }
+
+    /// `lease release` never deletes a lease another host took after the list: a listed lease
+    /// is deleted only while it is still the one listed, and an unlisted key only while it
+    /// holds no lease.
+    #[tokio::test]
+    async fn a_key_taken_over_after_the_list_is_left_alone() {
+        let key: SubnetKey = "198.19.5.0-24".parse().unwrap();
+        let taken = |reg: &DirectoryRegistry| TakenAfterList {
+            inner: reg.clone(),
+            key,
+            taker: host(2),
+        };
+        // Listed live (host 1's), then taken over by host 2.
+        let (_d, reg) = registry();
+        reg.create_lease(&key, &host(1)).await.unwrap();
+        let err = release(&taken(&reg), key, "198.19.5.0/24")
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("left alone"), "{err}");
+        assert_eq!(holders(&reg).await, [host(2)]);
+        // Expired, so not listed, then taken over by host 2.
+        let (d, reg) = registry();
+        std::fs::create_dir_all(d.path().join("subnets")).unwrap();
+        std::fs::write(
+            d.path().join("subnets/198.19.5.0-24"),
+            "{\"PublicIP\":\"198.18.0.1\"}\nexpires=1\n",
+        )
+        .unwrap();
+        let err = release(&taken(&reg), key, "198.19.5.0/24")
+            .await
+            .unwrap_err();
+        assert!(!err.to_string().contains("removed"), "{err}");
+        assert_eq!(holders(&reg).await, [host(2)]);
     }
 }

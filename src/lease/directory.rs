@@ -246,6 +246,11 @@ impl Registry for DirectoryRegistry {
         self.blocking(move |s| s.release(&lease)).await
     }
 
+    async fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
+        let key = *key;
+        self.blocking(move |s| s.revoke_dead(&key)).await
+    }
+
     /// Polling cannot replay changes, so `after` is not needed: the first event is always a
     /// snapshot of the current set, which the caller diffs against its list.
     async fn watch_leases(&self, _after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
@@ -831,6 +836,16 @@ impl Store {
             Ok(_) => self.remove_locked(&lease.key),
             Err(RegistryError::NotFound(_)) => Ok(false),
             Err(e) => Err(e),
+        }
+    }
+
+    /// The entry is judged under the same lock as every writer's, so a host that takes the
+    /// key over after it was read cannot lose its lease to this delete.
+    fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
+        let _lock = self.lock(true)?;
+        match self.read_entry(&key.to_string(), SystemTime::now())? {
+            Some(Entry::Expired | Entry::Malformed) => self.remove_locked(key),
+            None | Some(Entry::Live(_)) => Ok(false),
         }
     }
 

@@ -974,6 +974,41 @@ impl Registry for EtcdRegistry {
         Ok(deleted)
     }
 
+    async fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
+        let s = &self.shared;
+        let path = s.subnet_path(key);
+        let mut client = s.client.clone();
+        let resp = s
+            .request("read the subnet key", client.get(path.as_str(), None))
+            .await?;
+        let Some(kv) = resp.kvs().first() else {
+            return Ok(false);
+        };
+        // Live: a readable value whose etcd lease still exists (or that has none: a
+        // reservation). Dead: a value linen cannot read, or an etcd lease gone already.
+        if let Some(entry) = s.parse_kv(kv)
+            && s.to_leases(vec![entry], false)
+                .await?
+                .into_iter()
+                .flatten()
+                .next()
+                .is_some()
+        {
+            return Ok(false);
+        }
+        // Deleted only as read: a host that took the key since wrote a new revision.
+        let deleted = s
+            .delete_if_unchanged("delete the subnet key", &path, kv.mod_revision())
+            .await?;
+        if deleted {
+            tracing::info!(subnet = %key, "deleted a dead subnet entry");
+            if kv.lease() != 0 {
+                s.release(kv.lease()).await;
+            }
+        }
+        Ok(deleted)
+    }
+
     async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
         Ok(Box::new(
             EtcdWatch::start(Arc::clone(&self.shared), after).await?,

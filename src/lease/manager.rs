@@ -816,6 +816,9 @@ mod test {
         async fn keep_as_reservation(&self, _: &Lease) -> Result<Lease, RegistryError> {
             unimplemented!()
         }
+        async fn revoke_dead(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
+            unimplemented!()
+        }
         async fn list_leases(&self) -> Result<LeaseList, RegistryError> {
             Ok(LeaseList::default())
         }
@@ -1022,6 +1025,9 @@ mod test {
             unimplemented!()
         }
         async fn keep_as_reservation(&self, _: &Lease) -> Result<Lease, RegistryError> {
+            unimplemented!()
+        }
+        async fn revoke_dead(&self, _: &SubnetKey) -> Result<bool, RegistryError> {
             unimplemented!()
         }
         async fn list_leases(&self) -> Result<LeaseList, RegistryError> {

@@ -199,6 +199,11 @@ pub trait Registry: Send + Sync + 'static {
     /// earlier: meanwhile the lease may have expired and another host taken the key.
     async fn release_lease(&self, lease: &Lease) -> Result<bool, RegistryError>;
 
+    /// Deletes `subnets/<key>` only while it holds no live lease or reservation (an expired
+    /// entry, or a value linen cannot read): whether it did. For a key that a list did not
+    /// show: meanwhile a host may have taken it, and its fresh lease stays.
+    async fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError>;
+
     /// Watches `subnets/` for changes after `after` (exclusive), normally a
     /// [`LeaseList::revision`].
     async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError>;
