@@ -57,20 +57,26 @@ const STALE: std::time::Duration = std::time::Duration::from_secs(60);
 /// regular files of the exact pattern and older than [`STALE`]: a write in progress keeps
 /// its own. Best effort.
 fn remove_stale_temporaries(dir: &Path, name: &str) {
+    remove_stale_temporaries_of(dir, |n| n == name);
+}
+
+/// [`remove_stale_temporaries`] for every name: for a directory that only linen writes to
+/// (the directory registry's `subnets/`), where a key written once may never be written again.
+pub fn remove_all_stale_temporaries(dir: &Path) {
+    remove_stale_temporaries_of(dir, |_| true);
+}
+
+fn remove_stale_temporaries_of(dir: &Path, wanted: impl Fn(&str) -> bool) {
     let Ok(entries) = fs::read_dir(dir) else {
         return;
     };
-    let prefix = format!(".{name}.");
     for entry in entries.flatten() {
         let file_name = entry.file_name();
-        let Some(middle) = file_name
+        if !file_name
             .to_str()
-            .and_then(|n| n.strip_prefix(&prefix))
-            .and_then(|rest| rest.strip_suffix(".tmp"))
-        else {
-            continue;
-        };
-        if middle.len() != 16 || !middle.bytes().all(|b| b.is_ascii_hexdigit()) {
+            .and_then(temporary_of)
+            .is_some_and(&wanted)
+        {
             continue;
         }
         let stale = entry.metadata().is_ok_and(|m| {
@@ -84,6 +90,16 @@ fn remove_stale_temporaries(dir: &Path, name: &str) {
     }
 }
 
+/// The name whose temporary file `file_name` is ([`write_atomic`]'s `.NAME.<16 hex>.tmp`).
+fn temporary_of(file_name: &str) -> Option<&str> {
+    let (name, hex) = file_name
+        .strip_prefix('.')?
+        .strip_suffix(".tmp")?
+        .rsplit_once('.')?;
+    (!name.is_empty() && hex.len() == 16 && hex.bytes().all(|b| b.is_ascii_hexdigit()))
+        .then_some(name)
+}
+
 /// Largest file [`read_regular`] reads: these files hold a line or two of JSON, and a huge
 /// file planted among them must not be read into memory whole.
 pub const MAX_READ: u64 = 64 * 1024;
@@ -93,6 +109,18 @@ pub const MAX_READ: u64 = 64 * 1024;
 /// is an [`io::ErrorKind::InvalidInput`] error that says what it is, returned without waiting for
 /// a writer. Not-found and permission errors come as they are.
 pub fn read_regular(path: &Path, follow_links: bool) -> io::Result<String> {
+    // Looked at before opening too: opening a socket fails (ENXIO, which would read as an I/O
+    // error), and opening a device can have effects of its own.
+    let before = if follow_links {
+        fs::metadata(path)
+    } else {
+        fs::symlink_metadata(path)
+    };
+    match before {
+        Ok(m) if m.file_type().is_symlink() => return Err(not_regular("a symbolic link")),
+        Ok(m) if !m.is_file() => return Err(not_regular(type_name(m.file_type()))),
+        _ => {}
+    }
     let mut flags = libc::O_NONBLOCK;
     if !follow_links {
         flags |= libc::O_NOFOLLOW;
@@ -102,20 +130,15 @@ pub fn read_regular(path: &Path, follow_links: bool) -> io::Result<String> {
         Err(e) if e.raw_os_error() == Some(libc::ELOOP) && !follow_links => {
             return Err(not_regular("a symbolic link"));
         }
+        // Replaced by a socket or a device since it was looked at.
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ENXIO | libc::ENODEV)) => {
+            return Err(not_regular("a socket or a device"));
+        }
         Err(e) => return Err(e),
     };
     let kind = file.metadata()?.file_type();
     if !kind.is_file() {
-        use std::os::unix::fs::FileTypeExt;
-        return Err(not_regular(if kind.is_dir() {
-            "a directory"
-        } else if kind.is_fifo() {
-            "a FIFO"
-        } else if kind.is_socket() {
-            "a socket"
-        } else {
-            "a device"
-        }));
+        return Err(not_regular(type_name(kind)));
     }
     let mut text = String::new();
     file.take(MAX_READ + 1).read_to_string(&mut text)?;
@@ -126,6 +149,22 @@ pub fn read_regular(path: &Path, follow_links: bool) -> io::Result<String> {
         ));
     }
     Ok(text)
+}
+
+/// What a file that is not a regular file is, for an error.
+fn type_name(kind: fs::FileType) -> &'static str {
+    use std::os::unix::fs::FileTypeExt;
+    if kind.is_dir() {
+        "a directory"
+    } else if kind.is_fifo() {
+        "a FIFO"
+    } else if kind.is_socket() {
+        "a socket"
+    } else if kind.is_symlink() {
+        "a symbolic link"
+    } else {
+        "a device"
+    }
 }
 
 fn not_regular(what: &str) -> io::Error {
@@ -238,6 +277,16 @@ mod test {
         let e = read_regular(&fifo, true).unwrap_err();
         assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
         assert!(e.to_string().contains("FIFO"), "{e}");
+
+        // A socket (one left by a dead process): opening it fails with ENXIO, an I/O error
+        // that a caller would not take for a file of the wrong kind.
+        let socket = dir.path().join("socket");
+        let _listener = std::os::unix::net::UnixListener::bind(&socket).unwrap();
+        for follow in [true, false] {
+            let e = read_regular(&socket, follow).unwrap_err();
+            assert_eq!(e.kind(), io::ErrorKind::InvalidInput);
+            assert!(e.to_string().contains("socket"), "{e}");
+        }
 
         let big = dir.path().join("big");
         fs::write(&big, vec![b' '; MAX_READ as usize + 1]).unwrap();

@@ -440,6 +440,8 @@ async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
             .unwrap()
             .success()
     );
+    // A socket left by a dead process (opening it failed as an I/O error: every list).
+    let _socket = std::os::unix::net::UnixListener::bind(subnets.join("198.19.11.0-24")).unwrap();
     let reg = registry(dir.path(), 3600);
     let Ok(list) = tokio::time::timeout(Duration::from_secs(30), reg.list_leases()).await else {
         // Opening the FIFO for writing frees the blocked reader, so the runtime can end.
@@ -513,6 +515,59 @@ async fn a_lease_is_released_only_while_it_is_still_the_one_listed() {
     assert!(reg.release_lease(&taken).await.unwrap());
     let holders: Vec<LeaseAttrs> = live(&reg).await.into_iter().map(|l| l.attrs).collect();
     assert_eq!(holders, [host(10)]);
+}
+
+/// A hand-made file under a non-canonical name for a key ("198.19.5.0-024") holds that key:
+/// creating it says the subnet is leased, not that it overlaps itself (with a `lease release`
+/// of its own name to run, which would not find the file).
+#[tokio::test]
+async fn a_non_canonical_twin_holds_its_key_as_already_leased() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let subnets = dir.path().join("subnets");
+    fs::create_dir_all(&subnets).unwrap();
+    fs::write(
+        subnets.join("198.19.5.0-024"),
+        "{\"PublicIP\":\"198.18.0.5\"}\n",
+    )
+    .unwrap();
+    let err = reg
+        .create_lease(&key("198.19.5.0-24"), &host(1))
+        .await
+        .unwrap_err();
+    assert!(matches!(err, RegistryError::AlreadyExists(_)), "{err}");
+    assert!(live(&reg).await.is_empty());
+}
+
+/// A writer that died between creating its temporary file and renaming it leaves the file
+/// behind; a key never written again would keep it for good. Any change removes such files
+/// from `subnets/` once they are a minute old, and leaves a fresh one and other dot-files.
+#[tokio::test]
+async fn a_change_removes_what_a_dead_writer_left_in_subnets() {
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let subnets = dir.path().join("subnets");
+    reg.create_lease(&key("198.19.1.0-24"), &host(1))
+        .await
+        .unwrap();
+    let plant = |name: &str, age: u64| {
+        let path = subnets.join(name);
+        fs::write(&path, "{\"PublicIP\":\"198.18.0.9\"}\n").unwrap();
+        let f = fs::File::options().write(true).open(&path).unwrap();
+        f.set_modified(std::time::SystemTime::now() - Duration::from_secs(age))
+            .unwrap();
+    };
+    plant(".198.19.9.0-24.0123456789abcdef.tmp", 120);
+    plant(".198.19.8.0-24.fedcba9876543210.tmp", 0);
+    plant(".notes.tmp", 120);
+    assert_eq!(live(&reg).await.len(), 1, "a temporary file is no lease");
+    reg.revoke_lease(&key("198.19.1.0-24")).await.unwrap();
+    let mut left: Vec<String> = fs::read_dir(&subnets)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    left.sort();
+    assert_eq!(left, [".198.19.8.0-24.fedcba9876543210.tmp", ".notes.tmp"]);
 }
 
 /// `lease release` of a key it did not list deletes only what holds no lease: an expired or

@@ -504,6 +504,10 @@ impl Store {
         // stamps still show changes while it stays at the top.
         let next = self.revision()?.saturating_add(1);
         self.write_atomic(&self.dir.join("revision"), format!("{next}\n").as_bytes())?;
+        // What a writer that died halfway left: its write of a key that is not written again
+        // would otherwise stay for good (every change holds the lock, so none is in progress;
+        // only files older than a minute go).
+        crate::files::remove_all_stale_temporaries(&self.subnets());
         Ok(next)
     }
 
@@ -723,6 +727,11 @@ impl Store {
             .into_iter()
             .find(|(_, e)| matches!(e, Entry::Live(_) | Entry::Malformed))
         {
+            // A hand-made file under a non-canonical name for this very key (a warning asks
+            // to rename it) holds it: `lease release` of the key would not find that file.
+            if other == key {
+                return Err(RegistryError::AlreadyExists(key));
+            }
             return Err(RegistryError::Overlaps { key, other });
         }
         let lease = Lease {
