@@ -24,7 +24,8 @@ pub enum DropReason {
     NotForUs,
     /// The UDP socket refused the datagram (buffer full or an error).
     SendFailed,
-    /// The TUN device refused the packet.
+    /// The TUN device refused a packet from a peer (an ICMP error linen built that it refuses
+    /// is no drop: the packet it answers is counted already).
     TunWriteFailed,
 }
 

@@ -547,25 +547,21 @@ impl Worker {
                         let pkt = &self.arena[at..at + len];
                         let sent = send_gso(sock, pkt, peer, (len, 1), &mut self.local, &mut wait);
                         news = news.max(sent.news);
-                        if icmp > 0
-                            && self.tun_out.write_one(
+                        if icmp > 0 {
+                            self.tun_out.write_icmp(
                                 &self.tun,
                                 &self.icmp_buf[..icmp],
                                 &mut self.local,
-                            )?
-                        {
-                            self.local.icmp_sent += 1;
+                            )?;
                         }
                     }
                     Egress::Icmp { len, reason } => {
                         self.local.drop(reason);
-                        if self.tun_out.write_one(
+                        self.tun_out.write_icmp(
                             &self.tun,
                             &self.icmp_buf[..len],
                             &mut self.local,
-                        )? {
-                            self.local.icmp_sent += 1;
-                        }
+                        )?;
                     }
                     Egress::Drop(reason) => self.local.drop(reason),
                     Egress::Send { .. } => {}
@@ -1030,14 +1026,9 @@ impl TunWriter {
         false
     }
 
-    /// Writes one packet; false when the kernel refused it (counted as `TunWriteFailed`).
+    /// Writes one packet; false when the kernel refused it (the caller counts that).
     #[inline]
-    fn write_one(
-        &mut self,
-        tun: &SyncDevice,
-        pkt: &[u8],
-        local: &mut LocalCounters,
-    ) -> io::Result<bool> {
+    fn write_one(&mut self, tun: &impl TunSink, pkt: &[u8]) -> io::Result<bool> {
         let result = if self.offload {
             const NO_OFFLOAD: [u8; VIRTIO_NET_HDR_LEN] = [0; VIRTIO_NET_HDR_LEN];
             tun.send_vectored(&[IoSlice::new(&NO_OFFLOAD), IoSlice::new(pkt)])
@@ -1047,24 +1038,40 @@ impl TunWriter {
         match result {
             Ok(_) => Ok(true),
             Err(e) if is_fatal(&e) => Err(tun_lost(e)),
-            Err(_) => {
-                local.drop(DropReason::TunWriteFailed);
-                Ok(false)
-            }
+            Err(_) => Ok(false),
         }
     }
 
-    /// Writes one packet received from a peer, counted as `tun_tx` once written.
+    /// Writes one packet received from a peer: counted as `tun_tx` once written, as dropped
+    /// (`TunWriteFailed`) when the kernel refuses it.
     #[inline]
     fn deliver(
         &mut self,
-        tun: &SyncDevice,
+        tun: &impl TunSink,
         pkt: &[u8],
         local: &mut LocalCounters,
     ) -> io::Result<()> {
-        if self.write_one(tun, pkt, local)? {
+        if self.write_one(tun, pkt)? {
             local.tun_tx_packets += 1;
             local.tun_tx_bytes += pkt.len() as u64;
+        } else {
+            local.drop(DropReason::TunWriteFailed);
+        }
+        Ok(())
+    }
+
+    /// Writes an ICMP error linen built about a packet it dropped: counted as `icmp_sent` once
+    /// written. Refused, it is no drop of its own: the packet it answers is counted already
+    /// (under the reason it was dropped for, or as sent).
+    #[inline]
+    fn write_icmp(
+        &mut self,
+        tun: &impl TunSink,
+        pkt: &[u8],
+        local: &mut LocalCounters,
+    ) -> io::Result<()> {
+        if self.write_one(tun, pkt)? {
+            local.icmp_sent += 1;
         }
         Ok(())
     }
@@ -1075,7 +1082,7 @@ impl TunWriter {
     /// again segment by segment. Counts what was written as `tun_tx`.
     fn write_run(
         &mut self,
-        tun: &SyncDevice,
+        tun: &impl TunSink,
         buf: &[u8],
         stride: usize,
         run: CoalesceRun,
@@ -1119,6 +1126,24 @@ impl TunWriter {
             self.deliver(tun, run.segment(buf, stride, j), local)?;
         }
         Ok(())
+    }
+}
+
+/// Where [`TunWriter`] writes: the TUN device (a stand-in in tests, which cannot open one
+/// without root).
+trait TunSink {
+    fn send(&self, pkt: &[u8]) -> io::Result<usize>;
+    fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize>;
+}
+
+impl TunSink for SyncDevice {
+    #[inline]
+    fn send(&self, pkt: &[u8]) -> io::Result<usize> {
+        SyncDevice::send(self, pkt)
+    }
+    #[inline]
+    fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+        SyncDevice::send_vectored(self, bufs)
     }
 }
 
@@ -1619,6 +1644,34 @@ mod test {
         r.gso_lost();
         assert!(!r.due(ms(6_500)), "rate-limited");
         assert!(r.due(ms(7_000)));
+    }
+
+    /// A TUN device that refuses every write (ENOBUFS: its queue is full).
+    struct Refusing;
+
+    impl TunSink for Refusing {
+        fn send(&self, _: &[u8]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+        }
+        fn send_vectored(&self, _: &[IoSlice<'_>]) -> io::Result<usize> {
+            Err(io::Error::from_raw_os_error(libc::ENOBUFS))
+        }
+    }
+
+    /// Every drop is counted under exactly one reason: an ICMP error the device refuses is no
+    /// second drop of the packet it answers; a peer's packet it refuses is one.
+    #[test]
+    fn a_refused_icmp_error_is_not_a_second_drop() {
+        for offload in [false, true] {
+            let (mut w, mut local) = (TunWriter::new(offload, false), LocalCounters::default());
+            local.drop(DropReason::NoRoute);
+            w.write_icmp(&Refusing, &[0x45; 56], &mut local).unwrap();
+            assert_eq!(local.icmp_sent, 0);
+            assert_eq!(local.drops.iter().sum::<u64>(), 1, "offload {offload}");
+            w.deliver(&Refusing, &[0x45; 56], &mut local).unwrap();
+            assert_eq!(local.drops_for(DropReason::TunWriteFailed), 1);
+            assert_eq!(local.tun_tx_packets, 0);
+        }
     }
 
     #[test]
