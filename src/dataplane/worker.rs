@@ -450,13 +450,29 @@ impl Worker {
                     Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                     // A signal, not a packet: read again.
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(_) => self.local.drop(DropReason::Malformed),
+                    // What tun-rs could not hand over: a packet longer than a buffer (the
+                    // device's MTU raised by hand), or a super-packet it could not split.
+                    Err(_) => {
+                        self.local.tun_rx_packets += 1;
+                        let reason = lost_read_reason(raw, stride);
+                        self.local.drop(reason);
+                    }
                 }
             }
         } else {
-            while count < TUN_BATCH {
+            // Bounded as above: an error that kept coming back would hold the worker here.
+            let mut reads = 0;
+            while count < TUN_BATCH && reads < TUN_BATCH {
+                reads += 1;
                 let buf = &mut self.arena[count * stride..(count + 1) * stride];
                 match self.tun.recv(buf) {
+                    // Longer than a buffer (the device's MTU raised by hand): the kernel cut it
+                    // and says how long it was.
+                    Ok(n) if n > stride => {
+                        self.local.tun_rx_packets += 1;
+                        self.local.tun_rx_bytes += n as u64;
+                        self.local.drop(DropReason::TooBig);
+                    }
                     Ok(n) => {
                         self.seg_sizes[count] = n;
                         count += 1;
@@ -1129,6 +1145,22 @@ impl TunWriter {
     }
 }
 
+/// Why a TUN read that tun-rs refused (`raw` as read, virtio-net header first) was lost: one
+/// packet (no GSO) longer than a buffer of `stride` is too big; anything else, a super-packet
+/// that could not be split, is malformed.
+fn lost_read_reason(raw: &[u8], stride: usize) -> DropReason {
+    const GSO_NONE: u8 = 0;
+    let len = raw
+        .get(VIRTIO_NET_HDR_LEN..)
+        .and_then(|ip| crate::wire::IpPacket::new_checked(ip).ok())
+        .map_or(0, |ip| ip.packet_len());
+    if raw.get(1) == Some(&GSO_NONE) && len > stride {
+        DropReason::TooBig
+    } else {
+        DropReason::Malformed
+    }
+}
+
 /// Where [`TunWriter`] writes: the TUN device (a stand-in in tests, which cannot open one
 /// without root).
 trait TunSink {
@@ -1644,6 +1676,22 @@ mod test {
         r.gso_lost();
         assert!(!r.due(ms(6_500)), "rate-limited");
         assert!(r.due(ms(7_000)));
+    }
+
+    #[test]
+    fn a_refused_read_longer_than_a_buffer_is_too_big() {
+        let mut raw = vec![0u8; VIRTIO_NET_HDR_LEN + 2000];
+        let ip = &mut raw[VIRTIO_NET_HDR_LEN..];
+        ip[0] = 0x45;
+        ip[2..4].copy_from_slice(&1500u16.to_be_bytes());
+        ip[8] = 64;
+        assert_eq!(lost_read_reason(&raw, 1400), DropReason::TooBig);
+        assert_eq!(lost_read_reason(&raw, 1500), DropReason::Malformed);
+        // A TCPv4 super-packet tun-rs could not split.
+        raw[1] = 1;
+        assert_eq!(lost_read_reason(&raw, 1400), DropReason::Malformed);
+        // No IP packet at all.
+        assert_eq!(lost_read_reason(&[0; 4], 1400), DropReason::Malformed);
     }
 
     /// A TUN device that refuses every write (ENOBUFS: its queue is full).
