@@ -500,14 +500,8 @@ impl Worker {
         self.paths.expire(now);
         let snap = self.table.load();
         let mut news = SourceNews::Nothing;
-        // A peer to which the kernel refused a batch (its path MTU is asked for after the
-        // batch).
-        let mut too_big = None;
-        // A peer that got a datagram alone which some path may not carry: the kernel
-        // fragments it without a word when it learned a smaller path MTU, so the worker asks
-        // (once a second at most): without UDP GSO (`--no-offload`, kernels before 4.18) no
-        // batch is ever refused, and with it a packet alone is not batched.
-        let mut alone = None;
+        // The peers whose path MTU is asked for after the batch ([`Questions`]).
+        let mut questions = Questions::default();
         // What is left of this batch's time to wait for room in a full send buffer.
         let mut wait = BATCH_SEND_WAIT;
         // The most segments a run may have, by the peer's family.
@@ -519,7 +513,7 @@ impl Worker {
                 if let Some(r) = $run.take() {
                     let peer = r.peer;
                     if r.n == 1 && r.bytes > every_path_carries(peer) {
-                        alone = Some(peer);
+                        questions.alone(peer);
                     }
                     let sent = send_run(
                         sender(&self.tx, &self.udp, &self.udp_state),
@@ -531,7 +525,7 @@ impl Worker {
                     );
                     news = news.max(sent.news);
                     if sent.too_big {
-                        too_big = Some(peer);
+                        questions.refused(peer);
                     }
                     if sent.gso_refused {
                         gso_refused = true;
@@ -596,22 +590,19 @@ impl Worker {
         if news != SourceNews::Nothing {
             self.source_refused(news);
         }
-        let question = too_big
-            .map(|peer| (peer, Asked::Refused))
-            .or(alone.map(|peer| (peer, Asked::Alone)));
-        if let Some((peer, asked)) = question
-            && self.paths.ask(peer, now, asked)
-        {
-            let (udp, _) = sender(&self.tx, &self.udp, &self.udp_state);
-            learn_path_mtu(
-                self.id,
-                udp,
-                peer,
-                self.config.mtu,
-                &mut self.paths,
-                now,
-                asked,
-            );
+        for (peer, asked) in questions.iter() {
+            if self.paths.ask(peer, now, asked) {
+                let (udp, _) = sender(&self.tx, &self.udp, &self.udp_state);
+                learn_path_mtu(
+                    self.id,
+                    udp,
+                    peer,
+                    self.config.mtu,
+                    &mut self.paths,
+                    now,
+                    asked,
+                );
+            }
         }
         if gso_refused && !self.family_gso.all_refused() {
             // The refused family waits (`family_gso`); the other keeps GSO. When both wait, the
@@ -1142,6 +1133,46 @@ impl TunWriter {
             self.deliver(tun, run.segment(buf, stride, j), local)?;
         }
         Ok(())
+    }
+}
+
+/// The most peers refused in one batch whose path MTU is asked for after it (each question is
+/// a system call; a batch refused for more peers than this is rare, and the rest are asked
+/// after their next refusal).
+const REFUSED_PER_BATCH: usize = 4;
+
+/// The peers whose path MTU a send batch asks for once it is sent (at most once a second
+/// each: [`PathMtus::ask`]): every peer to which the kernel refused a batch (its path MTU is
+/// likely smaller now), or else the last peer that got a datagram alone that some path may not
+/// carry (the kernel fragments it without a word when it learned a smaller path MTU: without
+/// UDP GSO, `--no-offload` or kernels before 4.18, no batch is ever refused, and with it a
+/// packet alone is not batched).
+#[derive(Default)]
+struct Questions {
+    refused: [Option<SocketAddr>; REFUSED_PER_BATCH],
+    alone: Option<SocketAddr>,
+}
+
+impl Questions {
+    fn refused(&mut self, peer: SocketAddr) {
+        if !self.refused.contains(&Some(peer))
+            && let Some(slot) = self.refused.iter_mut().find(|s| s.is_none())
+        {
+            *slot = Some(peer);
+        }
+    }
+
+    fn alone(&mut self, peer: SocketAddr) {
+        self.alone = Some(peer);
+    }
+
+    fn iter(&self) -> impl Iterator<Item = (SocketAddr, Asked)> + '_ {
+        let alone = self.alone.filter(|_| self.refused[0].is_none());
+        self.refused
+            .iter()
+            .flatten()
+            .map(|&p| (p, Asked::Refused))
+            .chain(alone.map(|p| (p, Asked::Alone)))
     }
 }
 
@@ -1676,6 +1707,27 @@ mod test {
         r.gso_lost();
         assert!(!r.due(ms(6_500)), "rate-limited");
         assert!(r.due(ms(7_000)));
+    }
+
+    /// Before, one slot was overwritten by each refusal: only the batch's last refused peer
+    /// learned its path MTU, the others kept having batches refused.
+    #[test]
+    fn every_refused_peer_of_a_batch_is_asked_about() {
+        let peer = |n: u8| SocketAddr::from(([198, 18, 0, n], 8285));
+        let mut q = Questions::default();
+        q.alone(peer(9));
+        assert_eq!(q.iter().collect::<Vec<_>>(), [(peer(9), Asked::Alone)]);
+        q.refused(peer(1));
+        q.refused(peer(2));
+        q.refused(peer(1));
+        assert_eq!(
+            q.iter().collect::<Vec<_>>(),
+            [(peer(1), Asked::Refused), (peer(2), Asked::Refused)]
+        );
+        for n in 3..=9 {
+            q.refused(peer(n));
+        }
+        assert_eq!(q.iter().count(), REFUSED_PER_BATCH);
     }
 
     #[test]
