@@ -66,6 +66,37 @@ impl AcquireError {
     }
 }
 
+/// How often the renewal timer (monotonic) is checked against the lease's expiry (wall
+/// clock, as the registry judges it): see [`renewal_overdue`].
+pub const CLOCK_CHECK: Duration = Duration::from_secs(60);
+
+/// How much nearer the expiry may come than the renewal timer knows before the lease is
+/// renewed early: more than a check's own delay, far less than any real clock step.
+const CLOCK_SLACK: Duration = Duration::from_secs(5);
+
+/// Whether a lease expiring at `exp` (wall clock) must be renewed now although its renewal
+/// timer still waits `renew_in`: the wall clock moved ahead since the timer was set (an
+/// embedded host without a battery-backed clock took a lease at boot, before NTP set the
+/// time). The registry judges the expiry by the wall clock (the directory registry's hosts
+/// each by their own), so other hosts may already see the lease as expired and take the
+/// subnet, while the timer would wait up to a day.
+fn renewal_overdue(
+    exp: SystemTime,
+    wall_now: SystemTime,
+    renew_in: Duration,
+    margin: Duration,
+) -> bool {
+    let remaining = exp.duration_since(wall_now).unwrap_or_default();
+    renewal_delay(remaining, margin) + CLOCK_SLACK < renew_in
+}
+
+/// When a lease with `remaining` left is renewed: `margin` before expiry; when the margin is
+/// longer than what is left (short test TTLs), at half the remaining time instead of at once
+/// and again and again.
+fn renewal_delay(remaining: Duration, margin: Duration) -> Duration {
+    remaining.checked_sub(margin).unwrap_or(remaining / 2)
+}
+
 /// How long [`LeaseManager::acquire_patiently`] waits between tries.
 pub const ACQUIRE_RETRY: Duration = Duration::from_secs(1);
 
@@ -417,6 +448,8 @@ impl LeaseManager {
             watch_cancel.clone(),
         ));
         let mut acquire_backoff = Backoff::new(self.options.backoff_min, self.options.backoff_max);
+        let mut clock = tokio::time::interval_at(Instant::now() + CLOCK_CHECK, CLOCK_CHECK);
+        clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         'run: loop {
             if self.tracker.own().is_none() {
                 match self.acquire().await {
@@ -447,6 +480,7 @@ impl LeaseManager {
             tokio::select! {
                 _ = cancel.cancelled() => break,
                 _ = sleep_until(renew_at) => self.renew().await,
+                _ = clock.tick() => self.check_clock(SystemTime::now()),
                 msg = rx.recv() => if !self.on_msg(msg) {
                     break;
                 },
@@ -473,13 +507,8 @@ impl LeaseManager {
                 None
             }
             Some(exp) => {
-                // Renew `renew_margin` before expiry; when the margin is longer than what is
-                // left (short test TTLs), at half the remaining time instead of at once and
-                // again and again.
                 let remaining = exp.duration_since(SystemTime::now()).unwrap_or_default();
-                let due = remaining
-                    .checked_sub(self.options.renew_margin)
-                    .unwrap_or(remaining / 2);
+                let due = renewal_delay(remaining, self.options.renew_margin);
                 tracing::debug!(subnet = %lease.key, in_secs = due.as_secs(), "renewal scheduled");
                 Some(Instant::now() + due)
             }
@@ -487,6 +516,23 @@ impl LeaseManager {
         let events = self.tracker.set_own(Some(lease));
         log_peers(&events);
         self.publish(true);
+    }
+
+    /// Renews now when the wall clock moved ahead of the renewal timer ([`renewal_overdue`]).
+    /// Not while renewals fail: they are retried with backoff already.
+    fn check_clock(&mut self, wall_now: SystemTime) {
+        let (Some(own), Some(at)) = (self.tracker.own(), self.renew_at) else {
+            return;
+        };
+        let Some(exp) = own.expiration else {
+            return;
+        };
+        let renew_in = at.saturating_duration_since(Instant::now());
+        if !self.renew_failed && renewal_overdue(exp, wall_now, renew_in, self.options.renew_margin)
+        {
+            tracing::warn!(subnet = %own.key, expires = %own.expiry(), "the wall clock moved ahead of the lease's renewal timer (set at boot before NTP, say): its expiry, which other hosts judge by the wall clock, is nearer than the timer knew; renewing now");
+            self.renew_at = Some(Instant::now());
+        }
     }
 
     async fn renew(&mut self) {
@@ -1102,6 +1148,65 @@ mod test {
         fn lease_ttl(&self) -> Duration {
             Duration::from_secs(60)
         }
+    }
+
+    /// The wall clock stepping ahead (NTP after a boot without a clock) brings the lease's
+    /// expiry nearer than the monotonic renewal timer knows: renewal is moved to now. A step
+    /// within the slack, or back, leaves the timer alone.
+    #[tokio::test(start_paused = true)]
+    async fn a_wall_clock_step_ahead_brings_the_renewal_forward() {
+        let reg = Arc::new(Outage::default());
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let mut opts =
+            ManagerOptions::new(LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap()));
+        opts.renew_margin = Duration::from_secs(50);
+        let mut m = LeaseManager::new(Arc::clone(&reg) as Arc<dyn Registry>, config, opts);
+        m.acquire().await.unwrap();
+        // A 60 s lease: renewal due in 10 s.
+        let due = m.renew_at.unwrap();
+        let wall = SystemTime::now();
+        for step in [Duration::ZERO, Duration::from_secs(1)] {
+            m.check_clock(wall + step);
+            assert_eq!(m.renew_at, Some(due), "{step:?}");
+        }
+        m.check_clock(wall - Duration::from_secs(3600));
+        assert_eq!(m.renew_at, Some(due));
+        m.check_clock(wall + Duration::from_secs(58));
+        assert_eq!(m.renew_at, Some(Instant::now()));
+    }
+
+    #[test]
+    fn renewal_is_overdue_only_when_the_expiry_came_nearer_than_the_timer_knows() {
+        let (t, s) = (
+            SystemTime::UNIX_EPOCH + Duration::from_secs(1 << 30),
+            Duration::from_secs,
+        );
+        let margin = s(3600);
+        // A day's lease, renewed an hour before expiry: the timer waits 23 h.
+        assert!(!renewal_overdue(t + s(86_400), t, s(82_800), margin));
+        // Two hours later by both clocks.
+        assert!(!renewal_overdue(
+            t + s(86_400),
+            t + s(7200),
+            s(75_600),
+            margin
+        ));
+        // The wall clock jumped 10 h ahead: the expiry is 14 h away, renewal due in 13 h.
+        assert!(renewal_overdue(
+            t + s(86_400),
+            t + s(36_000),
+            s(82_800),
+            margin
+        ));
+        // Expired by the wall clock.
+        assert!(renewal_overdue(
+            t + s(86_400),
+            t + s(90_000),
+            s(82_800),
+            margin
+        ));
+        // Short leases renew at half the time left.
+        assert!(!renewal_overdue(t + s(60), t, s(30), margin));
     }
 
     /// In tokio's paused time. A 60 s lease is due for renewal at 10 s; the registry is down
