@@ -11,7 +11,7 @@
 //! address) so a stuck client cannot pile up tasks, nor a few sources hold every slot and
 //! starve a liveness probe.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, SystemTime};
@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use anyhow::{Context, Result};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, TryAcquireError};
 use tokio_util::sync::CancellationToken;
 
 use super::metrics;
@@ -30,11 +30,11 @@ use crate::cli::status::MetricsAddr;
 const MAX_HEAD: usize = 8 * 1024;
 /// Time a client gets to send its request head.
 const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections served at once; more wait in the listen backlog. Many, since one waiting for
-/// its head costs a task and a few KiB: with 16, four addresses holding their four idle
-/// connections each (on `--healthz-port`, four remote hosts) kept every later client, a
-/// kubelet's probe among them, waiting for 5 s; it now takes 64. (A local user, who has all
-/// of 127/8, can still fill them: the endpoint does not defend against this host's users.)
+/// Connections served at once. Many, since one waiting for its head costs a task and a few
+/// KiB: with 16, four addresses holding their four idle connections each (on
+/// `--healthz-port`, four remote hosts) kept every later client, a kubelet's probe among
+/// them, waiting for 5 s; it now takes 64. When they are all taken (a local user has all of
+/// 127/8), a new connection closes the one that has waited longest for its request.
 const MAX_CONNECTIONS: usize = 256;
 /// Connections served at once from one address; more are closed at once. Sixteen idle
 /// connections from anywhere would otherwise hold every slot for 5 s at a time, and a
@@ -168,6 +168,8 @@ async fn accept_loop(
 ) {
     let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let per_address: Arc<Mutex<HashMap<IpAddr, usize>>> = Arc::default();
+    let silent: Silent = Arc::default();
+    let mut next_id = 0u64;
     loop {
         let accepted = tokio::select! {
             _ = cancel.cancelled() => return,
@@ -197,15 +199,65 @@ async fn accept_loop(
             let _ = stream.try_write(TOO_MANY);
             continue;
         };
-        let Ok(permit) = Arc::clone(&slots).acquire_owned().await else {
-            return;
+        let permit = match Arc::clone(&slots).try_acquire_owned() {
+            Ok(p) => p,
+            Err(TryAcquireError::Closed) => return,
+            Err(TryAcquireError::NoPermits) => {
+                // Every slot taken (many addresses, each within its share: all of 127/8 is
+                // a local user's): the connection silent longest goes, rather than this one
+                // waiting up to HEAD_TIMEOUT. A probe sends its request at once, so it is
+                // hardly ever the one.
+                let oldest = lock(&silent).pop_first();
+                if let Some((_, evict)) = oldest {
+                    evict.cancel();
+                }
+                let Ok(p) = Arc::clone(&slots).acquire_owned().await else {
+                    return;
+                };
+                p
+            }
+        };
+        next_id += 1;
+        let evict = CancellationToken::new();
+        lock(&silent).insert(next_id, evict.clone());
+        let until_head = SilentEntry {
+            silent: Arc::clone(&silent),
+            id: next_id,
         };
         let (sources, waiting) = (Arc::clone(&shared.0), Arc::clone(&shared.1));
         tokio::spawn(async move {
             let waiting = waiting.lock().ok().and_then(|w| w.clone());
-            serve(stream, scope, sources.get(), waiting.as_ref()).await;
+            serve(
+                stream,
+                scope,
+                sources.get(),
+                waiting.as_ref(),
+                until_head,
+                evict,
+            )
+            .await;
             drop((permit, from));
         });
+    }
+}
+
+/// The connections still waiting for their request head, oldest first, each with what ends it
+/// when every slot is taken and a new connection comes.
+type Silent = Arc<Mutex<BTreeMap<u64, CancellationToken>>>;
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// A connection's place in [`Silent`], given up when its head is in (or it ends).
+struct SilentEntry {
+    silent: Silent,
+    id: u64,
+}
+
+impl Drop for SilentEntry {
+    fn drop(&mut self) {
+        lock(&self.silent).remove(&self.id);
     }
 }
 
@@ -231,7 +283,7 @@ struct AddressSlot {
 
 impl AddressSlot {
     fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<AddressSlot> {
-        let mut map = counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(counts);
         let n = map.entry(ip).or_insert(0);
         if *n >= MAX_PER_ADDRESS {
             return None;
@@ -246,7 +298,7 @@ impl AddressSlot {
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
-        let mut map = self.counts.lock().unwrap_or_else(|e| e.into_inner());
+        let mut map = lock(&self.counts);
         if let Some(n) = map.get_mut(&self.ip) {
             *n -= 1;
             if *n == 0 {
@@ -261,8 +313,17 @@ async fn serve(
     scope: Scope,
     sources: Option<&Sources>,
     waiting: Option<&Waiting>,
+    until_head: SilentEntry,
+    evict: CancellationToken,
 ) {
-    let response = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
+    let head = tokio::select! {
+        biased;
+        head = tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)) => head,
+        () = evict.cancelled() => return,
+    };
+    // The request is in: no longer the first to go when the slots run out.
+    drop(until_head);
+    let response = match head {
         Ok(Ok(Some(head))) => respond(&head, scope, sources, waiting, SystemTime::now()),
         Ok(Ok(None)) => Response::text(431, "request head too large\n"),
         // Timed out, reset or closed early: nobody to answer.
@@ -524,6 +585,46 @@ mod test {
             }
         }
         assert_eq!(refused, 16 - MAX_PER_ADDRESS);
+        cancel.cancel();
+    }
+
+    /// Every slot held by idle connections (four from each of 64 addresses, each within its
+    /// share) does not keep a probe waiting: the connection silent longest is closed for it,
+    /// and only that one (before, the probe waited until the head timeout closed them all).
+    #[tokio::test]
+    async fn a_probe_takes_the_slot_of_the_connection_silent_longest() {
+        let (addr, cancel) = serve_healthz().await;
+        let mut idle = Vec::new();
+        for i in 0..MAX_CONNECTIONS {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            let from = std::net::Ipv4Addr::new(127, 0, 1, (10 + i / MAX_PER_ADDRESS) as u8);
+            s.bind((from, 0).into()).unwrap();
+            idle.push(s.connect(addr).await.unwrap());
+        }
+        // Once the server has taken them all: the first of them has a slot.
+        let mut probe_first = idle.remove(0);
+        let probe = tokio::net::TcpSocket::new_v4().unwrap();
+        probe.bind("127.0.2.1:0".parse().unwrap()).unwrap();
+        // (A guard against hanging, not a timing: what shows the eviction is the count below.)
+        let answer = tokio::time::timeout(Duration::from_secs(30), get_healthz(addr, Some(probe)))
+            .await
+            .expect("the probe waited behind idle connections");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        // The oldest was closed without an answer; the others still wait for their request.
+        let mut out = Vec::new();
+        assert_eq!(probe_first.read_to_end(&mut out).await.unwrap(), 0);
+        let mut closed = 0;
+        for s in &mut idle {
+            let mut byte = [0u8; 1];
+            if let Ok(r) = tokio::time::timeout(Duration::from_millis(1), s.read(&mut byte)).await {
+                assert!(
+                    matches!(r, Ok(0) | Err(_)),
+                    "an idle connection got an answer"
+                );
+                closed += 1;
+            }
+        }
+        assert_eq!(closed, 0);
         cancel.cancel();
     }
 
