@@ -211,7 +211,12 @@ async fn accept_loop(
                 if let Some((_, evict)) = oldest {
                     evict.cancel();
                 }
-                let Ok(p) = Arc::clone(&slots).acquire_owned().await else {
+                // (Every connection past its head, none to close: wait for one to end.)
+                let acquired = tokio::select! {
+                    _ = cancel.cancelled() => return,
+                    p = Arc::clone(&slots).acquire_owned() => p,
+                };
+                let Ok(p) = acquired else {
                     return;
                 };
                 p

@@ -18,7 +18,7 @@
 //!   `registry_last_error_age_seconds`
 //! - `workers_configured`, `workers_running`, `healthy`
 //! - `host_step_failing{step}`: 1 while a host-side step the daemon keeps in place fails
-//!   (`tun`, `subnet_env`, `iptables`), else 0
+//!   (`tun`, `subnet_env`, `iptables`, `underlay`), else 0
 
 use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
@@ -237,8 +237,8 @@ impl Collector for StatusCollector {
             let mut m = enc.encode_descriptor(
                 "linen_host_step_failing",
                 "1 while a host-side step kept in place after start fails (the TUN device's \
-                 addresses and routes, subnet.env after a lease move, the iptables rules); \
-                 linen retries it",
+                 addresses and routes, subnet.env after a lease move, the iptables rules, the \
+                 advertised underlay address still on the host); linen retries it",
                 None,
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
