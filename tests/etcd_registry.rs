@@ -866,6 +866,9 @@ async fn malformed_entries_under_subnets_are_skipped() {
         ("198.19.10.0-24", r#"{"PublicIPv6":null}"#.to_owned()),
         // Nested deeper: not a key of its own, nor a stand-in for 198.19.14.0-24.
         ("x/198.19.14.0-24", host(1).to_json()),
+        // A non-canonical twin of host 11's key: not a second lease for its subnet (with
+        // another address), and deleting it does not take host 11's route away.
+        ("198.19.11.0-024", host(5).to_json()),
     ];
     for (k, v) in &junk {
         client
@@ -888,6 +891,10 @@ async fn malformed_entries_under_subnets_are_skipped() {
             .unwrap();
     }
     client.delete(format!("{base}garbage"), None).await.unwrap();
+    client
+        .delete(format!("{base}198.19.11.0-024"), None)
+        .await
+        .unwrap();
     // A live lease overwritten with garbage: its old address must not stay routed.
     reg.create_lease(&subnet(13), &host(13)).await.unwrap();
     client

@@ -185,7 +185,13 @@ impl Shared {
             SubnetKey::parse(name)
         };
         match parsed {
-            Ok(key) => Some(key),
+            Ok(key) if key.to_string() == name => Some(key),
+            // A hand-made twin (`198.19.5.0-024`) would alias the real key: its put or delete
+            // would change that host's route.
+            Ok(key) => {
+                tracing::warn!(key = %path, canonical = %key, "skipping a subnet key whose name is not canonical (neither linen nor flannel wrote it; `etcdctl del KEY` removes it)");
+                None
+            }
             Err(error) => {
                 tracing::warn!(key = %path, %error, "skipping a malformed key under subnets/ (neither linen nor flannel wrote it; `etcdctl del KEY` removes it)");
                 None
