@@ -19,6 +19,9 @@ pub async fn network(cmd: NetworkCommand) -> Result<()> {
         NetworkCommand::Show { registry, json } => {
             let reg = registry::open(&registry, crate::model::LEASE_TTL).await?;
             let config = reg.get_network_config().await?;
+            if let Some(warning) = config.flanneld_refuses() {
+                eprintln!("warning: {warning}");
+            }
             if json {
                 println!("{}", config.spec.to_json());
                 return Ok(());

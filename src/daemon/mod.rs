@@ -1035,6 +1035,9 @@ async fn wait_for_config(
         }
         match read {
             Ok(c) => {
+                if let Some(warning) = c.flanneld_refuses() {
+                    tracing::warn!("{warning}");
+                }
                 // The lease and the iptables rules may still take a while: no past error
                 // stands for them meanwhile in /healthz and /status.
                 ops.resolved();

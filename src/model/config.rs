@@ -42,6 +42,10 @@ pub struct NetworkConfigSpec {
     pub backend_type: Option<String>,
     /// `Backend.Port`.
     pub backend_port: Option<u16>,
+    /// `Backend` was given without a `Type` (`{}`, `null`, or `"Type":""`). flannel's code
+    /// picks udp only when `Backend` is absent: flanneld refuses these configs ("unknown
+    /// backend type"), linen takes udp.
+    pub backend_without_type: bool,
 }
 
 /// The udp backend's settings.
@@ -156,6 +160,7 @@ impl NetworkConfigSpec {
         // replaces the first whole, fields it lacks included.
         self.backend_type = None;
         self.backend_port = None;
+        self.backend_without_type = true;
         let members: InOrder<Value> = match value {
             Value::Null => return Ok(()),
             Value::Object(_) => serde_json::from_str(raw.get())?,
@@ -186,6 +191,7 @@ impl NetworkConfigSpec {
                 _ => {}
             }
         }
+        self.backend_without_type = self.backend_type.is_none();
         Ok(())
     }
 
@@ -320,6 +326,15 @@ impl NetworkConfigSpec {
 }
 
 impl NetworkConfig {
+    /// What a flanneld sharing this config would refuse, for a warning: linen reads it.
+    pub fn flanneld_refuses(&self) -> Option<&'static str> {
+        self.spec.backend_without_type.then_some(
+            "the network config's Backend has no Type: linen takes it as udp, but flanneld \
+             refuses it (\"unknown backend type\"), so a flanneld host sharing this network \
+             would not start; write \"Backend\":{\"Type\":\"udp\"} (or leave Backend out)",
+        )
+    }
+
     /// Parses and validates the JSON text of `<prefix>/config`.
     pub fn from_json(text: &str) -> Result<NetworkConfig, ConfigError> {
         NetworkConfigSpec::from_json(text)?.validate()
@@ -818,6 +833,31 @@ mod test {
         )
         .unwrap();
         assert_eq!(c.backend.port, 9999);
+    }
+
+    /// flannel's code picks udp only when Backend is absent; flanneld refuses a Backend
+    /// without a Type, which linen reads as udp and warns about.
+    #[test]
+    fn a_backend_without_a_type_is_read_as_udp_with_a_warning() {
+        for backend in [
+            r#""Backend":{}"#,
+            r#""Backend":null"#,
+            r#""Backend":{"Type":""}"#,
+            r#""backend":{"port":9000}"#,
+        ] {
+            let c = NetworkConfig::from_json(&format!(r#"{{"Network":"10.3.0.0/16",{backend}}}"#))
+                .unwrap();
+            assert!(c.flanneld_refuses().is_some(), "{backend}");
+        }
+        for backend in [
+            "",
+            r#","Backend":{"Type":"udp"}"#,
+            r#","Backend":{},"Backend":{"type":"UDP"}"#,
+        ] {
+            let c = NetworkConfig::from_json(&format!(r#"{{"Network":"10.3.0.0/16"{backend}}}"#))
+                .unwrap();
+            assert_eq!(c.flanneld_refuses(), None, "{backend}");
+        }
     }
 
     #[test]
