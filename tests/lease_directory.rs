@@ -518,8 +518,8 @@ async fn a_lease_is_released_only_while_it_is_still_the_one_listed() {
 }
 
 /// A hand-made file under a non-canonical name for a key ("198.19.5.0-024") holds that key:
-/// creating it says the subnet is leased, not that it overlaps itself (with a `lease release`
-/// of its own name to run, which would not find the file).
+/// creating it says the subnet is leased, not that it overlaps itself; releasing the key
+/// removes it.
 #[tokio::test]
 async fn a_non_canonical_twin_holds_its_key_as_already_leased() {
     let dir = setup(NET);
@@ -537,6 +537,12 @@ async fn a_non_canonical_twin_holds_its_key_as_already_leased() {
         .unwrap_err();
     assert!(matches!(err, RegistryError::AlreadyExists(_)), "{err}");
     assert!(live(&reg).await.is_empty());
+    // `lease release 198.19.5.0/24` removes it (nothing else could).
+    assert!(reg.revoke_dead(&key("198.19.5.0-24")).await.unwrap());
+    assert!(!subnets.join("198.19.5.0-024").exists());
+    reg.create_lease(&key("198.19.5.0-24"), &host(1))
+        .await
+        .unwrap();
 }
 
 /// A writer that died between creating its temporary file and renaming it leaves the file

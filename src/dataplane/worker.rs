@@ -450,11 +450,14 @@ impl Worker {
                     Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                     // A signal, not a packet: read again.
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    // What tun-rs could not hand over: a packet longer than a buffer (the
+                    // The read itself failed: no packet to count as read.
+                    Err(e) if e.raw_os_error().is_some() => self.local.drop(DropReason::Malformed),
+                    // A packet read that tun-rs could not hand over: longer than a buffer (the
                     // device's MTU raised by hand), or a super-packet it could not split.
                     Err(_) => {
+                        let (reason, len) = lost_read(raw, stride);
                         self.local.tun_rx_packets += 1;
-                        let reason = lost_read_reason(raw, stride);
+                        self.local.tun_rx_bytes += len as u64;
                         self.local.drop(reason);
                     }
                 }
@@ -1176,20 +1179,22 @@ impl Questions {
     }
 }
 
-/// Why a TUN read that tun-rs refused (`raw` as read, virtio-net header first) was lost: one
-/// packet (no GSO) longer than a buffer of `stride` is too big; anything else, a super-packet
-/// that could not be split, is malformed.
-fn lost_read_reason(raw: &[u8], stride: usize) -> DropReason {
+/// Why a packet that tun-rs read but refused (`raw` as read, virtio-net header first) was
+/// lost, and its length as its IP header gives it: one packet (no GSO) longer than a buffer
+/// of `stride` is too big; anything else, a super-packet that could not be split, is
+/// malformed.
+fn lost_read(raw: &[u8], stride: usize) -> (DropReason, usize) {
     const GSO_NONE: u8 = 0;
     let len = raw
         .get(VIRTIO_NET_HDR_LEN..)
         .and_then(|ip| crate::wire::IpPacket::new_checked(ip).ok())
         .map_or(0, |ip| ip.packet_len());
-    if raw.get(1) == Some(&GSO_NONE) && len > stride {
+    let reason = if raw.get(1) == Some(&GSO_NONE) && len > stride {
         DropReason::TooBig
     } else {
         DropReason::Malformed
-    }
+    };
+    (reason, len)
 }
 
 /// Where [`TunWriter`] writes: the TUN device (a stand-in in tests, which cannot open one
@@ -1737,13 +1742,13 @@ mod test {
         ip[0] = 0x45;
         ip[2..4].copy_from_slice(&1500u16.to_be_bytes());
         ip[8] = 64;
-        assert_eq!(lost_read_reason(&raw, 1400), DropReason::TooBig);
-        assert_eq!(lost_read_reason(&raw, 1500), DropReason::Malformed);
+        assert_eq!(lost_read(&raw, 1400), (DropReason::TooBig, 1500));
+        assert_eq!(lost_read(&raw, 1500).0, DropReason::Malformed);
         // A TCPv4 super-packet tun-rs could not split.
         raw[1] = 1;
-        assert_eq!(lost_read_reason(&raw, 1400), DropReason::Malformed);
+        assert_eq!(lost_read(&raw, 1400).0, DropReason::Malformed);
         // No IP packet at all.
-        assert_eq!(lost_read_reason(&[0; 4], 1400), DropReason::Malformed);
+        assert_eq!(lost_read(&[0; 4], 1400), (DropReason::Malformed, 0));
     }
 
     /// A TUN device that refuses every write (ENOBUFS: its queue is full).

@@ -849,19 +849,34 @@ impl Store {
     }
 
     /// The entry is judged under the same lock as every writer's, so a host that takes the
-    /// key over after it was read cannot lose its lease to this delete.
+    /// key over after it was read cannot lose its lease to this delete. A hand-made file under
+    /// a non-canonical name for the key ("198.19.5.0-024", which holds the key and is never
+    /// read as a lease) goes too: nothing else could remove it.
     fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let _lock = self.lock(true)?;
-        match self.read_entry(&key.to_string(), SystemTime::now())? {
-            Some(Entry::Expired | Entry::Malformed) => self.remove_locked(key),
-            None | Some(Entry::Live(_)) => Ok(false),
+        let name = key.to_string();
+        let mut removed = match self.read_entry(&name, SystemTime::now())? {
+            Some(Entry::Expired | Entry::Malformed) => self.remove_locked(key)?,
+            Some(Entry::Live(_)) => return Ok(false),
+            None => false,
+        };
+        for (other, _) in self.names()? {
+            if other != name && SubnetKey::parse(&other).is_ok_and(|k| k == *key) {
+                removed |= self.remove_name_locked(&other)?;
+            }
         }
+        Ok(removed)
     }
 
     /// Deletes `key`'s file (gone already is fine): whether it was there. Call with the lock
     /// held.
     fn remove_locked(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
-        let path = self.key_path(key);
+        self.remove_name_locked(&key.to_string())
+    }
+
+    /// [`remove_locked`](Self::remove_locked) by file name.
+    fn remove_name_locked(&self, name: &str) -> Result<bool, RegistryError> {
+        let path = self.subnets().join(name);
         match fs::remove_file(&path) {
             Ok(()) => {
                 if let Ok(d) = File::open(self.subnets()) {
