@@ -160,8 +160,6 @@ fn type_name(kind: fs::FileType) -> &'static str {
         "a FIFO"
     } else if kind.is_socket() {
         "a socket"
-    } else if kind.is_symlink() {
-        "a symbolic link"
     } else {
         "a device"
     }

@@ -525,7 +525,10 @@ impl Store {
                 self.warn_once(
                     name,
                     "",
-                    &format!("the file name is not canonical; rename it to {k}"),
+                    &format!(
+                        "the file name is not canonical, so it is skipped and holds no subnet; \
+                         rename it to {k} if that is free, or delete it"
+                    ),
                 );
                 return Ok(Some(Entry::Malformed));
             }
@@ -727,11 +730,6 @@ impl Store {
             .into_iter()
             .find(|(_, e)| matches!(e, Entry::Live(_) | Entry::Malformed))
         {
-            // A hand-made file under a non-canonical name for this very key (a warning asks
-            // to rename it) holds it: `lease release` of the key would not find that file.
-            if other == key {
-                return Err(RegistryError::AlreadyExists(key));
-            }
             return Err(RegistryError::Overlaps { key, other });
         }
         let lease = Lease {
@@ -752,10 +750,15 @@ impl Store {
         let (now, ours) = (SystemTime::now(), key.to_string());
         let mut found = Vec::new();
         for (name, _) in self.names()? {
-            // By name: a hand-made non-canonical name for the same subnets is another file.
+            // A hand-made non-canonical name (`198.19.5.0-024`) holds nothing, as on etcd: it
+            // is never read as a lease (a warning asks to rename it), so it must not block or
+            // stand in for the key it spells.
             let Ok(other) = SubnetKey::parse(&name) else {
                 continue;
             };
+            if other.to_string() != name {
+                continue;
+            }
             if name == ours || !other.overlaps(key) {
                 continue;
             }
@@ -849,34 +852,19 @@ impl Store {
     }
 
     /// The entry is judged under the same lock as every writer's, so a host that takes the
-    /// key over after it was read cannot lose its lease to this delete. A hand-made file under
-    /// a non-canonical name for the key ("198.19.5.0-024", which holds the key and is never
-    /// read as a lease) goes too: nothing else could remove it.
+    /// key over after it was read cannot lose its lease to this delete.
     fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
         let _lock = self.lock(true)?;
-        let name = key.to_string();
-        let mut removed = match self.read_entry(&name, SystemTime::now())? {
-            Some(Entry::Expired | Entry::Malformed) => self.remove_locked(key)?,
-            Some(Entry::Live(_)) => return Ok(false),
-            None => false,
-        };
-        for (other, _) in self.names()? {
-            if other != name && SubnetKey::parse(&other).is_ok_and(|k| k == *key) {
-                removed |= self.remove_name_locked(&other)?;
-            }
+        match self.read_entry(&key.to_string(), SystemTime::now())? {
+            Some(Entry::Expired | Entry::Malformed) => self.remove_locked(key),
+            None | Some(Entry::Live(_)) => Ok(false),
         }
-        Ok(removed)
     }
 
     /// Deletes `key`'s file (gone already is fine): whether it was there. Call with the lock
     /// held.
     fn remove_locked(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
-        self.remove_name_locked(&key.to_string())
-    }
-
-    /// [`remove_locked`](Self::remove_locked) by file name.
-    fn remove_name_locked(&self, name: &str) -> Result<bool, RegistryError> {
-        let path = self.subnets().join(name);
+        let path = self.key_path(key);
         match fs::remove_file(&path) {
             Ok(()) => {
                 if let Ok(d) = File::open(self.subnets()) {

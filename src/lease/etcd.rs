@@ -409,6 +409,22 @@ impl Shared {
         Ok(self.request(what, client.txn(txn)).await?.succeeded())
     }
 
+    /// Deletes `key` only while it is still `kv` as read (a host that took it since wrote a new
+    /// revision), and then its etcd lease, unless other keys still hold it: whether it did.
+    async fn delete_as_read(&self, key: &SubnetKey, kv: &KeyValue) -> Result<bool, RegistryError> {
+        let path = self.subnet_path(key);
+        let deleted = self
+            .delete_if_unchanged("delete the subnet key", &path, kv.mod_revision())
+            .await?;
+        if deleted {
+            tracing::info!(subnet = %key, "deleted the subnet key");
+            if kv.lease() != 0 {
+                self.release(kv.lease()).await;
+            }
+        }
+        Ok(deleted)
+    }
+
     /// Grants an etcd lease with the registry's TTL: (ID, expiry).
     async fn grant(&self) -> Result<(i64, SystemTime), RegistryError> {
         let mut client = self.client.clone();
@@ -967,17 +983,7 @@ impl Registry for EtcdRegistry {
             Err(RegistryError::NotFound(_)) => return Ok(false),
             Err(e) => return Err(e),
         };
-        let path = s.subnet_path(&lease.key);
-        let deleted = s
-            .delete_if_unchanged("delete the subnet key", &path, kv.mod_revision())
-            .await?;
-        if deleted {
-            tracing::info!(subnet = %lease.key, "deleted the subnet lease");
-            if kv.lease() != 0 {
-                s.release(kv.lease()).await;
-            }
-        }
-        Ok(deleted)
+        s.delete_as_read(&lease.key, &kv).await
     }
 
     async fn revoke_dead(&self, key: &SubnetKey) -> Result<bool, RegistryError> {
@@ -1002,17 +1008,7 @@ impl Registry for EtcdRegistry {
         {
             return Ok(false);
         }
-        // Deleted only as read: a host that took the key since wrote a new revision.
-        let deleted = s
-            .delete_if_unchanged("delete the subnet key", &path, kv.mod_revision())
-            .await?;
-        if deleted {
-            tracing::info!(subnet = %key, "deleted a dead subnet entry");
-            if kv.lease() != 0 {
-                s.release(kv.lease()).await;
-            }
-        }
-        Ok(deleted)
+        s.delete_as_read(key, kv).await
     }
 
     async fn watch_leases(&self, after: Revision) -> Result<Box<dyn LeaseWatch>, RegistryError> {
