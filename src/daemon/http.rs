@@ -5,11 +5,11 @@
 //!
 //! Hand-rolled HTTP/1.1 over `tokio::net::TcpListener` rather than hyper: three GET paths (by
 //! default on a loopback port), one request per connection (`Connection: close`), no bodies to
-//! read, no keep-alive, TLS or streaming — a few dozen lines, where hyper 1.x would bring
-//! hyper, hyper-util and http-body-util for nothing this needs. Requests are bounded (8 KiB
-//! head, 5 s to send it, 5 s to take the answer, 256 connections at a time, 4 from one
-//! address) so a stuck client cannot pile up tasks, nor a few sources hold every slot and
-//! starve a liveness probe.
+//! read (one sent is dropped), no keep-alive, TLS or streaming — a few dozen lines, where
+//! hyper 1.x would bring hyper, hyper-util and http-body-util for nothing this needs. Requests
+//! are bounded (8 KiB head, 5 s to send it, 5 s to take the answer, 256 connections at a
+//! time, 4 from one address) so a stuck client cannot pile up tasks, nor a few sources hold
+//! every slot and starve a liveness probe.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -36,6 +36,10 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// them, waiting for 5 s; it now takes 64. When they are all taken (a local user has all of
 /// 127/8), a new connection closes the one that has waited longest for its request.
 const MAX_CONNECTIONS: usize = 256;
+/// How long, and how much, a connection is read after its answer ([`linger`]). A client
+/// that closes on `Connection: close`, as they do, holds its slot no longer than before.
+const LINGER_TIME: Duration = Duration::from_secs(2);
+const LINGER_BYTES: usize = 256 * 1024;
 /// Connections served at once from one address; more are closed at once. Sixteen idle
 /// connections from anywhere would otherwise hold every slot for 5 s at a time, and a
 /// kubelet's probe on `--healthz-port` (1 s timeout) would fail.
@@ -338,6 +342,26 @@ async fn serve(
     // socket buffer) must not hold one of the few slots for good.
     let _ = tokio::time::timeout(HEAD_TIMEOUT, stream.write_all(&response.to_bytes())).await;
     let _ = stream.shutdown().await;
+    linger(&mut stream).await;
+}
+
+/// Reads and drops what the client still sends after the answer (a request body, which no
+/// path reads, or the rest of a head too large) until it closes, at most [`LINGER_BYTES`]
+/// for [`LINGER_TIME`]. Closing a socket with unread bytes resets the connection instead of
+/// ending it: a client still sending gets "connection reset" for its write, and the reset can
+/// overtake the answer, which the client then never reads (Apache's "lingering close").
+async fn linger(stream: &mut TcpStream) {
+    let mut sink = [0u8; 4096];
+    let mut read = 0;
+    let _ = tokio::time::timeout(LINGER_TIME, async {
+        while read < LINGER_BYTES {
+            match stream.read(&mut sink).await {
+                Ok(0) | Err(_) => return,
+                Ok(n) => read += n,
+            }
+        }
+    })
+    .await;
 }
 
 /// Reads up to the blank line ending the request head: `Ok(None)` when it exceeds
@@ -744,6 +768,30 @@ mod test {
         let mut out = String::new();
         s.read_to_string(&mut out).await.unwrap();
         assert!(out.starts_with("HTTP/1.1 503"), "{out}");
+        cancel.cancel();
+    }
+
+    /// A body sent after the answer came (a client that writes its head, then its body, as
+    /// `curl -d @file` does) is read and dropped, not answered with a reset: before, the
+    /// closed socket reset the connection and the client's next write failed.
+    #[tokio::test]
+    async fn a_body_after_the_answer_is_read_not_reset() {
+        let (addr, cancel) = serve_healthz().await;
+        let mut s = TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"POST /healthz HTTP/1.1\r\nHost: x\r\nContent-Length: 20000\r\n\r\n")
+            .await
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        assert!(out.starts_with("HTTP/1.1 405"), "{out}");
+        let body = [b'x'; 10_000];
+        s.write_all(&body).await.unwrap();
+        // (Time for a reset to come back, if one does: without the lingering read it does,
+        // and the write below fails.)
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        s.write_all(&body)
+            .await
+            .expect("the rest of the body was refused");
         cancel.cancel();
     }
 
