@@ -63,14 +63,6 @@ impl<K: Key> Lpm<K> {
         None
     }
 
-    /// The values of every prefix containing `addr`, longest first (one probe per length).
-    #[inline]
-    pub(crate) fn matches(&self, addr: K) -> impl Iterator<Item = u32> + '_ {
-        self.levels
-            .iter()
-            .filter_map(move |level| level.map.get(addr.and(level.mask)))
-    }
-
     /// Number of distinct prefixes.
     pub(crate) fn len(&self) -> usize {
         self.levels.iter().map(|l| l.map.len()).sum()
@@ -105,8 +97,6 @@ mod tests {
         assert_eq!(lpm.get(0x0A01_0300), Some(3));
         assert_eq!(lpm.get(0x0A02_0000), Some(2));
         assert_eq!(lpm.get(0x0B00_0000), Some(1));
-        assert_eq!(lpm.matches(0x0A01_0204).collect::<Vec<_>>(), [4, 3, 2, 1]);
-        assert_eq!(lpm.matches(0x0B00_0000).collect::<Vec<_>>(), [1]);
         assert_eq!(lpm.len(), 5);
     }
 

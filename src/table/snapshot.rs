@@ -303,21 +303,15 @@ impl Snapshot {
         }
     }
 
-    /// Whether `sender` (as for [`is_known_sender`](Self::is_known_sender)) is the public address
-    /// of a route whose subnet contains `inner_src`: the ingress anti-spoofing check. Costs one
-    /// probe per distinct prefix length of `inner_src`'s family, like a lookup.
+    /// Whether `sender` (as for [`is_known_sender`](Self::is_known_sender)) is where a packet
+    /// to `inner_src` would go ([`lookup`](Self::lookup)): the ingress anti-spoofing check.
+    /// The longest prefix decides, as on egress, so a peer whose subnet contains a more
+    /// specific one of another peer (overlapping keys) cannot send as that peer, nor as this
+    /// host's own subnet. Costs a lookup.
     #[inline]
     pub fn sender_owns(&self, sender: IpAddr, inner_src: IpAddr) -> bool {
-        let sender = canonical(sender);
-        let routed_to_sender = |i: u32| {
-            self.entries
-                .get(i as usize)
-                .is_some_and(|e| canonical(e.next_hop.ip()) == sender)
-        };
-        match inner_src {
-            IpAddr::V4(a) => self.lpm_v4.matches(u32::from(a)).any(routed_to_sender),
-            IpAddr::V6(a) => self.lpm_v6.matches(u128::from(a)).any(routed_to_sender),
-        }
+        self.lookup(inner_src)
+            .is_some_and(|e| canonical(e.next_hop.ip()) == canonical(sender))
     }
 
     /// Number of entries (distinct subnets routed to peers).

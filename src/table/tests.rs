@@ -203,6 +203,28 @@ fn sender_checks_ignore_port_and_read_mapped_v6_as_v4() {
     assert!(!s.sender_owns(ip("::198.18.0.2"), ip("10.244.2.5")));
 }
 
+/// A peer whose key covers other subnets (a hand-written /16 beside flannel's /24s) owns only
+/// what a packet to it would be routed by: neither a more specific peer's subnet nor ours.
+/// Before, any covering route counted, and the /16's holder could send as both.
+#[test]
+fn a_covering_subnet_owns_only_what_it_is_routed() {
+    let s = Snapshot::build(
+        local(Some("10.244.1.0/24"), Some("fd00:1:1::/64")),
+        [
+            route("10.244.0.0/16", "198.18.0.9:8285"),
+            route("10.244.2.0/24", "198.18.0.2:8285"),
+            route("fd00:1::/32", "198.18.0.9:8285"),
+        ],
+        1,
+    );
+    assert!(s.sender_owns(ip("198.18.0.9"), ip("10.244.7.1")));
+    assert!(s.sender_owns(ip("198.18.0.2"), ip("10.244.2.1")));
+    assert!(!s.sender_owns(ip("198.18.0.9"), ip("10.244.2.1")));
+    assert!(!s.sender_owns(ip("198.18.0.9"), ip("10.244.1.5")));
+    assert!(s.sender_owns(ip("198.18.0.9"), ip("fd00:1:7::1")));
+    assert!(!s.sender_owns(ip("198.18.0.9"), ip("fd00:1:1::5")));
+}
+
 #[test]
 fn mapped_next_hop_is_indexed_as_v4() {
     let s = Snapshot::build(
@@ -323,10 +345,8 @@ fn ref_canonical(a: IpAddr) -> IpAddr {
 }
 
 fn ref_sender_owns(l: &LocalSubnets, routes: &[Route], sender: IpAddr, src: IpAddr) -> bool {
-    ref_surviving(l, routes).into_iter().any(|i| {
-        ref_canonical(routes[i].next_hop.ip()) == ref_canonical(sender)
-            && ref_contains(routes[i].subnet, src)
-    })
+    ref_lookup(l, routes, src)
+        .is_some_and(|i| ref_canonical(routes[i].next_hop.ip()) == ref_canonical(sender))
 }
 
 fn ref_known_sender(l: &LocalSubnets, routes: &[Route], sender: IpAddr) -> bool {
