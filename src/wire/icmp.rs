@@ -71,9 +71,6 @@ const ERROR_HOP_LIMIT: u8 = 64;
 /// DSCP/ECN of ICMPv4 errors: precedence 6, internetwork control (RFC 1812 §4.3.2.5).
 const ERROR_TOS: u8 = 0xc0;
 
-/// Most IPv6 extension headers walked before giving up looking for the upper layer.
-const MAX_EXTENSION_HEADERS: usize = 8;
-
 /// The accessors and setters ICMPv4 and ICMPv6 views share: the layout is the same, only the
 /// checksum coverage and the meaning of the second word differ.
 macro_rules! icmp_view_common {
@@ -494,11 +491,18 @@ pub fn build_icmpv6_error(
 }
 
 /// Walks the extension header chain of an original IPv6 packet far enough to refuse a
-/// non-first fragment or an ICMPv6 error message.
+/// non-first fragment or an ICMPv6 error message (RFC 4443 §2.4 e), through an
+/// Authentication Header too, and as far as the packet goes, as Linux's `ipv6_skip_exthdr`
+/// does: every header is at least 8 bytes, so the walk ends.
 fn check_upper_layer_v6(mut next_header: u8, mut rest: &[u8]) -> Result<(), Suppress> {
     const TRUNCATED: Suppress = Suppress::Malformed(Error::Truncated);
-    for _ in 0..MAX_EXTENSION_HEADERS {
+    loop {
         let header_len = match next_header {
+            protocol::AH => {
+                // Next header, payload length in 4-octet units minus 2 (RFC 4302 §2.2).
+                let units = *rest.get(1).ok_or(TRUNCATED)?;
+                (usize::from(units) + 2) * 4
+            }
             protocol::HOP_BY_HOP | protocol::IPV6_ROUTE | protocol::IPV6_OPTS => {
                 // Next header, length in 8-octet units not counting the first 8.
                 let units = *rest.get(1).ok_or(TRUNCATED)?;
@@ -523,8 +527,6 @@ fn check_upper_layer_v6(mut next_header: u8, mut rest: &[u8]) -> Result<(), Supp
         next_header = *rest.first().ok_or(TRUNCATED)?;
         rest = rest.get(header_len..).ok_or(TRUNCATED)?;
     }
-    // A longer chain is unusual but legal: answer it.
-    Ok(())
 }
 
 #[cfg(test)]
@@ -992,10 +994,45 @@ mod test {
             v6_error(&v6_packet(44, &[17, 0, 0], a, b), kind),
             Err(Malformed(Error::Truncated))
         );
-        // A chain longer than we walk, or one ending in a protocol we don't know, is answered.
-        let long: Vec<u8> = (0..9).flat_map(|_| [60u8, 0, 1, 4, 0, 0, 0, 0]).collect();
+        // A long chain is walked to its end; one ending in a protocol we don't know is
+        // answered.
+        let mut long: Vec<u8> = (0..9).flat_map(|_| [60u8, 0, 1, 4, 0, 0, 0, 0]).collect();
+        long[8 * 8] = 59;
         assert!(v6_error(&v6_packet(60, &long, a, b), kind).is_ok());
+        let mut long_to_fragment = long.clone();
+        long_to_fragment[8 * 8] = 44;
+        long_to_fragment.extend_from_slice(&[17, 0, 0x04, 0xd0, 0, 0, 0, 1]);
+        assert_eq!(
+            v6_error(&v6_packet(60, &long_to_fragment, a, b), kind),
+            Err(NonFirstFragment)
+        );
         assert!(v6_error(&v6_packet(59, &[], a, b), kind).is_ok());
+        // Through an Authentication Header (12 bytes: length 1) to an ICMPv6 error, and to
+        // a non-first fragment.
+        let ah = |next: u8| [next, 1, 0, 0, 0, 0, 0, 1, 0, 0, 0, 1];
+        let behind_ah =
+            |next: u8, upper: &[u8]| -> Vec<u8> { ah(next).iter().chain(upper).copied().collect() };
+        assert_eq!(
+            v6_error(
+                &v6_packet(51, &behind_ah(58, &[1, 0, 0, 0, 0, 0, 0, 0]), a, b),
+                kind
+            ),
+            Err(IcmpError)
+        );
+        assert_eq!(
+            v6_error(
+                &v6_packet(51, &behind_ah(44, &[17, 0, 0x04, 0xd0, 0, 0, 0, 1]), a, b),
+                kind
+            ),
+            Err(NonFirstFragment)
+        );
+        assert!(
+            v6_error(
+                &v6_packet(51, &behind_ah(58, &[128, 0, 0, 0, 0, 0, 0, 0]), a, b),
+                kind
+            )
+            .is_ok()
+        );
         // Sources that name no single host.
         for src in ["::", "::1", "ff02::1", "ff05::1:3"] {
             let pkt = v6_packet(17, &UDP_V6[40..], src, b);

@@ -20,6 +20,8 @@ pub mod protocol {
     pub const IPV6_FRAG: u8 = 44;
     /// ICMP for IPv6.
     pub const ICMPV6: u8 = 58;
+    /// IPv6 Authentication Header (RFC 4302).
+    pub const AH: u8 = 51;
     /// IPv6 Destination Options extension header.
     pub const IPV6_OPTS: u8 = 60;
 }
