@@ -25,6 +25,46 @@ pub fn set_socket_buffers(fd: BorrowedFd<'_>, bytes: usize) {
     }
 }
 
+/// Sets `SO_RCVBUF` alone to `bytes` (forced past `net.core.rmem_max` when root), as
+/// [`set_socket_buffers`] does for both directions.
+pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> std::io::Result<()> {
+    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
+    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, value))
+}
+
+/// The drops the kernel has counted at `fd` since it was opened, a full receive buffer among
+/// their causes (`SO_MEMINFO`'s `SK_MEMINFO_DROPS`; a GRO batch of datagrams may count as
+/// one), and the receive buffer in bytes as the kernel counts it (`SK_MEMINFO_RCVBUF`: twice
+/// what was asked). The first is a 32-bit counter that wraps. `Unsupported` from a kernel
+/// whose `SO_MEMINFO` has no drop counter yet.
+pub fn socket_drops(fd: BorrowedFd<'_>) -> std::io::Result<(u32, u32)> {
+    // linux/sock_diag.h: SK_MEMINFO_RCVBUF is slot 1, SK_MEMINFO_DROPS slot 8; the kernel
+    // copies no more slots than it has and says how many bytes it wrote.
+    const RCVBUF: usize = 1;
+    const DROPS: usize = 8;
+    let mut info = [0u32; DROPS + 1];
+    let mut len = std::mem::size_of_val(&info) as libc::socklen_t;
+    // SAFETY: `fd` is open for the borrow; SO_MEMINFO writes at most `len` bytes of `u32`s into
+    // `info`, which is that long, and sets `len` to what it wrote.
+    let rc = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_MEMINFO,
+            info.as_mut_ptr().cast(),
+            &mut len,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    if (len as usize) < std::mem::size_of_val(&info) {
+        return Err(std::io::Error::from(std::io::ErrorKind::Unsupported));
+    }
+    Ok((info[DROPS], info[RCVBUF]))
+}
+
 /// Lets the kernel size datagrams by the path MTU it learns and fragment larger ones, as any
 /// UDP socket does by default (`IP_PMTUDISC_WANT`, and for an IPv6 socket also
 /// `IPV6_PMTUDISC_WANT` without `IPV6_DONTFRAG`). quinn-udp sets `…_PMTUDISC_PROBE` (and
@@ -243,6 +283,31 @@ pub fn child_has_exited(pid: u32) -> std::io::Result<bool> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// A socket that is sent more than its buffer holds, and not read, counts what the kernel
+    /// dropped; a larger buffer asked for is what the kernel then reports.
+    #[test]
+    fn a_full_receive_buffer_s_drops_are_read() {
+        let rx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        // The smallest buffer the kernel gives (without root: at most rmem_max; either way
+        // far below what is sent).
+        set_receive_buffer(rx.as_fd(), 4096).unwrap();
+        let (before, small) = socket_drops(rx.as_fd()).unwrap();
+        assert_eq!(before, 0);
+        let datagram = [0u8; 1000];
+        for _ in 0..200 {
+            tx.send_to(&datagram, rx.local_addr().unwrap()).unwrap();
+        }
+        let (after, _) = socket_drops(rx.as_fd()).unwrap();
+        assert!(
+            after > 100,
+            "{after} drops of 200 datagrams into {small} bytes"
+        );
+        set_receive_buffer(rx.as_fd(), 65_536).unwrap();
+        let (_, larger) = socket_drops(rx.as_fd()).unwrap();
+        assert!(larger > small, "{larger} after {small}");
+    }
 
     #[test]
     fn a_child_s_exit_is_seen_without_reaping_it() {

@@ -83,6 +83,13 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             format!("{run} --no-offload --udp-gro on"),
             &["--udp-gro on", "--no-offload"],
         ),
+        (
+            format!("{run} --socket-buffer 8388608 --socket-buffer-max 4194304"),
+            &[
+                "--socket-buffer-max 4194304",
+                "below --socket-buffer 8388608",
+            ],
+        ),
         ("run --subnet-lease-renew-margin 0".into(), &["1..=1439"]),
         ("demo --seconds 0".into(), &["--seconds"]),
         ("status --metrics-addr off".into(), &["no daemon to ask"]),

@@ -299,6 +299,11 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
         coalesced("udp")
     );
     let _ = writeln!(out, "UDP GSO sends: {}", c.udp_gso_sends);
+    let _ = writeln!(
+        out,
+        "UDP receive buffer overflows: {}",
+        c.udp_receive_overflows
+    );
 
     let _ = writeln!(out);
     let mut rows = vec![[

@@ -11,6 +11,7 @@
 //! - `drops_total{reason}`: every [`DropReason`](crate::dataplane::DropReason) name, zeros too
 //! - `icmp_errors_sent_total`
 //! - `udp_gso_sends_total`: sends that each carried several datagrams (UDP GSO)
+//! - `udp_receive_overflows_total`: drops at the receiving sockets' full buffers (kernel)
 //! - `table_routes`, `table_generation`, `peers`
 //! - `lease_held`, `lease_reservation`, `lease_expiry_seconds` (seconds until the own lease
 //!   expires; absent for a reservation or without a lease)
@@ -154,6 +155,12 @@ impl Collector for StatusCollector {
         )?;
         one(
             &mut enc,
+            "linen_udp_receive_overflows",
+            "Drops the kernel counted at the workers' UDP sockets whose receive buffer was full (a GRO batch of datagrams may count as one); each grows the buffer, up to --socket-buffer-max",
+            &ConstCounter::new(c.udp_receive_overflows),
+        )?;
+        one(
+            &mut enc,
             "linen_table_routes",
             "Routes to peers in the forwarding table",
             &count(s.table.routes),
@@ -268,6 +275,7 @@ mod test {
         *s.counters.drops.get_mut("spoofed_source").unwrap() = 2;
         *s.counters.coalesced.get_mut("udp").unwrap() = 5;
         s.counters.udp_gso_sends = 11;
+        s.counters.udp_receive_overflows = 12;
         s.lease = Some(LeaseView {
             subnet: "198.19.1.0-24".into(),
             expires_in_secs: Some(86_000),
@@ -320,6 +328,7 @@ mod test {
             "linen_tun_coalesced_writes_total{proto=\"tcp\"} 0",
             "linen_tun_coalesced_writes_total{proto=\"udp\"} 5",
             "linen_udp_gso_sends_total 11",
+            "linen_udp_receive_overflows_total 12",
             "linen_lease_held 1",
             "linen_lease_reservation 0",
             "linen_lease_expiry_seconds 86000",

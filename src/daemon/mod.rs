@@ -265,6 +265,14 @@ pub async fn run(args: RunArgs) -> Result<()> {
             )));
         }
     }
+    if args.socket_buffer_max < args.socket_buffer {
+        return Err(crate::cli::exit::usage(format!(
+            "--socket-buffer-max {} is below --socket-buffer {}: the receive buffer starts at \
+             --socket-buffer and grows up to --socket-buffer-max; pass a maximum at least as \
+             large (the same value keeps the buffer fixed)",
+            args.socket_buffer_max, args.socket_buffer
+        )));
+    }
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
     if host::has_net_admin() == Some(false) {
@@ -514,6 +522,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             no_udp_offload: !udp_gso,
             udp_gro,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
+            receive_buffer: (args.socket_buffer, args.socket_buffer_max),
         })?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,

@@ -248,6 +248,10 @@ pub struct CountersView {
     /// UDP GSO sends: system calls that each carried several datagrams to one peer.
     #[serde(default)]
     pub udp_gso_sends: u64,
+    /// Drops at the receiving sockets' full buffers, counted by the kernel (a GRO batch of
+    /// datagrams may count as one).
+    #[serde(default)]
+    pub udp_receive_overflows: u64,
     /// Drops by [`DropReason::name`], every reason present.
     pub drops: BTreeMap<String, u64>,
 }
@@ -281,6 +285,7 @@ impl From<&LocalCounters> for CountersView {
                 .map(|(k, v)| (k.to_owned(), v))
                 .collect(),
             udp_gso_sends: c.udp_tx_gso,
+            udp_receive_overflows: c.udp_rx_overflow,
             drops: DropReason::ALL
                 .iter()
                 .map(|r| (r.name().to_owned(), c.drops_for(*r)))

@@ -88,6 +88,9 @@ pub struct LocalCounters {
     pub tun_tx_uso: u64,
     /// UDP GSO sends: system calls that each carried several datagrams to one peer.
     pub udp_tx_gso: u64,
+    /// Drops the kernel counted at the receiving socket before linen read anything: its
+    /// receive buffer was full (a GRO batch of datagrams may count as one).
+    pub udp_rx_overflow: u64,
     /// Drops by reason, indexed by `DropReason as usize`.
     pub drops: [u64; DropReason::COUNT],
 }
@@ -118,6 +121,7 @@ impl LocalCounters {
         self.tun_tx_tso += other.tun_tx_tso;
         self.tun_tx_uso += other.tun_tx_uso;
         self.udp_tx_gso += other.udp_tx_gso;
+        self.udp_rx_overflow += other.udp_rx_overflow;
         for (a, b) in self.drops.iter_mut().zip(other.drops.iter()) {
             *a += b;
         }
@@ -125,7 +129,7 @@ impl LocalCounters {
 }
 
 /// Traffic counters before the drop counters in [`Counters`].
-const TRAFFIC: usize = 12;
+const TRAFFIC: usize = 13;
 
 /// One worker's published counters: written only by that worker, read by anyone.
 #[derive(Debug, Default)]
@@ -164,6 +168,7 @@ impl Counters {
             tun_tx_tso: v[9],
             tun_tx_uso: v[10],
             udp_tx_gso: v[11],
+            udp_rx_overflow: v[12],
             ..LocalCounters::default()
         };
         c.drops.copy_from_slice(&v[TRAFFIC..]);
@@ -192,6 +197,7 @@ impl LocalCounters {
             ("tun_tx_tso", self.tun_tx_tso),
             ("tun_tx_uso", self.tun_tx_uso),
             ("udp_tx_gso", self.udp_tx_gso),
+            ("udp_rx_overflow", self.udp_rx_overflow),
         ]
         .into_iter()
         .chain(
@@ -214,6 +220,7 @@ mod test {
             udp_tx_bytes: 4200,
             icmp_sent: 1,
             udp_tx_gso: 5,
+            udp_rx_overflow: 7,
             ..LocalCounters::default()
         };
         a.drop(DropReason::SpoofedSource);
@@ -225,6 +232,7 @@ mod test {
         assert_eq!(s.udp_tx_bytes, 8400);
         assert_eq!(s.icmp_sent, 2);
         assert_eq!(s.udp_tx_gso, 10);
+        assert_eq!(s.udp_rx_overflow, 14);
         assert_eq!(s.named().count(), TRAFFIC + DropReason::COUNT);
         assert_eq!(s.drops_for(DropReason::SpoofedSource), 4);
         assert_eq!(s.drops_for(DropReason::Malformed), 0);

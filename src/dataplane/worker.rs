@@ -74,6 +74,9 @@ pub struct WorkerSetup {
     /// The most polling a sleep can earn (`--busy-poll-us`; zero: never poll). See
     /// [`Worker::run`].
     pub busy_poll: std::time::Duration,
+    /// The receive buffer `udp` was opened with (`--socket-buffer`), and the most it may grow
+    /// to when it overflows (`--socket-buffer-max`; see [`Overflow`]).
+    pub receive_buffer: (usize, usize),
 }
 
 /// A running worker thread.
@@ -233,6 +236,8 @@ struct Worker {
     /// cost it GSO.
     reprobe: Reprobe,
     busy_poll: std::time::Duration,
+    /// Overflows of the receiving socket (see [`Overflow`]).
+    overflow: Overflow,
     icmp_buf: Vec<u8>,
     // UDP → TUN
     /// Receiving with UDP GRO (64 KiB buffers).
@@ -313,6 +318,11 @@ impl Worker {
             source_warned: false,
             reprobe: Reprobe::default(),
             busy_poll: setup.busy_poll,
+            overflow: Overflow::new(
+                sys::socket_drops(setup.udp.socket.as_fd()).is_ok(),
+                setup.receive_buffer,
+                Instant::now(),
+            ),
             icmp_buf: vec![0; 1280],
             udp_gro: gro,
             rx_arena: vec![0; rx_len * rx_count],
@@ -365,6 +375,14 @@ impl Worker {
                 if self.stop.load(Ordering::Acquire) {
                     return Ok(());
                 }
+                // A worker that never drains (the overload that overflows its socket) still
+                // reads the drop counter in time.
+                if self.overflow.pending {
+                    let now = Instant::now();
+                    if self.overflow.due(now) {
+                        self.check_overflow(now);
+                    }
+                }
             }
             // Poll for a while before sleeping when traffic is sparse: the reply to what was
             // just sent usually comes within a round trip, and catching it here saves a thread
@@ -378,11 +396,20 @@ impl Worker {
             // did not yield made pings slower on 2 shared cores).
             // With `busy_poll` zero no sleep earns anything, and this is a plain blocking poll.
             let spin_from = Instant::now();
+            if self.overflow.due(spin_from) {
+                self.check_overflow(spin_from);
+            }
             let spin_until = spin_from + spin_left;
             let mut now = spin_from;
             loop {
                 let spinning = now < spin_until;
-                match poll.poll(&mut events, spinning.then_some(Duration::ZERO)) {
+                // A sleep ends in time for the next overflow reading that is owed.
+                let timeout = if spinning {
+                    Some(Duration::ZERO)
+                } else {
+                    self.overflow.wait(now)
+                };
+                match poll.poll(&mut events, timeout) {
                     Ok(()) => {}
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {
                         now = Instant::now();
@@ -663,6 +690,49 @@ impl Worker {
         }
     }
 
+    /// Reads the receiving socket's drop counter ([`Overflow`]): new drops are counted and
+    /// grow the receive buffer while it may grow.
+    #[cold]
+    fn check_overflow(&mut self, now: Instant) {
+        let fd = self.udp.socket.as_fd();
+        let drops = match sys::socket_drops(fd) {
+            Ok((drops, _)) => drops,
+            Err(e) => {
+                tracing::debug!(worker = self.id, error = %e, "cannot read the UDP socket's drop counter; its overflows are not counted");
+                self.overflow.unreadable();
+                return;
+            }
+        };
+        let (dropped, grow) = self.overflow.read(drops, now);
+        if dropped == 0 {
+            return;
+        }
+        self.shared.publish(&LocalCounters {
+            udp_rx_overflow: dropped,
+            ..LocalCounters::default()
+        });
+        match grow {
+            Grow::To(bytes) => match sys::set_receive_buffer(fd, bytes) {
+                Ok(()) => tracing::info!(
+                    worker = self.id,
+                    dropped,
+                    bytes,
+                    "the UDP receive buffer overflowed; doubled it (at most --socket-buffer-max)"
+                ),
+                Err(e) => {
+                    tracing::warn!(worker = self.id, dropped, bytes, error = %e, "the UDP receive buffer overflowed and cannot grow")
+                }
+            },
+            Grow::AtMax(bytes) => tracing::warn!(
+                worker = self.id,
+                dropped,
+                bytes,
+                "the UDP receive buffer overflowed at its largest size (--socket-buffer-max); further drops are only counted (udp_rx_overflow)"
+            ),
+            Grow::No => {}
+        }
+    }
+
     /// Receives one `recvmmsg` batch and delivers it. Returns false once the socket is drained.
     fn udp_batch(&mut self) -> io::Result<bool> {
         let n = {
@@ -687,6 +757,7 @@ impl Worker {
                 }
             }
         };
+        self.overflow.received();
         let snap = self.table.load();
         let all = &self.rx_arena[..];
         // An open run of segments to coalesce (offloads only).
@@ -911,6 +982,100 @@ impl Reprobe {
         self.pending = false;
         self.next = Some(now + REPROBE_EVERY);
         true
+    }
+}
+
+/// How often a worker that has received something reads its socket's drop counter.
+const OVERFLOW_EVERY: Duration = Duration::from_secs(1);
+
+/// A worker's watch over its receiving socket: the kernel drops what arrives while the
+/// socket's receive buffer is full (the worker off its vCPU for a few milliseconds on a busy
+/// host), which linen would not otherwise see. At most every [`OVERFLOW_EVERY`], and only after
+/// something was received (a sleep ends for the reading that is owed), the socket's drop
+/// counter is read ([`sys::socket_drops`]): new drops are counted (`udp_rx_overflow`) and
+/// double the receive buffer, up to `--socket-buffer-max`. So the memory of a larger buffer
+/// is spent only on a host where the smaller one overflowed.
+#[derive(Debug)]
+struct Overflow {
+    /// The counter at the last reading; `None`: the kernel has none, nothing is read.
+    seen: Option<u32>,
+    /// The receive buffer asked for, and the most it may grow to.
+    buffer: usize,
+    max: usize,
+    /// Something was received since the last reading.
+    pending: bool,
+    /// When the next reading may be taken.
+    next: Instant,
+    /// Whether an overflow at the largest buffer was logged (once).
+    warned: bool,
+}
+
+/// What a reading of the drop counter calls for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Grow {
+    No,
+    /// Ask for a receive buffer of this many bytes.
+    To(usize),
+    /// Overflowed at the largest buffer (of this many bytes), said once.
+    AtMax(usize),
+}
+
+impl Overflow {
+    /// For a socket whose counter is `readable`, opened with `(buffer, max)` bytes. A fresh
+    /// socket's counter starts at zero: drops before the worker ran are counted too.
+    fn new(readable: bool, (buffer, max): (usize, usize), now: Instant) -> Overflow {
+        Overflow {
+            seen: readable.then_some(0),
+            buffer,
+            max: max.max(buffer),
+            pending: false,
+            next: now,
+            warned: false,
+        }
+    }
+
+    /// A receive batch ran.
+    #[inline]
+    fn received(&mut self) {
+        self.pending = true;
+    }
+
+    /// How long a sleep from `now` may last: until the reading owed, if one is.
+    #[inline]
+    fn wait(&self, now: Instant) -> Option<Duration> {
+        (self.pending && self.seen.is_some()).then(|| self.next.saturating_duration_since(now))
+    }
+
+    /// Whether a reading is owed at `now`.
+    #[inline]
+    fn due(&self, now: Instant) -> bool {
+        self.pending && self.seen.is_some() && now >= self.next
+    }
+
+    /// The counter cannot be read: it is not read again.
+    fn unreadable(&mut self) {
+        self.seen = None;
+    }
+
+    /// Takes a reading of the counter at `now`: the drops since the last one, and what they
+    /// call for.
+    fn read(&mut self, drops: u32, now: Instant) -> (u64, Grow) {
+        let dropped = u64::from(drops.wrapping_sub(self.seen.unwrap_or(drops)));
+        self.seen = Some(drops);
+        self.pending = false;
+        self.next = now + OVERFLOW_EVERY;
+        if dropped == 0 {
+            return (0, Grow::No);
+        }
+        if self.buffer < self.max {
+            self.buffer = self.buffer.saturating_mul(2).min(self.max);
+            return (dropped, Grow::To(self.buffer));
+        }
+        if self.warned {
+            return (dropped, Grow::No);
+        }
+        self.warned = true;
+        (dropped, Grow::AtMax(self.buffer))
     }
 }
 
@@ -1840,5 +2005,48 @@ mod test {
             assert_eq!(thread.join().is_err(), panics);
             assert!(!running.load(Ordering::Acquire), "panics: {panics}");
         }
+    }
+
+    /// The drop counter is read at most once a second and only after something was received;
+    /// new drops double the buffer up to the maximum, then are said once at the maximum.
+    #[test]
+    fn overflows_grow_the_receive_buffer_up_to_the_maximum() {
+        let t0 = Instant::now();
+        let mut o = Overflow::new(true, (4 << 20, 16 << 20), t0);
+        // Nothing received: no reading owed, a sleep is not cut short.
+        assert!(!o.due(t0));
+        assert_eq!(o.wait(t0), None);
+        o.received();
+        assert!(o.due(t0));
+        assert_eq!(o.read(0, t0), (0, Grow::No));
+        // Received again within the second: owed, not yet due; a sleep ends in time for it.
+        o.received();
+        let half = t0 + Duration::from_millis(500);
+        assert!(!o.due(half));
+        assert_eq!(o.wait(half), Some(Duration::from_millis(500)));
+        let t1 = t0 + OVERFLOW_EVERY;
+        assert!(o.due(t1));
+        assert_eq!(o.read(30, t1), (30, Grow::To(8 << 20)));
+        o.received();
+        let t2 = t1 + OVERFLOW_EVERY;
+        assert_eq!(o.read(31, t2), (1, Grow::To(16 << 20)));
+        o.received();
+        let t3 = t2 + OVERFLOW_EVERY;
+        assert_eq!(o.read(40, t3), (9, Grow::AtMax(16 << 20)));
+        // Said once; still counted.
+        assert_eq!(o.read(41, t3 + OVERFLOW_EVERY), (1, Grow::No));
+        // The kernel's 32-bit counter wraps.
+        assert_eq!(
+            o.read(2, t3 + 2 * OVERFLOW_EVERY),
+            (u64::from(u32::MAX) - 38, Grow::No)
+        );
+        // A maximum equal to the start keeps the buffer fixed; one below it is the start.
+        let mut fixed = Overflow::new(true, (4 << 20, 1 << 20), t0);
+        assert_eq!(fixed.read(5, t0), (5, Grow::AtMax(4 << 20)));
+        // A kernel without the counter: nothing is ever owed.
+        let mut none = Overflow::new(false, (4 << 20, 16 << 20), t0);
+        none.received();
+        assert!(!none.due(t1));
+        assert_eq!(none.wait(t0), None);
     }
 }
