@@ -1521,6 +1521,79 @@ fn a_host_moved_to_another_subnet_moves_its_tun_addresses() {
     assert!(o.ping_ok(0, &b_v6, &["-6"]), "IPv6 ping after the move");
 }
 
+/// After a move, subnet.env names the new subnet only once the masquerade rules name it too,
+/// as at start: a workload CNI starts on the new subnet would otherwise have its first flows to
+/// other hosts' pods masqueraded (and conntrack keep them so). The rebuild is slowed (each
+/// rule added waits 0.3 s), so that a subnet.env written at once is caught; before, it was.
+#[test]
+fn after_a_move_subnet_env_waits_for_the_masquerade_rules() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnmvrules", 2);
+    let bin = o.dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    for program in ["iptables", "ip6tables"] {
+        use std::os::unix::fs::PermissionsExt;
+        let real = String::from_utf8(
+            Command::new("sh")
+                .args(["-c", &format!("command -v {program}")])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .unwrap();
+        let path = bin.join(program);
+        std::fs::write(
+            &path,
+            format!(
+                "#!/bin/sh
+case \" $* \" in *' -A '*) sleep 0.3;; esac
+exec {} \"$@\"\n",
+                real.trim()
+            ),
+        )
+        .unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o755)).unwrap();
+    }
+    let path = format!(
+        "{}:{}",
+        bin.display(),
+        std::env::var("PATH").unwrap_or_default()
+    );
+    o.start_with(0, &["--ip-masq"], &[("PATH", &path)]);
+    o.start(1, &[]);
+    let old = o.env(0).previous_key().unwrap();
+    // A reservation for another machine replaces host 0's lease file.
+    let file = o.dir.path().join("subnets").join(old.to_string());
+    let tmp = o.dir.path().join("subnets").join(".taken.test");
+    std::fs::write(&tmp, "{\"PublicIP\":\"198.18.0.99\",\"PublicIPv6\":null}\n").unwrap();
+    std::fs::rename(&tmp, &file).unwrap();
+    let env_path = o.env_path(0);
+    let mut new = None;
+    for _ in 0..3000 {
+        if let Some(k) = std::fs::read_to_string(&env_path)
+            .ok()
+            .and_then(|t| SubnetEnv::parse(&t).ok())
+            .and_then(|e| e.previous_key())
+            .filter(|k| *k != old)
+        {
+            new = Some(k);
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let new = new.unwrap_or_else(|| panic!("host 0 kept {old}: {}", o.log(0)));
+    // At once, before the rebuild could finish if it were still under way.
+    let rules = o
+        .lab
+        .host(0)
+        .run_ok("iptables", &["-t", "nat", "-S", "LINEN-POSTRTG"])
+        .unwrap();
+    let new_v4 = new.ipv4().unwrap();
+    assert!(rules.contains(&new_v4.to_string()), "{new_v4}: {rules}");
+}
+
 /// Another program holding the overlay port with `SO_REUSEPORT` (as a second linen would) is a
 /// clear error, not a group the workers silently join and share datagrams with.
 #[test]

@@ -1116,12 +1116,16 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit:
 }
 
 /// Keeps the rules in place until `cancel`: every `--iptables-resync` and whenever our lease
-/// changes; then leaves them, for the next start to take over.
+/// changes; then leaves them, for the next start to take over. `written_for` is set to the
+/// lease the rules were last written for, once a rebuild for it has run (done or failed, then
+/// retried): subnet.env, which hands the subnet to workloads, waits for it after a move, as it
+/// waits for the install at start.
 pub fn spawn_resync(
     mut masq: Masq,
     mut state: watch::Receiver<LeaseState>,
     host: super::status::HostSteps,
     cancel: CancellationToken,
+    written_for: watch::Sender<SubnetKey>,
 ) -> JoinHandle<()> {
     tokio::spawn(async move {
         let mut tick = tokio::time::interval(masq.resync);
@@ -1159,6 +1163,7 @@ pub fn spawn_resync(
                 // Cut short, not failed: the next start checks them again.
                 break;
             }
+            written_for.send_if_modified(|k| std::mem::replace(k, masq.lease) != masq.lease);
             match checked {
                 Ok(Ok(changed)) => {
                     if failing.take().is_some() {

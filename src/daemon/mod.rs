@@ -19,6 +19,7 @@ use std::time::Duration;
 use anyhow::{Context, Result, anyhow, bail};
 use ipnetwork::IpNetwork;
 use tokio::signal::unix::{Signal, SignalKind, signal};
+use tokio::sync::watch;
 
 use crate::cli::{Offload, RunArgs};
 use crate::dataplane::io::{
@@ -594,8 +595,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
         return Err(e).with_context(|| format!("writing {}", args.subnet_file.display()));
     }
     let host_steps = status::HostSteps::default();
-    let masq = rules
-        .map(|r| masq::spawn_resync(r, manager.subscribe(), host_steps.clone(), cancel.clone()));
+    // The lease the masquerade rules were last written for: after a move, subnet.env waits
+    // for them, as it waited for the install above (the forward rules name no lease).
+    let (rules_written, rules_for) = watch::channel(own.key);
+    let mut rules_for = (args.ip_masq && rules.is_some()).then_some(rules_for);
+    let masq = rules.map(|r| {
+        masq::spawn_resync(
+            r,
+            manager.subscribe(),
+            host_steps.clone(),
+            cancel.clone(),
+            rules_written,
+        )
+    });
     notify::notify_logged("READY=1");
     let mut state = manager.subscribe();
     ops.attach(status::Sources {
@@ -672,7 +684,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             ),
                         }
                     }
-                    if env_key != table_key {
+                    // The new subnet's masquerade rules first: a workload CNI starts on it
+                    // would otherwise have its first flows to other hosts' pods masqueraded,
+                    // and conntrack keep them so (one rebuild: a failed one is retried by the
+                    // rules' own check, reported as the iptables step, and does not hold
+                    // subnet.env back for longer).
+                    let rules_ready = rules_for.as_ref().is_none_or(|r| *r.borrow() == table_key);
+                    if env_key != table_key && !rules_ready {
+                        tracing::debug!(subnet = %table_key, "subnet.env waits for the masquerade rules of the new subnet");
+                    }
+                    if env_key != table_key && rules_ready {
                         let env = SubnetEnv::for_lease(
                             config.network,
                             config.ipv6_network,
@@ -692,7 +713,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             ),
                         }
                     }
-                    if device_key != table_key || env_key != table_key {
+                    if device_key != table_key || (env_key != table_key && rules_ready) {
                         retry_at = Some(tokio::time::Instant::now() + Duration::from_secs(5));
                     }
                 }
@@ -721,6 +742,16 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             break;
                         },
                         () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => break,
+                        // The rules subnet.env waits for are written.
+                        Some(Ok(())) = async {
+                            match rules_for.as_mut() {
+                                Some(r) => Some(r.changed().await),
+                                None => None,
+                            }
+                        }, if env_key != table_key => {
+                            retry_at = Some(tokio::time::Instant::now());
+                            break;
+                        }
                         () = tokio::time::sleep_until(check_at) => {
                             check_at = tokio::time::Instant::now() + TUN_CHECK;
                             // Not while a move is under way: the move sets the device up anew.
