@@ -37,8 +37,14 @@ const HEAD_TIMEOUT: Duration = Duration::from_secs(5);
 /// 127/8), a new connection closes the one that has waited longest for its request.
 const MAX_CONNECTIONS: usize = 256;
 /// How long, and how much, a connection is read after its answer ([`linger`]). A client
-/// that closes on `Connection: close`, as they do, holds its slot no longer than before.
-const LINGER_TIME: Duration = Duration::from_secs(2);
+/// that closes on `Connection: close`, as they do, holds its slot no longer than before, and
+/// one that does not gives it up to any new connection that needs it. (Longer in tests, so
+/// that one that waits for lingering to end waits past their guard.)
+const LINGER_TIME: Duration = if cfg!(test) {
+    Duration::from_secs(120)
+} else {
+    HEAD_TIMEOUT
+};
 const LINGER_BYTES: usize = 256 * 1024;
 /// Connections served at once from one address; more are closed at once. Sixteen idle
 /// connections from anywhere would otherwise hold every slot for 5 s at a time, and a
@@ -229,39 +235,43 @@ async fn accept_loop(
         next_id += 1;
         let evict = CancellationToken::new();
         lock(&silent).insert(next_id, evict.clone());
-        let until_head = SilentEntry {
+        let place = SilentEntry {
             silent: Arc::clone(&silent),
             id: next_id,
         };
         let (sources, waiting) = (Arc::clone(&shared.0), Arc::clone(&shared.1));
         tokio::spawn(async move {
             let waiting = waiting.lock().ok().and_then(|w| w.clone());
-            serve(
-                stream,
-                scope,
-                sources.get(),
-                waiting.as_ref(),
-                until_head,
-                evict,
-            )
-            .await;
+            serve(stream, scope, sources.get(), waiting.as_ref(), place, evict).await;
             drop((permit, from));
         });
     }
 }
 
-/// The connections still waiting for their request head, oldest first, each with what ends it
-/// when every slot is taken and a new connection comes.
+/// The connections still waiting for their request head, or lingering after their answer
+/// ([`linger`]), oldest first, each with what ends it when every slot is taken and a new
+/// connection comes.
 type Silent = Arc<Mutex<BTreeMap<u64, CancellationToken>>>;
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
-/// A connection's place in [`Silent`], given up when its head is in (or it ends).
+/// A connection's place in [`Silent`]: left while its request is answered, taken again (with
+/// its age) while it lingers, given up when it ends.
 struct SilentEntry {
     silent: Silent,
     id: u64,
+}
+
+impl SilentEntry {
+    fn leave(&self) {
+        lock(&self.silent).remove(&self.id);
+    }
+
+    fn rejoin(&self, evict: &CancellationToken) {
+        lock(&self.silent).insert(self.id, evict.clone());
+    }
 }
 
 impl Drop for SilentEntry {
@@ -322,7 +332,7 @@ async fn serve(
     scope: Scope,
     sources: Option<&Sources>,
     waiting: Option<&Waiting>,
-    until_head: SilentEntry,
+    place: SilentEntry,
     evict: CancellationToken,
 ) {
     let head = tokio::select! {
@@ -331,7 +341,7 @@ async fn serve(
         () = evict.cancelled() => return,
     };
     // The request is in: no longer the first to go when the slots run out.
-    drop(until_head);
+    place.leave();
     let response = match head {
         Ok(Ok(Some(head))) => respond(&head, scope, sources, waiting, SystemTime::now()),
         Ok(Ok(None)) => Response::text(431, "request head too large\n"),
@@ -342,7 +352,13 @@ async fn serve(
     // socket buffer) must not hold one of the few slots for good.
     let _ = tokio::time::timeout(HEAD_TIMEOUT, stream.write_all(&response.to_bytes())).await;
     let _ = stream.shutdown().await;
-    linger(&mut stream).await;
+    // Answered: lingering matters less than any new connection, which may close it.
+    place.rejoin(&evict);
+    tokio::select! {
+        biased;
+        () = linger(&mut stream) => {}
+        () = evict.cancelled() => {}
+    }
 }
 
 /// Reads and drops what the client still sends after the answer (a request body, which no
@@ -622,6 +638,7 @@ mod test {
     /// and only that one (before, the probe waited until the head timeout closed them all).
     #[tokio::test]
     async fn a_probe_takes_the_slot_of_the_connection_silent_longest() {
+        let _alone = EVERY_SLOT.lock().await;
         let (addr, cancel) = serve_healthz().await;
         let mut idle = Vec::new();
         for i in 0..MAX_CONNECTIONS {
@@ -657,6 +674,49 @@ mod test {
             }
         }
         assert_eq!(closed, 0);
+        cancel.cancel();
+    }
+
+    /// The tests that fill every slot (some 515 file descriptors each) run one at a time: two
+    /// at once would pass the usual limit of 1024.
+    static EVERY_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+    /// Connections answered but not closed by their clients, lingering in every slot, do not
+    /// keep a probe waiting: the one answered first is closed for it, and only that one.
+    /// (Before, the probe waited for a lingering connection to end.)
+    #[tokio::test]
+    async fn a_probe_takes_the_slot_of_the_connection_lingering_longest() {
+        let _alone = EVERY_SLOT.lock().await;
+        let (addr, cancel) = serve_healthz().await;
+        let mut lingering = Vec::new();
+        for i in 0..MAX_CONNECTIONS {
+            let s = tokio::net::TcpSocket::new_v4().unwrap();
+            let from = std::net::Ipv4Addr::new(127, 0, 3, (10 + i / MAX_PER_ADDRESS) as u8);
+            s.bind((from, 0).into()).unwrap();
+            let mut s = s.connect(addr).await.unwrap();
+            s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+            let mut out = Vec::new();
+            s.read_to_end(&mut out).await.unwrap();
+            assert!(out.starts_with(b"HTTP/1.1 503"));
+            lingering.push(s);
+        }
+        let probe = tokio::net::TcpSocket::new_v4().unwrap();
+        probe.bind("127.0.4.1:0".parse().unwrap()).unwrap();
+        // (A guard against hanging: without eviction the probe waits for LINGER_TIME.)
+        let answer = tokio::time::timeout(Duration::from_secs(30), get_healthz(addr, Some(probe)))
+            .await
+            .expect("the probe waited behind lingering connections");
+        assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
+        // A byte sent to a connection the server closed is answered with a reset, and the
+        // next write fails; one still lingering is read and dropped.
+        for s in &mut lingering {
+            s.write_all(b"x").await.unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let closed: Vec<usize> = (0..lingering.len())
+            .filter(|&i| lingering[i].try_write(b"y").is_err())
+            .collect();
+        assert_eq!(closed, [0]);
         cancel.cancel();
     }
 
