@@ -437,9 +437,9 @@ pub fn build_icmpv4_error(
 /// loopback or multicast, a multicast destination — except for Packet Too Big, which RFC 4443
 /// §2.4(e.2) allows so path MTU discovery works for multicast —, or an `out` under 48 bytes.
 ///
-/// To find an ICMPv6 message or a Fragment header behind other extension headers, up to 8
-/// Hop-by-Hop, Routing, Fragment and Destination Options headers are walked; a chain that runs
-/// past the packet is [`Suppress::Malformed`].
+/// To find an ICMPv6 message or a Fragment header behind other extension headers, the
+/// Hop-by-Hop, Routing, Fragment, Destination Options and Authentication headers are walked,
+/// as many as the packet holds; a chain that runs past the packet is [`Suppress::Malformed`].
 pub fn build_icmpv6_error(
     original: &[u8],
     kind: Icmpv6Error,

@@ -28,13 +28,15 @@ pub struct Transport {
 
 /// The protocol and, for TCP and UDP, the ports of a checked packet.
 ///
-/// Ports are read only from a first fragment (IPv4 fragment offset 0; an IPv6 packet whose
-/// first next header is TCP/UDP is never a fragment) whose payload holds the whole minimum
-/// L4 header (8 bytes for UDP, 20 for TCP); otherwise they are 0.
+/// Ports are read only from a packet that is not a fragment (IPv4: no more-fragments flag,
+/// offset 0; an IPv6 packet whose first next header is TCP/UDP is never one) whose payload
+/// holds the whole minimum L4 header (8 bytes for UDP, 20 for TCP); otherwise they are 0.
+/// Not from a first fragment either, whose ports the later ones lack: every fragment of a
+/// datagram then has the same [`FlowKey`], as in Linux's flow hash.
 #[inline]
 pub fn transport<T: AsRef<[u8]>>(packet: &IpPacket<T>) -> Transport {
-    let (protocol, first_fragment) = match packet {
-        IpPacket::V4(p) => (p.protocol(), p.frag_offset() == 0),
+    let (protocol, whole) = match packet {
+        IpPacket::V4(p) => (p.protocol(), p.frag_offset() == 0 && !p.more_frags()),
         IpPacket::V6(p) => (p.next_header(), true),
     };
     let min_len = match protocol {
@@ -43,7 +45,7 @@ pub fn transport<T: AsRef<[u8]>>(packet: &IpPacket<T>) -> Transport {
         _ => usize::MAX,
     };
     let l4 = packet.payload();
-    let (src_port, dst_port) = if first_fragment && l4.len() >= min_len {
+    let (src_port, dst_port) = if whole && l4.len() >= min_len {
         // Both TCP and UDP start with source port, destination port.
         (read_u16(l4, 0), read_u16(l4, 2))
     } else {
@@ -176,6 +178,11 @@ mod test {
                 dst_port: 0
             }
         );
+        // The first fragment has ports, but its datagram's other fragments do not: not read,
+        // so that all of them hash alike.
+        let mut first = UDP_V4;
+        Ipv4Packet::new_unchecked(&mut first[..]).set_frag(false, true, 0);
+        assert_eq!(transport_of(&first), transport_of(&frag));
         // IPv6 with a Fragment header first: not walked.
         let mut v6 = UDP_V6;
         v6[6] = protocol::IPV6_FRAG;
