@@ -708,6 +708,8 @@ impl Masq {
             };
             let version = match version_of(family.program(), limit) {
                 Ok(version) => version,
+                // Stopping: not a missing iptables (the start ends anyway).
+                Err(e) if limit.spent().is_some() => return Err(e),
                 Err(e) if masquerade && not_found(&e) => {
                     return Err(e.context(format!(
                         "--ip-masq needs the `{}` command; install it (Debian: apt-get install \
@@ -1076,6 +1078,9 @@ fn remove_leftovers(masquerade: bool, forward: bool, families: [bool; 2], limit:
         let save = format!("{}-save", family.program());
         let out = match saved_rules(&save, limit) {
             Ok(out) if out.status.success() => out,
+            // Stopping: the command was cut short or not run, which says nothing about what is
+            // left behind (and a warning would blame iptables).
+            _ if limit.spent().is_some() => return,
             Ok(out) => {
                 tracing::warn!(program = %save, error = %String::from_utf8_lossy(&out.stderr).trim(),
                     "cannot look for rules an earlier run left behind");
@@ -1606,6 +1611,27 @@ mod tests {
         assert!(moved.sets[1].rules[1].contains(&"198.19.9.0/24".to_owned()));
         // The FORWARD rules name only the network: unchanged.
         assert_eq!(moved.sets[0].rules, masq.sets[0].rules);
+    }
+
+    /// A start stopped before it could ask iptables for its version is told so, not taken
+    /// for a host without iptables (before: "running without them … Install iptables" for
+    /// the FORWARD rules, and the start went on without them).
+    #[test]
+    fn a_stop_is_not_taken_for_a_missing_iptables() {
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let lease = SubnetKey::parse("198.19.7.0-24").unwrap();
+        let cancel = CancellationToken::new();
+        cancel.cancel();
+        let opts = Options {
+            masquerade: false,
+            forward: true,
+            resync: Duration::from_secs(5),
+            no_random_fully: false,
+        };
+        let Err(e) = Masq::new(&config, &lease, opts, &Limit::until_cancelled(&cancel)) else {
+            panic!("a stopped start went on");
+        };
+        assert!(format!("{e:#}").contains("linen is stopping"), "{e:#}");
     }
 
     #[test]
