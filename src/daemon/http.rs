@@ -642,10 +642,7 @@ mod test {
         let (addr, cancel) = serve_healthz().await;
         let mut idle = Vec::new();
         for i in 0..MAX_CONNECTIONS {
-            let s = tokio::net::TcpSocket::new_v4().unwrap();
-            let from = std::net::Ipv4Addr::new(127, 0, 1, (10 + i / MAX_PER_ADDRESS) as u8);
-            s.bind((from, 0).into()).unwrap();
-            idle.push(s.connect(addr).await.unwrap());
+            idle.push(connect_within_share(addr, 1, i).await);
         }
         // Once the server has taken them all: the first of them has a slot.
         let mut probe_first = idle.remove(0);
@@ -677,6 +674,15 @@ mod test {
         cancel.cancel();
     }
 
+    /// The `i`th of many connections to `addr`, from 127.0.`net`.x, four from each address
+    /// (each within its share).
+    async fn connect_within_share(addr: SocketAddr, net: u8, i: usize) -> TcpStream {
+        let s = tokio::net::TcpSocket::new_v4().unwrap();
+        let from = std::net::Ipv4Addr::new(127, 0, net, (10 + i / MAX_PER_ADDRESS) as u8);
+        s.bind((from, 0).into()).unwrap();
+        s.connect(addr).await.unwrap()
+    }
+
     /// The tests that fill every slot (some 515 file descriptors each) run one at a time: two
     /// at once would pass the usual limit of 1024.
     static EVERY_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
@@ -690,10 +696,7 @@ mod test {
         let (addr, cancel) = serve_healthz().await;
         let mut lingering = Vec::new();
         for i in 0..MAX_CONNECTIONS {
-            let s = tokio::net::TcpSocket::new_v4().unwrap();
-            let from = std::net::Ipv4Addr::new(127, 0, 3, (10 + i / MAX_PER_ADDRESS) as u8);
-            s.bind((from, 0).into()).unwrap();
-            let mut s = s.connect(addr).await.unwrap();
+            let mut s = connect_within_share(addr, 3, i).await;
             s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
             let mut out = Vec::new();
             s.read_to_end(&mut out).await.unwrap();
