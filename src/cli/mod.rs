@@ -290,9 +290,10 @@ pub struct RunArgs {
     /// The most a worker's UDP receive buffer grows to, in bytes: each time the kernel drops
     /// datagrams at a full one (the worker off its CPU on a busy host), it doubles, up to
     /// this. Pass --socket-buffer's value to keep the buffer fixed. Overflows are counted
-    /// (`linen_udp_receive_overflows_total`).
-    #[arg(long, env = "LINEN_SOCKET_BUFFER_MAX", default_value_t = 16 << 20)]
-    pub socket_buffer_max: usize,
+    /// (`linen_udp_receive_overflows_total`). [default: 16777216 (16 MiB), or --socket-buffer
+    /// when that is larger]
+    #[arg(long, env = "LINEN_SOCKET_BUFFER_MAX")]
+    pub socket_buffer_max: Option<usize>,
     /// Serve /metrics (Prometheus), /healthz and /status on this IP:PORT, or `off`.
     #[arg(long, env = "LINEN_METRICS_ADDR", default_value = status::DEFAULT_METRICS_ADDR)]
     pub metrics_addr: status::MetricsAddr,

@@ -11,7 +11,8 @@
 //! - `drops_total{reason}`: every [`DropReason`](crate::dataplane::DropReason) name, zeros too
 //! - `icmp_errors_sent_total`
 //! - `udp_gso_sends_total`: sends that each carried several datagrams (UDP GSO)
-//! - `udp_receive_overflows_total`: drops at the receiving sockets' full buffers (kernel)
+//! - `udp_receive_overflows_total`: drops at the receiving sockets, nearly always a full
+//!   buffer (kernel)
 //! - `table_routes`, `table_generation`, `peers`
 //! - `lease_held`, `lease_reservation`, `lease_expiry_seconds` (seconds until the own lease
 //!   expires; absent for a reservation or without a lease)
@@ -156,7 +157,7 @@ impl Collector for StatusCollector {
         one(
             &mut enc,
             "linen_udp_receive_overflows",
-            "Drops the kernel counted at the workers' UDP sockets whose receive buffer was full (a GRO batch of datagrams may count as one); each grows the buffer, up to --socket-buffer-max",
+            "Drops the kernel counted at the workers' UDP sockets, nearly always a full receive buffer (a GRO batch of datagrams may count as one; a bad UDP checksum counts too); each grows the buffer, up to --socket-buffer-max",
             &ConstCounter::new(c.udp_receive_overflows),
         )?;
         one(

@@ -266,12 +266,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
             )));
         }
     }
-    if args.socket_buffer_max < args.socket_buffer {
+    if let Some(max) = args.socket_buffer_max.filter(|&m| m < args.socket_buffer) {
         return Err(crate::cli::exit::usage(format!(
-            "--socket-buffer-max {} is below --socket-buffer {}: the receive buffer starts at \
-             --socket-buffer and grows up to --socket-buffer-max; pass a maximum at least as \
-             large (the same value keeps the buffer fixed)",
-            args.socket_buffer_max, args.socket_buffer
+            "--socket-buffer-max {max} is below --socket-buffer {}: the receive buffer starts \
+             at --socket-buffer and grows up to --socket-buffer-max; pass a maximum at least \
+             as large (the same value keeps the buffer fixed)",
+            args.socket_buffer
         )));
     }
     // First, so /healthz says "starting" while the config and lease are awaited.
@@ -523,7 +523,11 @@ pub async fn run(args: RunArgs) -> Result<()> {
             no_udp_offload: !udp_gso,
             udp_gro,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
-            receive_buffer: (args.socket_buffer, args.socket_buffer_max),
+            receive_buffer: (
+                args.socket_buffer,
+                args.socket_buffer_max
+                    .unwrap_or(SOCKET_BUFFER_MAX.max(args.socket_buffer)),
+            ),
         })?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
@@ -905,6 +909,10 @@ async fn check_underlay(
 }
 
 /// How often the TUN device is checked for what linen set up on it.
+/// The most a worker's receive buffer grows to without `--socket-buffer-max` (or
+/// `--socket-buffer`, when that is larger).
+const SOCKET_BUFFER_MAX: usize = 16 << 20;
+
 const TUN_CHECK: Duration = Duration::from_secs(5);
 
 /// Puts back what [`host::configure_tun`] set up on the TUN device for `key` and is gone (the

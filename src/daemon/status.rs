@@ -248,8 +248,8 @@ pub struct CountersView {
     /// UDP GSO sends: system calls that each carried several datagrams to one peer.
     #[serde(default)]
     pub udp_gso_sends: u64,
-    /// Drops at the receiving sockets' full buffers, counted by the kernel (a GRO batch of
-    /// datagrams may count as one).
+    /// Drops at the receiving sockets counted by the kernel, nearly always a full buffer (a
+    /// GRO batch of datagrams may count as one; a bad UDP checksum counts too).
     #[serde(default)]
     pub udp_receive_overflows: u64,
     /// Drops by [`DropReason::name`], every reason present.

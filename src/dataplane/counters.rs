@@ -88,8 +88,9 @@ pub struct LocalCounters {
     pub tun_tx_uso: u64,
     /// UDP GSO sends: system calls that each carried several datagrams to one peer.
     pub udp_tx_gso: u64,
-    /// Drops the kernel counted at the receiving socket before linen read anything: its
-    /// receive buffer was full (a GRO batch of datagrams may count as one).
+    /// Drops the kernel counted at the receiving socket before linen read anything: nearly
+    /// always a full receive buffer (a GRO batch of datagrams may count as one; a datagram
+    /// with a bad UDP checksum counts too).
     pub udp_rx_overflow: u64,
     /// Drops by reason, indexed by `DropReason as usize`.
     pub drops: [u64; DropReason::COUNT],

@@ -418,7 +418,13 @@ impl Worker {
                     Err(e) => return Err(e),
                 }
                 if !spinning {
-                    spin_left = spin_budget(self.busy_poll, now.elapsed());
+                    // A sleep that ended for an overflow reading, not for traffic, earns no
+                    // polling.
+                    spin_left = if events.is_empty() {
+                        Duration::ZERO
+                    } else {
+                        spin_budget(self.busy_poll, now.elapsed())
+                    };
                     break;
                 }
                 if !events.is_empty() {
@@ -712,17 +718,34 @@ impl Worker {
             ..LocalCounters::default()
         });
         match grow {
-            Grow::To(bytes) => match sys::set_receive_buffer(fd, bytes) {
-                Ok(()) => tracing::info!(
-                    worker = self.id,
-                    dropped,
-                    bytes,
-                    "the UDP receive buffer overflowed; doubled it (at most --socket-buffer-max)"
-                ),
-                Err(e) => {
-                    tracing::warn!(worker = self.id, dropped, bytes, error = %e, "the UDP receive buffer overflowed and cannot grow")
+            // The kernel reports twice what it granted; without CAP_NET_ADMIN it grants at
+            // most net.core.rmem_max.
+            Grow::To(bytes) => {
+                match sys::set_receive_buffer(fd, bytes).and_then(|()| sys::socket_drops(fd)) {
+                    Ok((_, kernel)) if kernel as usize / 2 >= bytes.min(i32::MAX as usize / 2) => {
+                        tracing::info!(
+                            worker = self.id,
+                            dropped,
+                            bytes,
+                            "the UDP receive buffer overflowed; doubled it (at most --socket-buffer-max)"
+                        )
+                    }
+                    got => {
+                        self.overflow.capped();
+                        let granted = got.as_ref().map_or(0, |(_, k)| *k as usize / 2);
+                        let error = got.err().map(|e| e.to_string());
+                        let error = error.as_deref();
+                        tracing::warn!(
+                            worker = self.id,
+                            dropped,
+                            asked = bytes,
+                            granted,
+                            error,
+                            "the UDP receive buffer overflowed and cannot grow (net.core.rmem_max caps it without CAP_NET_ADMIN); further drops are only counted (udp_rx_overflow)"
+                        )
+                    }
                 }
-            },
+            }
             Grow::AtMax(bytes) => tracing::warn!(
                 worker = self.id,
                 dropped,
@@ -1055,6 +1078,12 @@ impl Overflow {
     /// The counter cannot be read: it is not read again.
     fn unreadable(&mut self) {
         self.seen = None;
+    }
+
+    /// The buffer cannot grow (said once by the caller): later drops are only counted.
+    fn capped(&mut self) {
+        self.max = self.buffer;
+        self.warned = true;
     }
 
     /// Takes a reading of the counter at `now`: the drops since the last one, and what they
