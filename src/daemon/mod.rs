@@ -693,7 +693,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     // and conntrack keep them so (one rebuild: a failed one is retried by the
                     // rules' own check, reported as the iptables step, and does not hold
                     // subnet.env back for longer).
-                    let rules_ready = rules_for.as_ref().is_none_or(|r| *r.borrow() == table_key);
+                    // (A rules task that is gone holds nothing back.)
+                    let rules_ready = rules_for.as_mut().is_none_or(|r| {
+                        *r.borrow_and_update() == table_key || r.has_changed().is_err()
+                    });
                     if env_key != table_key && !rules_ready {
                         tracing::debug!(subnet = %table_key, "subnet.env waits for the masquerade rules of the new subnet");
                     }
