@@ -266,14 +266,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             )));
         }
     }
-    if let Some(max) = args.socket_buffer_max.filter(|&m| m < args.socket_buffer) {
-        return Err(crate::cli::exit::usage(format!(
-            "--socket-buffer-max {max} is below --socket-buffer {}: the receive buffer starts \
-             at --socket-buffer and grows up to --socket-buffer-max; pass a maximum at least \
-             as large (the same value keeps the buffer fixed)",
-            args.socket_buffer
-        )));
-    }
+    let receive_buffer = receive_buffer(args.socket_buffer, args.socket_buffer_max)?;
     // First, so /healthz says "starting" while the config and lease are awaited.
     let ops = http::OpsServer::start(args.metrics_addr, args.healthz_addr()).await?;
     if host::has_net_admin() == Some(false) {
@@ -523,11 +516,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
             no_udp_offload: !udp_gso,
             udp_gro,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
-            receive_buffer: (
-                args.socket_buffer,
-                args.socket_buffer_max
-                    .unwrap_or(SOCKET_BUFFER_MAX.max(args.socket_buffer)),
-            ),
+            receive_buffer,
         })?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
@@ -916,6 +905,22 @@ async fn check_underlay(
 /// `--socket-buffer`, when that is larger).
 const SOCKET_BUFFER_MAX: usize = 16 << 20;
 
+/// A worker's receive buffer at start and at most, from `--socket-buffer` and
+/// `--socket-buffer-max`: a maximum given below the start is refused; none given is
+/// [`SOCKET_BUFFER_MAX`] or the start, whichever is larger (a host that set a larger
+/// `--socket-buffer` before the maximum existed still starts).
+fn receive_buffer(start: usize, max: Option<usize>) -> Result<(usize, usize)> {
+    match max {
+        Some(max) if max < start => Err(crate::cli::exit::usage(format!(
+            "--socket-buffer-max {max} is below --socket-buffer {start}: the receive buffer \
+             starts at --socket-buffer and grows up to --socket-buffer-max; pass a maximum at \
+             least as large (the same value keeps the buffer fixed)"
+        ))),
+        Some(max) => Ok((start, max)),
+        None => Ok((start, SOCKET_BUFFER_MAX.max(start))),
+    }
+}
+
 const TUN_CHECK: Duration = Duration::from_secs(5);
 
 /// Puts back what [`host::configure_tun`] set up on the TUN device for `key` and is gone (the
@@ -1185,6 +1190,23 @@ impl StopSignals {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    #[test]
+    fn the_receive_buffer_grows_to_the_maximum_given_or_a_default_at_least_the_start() {
+        let mib = |n: usize| n << 20;
+        assert_eq!(receive_buffer(mib(4), None).unwrap(), (mib(4), mib(16)));
+        // A start set above the default maximum (before the maximum existed) still starts.
+        assert_eq!(receive_buffer(mib(32), None).unwrap(), (mib(32), mib(32)));
+        assert_eq!(
+            receive_buffer(mib(4), Some(mib(4))).unwrap(),
+            (mib(4), mib(4))
+        );
+        assert_eq!(
+            receive_buffer(mib(4), Some(mib(64))).unwrap(),
+            (mib(4), mib(64))
+        );
+        assert!(receive_buffer(mib(8), Some(mib(4))).is_err());
+    }
 
     #[test]
     fn udp_gso_is_left_off_where_asked_and_on_kernels_that_corrupt_it() {
