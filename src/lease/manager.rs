@@ -450,9 +450,17 @@ impl LeaseManager {
         let mut acquire_backoff = Backoff::new(self.options.backoff_min, self.options.backoff_max);
         let mut clock = tokio::time::interval_at(Instant::now() + CLOCK_CHECK, CLOCK_CHECK);
         clock.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // A stop does not wait for a registry call under way (each may take its whole timeout
+        // against a slow etcd, several in one acquisition, past the unit's stop timeout): the
+        // call is dropped, and a write it made anyway is found by the next start, which takes
+        // the lease by this host's identity.
         'run: loop {
             if self.tracker.own().is_none() {
-                match self.acquire().await {
+                let acquired = tokio::select! {
+                    _ = cancel.cancelled() => break 'run,
+                    r = self.acquire() => r,
+                };
+                match acquired {
                     Ok(_) => acquire_backoff.reset(),
                     Err(e) => {
                         let msg = e.to_string();
@@ -479,7 +487,10 @@ impl LeaseManager {
             let renew_at = self.renew_at;
             tokio::select! {
                 _ = cancel.cancelled() => break,
-                _ = sleep_until(renew_at) => self.renew().await,
+                _ = sleep_until(renew_at) => tokio::select! {
+                    _ = cancel.cancelled() => break,
+                    () = self.renew() => {}
+                },
                 _ = clock.tick() => self.check_clock(SystemTime::now()),
                 msg = rx.recv() => if !self.on_msg(msg) {
                     break;
@@ -1559,6 +1570,33 @@ mod test {
             after.failing_since.is_some(),
             "the error was never reported: {after:?}"
         );
+    }
+
+    /// A stop during a renewal that hangs (a slow etcd) ends the manager at once, not when
+    /// the call returns.
+    #[tokio::test(start_paused = true)]
+    async fn a_stop_does_not_wait_for_a_renewal_under_way() {
+        let reg = Arc::new(Outage {
+            renew_delay: Duration::from_secs(3600),
+            ..Outage::default()
+        });
+        // Renewal due at 10 s.
+        let (_state, cancel, task) = run_manager(&reg, |o| {
+            o.renew_margin = Duration::from_secs(50);
+        })
+        .await;
+        tokio::time::timeout(Duration::from_secs(30), reg.renewal_begins.notified())
+            .await
+            .expect("no renewal began");
+        let stopped_at = Instant::now();
+        cancel.cancel();
+        task.await.unwrap();
+        assert!(
+            stopped_at.elapsed() < Duration::from_secs(60),
+            "the stop waited {:?} for the renewal",
+            stopped_at.elapsed()
+        );
+        assert_eq!(reg.renew_attempts.load(Ordering::SeqCst), 0);
     }
 
     /// A renewal refused for good (the registry's permissions revoked) reports the registry
