@@ -652,8 +652,8 @@ impl LeaseManager {
                 }
                 tracing::warn!(subnet = %lease.key, holder = ?lease.attrs.public_ip, "another host holds our subnet now; re-acquiring");
                 // The holder is a peer from now on: nothing else may be written to its key
-                // until its renewal, hours away, so waiting for another event would leave its
-                // subnet unrouted that long.
+                // until its renewal, hours away, so waiting for another event would leave it
+                // out of the peers that long (and its subnet unrouted after this host's move).
                 let events = self.tracker.yield_own();
                 log_peers(&events);
                 self.lose();

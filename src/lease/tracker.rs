@@ -95,8 +95,9 @@ impl LeaseTracker {
     }
 
     /// Gives the own key up to the host that wrote it last (an [`OwnChange::Put`] with other
-    /// attributes): that lease becomes a peer at once, so its subnet is routed to while this
-    /// host acquires another, and this host holds no lease (nor any key to reclaim).
+    /// attributes): that lease becomes a peer at once, and this host holds no lease (nor any
+    /// key to reclaim). (The daemon routes to its subnet once this host has another: until
+    /// then the device keeps the subnet, whose local workloads still use it.)
     pub fn yield_own(&mut self) -> Vec<PeerEvent> {
         self.own_key = None;
         match self.own.take() {
