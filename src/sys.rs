@@ -38,6 +38,7 @@ pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> std::io::Result<(
 /// one), and the receive buffer in bytes as the kernel counts it (`SK_MEMINFO_RCVBUF`: twice
 /// what was asked). The first is a 32-bit counter that wraps. `Unsupported` from a kernel
 /// whose `SO_MEMINFO` has no drop counter yet.
+#[inline]
 pub fn socket_drops(fd: BorrowedFd<'_>) -> std::io::Result<(u32, u32)> {
     // linux/sock_diag.h: SK_MEMINFO_RCVBUF is slot 1, SK_MEMINFO_DROPS slot 8; the kernel
     // copies no more slots than it has and says how many bytes it wrote.

@@ -697,22 +697,32 @@ impl Worker {
     }
 
     /// Reads the receiving socket's drop counter ([`Overflow`]): new drops are counted and
-    /// grow the receive buffer while it may grow.
-    #[cold]
+    /// grow the receive buffer while it may grow. (Inline, with what runs only on a drop out
+    /// of line: code run every second is then not spread over more pages of the binary, each
+    /// of which costs resident memory.)
+    #[inline]
     fn check_overflow(&mut self, now: Instant) {
-        let fd = self.udp.socket.as_fd();
-        let drops = match sys::socket_drops(fd) {
-            Ok((drops, _)) => drops,
-            Err(e) => {
-                tracing::debug!(worker = self.id, error = %e, "cannot read the UDP socket's drop counter; its overflows are not counted");
-                self.overflow.unreadable();
-                return;
+        match sys::socket_drops(self.udp.socket.as_fd()) {
+            Ok((drops, _)) => {
+                let (dropped, grow) = self.overflow.read(drops, now);
+                if dropped != 0 {
+                    self.overflowed(dropped, grow);
+                }
             }
-        };
-        let (dropped, grow) = self.overflow.read(drops, now);
-        if dropped == 0 {
-            return;
+            Err(e) => self.overflow_unreadable(&e),
         }
+    }
+
+    #[cold]
+    fn overflow_unreadable(&mut self, e: &io::Error) {
+        tracing::debug!(worker = self.id, error = %e, "cannot read the UDP socket's drop counter; its overflows are not counted");
+        self.overflow.unreadable();
+    }
+
+    /// Counts `dropped` and grows the receive buffer as `grow` says.
+    #[cold]
+    fn overflowed(&mut self, dropped: u64, grow: Grow) {
+        let fd = self.udp.socket.as_fd();
         self.shared.publish(&LocalCounters {
             udp_rx_overflow: dropped,
             ..LocalCounters::default()
@@ -1088,6 +1098,7 @@ impl Overflow {
 
     /// Takes a reading of the counter at `now`: the drops since the last one, and what they
     /// call for.
+    #[inline]
     fn read(&mut self, drops: u32, now: Instant) -> (u64, Grow) {
         let dropped = u64::from(drops.wrapping_sub(self.seen.unwrap_or(drops)));
         self.seen = Some(drops);
