@@ -342,8 +342,13 @@ async fn serve(
     };
     // The request is in: no longer the first to go when the slots run out.
     place.leave();
+    // Whether the client may still be sending: a body announced, or a head too large.
+    let mut more = true;
     let response = match head {
-        Ok(Ok(Some(head))) => respond(&head, scope, sources, waiting, SystemTime::now()),
+        Ok(Ok(Some(head))) => {
+            more = announces_body(&head);
+            respond(&head, scope, sources, waiting, SystemTime::now())
+        }
         Ok(Ok(None)) => Response::text(431, "request head too large\n"),
         // Timed out, reset or closed early: nobody to answer.
         _ => return,
@@ -352,6 +357,9 @@ async fn serve(
     // socket buffer) must not hold one of the few slots for good.
     let _ = tokio::time::timeout(HEAD_TIMEOUT, stream.write_all(&response.to_bytes())).await;
     let _ = stream.shutdown().await;
+    if !more {
+        return;
+    }
     // Answered: lingering matters less than any new connection, which may close it.
     place.rejoin(&evict);
     tokio::select! {
@@ -359,6 +367,19 @@ async fn serve(
         () = linger(&mut stream) => {}
         () = evict.cancelled() => {}
     }
+}
+
+/// Whether a request head announces a body (`Content-Length` other than 0, or
+/// `Transfer-Encoding`), which no path reads: the connection then lingers ([`linger`]).
+fn announces_body(head: &[u8]) -> bool {
+    String::from_utf8_lossy(head).lines().skip(1).any(|line| {
+        let Some((name, value)) = line.split_once(':') else {
+            return false;
+        };
+        let name = name.trim();
+        name.eq_ignore_ascii_case("transfer-encoding")
+            || (name.eq_ignore_ascii_case("content-length") && value.trim() != "0")
+    })
 }
 
 /// Reads and drops what the client still sends after the answer (a request body, which no
@@ -687,6 +708,22 @@ mod test {
     /// at once would pass the usual limit of 1024.
     static EVERY_SLOT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
 
+    /// Only a request that announces a body (or a head too large) lingers: a GET's connection
+    /// is closed at once, and holds no slot of its address's share while its client is slow to
+    /// close.
+    #[test]
+    fn a_body_is_announced_by_its_length_or_encoding() {
+        let announces = |h: &str| announces_body(h.as_bytes());
+        assert!(!announces("GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n"));
+        assert!(!announces("POST / HTTP/1.1\r\ncontent-length: 0\r\n\r\n"));
+        assert!(announces("POST / HTTP/1.1\r\nContent-Length: 12\r\n\r\n"));
+        assert!(announces(
+            "POST / HTTP/1.1\r\nTRANSFER-ENCODING: chunked\r\n\r\n"
+        ));
+        // A request line is no header.
+        assert!(!announces("GET /content-length:5 HTTP/1.1\r\n\r\n"));
+    }
+
     /// Connections answered but not closed by their clients, lingering in every slot, do not
     /// keep a probe waiting: the one answered first is closed for it, and only that one.
     /// (Before, the probe waited for a lingering connection to end.)
@@ -697,10 +734,12 @@ mod test {
         let mut lingering = Vec::new();
         for i in 0..MAX_CONNECTIONS {
             let mut s = connect_within_share(addr, 3, i).await;
-            s.write_all(b"GET /healthz HTTP/1.1\r\n\r\n").await.unwrap();
+            s.write_all(b"POST /healthz HTTP/1.1\r\nContent-Length: 9\r\n\r\n")
+                .await
+                .unwrap();
             let mut out = Vec::new();
             s.read_to_end(&mut out).await.unwrap();
-            assert!(out.starts_with(b"HTTP/1.1 503"));
+            assert!(out.starts_with(b"HTTP/1.1 405"));
             lingering.push(s);
         }
         let probe = tokio::net::TcpSocket::new_v4().unwrap();
