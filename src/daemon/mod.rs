@@ -900,7 +900,6 @@ async fn check_underlay(
     }
 }
 
-/// How often the TUN device is checked for what linen set up on it.
 /// The most a worker's receive buffer grows to without `--socket-buffer-max` (or
 /// `--socket-buffer`, when that is larger).
 const SOCKET_BUFFER_MAX: usize = 16 << 20;
@@ -921,6 +920,7 @@ fn receive_buffer(start: usize, max: Option<usize>) -> Result<(usize, usize)> {
     }
 }
 
+/// How often the TUN device is checked for what linen set up on it.
 const TUN_CHECK: Duration = Duration::from_secs(5);
 
 /// Puts back what [`host::configure_tun`] set up on the TUN device for `key` and is gone (the
