@@ -738,13 +738,17 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             break;
                         },
                         () = tokio::time::sleep_until(retry_at.unwrap_or_else(tokio::time::Instant::now)), if retry_at.is_some() => break,
-                        // The rules subnet.env waits for are written.
-                        Some(Ok(())) = async {
+                        // The rules subnet.env waits for are written (or their task is
+                        // gone, and holds nothing back from now on).
+                        Some(changed) = async {
                             match rules_for.as_mut() {
                                 Some(r) => Some(r.changed().await),
                                 None => None,
                             }
                         }, if env_key != table_key => {
+                            if changed.is_err() {
+                                rules_for = None;
+                            }
                             retry_at = Some(tokio::time::Instant::now());
                             break;
                         }
