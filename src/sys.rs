@@ -12,25 +12,32 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 /// `net.core.{w,r}mem_max`), then the plain ones. Best effort: a failure only means smaller
 /// buffers, so it is logged, not returned.
 pub fn set_socket_buffers(fd: BorrowedFd<'_>, bytes: usize) {
-    let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
     for (force, plain, name) in [
         (libc::SO_SNDBUFFORCE, libc::SO_SNDBUF, "send"),
         (libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, "receive"),
     ] {
-        if setsockopt_int(fd, libc::SOL_SOCKET, force, value).is_err()
-            && let Err(e) = setsockopt_int(fd, libc::SOL_SOCKET, plain, value)
-        {
+        if let Err(e) = set_buffer(fd, force, plain, bytes) {
             tracing::warn!(error = %e, bytes, "cannot set the UDP {name} buffer");
         }
     }
 }
 
-/// Sets `SO_RCVBUF` alone to `bytes` (forced past `net.core.rmem_max` when root), as
-/// [`set_socket_buffers`] does for both directions.
+/// Sets `SO_RCVBUF` alone to `bytes`, as [`set_socket_buffers`] does (forced past
+/// `net.core.rmem_max` when root).
 pub fn set_receive_buffer(fd: BorrowedFd<'_>, bytes: usize) -> std::io::Result<()> {
+    set_buffer(fd, libc::SO_RCVBUFFORCE, libc::SO_RCVBUF, bytes)
+}
+
+/// One buffer's size: the `force` option, else the `plain` one (capped by the kernel).
+fn set_buffer(
+    fd: BorrowedFd<'_>,
+    force: libc::c_int,
+    plain: libc::c_int,
+    bytes: usize,
+) -> std::io::Result<()> {
     let value = libc::c_int::try_from(bytes).unwrap_or(libc::c_int::MAX);
-    setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, value)
-        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, value))
+    setsockopt_int(fd, libc::SOL_SOCKET, force, value)
+        .or_else(|_| setsockopt_int(fd, libc::SOL_SOCKET, plain, value))
 }
 
 /// The drops the kernel has counted at `fd` since it was opened, a full receive buffer among
