@@ -403,6 +403,30 @@ async fn new_host_is_seen_by_others() {
     b.stop().await;
 }
 
+/// A corrupt key wider than a subnet blocks every subnet inside it: each create there is
+/// refused as overlapping it. Its whole range must be left alone then, not one candidate at a
+/// time: with most of the range under it, ten tries all landed inside and the acquisition
+/// failed as "lost races" (and a daemon retried it for ever).
+#[tokio::test]
+async fn a_corrupt_wide_key_is_skipped_as_a_whole() {
+    let net = r#"{"Network":"198.19.0.0/16","SubnetMax":"198.19.128.0","Backend":{"Type":"udp"}}"#;
+    let dir = setup(net);
+    let subnets = dir.path().join("subnets");
+    fs::create_dir_all(&subnets).unwrap();
+    // Every /24 of the range (SubnetMin is .1.0) but .128 lies under it.
+    fs::write(subnets.join("198.19.0.0-17"), "{not json\n").unwrap();
+    let reg = registry(dir.path(), 3600);
+    let config = linen::model::NetworkConfig::from_json(net).unwrap();
+    for seed in 0..4 {
+        let mut rng = StdRng::seed_from_u64(seed);
+        let lease = manager::acquire(reg.as_ref(), &config, &host(1), None, &mut rng)
+            .await
+            .unwrap_or_else(|e| panic!("seed {seed}: {e}"));
+        assert_eq!(lease.key, key("198.19.128.0-24"), "seed {seed}");
+        assert!(reg.revoke_lease(&lease.key).await.unwrap());
+    }
+}
+
 #[tokio::test]
 async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
     let dir = setup(NET);

@@ -178,9 +178,16 @@ async fn acquire_listing(
                 return Ok((lease, peers));
             }
             // Taken first by another host: list again, and do not ask for it again.
-            Err(RegistryError::AlreadyExists(_) | RegistryError::Overlaps { .. }) => {
+            Err(RegistryError::AlreadyExists(_)) => {
                 tracing::debug!(subnet = %key, "lost a race for the subnet; listing again");
                 lost.push(key);
+            }
+            // The key in the way is taken too, with all it covers: one wider than a subnet
+            // that the list skips (its value unreadable) blocks every candidate inside it.
+            Err(RegistryError::Overlaps { other, .. }) => {
+                tracing::debug!(subnet = %key, %other, "the subnet overlaps another key; listing again");
+                lost.push(key);
+                lost.push(other);
             }
             // Our own lease vanished between the list and the renewal: list again; it may be
             // created anew as the previous subnet.
