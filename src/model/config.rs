@@ -441,6 +441,14 @@ fn check_range(
                 max_len + 1
             ));
         }
+        // No SubnetLen fits: say so, rather than suggest one the check above refuses.
+        Some(_) if prefix > max_prefix => {
+            return invalid(format!(
+                "{name}Network {}/{prefix} is too small: it must hold at least four subnets of \
+                 at most /{max_len}, so its prefix must be /{max_prefix} or shorter",
+                fmt(net)
+            ));
+        }
         Some(l) if u16::from(l) < u16::from(prefix) + 2 => {
             return invalid(format!(
                 "{name}SubnetLen {l} is too short for {name}Network {}/{prefix}: the network must \
@@ -806,6 +814,21 @@ mod test {
         assert!(
             err(r#"{"Network":"10.3.0.0/16","SubnetLen":17}"#).contains("at least four subnets")
         );
+        // A network too small for any SubnetLen is named so, not answered with a length the
+        // check above refuses ("use at least /31").
+        for (text, want) in [
+            (
+                r#"{"Network":"10.3.0.0/29","SubnetLen":30}"#,
+                "/28 or shorter",
+            ),
+            (
+                r#"{"Network":"10.3.0.0/16","EnableIPv6":true,"IPv6Network":"fd00::/125","IPv6SubnetLen":126}"#,
+                "/124 or shorter",
+            ),
+        ] {
+            let e = err(text);
+            assert!(e.contains("too small") && e.contains(want), "{e}");
+        }
         let e = err(r#"{"Network":"10.3.0.0/16","SubnetMin":"10.3.5.7"}"#);
         assert!(
             e.contains("10.3.5.7") && e.contains("boundary") && e.contains("10.3.5.0"),
