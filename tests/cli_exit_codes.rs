@@ -653,6 +653,14 @@ fn an_empty_etcd_variable_is_not_an_etcd_flag() {
         assert_eq!(out.status.code(), Some(2), "{var}=x: {stderr}");
         assert!(stderr.contains("--etcd-endpoints"), "{var}=x: {stderr}");
     }
+    // Nor is an empty endpoint list: the directory registry is used (it was etcd at "").
+    let out = list("LINEN_ETCD_ENDPOINTS", "");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "LINEN_ETCD_ENDPOINTS=: {stderr}"
+    );
 }
 
 /// SIGTERM while the daemon waits for the network config is a normal stop: exit 0.

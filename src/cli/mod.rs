@@ -54,7 +54,28 @@ impl Cli {
                 std::process::exit(e.exit_code());
             }
         };
-        Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit())
+        let mut cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+        if let Some(registry) = cli.command.registry_mut() {
+            registry.normalize();
+        }
+        cli
+    }
+}
+
+impl Command {
+    /// The registry flags of a command that has them.
+    pub fn registry_mut(&mut self) -> Option<&mut RegistryArgs> {
+        match self {
+            Command::Run(args) => Some(&mut args.registry),
+            Command::Network(NetworkCommand::Init(args)) => Some(&mut args.registry),
+            Command::Network(NetworkCommand::Show { registry, .. })
+            | Command::Lease(
+                LeaseCommand::List { registry, .. }
+                | LeaseCommand::Reserve { registry, .. }
+                | LeaseCommand::Release { registry, .. },
+            ) => Some(registry),
+            Command::Status(_) | Command::Bench(_) | Command::Demo(_) => None,
+        }
     }
 }
 
@@ -107,7 +128,7 @@ pub enum Command {
 #[derive(Clone, Debug, Args)]
 pub struct RegistryArgs {
     /// Directory of the embedded registry (used unless --etcd-endpoints is given).
-    #[arg(long, env = "LINEN_REGISTRY_DIR", default_value = "/var/lib/linen")]
+    #[arg(long, env = "LINEN_REGISTRY_DIR", default_value = DEFAULT_REGISTRY_DIR, value_parser = path_or_empty)]
     pub registry_dir: PathBuf,
     /// Comma-separated etcd v3 endpoints (e.g. http://127.0.0.1:2379); selects the etcd
     /// registry. The other --etcd-* flags need it: linen has no default endpoint (flanneld's
@@ -145,7 +166,27 @@ pub struct RegistryArgs {
     pub etcd_password_file: Option<PathBuf>,
 }
 
+/// Where the directory registry is unless `--registry-dir` says otherwise.
+pub const DEFAULT_REGISTRY_DIR: &str = "/var/lib/linen";
+
 impl RegistryArgs {
+    /// Takes empty values as not given, as the README says of every etcd variable: an
+    /// environment file's `LINEN_ETCD_ENDPOINTS=` selects the directory registry (it selected
+    /// etcd at the endpoint ""), `LINEN_ETCD_PREFIX=` is flannel's prefix (the config was
+    /// looked for at `/config`), `LINEN_REGISTRY_DIR=` the default directory. A list with
+    /// empty entries among others (`a,,b`) stays, for the stray comma to be reported.
+    pub fn normalize(&mut self) {
+        if self.etcd_endpoints.iter().all(String::is_empty) {
+            self.etcd_endpoints.clear();
+        }
+        if self.etcd_prefix.is_empty() {
+            self.etcd_prefix = crate::model::DEFAULT_PREFIX.to_owned();
+        }
+        if self.registry_dir.as_os_str().is_empty() {
+            self.registry_dir = PathBuf::from(DEFAULT_REGISTRY_DIR);
+        }
+    }
+
     /// A file flag's value, where an empty one (`LINEN_ETCD_CAFILE=` in an environment file)
     /// counts as not given, as the README says of every etcd variable.
     pub fn file(value: &Option<PathBuf>) -> Option<PathBuf> {
@@ -646,6 +687,34 @@ mod flag_test {
             Command::Run(run) => Ok((run.ip_masq, run.iptables_forward_rules)),
             _ => unreachable!("parsed `run`"),
         }
+    }
+
+    /// Empty registry values (from an environment file's `LINEN_ETCD_PREFIX=`) are the
+    /// defaults; a list with a stray comma stays, for the registry to report it.
+    #[test]
+    fn empty_registry_values_are_the_defaults() {
+        let mut cli = Cli::try_parse_from([
+            "linen",
+            "lease",
+            "list",
+            "--etcd-endpoints=",
+            "--etcd-prefix=",
+            "--registry-dir=",
+        ])
+        .unwrap();
+        let r = cli.command.registry_mut().unwrap();
+        r.normalize();
+        assert!(r.etcd_endpoints.is_empty(), "{:?}", r.etcd_endpoints);
+        assert_eq!(r.etcd_prefix, crate::model::DEFAULT_PREFIX);
+        assert_eq!(
+            r.registry_dir,
+            std::path::Path::new(super::DEFAULT_REGISTRY_DIR)
+        );
+        let mut cli =
+            Cli::try_parse_from(["linen", "network", "show", "--etcd-endpoints=a,,b"]).unwrap();
+        let r = cli.command.registry_mut().unwrap();
+        r.normalize();
+        assert_eq!(r.etcd_endpoints, ["a", "", "b"]);
     }
 
     #[test]
