@@ -1154,6 +1154,25 @@ fn https_without_a_ca_file_uses_the_system_trust_store() {
     assert!(stderr.contains("TLS verification failed"), "{stderr}");
 }
 
+/// Credentials for an etcd that has authentication disabled are not used, as flanneld's
+/// client does not use them: a start failed there with "authentication is not enabled",
+/// taken for an unreachable etcd and retried for ever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_for_an_etcd_without_authentication_are_not_used() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        username: Some("root".into()),
+        password: Some("s3cret".into()),
+        ..options(&server, Duration::from_secs(60))
+    })
+    .await
+    .unwrap_or_else(|e| panic!("{e}"));
+    reg.create_lease(&subnet(16), &host(16)).await.unwrap();
+    assert_eq!(reg.list_leases().await.unwrap().leases.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_authentication() {
     let Some(server) = EtcdServer::start() else {

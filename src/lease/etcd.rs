@@ -90,13 +90,23 @@ impl EtcdRegistry {
         let conn = connect::prepare(options)?;
         let location = conn.endpoints.join(",");
         let prefix = options.prefix.trim_end_matches('/');
-        let connecting = Client::connect(&conn.endpoints, Some(conn.options));
-        let client = match tokio::time::timeout(
-            options.connect_timeout + options.request_timeout,
-            connecting,
-        )
-        .await
-        {
+        let client = match Self::build_client(conn, options).await {
+            // Credentials for an etcd without authentication: used without them, as flanneld's
+            // client does (clientv3 takes "authentication is not enabled" as no token needed).
+            Ok(Err(e)) if connect::auth_not_enabled(&e) => {
+                tracing::warn!(endpoints = %location, "etcd has authentication disabled; \
+                    connecting without --etcd-username and its password");
+                let anonymous = EtcdOptions {
+                    username: None,
+                    password: None,
+                    password_file: None,
+                    ..options.clone()
+                };
+                Self::build_client(connect::prepare(&anonymous)?, options).await
+            }
+            other => other,
+        };
+        let client = match client {
             Ok(Ok(client)) => client,
             Ok(Err(e)) => return Err(registry_error(&location, "connect", &e).into()),
             Err(_) => {
@@ -121,6 +131,20 @@ impl EtcdRegistry {
                 pending_move: std::sync::Mutex::new(None),
             }),
         })
+    }
+
+    /// Builds the client (authenticating when a user is given), within the connect and
+    /// request timeouts together.
+    async fn build_client(
+        conn: connect::Connection,
+        options: &EtcdOptions,
+    ) -> Result<Result<Client, etcd_client::Error>, tokio::time::error::Elapsed> {
+        let connecting = Client::connect(&conn.endpoints, Some(conn.options));
+        tokio::time::timeout(
+            options.connect_timeout + options.request_timeout,
+            connecting,
+        )
+        .await
     }
 
     /// The underlying client, for tools and tests (e.g. to inspect etcd leases).

@@ -472,6 +472,13 @@ pub(super) fn refused_tls(location: &str, detail: &str) -> RegistryError {
     }
 }
 
+/// Whether etcd refused an authentication because it has authentication disabled.
+pub(super) fn auth_not_enabled(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::FailedPrecondition
+            && s.message().contains("authentication is not enabled"))
+}
+
 fn mentions_auth(message: &str) -> bool {
     let m = message.to_ascii_lowercase();
     m.contains("user name") || m.contains("authentication") || m.contains("password")
@@ -718,6 +725,12 @@ mod test {
         ));
         assert!(!looks_like_tls_failure(
             "transport error: connection refused"
+        ));
+        assert!(!looks_like_tls_failure(
+            "transport error: tls handshake eof"
+        ));
+        assert!(looks_like_tls_failure(
+            "transport error: received fatal alert: CertificateRequired"
         ));
     }
 }
