@@ -485,8 +485,14 @@ fn mentions_auth(message: &str) -> bool {
 }
 
 /// Whether an error text is a certificate or handshake failure (rustls and tonic wordings).
+/// Not a connection closed during the handshake (tokio-rustls: "tls handshake eof"): a load
+/// balancer with no healthy etcd behind it, or a member going down, does that, and it may
+/// pass; taken for a certificate problem, it stopped the daemon with advice about CAs.
 pub(super) fn looks_like_tls_failure(detail: &str) -> bool {
     let d = detail.to_ascii_lowercase();
+    if d.contains("eof") || d.contains("connection reset") {
+        return false;
+    }
     [
         "certificate",
         "unknownissuer",
