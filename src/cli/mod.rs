@@ -104,7 +104,9 @@ pub enum Offload {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the overlay on this host (needs root): lease a subnet, create the TUN device, forward.
-    #[command(after_help = compat::run_after_help())]
+    // A flag given twice keeps its last value, as in flanneld (Go's flag package): unit files
+    // write `-ip-masq $FLANNEL_OPTS` with the options' own -ip-masq=false after it.
+    #[command(after_help = compat::run_after_help(), args_override_self = true)]
     Run(Box<RunArgs>),
     /// Create or show the network config in the registry.
     #[command(subcommand)]
@@ -134,7 +136,7 @@ pub struct RegistryArgs {
     /// registry. The other --etcd-* flags need it: linen has no default endpoint (flanneld's
     /// is http://127.0.0.1:4001,http://127.0.0.1:2379), and without it uses the directory
     /// registry.
-    #[arg(long, env = "LINEN_ETCD_ENDPOINTS", value_delimiter = ',')]
+    #[arg(long, env = "LINEN_ETCD_ENDPOINTS", value_delimiter = ',', action = clap::ArgAction::Set)]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix, as flannel's -etcd-prefix.
     #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
@@ -715,6 +717,33 @@ mod flag_test {
         let r = cli.command.registry_mut().unwrap();
         r.normalize();
         assert_eq!(r.etcd_endpoints, ["a", "", "b"]);
+    }
+
+    /// A flag given twice to `run` keeps its last value, as flanneld's do; a list flag
+    /// (`--iface`) collects every one, as flanneld's `-iface` does.
+    #[test]
+    fn a_repeated_run_flag_keeps_its_last_value() {
+        assert_eq!(
+            rules(&["--ip-masq", "--ip-masq=false"]).unwrap(),
+            (false, true)
+        );
+        let r = run(&[
+            "--subnet-file=a",
+            "--subnet-file=b",
+            "--etcd-endpoints=http://a:2379,http://b:2379",
+            "--etcd-endpoints=http://c:2379",
+            "--iface=eth0",
+            "--iface=eth1",
+        ])
+        .unwrap();
+        assert_eq!(r.subnet_file, std::path::Path::new("b"));
+        assert_eq!(r.registry.etcd_endpoints, ["http://c:2379"]);
+        assert_eq!(r.iface, ["eth0", "eth1"]);
+        let r = run(&["--etcd-endpoints=http://a:2379,http://b:2379"]).unwrap();
+        assert_eq!(
+            r.registry.etcd_endpoints,
+            ["http://a:2379", "http://b:2379"]
+        );
     }
 
     #[test]
