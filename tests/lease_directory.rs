@@ -427,6 +427,68 @@ async fn a_corrupt_wide_key_is_skipped_as_a_whole() {
     }
 }
 
+/// The lock file is never opened through a link, nor when it is not a plain file: each host
+/// would lock what the link names on its own side (no lock between hosts), and the file it
+/// names was narrowed to 0600, or created when missing.
+#[tokio::test]
+async fn a_lock_file_that_is_no_plain_file_is_refused() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = setup(NET);
+    let reg = registry(dir.path(), 3600);
+    let target = dir.path().join("target");
+    fs::write(&target, "x").unwrap();
+    fs::set_permissions(&target, fs::Permissions::from_mode(0o644)).unwrap();
+    let lock = dir.path().join(".lock");
+    let missing = dir.path().join("missing");
+    for (name, points_to) in [("link", &target), ("dangling link", &missing)] {
+        let _ = fs::remove_file(&lock);
+        std::os::unix::fs::symlink(points_to, &lock).unwrap();
+        let err = reg
+            .create_lease(&key("198.19.3.0-24"), &host(1))
+            .await
+            .unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Refused { .. })
+                && err.to_string().contains("symbolic link"),
+            "{name}: {err}"
+        );
+        let err = reg.list_leases().await.unwrap_err();
+        assert!(
+            matches!(err, RegistryError::Refused { .. }),
+            "{name}: {err}"
+        );
+    }
+    assert_eq!(
+        fs::metadata(&target).unwrap().permissions().mode() & 0o777,
+        0o644
+    );
+    assert!(!missing.exists());
+    // A directory where the lock file belongs.
+    fs::remove_file(&lock).unwrap();
+    fs::create_dir(&lock).unwrap();
+    let err = reg.list_leases().await.unwrap_err();
+    assert!(
+        matches!(err, RegistryError::Refused { .. }) && err.to_string().contains("a directory"),
+        "{err}"
+    );
+    // A FIFO: opened without waiting for a writer, then refused.
+    fs::remove_dir(&lock).unwrap();
+    assert!(
+        Command::new("mkfifo")
+            .arg(&lock)
+            .status()
+            .unwrap()
+            .success()
+    );
+    let err = reg.list_leases().await.unwrap_err();
+    assert!(err.to_string().contains("not a regular file"), "{err}");
+    fs::remove_file(&lock).unwrap();
+    // Once it is gone, all works.
+    reg.create_lease(&key("198.19.3.0-24"), &host(1))
+        .await
+        .unwrap();
+}
+
 #[tokio::test]
 async fn corrupt_lease_files_are_skipped_and_the_rest_works() {
     let dir = setup(NET);

@@ -363,6 +363,18 @@ impl Store {
         }
     }
 
+    /// The lock file is something else than the plain file linen makes.
+    fn not_a_lock_file(&self, path: &Path, what: &str) -> RegistryError {
+        RegistryError::Refused {
+            location: self.dir.display().to_string(),
+            reason: format!(
+                "the lock file {} is {what}; remove it (linen creates it as a plain file, \
+                 readable and writable by its owner only)",
+                path.display()
+            ),
+        }
+    }
+
     /// With [`require_config`](Store::require_config), an error when the config is gone.
     fn present(&self) -> Result<(), RegistryError> {
         let config = self.dir.join("config");
@@ -389,19 +401,32 @@ impl Store {
                 .map_err(|e| self.io_err("cannot create", &self.subnets(), e))?;
         }
         // Only the owner may open the lock file: flock needs no write access, so anyone who
-        // could open it could hold it for ever and stall every host's registry.
+        // could open it could hold it for ever and stall every host's registry. Never through
+        // a link, nor anything but a plain file: each host would lock what the link names on
+        // its own side (no lock between hosts), a device would be opened for writing, and
+        // whatever it names would be narrowed to 0600 below.
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
             .mode(0o600)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
             .open(&path)
         {
             Ok(f) => f,
             Err(e) if e.kind() == io::ErrorKind::NotFound && !exclusive => return Ok(None),
+            Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+                return Err(self.not_a_lock_file(&path, "a symbolic link"));
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
+                return Err(self.not_a_lock_file(&path, "a directory"));
+            }
             Err(e) => return Err(self.io_err("cannot open lock file", &path, e)),
         };
+        if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {
+            return Err(self.not_a_lock_file(&path, "not a regular file"));
+        }
         // One made by an older linen is tightened (we could open it for writing: ours).
         if let Ok(meta) = file.metadata()
             && meta.permissions().mode() & 0o077 != 0
