@@ -275,6 +275,42 @@ fn runtime_failures_exit_1() {
     assert_eq!(code, Some(1), "{stderr}");
 }
 
+/// A lock file this user may not open is another user's (only its owner may open it): the
+/// error says whose and that the command must run as that user, not to grant access to the
+/// directory, which this user has. As root, without the capabilities that bypass file modes.
+#[test]
+fn a_lock_file_of_another_user_is_said_to_be_one() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = registry_with_a_network();
+    let lock = dir.path().join(".lock");
+    std::fs::write(&lock, "").unwrap();
+    std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o000)).unwrap();
+    let scratch = tempfile::tempdir().unwrap();
+    let wrapper: &[&str] = if linen::lab::is_root() {
+        &[
+            "setpriv",
+            "--inh-caps=-all",
+            "--bounding-set=-dac_override,-dac_read_search",
+            "--",
+        ]
+    } else {
+        &[]
+    };
+    let mut cmd = common::linen_meant_to_fail_under(wrapper, scratch.path());
+    let out = cmd
+        .args(["lease", "list", "--registry-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(
+        stderr.contains("only its owner may open it")
+            && !stderr.contains("access to the directory"),
+        "{stderr}"
+    );
+}
+
 /// `linen run` without CAP_NET_ADMIN exits 1 and says so, before it takes a lease: nothing is
 /// left in the registry for a day. As root it runs in a new network namespace (so that a broken
 /// check could not touch this host's network) with the capability dropped by `setpriv`.

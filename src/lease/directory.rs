@@ -422,6 +422,23 @@ impl Store {
             Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
                 return Err(self.not_a_lock_file(&path, "a directory"));
             }
+            // There, and another user's: access to the directory would not help.
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+                if let Ok(meta) = fs::symlink_metadata(&path) {
+                    return Err(RegistryError::Refused {
+                        location: self.dir.display().to_string(),
+                        reason: format!(
+                            "cannot open lock file {}: {e}; it belongs to uid {} (mode {:o}) \
+                             and only its owner may open it: run linen as that user, as every \
+                             linen sharing this directory must be",
+                            path.display(),
+                            meta.uid(),
+                            meta.mode() & 0o7777
+                        ),
+                    });
+                }
+                return Err(self.io_err("cannot open lock file", &path, e));
+            }
             Err(e) => return Err(self.io_err("cannot open lock file", &path, e)),
         };
         if !file.metadata().is_ok_and(|m| m.file_type().is_file()) {

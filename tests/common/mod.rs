@@ -18,6 +18,11 @@ pub const LINEN: &str = env!("CARGO_BIN_EXE_linen");
 /// `linen run` start, as root, it then waits on an empty registry under `scratch` and is killed,
 /// instead of using this host's `/var/lib/linen`, port 9418 or `linen0`, or hanging the suite.
 pub fn linen_meant_to_fail(scratch: &Path) -> Command {
+    linen_meant_to_fail_under(&[], scratch)
+}
+
+/// [`linen_meant_to_fail`], run by the command `wrapper` (`setpriv` with its options, say).
+pub fn linen_meant_to_fail_under(wrapper: &[&str], scratch: &Path) -> Command {
     let mut c = Command::new("timeout");
     // None of the environment's settings (an etcd endpoint, masquerading, a healthz port…).
     for (name, _) in std::env::vars_os() {
@@ -26,7 +31,9 @@ pub fn linen_meant_to_fail(scratch: &Path) -> Command {
             c.env_remove(name.as_ref());
         }
     }
-    c.args(["--kill-after=5", "60", LINEN])
+    c.args(["--kill-after=5", "60"])
+        .args(wrapper)
+        .arg(LINEN)
         .env("LINEN_REGISTRY_DIR", scratch.join("registry"))
         .env("LINEN_SUBNET_FILE", scratch.join("subnet.env"))
         .env("LINEN_TUN", "lnfail0")
