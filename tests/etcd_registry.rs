@@ -579,6 +579,39 @@ async fn renewal_extends_the_ttl_and_reuses_the_etcd_lease() {
     assert_eq!(key_lease(&mut client, &path).await, other.lease_id);
 }
 
+/// A TTL below etcd's minimum (1.5 election timeouts: 2 s here) is raised by etcd; the
+/// renewal compares the lease's TTL with what the grant gave, not with what was asked, or
+/// every renewal moved the key to a new etcd lease (and every peer looked the new one up).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ttl_raised_by_etcd_keeps_its_lease_at_renewal() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = registry(&server, Duration::from_secs(1)).await;
+    let mut client = reg.client();
+    let path = reg.subnet_path(&subnet(6));
+    let mut lease = reg.create_lease(&subnet(6), &host(6)).await.unwrap();
+    let id = lease.lease_id.unwrap();
+    let granted = client
+        .lease_time_to_live(id, None)
+        .await
+        .unwrap()
+        .granted_ttl();
+    assert!(
+        granted > 1,
+        "etcd kept the 1 s TTL ({granted} s): nothing to test"
+    );
+    for round in 0..2 {
+        lease = reg.renew_lease(&lease, &host(6)).await.unwrap();
+        assert_eq!(lease.lease_id, Some(id), "round {round}");
+        assert_eq!(
+            key_lease(&mut client, &path).await,
+            Some(id),
+            "round {round}"
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_reservation_stays_leaseless_when_renewed() {
     let Some(server) = EtcdServer::start() else {

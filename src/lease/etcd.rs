@@ -63,6 +63,10 @@ pub(crate) struct Shared {
     /// `<prefix>/subnets/`, with the trailing slash.
     subnets_prefix: String,
     lease_ttl: Duration,
+    /// The TTL etcd gave the last lease granted, in seconds (0: none granted yet). etcd raises
+    /// a shorter one to its minimum (1.5 election timeouts: 2 s by default), and a lease whose
+    /// TTL is not what a grant gives is moved to a new one at its renewal.
+    granted_ttl: std::sync::atomic::AtomicI64,
     request_timeout: Duration,
     expiry: ExpiryCache,
     /// The etcd lease of a move whose put failed, with the key it was for: the put may still
@@ -126,6 +130,7 @@ impl EtcdRegistry {
                 config_key: format!("{prefix}/config"),
                 subnets_prefix: format!("{prefix}/subnets/"),
                 lease_ttl: Duration::from_secs(options.lease_ttl.as_secs()),
+                granted_ttl: std::sync::atomic::AtomicI64::new(0),
                 request_timeout: options.request_timeout,
                 expiry: ExpiryCache::default(),
                 pending_move: std::sync::Mutex::new(None),
@@ -190,6 +195,16 @@ impl Shared {
 
     fn ttl_secs(&self) -> i64 {
         i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX)
+    }
+
+    /// The TTL a lease granted now would have: what etcd gave the last one, before any the
+    /// TTL asked for. A lease with another TTL (flanneld's 24 h under a shorter --lease-ttl)
+    /// is moved to a new lease at renewal.
+    fn grant_ttl(&self) -> i64 {
+        match self.granted_ttl.load(std::sync::atomic::Ordering::Relaxed) {
+            0 => self.ttl_secs(),
+            granted => granted,
+        }
     }
 
     fn subnet_path(&self, key: &SubnetKey) -> String {
@@ -458,6 +473,8 @@ impl Shared {
                 client.lease_grant(self.ttl_secs(), None),
             )
             .await?;
+        self.granted_ttl
+            .store(grant.ttl(), std::sync::atomic::Ordering::Relaxed);
         let granted = Duration::from_secs(grant.ttl().unsigned_abs());
         Ok((grant.id(), SystemTime::now() + granted))
     }
@@ -600,7 +617,7 @@ impl Shared {
             return Ok(done.map(|_| renewed(None, None)));
         }
         let alive = self.keep_alive_once(current).await?;
-        if alive == Some(self.ttl_secs()) {
+        if alive == Some(self.grant_ttl()) {
             // The put (even with an unchanged value) tells watchers the lease was renewed.
             let done = self
                 .put_if(
@@ -684,7 +701,7 @@ impl Shared {
             return Ok(None);
         };
         match self.keep_alive_once(lease).await {
-            Ok(Some(ttl)) if ttl == self.ttl_secs() => {
+            Ok(Some(ttl)) if ttl == self.grant_ttl() => {
                 Ok(Some((lease, SystemTime::now() + self.lease_ttl)))
             }
             Ok(Some(_)) => {
