@@ -1206,6 +1206,51 @@ async fn credentials_for_an_etcd_without_authentication_are_not_used() {
     assert_eq!(reg.list_leases().await.unwrap().leases.len(), 1);
 }
 
+/// With JWT tokens, which carry the revision of etcd's auth store, a change to users or roles
+/// (any `etcdctl user add`) makes every token refused ("revision of auth store is old") until
+/// it is renewed; etcd-client renews only on "invalid auth token". The token is renewed and
+/// the call counts as failing for now: the next one works. (Before, every call failed for the
+/// token's life, minutes, with advice to upgrade etcd.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_jwt_made_old_by_an_auth_change_is_renewed() {
+    let keys = tempfile::tempdir().unwrap();
+    let key = rcgen::KeyPair::generate().unwrap();
+    let (private, public) = (keys.path().join("jwt.key"), keys.path().join("jwt.pub"));
+    std::fs::write(&private, key.serialize_pem()).unwrap();
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let jwt = format!(
+        "--auth-token=jwt,pub-key={},priv-key={},sign-method=ES256,ttl=10m",
+        public.display(),
+        private.display()
+    );
+    let Some(server) = EtcdServer::start_with_args(None, &[jwt]) else {
+        return;
+    };
+    server.etcdctl(&["user", "add", "root", "--new-user-password=s3cret"]);
+    server.etcdctl(&["auth", "enable"]);
+    let reg = EtcdRegistry::connect(&EtcdOptions {
+        username: Some("root".into()),
+        password: Some("s3cret".into()),
+        ..options(&server, Duration::from_secs(60))
+    })
+    .await
+    .unwrap();
+    reg.create_lease(&subnet(17), &host(17)).await.unwrap();
+    server.etcdctl(&[
+        "--user=root:s3cret",
+        "user",
+        "add",
+        "other",
+        "--new-user-password=x",
+    ]);
+    match reg.list_leases().await {
+        Ok(_) => {}
+        Err(e) => assert!(matches!(e, RegistryError::Unavailable { .. }), "{e}"),
+    }
+    let list = reg.list_leases().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(list.leases.len(), 1);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn user_and_password_authentication() {
     let Some(server) = EtcdServer::start() else {

@@ -177,8 +177,28 @@ impl Shared {
     ) -> Result<T, RegistryError> {
         match tokio::time::timeout(self.request_timeout, call).await {
             Ok(Ok(v)) => Ok(v),
-            Ok(Err(e)) => Err(registry_error(&self.location, what, &e)),
+            Ok(Err(e)) => {
+                if connect::token_outdated(&e) {
+                    self.renew_token().await;
+                }
+                Err(registry_error(&self.location, what, &e))
+            }
             Err(_) => Err(self.timed_out(what)),
+        }
+    }
+
+    /// Authenticates again for a new token (the request that found the old one fails, as
+    /// transient, and its retry passes). A failure is logged: the next request says more.
+    #[cold]
+    async fn renew_token(&self) {
+        let renewing = self.client.refresh_token();
+        match tokio::time::timeout(self.request_timeout, renewing).await {
+            Ok(Ok(())) => tracing::info!(endpoints = %self.location,
+                "etcd's users or roles changed; renewed the authentication token"),
+            Ok(Err(e)) => tracing::warn!(endpoints = %self.location, error = %e,
+                "cannot renew the etcd authentication token"),
+            Err(_) => tracing::warn!(endpoints = %self.location,
+                "cannot renew the etcd authentication token: no answer"),
         }
     }
 

@@ -35,6 +35,8 @@ pub struct EtcdServer {
     peer_port: u16,
     metrics_port: u16,
     tls: Option<ServerTls>,
+    /// More command-line arguments for etcd.
+    extra: Vec<String>,
 }
 
 /// How long etcd may take to become healthy on a busy machine.
@@ -53,9 +55,15 @@ impl EtcdServer {
     /// parallel may take one in between, so a start that fails with "address already in use"
     /// is retried on new ports.
     pub fn start_with(tls: Option<ServerTls>) -> Option<EtcdServer> {
+        EtcdServer::start_with_args(tls, &[])
+    }
+
+    /// [`EtcdServer::start_with`], with more command-line arguments for etcd.
+    pub fn start_with_args(tls: Option<ServerTls>, extra: &[String]) -> Option<EtcdServer> {
         for attempt in 1.. {
             let ports = [free_port(), free_port(), free_port()];
-            match EtcdServer::launch(None, IpAddr::V4(Ipv4Addr::LOCALHOST), ports, tls.clone()) {
+            let ip = IpAddr::V4(Ipv4Addr::LOCALHOST);
+            match EtcdServer::launch(None, ip, ports, tls.clone(), extra.to_vec()) {
                 Ok(server) => return server,
                 Err(log) if attempt < 5 && log.contains("address already in use") => continue,
                 Err(log) => panic!("etcd did not start; log:\n{log}"),
@@ -73,6 +81,7 @@ impl EtcdServer {
             IpAddr::V4(ip),
             [2379, 2380, 2381],
             None,
+            Vec::new(),
         )
         .unwrap_or_else(|log| panic!("etcd did not start; log:\n{log}"))
     }
@@ -82,6 +91,7 @@ impl EtcdServer {
         ip: IpAddr,
         [client_port, peer_port, metrics_port]: [u16; 3],
         tls: Option<ServerTls>,
+        extra: Vec<String>,
     ) -> Result<Option<EtcdServer>, String> {
         if !binary_available() {
             let why = "the `etcd` binary is not installed (Debian: apt-get install etcd-server)";
@@ -110,6 +120,7 @@ impl EtcdServer {
             peer_port,
             metrics_port,
             tls,
+            extra,
         };
         server.try_start()?;
         Ok(Some(server))
@@ -186,6 +197,7 @@ impl EtcdServer {
             .arg("--initial-cluster-state=new")
             .arg("--logger=zap")
             .arg("--log-outputs=stderr")
+            .args(&self.extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().expect("clone log handle"))
             .stderr(log);

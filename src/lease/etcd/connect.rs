@@ -439,6 +439,15 @@ pub(super) fn registry_error(
                 "check --etcd-username/--etcd-password and that the user's role may read and \
                  write the key prefix",
             ),
+            // A JWT older than the last change to users or roles: renewed by
+            // `Shared::request`, so the next request passes.
+            Code::InvalidArgument if token_outdated(err) => unavailable(
+                location,
+                what,
+                &format!(
+                    "{detail} (users or roles changed since the token was issued; renewing it)"
+                ),
+            ),
             Code::InvalidArgument if mentions_auth(status.message()) => {
                 refused("check --etcd-username/--etcd-password (etcd has authentication enabled)")
             }
@@ -477,6 +486,15 @@ pub(super) fn auth_not_enabled(err: &etcd_client::Error) -> bool {
     matches!(err, etcd_client::Error::GRpcStatus(s)
         if s.code() == tonic::Code::FailedPrecondition
             && s.message().contains("authentication is not enabled"))
+}
+
+/// Whether etcd refused a token made before the last change to users or roles: a JWT carries
+/// the auth store's revision. etcd-client renews a token only when etcd calls it invalid;
+/// clientv3 renews it on this too.
+pub(super) fn token_outdated(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::InvalidArgument
+            && s.message().contains("revision of auth store is old"))
 }
 
 fn mentions_auth(message: &str) -> bool {
