@@ -258,6 +258,7 @@ impl Registry for DirectoryRegistry {
             registry: self.clone(),
             seen: None,
             next_expiry: None,
+            listed_at: None,
         }))
     }
 
@@ -282,6 +283,21 @@ struct DirectoryWatch {
     /// error (so the next success is a snapshot, as the trait promises).
     seen: Option<Fingerprint>,
     next_expiry: Option<SystemTime>,
+    /// This host's clock when the last snapshot was listed.
+    listed_at: Option<SystemTime>,
+}
+
+impl DirectoryWatch {
+    /// Whether a poll at `now` that found the fingerprint `unchanged` must list again: the
+    /// files changed, a lease has reached its expiry, or the clock went back. Leases hidden
+    /// as expired by a clock that ran ahead (a bad RTC, a wrong `date`) are live again once
+    /// it is set right, and nothing on disk changes to say so: without the last, their
+    /// routes stayed away until a file changed, which may be a renewal hours later.
+    fn must_list(&self, unchanged: bool, now: SystemTime) -> bool {
+        !unchanged
+            || self.next_expiry.is_some_and(|t| t <= now)
+            || self.listed_at.is_some_and(|t| now < t)
+    }
 }
 
 #[async_trait]
@@ -290,11 +306,9 @@ impl LeaseWatch for DirectoryWatch {
         loop {
             if let Some(seen) = self.seen {
                 tokio::time::sleep(self.registry.poll_interval).await;
-                let now = SystemTime::now();
-                let expired = self.next_expiry.is_some_and(|t| t <= now);
                 let current = self.registry.blocking(|s| s.fingerprint()).await;
                 match current {
-                    Ok(fp) if fp == seen && !expired => continue,
+                    Ok(fp) if !self.must_list(fp == seen, SystemTime::now()) => continue,
                     Ok(_) => {}
                     Err(e) => {
                         self.seen = None;
@@ -302,6 +316,7 @@ impl LeaseWatch for DirectoryWatch {
                     }
                 }
             }
+            let listed_at = SystemTime::now();
             let (list, fp) = match self.registry.blocking(|s| s.list_with_fingerprint()).await {
                 Ok(v) => v,
                 Err(e) => {
@@ -310,6 +325,7 @@ impl LeaseWatch for DirectoryWatch {
                 }
             };
             self.seen = Some(fp);
+            self.listed_at = Some(listed_at);
             self.next_expiry = list.leases.iter().filter_map(|l| l.expiration).min();
             return Ok(WatchEvent::Snapshot(list));
         }
@@ -950,6 +966,29 @@ fn parse_value(text: &str) -> Result<(LeaseAttrs, Option<SystemTime>), String> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// A poll lists again when the files changed, a lease reached its expiry, or the clock
+    /// went back since the last list (peers hidden as expired by a clock that ran ahead are
+    /// live again, with nothing on disk changed).
+    #[test]
+    fn a_poll_lists_again_after_the_clock_went_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let t = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
+        let s = Duration::from_secs;
+        let mut watch = DirectoryWatch {
+            registry: DirectoryRegistry::with_ttl(dir.path(), s(3600)),
+            seen: None,
+            next_expiry: None,
+            listed_at: Some(t),
+        };
+        assert!(!watch.must_list(true, t + s(1)));
+        assert!(watch.must_list(false, t + s(1)));
+        // Listed two days ahead; the clock is set right.
+        assert!(watch.must_list(true, t - s(2 * 86400)));
+        watch.next_expiry = Some(t + s(60));
+        assert!(!watch.must_list(true, t + s(59)));
+        assert!(watch.must_list(true, t + s(60)));
+    }
 
     #[test]
     fn a_file_stamped_far_from_this_hosts_clock_is_skew() {
