@@ -125,13 +125,22 @@ fn bad_flags_exit_2_and_say_what_to_fix() {
             format!("{init} --network 198.19.1.5/16"),
             &["host bits", "198.19.0.0/16"],
         ),
+        // A network of the other family: said so, not "not a CIDR".
+        (
+            format!("{init} --network fd00:19::/48"),
+            &["IPv6 network", "--ipv6-network"],
+        ),
+        (
+            format!("{init} --network 198.19.0.0/16 --ipv6-network 198.20.0.0/16"),
+            &["IPv4 network", "give it with --network"],
+        ),
         (
             format!("{init} --network 198.19.0.0/16 --ipv6-subnet-len 64"),
             &["--ipv6-subnet-len", "--ipv6-network"],
         ),
         (
             format!("{init} --no-ipv4 --ipv6-network fd00:19::/48 --subnet-len 20"),
-            &["--subnet-len", "IPv4", "--network"],
+            &["--subnet-len", "IPv4", "without --no-ipv4"],
         ),
         // IPv4 settings of an IPv6-only network would be stored and never used.
         (

@@ -52,7 +52,22 @@ pub async fn network(cmd: NetworkCommand) -> Result<()> {
 
 async fn network_init(args: NetworkInitArgs) -> Result<()> {
     let mut spec = NetworkConfigSpec::default();
+    // A network of the other family given to a flag: said so, not "not a CIDR".
+    let other_family =
+        |flag: &str, text: &str, ipv6: bool, right: &str| match text.parse::<IpNetwork>() {
+            Ok(net) if net.is_ipv6() != ipv6 => Err(usage(format!(
+                "{flag} {text} is an {} network; give it with {right}",
+                if net.is_ipv6() { "IPv6" } else { "IPv4" }
+            ))),
+            _ => Ok(()),
+        };
     if let Some(n) = &args.network {
+        other_family(
+            "--network",
+            n,
+            false,
+            "--ipv6-network (and --no-ipv4 for an IPv6-only network)",
+        )?;
         let net: ipnetwork::Ipv4Network = parse_cidr("--network", n, "198.19.0.0/16")?;
         spec.network = Some(net);
     }
@@ -66,6 +81,7 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
         ));
     }
     if let Some(n) = &args.ipv6_network {
+        other_family("--ipv6-network", n, true, "--network")?;
         let net: ipnetwork::Ipv6Network = parse_cidr("--ipv6-network", n, "fd00:19::/48")?;
         spec.ipv6_network = Some(net);
         spec.enable_ipv6 = Some(true);
@@ -95,7 +111,11 @@ async fn network_init(args: NetworkInitArgs) -> Result<()> {
     if args.network.is_none() {
         unused(
             "IPv4",
-            "--network (e.g. 198.19.0.0/16)",
+            if args.no_ipv4 {
+                "--network (e.g. 198.19.0.0/16) without --no-ipv4"
+            } else {
+                "--network (e.g. 198.19.0.0/16)"
+            },
             [
                 ("--subnet-len", args.subnet_len.is_some()),
                 ("--subnet-min", args.subnet_min.is_some()),

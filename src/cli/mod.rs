@@ -506,7 +506,8 @@ pub struct NetworkInitArgs {
     /// The IPv6 cluster network (enables IPv6), e.g. fd00:19::/48.
     #[arg(long)]
     pub ipv6_network: Option<String>,
-    /// Prefix length of each host's IPv6 subnet (default 64).
+    /// Prefix length of each host's IPv6 subnet (default 64, or prefix + 2 for networks of
+    /// /63 to /124).
     #[arg(long)]
     pub ipv6_subnet_len: Option<u8>,
     /// First IPv6 subnet that may be leased.
