@@ -72,6 +72,43 @@ pub fn ignored_flanneld_variables(lookup: impl Fn(&str) -> Option<OsString>) -> 
         .collect()
 }
 
+/// Warnings for a `linen run` started from flanneld's environment (`flanneld_env`: some
+/// `FLANNELD_*` variable is set) where one of flanneld's defaults that linen does not share
+/// is left in place: without endpoints linen uses its directory registry (flanneld: etcd on
+/// this host), and it writes its own subnet.env (flanneld: the one the flannel CNI plugin
+/// reads). Such a start waits for a config that is in etcd, or gives pods no network.
+pub fn flanneld_default_warnings(flanneld_env: bool, run: &crate::cli::RunArgs) -> Vec<String> {
+    let mut out = Vec::new();
+    if !flanneld_env {
+        return out;
+    }
+    if run.registry.etcd_endpoints.is_empty() {
+        out.push(format!(
+            "FLANNELD_* variables are set, but no etcd endpoint is: linen uses its directory \
+             registry at {}, where flanneld would use etcd at http://127.0.0.1:4001 and \
+             http://127.0.0.1:2379; for etcd, set FLANNELD_ETCD_ENDPOINTS (or \
+             --etcd-endpoints)",
+            run.registry.registry_dir.display()
+        ));
+    }
+    if run.subnet_file == std::path::Path::new(crate::cli::DEFAULT_SUBNET_FILE) {
+        out.push(format!(
+            "FLANNELD_* variables are set, but no subnet file is: linen writes {}, where \
+             flanneld writes /run/flannel/subnet.env, which the flannel CNI plugin reads; for \
+             it, set FLANNELD_SUBNET_FILE=/run/flannel/subnet.env (or --subnet-file)",
+            crate::cli::DEFAULT_SUBNET_FILE
+        ));
+    }
+    out
+}
+
+/// Whether any `FLANNELD_*` variable is set (to something): linen started from flanneld's
+/// environment file.
+pub fn flanneld_env_in_use(vars: impl Iterator<Item = (OsString, OsString)>) -> bool {
+    vars.into_iter()
+        .any(|(k, v)| k.to_string_lossy().starts_with("FLANNELD_") && !v.is_empty())
+}
+
 /// The environment variable `prefix` + `name` in flannel's spelling: `FLANNELD_` and
 /// `etcd-endpoints` give `FLANNELD_ETCD_ENDPOINTS`.
 pub fn env_name(prefix: &str, name: &str) -> String {
@@ -236,6 +273,38 @@ mod test {
     use crate::cli::Cli;
     use clap::{CommandFactory, FromArgMatches};
     use std::ffi::OsStr;
+
+    /// A start from flanneld's environment that leaves flanneld's registry or subnet file
+    /// default in place is warned of each; one that names both, or no FLANNELD_* variable at
+    /// all, is not.
+    #[test]
+    fn flanneld_defaults_linen_lacks_are_warned_of() {
+        let vars = |pairs: &[(&str, &str)]| {
+            flanneld_env_in_use(pairs.iter().map(|(k, v)| (k.into(), v.into())))
+        };
+        assert!(vars(&[("PATH", "/bin"), ("FLANNELD_IFACE", "eth1")]));
+        assert!(!vars(&[("PATH", "/bin"), ("FLANNELD_IFACE", "")]));
+        assert!(!vars(&[("LINEN_IFACE", "eth1")]));
+        let run = |args: &[&str]| match <Cli as clap::Parser>::try_parse_from(
+            ["linen", "run"].iter().chain(args),
+        )
+        .unwrap()
+        .command
+        {
+            crate::cli::Command::Run(run) => *run,
+            _ => unreachable!(),
+        };
+        let warned = flanneld_default_warnings(true, &run(&[]));
+        assert_eq!(warned.len(), 2, "{warned:?}");
+        assert!(warned[0].contains("FLANNELD_ETCD_ENDPOINTS"), "{warned:?}");
+        assert!(warned[1].contains("/run/flannel/subnet.env"), "{warned:?}");
+        let named = run(&[
+            "--etcd-endpoints=http://198.18.0.1:2379",
+            "--subnet-file=/run/flannel/subnet.env",
+        ]);
+        assert!(flanneld_default_warnings(true, &named).is_empty());
+        assert!(flanneld_default_warnings(false, &run(&[])).is_empty());
+    }
 
     #[test]
     fn flanneld_variables_for_flags_linen_lacks_are_named() {

@@ -168,6 +168,9 @@ pub struct RegistryArgs {
     pub etcd_password_file: Option<PathBuf>,
 }
 
+/// Where `linen run` writes subnet.env unless `--subnet-file` says otherwise.
+pub const DEFAULT_SUBNET_FILE: &str = "/run/linen/subnet.env";
+
 /// Where the directory registry is unless `--registry-dir` says otherwise.
 pub const DEFAULT_REGISTRY_DIR: &str = "/var/lib/linen";
 
@@ -246,7 +249,7 @@ pub struct RunArgs {
     #[arg(
         long,
         env = "LINEN_SUBNET_FILE",
-        default_value = "/run/linen/subnet.env"
+        default_value = DEFAULT_SUBNET_FILE
     )]
     pub subnet_file: PathBuf,
     /// Renew the lease this many minutes before it expires, 1 to 1439 (flannel's default and

@@ -258,6 +258,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                 .replace('_', "-")
         );
     }
+    let from_flanneld = crate::cli::compat::flanneld_env_in_use(std::env::vars_os());
+    for warning in crate::cli::compat::flanneld_default_warnings(from_flanneld, &args) {
+        tracing::warn!("{warning}");
+    }
     for (flag, choice) in [("--udp-gso", args.udp_gso), ("--udp-gro", args.udp_gro)] {
         if args.no_offload && choice == Offload::On {
             return Err(crate::cli::exit::usage(format!(
