@@ -8,8 +8,9 @@
 //! read (one sent is dropped), no keep-alive, TLS or streaming — a few dozen lines, where
 //! hyper 1.x would bring hyper, hyper-util and http-body-util for nothing this needs. Requests
 //! are bounded (8 KiB head, 5 s to send it, 5 s to take the answer, 256 connections at a
-//! time, 4 from one address) so a stuck client cannot pile up tasks, nor a few sources hold
-//! every slot and starve a liveness probe.
+//! time, 4 from one address, where a fifth closes that address's connection silent longest)
+//! so a stuck client cannot pile up tasks, nor a few sources hold every slot and starve a
+//! liveness probe, nor idle connections from an address refuse its later requests.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, SocketAddr};
@@ -194,10 +195,22 @@ async fn accept_loop(
                 continue;
             }
         };
-        let Some(from) = AddressSlot::take(&per_address, client_of(peer.ip())) else {
-            // This address already has its share: say so and close, rather than queue. What
-            // the client already sent is read first: closing with unread data would reset the
-            // connection and lose the answer.
+        let client = client_of(peer.ip());
+        let from = match AddressSlot::take(&per_address, client) {
+            Some(from) => Some(from),
+            // This address already has its share: its connection silent longest goes, if it
+            // has one. Four idle connections from one address (any local user's, on
+            // 127.0.0.1) would otherwise refuse every later request from there, `linen
+            // status` and a probe among them, for as long as they are kept open.
+            None if evict_oldest(&silent, Some(client)) => {
+                AddressSlot::freed(&per_address, client, &cancel).await
+            }
+            None => None,
+        };
+        let Some(from) = from else {
+            // This address has its share, each past its request: say so and close, rather
+            // than queue. What the client already sent is read first: closing with unread data
+            // would reset the connection and lose the answer.
             let mut sink = [0u8; 1024];
             let mut drained = 0;
             while drained < MAX_HEAD {
@@ -217,10 +230,7 @@ async fn accept_loop(
                 // a local user's): the connection silent longest goes, rather than this one
                 // waiting up to HEAD_TIMEOUT. A probe sends its request at once, so it is
                 // hardly ever the one.
-                let oldest = lock(&silent).pop_first();
-                if let Some((_, evict)) = oldest {
-                    evict.cancel();
-                }
+                evict_oldest(&silent, None);
                 // (Every connection past its head, none to close: wait for one to end.)
                 let acquired = tokio::select! {
                     _ = cancel.cancelled() => return,
@@ -234,10 +244,11 @@ async fn accept_loop(
         };
         next_id += 1;
         let evict = CancellationToken::new();
-        lock(&silent).insert(next_id, evict.clone());
+        lock(&silent).insert(next_id, (client, evict.clone()));
         let place = SilentEntry {
             silent: Arc::clone(&silent),
             id: next_id,
+            client,
         };
         let (sources, waiting) = (Arc::clone(&shared.0), Arc::clone(&shared.1));
         tokio::spawn(async move {
@@ -249,9 +260,25 @@ async fn accept_loop(
 }
 
 /// The connections still waiting for their request head, or lingering after their answer
-/// ([`linger`]), oldest first, each with what ends it when every slot is taken and a new
-/// connection comes.
-type Silent = Arc<Mutex<BTreeMap<u64, CancellationToken>>>;
+/// ([`linger`]), oldest first, each with its client ([`client_of`]) and what ends it when a
+/// new connection needs its slot.
+type Silent = Arc<Mutex<BTreeMap<u64, (IpAddr, CancellationToken)>>>;
+
+/// Ends the connection silent longest, of `client`'s or of all; whether there was one.
+fn evict_oldest(silent: &Silent, client: Option<IpAddr>) -> bool {
+    let mut silent = lock(silent);
+    let oldest = silent
+        .iter()
+        .find(|(_, (ip, _))| client.is_none_or(|c| c == *ip))
+        .map(|(id, _)| *id);
+    match oldest.and_then(|id| silent.remove(&id)) {
+        Some((_, evict)) => {
+            evict.cancel();
+            true
+        }
+        None => false,
+    }
+}
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
@@ -262,6 +289,7 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 struct SilentEntry {
     silent: Silent,
     id: u64,
+    client: IpAddr,
 }
 
 impl SilentEntry {
@@ -270,7 +298,7 @@ impl SilentEntry {
     }
 
     fn rejoin(&self, evict: &CancellationToken) {
-        lock(&self.silent).insert(self.id, evict.clone());
+        lock(&self.silent).insert(self.id, (self.client, evict.clone()));
     }
 }
 
@@ -314,6 +342,28 @@ impl AddressSlot {
         })
     }
 }
+
+impl AddressSlot {
+    /// A slot of `ip`'s share once a connection of its, just evicted, has let go of it (its
+    /// task ends at its next poll); `None` if that takes longer than [`EVICTION_WAIT`].
+    async fn freed(
+        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
+        ip: IpAddr,
+        cancel: &CancellationToken,
+    ) -> Option<AddressSlot> {
+        let until = tokio::time::Instant::now() + EVICTION_WAIT;
+        while tokio::time::Instant::now() < until && !cancel.is_cancelled() {
+            tokio::time::sleep(Duration::from_millis(1)).await;
+            if let Some(slot) = AddressSlot::take(counts, ip) {
+                return Some(slot);
+            }
+        }
+        None
+    }
+}
+
+/// Longest the accept loop waits for an evicted connection to give its address's slot back.
+const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
@@ -615,8 +665,9 @@ mod test {
         (addr, cancel)
     }
 
-    /// Sixteen idle connections from one address (each held up to 5 s) do not keep a probe
-    /// from another address waiting: that address gets 4 slots, the rest are closed at once.
+    /// Sixteen idle connections from one address (each held up to 5 s) hold no more than
+    /// that address's share of 4 slots: each over it closes that address's connection silent
+    /// longest. A probe from another address is answered.
     #[tokio::test]
     async fn idle_connections_from_one_address_do_not_starve_a_probe() {
         let (addr, cancel) = serve_healthz().await;
@@ -632,26 +683,55 @@ mod test {
             .await
             .expect("the probe waited behind idle connections");
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
-        // Of the idle ones, those over the share were told so and closed at once; the others
-        // still wait for their request.
-        let mut refused = 0;
-        for s in &mut idle {
-            let mut out = Vec::new();
-            // (A held connection that the server's head timeout closed reads empty.)
-            if let Ok(Ok(1..)) =
-                tokio::time::timeout(Duration::from_millis(200), s.read_to_end(&mut out)).await
-            {
-                let text = String::from_utf8_lossy(&out);
-                assert!(text.starts_with("HTTP/1.1 503"), "{text}");
-                assert!(
-                    text.ends_with("too many connections from this address"),
-                    "{text}"
-                );
-                refused += 1;
-            }
-        }
-        assert_eq!(refused, 16 - MAX_PER_ADDRESS);
+        assert!(answer.contains("unhealthy;"), "{answer}");
+        // The 12 oldest were closed without an answer; the 4 newest still wait for their
+        // request (the test is over long before their head timeout).
+        let open = still_open(&idle).await;
+        assert_eq!(open, (16 - MAX_PER_ADDRESS..16).collect::<Vec<_>>());
         cancel.cancel();
+    }
+
+    /// An address holding its share of idle connections (a local user's four, on 127.0.0.1)
+    /// is still served: a new request from there closes its connection silent longest. Before,
+    /// it was answered "too many connections from this address", `linen status` and a
+    /// kubelet's probe from the node's address too, for as long as the four were kept.
+    #[tokio::test]
+    async fn an_address_at_its_share_is_still_served() {
+        let (addr, cancel) = serve_healthz().await;
+        let mut idle = Vec::new();
+        for _ in 0..MAX_PER_ADDRESS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        let answer = tokio::time::timeout(Duration::from_secs(30), get_healthz(addr, None))
+            .await
+            .expect("the request was never answered");
+        assert!(answer.contains("unhealthy;"), "{answer}");
+        assert_eq!(
+            still_open(&idle).await,
+            (1..MAX_PER_ADDRESS).collect::<Vec<_>>()
+        );
+        cancel.cancel();
+    }
+
+    /// Which of `conns` are open with nothing to read (looked at without waiting, after a
+    /// moment for the server's closes to arrive); a closed one must not have had an answer.
+    async fn still_open(conns: &[TcpStream]) -> Vec<usize> {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        conns
+            .iter()
+            .enumerate()
+            .filter_map(|(i, s)| {
+                let mut byte = [0u8; 1];
+                match s.try_read(&mut byte) {
+                    Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => Some(i),
+                    Ok(n) => {
+                        assert_eq!(n, 0, "connection {i} got an answer");
+                        None
+                    }
+                    Err(_) => None,
+                }
+            })
+            .collect()
     }
 
     /// Every slot held by idle connections (four from each of 64 addresses, each within its
