@@ -1142,6 +1142,18 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
     .unwrap();
     h1.ip(&["addr", "add", "198.18.250.1/24", "dev", "wan7"])
         .unwrap();
+    // A point-to-point address (as pppd sets one): the kernel lists the far end first, as
+    // the address, and this host's as the local one.
+    h1.ip(&[
+        "addr",
+        "add",
+        "198.18.252.2",
+        "peer",
+        "198.18.252.1/32",
+        "dev",
+        "wan7",
+    ])
+    .unwrap();
     h1.ip(&["link", "set", "wan7", "up"]).unwrap();
     o.start(1, &[]);
     let peer = o.lab.host(1).ip.to_string();
@@ -1168,6 +1180,13 @@ fn flannels_interface_flags_choose_the_interface_and_address() {
             false,
         ),
         (vec!["--iface-can-reach", &peer], vec![], &primary, true),
+        // This host's end of the point-to-point address, not the far end's.
+        (
+            vec!["--iface", "198.18.252.2"],
+            vec![],
+            "198.18.252.2",
+            false,
+        ),
         (
             vec![],
             vec![

@@ -174,10 +174,7 @@ async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
         .context("netlink: listing addresses")?
     {
         let index = msg.header.index;
-        let addr = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        });
+        let addr = own_address(&msg);
         if let (Some(link), Some(addr)) = (out.iter_mut().find(|l| l.index == index), addr) {
             link.addrs.push(addr);
             if let IpAddr::V6(v6) = addr
@@ -715,6 +712,21 @@ fn no_link_local(tun_name: &str) -> bool {
     }
 }
 
+/// The interface's own address in an address message: `IFA_LOCAL` when there is one (on a
+/// point-to-point link, `ip addr add A peer B`, `IFA_ADDRESS` holds the far end B: a PPPoE or
+/// LTE gateway advertised its provider's router), else `IFA_ADDRESS`.
+fn own_address(msg: &AddressMessage) -> Option<IpAddr> {
+    let mut address = None;
+    for attr in &msg.attributes {
+        match attr {
+            AddressAttribute::Local(ip) => return Some(*ip),
+            AddressAttribute::Address(ip) => address = Some(*ip),
+            _ => {}
+        }
+    }
+    address
+}
+
 /// Removes the addresses of device `index` that `unwanted` picks.
 async fn remove_addresses(
     handle: &Handle,
@@ -733,11 +745,7 @@ async fn remove_addresses(
         .await
         .with_context(|| format!("netlink: listing the addresses of {tun_name}"))?
     {
-        let ip = msg.attributes.iter().find_map(|a| match a {
-            AddressAttribute::Address(ip) => Some(*ip),
-            _ => None,
-        });
-        if ip.is_some_and(&unwanted) {
+        if own_address(&msg).is_some_and(&unwanted) {
             old.push(msg);
         }
     }
@@ -914,6 +922,26 @@ fn effective_has(status: &str, bit: u32) -> Option<bool> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// On a point-to-point link the kernel gives the far end as `IFA_ADDRESS` and this host's
+    /// address as `IFA_LOCAL`; elsewhere only `IFA_ADDRESS` (or both, equal).
+    #[test]
+    fn the_own_address_is_the_local_one() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let msg = |attrs: Vec<AddressAttribute>| {
+            let mut m = AddressMessage::default();
+            m.attributes = attrs;
+            m
+        };
+        let ppp = msg(vec![
+            AddressAttribute::Address(ip("198.18.0.1")),
+            AddressAttribute::Local(ip("198.18.0.2")),
+        ]);
+        assert_eq!(own_address(&ppp), Some(ip("198.18.0.2")));
+        let v6 = msg(vec![AddressAttribute::Address(ip("fd00:18::2"))]);
+        assert_eq!(own_address(&v6), Some(ip("fd00:18::2")));
+        assert_eq!(own_address(&msg(Vec::new())), None);
+    }
 
     #[test]
     fn a_temporary_route_source_gives_way_to_a_lasting_address() {
