@@ -424,10 +424,7 @@ pub async fn discover_underlay(
         mtu: pick.mtu,
         ipv4: match matched {
             Some(IpAddr::V4(v4)) => Some(v4),
-            _ => pick.addrs.iter().find_map(|a| match a {
-                IpAddr::V4(v4) => Some(*v4),
-                IpAddr::V6(_) => None,
-            }),
+            _ => first_v4(pick),
         },
         ipv6: match matched {
             Some(IpAddr::V6(v6)) if usable_v6(&v6) => Some(v6),
@@ -442,6 +439,20 @@ pub async fn discover_underlay(
 /// the interface's first lasting address is advertised, as without `--iface-can-reach`.
 fn route_source(link: &Link, src: Option<IpAddr>) -> Option<IpAddr> {
     src.filter(|a| !matches!(a, IpAddr::V6(v6) if link.poor_v6.contains(v6)))
+}
+
+/// The interface's IPv4 address to advertise: the first that is not link-local, else the
+/// first, as flannel's `GetInterfaceIP4Addr` chooses. A 169.254/16 address added while DHCP
+/// was slow at boot (by dhcpcd, avahi-autoipd), listed before the DHCP one, would otherwise
+/// be the host's identity, which peers cannot reach.
+fn first_v4(link: &Link) -> Option<Ipv4Addr> {
+    let v4 = || {
+        link.addrs.iter().filter_map(|a| match a {
+            IpAddr::V4(v4) => Some(*v4),
+            IpAddr::V6(_) => None,
+        })
+    };
+    v4().find(|a| !a.is_link_local()).or_else(|| v4().next())
 }
 
 /// The interface's IPv6 address to advertise: the first global one that is not temporary,
@@ -941,6 +952,27 @@ mod test {
         let v6 = msg(vec![AddressAttribute::Address(ip("fd00:18::2"))]);
         assert_eq!(own_address(&v6), Some(ip("fd00:18::2")));
         assert_eq!(own_address(&msg(Vec::new())), None);
+    }
+
+    /// A link-local IPv4 address listed first gives way to another one; alone, it is taken.
+    #[test]
+    fn a_link_local_ipv4_address_gives_way_to_another() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut link = Link {
+            name: "eth0".into(),
+            altnames: Vec::new(),
+            index: 2,
+            up: true,
+            mtu: 1500,
+            gso_max_segs: None,
+            addrs: vec![ip("169.254.7.7"), ip("fd00:18::2"), ip("198.18.0.2")],
+            poor_v6: Vec::new(),
+        };
+        assert_eq!(first_v4(&link), Some("198.18.0.2".parse().unwrap()));
+        link.addrs.pop();
+        assert_eq!(first_v4(&link), Some("169.254.7.7".parse().unwrap()));
+        link.addrs.remove(0);
+        assert_eq!(first_v4(&link), None);
     }
 
     #[test]
