@@ -284,6 +284,51 @@ fn runtime_failures_exit_1() {
     assert_eq!(code, Some(1), "{stderr}");
 }
 
+/// `linen status` whose reader stops early (`| head`, `| grep -q`) exits with the daemon's
+/// health, not a panic (101) on the closed pipe. The "daemon" is a stand-in serving a large
+/// /status once.
+#[test]
+fn a_status_reader_that_stops_early_is_no_error() {
+    use std::io::{Read, Write};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    let server = std::thread::spawn(move || {
+        let (mut conn, _) = listener.accept().unwrap();
+        // The whole request: unread bytes at the close would reset the connection.
+        let mut head = Vec::new();
+        let mut byte = [0u8; 1];
+        while !head.ends_with(b"\r\n\r\n") && conn.read(&mut byte).unwrap() == 1 {
+            head.push(byte[0]);
+        }
+        // Far more than a pipe holds (64 KiB).
+        let body = format!(
+            r#"{{"health":{{"ok":true}},"pad":"{}"}}"#,
+            "x".repeat(1 << 20)
+        );
+        let _ = write!(
+            conn,
+            "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\
+             Connection: close\r\n\r\n{body}",
+            body.len()
+        );
+    });
+    let scratch = tempfile::tempdir().unwrap();
+    let mut child = common::linen_meant_to_fail(scratch.path())
+        .args(["status", "--json", "--metrics-addr", &addr.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 16];
+    let read = child.stdout.take().unwrap().read_exact(&mut first);
+    // (The pipe is closed here, with most of the report unread.)
+    let out = child.wait_with_output().unwrap();
+    server.join().unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(read.is_ok(), "nothing read: {stderr}");
+    assert_eq!(out.status.code(), Some(0), "{stderr}");
+}
+
 /// A lock file this user may not open is another user's (only its owner may open it): the
 /// error says whose and that the command must run as that user, not to grant access to the
 /// directory, which this user has. As root, without the capabilities that bypass file modes.

@@ -64,6 +64,20 @@ pub struct StatusArgs {
 /// How long to wait for the daemon to accept and to answer.
 const TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Writes the report to stdout. A reader that stops early (`linen status | head`, `| grep
+/// -q`) is no error: the rest is dropped, and the exit status still says the daemon's health
+/// (`print!` panicked on the closed pipe: exit 101).
+fn print_out(text: &str) -> Result<()> {
+    use std::io::Write;
+    let mut out = std::io::stdout().lock();
+    match out.write_all(text.as_bytes()).and_then(|()| out.flush()) {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => {
+            Err(e).context("writing the report to stdout")
+        }
+        _ => Ok(()),
+    }
+}
+
 /// Runs `linen status`.
 pub fn run(args: &StatusArgs) -> Result<()> {
     let MetricsAddr::On(addr) = args.metrics_addr else {
@@ -77,7 +91,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
         let v: serde_json::Value = serde_json::from_str(&body).with_context(|| {
             format!("the daemon on {addr} answered /status with something that is not JSON")
         })?;
-        println!("{}", body.trim_end());
+        print_out(&format!("{}\n", body.trim_end()))?;
         let Some(ok) = v["health"]["ok"].as_bool() else {
             bail!("the daemon on {addr} answered /status without linen's health field");
         };
@@ -88,7 +102,7 @@ pub fn run(args: &StatusArgs) -> Result<()> {
                 "the daemon on {addr} answered /status with something that is not linen's status"
             )
         })?;
-        print!("{}", render(&status, addr));
+        print_out(&render(&status, addr))?;
         (status.health.ok, status.health.reason)
     };
     // After the report, so that scripts can test the exit status (as `systemctl is-active`).
