@@ -471,7 +471,9 @@ async fn read_head(stream: &mut (impl AsyncRead + Unpin)) -> std::io::Result<Opt
             .take_while(|&&b| b == b'\r' || b == b'\n')
             .count();
         buf.drain(..blank);
-        if buf.windows(4).any(|w| w == b"\r\n\r\n") || buf.windows(2).any(|w| w == b"\n\n") {
+        // An empty line: CRLF or a bare LF (RFC 9112 §2.2) after the last header's line end,
+        // CRLF or LF too ("\r\n\r\n", "\n\n", and the mixed "\n\r\n").
+        if buf.windows(2).any(|w| w == b"\n\n") || buf.windows(3).any(|w| w == b"\n\r\n") {
             return Ok(Some(buf));
         }
         if total > MAX_HEAD {
@@ -932,6 +934,25 @@ mod test {
         assert_eq!(get("/healthz?next=http://x/").status, 503);
         assert_eq!(get("http://h?x=/healthz").status, 404);
         assert_eq!(get("HTTP://h/healthz").status, 503);
+    }
+
+    /// A head whose lines end in bare LFs is complete at its empty line, whichever line end
+    /// that has (a last header ending in LF, then CRLF, was never taken for the end).
+    #[tokio::test]
+    async fn a_head_ends_at_any_empty_line() {
+        for request in [
+            &b"GET /healthz HTTP/1.1\nHost: x\n\r\n"[..],
+            b"GET /healthz HTTP/1.1\nHost: x\n\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n",
+            b"GET /healthz HTTP/1.1\r\nHost: x\r\n\n",
+        ] {
+            let head = read_head(&mut &request[..]).await;
+            assert!(
+                matches!(&head, Ok(Some(h)) if h == request),
+                "{:?}: {head:?}",
+                String::from_utf8_lossy(request)
+            );
+        }
     }
 
     /// Empty lines that arrive on their own before the request are not taken for the end of
