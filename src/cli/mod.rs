@@ -216,7 +216,7 @@ pub struct RunArgs {
     /// as flannel's `-iface`: the first that exists on this host wins, so one unit file can
     /// serve hosts whose interfaces are named differently. Default: the interface holding
     /// --public-ip (or --public-ipv6; not lo), else the default route's (IPv4, else IPv6),
-    /// else the only interface with an address peers could use (link-local ones do not count).
+    /// else the only interface with an address peers could use (IPv6 link-local ones do not count).
     #[arg(long, env = "LINEN_IFACE", value_delimiter = ',', value_parser = parse_iface)]
     pub iface: Vec<String>,
     /// Underlay interface by pattern, as flannel's `-iface-regex`: each pattern (repeatable, not

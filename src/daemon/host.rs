@@ -362,7 +362,7 @@ pub async fn discover_underlay(
         .collect();
     let candidates = if outside.is_empty() { usable } else { outside };
     let (pick, matched): Picked<'_> = if !choice.is_empty() {
-        let mut why = "no interface with an address peers could use matches (lo and \
+        let mut why = "no interface with an address peers could use matches (lo and IPv6 \
                        link-local addresses do not count; a node address kept on lo is \
                        advertised with --public-ip)"
             .to_owned();
