@@ -47,7 +47,8 @@ const LINGER_TIME: Duration = if cfg!(test) {
     HEAD_TIMEOUT
 };
 const LINGER_BYTES: usize = 256 * 1024;
-/// Connections served at once from one address; more are closed at once. Sixteen idle
+/// Connections served at once from one address: one more closes that address's connection
+/// silent longest, or, when every one of them is past its request, is refused. Sixteen idle
 /// connections from anywhere would otherwise hold every slot for 5 s at a time, and a
 /// kubelet's probe on `--healthz-port` (1 s timeout) would fail.
 const MAX_PER_ADDRESS: usize = 4;
@@ -202,8 +203,10 @@ async fn accept_loop(
             // has one. Four idle connections from one address (any local user's, on
             // 127.0.0.1) would otherwise refuse every later request from there, `linen
             // status` and a probe among them, for as long as they are kept open.
+            // (Its slot is taken over at once: the evicted task gives it back when it ends,
+            // at its next poll. Waiting for that here would hold up every other client.)
             None if evict_oldest(&silent, Some(client)) => {
-                AddressSlot::freed(&per_address, client, &cancel).await
+                Some(AddressSlot::take_over(&per_address, client))
             }
             None => None,
         };
@@ -329,6 +332,16 @@ struct AddressSlot {
 }
 
 impl AddressSlot {
+    /// One of `ip`'s slots whatever its count: the one of a connection just evicted, which
+    /// gives it back when its task ends.
+    fn take_over(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> AddressSlot {
+        *lock(counts).entry(ip).or_insert(0) += 1;
+        AddressSlot {
+            counts: Arc::clone(counts),
+            ip,
+        }
+    }
+
     fn take(counts: &Arc<Mutex<HashMap<IpAddr, usize>>>, ip: IpAddr) -> Option<AddressSlot> {
         let mut map = lock(counts);
         let n = map.entry(ip).or_insert(0);
@@ -342,28 +355,6 @@ impl AddressSlot {
         })
     }
 }
-
-impl AddressSlot {
-    /// A slot of `ip`'s share once a connection of its, just evicted, has let go of it (its
-    /// task ends at its next poll); `None` if that takes longer than [`EVICTION_WAIT`].
-    async fn freed(
-        counts: &Arc<Mutex<HashMap<IpAddr, usize>>>,
-        ip: IpAddr,
-        cancel: &CancellationToken,
-    ) -> Option<AddressSlot> {
-        let until = tokio::time::Instant::now() + EVICTION_WAIT;
-        while tokio::time::Instant::now() < until && !cancel.is_cancelled() {
-            tokio::time::sleep(Duration::from_millis(1)).await;
-            if let Some(slot) = AddressSlot::take(counts, ip) {
-                return Some(slot);
-            }
-        }
-        None
-    }
-}
-
-/// Longest the accept loop waits for an evicted connection to give its address's slot back.
-const EVICTION_WAIT: Duration = Duration::from_millis(200);
 
 impl Drop for AddressSlot {
     fn drop(&mut self) {
