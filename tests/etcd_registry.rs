@@ -1204,6 +1204,15 @@ async fn credentials_for_an_etcd_without_authentication_are_not_used() {
     .unwrap_or_else(|e| panic!("{e}"));
     reg.create_lease(&subnet(16), &host(16)).await.unwrap();
     assert_eq!(reg.list_leases().await.unwrap().leases.len(), 1);
+    // Authentication turned on later, as it usually is: the credentials are used then (the
+    // request that finds it out fails as transient; the next one passes).
+    server.etcdctl(&["user", "add", "root", "--new-user-password=s3cret"]);
+    server.etcdctl(&["auth", "enable"]);
+    if let Err(e) = reg.list_leases().await {
+        assert!(matches!(e, RegistryError::Unavailable { .. }), "{e}");
+    }
+    let list = reg.list_leases().await.unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(list.leases.len(), 1);
 }
 
 /// With JWT tokens, which carry the revision of etcd's auth store, a change to users or roles

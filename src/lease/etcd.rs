@@ -68,6 +68,11 @@ pub(crate) struct Shared {
     /// TTL is not what a grant gives is moved to a new one at its renewal.
     granted_ttl: std::sync::atomic::AtomicI64,
     request_timeout: Duration,
+    /// The user name and password given, when etcd had authentication disabled at connect
+    /// and the client went without them: used as soon as etcd asks for them.
+    fallback_creds: Option<(String, String)>,
+    /// Held while a new token is asked for: failures at once ask once.
+    authenticating: tokio::sync::Mutex<()>,
     expiry: ExpiryCache,
     /// The etcd lease of a move whose put failed, with the key it was for: the put may still
     /// commit (an answer lost, a request still queued), so the lease is kept (not revoked) and
@@ -94,19 +99,24 @@ impl EtcdRegistry {
         let conn = connect::prepare(options)?;
         let location = conn.endpoints.join(",");
         let prefix = options.prefix.trim_end_matches('/');
+        let mut fallback_creds = None;
         let client = match Self::build_client(conn, options).await {
             // Credentials for an etcd without authentication: used without them, as flanneld's
             // client does (clientv3 takes "authentication is not enabled" as no token needed).
+            // They are kept, and used once etcd asks for them (`etcdctl auth enable` later).
             Ok(Err(e)) if connect::auth_not_enabled(&e) => {
                 tracing::warn!(endpoints = %location, "etcd has authentication disabled; \
-                    connecting without --etcd-username and its password");
+                    connecting without --etcd-username and its password until it asks for them");
+                fallback_creds = connect::credentials(options)?;
                 let anonymous = EtcdOptions {
                     username: None,
                     password: None,
                     password_file: None,
                     ..options.clone()
                 };
-                Self::build_client(connect::prepare(&anonymous)?, options).await
+                let mut conn = connect::prepare(&anonymous)?;
+                conn.options = conn.options.with_auto_token_refresh(true);
+                Self::build_client(conn, options).await
             }
             other => other,
         };
@@ -131,6 +141,8 @@ impl EtcdRegistry {
                 subnets_prefix: format!("{prefix}/subnets/"),
                 lease_ttl: Duration::from_secs(options.lease_ttl.as_secs()),
                 granted_ttl: std::sync::atomic::AtomicI64::new(0),
+                fallback_creds,
+                authenticating: tokio::sync::Mutex::new(()),
                 request_timeout: options.request_timeout,
                 expiry: ExpiryCache::default(),
                 pending_move: std::sync::Mutex::new(None),
@@ -180,6 +192,16 @@ impl Shared {
             Ok(Err(e)) => {
                 if connect::token_outdated(&e) {
                     self.renew_token().await;
+                } else if connect::auth_required(&e)
+                    && let Some(creds) = &self.fallback_creds
+                    && self.authenticate(creds).await
+                {
+                    return Err(unavailable(
+                        &self.location,
+                        what,
+                        "etcd enabled authentication since linen connected; authenticated with \
+                         --etcd-username for the next request",
+                    ));
                 }
                 Err(registry_error(&self.location, what, &e))
             }
@@ -187,10 +209,38 @@ impl Shared {
         }
     }
 
+    /// Authenticates with `creds` (given, and not used while etcd had authentication
+    /// disabled); whether that worked. One at a time: the others find it done.
+    #[cold]
+    async fn authenticate(&self, (user, password): &(String, String)) -> bool {
+        let Ok(_alone) = self.authenticating.try_lock() else {
+            return true;
+        };
+        let mut client = self.client.clone();
+        let login = client.update_user(Some((user.clone(), password.clone())));
+        match tokio::time::timeout(self.request_timeout, login).await {
+            Ok(Ok(())) => {
+                tracing::info!(endpoints = %self.location, user = %user,
+                    "etcd has authentication enabled now; authenticated");
+                true
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(endpoints = %self.location, error = %e,
+                    "etcd has authentication enabled now, and refuses --etcd-username's login");
+                false
+            }
+            Err(_) => false,
+        }
+    }
+
     /// Authenticates again for a new token (the request that found the old one fails, as
     /// transient, and its retry passes). A failure is logged: the next request says more.
+    /// One at a time: requests failing together ask once.
     #[cold]
     async fn renew_token(&self) {
+        let Ok(_alone) = self.authenticating.try_lock() else {
+            return;
+        };
         let renewing = self.client.refresh_token();
         match tokio::time::timeout(self.request_timeout, renewing).await {
             Ok(Ok(())) => tracing::info!(endpoints = %self.location,

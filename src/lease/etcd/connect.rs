@@ -254,6 +254,17 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
             });
         }
     }
+    if let Some((user, password)) = credentials(opts)? {
+        options = options
+            .with_user(user, password)
+            // etcd's simple tokens expire after 5 idle minutes; a daemon idles for hours.
+            .with_auto_token_refresh(true);
+    }
+    Ok(Connection { endpoints, options })
+}
+
+/// The user name and password the options give (the password read from its file), if any.
+pub(super) fn credentials(opts: &EtcdOptions) -> Result<Option<(String, String)>, EtcdSetupError> {
     let password = match (&opts.password, &opts.password_file) {
         (Some(_), Some(_)) => {
             return Err(EtcdSetupError::Options(
@@ -264,22 +275,14 @@ pub(super) fn prepare(opts: &EtcdOptions) -> Result<Connection, EtcdSetupError> 
         (password, None) => password.clone(),
     };
     match (&opts.username, password) {
-        (Some(user), password) => {
-            options = options
-                .with_user(user.clone(), password.unwrap_or_default())
-                // etcd's simple tokens expire after 5 idle minutes; a daemon idles for hours.
-                .with_auto_token_refresh(true);
-        }
-        (None, Some(_)) => {
-            return Err(EtcdSetupError::Options(
-                "an etcd password is given (--etcd-password or --etcd-password-file) without \
-                 --etcd-username"
-                    .into(),
-            ));
-        }
-        (None, None) => {}
+        (Some(user), password) => Ok(Some((user.clone(), password.unwrap_or_default()))),
+        (None, Some(_)) => Err(EtcdSetupError::Options(
+            "an etcd password is given (--etcd-password or --etcd-password-file) without \
+             --etcd-username"
+                .into(),
+        )),
+        (None, None) => Ok(None),
     }
-    Ok(Connection { endpoints, options })
 }
 
 /// `endpoint` with any user and password in it replaced by `…`, for messages.
@@ -445,7 +448,8 @@ pub(super) fn registry_error(
                 location,
                 what,
                 &format!(
-                    "{detail} (users or roles changed since the token was issued; renewing it)"
+                    "{detail} (users or roles changed since the token was issued; the next \
+                     request takes a new one)"
                 ),
             ),
             Code::InvalidArgument if mentions_auth(status.message()) => {
@@ -479,6 +483,13 @@ pub(super) fn refused_tls(location: &str, detail: &str) -> RegistryError {
              endpoint's host or IP, and that etcd trusts the client certificate"
         ),
     }
+}
+
+/// Whether etcd refused a request without a token because it has authentication enabled.
+pub(super) fn auth_required(err: &etcd_client::Error) -> bool {
+    matches!(err, etcd_client::Error::GRpcStatus(s)
+        if s.code() == tonic::Code::InvalidArgument
+            && s.message().contains("user name is empty"))
 }
 
 /// Whether etcd refused an authentication because it has authentication disabled.
