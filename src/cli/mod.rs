@@ -136,7 +136,13 @@ pub struct RegistryArgs {
     /// registry. The other --etcd-* flags need it: linen has no default endpoint (flanneld's
     /// is http://127.0.0.1:4001,http://127.0.0.1:2379), and without it uses the directory
     /// registry.
-    #[arg(long, env = "LINEN_ETCD_ENDPOINTS", value_delimiter = ',', action = clap::ArgAction::Set)]
+    #[arg(
+        long,
+        env = "LINEN_ETCD_ENDPOINTS",
+        value_delimiter = ',',
+        action = clap::ArgAction::Set,
+        overrides_with = "etcd_endpoints"
+    )]
     pub etcd_endpoints: Vec<String>,
     /// etcd key prefix, as flannel's -etcd-prefix.
     #[arg(long, env = "LINEN_ETCD_PREFIX", default_value = crate::model::DEFAULT_PREFIX)]
@@ -178,10 +184,10 @@ impl RegistryArgs {
     /// Takes empty values as not given, as the README says of every etcd variable: an
     /// environment file's `LINEN_ETCD_ENDPOINTS=` selects the directory registry (it selected
     /// etcd at the endpoint ""), `LINEN_ETCD_PREFIX=` is flannel's prefix (the config was
-    /// looked for at `/config`), `LINEN_REGISTRY_DIR=` the default directory. A list with
-    /// empty entries among others (`a,,b`) stays, for the stray comma to be reported.
+    /// looked for at `/config`), `LINEN_REGISTRY_DIR=` the default directory. A list with a
+    /// comma (`a,,b`, `,`) stays, for the stray comma to be reported.
     pub fn normalize(&mut self) {
-        if self.etcd_endpoints.iter().all(String::is_empty) {
+        if self.etcd_endpoints == [""] {
             self.etcd_endpoints.clear();
         }
         if self.etcd_prefix.is_empty() {
@@ -716,11 +722,18 @@ mod flag_test {
             r.registry_dir,
             std::path::Path::new(super::DEFAULT_REGISTRY_DIR)
         );
-        let mut cli =
-            Cli::try_parse_from(["linen", "network", "show", "--etcd-endpoints=a,,b"]).unwrap();
-        let r = cli.command.registry_mut().unwrap();
-        r.normalize();
-        assert_eq!(r.etcd_endpoints, ["a", "", "b"]);
+        for (given, kept) in [("a,,b", &["a", "", "b"][..]), (",", &["", ""])] {
+            let mut cli = Cli::try_parse_from([
+                "linen",
+                "network",
+                "show",
+                &format!("--etcd-endpoints={given}"),
+            ])
+            .unwrap();
+            let r = cli.command.registry_mut().unwrap();
+            r.normalize();
+            assert_eq!(r.etcd_endpoints, kept, "{given}");
+        }
     }
 
     /// A flag given twice to `run` keeps its last value, as flanneld's do; a list flag
@@ -748,6 +761,19 @@ mod flag_test {
             r.registry.etcd_endpoints,
             ["http://a:2379", "http://b:2379"]
         );
+        // In the admin commands too, which are no flanneld's: the last list (before, both).
+        let cli = Cli::try_parse_from([
+            "linen",
+            "lease",
+            "list",
+            "--etcd-endpoints=http://a:2379",
+            "--etcd-endpoints=http://c:2379",
+        ])
+        .unwrap();
+        let Command::Lease(super::LeaseCommand::List { registry, .. }) = cli.command else {
+            unreachable!("parsed `lease list`")
+        };
+        assert_eq!(registry.etcd_endpoints, ["http://c:2379"]);
     }
 
     #[test]
