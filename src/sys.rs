@@ -267,6 +267,12 @@ pub fn kill_process_group(pgid: u32) -> std::io::Result<()> {
     }
 }
 
+/// This process's effective user ID.
+pub fn effective_uid() -> u32 {
+    // SAFETY: geteuid takes no arguments, touches no memory of ours and cannot fail.
+    unsafe { libc::geteuid() }
+}
+
 /// Whether this process's child `pid` has exited, without reaping it (`waitid` with
 /// `WNOWAIT`): an unreaped child keeps its PID, so the caller may still signal it. Exact where
 /// /proc's state is not: a process whose main thread ended while other threads run shows as a

@@ -329,40 +329,55 @@ fn a_status_reader_that_stops_early_is_no_error() {
     assert_eq!(out.status.code(), Some(0), "{stderr}");
 }
 
-/// A lock file this user may not open is another user's (only its owner may open it): the
-/// error says whose and that the command must run as that user, not to grant access to the
-/// directory, which this user has. As root, without the capabilities that bypass file modes.
+/// A lock file this user may not open says why, not to grant access to the directory, which
+/// this user has: another user's (only its owner may open it) names that user and says to run
+/// as it; this user's own with a mode that shuts it out says to chmod it. As root, without the
+/// capabilities that bypass file modes (and only there can the file be another user's).
 #[test]
-fn a_lock_file_of_another_user_is_said_to_be_one() {
+fn a_lock_file_this_user_may_not_open_says_why() {
     use std::os::unix::fs::PermissionsExt;
+    let root = linen::lab::is_root();
+    let list = |dir: &std::path::Path| {
+        let scratch = tempfile::tempdir().unwrap();
+        let wrapper: &[&str] = if root {
+            &[
+                "setpriv",
+                "--inh-caps=-all",
+                "--bounding-set=-dac_override,-dac_read_search",
+                "--",
+            ]
+        } else {
+            &[]
+        };
+        let out = common::linen_meant_to_fail_under(wrapper, scratch.path())
+            .args(["lease", "list", "--registry-dir"])
+            .arg(dir)
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(1), "{stderr}");
+        assert!(!stderr.contains("access to the directory"), "{stderr}");
+        stderr
+    };
     let dir = registry_with_a_network();
     let lock = dir.path().join(".lock");
     std::fs::write(&lock, "").unwrap();
     std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o000)).unwrap();
-    let scratch = tempfile::tempdir().unwrap();
-    let wrapper: &[&str] = if linen::lab::is_root() {
-        &[
-            "setpriv",
-            "--inh-caps=-all",
-            "--bounding-set=-dac_override,-dac_read_search",
-            "--",
-        ]
-    } else {
-        &[]
-    };
-    let mut cmd = common::linen_meant_to_fail_under(wrapper, scratch.path());
-    let out = cmd
-        .args(["lease", "list", "--registry-dir"])
-        .arg(dir.path())
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = list(dir.path());
     assert!(
-        stderr.contains("only its owner may open it")
-            && !stderr.contains("access to the directory"),
+        stderr.contains("this user's, with mode 0") && stderr.contains("chmod 600"),
         "{stderr}"
     );
+    if root {
+        std::fs::set_permissions(&lock, std::fs::Permissions::from_mode(0o600)).unwrap();
+        std::os::unix::fs::chown(&lock, Some(65534), Some(65534)).unwrap();
+        let stderr = list(dir.path());
+        assert!(
+            stderr.contains("belongs to uid 65534")
+                && stderr.contains("only its owner may open it"),
+            "{stderr}"
+        );
+    }
 }
 
 /// `linen run` without CAP_NET_ADMIN exits 1 and says so, before it takes a lease: nothing is

@@ -419,8 +419,20 @@ impl Store {
         // Only the owner may open the lock file: flock needs no write access, so anyone who
         // could open it could hold it for ever and stall every host's registry. Never through
         // a link, nor anything but a plain file: each host would lock what the link names on
-        // its own side (no lock between hosts), a device would be opened for writing, and
-        // whatever it names would be narrowed to 0600 below.
+        // its own side (no lock between hosts), a device would be opened for writing (opening
+        // some does something: a watchdog arms), and whatever it names would be narrowed to
+        // 0600 below. So its type is looked at first; the open's O_NOFOLLOW and the check
+        // after it catch one swapped in meanwhile.
+        if let Ok(meta) = fs::symlink_metadata(&path) {
+            let kind = meta.file_type();
+            if kind.is_symlink() {
+                return Err(self.not_a_lock_file(&path, "a symbolic link"));
+            } else if kind.is_dir() {
+                return Err(self.not_a_lock_file(&path, "a directory"));
+            } else if !kind.is_file() {
+                return Err(self.not_a_lock_file(&path, "not a regular file"));
+            }
+        }
         let file = match OpenOptions::new()
             .read(true)
             .write(true)
@@ -438,22 +450,28 @@ impl Store {
             Err(e) if e.raw_os_error() == Some(libc::EISDIR) => {
                 return Err(self.not_a_lock_file(&path, "a directory"));
             }
-            // There, and another user's: access to the directory would not help.
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-                if let Ok(meta) = fs::symlink_metadata(&path) {
-                    return Err(RegistryError::Refused {
-                        location: self.dir.display().to_string(),
-                        reason: format!(
-                            "cannot open lock file {}: {e}; it belongs to uid {} (mode {:o}) \
-                             and only its owner may open it: run linen as that user, as every \
-                             linen sharing this directory must be",
-                            path.display(),
-                            meta.uid(),
-                            meta.mode() & 0o7777
-                        ),
-                    });
-                }
-                return Err(self.io_err("cannot open lock file", &path, e));
+            // There: access to the directory would not help.
+            Err(e) if e.raw_os_error() == Some(libc::EACCES) => {
+                let Ok(meta) = fs::symlink_metadata(&path) else {
+                    return Err(self.io_err("cannot open lock file", &path, e));
+                };
+                let (owner, mode) = (meta.uid(), meta.mode() & 0o7777);
+                let advice = if owner == crate::sys::effective_uid() {
+                    format!(
+                        "it is this user's, with mode {mode:o}, which does not let its owner \
+                         open it: chmod 600 it"
+                    )
+                } else {
+                    format!(
+                        "it belongs to uid {owner} (mode {mode:o}) and only its owner may open \
+                         it: run linen as that user, as every linen sharing this directory \
+                         must be"
+                    )
+                };
+                return Err(RegistryError::Refused {
+                    location: self.dir.display().to_string(),
+                    reason: format!("cannot open lock file {}: {e}; {advice}", path.display()),
+                });
             }
             Err(e) => return Err(self.io_err("cannot open lock file", &path, e)),
         };
