@@ -267,9 +267,9 @@ impl Shared {
         i64::try_from(self.lease_ttl.as_secs()).unwrap_or(i64::MAX)
     }
 
-    /// The TTL a lease granted now would have: what etcd gave the last one, before any the
-    /// TTL asked for. A lease with another TTL (flanneld's 24 h under a shorter --lease-ttl)
-    /// is moved to a new lease at renewal.
+    /// The TTL a lease granted now would have: what etcd gave the last one granted, or the TTL
+    /// asked for while none has been. A lease with another TTL (flanneld's 24 h under a
+    /// shorter --lease-ttl) is moved to a new lease at renewal.
     fn grant_ttl(&self) -> i64 {
         match self.granted_ttl.load(std::sync::atomic::Ordering::Relaxed) {
             0 => self.ttl_secs(),
