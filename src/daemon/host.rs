@@ -954,20 +954,28 @@ mod test {
         assert_eq!(own_address(&msg(Vec::new())), None);
     }
 
-    /// A link-local IPv4 address listed first gives way to another one; alone, it is taken.
-    #[test]
-    fn a_link_local_ipv4_address_gives_way_to_another() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        let mut link = Link {
+    /// An up interface named eth0 with `addrs`, of which `poor_v6` make a poor identity.
+    fn eth0(addrs: Vec<IpAddr>, poor_v6: Vec<Ipv6Addr>) -> Link {
+        Link {
             name: "eth0".into(),
             altnames: Vec::new(),
             index: 2,
             up: true,
             mtu: 1500,
             gso_max_segs: None,
-            addrs: vec![ip("169.254.7.7"), ip("fd00:18::2"), ip("198.18.0.2")],
-            poor_v6: Vec::new(),
-        };
+            addrs,
+            poor_v6,
+        }
+    }
+
+    /// A link-local IPv4 address listed first gives way to another one; alone, it is taken.
+    #[test]
+    fn a_link_local_ipv4_address_gives_way_to_another() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let mut link = eth0(
+            vec![ip("169.254.7.7"), ip("fd00:18::2"), ip("198.18.0.2")],
+            Vec::new(),
+        );
         assert_eq!(first_v4(&link), Some("198.18.0.2".parse().unwrap()));
         link.addrs.pop();
         assert_eq!(first_v4(&link), Some("169.254.7.7".parse().unwrap()));
@@ -978,21 +986,15 @@ mod test {
     #[test]
     fn a_temporary_route_source_gives_way_to_a_lasting_address() {
         let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
-        let link = Link {
-            name: "eth0".into(),
-            altnames: Vec::new(),
-            index: 2,
-            up: true,
-            mtu: 1500,
-            gso_max_segs: None,
+        let link = eth0(
             // The kernel lists the newest first: the temporary address.
-            addrs: vec![
+            vec![
                 IpAddr::V6(v6("fd00:18::a1b2:c3d4")),
                 IpAddr::V6(v6("fd00:18::2")),
                 IpAddr::V4("198.18.0.2".parse().unwrap()),
             ],
-            poor_v6: vec![v6("fd00:18::a1b2:c3d4")],
-        };
+            vec![v6("fd00:18::a1b2:c3d4")],
+        );
         // The temporary source is dropped, and the interface's lasting address is taken.
         assert_eq!(
             route_source(&link, Some(IpAddr::V6(v6("fd00:18::a1b2:c3d4")))),
