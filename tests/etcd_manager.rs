@@ -75,6 +75,37 @@ async fn a_previous_subnet_held_by_another_host_is_not_taken() {
     a.stop().await;
 }
 
+/// A host's new address (its underlay's DHCP lease changed) rewrites its key in place: the
+/// same subnet, now naming the new address, which a peer sees as that subnet's new holder
+/// address; no second key is created.
+#[tokio::test]
+async fn a_new_address_rewrites_the_key_in_place() {
+    let Some(server) = EtcdServer::start() else {
+        return;
+    };
+    let reg = with_config(&server).await;
+    let a = Running::start(Arc::clone(&reg), options(1)).await;
+    let mut b = Running::start(Arc::clone(&reg), options(2)).await;
+    let mine = a.own().unwrap();
+    b.wait(10, "host 1 as a peer", |s| {
+        s.peers.iter().any(|l| l.key == mine)
+    })
+    .await;
+    a.addresses.send(host(9)).unwrap();
+    b.wait(10, "host 1's new address", |s| {
+        s.peers
+            .iter()
+            .any(|l| l.key == mine && l.attrs.public_ip == host(9).public_ip)
+    })
+    .await;
+    let listed = reg.list_leases().await.unwrap().leases;
+    assert_eq!(listed.len(), 2, "{listed:?}");
+    let own = a.state.borrow().own.clone().expect("still held");
+    assert_eq!((own.key, own.attrs.public_ip), (mine, host(9).public_ip));
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn a_lease_key_deleted_by_hand_is_reacquired() {
     let Some(server) = EtcdServer::start() else {

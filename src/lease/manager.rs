@@ -344,6 +344,13 @@ pub struct LeaseManager {
     /// (etcd over its space quota, say) do not report the registry healthy, then unhealthy
     /// again at the next attempt, at every backoff step.
     write_error: Option<String>,
+    /// New addresses for this host ([`address_sender`](LeaseManager::address_sender)).
+    addresses: watch::Receiver<LeaseAttrs>,
+    addresses_tx: watch::Sender<LeaseAttrs>,
+    /// This host's identity before its address changed, until the watch shows the own key
+    /// with the new one: a write of the old value seen meanwhile is one from before the
+    /// rewrite, not another host's.
+    superseded: Option<LeaseAttrs>,
 }
 
 impl LeaseManager {
@@ -354,6 +361,7 @@ impl LeaseManager {
         options: ManagerOptions,
     ) -> LeaseManager {
         let renew_backoff = Backoff::new(options.backoff_min, options.backoff_max);
+        let (addresses_tx, addresses) = watch::channel(options.attrs.clone());
         LeaseManager {
             registry,
             config,
@@ -369,7 +377,32 @@ impl LeaseManager {
             last_acquire_error: None,
             read_error: None,
             write_error: None,
+            addresses,
+            addresses_tx,
+            superseded: None,
         }
+    }
+
+    /// Where to send this host's addresses when they change (its underlay address moved): the
+    /// manager then rewrites the own key with them at once, keeping its subnet, and acquires
+    /// by them from then on.
+    pub fn address_sender(&self) -> watch::Sender<LeaseAttrs> {
+        self.addresses_tx.clone()
+    }
+
+    /// Takes `attrs` as this host's addresses; a lease held is rewritten with them now.
+    fn readdress(&mut self, attrs: LeaseAttrs) {
+        if attrs == self.options.attrs {
+            return;
+        }
+        let old = std::mem::replace(&mut self.options.attrs, attrs);
+        let Some(own) = self.tracker.own() else {
+            tracing::info!(public_ip = ?self.options.attrs.public_ip, public_ipv6 = ?self.options.attrs.public_ipv6, "this host's addresses changed; the next lease is acquired with them");
+            return;
+        };
+        tracing::info!(subnet = %own.key, public_ip = ?self.options.attrs.public_ip, public_ipv6 = ?self.options.attrs.public_ipv6, "this host's addresses changed; rewriting its lease with them, keeping the subnet");
+        self.superseded = Some(old);
+        self.renew_at = Some(Instant::now());
     }
 
     /// A receiver of the current state; it stays valid after [`run`](LeaseManager::run) ends.
@@ -461,7 +494,12 @@ impl LeaseManager {
         // against a slow etcd, several in one acquisition, past the unit's stop timeout): the
         // call is dropped, and a write it made anyway is found by the next start, which takes
         // the lease by this host's identity.
+        let mut addresses = self.addresses.clone();
         'run: loop {
+            if addresses.has_changed().unwrap_or(false) {
+                let attrs = addresses.borrow_and_update().clone();
+                self.readdress(attrs);
+            }
             if self.tracker.own().is_none() {
                 let acquired = tokio::select! {
                     _ = cancel.cancelled() => break 'run,
@@ -502,6 +540,10 @@ impl LeaseManager {
                 msg = rx.recv() => if !self.on_msg(msg) {
                     break;
                 },
+                Ok(()) = addresses.changed() => {
+                    let attrs = addresses.borrow_and_update().clone();
+                    self.readdress(attrs);
+                }
             }
         }
         watch_cancel.cancel();
@@ -600,6 +642,7 @@ impl LeaseManager {
             self.renew_at = Some(Instant::now());
         }
         self.publish_health();
+        let held = self.tracker.own().cloned();
         let applied = self.tracker.apply(event);
         log_peers(&applied.peers);
         let changed = !applied.peers.is_empty();
@@ -622,6 +665,15 @@ impl LeaseManager {
         } else {
             false
         };
+        // The watch shows the own key with the new addresses: older writes are behind.
+        if applied.own_seen
+            && self
+                .tracker
+                .own()
+                .is_some_and(|o| o.attrs == self.options.attrs)
+        {
+            self.superseded = None;
+        }
         match applied.own {
             None => {}
             Some(OwnChange::Removed) => {
@@ -633,6 +685,23 @@ impl LeaseManager {
                 // By the identity acquisition uses (a reservation for this host may name only
                 // its PublicIP, where the host also advertises an IPv6 address).
                 let ours = &self.options.attrs;
+                if held.is_some()
+                    && !allocator::is_ours(&self.config, ours, &lease)
+                    && self
+                        .superseded
+                        .as_ref()
+                        .is_some_and(|old| allocator::is_ours(&self.config, old, &lease))
+                {
+                    // Written before this host's address changed (the rewrite with the new one
+                    // is under way, or its echo still to come): still ours, not another host's.
+                    // Were another host given the old address and the key meanwhile, the
+                    // rewrite would take the key back from it, and it moves on.
+                    tracing::debug!(subnet = %lease.key, "a write of our key from before this host's address changed");
+                    let events = self.tracker.set_own(held);
+                    log_peers(&events);
+                    self.publish(changed);
+                    return;
+                }
                 if allocator::is_ours(&self.config, ours, &lease) {
                     // Written by someone else with only some of our addresses (peers would not
                     // know the others): write ours now, as the renewal does.
@@ -676,6 +745,7 @@ impl LeaseManager {
     fn lose(&mut self) {
         self.renew_at = None;
         self.renew_failed = false;
+        self.superseded = None;
         if let Some(own) = self.tracker.own() {
             self.last_key = Some(own.key);
         }
@@ -1543,6 +1613,61 @@ mod test {
             (after.key, after.attrs.public_ipv6),
             (own.key, own.attrs.public_ipv6)
         );
+    }
+
+    /// A new address for this host (its underlay address moved) rewrites its lease in place,
+    /// keeping the subnet. A write of the old value that the watch shows meanwhile (here while
+    /// the rewrite fails, as against an etcd over its quota) is this host's from before, not
+    /// another host's taking the subnet: the lease is neither given up nor acquired again.
+    #[tokio::test(start_paused = true)]
+    async fn a_new_address_rewrites_the_lease_and_keeps_the_subnet() {
+        let reg = Arc::new(Outage::default());
+        let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
+        let old = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
+        let new = LeaseAttrs::with_public_ip("198.18.1.9".parse().unwrap());
+        let mut m = LeaseManager::new(
+            Arc::clone(&reg) as Arc<dyn Registry>,
+            config,
+            ManagerOptions::new(old.clone()),
+        );
+        let first = m.acquire().await.unwrap();
+        let addresses = m.address_sender();
+        let state = m.subscribe();
+        let cancel = CancellationToken::new();
+        let task = tokio::spawn(m.run(cancel.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        reg.shared.unavailable_writes.store(true, Ordering::SeqCst);
+        addresses.send(new.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reg.renew_attempts.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            reg.renew_attempts.load(Ordering::SeqCst),
+            1,
+            "no rewrite was tried"
+        );
+        // The key with the old address and a later expiry: a renewal's echo from before.
+        *reg.shared.leases.lock().unwrap() = vec![sixty_seconds(first.key, &old)];
+        reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let during = state.borrow().own.clone();
+        reg.shared.unavailable_writes.store(false, Ordering::SeqCst);
+        // The rewrite is retried with backoff (1 s, then 2 s).
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let registry = reg.shared.leases.lock().unwrap().clone();
+        let own = state.borrow().own.clone();
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(
+            during.map(|l| l.key),
+            Some(first.key),
+            "the lease was given up"
+        );
+        assert_eq!(registry.len(), 1, "{registry:?}");
+        assert_eq!((registry[0].key, &registry[0].attrs), (first.key, &new));
+        let own = own.expect("a lease");
+        assert_eq!((own.key, own.attrs), (first.key, new));
     }
 
     /// A renewal that committed although it was answered with an error shows up in the watch

@@ -45,6 +45,9 @@ pub struct Applied {
     pub peers: Vec<PeerEvent>,
     /// The last change to the own key in this event, if any.
     pub own: Option<OwnChange>,
+    /// Whether the event carried the own key with a value, changed or not (a renewal's echo,
+    /// a snapshot listing it).
+    pub own_seen: bool,
 }
 
 impl Applied {
@@ -169,6 +172,7 @@ impl LeaseTracker {
 
     fn put(&mut self, lease: Lease, out: &mut Applied) {
         if Some(lease.key) == self.own_key {
+            out.own_seen = true;
             if self.own.as_ref() != Some(&lease) {
                 self.own = Some(lease.clone());
                 out.own = Some(OwnChange::Put(lease));
@@ -379,12 +383,12 @@ mod test {
     #[test]
     fn own_renewal_echo_is_a_put_only_when_it_differs() {
         let mut t = LeaseTracker::new(Some(own()));
-        assert!(
-            t.apply(changes(2, vec![LeaseChange::Put(own())]))
-                .is_empty()
-        );
+        let echo = t.apply(changes(2, vec![LeaseChange::Put(own())]));
+        assert!(echo.is_empty());
+        assert!(echo.own_seen, "the echo is seen, though nothing changed");
+        assert!(!t.apply(changes(3, vec![LeaseChange::Put(a())])).own_seen);
         let renewed = lease("198.19.1.0-24", "198.18.1.1", 9000);
-        let out = t.apply(changes(3, vec![LeaseChange::Put(renewed.clone())]));
+        let out = t.apply(changes(4, vec![LeaseChange::Put(renewed.clone())]));
         assert_eq!(out.own, Some(OwnChange::Put(renewed.clone())));
         assert_eq!(t.own(), Some(&renewed));
     }

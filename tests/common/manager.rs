@@ -24,6 +24,8 @@ pub fn key(s: &str) -> SubnetKey {
 /// A lease manager that has acquired its lease and runs until [`Running::stop`].
 pub struct Running {
     pub state: watch::Receiver<LeaseState>,
+    /// New addresses for the host ([`LeaseManager::address_sender`]).
+    pub addresses: watch::Sender<LeaseAttrs>,
     cancel: CancellationToken,
     pub task: tokio::task::JoinHandle<()>,
 }
@@ -35,10 +37,12 @@ impl Running {
         let mut m = LeaseManager::new(reg, config, opts);
         m.acquire().await.unwrap();
         let state = m.subscribe();
+        let addresses = m.address_sender();
         let cancel = CancellationToken::new();
         let task = tokio::spawn(m.run(cancel.clone()));
         Running {
             state,
+            addresses,
             cancel,
             task,
         }
