@@ -28,6 +28,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use ipnetwork::Ipv4Network;
 use linen::daemon::snapshot_for;
+use linen::dataplane::io::Source;
 use linen::lease::Registry;
 use linen::lease::etcd::{EtcdOptions, EtcdRegistry};
 use linen::lease::manager::{LeaseManager, LeaseState, ManagerOptions};
@@ -149,7 +150,7 @@ async fn main() -> anyhow::Result<()> {
         let t = Instant::now();
         let list = fresh.list_leases().await?;
         let listed = t.elapsed();
-        let snap = snapshot_for(&own, &attrs, &list.leases, PORT, 1);
+        let snap = snapshot_for(&own, &attrs, &list.leases, PORT, 1, Source::default());
         let total = t.elapsed();
         assert_eq!(snap.len(), list.leases.len());
         println!(
@@ -183,6 +184,7 @@ async fn main() -> anyhow::Result<()> {
                         &current.peers,
                         PORT,
                         current.generation,
+                        Source::default(),
                     ));
                     if published_tx
                         .send((Instant::now(), table.load_full()))

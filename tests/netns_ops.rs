@@ -415,6 +415,123 @@ fn metrics_health_and_status_of_running_daemons() {
     assert_eq!(d.env(0).previous_key(), Some(key1));
 }
 
+/// A host whose underlay address changes (DHCP gave it another) keeps its subnet: it rewrites
+/// its lease with the new address, sends from it, and its peer routes to it and accepts what
+/// it sends, so traffic flows both ways again without a restart.
+#[test]
+fn a_new_underlay_address_is_followed_and_the_subnet_kept() {
+    if skip() {
+        return;
+    }
+    follow_a_new_address(&["--iface", "eth0"], &[], ("198.18.0.2", "198.18.0.12"));
+}
+
+/// The same where the advertised address is not the one the kernel sends from (a secondary
+/// address, picked by `--iface-regex`): the workers must send from the new one, or the peer
+/// drops what they send as from an unknown host.
+#[test]
+fn a_new_secondary_underlay_address_is_sent_from() {
+    if skip() {
+        return;
+    }
+    follow_a_new_address(
+        &["--iface-regex", r"^198\.18\.0\.2\d$"],
+        &["198.18.0.21/24"],
+        ("198.18.0.21", "198.18.0.22"),
+    );
+}
+
+/// Starts two daemons, host 2's with `iface` and the extra addresses `more` on its eth0, then
+/// moves host 2's advertised address from `change.0` to `change.1` and checks that the lease,
+/// the routes and the traffic follow.
+fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str)) {
+    let mut d = Daemons {
+        lab: Lab::new("lnmove", 2, 1500).unwrap(),
+        dir: tempfile::tempdir().unwrap(),
+    };
+    let h2 = d.lab.host(1).clone();
+    for a in more {
+        h2.ip(&["addr", "add", a, "dev", "eth0"]).unwrap();
+    }
+    d.admin(&["network", "init"], &["--network", "198.19.0.0/16"]);
+    d.start(0, &[]);
+    let mut cmd = h2.command(LINEN);
+    cmd.args(["run", "--registry-dir"])
+        .arg(d.dir.path())
+        .args(iface)
+        .args(["--workers", "2", "--metrics-addr", "127.0.0.1:9500"])
+        .arg("--subnet-file")
+        .arg(d.env_path(1))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(d.dir.path().join("h2.log")).unwrap());
+    d.lab.spawn(cmd, "linen").unwrap();
+    let (key1, key2) = (
+        d.env(0).previous_key().unwrap(),
+        d.env(1).previous_key().unwrap(),
+    );
+    let tun = |k: linen::model::SubnetKey| k.ipv4().unwrap().network().to_string();
+    let pings = |from: usize, to: &str| {
+        wait_for(Duration::from_secs(20), || {
+            let out = d
+                .lab
+                .host(from)
+                .run("ping", &["-c2", "-i0.2", "-W1", to])
+                .ok()?;
+            out.status.success().then_some(())
+        })
+        .is_some()
+    };
+    assert!(
+        pings(1, &tun(key1)),
+        "no overlay before the change:\n{}",
+        d.log(1)
+    );
+
+    h2.ip(&["addr", "del", &format!("{}/24", change.0), "dev", "eth0"])
+        .unwrap();
+    h2.ip(&["addr", "add", &format!("{}/24", change.1), "dev", "eth0"])
+        .unwrap();
+    let listed = wait_for(Duration::from_secs(20), || {
+        let out = Command::new(LINEN)
+            .args(["lease", "list", "--json", "--registry-dir"])
+            .arg(d.dir.path())
+            .output()
+            .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        text.contains(change.1).then_some(text)
+    });
+    let listed =
+        listed.unwrap_or_else(|| panic!("the lease never named {}:\n{}", change.1, d.log(1)));
+    let leases: serde_json::Value = serde_json::from_str(&listed).unwrap();
+    let all = leases["leases"].as_array().cloned().unwrap_or_default();
+    let holder = |key: &linen::model::SubnetKey| {
+        all.iter()
+            .find(|l| l["subnet"] == key.to_string())
+            .and_then(|l| l["value"]["PublicIP"].as_str().map(str::to_owned))
+    };
+    assert_eq!(holder(&key2).as_deref(), Some(change.1), "{listed}");
+    assert_eq!(holder(&key1).as_deref(), Some("198.18.0.1"), "{listed}");
+    assert_eq!(all.len(), 2, "no new lease: {listed}");
+    // Both ways: host 2 sends from the new address, which host 1 takes as host 2's, and host 1
+    // sends to it.
+    assert!(
+        pings(1, &tun(key1)),
+        "host 2 cannot reach host 1:\n{}",
+        d.log(0)
+    );
+    assert!(
+        pings(0, &tun(key2)),
+        "host 1 cannot reach host 2:\n{}",
+        d.log(1)
+    );
+    assert_eq!(d.env(1).previous_key(), Some(key2), "subnet.env moved");
+    let log = d.log(1);
+    assert!(log.contains("advertising the interface's new one"), "{log}");
+    assert!(!log.contains("re-acquiring"), "{log}");
+    let underlay = "linen_host_step_failing{step=\"underlay\"}";
+    assert_eq!(val(&d.metrics(1, 9500), underlay), 0.0, "{log}");
+}
+
 /// Replaces the lease file of `key` with a reservation for `ip`, atomically.
 fn take_over(dir: &Path, key: &str, ip: &str) {
     let path = dir.join("subnets").join(key);

@@ -342,7 +342,7 @@ pub async fn discover_underlay(
     choice: &InterfaceChoice,
     public_ip: Option<Ipv4Addr>,
     public_ipv6: Option<Ipv6Addr>,
-    leased: &dyn Fn(IpAddr) -> bool,
+    leased: &(dyn Fn(IpAddr) -> bool + Sync),
 ) -> Result<Underlay> {
     let links = links(handle).await?;
     // Only addresses a peer could use count: every interface with IPv6 on has a link-local

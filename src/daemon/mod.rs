@@ -152,13 +152,14 @@ fn routable(
 }
 
 /// Builds the snapshot for a lease state: this host's subnets (`own`) and addresses
-/// (`ours`), and its routable peers.
+/// (`ours`), its routable peers, and the addresses datagrams leave from (`source`).
 pub fn snapshot_for(
     own: &SubnetKey,
     ours: &LeaseAttrs,
     peers: &[Lease],
     port: u16,
     generation: u64,
+    source: Source,
 ) -> Snapshot {
     Snapshot::build(
         LocalSubnets {
@@ -168,6 +169,27 @@ pub fn snapshot_for(
         routes_for(ours, peers, port),
         generation,
     )
+    .with_sources(source.v4, source.v6)
+}
+
+/// The addresses this host advertises: `--public-ip` and `--public-ipv6` where given, else the
+/// underlay interface's. The IPv6 address is advertised when the overlay has IPv6, and also
+/// when there is no IPv4 underlay address at all (an IPv6-only underlay carries the IPv4
+/// overlay too).
+fn advertised_addresses(
+    given: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    config: &NetworkConfig,
+    underlay: &host::Underlay,
+) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+    let public_ip = given.0.or(underlay.ipv4);
+    let public_ipv6 = given
+        .1
+        .or(if config.ipv6_network.is_some() || public_ip.is_none() {
+            underlay.ipv6
+        } else {
+            None
+        });
+    (public_ip, public_ipv6)
 }
 
 /// The TUN addresses for a lease: the subnets' network addresses (flannel's choice; `.1` stays
@@ -293,16 +315,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &|ip| config.leases(ip),
     )
     .await?;
-    let public_ip = args.public_ip.or(underlay.ipv4);
-    // The IPv6 address is advertised when the overlay has IPv6, and also when there is no
-    // IPv4 underlay address at all (an IPv6-only underlay carries the IPv4 overlay too).
-    let public_ipv6 =
-        args.public_ipv6
-            .or(if config.ipv6_network.is_some() || public_ip.is_none() {
-                underlay.ipv6
-            } else {
-                None
-            });
+    let (public_ip, public_ipv6) =
+        advertised_addresses((args.public_ip, args.public_ipv6), &config, &underlay);
     if public_ip.is_none() && public_ipv6.is_none() {
         bail!(
             "interface {} has no usable address to advertise; pass --public-ip or --public-ipv6",
@@ -471,11 +485,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
     let udp_gro = receive_with_udp_gro(args.udp_gro, args.no_offload, kernel);
     let udp_gso = send_with_udp_gso(args.udp_gso, args.no_offload, kernel);
 
-    let table = Table::new(snapshot_for(&own.key, &attrs, &[], config.backend.port, 0));
     // Datagrams leave from the advertised addresses when they are local: peers accept only
     // those (an address behind NAT is left to the kernel, and to --accept-unknown-senders).
+    // Workers take them from the table, which carries them to every worker when they change.
     let source = Source::advertised(public_ip, public_ipv6, &host::local_addresses(&nl).await?);
     tracing::debug!(?source, "datagram source addresses");
+    let table = Table::new(snapshot_for(
+        &own.key,
+        &attrs,
+        &[],
+        config.backend.port,
+        0,
+        source,
+    ));
     let mut handles = Vec::with_capacity(workers);
     for (id, queue) in tun.queues.into_iter().enumerate() {
         let mut udp = open_udp(config.backend.port, args.socket_buffer)
@@ -574,6 +596,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         &peers,
         config.backend.port,
         first.generation,
+        source,
     ));
 
     let env = SubnetEnv::for_lease(
@@ -614,6 +637,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         workers: handles.iter().map(WorkerHandle::monitor).collect(),
         registry: registry.location(),
     });
+    let new_addresses = manager.address_sender();
     let control = tokio::spawn(manager.run(cancel.clone()));
     let port = config.backend.port;
     let publisher = {
@@ -624,12 +648,13 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let nl = nl.clone();
         let tun_name = args.tun.clone();
         let tun_mtu = u32::from(mtu);
-        let attrs = attrs.clone();
-        // The advertised addresses that were this host's at start (not one behind NAT).
-        let advertised: Vec<IpAddr> = [source.v4.map(IpAddr::V4), source.v6.map(IpAddr::V6)]
-            .into_iter()
-            .flatten()
-            .collect();
+        let mut attrs = attrs.clone();
+        let mut source = source;
+        let follow = Follow {
+            choice: args.interface_choice(),
+            given: (args.public_ip, args.public_ipv6),
+            mtu: underlay_mtu,
+        };
         let mut device_key = own.key;
         let host_steps = host_steps.clone();
         tokio::spawn(async move {
@@ -725,7 +750,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
                     }
                     skipped = bad_keys;
                 }
-                let snap = snapshot_for(&table_key, &attrs, &peers, port, current.generation);
+                let snap =
+                    snapshot_for(&table_key, &attrs, &peers, port, current.generation, source);
                 tracing::debug!(
                     generation = current.generation,
                     peers = snap.len(),
@@ -763,7 +789,35 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 check_tun(&nl, (&tun_name, tun_mtu), &config, &device_key, &mut failing[2]).await;
                                 host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
-                            check_underlay(&nl, &advertised, &mut failing[3]).await;
+                            let gone = gone_addresses(&nl, source).await;
+                            if gone.is_empty() {
+                                retry_done(&mut failing[3], "the advertised underlay address is back");
+                            } else {
+                                match follow_underlay(&nl, &follow, &config, &attrs).await {
+                                    Ok((new, new_source)) => {
+                                        tracing::warn!(gone = %list(&gone), public_ip = new.public_ip.map(tracing::field::display), public_ipv6 = new.public_ipv6.map(tracing::field::display), "the advertised underlay address is gone; advertising the interface's new one instead, and keeping the subnet");
+                                        attrs = new;
+                                        source = new_source;
+                                        // The manager rewrites the lease with them; peers
+                                        // route to the new address once they see it.
+                                        let _ = new_addresses.send(attrs.clone());
+                                        failing[3] = None;
+                                        host_steps.set("underlay", None);
+                                        // The table again, with the new source addresses.
+                                        break;
+                                    }
+                                    Err(why) => retry_failed(
+                                        &mut failing[3],
+                                        "the advertised underlay address is gone",
+                                        format!(
+                                            "{} is on no interface of this host any more: peers \
+                                             send to it, and drop what this host sends from \
+                                             another address; {why}",
+                                            list(&gone)
+                                        ),
+                                    ),
+                                }
+                            }
                             host_steps.set("underlay", failing[3].as_ref());
                         }
                     }
@@ -866,46 +920,104 @@ pub async fn run(args: RunArgs) -> Result<()> {
     outcome
 }
 
-/// Says while an advertised address that was this host's at start is on no interface any more
-/// (DHCP gave the host another address, say): peers still send to it, and drop this host's
-/// datagrams, which the kernel now sends from another address, as from an unknown sender. A
-/// lease cannot change address under a running daemon (the address is the host's identity
-/// in the registry), so linen reports it (`linen_host_step_failing{step="underlay"}`, a
-/// FAILING line in `linen status`) and a restart takes the new address.
-async fn check_underlay(
-    nl: &rtnetlink::Handle,
-    advertised: &[IpAddr],
-    failing: &mut Option<String>,
-) {
+/// The addresses datagrams leave from (the advertised ones that were local) that are on no
+/// interface of this host any more (none when the addresses cannot be listed).
+async fn gone_addresses(nl: &rtnetlink::Handle, source: Source) -> Vec<IpAddr> {
+    let advertised: Vec<IpAddr> = [source.v4.map(IpAddr::V4), source.v6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .collect();
     if advertised.is_empty() {
-        return;
+        return Vec::new();
     }
-    let local = match host::present_addresses(nl, advertised).await {
-        Ok(l) => l,
+    match host::present_addresses(nl, &advertised).await {
+        Ok(local) => advertised
+            .into_iter()
+            .filter(|ip| !local.contains(ip))
+            .collect(),
         Err(e) => {
             tracing::debug!(error = %format!("{e:#}"), "cannot list this host's addresses");
-            return;
+            Vec::new()
         }
-    };
-    let gone: Vec<String> = advertised
-        .iter()
-        .filter(|ip| !local.contains(ip))
-        .map(IpAddr::to_string)
-        .collect();
-    if gone.is_empty() {
-        retry_done(failing, "the advertised underlay address is back");
-    } else {
-        retry_failed(
-            failing,
-            "the advertised underlay address is gone",
-            format!(
-                "{} is on no interface of this host any more: peers send to it, and drop what \
-                 this host sends from another address; restart linen to advertise the new one \
-                 (give it with --public-ip or --public-ipv6 if it was given)",
-                gone.join(" and ")
-            ),
-        );
     }
+}
+
+/// Addresses, for messages: `a and b`.
+fn list(ips: &[IpAddr]) -> String {
+    ips.iter()
+        .map(IpAddr::to_string)
+        .collect::<Vec<_>>()
+        .join(" and ")
+}
+
+/// How the start chose the underlay, to choose again when its address goes.
+struct Follow {
+    choice: host::InterfaceChoice,
+    /// `--public-ip` and `--public-ipv6`: never followed.
+    given: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    /// The underlay MTU the overlay MTU was set for.
+    mtu: u32,
+}
+
+/// The addresses to advertise, and to send from, now that an advertised address left the host
+/// (DHCP gave the interface another): the start's choice of interface and address made again.
+/// Refused, with the reason for the message, when that finds nothing new (an address given
+/// with `--public-ip`, an interface without one yet), addresses of other families than
+/// advertised (the overlay MTU was set for these), or an address the network leases.
+async fn follow_underlay(
+    nl: &rtnetlink::Handle,
+    follow: &Follow,
+    config: &NetworkConfig,
+    current: &LeaseAttrs,
+) -> Result<(LeaseAttrs, Source), String> {
+    const RESTART: &str = "restart linen to advertise the new one (give it with --public-ip or \
+                           --public-ipv6 if it was given)";
+    let underlay =
+        host::discover_underlay(nl, &follow.choice, follow.given.0, follow.given.1, &|ip| {
+            config.leases(ip)
+        })
+        .await
+        .map_err(|e| format!("no new address found ({e:#}); {RESTART}"))?;
+    let (v4, v6) = advertised_addresses(follow.given, config, &underlay);
+    if (v4, v6) == (current.public_ip, current.public_ipv6) {
+        return Err(RESTART.to_owned());
+    }
+    if v4.is_some() != current.public_ip.is_some() || v6.is_some() != current.public_ipv6.is_some()
+    {
+        return Err(format!(
+            "{} now has addresses of other families than those advertised ({}); restart linen \
+             to advertise them",
+            underlay.name,
+            [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
+                .into_iter()
+                .flatten()
+                .map(|ip| ip.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
+    if let Some(ip) = [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
+        .into_iter()
+        .flatten()
+        .find(|ip| config.leases(*ip))
+    {
+        return Err(format!(
+            "its new address {ip} is inside a subnet the network config leases, so it is not \
+             advertised; choose another underlay with --iface or --public-ip and restart linen"
+        ));
+    }
+    if underlay.mtu < follow.mtu {
+        tracing::warn!(interface = %underlay.name, mtu = underlay.mtu, was = follow.mtu, "the new underlay address is on an interface with a smaller MTU than the overlay's was set for; restart linen to set the overlay MTU for it");
+    }
+    let local = host::local_addresses(nl)
+        .await
+        .map_err(|e| format!("cannot list this host's addresses: {e:#}"))?;
+    let attrs = LeaseAttrs {
+        public_ip: v4,
+        public_ipv6: v6,
+        ..current.clone()
+    };
+    Ok((attrs, Source::advertised(v4, v6, &local)))
 }
 
 /// The most a worker's receive buffer grows to without `--socket-buffer-max` (or
@@ -1366,8 +1478,11 @@ mod test {
             attrs: attrs("198.18.0.2", "fd00:18::2"),
             ..lease("198.19.2.0-24&fd00:19:0:2::-64", "198.18.0.2")
         };
-        let at_a = snapshot_for(&a.key, &a.attrs, std::slice::from_ref(&b), 8285, 1);
-        let at_b = snapshot_for(&b.key, &b.attrs, std::slice::from_ref(&a), 8285, 1);
+        let snap = |own: &Lease, peer: &Lease| {
+            let peers = std::slice::from_ref(peer);
+            snapshot_for(&own.key, &own.attrs, peers, 8285, 1, Source::default())
+        };
+        let (at_a, at_b) = (snap(&a, &b), snap(&b, &a));
         let (a6, b6): (IpAddr, IpAddr) = (
             "fd00:19:0:1::5".parse().unwrap(),
             "fd00:19:0:2::5".parse().unwrap(),
@@ -1386,7 +1501,7 @@ mod test {
             attrs: attrs("198.18.0.3", "fd00:18::3"),
             ..lease("198.19.3.0-24&fd00:19:0:3::-64", "198.18.0.3")
         };
-        let at_c = snapshot_for(&c.key, &c.attrs, std::slice::from_ref(&b), 8285, 1);
+        let at_c = snap(&c, &b);
         assert_eq!(hop(&at_c, b6), Some("[fd00:18::2]:8285".parse().unwrap()));
         assert_eq!(
             hop(&at_c, "198.19.2.5".parse().unwrap()),

@@ -24,7 +24,7 @@ use super::batch::Run;
 use super::coalesce::{self, MAX_RUN, Run as CoalesceRun};
 use super::counters::{Counters, DropReason, LocalCounters};
 use super::forward::{self, Asked, Egress, ForwardConfig, IcmpLimiter, Ingress, PathMtus};
-use super::io::{UdpEndpoint, socket_addr_for};
+use super::io::{Source, UdpEndpoint, socket_addr_for};
 use crate::sys;
 use crate::table::Reader;
 
@@ -534,6 +534,10 @@ impl Worker {
         }
         let now = Instant::now();
         self.paths.expire(now);
+        let (v4, v6) = self.table.load().sources();
+        if self.udp.source != (Source { v4, v6 }) {
+            self.set_source(Source { v4, v6 });
+        }
         let snap = self.table.load();
         let mut news = SourceNews::Nothing;
         // The peers whose path MTU is asked for after the batch ([`Questions`]).
@@ -658,6 +662,19 @@ impl Worker {
             self.reprobe();
         }
         Ok(more)
+    }
+
+    /// Sends from `source` from now on: the table's source addresses changed (the daemon
+    /// followed the host's underlay address to a new one).
+    #[cold]
+    fn set_source(&mut self, source: Source) {
+        tracing::debug!(worker = self.id, ?source, "datagram source addresses");
+        self.udp.source = source;
+        if let Some((ep, _)) = &mut self.tx {
+            ep.source = source;
+        }
+        // A new address deserves its own warning if the kernel refuses it too.
+        self.source_warned = false;
     }
 
     /// The kernel refused the source address of a send (EINVAL, EADDRNOTAVAIL, ENETUNREACH:

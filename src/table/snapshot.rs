@@ -91,6 +91,9 @@ pub struct Snapshot {
     /// Public IPv6 of every next hop (the values are unused).
     senders_v6: FlatMap<u128>,
     excluded: usize,
+    /// The addresses datagrams to peers leave from, by the peer's family (`None`: the kernel's
+    /// choice).
+    sources: (Option<Ipv4Addr>, Option<Ipv6Addr>),
 }
 
 /// The subnet with its host bits cleared.
@@ -244,7 +247,22 @@ impl Snapshot {
             senders_v4,
             senders_v6,
             excluded,
+            sources: (None, None),
         }
+    }
+
+    /// This table with the source addresses datagrams leave from: `v4` towards IPv4 peers, `v6`
+    /// towards IPv6 peers (`None`: the kernel's choice). They ride with the table so that a
+    /// change of the host's address reaches every worker as the routes do.
+    pub fn with_sources(mut self, v4: Option<Ipv4Addr>, v6: Option<Ipv6Addr>) -> Snapshot {
+        self.sources = (v4, v6);
+        self
+    }
+
+    /// The source addresses set by [`with_sources`](Self::with_sources).
+    #[inline]
+    pub fn sources(&self) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
+        self.sources
     }
 
     /// An empty table (no local subnet, no routes), generation 0: what workers see before the
