@@ -364,8 +364,6 @@ mod test {
         assert_eq!(path_mtu(lo4, Some(lo4.ip())).unwrap(), v4);
         // A source of the other family is left out, not an error.
         assert_eq!(path_mtu(lo4, Some("::1".parse().unwrap())).unwrap(), v4);
-        if std::net::UdpSocket::bind("[::1]:0").is_ok() {
-            assert_eq!(path_mtu("[::1]:9".parse().unwrap(), None).unwrap(), lo);
-        }
+        assert_eq!(path_mtu("[::1]:9".parse().unwrap(), None).unwrap(), lo);
     }
 }

@@ -348,22 +348,24 @@ async fn stored_value_is_flannels_and_config_round_trips() {
 #[tokio::test]
 async fn expired_lease_is_removed_for_watchers_and_can_be_taken() {
     let dir = setup(NET);
-    let short = registry(dir.path(), 5);
+    let short = registry(dir.path(), 15);
     let long = registry(dir.path(), 3600);
-    // Host 1 runs first; host 2 then takes a 5 s lease and stops renewing (its daemon died).
-    // Host 1 must see it before it expires: 5 s leaves room on a loaded machine. Beyond the
+    // Host 1 runs first; host 2 then takes a 15 s lease and stops renewing (its daemon died).
+    // Host 1 must see it before it expires: 15 s leaves room on a loaded machine. Beyond the
     // first 100 candidates, among which host 1 picks its own.
     let mut a = Running::start(Arc::clone(&long), options(1)).await;
     short
         .create_lease(&key("198.19.150.0-24"), &host(2))
         .await
         .unwrap();
-    a.wait(4, "host 2 as a peer", |s| {
+    a.wait(12, "host 2 as a peer", |s| {
         s.peers.iter().any(|l| l.key == key("198.19.150.0-24"))
     })
     .await;
     let gen_before = a.state.borrow().generation;
-    let s = a.wait(10, "host 2's expiry", |s| s.peers.is_empty()).await;
+    let s = a
+        .wait(PATIENCE, "host 2's expiry", |s| s.peers.is_empty())
+        .await;
     assert!(s.generation > gen_before);
     // Another host asking for that subnet (its subnet.env) now gets it.
     let mut opts = options(3);
@@ -1043,7 +1045,7 @@ async fn watch_delivers_a_snapshot_first_and_on_change() {
     reg.create_lease(&key("198.19.8.0-24"), &host(8))
         .await
         .unwrap();
-    let ev = tokio::time::timeout(Duration::from_secs(1), w.next())
+    let ev = tokio::time::timeout(Duration::from_secs(PATIENCE), w.next())
         .await
         .unwrap()
         .unwrap();

@@ -139,7 +139,21 @@ fn full_demo_pings_every_pair_and_reports_both_throughputs() {
         .unwrap();
     let pid = child.id();
     let _sweep = Sweep("lndemo", pid);
+    // A demo that hangs is interrupted after 4 minutes (it then cleans up and exits 130),
+    // rather than holding the suite until its overall timeout kills everything (and leaves
+    // its namespaces). `done` follows the reaping at once, so the pid is the demo's whenever
+    // the signal can go, but for that instant.
+    let (done, finished) = mpsc::channel::<()>();
+    let watchdog = std::thread::spawn(move || {
+        if finished.recv_timeout(Duration::from_secs(240)).is_err() {
+            let _ = Command::new("kill")
+                .args(["-INT", &pid.to_string()])
+                .status();
+        }
+    });
     let out = child.wait_with_output().unwrap();
+    let _ = done.send(());
+    let _ = watchdog.join();
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");

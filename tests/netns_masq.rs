@@ -58,13 +58,7 @@ fn udp_exchange(from: &Host, src: &str, to: &Host, dst: &str) -> (bool, Option<S
     );
     // Listening before the client sends: otherwise a datagram that no reply was ever possible
     // for would make the unmasqueraded checks pass for nothing.
-    let mut ready = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(server.stdout.as_mut().unwrap()),
-        &mut ready,
-    )
-    .unwrap();
-    assert_eq!(ready.trim(), "ready");
+    common::wait_ready(&mut server);
     let reply = from.run_ok("python3", &["-c", CLIENT, src, dst]).unwrap();
     let seen = if reply.trim() == "reply" {
         let out = server.wait_with_output();

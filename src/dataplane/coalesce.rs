@@ -690,8 +690,11 @@ mod test {
         assert!(classify(&short_total, true).is_none());
         // Truncated and odd inputs are refused, never a panic.
         for n in 0..60 {
-            let _ = classify(&udp(false, 100)[..n], true);
-            let _ = classify(&seg6(1, 10, ACK)[..n], true);
+            assert!(classify(&udp(false, 100)[..n], true).is_none(), "{n} bytes");
+            assert!(
+                classify(&seg6(1, 10, ACK)[..n], true).is_none(),
+                "{n} bytes"
+            );
         }
     }
 

@@ -62,6 +62,17 @@ pub fn skip() -> bool {
     false
 }
 
+/// Waits for a helper script's first line on its (piped) stdout, which must be `ready`.
+pub fn wait_ready(child: &mut Child) {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().expect("piped stdout")),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+}
+
 /// A process a test started outside a `Lab` (a receiving script, a second daemon). If the test
 /// fails before waiting for it, dropping it kills it (by its PID: we started it) and reaps it, so
 /// it does not outlive the test and pin a deleted namespace. Derefs to the [`Child`].
