@@ -478,7 +478,14 @@ impl Worker {
                     &mut self.seg_sizes[count..count + SEGMENTS],
                     0,
                 ) {
-                    Ok(n) => count += n,
+                    Ok(n) => {
+                        if n == 1 {
+                            let at = count * stride;
+                            let len = self.seg_sizes[count];
+                            udp_checksum_zero_is_ones(raw, &mut self.arena[at..at + len]);
+                        }
+                        count += n;
+                    }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => more = false,
                     Err(e) if is_fatal(&e) => return Err(tun_lost(e)),
                     // A signal, not a packet: read again.
@@ -922,6 +929,36 @@ fn every_path_carries(peer: SocketAddr) -> usize {
 /// bursts took CPU time from the programs sharing the cores and lost small datagrams in their
 /// sockets (the 64-byte rate of `linen bench` fell by about 7 % with a threshold of 320 µs).
 const QUIET: Duration = Duration::from_millis(2);
+
+/// A UDP checksum that a TUN read completed (`NEEDS_CSUM` without GSO) and that came out as
+/// 0 is written as all ones, as RFC 768 and the kernel do: 0 means "no checksum" for IPv4 and
+/// is invalid for IPv6, whose receivers drop the datagram (one in 65,536 of a local program's
+/// IPv6 UDP datagrams: DNS, QUIC). tun-rs's completion (`gso_none_checksum`, from
+/// wireguard-go) writes it as computed; its segmentation of UDP super-packets already maps
+/// it. `hdr` starts with the read's virtio-net header, `pkt` is the packet it completed.
+/// A field of 0 without `NEEDS_CSUM` is the sender's (IPv6 tunnels may send none, RFC 6935)
+/// and stays.
+#[inline]
+fn udp_checksum_zero_is_ones(hdr: &[u8], pkt: &mut [u8]) {
+    const NEEDS_CSUM: u8 = 1;
+    const GSO_NONE: u8 = 0;
+    const UDP_CHECKSUM_OFFSET: u16 = 6;
+    let [flags, gso_type, _, _, _, _, s0, s1, o0, o1, ..] = *hdr else {
+        return;
+    };
+    if flags & NEEDS_CSUM == 0
+        || gso_type != GSO_NONE
+        || u16::from_ne_bytes([o0, o1]) != UDP_CHECKSUM_OFFSET
+    {
+        return;
+    }
+    let at = usize::from(u16::from_ne_bytes([s0, s1])) + usize::from(UDP_CHECKSUM_OFFSET);
+    if let Some(field) = pkt.get_mut(at..at + 2)
+        && field == [0, 0]
+    {
+        field.copy_from_slice(&[0xff, 0xff]);
+    }
+}
 
 /// Sends `t`; when the kernel refuses its source address (the advertised address is no longer
 /// ours: a floating address moved), sends it again from the kernel's choice, as without one,
@@ -1701,6 +1738,53 @@ fn send_gso(
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// Only a UDP checksum the read completed (`NEEDS_CSUM`, no GSO, the UDP offset) that came
+    /// out 0 becomes all ones; a sender's own 0, a TCP checksum and a short packet stay.
+    #[test]
+    fn only_a_completed_udp_checksum_of_zero_becomes_all_ones() {
+        let hdr = |flags: u8, gso: u8, start: u16, offset: u16| {
+            let mut h = [0u8; VIRTIO_NET_HDR_LEN];
+            h[0] = flags;
+            h[1] = gso;
+            h[6..8].copy_from_slice(&start.to_ne_bytes());
+            h[8..10].copy_from_slice(&offset.to_ne_bytes());
+            h
+        };
+        // An IPv6 UDP packet: the checksum at 40 + 6.
+        let fixed = |h: [u8; VIRTIO_NET_HDR_LEN], field: [u8; 2], len: usize| {
+            let mut pkt = vec![0u8; len];
+            if len >= 48 {
+                pkt[46..48].copy_from_slice(&field);
+            }
+            udp_checksum_zero_is_ones(&h, &mut pkt);
+            pkt.get(46..48).map(|f| [f[0], f[1]])
+        };
+        let cases = [
+            (
+                "completed as 0",
+                hdr(1, 0, 40, 6),
+                [0, 0],
+                60,
+                Some([0xff, 0xff]),
+            ),
+            (
+                "completed as another",
+                hdr(1, 0, 40, 6),
+                [0, 7],
+                60,
+                Some([0, 7]),
+            ),
+            ("the sender's 0", hdr(0, 0, 40, 6), [0, 0], 60, Some([0, 0])),
+            ("a GSO read", hdr(1, 5, 40, 6), [0, 0], 60, Some([0, 0])),
+            ("TCP's offset", hdr(1, 0, 34, 16), [0, 0], 60, Some([0, 0])),
+            ("too short: untouched", hdr(1, 0, 40, 6), [0, 0], 47, None),
+        ];
+        for (what, h, field, len, want) in cases {
+            assert_eq!(fixed(h, field, len), want, "{what}");
+        }
+        udp_checksum_zero_is_ones(&[1, 0], &mut [0u8; 60]);
+    }
 
     /// A GSO send whose source address the kernel refuses (not local: IPv4 says ENETUNREACH
     /// or EINVAL, IPv6 EINVAL) still leaves, from the kernel's choice, every segment intact.
