@@ -1392,6 +1392,100 @@ fn forged_datagrams_are_dropped_and_restart_keeps_subnet() {
     assert!(o.ping_ok(0, "198.19.177.0", &[]));
 }
 
+/// Each datagram of a GRO batch is checked on its own: in one UDP GSO send from host 2 (a
+/// peer holding a lease), three echo requests of equal size, the middle one with an inner
+/// source outside host 2's subnet. Host 1 drops that one as spoofed and delivers the two
+/// around it, whose replies are the only packets its kernel writes back to the TUN.
+#[test]
+fn every_datagram_of_a_received_batch_is_checked_alone() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnbatch", 2);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let ((a1, _), (a2, _)) = (o.addrs(0), o.addrs(1));
+    assert!(o.ping_ok(0, &a2, &[]));
+    let (tun1, tun2): (Ipv4Addr, Ipv4Addr) = (a1.parse().unwrap(), a2.parse().unwrap());
+    let before = quiet_per_worker(&o);
+    let tun_rx = |c: &[(u64, u64, u64)]| c.iter().map(|w| w.0).sum::<u64>();
+    let received = |c: &[(u64, u64, u64)]| c.iter().map(|w| w.2).sum::<u64>();
+    let mut batch = ipv4_echo(tun2, tun1);
+    batch.extend(ipv4_echo(Ipv4Addr::new(198, 19, 250, 1), tun1));
+    batch.extend(ipv4_echo(tun2, tun1));
+    let hex: String = batch.iter().map(|b| format!("{b:02x}")).collect();
+    let send = "import socket, sys; s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); \
+                s.setsockopt(socket.SOL_UDP, 103, 28); \
+                s.sendto(bytes.fromhex(sys.argv[2]), (sys.argv[1], 8285))";
+    let h1 = o.lab.host(0).ip.to_string();
+    o.lab
+        .host(1)
+        .run_ok("python3", &["-c", send, &h1, &hex])
+        .unwrap();
+    wait_received(&o, 0, received(&before[0]) + 3);
+    let after = quiet_per_worker(&o);
+    // Two replies, to host 2; a reply to the forged source would be one more read.
+    assert_eq!(tun_rx(&after[0]) - tun_rx(&before[0]), 2, "{}", o.log(0));
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert_eq!(counter(&log, "spoofed_source"), 1, "{log}");
+}
+
+/// TTL rules hold for every segment of a TSO super-packet: a TCP stream whose TTL drops to 1
+/// once established (its full-size writes leave the TUN as super-packets) gets not one more
+/// byte to the peer; its segments are dropped and answered with Time Exceeded (rate-limited).
+#[test]
+fn no_segment_of_a_ttl_one_super_packet_is_forwarded() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnttlseg", 2);
+    o.start(0, &[]);
+    o.start(1, &[]);
+    let (_, (a2, _)) = (o.addrs(0), o.addrs(1));
+    assert!(o.ping_ok(0, &a2, &[]));
+    let mut server = o.lab.host(1).command("python3");
+    let script = r#"
+import socket, sys
+l = socket.socket(); l.bind((sys.argv[1], 7004)); l.listen(1)
+print("ready", flush=True)
+c, _ = l.accept(); c.settimeout(5); n = 0
+while True:
+    try: d = c.recv(65536)
+    except (socket.timeout, ConnectionResetError): break
+    if not d: break
+    n += len(d)
+print(n)
+"#;
+    server.args(["-c", script, &a2]).stdout(Stdio::piped());
+    let mut server = Helper::spawn(&mut server);
+    wait_ready(&mut server);
+    let client = r#"
+import socket, struct, sys, time
+c = socket.create_connection((sys.argv[1], 7004))
+c.sendall(b"x" * 10000); time.sleep(1)
+c.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
+c.settimeout(3)
+try: c.sendall(b"y" * (1 << 20))
+except socket.timeout: pass
+c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0)); c.close()
+"#;
+    o.lab
+        .host(0)
+        .run_ok("python3", &["-c", client, &a2])
+        .unwrap();
+    let out = server.wait_with_output();
+    let got: u64 = String::from_utf8_lossy(&out.stdout)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("{out:?}"));
+    assert_eq!(got, 10_000, "bytes sent with TTL 1 arrived:\n{}", o.log(0));
+    let (status, log) = o.stop(0);
+    assert!(status.is_some_and(|s| s.success()), "{log}");
+    assert!(counter(&log, "ttl_exceeded") >= 1, "{log}");
+    assert!(counter(&log, "icmp_sent") >= 1, "{log}");
+}
+
 /// With two workers on each host, what a worker sends reaches the peer's worker of the same
 /// number, chosen by the class of the source port, whatever the kernel's hash would pick, so TCP
 /// flows spread over both workers and keep to matching ones in both directions.
