@@ -332,7 +332,7 @@ fn pseudo_header(pkt: &[u8], v6: bool, proto: u8, l4_len: u16) -> u16 {
 }
 
 #[cfg(test)]
-mod test {
+pub(crate) mod test {
     use super::*;
 
     /// The RFC 1071 sum of 16-bit words, unfolded: the tests' own reference, apart from
@@ -534,7 +534,7 @@ mod test {
     }
 
     /// A UDP datagram of `payload` bytes over IPv4 or IPv6, checksum field non-zero.
-    fn udp(v6: bool, payload: usize) -> Vec<u8> {
+    pub(crate) fn udp(v6: bool, payload: usize) -> Vec<u8> {
         let ip = if v6 { 40 } else { 20 };
         let mut p = if v6 { seg6(0, 0, ACK) } else { seg(0, 0, ACK) };
         p.truncate(ip);

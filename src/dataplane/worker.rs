@@ -2130,6 +2130,50 @@ mod test {
         }
     }
 
+    /// A super-packet the kernel refuses (EINVAL, a kernel's virtio-net rules) is written
+    /// again segment by segment, each whole and in order, each with a header asking for no
+    /// offload, and counted as written packets, not as a super-packet.
+    #[test]
+    fn a_refused_super_packet_is_written_segment_by_segment() {
+        struct Refusing(std::cell::RefCell<Vec<Vec<u8>>>);
+        impl TunSink for Refusing {
+            fn send(&self, _: &[u8]) -> io::Result<usize> {
+                unreachable!("offloads on: every write carries a virtio-net header")
+            }
+            fn send_vectored(&self, bufs: &[IoSlice<'_>]) -> io::Result<usize> {
+                if bufs[0].iter().any(|&b| b != 0) {
+                    return Err(io::Error::from_raw_os_error(libc::EINVAL));
+                }
+                let pkt: Vec<u8> = bufs[1..].iter().flat_map(|b| b.iter().copied()).collect();
+                self.0.borrow_mut().push(pkt);
+                Ok(bufs.iter().map(|b| b.len()).sum())
+            }
+        }
+        use super::super::coalesce::test::udp;
+        let pkts = [udp(false, 100), udp(false, 100), udp(false, 40)];
+        let stride = 256;
+        let mut buf = vec![0u8; stride * pkts.len()];
+        for (i, p) in pkts.iter().enumerate() {
+            buf[i * stride..i * stride + p.len()].copy_from_slice(p);
+        }
+        let seg = |p: &[u8]| coalesce::classify(p, true).unwrap();
+        let mut run = CoalesceRun::new(0, seg(&pkts[0]));
+        for (i, p) in pkts.iter().enumerate().skip(1) {
+            assert!(
+                run.try_append(&buf, stride, i, p, seg(p)),
+                "segment {i} joins"
+            );
+        }
+        let tun = Refusing(Default::default());
+        let mut w = TunWriter::new(true, true);
+        let mut local = LocalCounters::default();
+        w.write_run(&tun, &buf, stride, run, &mut local).unwrap();
+        assert_eq!(*tun.0.borrow(), pkts.to_vec());
+        assert_eq!((local.tun_tx_packets, local.tun_tx_uso), (3, 0));
+        let bytes: usize = pkts.iter().map(Vec::len).sum();
+        assert_eq!(local.tun_tx_bytes, bytes as u64);
+    }
+
     /// A worker thread that panics must count as stopped (the daemon exits when none runs):
     /// the flag comes down while unwinding, not only on a normal return.
     #[test]
