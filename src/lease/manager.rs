@@ -347,10 +347,11 @@ pub struct LeaseManager {
     /// New addresses for this host ([`address_sender`](LeaseManager::address_sender)).
     addresses: watch::Receiver<LeaseAttrs>,
     addresses_tx: watch::Sender<LeaseAttrs>,
-    /// This host's identity before its address changed, until the watch shows the own key
-    /// with the new one: a write of the old value seen meanwhile is one from before the
-    /// rewrite, not another host's.
-    superseded: Option<LeaseAttrs>,
+    /// This host's identities before its address changed (each of them, when it changed
+    /// again before a rewrite landed), until the watch shows the own key with the current
+    /// one: a write of an old value seen meanwhile is one from before the rewrite, not
+    /// another host's.
+    superseded: Vec<LeaseAttrs>,
 }
 
 impl LeaseManager {
@@ -379,7 +380,7 @@ impl LeaseManager {
             write_error: None,
             addresses,
             addresses_tx,
-            superseded: None,
+            superseded: Vec::new(),
         }
     }
 
@@ -401,7 +402,9 @@ impl LeaseManager {
             return;
         };
         tracing::info!(subnet = %own.key, public_ip = ?self.options.attrs.public_ip, public_ipv6 = ?self.options.attrs.public_ipv6, "this host's addresses changed; rewriting its lease with them, keeping the subnet");
-        self.superseded = Some(old);
+        if !self.superseded.contains(&old) {
+            self.superseded.push(old);
+        }
         self.renew_at = Some(Instant::now());
     }
 
@@ -672,7 +675,7 @@ impl LeaseManager {
                 .own()
                 .is_some_and(|o| o.attrs == self.options.attrs)
         {
-            self.superseded = None;
+            self.superseded.clear();
         }
         match applied.own {
             None => {}
@@ -689,8 +692,8 @@ impl LeaseManager {
                     && !allocator::is_ours(&self.config, ours, &lease)
                     && self
                         .superseded
-                        .as_ref()
-                        .is_some_and(|old| allocator::is_ours(&self.config, old, &lease))
+                        .iter()
+                        .any(|old| allocator::is_ours(&self.config, old, &lease))
                 {
                     // Written before this host's address changed (the rewrite with the new one
                     // is under way, or its echo still to come): still ours, not another host's.
@@ -745,7 +748,7 @@ impl LeaseManager {
     fn lose(&mut self) {
         self.renew_at = None;
         self.renew_failed = false;
-        self.superseded = None;
+        self.superseded.clear();
         if let Some(own) = self.tracker.own() {
             self.last_key = Some(own.key);
         }
@@ -1617,14 +1620,16 @@ mod test {
 
     /// A new address for this host (its underlay address moved) rewrites its lease in place,
     /// keeping the subnet. A write of the old value that the watch shows meanwhile (here while
-    /// the rewrite fails, as against an etcd over its quota) is this host's from before, not
-    /// another host's taking the subnet: the lease is neither given up nor acquired again.
+    /// the rewrites fail, as against an etcd over its quota, and after the address changed
+    /// once more) is this host's from before, not another host's taking the subnet: the lease
+    /// is neither given up nor acquired again, and ends with the last address.
     #[tokio::test(start_paused = true)]
     async fn a_new_address_rewrites_the_lease_and_keeps_the_subnet() {
         let reg = Arc::new(Outage::default());
         let config = NetworkConfig::from_json(r#"{"Network":"198.19.0.0/16"}"#).unwrap();
         let old = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
         let new = LeaseAttrs::with_public_ip("198.18.1.9".parse().unwrap());
+        let last = LeaseAttrs::with_public_ip("198.18.1.10".parse().unwrap());
         let mut m = LeaseManager::new(
             Arc::clone(&reg) as Arc<dyn Registry>,
             config,
@@ -1647,6 +1652,16 @@ mod test {
             1,
             "no rewrite was tried"
         );
+        addresses.send(last.clone()).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while reg.renew_attempts.load(Ordering::SeqCst) < 2 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        assert_eq!(
+            reg.renew_attempts.load(Ordering::SeqCst),
+            2,
+            "no second rewrite"
+        );
         // The key with the old address and a later expiry: a renewal's echo from before.
         *reg.shared.leases.lock().unwrap() = vec![sixty_seconds(first.key, &old)];
         reg.shared.generation.fetch_add(1, Ordering::SeqCst);
@@ -1665,9 +1680,9 @@ mod test {
             "the lease was given up"
         );
         assert_eq!(registry.len(), 1, "{registry:?}");
-        assert_eq!((registry[0].key, &registry[0].attrs), (first.key, &new));
+        assert_eq!((registry[0].key, &registry[0].attrs), (first.key, &last));
         let own = own.expect("a lease");
-        assert_eq!((own.key, own.attrs), (first.key, new));
+        assert_eq!((own.key, own.attrs), (first.key, last));
     }
 
     /// A renewal that committed although it was answered with an error shows up in the watch
