@@ -423,7 +423,23 @@ fn a_new_underlay_address_is_followed_and_the_subnet_kept() {
     if skip() {
         return;
     }
-    follow_a_new_address(&["--iface", "eth0"], &[], ("198.18.0.2", "198.18.0.12"));
+    follow_a_new_address(
+        &["--iface", "eth0"],
+        &[],
+        ("198.18.0.2", "198.18.0.12"),
+        false,
+    );
+}
+
+/// With no interface named, only the start's interface is followed: another one that is left
+/// with an address meanwhile (here a veth, as a container bridge would be, the same on
+/// every host) is not advertised, and the interface's new address is, once it comes.
+#[test]
+fn without_iface_only_the_start_interface_is_followed() {
+    if skip() {
+        return;
+    }
+    follow_a_new_address(&[], &[], ("198.18.0.2", "198.18.0.12"), true);
 }
 
 /// The same where the advertised address is not the one the kernel sends from (a secondary
@@ -438,13 +454,16 @@ fn a_new_secondary_underlay_address_is_sent_from() {
         &["--iface-regex", r"^198\.18\.0\.2\d$"],
         &["198.18.0.21/24"],
         ("198.18.0.21", "198.18.0.22"),
+        false,
     );
 }
 
 /// Starts two daemons, host 2's with `iface` and the extra addresses `more` on its eth0, then
 /// moves host 2's advertised address from `change.0` to `change.1` and checks that the lease,
-/// the routes and the traffic follow.
-fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str)) {
+/// the routes and the traffic follow. With `detour`, another interface with an address comes
+/// first, and the old address goes a while before the new one comes: that interface must not
+/// be followed meanwhile.
+fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), detour: bool) {
     let mut d = Daemons {
         lab: Lab::new("lnmove", 2, 1500).unwrap(),
         dir: tempfile::tempdir().unwrap(),
@@ -487,8 +506,32 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str)) {
         d.log(1)
     );
 
+    if detour {
+        // (A veth pair: the dummy module may be missing.)
+        h2.ip(&[
+            "link", "add", "dum0", "type", "veth", "peer", "name", "dum1",
+        ])
+        .unwrap();
+        h2.ip(&["addr", "add", "198.18.5.1/24", "dev", "dum0"])
+            .unwrap();
+        h2.ip(&["link", "set", "dum0", "up"]).unwrap();
+    }
     h2.ip(&["addr", "del", &format!("{}/24", change.0), "dev", "eth0"])
         .unwrap();
+    if detour {
+        // eth0 left without an address a peer could use, the veth is the only interface with
+        // one: what the start's choice, made again, would take.
+        h2.ip(&["addr", "del", "fd00:18::2/64", "dev", "eth0"])
+            .unwrap();
+        let waited = wait_for(Duration::from_secs(20), || {
+            d.log(1)
+                .contains("waiting for a new address on eth0")
+                .then_some(())
+        });
+        assert!(waited.is_some(), "{}", d.log(1));
+        // A check more, which could have taken the veth's address.
+        std::thread::sleep(Duration::from_secs(6));
+    }
     h2.ip(&["addr", "add", &format!("{}/24", change.1), "dev", "eth0"])
         .unwrap();
     let listed = wait_for(Duration::from_secs(20), || {
@@ -527,6 +570,7 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str)) {
     assert_eq!(d.env(1).previous_key(), Some(key2), "subnet.env moved");
     let log = d.log(1);
     assert!(log.contains("advertising the interface's new one"), "{log}");
+    assert!(!listed.contains("198.18.5.1"), "{listed}");
     assert!(!log.contains("re-acquiring"), "{log}");
     let underlay = "linen_host_step_failing{step=\"underlay\"}";
     assert_eq!(val(&d.metrics(1, 9500), underlay), 0.0, "{log}");

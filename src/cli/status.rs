@@ -265,7 +265,7 @@ pub fn render(s: &Status, addr: SocketAddr) -> String {
         s.table.routes, s.table.generation
     );
     for f in &s.host_failing {
-        // The underlay address is checked, not repaired: a restart takes the new one.
+        // The underlay address is checked, and followed once a new one can be.
         let how = if f.step == "underlay" {
             "checked every 5 s"
         } else {

@@ -304,7 +304,8 @@ pub struct InterfaceChoice {
 }
 
 impl InterfaceChoice {
-    fn is_empty(&self) -> bool {
+    /// Whether no interface was named (the default choice).
+    pub fn is_empty(&self) -> bool {
         self.iface.is_empty() && self.regex.is_empty() && self.can_reach.is_none()
     }
 
@@ -431,6 +432,23 @@ pub async fn discover_underlay(
             _ => first_v6(pick),
         },
     })
+}
+
+/// The interface named `name` as the underlay with its addresses now, as
+/// [`discover_underlay`] would give it when it picked it without an address: `None` when
+/// there is no such interface.
+pub async fn underlay_named(handle: &Handle, name: &str) -> Result<Option<Underlay>> {
+    Ok(links(handle)
+        .await?
+        .into_iter()
+        .find(|l| l.name == name)
+        .map(|l| Underlay {
+            ipv4: first_v4(&l),
+            ipv6: first_v6(&l),
+            name: l.name,
+            index: l.index,
+            mtu: l.mtu,
+        }))
 }
 
 /// The address a route's source `src` gives the interface `link` it leaves through: the

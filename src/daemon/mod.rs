@@ -653,6 +653,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let follow = Follow {
             choice: args.interface_choice(),
             given: (args.public_ip, args.public_ipv6),
+            interface: underlay.name.clone(),
             mtu: underlay_mtu,
         };
         let mut device_key = own.key;
@@ -789,11 +790,12 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 check_tun(&nl, (&tun_name, tun_mtu), &config, &device_key, &mut failing[2]).await;
                                 host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
+                            // (Unknown when the addresses cannot be listed: then as it was.)
                             let gone = gone_addresses(&nl, source).await;
-                            if gone.is_empty() {
+                            if gone.as_ref().is_some_and(Vec::is_empty) {
                                 retry_done(&mut failing[3], "the advertised underlay address is back");
-                            } else {
-                                match follow_underlay(&nl, &follow, &config, &attrs).await {
+                            } else if let Some(gone) = gone {
+                                match follow_underlay(&nl, &follow, &config, &attrs, &gone).await {
                                     Ok((new, new_source)) => {
                                         tracing::warn!(gone = %list(&gone), public_ip = new.public_ip.map(tracing::field::display), public_ipv6 = new.public_ipv6.map(tracing::field::display), "the advertised underlay address is gone; advertising the interface's new one instead, and keeping the subnet");
                                         attrs = new;
@@ -921,23 +923,26 @@ pub async fn run(args: RunArgs) -> Result<()> {
 }
 
 /// The addresses datagrams leave from (the advertised ones that were local) that are on no
-/// interface of this host any more (none when the addresses cannot be listed).
-async fn gone_addresses(nl: &rtnetlink::Handle, source: Source) -> Vec<IpAddr> {
+/// interface of this host any more; `None` when the addresses cannot be listed (nothing is
+/// known then, and nothing changes).
+async fn gone_addresses(nl: &rtnetlink::Handle, source: Source) -> Option<Vec<IpAddr>> {
     let advertised: Vec<IpAddr> = [source.v4.map(IpAddr::V4), source.v6.map(IpAddr::V6)]
         .into_iter()
         .flatten()
         .collect();
     if advertised.is_empty() {
-        return Vec::new();
+        return Some(Vec::new());
     }
     match host::present_addresses(nl, &advertised).await {
-        Ok(local) => advertised
-            .into_iter()
-            .filter(|ip| !local.contains(ip))
-            .collect(),
+        Ok(local) => Some(
+            advertised
+                .into_iter()
+                .filter(|ip| !local.contains(ip))
+                .collect(),
+        ),
         Err(e) => {
             tracing::debug!(error = %format!("{e:#}"), "cannot list this host's addresses");
-            Vec::new()
+            None
         }
     }
 }
@@ -955,46 +960,65 @@ struct Follow {
     choice: host::InterfaceChoice,
     /// `--public-ip` and `--public-ipv6`: never followed.
     given: (Option<Ipv4Addr>, Option<Ipv6Addr>),
+    /// The underlay interface at start.
+    interface: String,
     /// The underlay MTU the overlay MTU was set for.
     mtu: u32,
 }
 
 /// The addresses to advertise, and to send from, now that an advertised address left the host
 /// (DHCP gave the interface another): the start's choice of interface and address made again.
-/// Refused, with the reason for the message, when that finds nothing new (an address given
-/// with `--public-ip`, an interface without one yet), addresses of other families than
+/// Without `--iface`, `--iface-regex` or `--iface-can-reach`, only the start's interface is
+/// looked at: a lapsed DHCP lease takes the default route along, and the one interface left
+/// with an address may be a container bridge, the same on every host. Refused, with the
+/// reason for the message, when that finds nothing new (an address given with `--public-ip`,
+/// none on the interface yet), only a link-local address, addresses of other families than
 /// advertised (the overlay MTU was set for these), or an address the network leases.
 async fn follow_underlay(
     nl: &rtnetlink::Handle,
     follow: &Follow,
     config: &NetworkConfig,
     current: &LeaseAttrs,
+    gone: &[IpAddr],
 ) -> Result<(LeaseAttrs, Source), String> {
-    const RESTART: &str = "restart linen to advertise the new one (give it with --public-ip or \
-                           --public-ipv6 if it was given)";
-    let underlay =
+    let given = [
+        follow.given.0.map(IpAddr::V4),
+        follow.given.1.map(IpAddr::V6),
+    ];
+    if gone.iter().any(|ip| given.contains(&Some(*ip))) {
+        return Err(
+            "it was given with --public-ip or --public-ipv6: restart linen with the new one"
+                .to_owned(),
+        );
+    }
+    let waiting = format!(
+        "waiting for a new address on {} (checked every 5 s)",
+        follow.interface
+    );
+    // Named: the choice made again. Not named: the start's interface, whatever else has an
+    // address meanwhile.
+    let underlay = if follow.choice.is_empty() {
+        host::underlay_named(nl, &follow.interface)
+            .await
+            .ok()
+            .flatten()
+    } else {
         host::discover_underlay(nl, &follow.choice, follow.given.0, follow.given.1, &|ip| {
             config.leases(ip)
         })
         .await
-        .map_err(|e| format!("no new address found ({e:#}); {RESTART}"))?;
+        .ok()
+    };
+    let underlay = underlay.ok_or_else(|| waiting.clone())?;
     let (v4, v6) = advertised_addresses(follow.given, config, &underlay);
-    if (v4, v6) == (current.public_ip, current.public_ipv6) {
-        return Err(RESTART.to_owned());
-    }
-    if v4.is_some() != current.public_ip.is_some() || v6.is_some() != current.public_ipv6.is_some()
+    // Nothing new yet, or a DHCP client between leases (an IPv4 link-local address meanwhile,
+    // or an address of one family only).
+    if (v4, v6) == (current.public_ip, current.public_ipv6)
+        || v4.is_some() != current.public_ip.is_some()
+        || v6.is_some() != current.public_ipv6.is_some()
+        || v4.is_some_and(|ip| ip.is_link_local())
     {
-        return Err(format!(
-            "{} now has addresses of other families than those advertised ({}); restart linen \
-             to advertise them",
-            underlay.name,
-            [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
-                .into_iter()
-                .flatten()
-                .map(|ip| ip.to_string())
-                .collect::<Vec<_>>()
-                .join(", ")
-        ));
+        return Err(waiting);
     }
     if let Some(ip) = [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
         .into_iter()

@@ -64,7 +64,7 @@ pub struct Status {
 /// The steps on the host the daemon keeps in place after start, as [`HostSteps`] names them:
 /// the TUN device (its move with the lease, and the periodic check), `subnet.env` (its rewrite
 /// after a move), the iptables rules (their resync), the advertised underlay address (still
-/// this host's: a check, not a step it can repair).
+/// this host's, or followed to the interface's new one: failing while neither).
 pub const HOST_STEPS: [&str; 4] = ["tun", "subnet_env", "iptables", "underlay"];
 
 /// A host-side step failing now, and why.
