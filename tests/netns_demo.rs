@@ -139,15 +139,23 @@ fn full_demo_pings_every_pair_and_reports_both_throughputs() {
         .unwrap();
     let pid = child.id();
     let _sweep = Sweep("lndemo", pid);
-    // A demo that hangs is interrupted after 4 minutes (it then cleans up and exits 130),
-    // rather than holding the suite until its overall timeout kills everything (and leaves
-    // its namespaces). `done` follows the reaping at once, so the pid is the demo's whenever
-    // the signal can go, but for that instant.
+    // A demo that hangs is interrupted after 4 minutes (it then cleans up and exits 130; one
+    // that does not is killed 30 s later, leaving its namespaces to the sweep), rather than
+    // holding the suite until its overall timeout kills everything. `done` follows the
+    // reaping at once, so the pid is the demo's whenever a signal can go, but for that
+    // instant.
     let (done, finished) = mpsc::channel::<()>();
     let watchdog = std::thread::spawn(move || {
-        if finished.recv_timeout(Duration::from_secs(240)).is_err() {
+        for (wait, signal) in [(240, "-INT"), (30, "-KILL")] {
+            let timed_out = matches!(
+                finished.recv_timeout(Duration::from_secs(wait)),
+                Err(mpsc::RecvTimeoutError::Timeout)
+            );
+            if !timed_out {
+                return;
+            }
             let _ = Command::new("kill")
-                .args(["-INT", &pid.to_string()])
+                .args([signal, &pid.to_string()])
                 .status();
         }
     });

@@ -402,6 +402,8 @@ fn an_ipv6_udp_checksum_of_all_ones_arrives() {
     o.start(1, &[]);
     let ((_, from), (_, to)) = (o.addrs(0), o.addrs(1));
     assert!(o.ping_ok(0, &to, &["-6"]), "no IPv6 overlay");
+    // Without the TUN's checksum offload the kernel completes the checksum itself.
+    assert!(o.log(0).contains("offload=true"), "{}", o.log(0));
     let mut recv = o.lab.host(1).command("python3");
     let script = r#"
 import socket, sys
@@ -1407,6 +1409,8 @@ fn every_datagram_of_a_received_batch_is_checked_alone() {
     let ((a1, _), (a2, _)) = (o.addrs(0), o.addrs(1));
     assert!(o.ping_ok(0, &a2, &[]));
     let (tun1, tun2): (Ipv4Addr, Ipv4Addr) = (a1.parse().unwrap(), a2.parse().unwrap());
+    // Host 1 receives with UDP GRO: the send arrives as one buffer of three.
+    assert!(o.log(0).contains("udp_gro=true"), "{}", o.log(0));
     let before = quiet_per_worker(&o);
     let tun_rx = |c: &[(u64, u64, u64)]| c.iter().map(|w| w.0).sum::<u64>();
     let received = |c: &[(u64, u64, u64)]| c.iter().map(|w| w.2).sum::<u64>();
@@ -1449,12 +1453,13 @@ fn no_segment_of_a_ttl_one_super_packet_is_forwarded() {
 import socket, sys
 l = socket.socket(); l.bind((sys.argv[1], 7004)); l.listen(1)
 print("ready", flush=True)
-c, _ = l.accept(); c.settimeout(5); n = 0
+c, _ = l.accept(); c.settimeout(5); n = 0; told = False
 while True:
     try: d = c.recv(65536)
     except (socket.timeout, ConnectionResetError): break
     if not d: break
     n += len(d)
+    if n >= 10000 and not told: c.sendall(b"k"); told = True
 print(n)
 "#;
     server.args(["-c", script, &a2]).stdout(Stdio::piped());
@@ -1463,7 +1468,9 @@ print(n)
     let client = r#"
 import socket, struct, sys, time
 c = socket.create_connection((sys.argv[1], 7004))
-c.sendall(b"x" * 10000); time.sleep(1)
+c.sendall(b"x" * 10000)
+assert c.recv(1) == b"k"  # all 10,000 bytes arrived (and are acknowledged by now)
+time.sleep(0.2)
 c.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)
 c.settimeout(3)
 try: c.sendall(b"y" * (1 << 20))
