@@ -211,6 +211,16 @@ fn mesh_survives_an_etcd_outage_and_a_later_host_joins() {
     }
     c.etcd.start_again();
     eprintln!("etcd was down for {:?}", outage.elapsed());
+    // Once etcd is back each daemon's watch resumes (its backoff is at most 8 s), lists again
+    // and rebuilds its table: a second ping, 15 s from the restart on, crosses that too.
+    let resync_log = c.dir.path().join("ping-resync.log");
+    let mut resync = c.lab.host(0).command("ping");
+    resync
+        .args(["-i", "0.2", "-W", "2", "-c", "75", &addrs[1]])
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&resync_log).unwrap())
+        .stderr(Stdio::null());
+    let resync = c.lab.spawn(resync, "ping").unwrap();
     for i in 0..3 {
         // A daemon says that its etcd connection is plain http (admin commands do not).
         assert!(c.log(i).contains("plain http"), "{}", c.log(i));
@@ -227,13 +237,27 @@ fn mesh_survives_an_etcd_outage_and_a_later_host_joins() {
     c.start(3);
     addrs.push(c.addr(3));
     let finished = wait_for(Duration::from_secs(20), || {
-        (!c.lab.is_running(ping)).then_some(())
+        (!c.lab.is_running(ping) && !c.lab.is_running(resync)).then_some(())
     });
-    assert!(finished.is_some(), "the ping did not finish");
+    assert!(finished.is_some(), "the pings did not finish");
     let summary = ping_summary(&ping_log);
     assert!(
         summary.contains(&format!("{PING_COUNT} received")) && summary.contains(" 0% packet loss"),
         "echoes lost across the etcd outage: {summary}"
+    );
+    // The resync happened within the second ping.
+    for i in 0..3 {
+        assert!(
+            c.log(i).contains("registry available again"),
+            "host {} never resumed:\n{}",
+            i + 1,
+            c.log(i)
+        );
+    }
+    let summary = ping_summary(&resync_log);
+    assert!(
+        summary.contains("75 received") && summary.contains(" 0% packet loss"),
+        "echoes lost while the daemons resynced: {summary}"
     );
     let all = [0, 1, 2, 3];
     c.assert_reachable(&[3], &first, &addrs, Duration::from_secs(10));

@@ -2109,8 +2109,8 @@ fn bad_flags_and_configs_exit_2_with_a_message() {
         "--network",
         "nonsense",
     ]);
-    assert_ne!(code, Some(0), "{err}");
-    assert!(err.contains("nonsense"), "{err}");
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("nonsense") && err.contains("CIDR"), "{err}");
 }
 
 /// `linen run` on `h` over eth0 with the directory registry `dir`, metrics off and `extra`
