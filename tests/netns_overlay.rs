@@ -1469,6 +1469,7 @@ print(n)
 import socket, struct, sys, time
 c = socket.create_connection((sys.argv[1], 7004))
 c.sendall(b"x" * 10000)
+c.settimeout(10)
 assert c.recv(1) == b"k"  # all 10,000 bytes arrived (and are acknowledged by now)
 time.sleep(0.2)
 c.setsockopt(socket.IPPROTO_IP, socket.IP_TTL, 1)

@@ -310,7 +310,7 @@ impl InterfaceChoice {
     }
 
     /// What was asked for, for error messages.
-    fn describe(&self) -> String {
+    pub fn describe(&self) -> String {
         let mut parts = Vec::new();
         if !self.iface.is_empty() {
             parts.push(format!("--iface {}", self.iface.join(",")));

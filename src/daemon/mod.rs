@@ -650,6 +650,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let tun_mtu = u32::from(mtu);
         let mut attrs = attrs.clone();
         let mut source = source;
+        // The advertised addresses checked for being this host's: those it sends from (the
+        // local ones), and a local one given with --public-ip even after a follow took the
+        // other family's elsewhere.
+        let mut watched = addresses_of(source);
         let follow = Follow {
             choice: args.interface_choice(),
             given: (args.public_ip, args.public_ipv6),
@@ -791,7 +795,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                 host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
                             // (Unknown when the addresses cannot be listed: then as it was.)
-                            let gone = gone_addresses(&nl, source).await;
+                            let gone = gone_addresses(&nl, &watched).await;
                             if gone.as_ref().is_some_and(Vec::is_empty) {
                                 retry_done(&mut failing[3], "the advertised underlay address is back");
                             } else if let Some(gone) = gone {
@@ -800,6 +804,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                         tracing::warn!(gone = %list(&gone), public_ip = new.public_ip.map(tracing::field::display), public_ipv6 = new.public_ipv6.map(tracing::field::display), "the advertised underlay address is gone; advertising the interface's new one instead, and keeping the subnet");
                                         attrs = new;
                                         source = new_source;
+                                        watched = follow.watched_after(&watched, source);
                                         // The manager rewrites the lease with them; peers
                                         // route to the new address once they see it.
                                         let _ = new_addresses.send(attrs.clone());
@@ -922,21 +927,25 @@ pub async fn run(args: RunArgs) -> Result<()> {
     outcome
 }
 
-/// The addresses datagrams leave from (the advertised ones that were local) that are on no
-/// interface of this host any more; `None` when the addresses cannot be listed (nothing is
-/// known then, and nothing changes).
-async fn gone_addresses(nl: &rtnetlink::Handle, source: Source) -> Option<Vec<IpAddr>> {
-    let advertised: Vec<IpAddr> = [source.v4.map(IpAddr::V4), source.v6.map(IpAddr::V6)]
+/// The addresses of `source`, the advertised ones datagrams leave from.
+fn addresses_of(source: Source) -> Vec<IpAddr> {
+    [source.v4.map(IpAddr::V4), source.v6.map(IpAddr::V6)]
         .into_iter()
         .flatten()
-        .collect();
-    if advertised.is_empty() {
+        .collect()
+}
+
+/// Those of the `watched` addresses that are on no interface of this host any more; `None`
+/// when the addresses cannot be listed (nothing is known then, and nothing changes).
+async fn gone_addresses(nl: &rtnetlink::Handle, watched: &[IpAddr]) -> Option<Vec<IpAddr>> {
+    if watched.is_empty() {
         return Some(Vec::new());
     }
-    match host::present_addresses(nl, &advertised).await {
+    match host::present_addresses(nl, watched).await {
         Ok(local) => Some(
-            advertised
-                .into_iter()
+            watched
+                .iter()
+                .copied()
                 .filter(|ip| !local.contains(ip))
                 .collect(),
         ),
@@ -966,13 +975,35 @@ struct Follow {
     mtu: u32,
 }
 
+impl Follow {
+    /// The addresses given with `--public-ip` and `--public-ipv6`.
+    fn given_addresses(&self) -> [Option<IpAddr>; 2] {
+        [self.given.0.map(IpAddr::V4), self.given.1.map(IpAddr::V6)]
+    }
+
+    /// The addresses to watch once the host sends from `source`: those, and the given ones
+    /// among `before` (a local `--public-ip` address stays watched, and reported while gone,
+    /// after the other family's was followed).
+    fn watched_after(&self, before: &[IpAddr], source: Source) -> Vec<IpAddr> {
+        let given = self.given_addresses();
+        let mut watched = addresses_of(source);
+        for ip in before {
+            if given.contains(&Some(*ip)) && !watched.contains(ip) {
+                watched.push(*ip);
+            }
+        }
+        watched
+    }
+}
+
 /// The addresses to advertise, and to send from, now that an advertised address left the host
 /// (DHCP gave the interface another): the start's choice of interface and address made again.
 /// Without `--iface`, `--iface-regex` or `--iface-can-reach`, only the start's interface is
 /// looked at: a lapsed DHCP lease takes the default route along, and the one interface left
 /// with an address may be a container bridge, the same on every host. Refused, with the
-/// reason for the message, when that finds nothing new (an address given with `--public-ip`,
-/// none on the interface yet), only a link-local address, addresses of other families than
+/// reason for the message, when every address `gone` was given with `--public-ip` or
+/// `--public-ipv6`, when the choice finds nothing new (none on the interface yet, or only an
+/// IPv4 link-local address where the host advertised none), addresses of other families than
 /// advertised (the overlay MTU was set for these), or an address the network leases.
 async fn follow_underlay(
     nl: &rtnetlink::Handle,
@@ -981,20 +1012,25 @@ async fn follow_underlay(
     current: &LeaseAttrs,
     gone: &[IpAddr],
 ) -> Result<(LeaseAttrs, Source), String> {
-    let given = [
-        follow.given.0.map(IpAddr::V4),
-        follow.given.1.map(IpAddr::V6),
-    ];
-    if gone.iter().any(|ip| given.contains(&Some(*ip))) {
+    let given = follow.given_addresses();
+    // One given with --public-ip is never followed (the other family's, when gone too, is).
+    if gone.iter().all(|ip| given.contains(&Some(*ip))) {
         return Err(
             "it was given with --public-ip or --public-ipv6: restart linen with the new one"
                 .to_owned(),
         );
     }
-    let waiting = format!(
-        "waiting for a new address on {} (checked every 5 s)",
-        follow.interface
-    );
+    let waiting = if follow.choice.is_empty() {
+        format!(
+            "waiting for a new address on {} (checked every 5 s)",
+            follow.interface
+        )
+    } else {
+        format!(
+            "waiting for a new address ({}; checked every 5 s)",
+            follow.choice.describe()
+        )
+    };
     // Named: the choice made again. Not named: the start's interface, whatever else has an
     // address meanwhile.
     let underlay = if follow.choice.is_empty() {
@@ -1012,13 +1048,27 @@ async fn follow_underlay(
     let underlay = underlay.ok_or_else(|| waiting.clone())?;
     let (v4, v6) = advertised_addresses(follow.given, config, &underlay);
     // Nothing new yet, or a DHCP client between leases (an IPv4 link-local address meanwhile,
-    // or an address of one family only).
+    // where the host did not advertise one).
+    let link_local = |ip: Option<Ipv4Addr>| ip.is_some_and(|ip| ip.is_link_local());
     if (v4, v6) == (current.public_ip, current.public_ipv6)
-        || v4.is_some() != current.public_ip.is_some()
-        || v6.is_some() != current.public_ipv6.is_some()
-        || v4.is_some_and(|ip| ip.is_link_local())
+        || (link_local(v4) && !link_local(current.public_ip))
     {
         return Err(waiting);
+    }
+    // Also between leases, or for good (a family gone, or one come that was not advertised):
+    // the overlay MTU was set for the families advertised at start.
+    if v4.is_some() != current.public_ip.is_some() || v6.is_some() != current.public_ipv6.is_some()
+    {
+        let found: Vec<IpAddr> = [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
+            .into_iter()
+            .flatten()
+            .collect();
+        return Err(format!(
+            "{waiting}; {} has addresses of other families than those advertised ({}): \
+             restart linen to advertise them",
+            underlay.name,
+            list(&found)
+        ));
     }
     if let Some(ip) = [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
         .into_iter()
@@ -1334,6 +1384,40 @@ impl StopSignals {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// After a follow, the addresses sent from are watched, and a local `--public-ip` one
+    /// stays watched (reported while gone) though the source no longer holds it.
+    #[test]
+    fn a_given_address_stays_watched_after_the_other_family_is_followed() {
+        let given: Ipv4Addr = "198.18.0.2".parse().unwrap();
+        let follow = Follow {
+            choice: host::InterfaceChoice::default(),
+            given: (Some(given), None),
+            interface: "eth0".into(),
+            mtu: 1500,
+        };
+        let (old6, new6): (Ipv6Addr, Ipv6Addr) = (
+            "fd00:18::2".parse().unwrap(),
+            "fd00:18::12".parse().unwrap(),
+        );
+        let before = [IpAddr::V4(given), IpAddr::V6(old6)];
+        let source = Source {
+            v4: None,
+            v6: Some(new6),
+        };
+        assert_eq!(
+            follow.watched_after(&before, source),
+            [IpAddr::V6(new6), IpAddr::V4(given)]
+        );
+        let sent_from_both = Source {
+            v4: Some(given),
+            v6: Some(new6),
+        };
+        assert_eq!(
+            follow.watched_after(&before, sent_from_both),
+            [IpAddr::V4(given), IpAddr::V6(new6)]
+        );
+    }
 
     #[test]
     fn the_receive_buffer_grows_to_the_maximum_given_or_a_default_at_least_the_start() {
