@@ -509,12 +509,12 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
     if detour {
         // (A veth pair: the dummy module may be missing.)
         h2.ip(&[
-            "link", "add", "dum0", "type", "veth", "peer", "name", "dum1",
+            "link", "add", "vethx0", "type", "veth", "peer", "name", "vethx1",
         ])
         .unwrap();
-        h2.ip(&["addr", "add", "198.18.5.1/24", "dev", "dum0"])
+        h2.ip(&["addr", "add", "198.18.5.1/24", "dev", "vethx0"])
             .unwrap();
-        h2.ip(&["link", "set", "dum0", "up"]).unwrap();
+        h2.ip(&["link", "set", "vethx0", "up"]).unwrap();
     }
     h2.ip(&["addr", "del", &format!("{}/24", change.0), "dev", "eth0"])
         .unwrap();
