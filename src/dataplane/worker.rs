@@ -541,11 +541,18 @@ impl Worker {
         }
         let now = Instant::now();
         self.paths.expire(now);
-        let (v4, v6) = self.table.load().sources();
-        if self.udp.source != (Source { v4, v6 }) {
-            self.set_source(Source { v4, v6 });
-        }
         let snap = self.table.load();
+        let (v4, v6) = snap.sources();
+        if self.udp.source != (Source { v4, v6 }) {
+            let source = Source { v4, v6 };
+            set_source(
+                self.id,
+                source,
+                &mut self.udp,
+                &mut self.tx,
+                &mut self.source_warned,
+            );
+        }
         let mut news = SourceNews::Nothing;
         // The peers whose path MTU is asked for after the batch ([`Questions`]).
         let mut questions = Questions::default();
@@ -669,19 +676,6 @@ impl Worker {
             self.reprobe();
         }
         Ok(more)
-    }
-
-    /// Sends from `source` from now on: the table's source addresses changed (the daemon
-    /// followed the host's underlay address to a new one).
-    #[cold]
-    fn set_source(&mut self, source: Source) {
-        tracing::debug!(worker = self.id, ?source, "datagram source addresses");
-        self.udp.source = source;
-        if let Some((ep, _)) = &mut self.tx {
-            ep.source = source;
-        }
-        // A new address deserves its own warning if the kernel refuses it too.
-        self.source_warned = false;
     }
 
     /// The kernel refused the source address of a send (EINVAL, EADDRNOTAVAIL, ENETUNREACH:
@@ -929,6 +923,26 @@ fn every_path_carries(peer: SocketAddr) -> usize {
 /// bursts took CPU time from the programs sharing the cores and lost small datagrams in their
 /// sockets (the 64-byte rate of `linen bench` fell by about 7 % with a threshold of 320 µs).
 const QUIET: Duration = Duration::from_millis(2);
+
+/// Worker `id` sends from `source` from now on, on its receive socket `udp` and its send socket
+/// `tx`: the table's source addresses changed (the daemon followed the host's underlay address
+/// to a new one). Fields, not the worker, so that the batch's snapshot stays borrowed.
+#[cold]
+fn set_source(
+    id: usize,
+    source: Source,
+    udp: &mut UdpEndpoint,
+    tx: &mut Option<(UdpEndpoint, UdpSocketState)>,
+    warned: &mut bool,
+) {
+    tracing::debug!(worker = id, ?source, "datagram source addresses");
+    udp.source = source;
+    if let Some((ep, _)) = tx {
+        ep.source = source;
+    }
+    // A new address deserves its own warning if the kernel refuses it too.
+    *warned = false;
+}
 
 /// A UDP checksum that a TUN read completed (`NEEDS_CSUM` without GSO) and that came out as
 /// 0 is written as all ones, as RFC 768 and the kernel do: 0 means "no checksum" for IPv4 and
@@ -1783,7 +1797,10 @@ mod test {
         for (what, h, field, len, want) in cases {
             assert_eq!(fixed(h, field, len), want, "{what}");
         }
-        udp_checksum_zero_is_ones(&[1, 0], &mut [0u8; 60]);
+        // A header cut short: the packet is left as it is.
+        let mut pkt = [0u8; 60];
+        udp_checksum_zero_is_ones(&[1, 0], &mut pkt);
+        assert_eq!(pkt, [0u8; 60]);
     }
 
     /// A GSO send whose source address the kernel refuses (not local: IPv4 says ENETUNREACH
