@@ -1,7 +1,7 @@
-//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, one
-//! signal to a process group (the daemon's iptables commands), and a look at a child's exit
-//! that does not reap it (the test lab). Each block carries a
-//! `// SAFETY:` comment.
+//! The only module of linen with `unsafe`: socket options that `socket2` does not offer, the
+//! exclusive creation of a TUN device that `tun-rs` does not offer, one signal to a process
+//! group (the daemon's iptables commands), and a look at a child's exit that does not reap it
+//! (the test lab). Each block carries a `// SAFETY:` comment.
 
 #![allow(unsafe_code)]
 
@@ -261,6 +261,78 @@ pub fn kill_process_group(pgid: u32) -> std::io::Result<()> {
     // names a process group; `pgid > 1` keeps the argument from being -1 (every process we
     // may signal) or 0 (our own group).
     if unsafe { libc::kill(-pgid, libc::SIGKILL) } == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Creates the TUN device `name` and attaches one queue to it, the returned file; fails with
+/// `EBUSY` when a network device of that name exists (`IFF_TUN_EXCL`), where a plain
+/// `TUNSETIFF` would attach to it. `multi_queue` and `vnet_hdr` must be what the device's other
+/// queues will be opened with: the kernel takes a multi-queue device's flags from its first
+/// queue only.
+pub fn create_tun_exclusively(
+    name: &str,
+    multi_queue: bool,
+    vnet_hdr: bool,
+) -> std::io::Result<std::fs::File> {
+    let bytes = name.as_bytes();
+    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a valid network device name"),
+        ));
+    }
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/net/tun")?;
+    // SAFETY: `ifreq` is plain C data (a name array and a union of integers and addresses),
+    // for which all-zero bytes are a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // The name fits with its terminating NUL, which the zeroed array already has.
+    for (slot, byte) in req.ifr_name.iter_mut().zip(bytes) {
+        *slot = *byte as libc::c_char;
+    }
+    let flags = libc::IFF_TUN
+        | libc::IFF_NO_PI
+        | libc::IFF_TUN_EXCL
+        | if multi_queue {
+            libc::IFF_MULTI_QUEUE
+        } else {
+            0
+        }
+        | if vnet_hdr { libc::IFF_VNET_HDR } else { 0 };
+    // The flags all fit in the 16 bits of `ifr_flags` (IFF_TUN_EXCL is 0x8000, the sign bit).
+    req.ifr_ifru.ifru_flags = flags as libc::c_short;
+    // SAFETY: the file is open for the call; TUNSETIFF reads a `struct ifreq`, which `req` is,
+    // and writes the device's name back into it; nothing else is touched.
+    let rc = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req) };
+    if rc == 0 {
+        Ok(file)
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+/// Whether a network device named `name` exists in this thread's network namespace.
+pub fn interface_exists(name: &str) -> bool {
+    let Ok(name) = std::ffi::CString::new(name) else {
+        return false;
+    };
+    // SAFETY: `name` is a NUL-terminated string that lives across the call, which only reads
+    // it.
+    unsafe { libc::if_nametoindex(name.as_ptr()) != 0 }
+}
+
+/// Moves the calling thread (only it) into a new, empty network namespace, which goes away
+/// with the thread's last device and socket: for tests that create devices. Needs root.
+#[cfg(test)]
+pub fn enter_new_network_namespace() -> std::io::Result<()> {
+    // SAFETY: unshare takes flags only; CLONE_NEWNET changes this thread's network namespace
+    // and touches no memory of ours.
+    if unsafe { libc::unshare(libc::CLONE_NEWNET) } == 0 {
         Ok(())
     } else {
         Err(std::io::Error::last_os_error())

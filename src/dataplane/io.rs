@@ -44,10 +44,25 @@ pub struct TunQueues {
 }
 
 /// Opens the device with `opts.queues` queues. With `offload`, tries `IFF_VNET_HDR` first and
-/// falls back to plain packets if the kernel refuses (old kernels return EINVAL).
+/// falls back to plain packets if the kernel refuses (old kernels return EINVAL). Fails with
+/// `AlreadyExists` when a device of that name exists: it is never joined.
 pub fn open_tun(opts: &TunOptions) -> io::Result<TunQueues> {
-    let build = |offload: bool| {
-        DeviceBuilder::new()
+    // A multi-queue device lets any TUNSETIFF of its name with the same flags attach one more
+    // queue, so a second linen started with the same --tun at the same moment (both past the
+    // daemon's check that no such device exists, while the registry answered neither) would
+    // share this one's packets. So such a device is created first with IFF_TUN_EXCL, by a
+    // queue held until tun-rs has opened the workers' queues, and then closed. A single-queue
+    // device refuses a second queue by itself (EBUSY).
+    let open = |offload: bool| -> io::Result<(Option<std::fs::File>, SyncDevice)> {
+        let claim = if opts.queues > 1 {
+            Some(
+                sys::create_tun_exclusively(&opts.name, true, offload)
+                    .map_err(|e| taken(&opts.name, e, false))?,
+            )
+        } else {
+            None
+        };
+        let device = DeviceBuilder::new()
             .name(&opts.name)
             .mtu(opts.mtu)
             .tx_queue_len(opts.tx_queue_len)
@@ -57,27 +72,51 @@ pub fn open_tun(opts: &TunOptions) -> io::Result<TunQueues> {
             // settings such as having no IPv6 link-local address take effect only then.
             .enable(false)
             .build_sync()
+            // Without a claim, a failed open created nothing: a device by that name is
+            // another's (a multi-queue one refuses a single queue with EINVAL).
+            .map_err(|e| taken(&opts.name, e, claim.is_none()))?;
+        Ok((claim, device))
     };
-    let (first, offload) = if opts.offload {
-        match build(true) {
-            Ok(dev) => (dev, true),
+    let ((claim, first), offload) = if opts.offload {
+        match open(true) {
+            Ok(opened) => (opened, true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => return Err(e),
             Err(e) => {
                 tracing::warn!(error = %e, device = %opts.name, "TUN offloads refused; using plain packets");
-                (build(false)?, false)
+                (open(false)?, false)
             }
         }
     } else {
-        (build(false)?, false)
+        (open(false)?, false)
     };
     let mut queues = Vec::with_capacity(opts.queues);
     for _ in 1..opts.queues {
         queues.push(first.try_clone()?);
     }
     queues.insert(0, first);
+    // The device now has the workers' queues, which keep it; the kernel moves the last of
+    // them into the claim's slot.
+    drop(claim);
     for q in &queues {
         q.set_nonblocking(true)?;
     }
     Ok(TunQueues { queues, offload })
+}
+
+/// EBUSY from TUNSETIFF, or with `look` any error while a device named `name` exists, said as
+/// what it means here.
+fn taken(name: &str, e: io::Error, look: bool) -> io::Error {
+    if e.raw_os_error() == Some(libc::EBUSY) || (look && sys::interface_exists(name)) {
+        io::Error::new(
+            io::ErrorKind::AlreadyExists,
+            format!(
+                "a network device named {name} exists already (another linen started at the \
+                 same time, or another program's device): {e}"
+            ),
+        )
+    } else {
+        e
+    }
 }
 
 /// A worker's UDP socket.
@@ -277,6 +316,71 @@ pub fn socket_addr_for(peer: SocketAddr, dual_stack: bool) -> SocketAddr {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// Two daemons with one `--tun` can both pass the daemon's check that no such device
+    /// exists (while the registry answers neither): the second to open it must fail, whatever
+    /// the two queue counts, and never join the first's device. Root, in a namespace of its
+    /// own thread.
+    #[test]
+    fn a_device_of_the_same_name_is_never_joined() {
+        if sys::effective_uid() != 0 || !std::path::Path::new("/dev/net/tun").exists() {
+            eprintln!("SKIPPED: needs root and /dev/net/tun");
+            return;
+        }
+        std::thread::spawn(|| {
+            sys::enter_new_network_namespace().unwrap();
+            let options = |name: &str, queues| TunOptions {
+                name: name.to_owned(),
+                mtu: 1400,
+                queues,
+                offload: true,
+                tx_queue_len: 1000,
+            };
+            for (held, second) in [(2, 2), (2, 1), (1, 2), (1, 1)] {
+                let name = format!("lt{held}{second}");
+                let first = open_tun(&options(&name, held)).unwrap();
+                assert_eq!(first.queues.len(), held);
+                assert!(first.offload, "offloads on a kernel of this century");
+                match open_tun(&options(&name, second)) {
+                    Ok(joined) => panic!(
+                        "{} queues joined {name}, which {held} held",
+                        joined.queues.len()
+                    ),
+                    Err(e) => {
+                        assert_eq!(
+                            e.kind(),
+                            io::ErrorKind::AlreadyExists,
+                            "{held}, {second}: {e}"
+                        );
+                        assert!(e.to_string().contains(&name), "{e}");
+                    }
+                }
+                // The first still has its device, and the failed open left it as it was.
+                assert!(sys::interface_exists(&name));
+                drop(first);
+                assert!(!sys::interface_exists(&name), "{name} outlived its queues");
+            }
+            // Another program's multi-queue device, opened as tun-rs does (without the
+            // exclusive flag).
+            let other = DeviceBuilder::new()
+                .name("lt-other")
+                .multi_queue(true)
+                .offload(true)
+                .enable(false)
+                .build_sync()
+                .unwrap();
+            let e = open_tun(&options("lt-other", 2))
+                .err()
+                .expect("joined lt-other");
+            assert_eq!(e.kind(), io::ErrorKind::AlreadyExists, "{e}");
+            drop(other);
+            // And with the name free again, several queues open as before.
+            let again = open_tun(&options("lt-other", 2)).unwrap();
+            assert_eq!(again.queues.len(), 2);
+        })
+        .join()
+        .unwrap();
+    }
 
     #[test]
     fn only_local_advertised_addresses_become_sources() {
