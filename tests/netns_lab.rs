@@ -52,7 +52,33 @@ fn two_and_three_hosts_reach_each_other_and_vanish_on_drop() {
                 }
                 sw.run_ok("ping", &["-6", "-c1", "-W2", &lab.host(0).ip6.to_string()])
                     .unwrap();
-                assert!(lab.switch_host().is_ok(), "a second call changes nothing");
+                // A second call changes nothing: the same host, br0 with the same addresses
+                // (one of each family but the link-local), still reachable.
+                let addresses = |h: &linen::lab::Host| {
+                    let mut v: Vec<String> = h
+                        .ip(&["-o", "addr", "show", "dev", "br0"])
+                        .unwrap()
+                        .lines()
+                        .map(|l| l.split_whitespace().nth(3).unwrap_or("").to_owned())
+                        .collect();
+                    v.sort();
+                    v
+                };
+                let before = addresses(&sw);
+                assert_eq!(
+                    before.iter().filter(|a| !a.starts_with("fe80:")).count(),
+                    2,
+                    "{before:?}"
+                );
+                let again = lab.switch_host().unwrap().expect("still a switch");
+                assert_eq!(
+                    (&again.ns, again.ip, again.ip6, again.index),
+                    (&sw.ns, sw.ip, sw.ip6, sw.index)
+                );
+                assert_eq!(addresses(&again), before);
+                lab.host(0)
+                    .run_ok("ping", &["-c1", "-W2", &again.ip.to_string()])
+                    .unwrap();
             }
             // No default route: an address outside the lab is unreachable.
             let out = lab

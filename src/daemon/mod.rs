@@ -1477,24 +1477,27 @@ mod test {
         let get = || http::get_healthz(ops.local_addr().unwrap(), None);
         let mut stop = StopSignals::new().unwrap();
         let config = dir.path().join("config");
-        let write = tokio::spawn(async move {
-            tokio::time::sleep(Duration::from_millis(1500)).await;
-            std::fs::write(config, r#"{"Network":"198.19.0.0/16"}"#).unwrap();
-        });
         let waited = wait_for_config(&registry, &ops, &mut stop);
         tokio::pin!(waited);
-        // Reported while it is missing…
+        // Reported while it is missing (looked at until it is, for up to 30 s: the daemon
+        // reports it after its first look at the registry)…
         let during = tokio::select! {
             _ = &mut waited => panic!("a config before it was written"),
             body = async {
-                tokio::time::sleep(Duration::from_millis(500)).await;
-                get().await
+                let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+                loop {
+                    let body = get().await;
+                    if body.contains("not found") || tokio::time::Instant::now() >= deadline {
+                        break body;
+                    }
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
             } => body,
         };
         assert!(during.contains("not found"), "{during}");
+        std::fs::write(config, r#"{"Network":"198.19.0.0/16"}"#).unwrap();
         let got = waited.await.unwrap();
         assert!(got.is_some());
-        write.await.unwrap();
         // … and not after.
         let after = get().await;
         assert!(after.starts_with("HTTP/1.1 503"), "{after}");
