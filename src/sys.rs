@@ -278,7 +278,12 @@ pub fn create_tun_exclusively(
     vnet_hdr: bool,
 ) -> std::io::Result<std::fs::File> {
     let bytes = name.as_bytes();
-    if bytes.is_empty() || bytes.len() >= libc::IFNAMSIZ || bytes.contains(&0) {
+    // (`%` would make the name a template the kernel numbers: `x%d` becomes `x0`.)
+    if bytes.is_empty()
+        || bytes.len() >= libc::IFNAMSIZ
+        || bytes.contains(&0)
+        || bytes.contains(&b'%')
+    {
         return Err(std::io::Error::new(
             std::io::ErrorKind::InvalidInput,
             format!("{name:?} is not a valid network device name"),
