@@ -1788,15 +1788,10 @@ fn after_a_move_subnet_env_waits_for_the_masquerade_rules() {
     );
 }
 
-/// Another program holding the overlay port with `SO_REUSEPORT` (as a second linen would) is a
-/// clear error, not a group the workers silently join and share datagrams with.
-#[test]
-fn a_port_held_by_another_program_is_a_clear_error() {
-    if skip() {
-        return;
-    }
-    let mut o = Overlay::new("lnport", 2);
-    let mut holder = o.lab.host(0).command("python3");
+/// A program on host i bound to UDP port 8285 with `SO_REUSEPORT` (dual-stack), as a second
+/// linen's worker would be; ready when this returns.
+fn hold_overlay_port(o: &Overlay, i: usize) -> Helper {
+    let mut holder = o.lab.host(i).command("python3");
     holder
         .args([
             "-c",
@@ -1807,6 +1802,18 @@ fn a_port_held_by_another_program_is_a_clear_error() {
         .stdout(Stdio::piped());
     let mut holder = Helper::spawn(&mut holder);
     wait_ready(&mut holder);
+    holder
+}
+
+/// Another program holding the overlay port with `SO_REUSEPORT` (as a second linen would) is a
+/// clear error, not a group the workers silently join and share datagrams with.
+#[test]
+fn a_port_held_by_another_program_is_a_clear_error() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnport", 2);
+    let mut holder = hold_overlay_port(&o, 0);
     o.start(0, &[]);
     let said = wait_for(Duration::from_secs(15), || {
         o.log(0)
@@ -1817,6 +1824,38 @@ fn a_port_held_by_another_program_is_a_clear_error() {
     let _ = holder.wait();
     let (status, log) = o.stop(0);
     assert!(said.is_some(), "{log}");
+    assert!(status.is_some_and(|s| !s.success()), "{status:?} {log}");
+}
+
+/// A program that binds the overlay port with `SO_REUSEPORT` after the daemon found it free
+/// (here while the daemon waited for a subnet) would join the workers' group and share their
+/// datagrams: the daemon finds it once its sockets are bound, before a worker reads any, and
+/// stops with an error. (A second linen started at the same moment, on another `--tun`.)
+#[test]
+fn a_port_joined_while_the_lease_was_awaited_is_a_clear_error() {
+    if skip() {
+        return;
+    }
+    let mut o = Overlay::new("lnjoin", 2);
+    // The leases' directory unreadable (a file in its place): the lease is waited for.
+    let subnets = o.dir.path().join("subnets");
+    let _ = std::fs::remove_dir_all(&subnets);
+    std::fs::write(&subnets, "").unwrap();
+    o.start(0, &[]);
+    o.await_log(0, "cannot acquire a subnet lease yet", 30);
+    let mut holder = hold_overlay_port(&o, 0);
+    std::fs::remove_file(&subnets).unwrap();
+    let said = wait_for(Duration::from_secs(30), || {
+        o.log(0)
+            .contains("UDP port 8285 was bound by another program while this one started")
+            .then_some(())
+    });
+    let _ = holder.kill();
+    let _ = holder.wait();
+    let (status, log) = o.stop(0);
+    assert!(said.is_some(), "{log}");
+    assert!(log.contains("this host's subnet"), "the lease came: {log}");
+    assert!(!log.contains("data plane running"), "{log}");
     assert!(status.is_some_and(|s| !s.success()), "{status:?} {log}");
 }
 

@@ -13,6 +13,7 @@ pub mod registry;
 pub mod status;
 
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::os::fd::AsFd;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,7 +24,8 @@ use tokio::sync::watch;
 
 use crate::cli::{Offload, RunArgs};
 use crate::dataplane::io::{
-    Source, TunOptions, ensure_port_free, open_tun, open_udp, open_udp_send, steer_by_source_port,
+    Source, TunOptions, ensure_port_free, ensure_port_only_ours, open_tun, open_udp, open_udp_send,
+    steer_by_source_port,
 };
 use crate::dataplane::{ForwardConfig, LocalCounters, WorkerHandle, WorkerMonitor, WorkerSetup};
 use crate::lease::Registry;
@@ -498,7 +500,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         0,
         source,
     ));
-    let mut handles = Vec::with_capacity(workers);
+    let mut setups = Vec::with_capacity(workers);
     for (id, queue) in tun.queues.into_iter().enumerate() {
         let mut udp = open_udp(config.backend.port, args.socket_buffer)
             .with_context(|| format!("opening UDP port {} for worker {id}", config.backend.port))?;
@@ -528,7 +530,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         } else {
             None
         };
-        handles.push(WorkerHandle::spawn(WorkerSetup {
+        setups.push(WorkerSetup {
             id,
             tun: queue,
             tun_offload: tun.offload,
@@ -543,7 +545,21 @@ pub async fn run(args: RunArgs) -> Result<()> {
             udp_gro,
             busy_poll: Duration::from_micros(u64::from(args.busy_poll_us)),
             receive_buffer,
-        })?);
+        });
+    }
+    // The port was free before the lease; a program that bound it since with SO_REUSEPORT
+    // (a second linen started at the same moment, on another --tun) has joined the workers'
+    // group and would share their datagrams. Before a worker reads any.
+    ensure_port_only_ours(
+        config.backend.port,
+        &setups
+            .iter()
+            .map(|s| s.udp.socket.as_fd())
+            .collect::<Vec<_>>(),
+    )?;
+    let mut handles = Vec::with_capacity(workers);
+    for setup in setups {
+        handles.push(WorkerHandle::spawn(setup)?);
     }
     tracing::info!(device = %args.tun, mtu, workers, offload = tun.offload,
         udp_gro = handles.iter().all(|h| h.udp_gro),

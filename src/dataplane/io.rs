@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{DeviceBuilder, SyncDevice};
@@ -192,6 +192,57 @@ pub fn ensure_port_free(port: u16) -> io::Result<()> {
         // Anything else is for the real bind to report.
         Err(_) => Ok(()),
     }
+}
+
+/// Fails with a clear error when UDP `port` has a socket other than `ours` in this network
+/// namespace (`/proc/thread-self/net/udp` and `udp6`): one bound since [`ensure_port_free`]
+/// looked, which with `SO_REUSEPORT` has joined the workers' group (or, bound to one address,
+/// takes that address's datagrams). Tables that cannot be read are not looked at.
+pub fn ensure_port_only_ours(port: u16, ours: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mine: Vec<u64> = ours.iter().filter_map(|fd| socket_inode(*fd)).collect();
+    let others = ["udp", "udp6"]
+        .iter()
+        .filter_map(|t| std::fs::read_to_string(format!("/proc/thread-self/net/{t}")).ok())
+        .flat_map(|table| sockets_on(&table, port))
+        .filter(|inode| !mine.contains(inode))
+        .count();
+    if others == 0 {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!(
+            "UDP port {port} was bound by another program while this one started ({others} \
+             socket(s); another linen started at the same moment?); stop it, or give this \
+             network another Backend.Port"
+        ),
+    ))
+}
+
+/// The inode of socket `fd` (its `/proc/self/fd` link reads `socket:[N]`).
+fn socket_inode(fd: BorrowedFd<'_>) -> Option<u64> {
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
+    link.to_str()?
+        .strip_prefix("socket:[")?
+        .strip_suffix(']')?
+        .parse()
+        .ok()
+}
+
+/// The inodes of the sockets bound to local `port` in a `/proc/net/udp{,6}` table: per line
+/// after the header, the local address `ADDR:PORT` (hex) second, the inode tenth.
+fn sockets_on(table: &str, port: u16) -> Vec<u64> {
+    table
+        .lines()
+        .skip(1)
+        .filter_map(|line| {
+            let fields: Vec<&str> = line.split_whitespace().collect();
+            let local_port = fields.get(1)?.rsplit_once(':')?.1;
+            (u16::from_str_radix(local_port, 16).ok()? == port)
+                .then(|| fields.get(9)?.parse().ok())
+                .flatten()
+        })
+        .collect()
 }
 
 /// Opens worker `id`'s send-only socket, of the same family as the receive sockets
@@ -396,6 +447,39 @@ mod test {
         })
         .join()
         .unwrap();
+    }
+
+    /// A socket that joined the workers' `SO_REUSEPORT` group after the port was found free
+    /// is named; the workers' own are not. No root.
+    #[test]
+    fn a_socket_that_joined_the_port_is_found() {
+        let a = open_udp(0, 65_536).unwrap();
+        let port = a.socket.local_addr().unwrap().port();
+        ensure_port_only_ours(port, &[a.socket.as_fd()]).unwrap();
+        // Another of the same user, as a second linen's worker would be.
+        let b = open_udp(port, 65_536).unwrap();
+        let e = ensure_port_only_ours(port, &[a.socket.as_fd()]).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse);
+        assert!(e.to_string().contains(&format!("port {port} ")), "{e}");
+        assert!(e.to_string().contains("1 socket(s)"), "{e}");
+        ensure_port_only_ours(port, &[a.socket.as_fd(), b.socket.as_fd()]).unwrap();
+        drop(b);
+        ensure_port_only_ours(port, &[a.socket.as_fd()]).unwrap();
+    }
+
+    #[test]
+    fn a_udp_table_s_sockets_are_found_by_port() {
+        // /proc/net/udp6's layout (8285 is 0x205D), cut after the inode.
+        let table = "  sl  local_address                         remote_address                        st tx_queue rx_queue tr tm->when retrnsmt   uid  timeout inode ref pointer drops
+  12: 00000000000000000000000000000000:205D 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41213 2
+  13: 00000000000000000000000000000000:205E 00000000000000000000000000000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41214 2
+  14: 0100007F:205D 00000000:0000 07 00000000:00000000 00:00000000 00000000     0        0 41215 2
+  15: garbage
+";
+        assert_eq!(sockets_on(table, 8285), [41213, 41215]);
+        assert_eq!(sockets_on(table, 8286), [41214]);
+        assert!(sockets_on(table, 53).is_empty());
+        assert!(sockets_on("", 8285).is_empty());
     }
 
     #[test]
