@@ -458,12 +458,35 @@ fn a_new_secondary_underlay_address_is_sent_from() {
     );
 }
 
+/// On a dual-stack host (an IPv6 overlay network too, each family over its own underlay
+/// family), a new IPv6 address is followed and the IPv4 one is left as it was: the lease
+/// changes only its PublicIPv6, and both overlay families reach the peer both ways.
+#[test]
+fn a_new_ipv6_underlay_address_is_followed_on_a_dual_stack_host() {
+    if skip() {
+        return;
+    }
+    follow_a_new_address(
+        &["--iface", "eth0"],
+        &[],
+        ("fd00:18::2", "fd00:18::12"),
+        false,
+    );
+}
+
 /// Starts two daemons, host 2's with `iface` and the extra addresses `more` on its eth0, then
 /// moves host 2's advertised address from `change.0` to `change.1` and checks that the lease,
 /// the routes and the traffic follow. With `detour`, another interface with an address comes
 /// first, and the old address goes a while before the new one comes: that interface must not
-/// be followed meanwhile.
+/// be followed meanwhile. IPv6 addresses in `change` make the network dual-stack; the IPv4
+/// overlay and lease address must then stay as they were.
 fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), detour: bool) {
+    let v6 = change.0.contains(':');
+    let (prefix, field) = if v6 {
+        ("/64", "PublicIPv6")
+    } else {
+        ("/24", "PublicIP")
+    };
     let mut d = Daemons {
         lab: Lab::new("lnmove", 2, 1500).unwrap(),
         dir: tempfile::tempdir().unwrap(),
@@ -472,7 +495,11 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
     for a in more {
         h2.ip(&["addr", "add", a, "dev", "eth0"]).unwrap();
     }
-    d.admin(&["network", "init"], &["--network", "198.19.0.0/16"]);
+    let mut network = vec!["--network", "198.19.0.0/16"];
+    if v6 {
+        network.extend(["--ipv6-network", "fd00:19::/48"]);
+    }
+    d.admin(&["network", "init"], &network);
     d.start(0, &[]);
     let mut cmd = h2.command(LINEN);
     cmd.args(["run", "--registry-dir"])
@@ -489,6 +516,7 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         d.env(1).previous_key().unwrap(),
     );
     let tun = |k: linen::model::SubnetKey| k.ipv4().unwrap().network().to_string();
+    let tun6 = |k: linen::model::SubnetKey| k.ipv6().map(|n| n.network().to_string());
     let pings = |from: usize, to: &str| {
         wait_for(Duration::from_secs(20), || {
             let out = d
@@ -505,6 +533,14 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         "no overlay before the change:\n{}",
         d.log(1)
     );
+    if v6 {
+        let to1 = tun6(key1).expect("a dual-stack lease");
+        assert!(
+            pings(1, &to1),
+            "no IPv6 overlay before the change:\n{}",
+            d.log(1)
+        );
+    }
 
     if detour {
         // (A veth pair: the dummy module may be missing.)
@@ -516,8 +552,14 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
             .unwrap();
         h2.ip(&["link", "set", "vethx0", "up"]).unwrap();
     }
-    h2.ip(&["addr", "del", &format!("{}/24", change.0), "dev", "eth0"])
-        .unwrap();
+    h2.ip(&[
+        "addr",
+        "del",
+        &format!("{}{prefix}", change.0),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
     if detour {
         // eth0 left without an address a peer could use, the veth is the only interface with
         // one: what the start's choice, made again, would take.
@@ -532,8 +574,14 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         // A check more, which could have taken the veth's address.
         std::thread::sleep(Duration::from_secs(6));
     }
-    h2.ip(&["addr", "add", &format!("{}/24", change.1), "dev", "eth0"])
-        .unwrap();
+    h2.ip(&[
+        "addr",
+        "add",
+        &format!("{}{prefix}", change.1),
+        "dev",
+        "eth0",
+    ])
+    .unwrap();
     let listed = wait_for(Duration::from_secs(20), || {
         let out = Command::new(LINEN)
             .args(["lease", "list", "--json", "--registry-dir"])
@@ -547,13 +595,29 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         listed.unwrap_or_else(|| panic!("the lease never named {}:\n{}", change.1, d.log(1)));
     let leases: serde_json::Value = serde_json::from_str(&listed).unwrap();
     let all = leases["leases"].as_array().cloned().unwrap_or_default();
-    let holder = |key: &linen::model::SubnetKey| {
+    let holder = |key: &linen::model::SubnetKey, field: &str| {
         all.iter()
             .find(|l| l["subnet"] == key.to_string())
-            .and_then(|l| l["value"]["PublicIP"].as_str().map(str::to_owned))
+            .and_then(|l| l["value"][field].as_str().map(str::to_owned))
     };
-    assert_eq!(holder(&key2).as_deref(), Some(change.1), "{listed}");
-    assert_eq!(holder(&key1).as_deref(), Some("198.18.0.1"), "{listed}");
+    assert_eq!(holder(&key2, field).as_deref(), Some(change.1), "{listed}");
+    assert_eq!(
+        holder(&key1, "PublicIP").as_deref(),
+        Some("198.18.0.1"),
+        "{listed}"
+    );
+    if v6 {
+        assert_eq!(
+            holder(&key2, "PublicIP").as_deref(),
+            Some("198.18.0.2"),
+            "{listed}"
+        );
+        assert_eq!(
+            holder(&key1, field).as_deref(),
+            Some("fd00:18::1"),
+            "{listed}"
+        );
+    }
     assert_eq!(all.len(), 2, "no new lease: {listed}");
     // Both ways: host 2 sends from the new address, which host 1 takes as host 2's, and host 1
     // sends to it.
@@ -567,6 +631,19 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         "host 1 cannot reach host 2:\n{}",
         d.log(1)
     );
+    if v6 {
+        let (to1, to2) = (tun6(key1).unwrap(), tun6(key2).unwrap());
+        assert!(
+            pings(1, &to1),
+            "host 2 cannot reach host 1 over IPv6:\n{}",
+            d.log(0)
+        );
+        assert!(
+            pings(0, &to2),
+            "host 1 cannot reach host 2 over IPv6:\n{}",
+            d.log(1)
+        );
+    }
     assert_eq!(d.env(1).previous_key(), Some(key2), "subnet.env moved");
     let log = d.log(1);
     assert!(log.contains("advertising the interface's new one"), "{log}");
