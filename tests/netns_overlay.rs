@@ -1953,6 +1953,14 @@ fn a_tun_device_set_down_or_its_route_deleted_is_restored() {
         "{}",
         o.log(0)
     );
+    // A larger MTU takes nothing else: a route that is in place is found (a listing that
+    // missed it would report it with every check, and restore it each time unseen).
+    let only_mtu = format!("missing=the MTU {mtu} (it is 9000)");
+    assert!(
+        o.log(0).lines().any(|l| l.ends_with(&only_mtu)),
+        "{}",
+        o.log(0)
+    );
 }
 
 /// Both hosts' [`per_worker`] counters once they stop moving (two reads 200 ms apart agree), so

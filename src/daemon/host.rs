@@ -10,7 +10,9 @@ use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, Prop};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteMessage, RouteType};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteMessage, RouteProtocol, RouteType,
+};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::dataplane::worker::SEGMENTS;
@@ -98,6 +100,24 @@ pub fn connect() -> Result<Handle> {
         rtnetlink::new_connection().context("cannot open a netlink socket (are you root?)")?;
     tokio::spawn(conn);
     Ok(handle)
+}
+
+/// A second netlink connection, for the TUN check's route dumps, with strict checking
+/// (`NETLINK_GET_STRICT_CHK`, Linux 4.20): the kernel then sends only the main table's routes
+/// out of the TUN device, where a plain dump sends every route of every table (a router's full
+/// table: hundreds of thousands, every 5 s). `None` where the kernel refuses strict checking;
+/// the whole dump is then read and filtered here, as with the other connection.
+pub fn connect_strict() -> Option<Handle> {
+    match rtnetlink::new_connection_with_strict_check() {
+        Ok((conn, handle, _)) => {
+            tokio::spawn(conn);
+            Some(handle)
+        }
+        Err(e) => {
+            tracing::debug!(error = %e, "no strict netlink checking; the TUN check reads every route");
+            None
+        }
+    }
 }
 
 /// Every device of this host, with its addresses.
@@ -653,9 +673,11 @@ pub async fn configure_tun(
 /// What [`configure_tun`] set up and is gone now (someone ran `ip link set linen0 down`, which
 /// also takes its routes; flushed the routes or addresses; a network manager claimed the
 /// device): a description of each missing piece, empty when all is in place. An error when the
-/// device itself is gone or netlink cannot be read.
+/// device itself is gone or netlink cannot be read. Routes are listed through `strict` when
+/// there is one (see [`connect_strict`]).
 pub async fn tun_missing(
     handle: &Handle,
+    strict: Option<&Handle>,
     tun_name: &str,
     mtu: u32,
     v4: Option<(Ipv4Addr, Ipv4Network)>,
@@ -681,30 +703,47 @@ pub async fn tun_missing(
         if !link.addrs.contains(&addr) {
             missing.push(format!("the address {addr}"));
         }
-        if !routes_via(handle, net, link.index).await? {
+        if !routes_via(strict.unwrap_or(handle), strict.is_some(), net, link.index).await? {
             missing.push(format!("the route to {net}"));
         }
     }
     Ok(missing)
 }
 
-/// Whether the main table routes exactly `net` out of interface `index`.
-async fn routes_via(handle: &Handle, net: IpNetwork, index: u32) -> Result<bool> {
-    let query = match net {
-        IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+/// Whether the main table routes exactly `net` out of interface `index`. With `filtered` (a
+/// connection with strict checking), the kernel sends only the main table's routes out of
+/// `index`: the header's protocol and type, 0, filter nothing; its table and `RTA_OIF` do. What
+/// comes is checked here all the same.
+async fn routes_via(handle: &Handle, filtered: bool, net: IpNetwork, index: u32) -> Result<bool> {
+    let query = match (net, filtered) {
+        (IpNetwork::V4(_), false) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        (IpNetwork::V6(_), false) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+        (IpNetwork::V4(_), true) => RouteMessageBuilder::<Ipv4Addr>::new()
+            .table_id(MAIN_TABLE)
+            .protocol(RouteProtocol::Unspec)
+            .kind(RouteType::Unspec)
+            .output_interface(index)
+            .build(),
+        (IpNetwork::V6(_), true) => RouteMessageBuilder::<Ipv6Addr>::new()
+            .table_id(MAIN_TABLE)
+            .protocol(RouteProtocol::Unspec)
+            .kind(RouteType::Unspec)
+            .output_interface(index)
+            .build(),
     };
     let mut stream = handle.route().get(query).execute();
+    let mut found = false;
+    // The whole dump is read even once the route is found: each message of a dump left unread
+    // is a warning from netlink-proto (no one to hand it to), and a router's full table made
+    // hundreds of thousands of them with every check.
     while let Some(msg) = stream.try_next().await.context("netlink: listing routes")? {
-        if route_table(&msg) == MAIN_TABLE
-            && msg.header.destination_prefix_length == net.prefix()
-            && route_matches(&msg.attributes, net)
-            && output_interface(&msg.attributes) == Some(index)
-        {
-            return Ok(true);
-        }
+        found = found
+            || (route_table(&msg) == MAIN_TABLE
+                && msg.header.destination_prefix_length == net.prefix()
+                && route_matches(&msg.attributes, net)
+                && output_interface(&msg.attributes) == Some(index));
     }
-    Ok(false)
+    Ok(found)
 }
 
 /// Moves the TUN device to a new lease's addresses: adds the new ones and re-points the overlay
@@ -838,29 +877,32 @@ async fn other_route(handle: &Handle, net: IpNetwork, ours: Option<u32>) -> Opti
         IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
     };
     let mut stream = handle.route().get(query).execute();
+    let mut found = None;
+    // The whole dump is read (see [`routes_via`]).
     while let Ok(Some(msg)) = stream.try_next().await {
-        if route_table(&msg) != MAIN_TABLE
+        if found.is_some()
+            || route_table(&msg) != MAIN_TABLE
             || msg.header.destination_prefix_length != net.prefix()
             || !route_matches(&msg.attributes, net)
         {
             continue;
         }
-        let (oif, metric) = (output_interface(&msg.attributes), route_metric(&msg));
-        if oif == ours {
-            continue;
+        let oif = output_interface(&msg.attributes);
+        if oif != ours {
+            found = Some((oif, route_metric(&msg)));
         }
-        let Some(index) = oif else {
-            let what = "no device (a blackhole, unreachable or multipath route)";
-            return Some((what.to_owned(), metric));
-        };
-        let name = links(handle)
-            .await
-            .ok()
-            .and_then(|ls| ls.into_iter().find(|l| l.index == index))
-            .map_or_else(|| format!("interface {index}"), |l| l.name);
-        return Some((name, metric));
     }
-    None
+    let (oif, metric) = found?;
+    let Some(index) = oif else {
+        let what = "no device (a blackhole, unreachable or multipath route)";
+        return Some((what.to_owned(), metric));
+    };
+    let name = links(handle)
+        .await
+        .ok()
+        .and_then(|ls| ls.into_iter().find(|l| l.index == index))
+        .map_or_else(|| format!("interface {index}"), |l| l.name);
+    Some((name, metric))
 }
 
 /// Whether a route's destination equals `net` (used by tests and cleanup checks).
@@ -951,6 +993,65 @@ fn effective_has(status: &str, bit: u32) -> Option<bool> {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// The TUN check's route listing, through the strict connection (the kernel filters by
+    /// table and device) and the plain one (filtered here), finds the main table's route out of
+    /// the device and no other: not one out of another device, nor one in another table.
+    /// Root, in a network namespace of its own thread.
+    #[test]
+    fn the_route_to_the_network_is_found_out_of_its_device_only() {
+        if crate::sys::effective_uid() != 0 {
+            eprintln!("SKIPPED: needs root");
+            return;
+        }
+        std::thread::spawn(|| {
+            if let Err(e) = crate::sys::enter_new_network_namespace() {
+                eprintln!("SKIPPED: cannot make a network namespace: {e}");
+                return;
+            }
+            // (`ip` runs in this thread's namespace: a child takes its parent thread's.)
+            let ip = |args: &str| {
+                let out = std::process::Command::new("ip")
+                    .args(args.split(' '))
+                    .output()
+                    .unwrap();
+                assert!(out.status.success(), "ip {args}: {out:?}");
+            };
+            ip("link add lt0 type veth peer name lt1");
+            for dev in ["lo", "lt0", "lt1"] {
+                ip(&format!("link set {dev} up"));
+            }
+            ip("route add 198.19.0.0/16 dev lt0");
+            ip("route add 198.19.0.0/16 dev lt1 table 100");
+            ip("route add 198.20.0.0/16 dev lt1");
+            ip("-6 route add fd00:19::/48 dev lt0");
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            runtime.block_on(async {
+                let nl = connect().unwrap();
+                let strict = connect_strict().expect("strict checking (Linux 4.20)");
+                let lt0 = link_named(&nl, "lt0").await.unwrap().unwrap().index;
+                let lt1 = link_named(&nl, "lt1").await.unwrap().unwrap().index;
+                let v4: IpNetwork = "198.19.0.0/16".parse().unwrap();
+                let v6: IpNetwork = "fd00:19::/48".parse().unwrap();
+                let other: IpNetwork = "198.20.0.0/16".parse().unwrap();
+                for (handle, filtered) in [(&strict, true), (&nl, false)] {
+                    let found = |net, dev| routes_via(handle, filtered, net, dev);
+                    assert!(found(v4, lt0).await.unwrap(), "strict {filtered}");
+                    assert!(found(v6, lt0).await.unwrap(), "strict {filtered}");
+                    // Only in table 100 out of lt1; out of lt1, another network.
+                    assert!(!found(v4, lt1).await.unwrap(), "strict {filtered}");
+                    assert!(!found(v6, lt1).await.unwrap(), "strict {filtered}");
+                    assert!(!found(other, lt0).await.unwrap(), "strict {filtered}");
+                    assert!(found(other, lt1).await.unwrap(), "strict {filtered}");
+                }
+            });
+        })
+        .join()
+        .unwrap();
+    }
 
     /// On a point-to-point link the kernel gives the far end as `IFA_ADDRESS` and this host's
     /// address as `IFA_LOCAL`; elsewhere only `IFA_ADDRESS` (or both, equal).

@@ -662,6 +662,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
         let config = config.clone();
         let ip_masq = args.ip_masq;
         let nl = nl.clone();
+        let strict = host::connect_strict();
         let tun_name = args.tun.clone();
         let tun_mtu = u32::from(mtu);
         let mut attrs = attrs.clone();
@@ -807,7 +808,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             check_at = tokio::time::Instant::now() + TUN_CHECK;
                             // Not while a move is under way: the move sets the device up anew.
                             if device_key == table_key {
-                                check_tun(&nl, (&tun_name, tun_mtu), &config, &device_key, &mut failing[2]).await;
+                                check_tun((&nl, strict.as_ref()), (&tun_name, tun_mtu), &config, &device_key, &mut failing[2]).await;
                                 host_steps.set("tun", failing[0].as_ref().or(failing[2].as_ref()));
                             }
                             // (Unknown when the addresses cannot be listed: then as it was.)
@@ -1139,7 +1140,7 @@ const TUN_CHECK: Duration = Duration::from_secs(5);
 /// host routed the overlay elsewhere, or drop the packets too long for their buffers. A
 /// vanished device is left to the workers, which stop the daemon.
 async fn check_tun(
-    nl: &rtnetlink::Handle,
+    (nl, strict): (&rtnetlink::Handle, Option<&rtnetlink::Handle>),
     (tun_name, mtu): (&str, u32),
     config: &NetworkConfig,
     key: &SubnetKey,
@@ -1147,7 +1148,7 @@ async fn check_tun(
 ) {
     let (v4, v6) = tun_addrs(key);
     let (v4, v6) = (v4.zip(config.network), v6.zip(config.ipv6_network));
-    let missing = match host::tun_missing(nl, tun_name, mtu, v4, v6).await {
+    let missing = match host::tun_missing(nl, strict, tun_name, mtu, v4, v6).await {
         Ok(m) if m.is_empty() => {
             // Whole again, maybe put back by hand or by another tool: a failed restore is over.
             retry_done(failing, "the TUN device is complete");
