@@ -664,6 +664,7 @@ mod test {
     #[tokio::test]
     async fn idle_connections_from_one_address_do_not_starve_a_probe() {
         let (addr, cancel) = serve_healthz().await;
+        let since = tokio::time::Instant::now();
         let mut idle = Vec::new();
         for _ in 0..16 {
             idle.push(TcpStream::connect(addr).await.unwrap());
@@ -680,7 +681,7 @@ mod test {
         // The 12 oldest were closed without an answer; the 4 newest still wait for their
         // request (the test is over long before their head timeout).
         let newest: Vec<usize> = (16 - MAX_PER_ADDRESS..16).collect();
-        assert_eq!(still_open(&idle, &newest).await, newest);
+        assert_eq!(still_open(&idle, &newest, since).await, newest);
         cancel.cancel();
     }
 
@@ -691,6 +692,7 @@ mod test {
     #[tokio::test]
     async fn an_address_at_its_share_is_still_served() {
         let (addr, cancel) = serve_healthz().await;
+        let since = tokio::time::Instant::now();
         let mut idle = Vec::new();
         for _ in 0..MAX_PER_ADDRESS {
             idle.push(TcpStream::connect(addr).await.unwrap());
@@ -700,7 +702,7 @@ mod test {
             .expect("the request was never answered");
         assert!(answer.contains("unhealthy;"), "{answer}");
         let newer: Vec<usize> = (1..MAX_PER_ADDRESS).collect();
-        assert_eq!(still_open(&idle, &newer).await, newer);
+        assert_eq!(still_open(&idle, &newer, since).await, newer);
         cancel.cancel();
     }
 
@@ -708,12 +710,18 @@ mod test {
     /// moment for the server's closes to arrive; a closed one must not have had an answer.
     /// Until they are the `expected` ones, looked at again for up to 2 s: a loaded machine's
     /// close may come later than the moment (a close that should not come at all is caught
-    /// only when it comes within the moment). Not longer: the server's head timeout (5 s)
-    /// closes idle connections in the order they came, and a look between two of those
-    /// closes could find the expected ones for the wrong reason.
-    async fn still_open(conns: &[TcpStream], expected: &[usize]) -> Vec<usize> {
+    /// only when it comes within the moment). Never past a second before the server's head
+    /// timeout, counted from `since` (before the first of `conns` connected): it closes idle
+    /// connections in the order they came, and a look between two of those closes could find
+    /// the expected ones for the wrong reason.
+    async fn still_open(
+        conns: &[TcpStream],
+        expected: &[usize],
+        since: tokio::time::Instant,
+    ) -> Vec<usize> {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let deadline = (tokio::time::Instant::now() + Duration::from_secs(2))
+            .min(since + HEAD_TIMEOUT - Duration::from_secs(1));
         loop {
             let open: Vec<usize> = conns
                 .iter()
@@ -744,6 +752,7 @@ mod test {
     async fn a_probe_takes_the_slot_of_the_connection_silent_longest() {
         let _alone = EVERY_SLOT.lock().await;
         let (addr, cancel) = serve_healthz().await;
+        let since = tokio::time::Instant::now();
         let mut idle = Vec::new();
         for i in 0..MAX_CONNECTIONS {
             idle.push(connect_within_share(addr, 1, i).await);
@@ -763,7 +772,7 @@ mod test {
         // (The test is over long before their head timeout, 5 s after the first was
         // accepted, unless the machine stalls that long.)
         let all: Vec<usize> = (0..idle.len()).collect();
-        assert_eq!(still_open(&idle, &all).await, all);
+        assert_eq!(still_open(&idle, &all, since).await, all);
         cancel.cancel();
     }
 
@@ -848,6 +857,7 @@ mod test {
     #[tokio::test]
     async fn idle_connections_from_a_few_addresses_do_not_starve_a_probe() {
         let (addr, cancel) = serve_healthz().await;
+        let since = tokio::time::Instant::now();
         let mut idle = Vec::new();
         for from in 2..6 {
             for _ in 0..MAX_PER_ADDRESS {
@@ -866,7 +876,7 @@ mod test {
         assert!(answer.starts_with("HTTP/1.1 503"), "{answer}");
         // Answered before the server let go of any idle one: each is open, with nothing to read.
         let all: Vec<usize> = (0..idle.len()).collect();
-        assert_eq!(still_open(&idle, &all).await, all);
+        assert_eq!(still_open(&idle, &all, since).await, all);
         cancel.cancel();
     }
 

@@ -12,7 +12,7 @@
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV6, UdpSocket};
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
+use std::os::fd::{AsFd, BorrowedFd};
 
 use socket2::{Domain, Protocol, Socket, Type};
 use tun_rs::{DeviceBuilder, SyncDevice};
@@ -174,59 +174,76 @@ pub fn open_udp(port: u16, buffer_bytes: usize) -> io::Result<UdpEndpoint> {
 
 /// Fails with a clear error when another program holds UDP `port`. `SO_REUSEPORT` would
 /// otherwise let the workers join the group of another process of the same user (a second
-/// linen, an old one still stopping) and silently share its datagrams.
+/// linen, an old one still stopping) and silently share its datagrams. Both families are
+/// tried: a program on the IPv6 side alone (`IPV6_V6ONLY`, or one address) would leave the
+/// workers IPv4-only in silence, and take what peers send over IPv6.
 pub fn ensure_port_free(port: u16) -> io::Result<()> {
-    match bind_udp(port, false) {
-        Ok(_) => Ok(()),
-        Err((e6, e))
-            if e6.kind() == io::ErrorKind::AddrInUse || e.kind() == io::ErrorKind::AddrInUse =>
-        {
-            Err(io::Error::new(
-                io::ErrorKind::AddrInUse,
-                format!(
-                    "UDP port {port} is in use by another program (another linen or flanneld?); \
-                     stop it, or give this network another Backend.Port"
-                ),
-            ))
-        }
+    let taken = [true, false].into_iter().any(|dual_stack| {
+        matches!(bind_family(port, false, dual_stack), Err(e) if e.kind() == io::ErrorKind::AddrInUse)
+    });
+    if !taken {
         // Anything else is for the real bind to report.
-        Err(_) => Ok(()),
-    }
-}
-
-/// Fails with a clear error when UDP `port` has a socket other than `ours` in this network
-/// namespace (`/proc/thread-self/net/udp` and `udp6`): one bound since [`ensure_port_free`]
-/// looked, which with `SO_REUSEPORT` has joined the workers' group (or, bound to one address,
-/// takes that address's datagrams). Tables that cannot be read are not looked at.
-pub fn ensure_port_only_ours(port: u16, ours: &[BorrowedFd<'_>]) -> io::Result<()> {
-    let mine: Vec<u64> = ours.iter().filter_map(|fd| socket_inode(*fd)).collect();
-    let others = ["udp", "udp6"]
-        .iter()
-        .filter_map(|t| std::fs::read_to_string(format!("/proc/thread-self/net/{t}")).ok())
-        .flat_map(|table| sockets_on(&table, port))
-        .filter(|inode| !mine.contains(inode))
-        .count();
-    if others == 0 {
         return Ok(());
     }
     Err(io::Error::new(
         io::ErrorKind::AddrInUse,
         format!(
-            "UDP port {port} was bound by another program while this one started ({others} \
-             socket(s); another linen started at the same moment?); stop it, or give this \
-             network another Backend.Port"
+            "UDP port {port} is in use by another program (another linen or flanneld?); \
+             stop it, or give this network another Backend.Port"
         ),
     ))
 }
 
-/// The inode of socket `fd` (its `/proc/self/fd` link reads `socket:[N]`).
+/// Fails with a clear error when UDP `port` has a socket other than `ours` in this network
+/// namespace (`/proc/thread-self/net/udp` and `udp6`): one bound since [`ensure_port_free`]
+/// looked, which with `SO_REUSEPORT` has joined the workers' group (or, bound to one address,
+/// takes that address's datagrams). Not looked at, with a warning, where the tables or the
+/// sockets' inodes cannot be read.
+pub fn ensure_port_only_ours(port: u16, ours: &[BorrowedFd<'_>]) -> io::Result<()> {
+    let mine: Vec<u64> = ours.iter().filter_map(|fd| socket_inode(*fd)).collect();
+    // (/proc/self/net where /proc/thread-self is missing, before Linux 3.17: the same
+    // namespace, since no thread of the daemon changes it.)
+    let tables: Vec<String> = ["udp", "udp6"]
+        .iter()
+        .filter_map(|t| {
+            std::fs::read_to_string(format!("/proc/thread-self/net/{t}"))
+                .or_else(|_| std::fs::read_to_string(format!("/proc/self/net/{t}")))
+                .ok()
+        })
+        .collect();
+    if mine.len() != ours.len() || tables.is_empty() {
+        tracing::warn!(
+            port,
+            "cannot list the sockets on the overlay port (/proc/thread-self/net/udp); not \
+             checking that no other program joined it during start-up"
+        );
+        return Ok(());
+    }
+    // A set: a table read in pieces while sockets come and go may list one twice.
+    let others: std::collections::BTreeSet<u64> = tables
+        .iter()
+        .flat_map(|table| sockets_on(table, port))
+        .filter(|inode| !mine.contains(inode))
+        .collect();
+    if others.is_empty() {
+        return Ok(());
+    }
+    Err(io::Error::new(
+        io::ErrorKind::AddrInUse,
+        format!(
+            "UDP port {port} was bound by another program while this one started ({} \
+             socket(s); another linen started at the same moment?); stop it, or give this \
+             network another Backend.Port",
+            others.len()
+        ),
+    ))
+}
+
+/// The inode of socket `fd`, as the `/proc/net/udp` tables name it (`fstat`'s `st_ino`).
 fn socket_inode(fd: BorrowedFd<'_>) -> Option<u64> {
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", fd.as_raw_fd())).ok()?;
-    link.to_str()?
-        .strip_prefix("socket:[")?
-        .strip_suffix(']')?
-        .parse()
-        .ok()
+    use std::os::unix::fs::MetadataExt;
+    let file = std::fs::File::from(fd.try_clone_to_owned().ok()?);
+    Some(file.metadata().ok()?.ino())
 }
 
 /// The inodes of the sockets bound to local `port` in a `/proc/net/udp{,6}` table: per line
@@ -465,6 +482,24 @@ mod test {
         ensure_port_only_ours(port, &[a.socket.as_fd(), b.socket.as_fd()]).unwrap();
         drop(b);
         ensure_port_only_ours(port, &[a.socket.as_fd()]).unwrap();
+    }
+
+    /// A program on the IPv6 side of the port alone leaves the IPv4 side free, and the
+    /// port is still in use: the workers would otherwise be IPv4-only in silence. No root.
+    #[test]
+    fn a_port_held_on_its_ipv6_side_alone_is_in_use() {
+        let v6 = Socket::new(Domain::IPV6, Type::DGRAM, Some(Protocol::UDP)).unwrap();
+        v6.set_only_v6(true).unwrap();
+        let any6 = SocketAddr::from((Ipv6Addr::UNSPECIFIED, 0));
+        if let Err(e) = v6.bind(&any6.into()) {
+            eprintln!("SKIPPED: no IPv6 here: {e}");
+            return;
+        }
+        let port = v6.local_addr().unwrap().as_socket().unwrap().port();
+        let e = ensure_port_free(port).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::AddrInUse, "{e}");
+        drop(v6);
+        ensure_port_free(port).unwrap();
     }
 
     #[test]
