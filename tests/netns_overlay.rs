@@ -2472,8 +2472,11 @@ fn wrapped_commands(dir: &Path, programs: &[&str], before: &str) -> PathBuf {
 /// ended fails with 124 rather than hanging the test), stderr to `log`.
 fn timed_with_path(h: &linen::lab::Host, cmd: &Command, bin: &Path, log: &Path) -> Command {
     let mut timed = h.command("timeout");
+    // --foreground: a signal to timeout (the lab's stop) goes to linen alone. Without it,
+    // timeout also sends it to its process group, linen included, and a second stop signal
+    // that comes while linen stops means "exit now".
     timed
-        .args(["--kill-after=5", "60"])
+        .args(["--foreground", "--kill-after=5", "60"])
         .arg(cmd.get_program())
         .args(cmd.get_args())
         .env(
