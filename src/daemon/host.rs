@@ -710,27 +710,25 @@ pub async fn tun_missing(
     Ok(missing)
 }
 
+/// A dump request for every route of `net`'s family.
+fn route_dump(net: IpNetwork) -> RouteMessage {
+    match net {
+        IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
+        IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
+    }
+}
+
 /// Whether the main table routes exactly `net` out of interface `index`. With `filtered` (a
 /// connection with strict checking), the kernel sends only the main table's routes out of
-/// `index`: the header's protocol and type, 0, filter nothing; its table and `RTA_OIF` do. What
-/// comes is checked here all the same.
+/// `index`: the header's table (the builder's, main) and `RTA_OIF` filter; its protocol and
+/// type, 0, filter nothing. What comes is checked here all the same.
 async fn routes_via(handle: &Handle, filtered: bool, net: IpNetwork, index: u32) -> Result<bool> {
-    let query = match (net, filtered) {
-        (IpNetwork::V4(_), false) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        (IpNetwork::V6(_), false) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-        (IpNetwork::V4(_), true) => RouteMessageBuilder::<Ipv4Addr>::new()
-            .table_id(MAIN_TABLE)
-            .protocol(RouteProtocol::Unspec)
-            .kind(RouteType::Unspec)
-            .output_interface(index)
-            .build(),
-        (IpNetwork::V6(_), true) => RouteMessageBuilder::<Ipv6Addr>::new()
-            .table_id(MAIN_TABLE)
-            .protocol(RouteProtocol::Unspec)
-            .kind(RouteType::Unspec)
-            .output_interface(index)
-            .build(),
-    };
+    let mut query = route_dump(net);
+    if filtered {
+        query.header.protocol = RouteProtocol::Unspec;
+        query.header.kind = RouteType::Unspec;
+        query.attributes.push(RouteAttribute::Oif(index));
+    }
     let mut stream = handle.route().get(query).execute();
     let mut found = false;
     // The whole dump is read even once the route is found: each message of a dump left unread
@@ -872,11 +870,7 @@ async fn add_route(
 /// interface `ours`, if there is one (best effort: for a warning, so listing errors count as
 /// none).
 async fn other_route(handle: &Handle, net: IpNetwork, ours: Option<u32>) -> Option<(String, u32)> {
-    let query = match net {
-        IpNetwork::V4(_) => RouteMessageBuilder::<Ipv4Addr>::new().build(),
-        IpNetwork::V6(_) => RouteMessageBuilder::<Ipv6Addr>::new().build(),
-    };
-    let mut stream = handle.route().get(query).execute();
+    let mut stream = handle.route().get(route_dump(net)).execute();
     let mut found = None;
     // The whole dump is read (see [`routes_via`]).
     while let Ok(Some(msg)) = stream.try_next().await {

@@ -543,8 +543,8 @@ impl Worker {
         self.paths.expire(now);
         let snap = self.table.load();
         let (v4, v6) = snap.sources();
-        if self.udp.source != (Source { v4, v6 }) {
-            let source = Source { v4, v6 };
+        let source = Source { v4, v6 };
+        if self.udp.source != source {
             set_source(
                 self.id,
                 source,
