@@ -427,7 +427,7 @@ fn a_new_underlay_address_is_followed_and_the_subnet_kept() {
         &["--iface", "eth0"],
         &[],
         ("198.18.0.2", "198.18.0.12"),
-        false,
+        Meanwhile::Nothing,
     );
 }
 
@@ -439,7 +439,7 @@ fn without_iface_only_the_start_interface_is_followed() {
     if skip() {
         return;
     }
-    follow_a_new_address(&[], &[], ("198.18.0.2", "198.18.0.12"), true);
+    follow_a_new_address(&[], &[], ("198.18.0.2", "198.18.0.12"), Meanwhile::Detour);
 }
 
 /// The same where the advertised address is not the one the kernel sends from (a secondary
@@ -454,7 +454,7 @@ fn a_new_secondary_underlay_address_is_sent_from() {
         &["--iface-regex", r"^198\.18\.0\.2\d$"],
         &["198.18.0.21/24"],
         ("198.18.0.21", "198.18.0.22"),
-        false,
+        Meanwhile::Nothing,
     );
 }
 
@@ -470,17 +470,46 @@ fn a_new_ipv6_underlay_address_is_followed_on_a_dual_stack_host() {
         &["--iface", "eth0"],
         &[],
         ("fd00:18::2", "fd00:18::12"),
-        false,
+        Meanwhile::Nothing,
     );
+}
+
+/// A new IPv6 address is advertised only once the kernel sends from it. One that another host
+/// on the link holds fails duplicate address detection, and is never advertised; one still
+/// tentative (ten probes here, about 10 s) is advertised once detection has passed. Meanwhile
+/// the lease keeps naming the old address.
+#[test]
+fn a_new_ipv6_address_is_followed_only_past_duplicate_address_detection() {
+    if skip() {
+        return;
+    }
+    follow_a_new_address(
+        &["--iface", "eth0"],
+        &[],
+        ("fd00:18::2", "fd00:18::12"),
+        Meanwhile::Dad,
+    );
+}
+
+/// What happens between the old address's going and the new one's coming.
+#[derive(PartialEq)]
+enum Meanwhile {
+    Nothing,
+    /// Another interface with an address comes first, and the old address goes a while before
+    /// the new one comes: that interface must not be followed meanwhile.
+    Detour,
+    /// (IPv6 only.) An address that fails duplicate address detection comes first, and the new
+    /// one stays tentative for about 10 s: neither may be advertised meanwhile.
+    Dad,
 }
 
 /// Starts two daemons, host 2's with `iface` and the extra addresses `more` on its eth0, then
 /// moves host 2's advertised address from `change.0` to `change.1` and checks that the lease,
-/// the routes and the traffic follow. With `detour`, another interface with an address comes
-/// first, and the old address goes a while before the new one comes: that interface must not
-/// be followed meanwhile. IPv6 addresses in `change` make the network dual-stack; the IPv4
-/// overlay and lease address must then stay as they were.
-fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), detour: bool) {
+/// the routes and the traffic follow, with what `meanwhile` says in between. IPv6 addresses
+/// in `change` make the network dual-stack; the IPv4 overlay and lease address must then stay
+/// as they were.
+fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), meanwhile: Meanwhile) {
+    let detour = meanwhile == Meanwhile::Detour;
     let v6 = change.0.contains(':');
     let (prefix, field) = if v6 {
         ("/64", "PublicIPv6")
@@ -574,6 +603,47 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         // A check more, which could have taken the veth's address.
         std::thread::sleep(Duration::from_secs(6));
     }
+    let leases_now = || {
+        let out = Command::new(LINEN)
+            .args(["lease", "list", "--json", "--registry-dir"])
+            .arg(d.dir.path())
+            .output()
+            .ok()?;
+        Some(String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    if meanwhile == Meanwhile::Dad {
+        // Host 1 holds fd00:18::13 already: on host 2 it fails detection at once. It is then
+        // the only global IPv6 address on eth0.
+        d.lab
+            .host(0)
+            .ip(&[
+                "-6",
+                "addr",
+                "add",
+                "fd00:18::13/64",
+                "dev",
+                "eth0",
+                "nodad",
+            ])
+            .unwrap();
+        h2.ip(&["-6", "addr", "add", "fd00:18::13/64", "dev", "eth0"])
+            .unwrap();
+        let failed = wait_for(Duration::from_secs(10), || {
+            let out = h2.ip(&["-6", "-o", "addr", "show", "dev", "eth0"]).ok()?;
+            out.contains("dadfailed").then_some(())
+        });
+        assert!(failed.is_some(), "fd00:18::13 passed detection on host 2");
+        let waited = wait_for(Duration::from_secs(20), || {
+            d.log(1)
+                .contains("fd00:18::13 failed duplicate address detection")
+                .then_some(())
+        });
+        assert!(waited.is_some(), "{}", d.log(1));
+        // Ten probes a second apart: the new address stays tentative for about 10 s, over at
+        // least one check.
+        h2.run("sysctl", &["-qw", "net.ipv6.conf.eth0.dad_transmits=10"])
+            .unwrap();
+    }
     h2.ip(&[
         "addr",
         "add",
@@ -582,14 +652,31 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), det
         "eth0",
     ])
     .unwrap();
+    if meanwhile == Meanwhile::Dad {
+        let tentative = || {
+            h2.ip(&["-6", "-o", "addr", "show", "dev", "eth0"])
+                .unwrap()
+                .lines()
+                .any(|l| l.contains(change.1) && l.contains("tentative"))
+        };
+        while tentative() {
+            let text = leases_now().unwrap_or_default();
+            assert!(
+                !text.contains(change.1) && !text.contains("fd00:18::13"),
+                "advertised before detection passed: {text}\n{}",
+                d.log(1)
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+        // A check saw it tentative (the test shows nothing otherwise).
+        let seen = format!(
+            "{} is still tentative (duplicate address detection",
+            change.1
+        );
+        assert!(d.log(1).contains(&seen), "{}", d.log(1));
+    }
     let listed = wait_for(Duration::from_secs(20), || {
-        let out = Command::new(LINEN)
-            .args(["lease", "list", "--json", "--registry-dir"])
-            .arg(d.dir.path())
-            .output()
-            .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        text.contains(change.1).then_some(text)
+        leases_now().filter(|text| text.contains(change.1))
     });
     let listed =
         listed.unwrap_or_else(|| panic!("the lease never named {}:\n{}", change.1, d.log(1)));

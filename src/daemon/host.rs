@@ -30,8 +30,31 @@ pub struct Underlay {
     /// its first.
     pub ipv4: Option<Ipv4Addr>,
     /// The IPv6 address that chose it, else its first global one that is not temporary,
-    /// deprecated or DAD-failed.
+    /// deprecated or DAD-failed (and, among those, not tentative when another is not).
     pub ipv6: Option<Ipv6Addr>,
+    /// Where `ipv6` is not yet or never usable as a source: duplicate address detection
+    /// still runs on it, or found another host holding it.
+    pub ipv6_dad: Option<Dad>,
+}
+
+/// Where duplicate address detection stands on an IPv6 address the kernel will not send from
+/// yet (or ever).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Dad {
+    /// Still tentative: detection runs (a second or so; `dad_transmits` probes, each
+    /// `retrans_time_ms` apart). Optimistic addresses (RFC 4429), usable meanwhile, are not.
+    Tentative,
+    /// Detection found another host on the link with the address (IFA_F_DADFAILED).
+    Failed,
+}
+
+impl std::fmt::Display for Dad {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Dad::Tentative => "is still tentative (duplicate address detection has not finished)",
+            Dad::Failed => "failed duplicate address detection (another host on the link has it)",
+        })
+    }
 }
 
 struct Link {
@@ -48,6 +71,8 @@ struct Link {
     /// Its IPv6 addresses that make a poor identity for the host: temporary (privacy, gone
     /// within days), deprecated, or refused by duplicate address detection.
     poor_v6: Vec<Ipv6Addr>,
+    /// Its IPv6 addresses the kernel will not send from (yet): see [`Dad`].
+    dad_v6: Vec<(Ipv6Addr, Dad)>,
 }
 
 /// Every address of every interface of this host.
@@ -60,7 +85,9 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
 }
 
 /// Which of `wanted` are on some interface of this host: one address dump, no device one (the
-/// underlay check runs every 5 s, on hosts that may have a veth per container).
+/// underlay check runs every 5 s, on hosts that may have a veth per container). An IPv6
+/// address that failed duplicate address detection (on a link that came up again next to a
+/// host holding it) does not count: the kernel sends nothing from it.
 pub async fn present_addresses(handle: &Handle, wanted: &[IpAddr]) -> Result<Vec<IpAddr>> {
     let mut found = Vec::new();
     let mut stream = handle.address().get().execute();
@@ -69,6 +96,9 @@ pub async fn present_addresses(handle: &Handle, wanted: &[IpAddr]) -> Result<Vec
         .await
         .context("netlink: listing addresses")?
     {
+        if dad_state(&msg) == Some(Dad::Failed) {
+            continue;
+        }
         for attr in &msg.attributes {
             if let AddressAttribute::Address(ip) | AddressAttribute::Local(ip) = attr
                 && wanted.contains(ip)
@@ -179,6 +209,7 @@ async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
             gso_max_segs,
             addrs: Vec::new(),
             poor_v6: Vec::new(),
+            dad_v6: Vec::new(),
         });
     }
     let mut request = handle.address().get();
@@ -197,10 +228,13 @@ async fn read_links(handle: &Handle, name: Option<&str>) -> Result<Vec<Link>> {
         let addr = own_address(&msg);
         if let (Some(link), Some(addr)) = (out.iter_mut().find(|l| l.index == index), addr) {
             link.addrs.push(addr);
-            if let IpAddr::V6(v6) = addr
-                && is_poor_identity(&msg)
-            {
-                link.poor_v6.push(v6);
+            if let IpAddr::V6(v6) = addr {
+                if is_poor_identity(&msg) {
+                    link.poor_v6.push(v6);
+                }
+                if let Some(dad) = dad_state(&msg) {
+                    link.dad_v6.push((v6, dad));
+                }
             }
         }
     }
@@ -278,18 +312,35 @@ fn output_interface(attrs: &[RouteAttribute]) -> Option<u32> {
     })
 }
 
-/// Whether an IPv6 address is temporary (IFA_F_TEMPORARY, which is IFA_F_SECONDARY's bit),
-/// deprecated or DAD-failed, by its IFA_FLAGS (the header holds only the low 8 bits).
-fn is_poor_identity(msg: &AddressMessage) -> bool {
-    let flags = msg
-        .attributes
+/// An address's flags: its IFA_FLAGS, else the header's (which holds only the low 8 bits).
+fn address_flags(msg: &AddressMessage) -> AddressFlags {
+    msg.attributes
         .iter()
         .find_map(|a| match a {
             AddressAttribute::Flags(f) => Some(*f),
             _ => None,
         })
-        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits())));
-    flags.intersects(AddressFlags::Secondary | AddressFlags::Deprecated | AddressFlags::Dadfailed)
+        .unwrap_or_else(|| AddressFlags::from_bits_retain(u32::from(msg.header.flags.bits())))
+}
+
+/// Whether an IPv6 address is temporary (IFA_F_TEMPORARY, which is IFA_F_SECONDARY's bit),
+/// deprecated or DAD-failed.
+fn is_poor_identity(msg: &AddressMessage) -> bool {
+    address_flags(msg)
+        .intersects(AddressFlags::Secondary | AddressFlags::Deprecated | AddressFlags::Dadfailed)
+}
+
+/// Where duplicate address detection keeps the kernel from sending from an address: failed
+/// (the kernel keeps IFA_F_TENTATIVE set with it), or tentative and not optimistic.
+fn dad_state(msg: &AddressMessage) -> Option<Dad> {
+    let flags = address_flags(msg);
+    if flags.contains(AddressFlags::Dadfailed) {
+        Some(Dad::Failed)
+    } else if flags.contains(AddressFlags::Tentative) && !flags.contains(AddressFlags::Optimistic) {
+        Some(Dad::Tentative)
+    } else {
+        None
+    }
 }
 
 fn usable_v6(a: &Ipv6Addr) -> bool {
@@ -439,19 +490,15 @@ pub async fn discover_underlay(
             names_and_addresses(candidates.iter().copied())
         );
     };
-    Ok(Underlay {
-        name: pick.name.clone(),
-        index: pick.index,
-        mtu: pick.mtu,
-        ipv4: match matched {
-            Some(IpAddr::V4(v4)) => Some(v4),
-            _ => first_v4(pick),
-        },
-        ipv6: match matched {
-            Some(IpAddr::V6(v6)) if usable_v6(&v6) => Some(v6),
-            _ => first_v6(pick),
-        },
-    })
+    let ipv4 = match matched {
+        Some(IpAddr::V4(v4)) => Some(v4),
+        _ => first_v4(pick),
+    };
+    let ipv6 = match matched {
+        Some(IpAddr::V6(v6)) if usable_v6(&v6) => Some(v6),
+        _ => first_v6(pick),
+    };
+    Ok(underlay_of(pick, ipv4, ipv6))
 }
 
 /// The interface named `name` as the underlay with its addresses now, as
@@ -462,13 +509,7 @@ pub async fn underlay_named(handle: &Handle, name: &str) -> Result<Option<Underl
         .await?
         .into_iter()
         .find(|l| l.name == name)
-        .map(|l| Underlay {
-            ipv4: first_v4(&l),
-            ipv6: first_v6(&l),
-            name: l.name,
-            index: l.index,
-            mtu: l.mtu,
-        }))
+        .map(|l| underlay_of(&l, first_v4(&l), first_v6(&l))))
 }
 
 /// The address a route's source `src` gives the interface `link` it leaves through: the
@@ -495,7 +536,8 @@ fn first_v4(link: &Link) -> Option<Ipv4Addr> {
 
 /// The interface's IPv6 address to advertise: the first global one that is not temporary,
 /// deprecated or DAD-failed (the kernel lists the newest first, so on a host with privacy
-/// extensions the first is usually a temporary one); else the first global one.
+/// extensions the first is usually a temporary one), one past its duplicate address detection
+/// first; else the first global one.
 fn first_v6(link: &Link) -> Option<Ipv6Addr> {
     let global = || {
         link.addrs.iter().filter_map(|a| match a {
@@ -503,9 +545,29 @@ fn first_v6(link: &Link) -> Option<Ipv6Addr> {
             _ => None,
         })
     };
-    global()
-        .find(|a| !link.poor_v6.contains(a))
+    let lasting = || global().filter(|a| !link.poor_v6.contains(a));
+    lasting()
+        .find(|a| dad_of(link, *a).is_none())
+        .or_else(|| lasting().next())
         .or_else(|| global().next())
+}
+
+/// Where duplicate address detection stands on the link's address `a`, if it keeps the
+/// kernel from sending from it.
+fn dad_of(link: &Link, a: Ipv6Addr) -> Option<Dad> {
+    link.dad_v6.iter().find(|(v6, _)| *v6 == a).map(|(_, d)| *d)
+}
+
+/// The underlay `link` with the addresses chosen on it.
+fn underlay_of(link: &Link, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> Underlay {
+    Underlay {
+        name: link.name.clone(),
+        index: link.index,
+        mtu: link.mtu,
+        ipv4,
+        ipv6,
+        ipv6_dad: ipv6.and_then(|a| dad_of(link, a)),
+    }
 }
 
 /// `--iface` values in order (an address, or a name: the interface's or one of its alternative
@@ -988,12 +1050,12 @@ fn effective_has(status: &str, bit: u32) -> Option<bool> {
 mod test {
     use super::*;
 
-    /// The TUN check's route listing, through the strict connection (the kernel filters by
-    /// table and device) and the plain one (filtered here), finds the main table's route out of
-    /// the device and no other: not one out of another device, nor one in another table.
-    /// Root, in a network namespace of its own thread.
-    #[test]
-    fn the_route_to_the_network_is_found_out_of_its_device_only() {
+    /// Runs `test` as root in a network namespace of its own thread (skipped otherwise), with
+    /// a veth pair lt0–lt1 up there, a runner of `ip` commands that returns their output (`ip`
+    /// runs in the thread's namespace, as a child takes its parent thread's) and a runtime.
+    fn in_own_namespace(
+        test: impl FnOnce(&dyn Fn(&str) -> String, &tokio::runtime::Runtime) + Send + 'static,
+    ) {
         if crate::sys::effective_uid() != 0 {
             eprintln!("SKIPPED: needs root");
             return;
@@ -1003,26 +1065,39 @@ mod test {
                 eprintln!("SKIPPED: cannot make a network namespace: {e}");
                 return;
             }
-            // (`ip` runs in this thread's namespace: a child takes its parent thread's.)
             let ip = |args: &str| {
                 let out = std::process::Command::new("ip")
                     .args(args.split(' '))
                     .output()
                     .unwrap();
                 assert!(out.status.success(), "ip {args}: {out:?}");
+                String::from_utf8_lossy(&out.stdout).into_owned()
             };
             ip("link add lt0 type veth peer name lt1");
             for dev in ["lo", "lt0", "lt1"] {
                 ip(&format!("link set {dev} up"));
             }
-            ip("route add 198.19.0.0/16 dev lt0");
-            ip("route add 198.19.0.0/16 dev lt1 table 100");
-            ip("route add 198.20.0.0/16 dev lt1");
-            ip("-6 route add fd00:19::/48 dev lt0");
             let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
                 .unwrap();
+            test(&ip, &runtime);
+        })
+        .join()
+        .unwrap();
+    }
+
+    /// The TUN check's route listing, through the strict connection (the kernel filters by
+    /// table and device) and the plain one (filtered here), finds the main table's route out of
+    /// the device and no other: not one out of another device, nor one in another table.
+    /// Root, in a network namespace of its own thread.
+    #[test]
+    fn the_route_to_the_network_is_found_out_of_its_device_only() {
+        in_own_namespace(|ip, runtime| {
+            ip("route add 198.19.0.0/16 dev lt0");
+            ip("route add 198.19.0.0/16 dev lt1 table 100");
+            ip("route add 198.20.0.0/16 dev lt1");
+            ip("-6 route add fd00:19::/48 dev lt0");
             runtime.block_on(async {
                 let nl = connect().unwrap();
                 let strict = connect_strict().expect("strict checking (Linux 4.20)");
@@ -1042,9 +1117,54 @@ mod test {
                     assert!(found(other, lt1).await.unwrap(), "strict {filtered}");
                 }
             });
-        })
-        .join()
-        .unwrap();
+        });
+    }
+
+    /// Duplicate address detection as the kernel reports it: an address another interface on
+    /// the link holds fails, and is then neither present nor advertised while any other is;
+    /// one still tentative is present, and advertised only when it is the one left. Root, in
+    /// a network namespace of its own thread.
+    #[test]
+    fn addresses_held_back_by_duplicate_address_detection_are_told_apart() {
+        in_own_namespace(|ip, runtime| {
+            ip("-6 addr add fd00:18::7/64 dev lt1 nodad");
+            ip("-6 addr add fd00:18::8/64 dev lt0 nodad");
+            // lt1 answers lt0's probe for its own address.
+            ip("-6 addr add fd00:18::7/64 dev lt0");
+            let failed = (0..100).any(|_| {
+                std::thread::sleep(std::time::Duration::from_millis(100));
+                ip("-6 -o addr show dev lt0").contains("dadfailed")
+            });
+            assert!(failed, "no DAD failure: {}", ip("-6 -o addr show dev lt0"));
+            // Only lt0's, failed, is left.
+            ip("-6 addr del fd00:18::7/64 dev lt1");
+            // Fifty probes a second apart: tentative through the rest of the test.
+            std::fs::write("/proc/sys/net/ipv6/conf/lt0/dad_transmits", "50").unwrap();
+            ip("-6 addr add fd00:18::9/64 dev lt0");
+            let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+            runtime.block_on(async {
+                let nl = connect().unwrap();
+                let all = ["fd00:18::7", "fd00:18::8", "fd00:18::9"].map(|a| IpAddr::V6(v6(a)));
+                let mut present = present_addresses(&nl, &all).await.unwrap();
+                present.sort();
+                assert_eq!(present, all[1..]);
+                let underlay = || async {
+                    let u = underlay_named(&nl, "lt0").await.unwrap().unwrap();
+                    (u.ipv6, u.ipv6_dad)
+                };
+                assert_eq!(underlay().await, (Some(v6("fd00:18::8")), None));
+                ip("-6 addr del fd00:18::8/64 dev lt0");
+                assert_eq!(
+                    underlay().await,
+                    (Some(v6("fd00:18::9")), Some(Dad::Tentative))
+                );
+                ip("-6 addr del fd00:18::9/64 dev lt0");
+                assert_eq!(
+                    underlay().await,
+                    (Some(v6("fd00:18::7")), Some(Dad::Failed))
+                );
+            });
+        });
     }
 
     /// On a point-to-point link the kernel gives the far end as `IFA_ADDRESS` and this host's
@@ -1078,7 +1198,63 @@ mod test {
             gso_max_segs: None,
             addrs,
             poor_v6,
+            dad_v6: Vec::new(),
         }
+    }
+
+    /// The kernel's flags tell tentative, optimistic and DAD-failed addresses apart, in the
+    /// IFA_FLAGS attribute or, without one, in the header.
+    #[test]
+    fn duplicate_address_detection_is_read_from_the_flags() {
+        let with = |flags: AddressFlags, attribute: bool| {
+            let mut m = AddressMessage::default();
+            if attribute {
+                m.attributes.push(AddressAttribute::Flags(flags));
+            } else {
+                m.header.flags =
+                    netlink_packet_route::address::AddressHeaderFlags::from_bits_retain(
+                        u8::try_from(flags.bits()).unwrap(),
+                    );
+            }
+            dad_state(&m)
+        };
+        for attribute in [true, false] {
+            assert_eq!(with(AddressFlags::Permanent, attribute), None);
+            assert_eq!(
+                with(AddressFlags::Tentative, attribute),
+                Some(Dad::Tentative)
+            );
+            assert_eq!(
+                with(
+                    AddressFlags::Tentative | AddressFlags::Optimistic,
+                    attribute
+                ),
+                None
+            );
+            assert_eq!(
+                with(AddressFlags::Tentative | AddressFlags::Dadfailed, attribute),
+                Some(Dad::Failed)
+            );
+        }
+    }
+
+    /// An address past its detection is advertised before a newer one still tentative; one
+    /// tentative address alone is taken, and the underlay says so.
+    #[test]
+    fn a_tentative_address_gives_way_to_a_ready_one() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let mut link = eth0(
+            vec![IpAddr::V6(v6("fd00:18::12")), IpAddr::V6(v6("fd00:18::2"))],
+            Vec::new(),
+        );
+        link.dad_v6.push((v6("fd00:18::12"), Dad::Tentative));
+        assert_eq!(first_v6(&link), Some(v6("fd00:18::2")));
+        let underlay = underlay_of(&link, None, first_v6(&link));
+        assert_eq!(underlay.ipv6_dad, None);
+        link.addrs.pop();
+        assert_eq!(first_v6(&link), Some(v6("fd00:18::12")));
+        let underlay = underlay_of(&link, None, first_v6(&link));
+        assert_eq!(underlay.ipv6_dad, Some(Dad::Tentative));
     }
 
     /// A link-local IPv4 address listed first gives way to another one; alone, it is taken.

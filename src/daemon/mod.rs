@@ -834,9 +834,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                         &mut failing[3],
                                         "the advertised underlay address is gone",
                                         format!(
-                                            "{} is on no interface of this host any more: peers \
-                                             send to it, and drop what this host sends from \
-                                             another address; {why}",
+                                            "{} is on no interface of this host any more (or \
+                                             failed duplicate address detection): peers send to \
+                                             it, and drop what this host sends from another \
+                                             address; {why}",
                                             list(&gone)
                                         ),
                                     ),
@@ -1021,7 +1022,9 @@ impl Follow {
 /// reason for the message, when every address `gone` was given with `--public-ip` or
 /// `--public-ipv6`, when the choice finds nothing new (none on the interface yet, or only an
 /// IPv4 link-local address where the host advertised none), addresses of other families than
-/// advertised (the overlay MTU was set for these), or an address the network leases.
+/// advertised (the overlay MTU was set for these), or an address the network leases. A new
+/// IPv6 address still tentative, or one that failed duplicate address detection, is not
+/// taken: the old one stays advertised meanwhile.
 async fn follow_underlay(
     nl: &rtnetlink::Handle,
     follow: &Follow,
@@ -1063,7 +1066,17 @@ async fn follow_underlay(
         .ok()
     };
     let underlay = underlay.ok_or_else(|| waiting.clone())?;
-    let (v4, v6) = advertised_addresses(follow.given, config, &underlay);
+    let (v4, mut v6) = advertised_addresses(follow.given, config, &underlay);
+    // A new IPv6 address the kernel does not send from yet (duplicate address detection runs
+    // for a second or so) or ever (it failed): the lease keeps the old one meanwhile, or the
+    // peers would drop what this host sends from the old one and send to the new one in vain.
+    let mut waiting = waiting;
+    if let (Some(new), Some(dad)) = (v6, underlay.ipv6_dad)
+        && v6 != current.public_ipv6
+    {
+        waiting = format!("{waiting}; its new address {new} {dad}");
+        v6 = current.public_ipv6;
+    }
     // Nothing new yet, or a DHCP client between leases (an IPv4 link-local address meanwhile,
     // where the host did not advertise one).
     let link_local = |ip: Option<Ipv4Addr>| ip.is_some_and(|ip| ip.is_link_local());
