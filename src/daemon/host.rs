@@ -8,6 +8,7 @@ use std::path::Path;
 use anyhow::{Context, Result, anyhow, bail};
 use futures_util::TryStreamExt;
 use ipnetwork::{IpNetwork, Ipv4Network, Ipv6Network};
+use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressFlags, AddressMessage};
 use netlink_packet_route::link::{LinkAttribute, LinkFlags, Prop};
 use netlink_packet_route::route::{
@@ -44,7 +45,9 @@ pub enum Dad {
     /// Still tentative: detection runs (a second or so; `dad_transmits` probes, each
     /// `retrans_time_ms` apart). Optimistic addresses (RFC 4429), usable meanwhile, are not.
     Tentative,
-    /// Detection found another host on the link with the address (IFA_F_DADFAILED).
+    /// Detection found another node on the link claiming the address (IFA_F_DADFAILED; the
+    /// kernel keeps only addresses without a lifetime, those added by hand, in this state, and
+    /// deletes SLAAC and DHCPv6 ones).
     Failed,
 }
 
@@ -52,7 +55,9 @@ impl std::fmt::Display for Dad {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(match self {
             Dad::Tentative => "is still tentative (duplicate address detection has not finished)",
-            Dad::Failed => "failed duplicate address detection (another host on the link has it)",
+            Dad::Failed => {
+                "failed duplicate address detection (another node on the link claims it)"
+            }
         })
     }
 }
@@ -86,8 +91,9 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
 
 /// Which of `wanted` are on some interface of this host: one address dump, no device one (the
 /// underlay check runs every 5 s, on hosts that may have a veth per container). An IPv6
-/// address that failed duplicate address detection (on a link that came up again next to a
-/// host holding it) does not count: the kernel sends nothing from it.
+/// address that failed duplicate address detection does not count: the kernel sends nothing
+/// from it. (Detection runs again on an address already there only when the link comes up
+/// again with `keep_addr_on_down` set; by default a link going down takes IPv6 addresses.)
 pub async fn present_addresses(handle: &Handle, wanted: &[IpAddr]) -> Result<Vec<IpAddr>> {
     let mut found = Vec::new();
     let mut stream = handle.address().get().execute();
@@ -96,7 +102,7 @@ pub async fn present_addresses(handle: &Handle, wanted: &[IpAddr]) -> Result<Vec
         .await
         .context("netlink: listing addresses")?
     {
-        if dad_state(&msg) == Some(Dad::Failed) {
+        if msg.header.family == AddressFamily::Inet6 && dad_state(&msg) == Some(Dad::Failed) {
             continue;
         }
         for attr in &msg.attributes {
@@ -1047,13 +1053,13 @@ fn effective_has(status: &str, bit: u32) -> Option<bool> {
 }
 
 #[cfg(test)]
-mod test {
+pub(crate) mod test {
     use super::*;
 
     /// Runs `test` as root in a network namespace of its own thread (skipped otherwise), with
     /// a veth pair lt0–lt1 up there, a runner of `ip` commands that returns their output (`ip`
     /// runs in the thread's namespace, as a child takes its parent thread's) and a runtime.
-    fn in_own_namespace(
+    pub(crate) fn in_own_namespace(
         test: impl FnOnce(&dyn Fn(&str) -> String, &tokio::runtime::Runtime) + Send + 'static,
     ) {
         if crate::sys::effective_uid() != 0 {
@@ -1129,6 +1135,12 @@ mod test {
         in_own_namespace(|ip, runtime| {
             ip("-6 addr add fd00:18::7/64 dev lt1 nodad");
             ip("-6 addr add fd00:18::8/64 dev lt0 nodad");
+            // Whatever a new namespace inherits: detection on, one probe.
+            let conf = |key: &str, value: &str| {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/lt0/{key}"), value).unwrap();
+            };
+            conf("accept_dad", "1");
+            conf("dad_transmits", "1");
             // lt1 answers lt0's probe for its own address.
             ip("-6 addr add fd00:18::7/64 dev lt0");
             let failed = (0..100).any(|_| {
@@ -1139,7 +1151,7 @@ mod test {
             // Only lt0's, failed, is left.
             ip("-6 addr del fd00:18::7/64 dev lt1");
             // Fifty probes a second apart: tentative through the rest of the test.
-            std::fs::write("/proc/sys/net/ipv6/conf/lt0/dad_transmits", "50").unwrap();
+            conf("dad_transmits", "50");
             ip("-6 addr add fd00:18::9/64 dev lt0");
             let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
             runtime.block_on(async {

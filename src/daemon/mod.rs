@@ -319,6 +319,20 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .await?;
     let (public_ip, public_ipv6) =
         advertised_addresses((args.public_ip, args.public_ipv6), &config, &underlay);
+    if let (Some(v6), Some(dad)) = (public_ipv6, underlay.ipv6_dad)
+        && public_ipv6 == underlay.ipv6
+        && args.public_ipv6.is_none()
+    {
+        // A failed address is never used by the kernel: peers would send to it in vain.
+        if dad == host::Dad::Failed {
+            bail!(
+                "the IPv6 address {v6} on {} {dad}: give the interface another one, or pass \
+                 --public-ipv6",
+                underlay.name
+            );
+        }
+        tracing::warn!(address = %v6, interface = %underlay.name, "the IPv6 underlay address {dad}: datagrams leave from it once detection has passed, a second or so");
+    }
     if public_ip.is_none() && public_ipv6.is_none() {
         bail!(
             "interface {} has no usable address to advertise; pass --public-ip or --public-ipv6",
@@ -834,10 +848,10 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                         &mut failing[3],
                                         "the advertised underlay address is gone",
                                         format!(
-                                            "{} is on no interface of this host any more (or \
-                                             failed duplicate address detection): peers send to \
-                                             it, and drop what this host sends from another \
-                                             address; {why}",
+                                            "{} is on no interface of this host any more (an \
+                                             IPv6 address also when it failed duplicate address \
+                                             detection): peers send to it, and drop what this \
+                                             host sends from another address; {why}",
                                             list(&gone)
                                         ),
                                     ),
@@ -1067,14 +1081,23 @@ async fn follow_underlay(
     };
     let underlay = underlay.ok_or_else(|| waiting.clone())?;
     let (v4, mut v6) = advertised_addresses(follow.given, config, &underlay);
-    // A new IPv6 address the kernel does not send from yet (duplicate address detection runs
-    // for a second or so) or ever (it failed): the lease keeps the old one meanwhile, or the
-    // peers would drop what this host sends from the old one and send to the new one in vain.
+    // A new IPv6 address the kernel neither sends from nor receives on yet (duplicate address
+    // detection runs for a second or so) or ever (it failed) is not advertised: peers would
+    // send to it in vain, and a failed one would stay advertised for good. The old one stays
+    // while it is still here (the IPv4 address alone changed); when it is gone too, nothing
+    // changes until the new one is ready.
     let mut waiting = waiting;
     if let (Some(new), Some(dad)) = (v6, underlay.ipv6_dad)
+        && v6 == underlay.ipv6
         && v6 != current.public_ipv6
     {
         waiting = format!("{waiting}; its new address {new} {dad}");
+        if current
+            .public_ipv6
+            .is_some_and(|old| gone.contains(&IpAddr::V6(old)))
+        {
+            return Err(waiting);
+        }
         v6 = current.public_ipv6;
     }
     // Nothing new yet, or a DHCP client between leases (an IPv4 link-local address meanwhile,
@@ -1532,6 +1555,52 @@ mod test {
         let after = get().await;
         assert!(after.starts_with("HTTP/1.1 503"), "{after}");
         assert!(!after.contains("not found"), "{after}");
+    }
+
+    /// On a dual-stack host whose IPv4 address changed, a new IPv6 address still tentative is
+    /// not advertised: the old one is kept while it is still there (a ready address comes
+    /// before a tentative one), and nothing is followed while it is gone too. Root, in a
+    /// network namespace of its own thread.
+    #[test]
+    fn a_tentative_ipv6_address_is_not_followed_along_with_a_new_ipv4_one() {
+        host::test::in_own_namespace(|ip, runtime| {
+            ip("addr add 198.18.0.12/24 dev lt0");
+            ip("-6 addr add fd00:18::2/64 dev lt0 nodad");
+            for (key, value) in [("accept_dad", "1"), ("dad_transmits", "50")] {
+                std::fs::write(format!("/proc/sys/net/ipv6/conf/lt0/{key}"), value).unwrap();
+            }
+            // Fifty probes a second apart: tentative through the test.
+            ip("-6 addr add fd00:18::12/64 dev lt0");
+            let config = NetworkConfig::from_json(
+                r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#,
+            )
+            .unwrap();
+            let follow = Follow {
+                choice: host::InterfaceChoice {
+                    iface: vec!["lt0".into()],
+                    ..host::InterfaceChoice::default()
+                },
+                given: (None, None),
+                interface: "lt0".into(),
+                mtu: 1500,
+            };
+            let current = attrs("198.18.0.2", "fd00:18::2");
+            let v4: IpAddr = "198.18.0.2".parse().unwrap();
+            let v6: IpAddr = "fd00:18::2".parse().unwrap();
+            runtime.block_on(async {
+                let nl = host::connect().unwrap();
+                let (new, _) = follow_underlay(&nl, &follow, &config, &current, &[v4])
+                    .await
+                    .unwrap();
+                assert_eq!(new.public_ip, Some("198.18.0.12".parse().unwrap()));
+                assert_eq!(new.public_ipv6, current.public_ipv6);
+                ip("-6 addr del fd00:18::2/64 dev lt0");
+                let why = follow_underlay(&nl, &follow, &config, &current, &[v4, v6])
+                    .await
+                    .unwrap_err();
+                assert!(why.contains("fd00:18::12 is still tentative"), "{why}");
+            });
+        });
     }
 
     fn lease(key: &str, public_ip: &str) -> Lease {
