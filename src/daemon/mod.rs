@@ -108,10 +108,15 @@ pub fn unroutable(
     lease: &Lease,
 ) -> Option<&'static str> {
     if lease.attrs.shares_address(ours) {
-        return Some(
-            "it names this host's public address (it takes effect if linen restarts here; \
-             `linen lease release` removes it)",
-        );
+        return Some(if lease.is_reservation() {
+            "it names this host's public address, so peers route its subnet here, where the \
+             packets are dropped (the reservation takes effect when linen restarts here; \
+             `linen lease release` removes it)"
+        } else {
+            "it names this host's public address, so peers route its subnet here, where the \
+             packets are dropped (this host releases it at once when it names the address \
+             this host's lease is acquired by; otherwise `linen lease release` removes it)"
+        });
     }
     if let (Some(net), Some(sub)) = (config.network, lease.key.ipv4())
         && (sub.prefix() != config.subnet_len || !net.contains(sub.network()))
