@@ -110,12 +110,12 @@ pub fn unroutable(
     if lease.attrs.shares_address(ours) {
         return Some(if lease.is_reservation() {
             "it names this host's public address, so peers route its subnet here, where the \
-             packets are dropped (the reservation takes effect when linen restarts here; \
-             `linen lease release` removes it)"
+             packets are dropped (a reservation for this host: it takes effect when linen \
+             restarts here; `linen lease release` removes it)"
         } else {
             "it names this host's public address, so peers route its subnet here, where the \
-             packets are dropped (this host releases it at once when it names the address \
-             this host's lease is acquired by; otherwise `linen lease release` removes it)"
+             packets are dropped, until it expires (left by a host that had this address, or \
+             written by one configured with it; `linen lease release` removes it)"
         });
     }
     if let (Some(net), Some(sub)) = (config.network, lease.key.ipv4())

@@ -166,11 +166,7 @@ async fn acquire_listing(
                 // Held now: give up the dynamic leases it supersedes (a failure only leaves
                 // them to expire, as before).
                 for old in &plan.superseded {
-                    if lease.is_reservation() {
-                        tracing::warn!(subnet = %old.key, reservation = %lease.key, "a reservation for this host supersedes its lease; releasing that lease");
-                    } else {
-                        tracing::warn!(subnet = %old.key, kept = %lease.key, "another lease names this host's public address too (one another host had for it, or this host's own from before); releasing it, so that peers stop routing its subnet here");
-                    }
+                    tracing::warn!(subnet = %old.key, reservation = %lease.key, "a reservation for this host supersedes its lease; releasing that lease");
                     if let Err(e) = registry.release_lease(old).await {
                         tracing::warn!(subnet = %old.key, error = %e, "cannot release the superseded lease; it expires on its own");
                     }
@@ -611,8 +607,7 @@ impl LeaseManager {
             Ok(lease) => {
                 self.write_answered(None);
                 tracing::info!(subnet = %lease.key, expires = %lease.expiry(), "lease renewed");
-                self.hold(lease.clone());
-                self.release_others_naming_us(&lease).await;
+                self.hold(lease);
             }
             Err(RegistryError::NotFound(key)) => {
                 self.write_answered(None);
@@ -625,31 +620,6 @@ impl LeaseManager {
                 self.write_answered(Some(&e));
                 self.renew_failed = true;
                 self.renew_at = Some(Instant::now() + self.renew_backoff.next());
-            }
-        }
-    }
-
-    /// Gives up the peers' dynamic leases that name this host's address, as the start does
-    /// (the allocator's `superseded`): one another host had for the address this host followed
-    /// (renewed at once after [`readdress`](LeaseManager::readdress)), or one written since.
-    /// Peers would otherwise route their subnets here, where the packets are dropped, and take
-    /// this host's datagrams from those subnets as its own, until they expire. A failure
-    /// leaves them to expire, as before.
-    async fn release_others_naming_us(&mut self, held: &Lease) {
-        let others: Vec<Lease> = self
-            .tracker
-            .peers()
-            .filter(|l| {
-                !l.is_reservation()
-                    && l.key != held.key
-                    && allocator::is_ours(&self.config, &self.options.attrs, l)
-            })
-            .cloned()
-            .collect();
-        for old in others {
-            tracing::warn!(subnet = %old.key, kept = %held.key, "another lease names this host's public address too (one another host had for it, or this host's own from before); releasing it, so that peers stop routing its subnet here");
-            if let Err(e) = self.registry.release_lease(&old).await {
-                tracing::warn!(subnet = %old.key, error = %e, "cannot release the lease; it expires on its own");
             }
         }
     }
@@ -698,26 +668,6 @@ impl LeaseManager {
         } else {
             false
         };
-        // A peer's dynamic lease naming this host's address (one another host had for it,
-        // seen only now): renewing gives it up (`release_others_naming_us`) now, not hours
-        // from now at the next renewal.
-        if !settle
-            && self.renew_at.is_some()
-            && let Some(own) = self.tracker.own()
-            && let Some(other) = applied.peers.iter().find_map(|e| match e {
-                PeerEvent::Added(l) | PeerEvent::Updated { new: l, .. }
-                    if !l.is_reservation()
-                        && l.key != own.key
-                        && allocator::is_ours(&self.config, &self.options.attrs, l) =>
-                {
-                    Some(l.key)
-                }
-                _ => None,
-            })
-        {
-            tracing::info!(subnet = %own.key, %other, "a peer's lease names this host's public address; renewing now, which releases it");
-            self.renew_at = Some(Instant::now());
-        }
         // The watch shows the own key with the new addresses: older writes are behind.
         if applied.own_seen
             && self
