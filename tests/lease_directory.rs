@@ -776,6 +776,45 @@ async fn of_two_leases_naming_the_host_the_previous_subnet_is_kept() {
     a.stop().await;
 }
 
+/// Two dual-stack hosts configured with one PublicIP (behind one NAT) and their own IPv6
+/// addresses share a key (the second reuses the lease naming its PublicIP, as flannel does),
+/// and each one's write names only some of the other's addresses. Each rewrites the key for
+/// that once, and then at most once a minute, not back and forth as fast as the registry
+/// answers.
+#[tokio::test]
+async fn two_hosts_sharing_a_key_do_not_rewrite_it_back_and_forth() {
+    let dir = setup(DUAL);
+    // A day's lease: no renewal falls due during the test.
+    let reg = registry(dir.path(), 86_400);
+    let dual = |n: u8| {
+        let mut attrs = host(1);
+        attrs.public_ipv6 = Some(format!("fd00:18::{n}").parse().unwrap());
+        let mut o = options(1);
+        o.attrs = attrs;
+        o
+    };
+    let a = Running::start(Arc::clone(&reg), dual(1)).await;
+    let shared = a.own().unwrap();
+    let b = Running::start(Arc::clone(&reg), dual(2)).await;
+    assert_eq!(b.own(), Some(shared));
+    let path = dir.path().join("subnets").join(shared.to_string());
+    let mut last = String::new();
+    let mut flips = 0;
+    let until = std::time::Instant::now() + Duration::from_secs(3);
+    while std::time::Instant::now() < until {
+        let now = fs::read_to_string(&path).unwrap_or_default();
+        if now != last && now.contains("PublicIPv6") {
+            flips += 1;
+            last = now;
+        }
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    // b's acquisition, a's rewrite, b's rewrite; then each waits a minute.
+    assert!(flips <= 4, "the key was rewritten {flips} times in 3 s");
+    a.stop().await;
+    b.stop().await;
+}
+
 #[tokio::test]
 async fn reservation_is_taken_by_its_public_ip_and_never_gets_an_expiry() {
     let dir = setup(NET);

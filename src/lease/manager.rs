@@ -100,6 +100,12 @@ fn renewal_delay(remaining: Duration, margin: Duration) -> Duration {
 /// How long [`LeaseManager::acquire_patiently`] waits between tries.
 pub const ACQUIRE_RETRY: Duration = Duration::from_secs(1);
 
+/// The least time between two rewrites of the own key made because a write named only some
+/// of this host's addresses. Two hosts configured with one PublicIP (behind one NAT) and
+/// different IPv6 addresses share a key, and each one's write is partial to the other: without
+/// a gap they would rewrite it back and forth as fast as the registry answers.
+pub const PARTIAL_REWRITE_GAP: Duration = Duration::from_secs(60);
+
 /// Acquires a lease once, as flannel's `tryAcquireLease` does: list, decide with the
 /// [`allocator`], create atomically; on a lost race list again, at most [`RACE_RETRIES`]
 /// times. Own leases the config no longer allows are deleted on the way.
@@ -352,6 +358,9 @@ pub struct LeaseManager {
     /// one: a write of an old value seen meanwhile is one from before the rewrite, not
     /// another host's.
     superseded: Vec<LeaseAttrs>,
+    /// When the last rewrite for a partial write was due, and whether one was put off since
+    /// (then said once).
+    partial_rewrite: Option<(Instant, bool)>,
 }
 
 impl LeaseManager {
@@ -381,6 +390,7 @@ impl LeaseManager {
             addresses,
             addresses_tx,
             superseded: Vec::new(),
+            partial_rewrite: None,
         }
     }
 
@@ -624,6 +634,27 @@ impl LeaseManager {
         }
     }
 
+    /// When to rewrite the own key `key` after a write that named only some of this host's
+    /// addresses: now, or [`PARTIAL_REWRITE_GAP`] after the last such rewrite.
+    fn partial_rewrite_at(&mut self, key: SubnetKey) -> Instant {
+        let now = Instant::now();
+        match self.partial_rewrite {
+            Some((last, told)) if now < last + PARTIAL_REWRITE_GAP => {
+                let at = last + PARTIAL_REWRITE_GAP;
+                if !told {
+                    tracing::warn!(subnet = %key, "our key was written again with only some of this host's addresses, soon after it was rewritten: another host writes it too (two hosts configured with one PublicIP, behind one NAT?); rewriting it at most once a minute");
+                }
+                self.partial_rewrite = Some((at, true));
+                at
+            }
+            _ => {
+                tracing::info!(subnet = %key, "our key names only some of this host's addresses; rewriting it");
+                self.partial_rewrite = Some((now, false));
+                now
+            }
+        }
+    }
+
     /// Handles what the watcher sent; false when it has gone (the channel closed).
     fn on_msg(&mut self, msg: Option<WatchMsg>) -> bool {
         match msg {
@@ -719,13 +750,14 @@ impl LeaseManager {
                     }
                     let key = lease.key;
                     self.hold(lease);
-                    if partial {
-                        tracing::info!(subnet = %key, "our key names only some of this host's addresses; rewriting it");
-                    }
                     // hold() scheduled the next renewal from the new expiry: the one due at
                     // once stays so.
-                    if partial || settle {
+                    if settle {
                         self.renew_at = Some(Instant::now());
+                    }
+                    if partial {
+                        let at = self.partial_rewrite_at(key);
+                        self.renew_at = Some(self.renew_at.map_or(at, |r| r.min(at)));
                     }
                     return;
                 }
