@@ -635,10 +635,18 @@ impl LeaseManager {
     }
 
     /// When to rewrite the own key `key` after a write that named only some of this host's
-    /// addresses: now, or [`PARTIAL_REWRITE_GAP`] after the last such rewrite.
-    fn partial_rewrite_at(&mut self, key: SubnetKey) -> Instant {
+    /// addresses: now (at once anyway with `now_anyway`), when the one put off is due, or
+    /// [`PARTIAL_REWRITE_GAP`] after the last such rewrite.
+    fn partial_rewrite_at(&mut self, key: SubnetKey, now_anyway: bool) -> Instant {
         let now = Instant::now();
         match self.partial_rewrite {
+            _ if now_anyway => {
+                let told = self.partial_rewrite.is_some_and(|(_, told)| told);
+                self.partial_rewrite = Some((now, told));
+                now
+            }
+            // One is put off already: not further.
+            Some((due, _)) if now < due => due,
             Some((last, told)) if now < last + PARTIAL_REWRITE_GAP => {
                 let at = last + PARTIAL_REWRITE_GAP;
                 if !told {
@@ -745,19 +753,20 @@ impl LeaseManager {
                     // a renewal that failed, this is one that committed although its answer
                     // was an error (a timeout): the write went through, so the registry is no
                     // longer reported down for it (the next write is hours away).
+                    let failed = self.renew_failed;
                     if self.renew_failed {
                         self.write_answered(None);
                     }
                     let key = lease.key;
                     self.hold(lease);
                     // hold() scheduled the next renewal from the new expiry: the one due at
-                    // once stays so.
-                    if settle {
-                        self.renew_at = Some(Instant::now());
-                    }
+                    // once stays so. So does the retry of a failed write: another host's write
+                    // is no answer to it, and no back and forth comes of failing writes.
                     if partial {
-                        let at = self.partial_rewrite_at(key);
-                        self.renew_at = Some(self.renew_at.map_or(at, |r| r.min(at)));
+                        let at = self.partial_rewrite_at(key, settle || failed);
+                        self.renew_at = Some(at);
+                    } else if settle {
+                        self.renew_at = Some(Instant::now());
                     }
                     return;
                 }
@@ -781,6 +790,7 @@ impl LeaseManager {
         self.renew_at = None;
         self.renew_failed = false;
         self.superseded.clear();
+        self.partial_rewrite = None;
         if let Some(own) = self.tracker.own() {
             self.last_key = Some(own.key);
         }
@@ -1091,6 +1101,8 @@ mod test {
         breaking_stream: bool,
         /// Snapshots the watch has handed out.
         snapshots: AtomicUsize,
+        /// Leases are written for a day, not for sixty seconds: no renewal falls due in a test.
+        day_long: std::sync::atomic::AtomicBool,
     }
 
     impl OutageShared {
@@ -1119,6 +1131,15 @@ mod test {
                 });
             }
             Ok(())
+        }
+
+        /// A lease as this registry writes it.
+        fn written(&self, key: SubnetKey, attrs: &LeaseAttrs) -> Lease {
+            let mut lease = sixty_seconds(key, attrs);
+            if self.day_long.load(Ordering::SeqCst) {
+                lease.expiration = Some(SystemTime::now() + Duration::from_secs(86_400));
+            }
+            lease
         }
 
         fn list(&self) -> LeaseList {
@@ -1216,7 +1237,7 @@ mod test {
                     reason: "refused for the test".into(),
                 });
             }
-            let lease = sixty_seconds(*key, attrs);
+            let lease = self.shared.written(*key, attrs);
             self.shared.leases.lock().unwrap().push(lease.clone());
             Ok(lease)
         }
@@ -1233,7 +1254,7 @@ mod test {
             self.renew_attempts.fetch_add(1, Ordering::SeqCst);
             self.shared.writable()?;
             self.renewals.lock().unwrap().push(Instant::now());
-            let lease = sixty_seconds(l.key, attrs);
+            let lease = self.shared.written(l.key, attrs);
             *self.shared.leases.lock().unwrap() = vec![lease.clone()];
             if self.shared.lost_answers.load(Ordering::SeqCst) {
                 self.shared.generation.fetch_add(1, Ordering::SeqCst);
@@ -1648,6 +1669,48 @@ mod test {
             (after.key, after.attrs.public_ipv6),
             (own.key, own.attrs.public_ipv6)
         );
+    }
+
+    /// Another host writing our key with only some of our addresses (two hosts configured
+    /// with one PublicIP share it) gets a rewrite at once; a second such write within a
+    /// minute, one a minute after the first rewrite, which a third meanwhile does not put off
+    /// further.
+    #[tokio::test(start_paused = true)]
+    async fn partial_writes_are_answered_at_once_then_once_a_minute() {
+        let reg = Arc::new(Outage::default());
+        reg.shared.day_long.store(true, Ordering::SeqCst);
+        let (state, cancel, task) = run_manager_in(
+            &reg,
+            r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#,
+            |o| o.attrs.public_ipv6 = Some("fd00:18::1".parse().unwrap()),
+        )
+        .await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let own = state.borrow().own.clone().unwrap();
+        let partial = |v6: &str| {
+            let mut attrs = own.attrs.clone();
+            attrs.public_ipv6 = Some(v6.parse().unwrap());
+            *reg.shared.leases.lock().unwrap() = vec![reg.shared.written(own.key, &attrs)];
+            reg.shared.generation.fetch_add(1, Ordering::SeqCst);
+        };
+        let rewrites = || reg.renew_attempts.load(Ordering::SeqCst);
+        assert_eq!(rewrites(), 0);
+        partial("fd00:18::2");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rewrites(), 1, "not rewritten at once");
+        let first = reg.renewals.lock().unwrap()[0];
+        partial("fd00:18::2");
+        tokio::time::sleep(Duration::from_secs(30)).await;
+        assert_eq!(rewrites(), 1, "rewritten again within the minute");
+        partial("fd00:18::3");
+        tokio::time::sleep_until(first + PARTIAL_REWRITE_GAP + Duration::from_secs(1)).await;
+        assert_eq!(rewrites(), 2, "not rewritten a minute after the first");
+        tokio::time::sleep(Duration::from_secs(120)).await;
+        assert_eq!(rewrites(), 2);
+        let written = reg.shared.leases.lock().unwrap()[0].attrs.clone();
+        cancel.cancel();
+        task.await.unwrap();
+        assert_eq!(written, own.attrs);
     }
 
     /// A new address for this host (its underlay address moved) rewrites its lease in place,
