@@ -110,12 +110,14 @@ pub fn unroutable(
     if lease.attrs.shares_address(ours) {
         return Some(if lease.is_reservation() {
             "it names this host's public address, so peers route its subnet here, where the \
-             packets are dropped (a reservation for this host: it takes effect when linen \
-             restarts here; `linen lease release` removes it)"
+             packets are dropped (a reservation: linen takes it on a restart here when the \
+             address is the one it acquires by, PublicIP unless IPv6-only; `linen lease \
+             release` removes it)"
         } else {
             "it names this host's public address, so peers route its subnet here, where the \
-             packets are dropped, until it expires (left by a host that had this address, or \
-             written by one configured with it; `linen lease release` removes it)"
+             packets are dropped, until it expires or is released (left by a host that had \
+             this address, or renewed by one configured with it; `linen lease release` removes \
+             it)"
         });
     }
     if let (Some(net), Some(sub)) = (config.network, lease.key.ipv4())

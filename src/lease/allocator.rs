@@ -500,6 +500,17 @@ mod test {
             assert_eq!(p.choice, Choice::Reuse(kept.clone()), "{previous:?}");
             assert!(p.superseded.is_empty(), "{p:?}");
         }
+        // A reservation still wins over the previous subnet's lease, in either order.
+        let mut reserved = lease("198.19.42.0-24", "198.18.1.1");
+        reserved.expiration = None;
+        for leases in [
+            [second.clone(), reserved.clone()],
+            [reserved.clone(), second.clone()],
+        ] {
+            let p = run(&cfg, &leases, &attrs("198.18.1.1"), Some(second.key)).unwrap();
+            assert_eq!(p.choice, Choice::Reuse(reserved.clone()));
+            assert_eq!(p.superseded, vec![second.clone()]);
+        }
     }
 
     #[test]
