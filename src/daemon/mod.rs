@@ -851,17 +851,23 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                         // The table again, with the new source addresses.
                                         break;
                                     }
-                                    Err(why) => retry_failed(
-                                        &mut failing[3],
-                                        "the advertised underlay address is gone",
-                                        format!(
-                                            "{} is on no interface of this host any more (an \
-                                             IPv6 address also when it failed duplicate address \
-                                             detection): peers send to it, and drop what this \
-                                             host sends from another address; {why}",
-                                            list(&gone)
-                                        ),
-                                    ),
+                                    Err(waiting) => {
+                                        retry_failed(
+                                            &mut failing[3],
+                                            "the advertised underlay address is gone",
+                                            format!(
+                                                "{} is on no interface of this host any more (an \
+                                                 IPv6 address also when it failed duplicate \
+                                                 address detection): peers send to it, and drop \
+                                                 what this host sends from another address; {}",
+                                                list(&gone),
+                                                waiting.why
+                                            ),
+                                        );
+                                        if waiting.soon {
+                                            check_at = tokio::time::Instant::now() + DAD_RECHECK;
+                                        }
+                                    }
                                 }
                             }
                             host_steps.set("underlay", failing[3].as_ref());
@@ -1052,13 +1058,14 @@ async fn follow_underlay(
     config: &NetworkConfig,
     current: &LeaseAttrs,
     gone: &[IpAddr],
-) -> Result<(LeaseAttrs, Source), String> {
+) -> Result<(LeaseAttrs, Source), Waiting> {
     let given = follow.given_addresses();
     // One given with --public-ip is never followed (the other family's, when gone too, is).
     if gone.iter().all(|ip| given.contains(&Some(*ip))) {
         return Err(
             "it was given with --public-ip or --public-ipv6: restart linen with the new one"
-                .to_owned(),
+                .to_owned()
+                .into(),
         );
     }
     let waiting = if follow.choice.is_empty() {
@@ -1086,19 +1093,23 @@ async fn follow_underlay(
         .await
         .ok()
     };
-    let underlay = underlay.ok_or_else(|| waiting.clone())?;
+    let underlay = underlay.ok_or_else(|| Waiting::from(waiting.clone()))?;
     let (v4, mut v6) = advertised_addresses(follow.given, config, &underlay);
     // A new IPv6 address the kernel neither sends from nor receives on yet (duplicate address
     // detection runs for a second or so) or ever (it failed) is not advertised: peers would
     // send to it in vain, and a failed one would stay advertised for good. The old one stays
     // while it is still here (the IPv4 address alone changed); when it is gone too, nothing
     // changes until the new one is ready.
-    let mut waiting = waiting;
+    let mut waiting = Waiting::from(waiting);
     if let (Some(new), Some(dad)) = (v6, underlay.ipv6_dad)
         && v6 == underlay.ipv6
         && v6 != current.public_ipv6
     {
-        waiting = format!("{waiting}; its new address {new} {dad}");
+        waiting = Waiting {
+            why: format!("{}; its new address {new} {dad}", waiting.why),
+            // Detection is over within a second or so, usually.
+            soon: dad == host::Dad::Tentative,
+        };
         if current
             .public_ipv6
             .is_some_and(|old| gone.contains(&IpAddr::V6(old)))
@@ -1124,11 +1135,13 @@ async fn follow_underlay(
             .flatten()
             .collect();
         return Err(format!(
-            "{waiting}; {} has addresses of other families than those advertised ({}): \
-             restart linen to advertise them",
+            "{}; {} has addresses of other families than those advertised ({}): restart linen \
+             to advertise them",
+            waiting.why,
             underlay.name,
             list(&found)
-        ));
+        )
+        .into());
     }
     if let Some(ip) = [v4.map(IpAddr::V4), v6.map(IpAddr::V6)]
         .into_iter()
@@ -1138,7 +1151,8 @@ async fn follow_underlay(
         return Err(format!(
             "its new address {ip} is inside a subnet the network config leases, so it is not \
              advertised; choose another underlay with --iface or --public-ip and restart linen"
-        ));
+        )
+        .into());
     }
     if underlay.mtu < follow.mtu {
         tracing::warn!(interface = %underlay.name, mtu = underlay.mtu, was = follow.mtu, "the new underlay address is on an interface with a smaller MTU than the overlay's was set for; restart linen to set the overlay MTU for it");
@@ -1153,6 +1167,25 @@ async fn follow_underlay(
     };
     Ok((attrs, Source::advertised(v4, v6, &local)))
 }
+
+/// Why an advertised address that went is not followed yet, and whether to look again
+/// sooner than the next check ([`DAD_RECHECK`]: the new address is still tentative).
+#[derive(Debug)]
+struct Waiting {
+    why: String,
+    soon: bool,
+}
+
+impl From<String> for Waiting {
+    fn from(why: String) -> Waiting {
+        Waiting { why, soon: false }
+    }
+}
+
+/// How soon the follow looks again while a new IPv6 address is still tentative: duplicate
+/// address detection takes about a second (one probe, a second's wait), not the 5 s between
+/// checks.
+const DAD_RECHECK: Duration = Duration::from_secs(1);
 
 /// The most a worker's receive buffer grows to without `--socket-buffer-max` (or
 /// `--socket-buffer`, when that is larger).
@@ -1602,10 +1635,15 @@ mod test {
                 assert_eq!(new.public_ip, Some("198.18.0.12".parse().unwrap()));
                 assert_eq!(new.public_ipv6, current.public_ipv6);
                 ip("-6 addr del fd00:18::2/64 dev lt0");
-                let why = follow_underlay(&nl, &follow, &config, &current, &[v4, v6])
+                let waiting = follow_underlay(&nl, &follow, &config, &current, &[v4, v6])
                     .await
                     .unwrap_err();
-                assert!(why.contains("fd00:18::12 is still tentative"), "{why}");
+                assert!(
+                    waiting.why.contains("fd00:18::12 is still tentative"),
+                    "{waiting:?}"
+                );
+                // Looked at again within the second detection takes, not in 5 s.
+                assert!(waiting.soon);
             });
         });
     }
