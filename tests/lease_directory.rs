@@ -779,8 +779,8 @@ async fn of_two_leases_naming_the_host_the_previous_subnet_is_kept() {
 /// Two dual-stack hosts configured with one PublicIP (behind one NAT) and their own IPv6
 /// addresses share a key (the second reuses the lease naming its PublicIP, as flannel does),
 /// and each one's write names only some of the other's addresses. Each rewrites the key for
-/// that once, and then at most once a minute, not back and forth as fast as the registry
-/// answers.
+/// that once at once, and then the two together about twice a minute, not back and forth as
+/// fast as the registry answers.
 #[tokio::test]
 async fn two_hosts_sharing_a_key_do_not_rewrite_it_back_and_forth() {
     let dir = setup(DUAL);
@@ -798,7 +798,7 @@ async fn two_hosts_sharing_a_key_do_not_rewrite_it_back_and_forth() {
     let before = reg.list_leases().await.unwrap().revision;
     let b = Running::start(Arc::clone(&reg), dual(2)).await;
     assert_eq!(b.own(), Some(shared));
-    // b's acquisition, a's rewrite, b's rewrite; then each waits a minute.
+    // b's acquisition, a's rewrite, b's rewrite; then the next rewrite is a minute away.
     let writes = || async { reg.list_leases().await.unwrap().revision - before };
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     while writes().await < 3 {

@@ -686,7 +686,8 @@ fn follow_a_new_address(iface: &[&str], more: &[&str], change: (&str, &str), mea
             );
             std::thread::sleep(Duration::from_millis(250));
         }
-        // A check saw it tentative (the test shows nothing otherwise).
+        // Checks saw it tentative (the test shows nothing otherwise): after 10 s of quiet looks
+        // a second apart, the wait is reported.
         let seen = format!(
             "{} is still tentative (duplicate address detection",
             change.1

@@ -90,7 +90,8 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
 }
 
 /// Which of `wanted` are on some interface of this host: one address dump, no device one (the
-/// underlay check runs every 5 s, on hosts that may have a veth per container). An IPv6
+/// underlay check runs every 5 s, or every second for a while when a new IPv6 address is
+/// still tentative, on hosts that may have a veth per container). An IPv6
 /// address that failed duplicate address detection does not count: the kernel sends nothing
 /// from it. (Detection runs again on an address already there only when the link comes up
 /// again with `keep_addr_on_down` set; by default a link going down takes IPv6 addresses.)

@@ -713,6 +713,8 @@ pub async fn run(args: RunArgs) -> Result<()> {
             // of the underlay check, logged once.
             let mut failing: [Option<String>; 4] = [None, None, None, None];
             let mut check_at = tokio::time::Instant::now() + TUN_CHECK;
+            // Looks made a second apart while a new IPv6 address is still tentative.
+            let mut quick_looks = 0;
             // Peer keys not routed, last warned about.
             let mut skipped: Vec<SubnetKey> = Vec::new();
             'publish: loop {
@@ -835,6 +837,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
                             // (Unknown when the addresses cannot be listed: then as it was.)
                             let gone = gone_addresses(&nl, &watched).await;
                             if gone.as_ref().is_some_and(Vec::is_empty) {
+                                quick_looks = 0;
                                 retry_done(&mut failing[3], "the advertised underlay address is back");
                             } else if let Some(gone) = gone {
                                 match follow_underlay(&nl, &follow, &config, &attrs, &gone).await {
@@ -847,9 +850,19 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                         // route to the new address once they see it.
                                         let _ = new_addresses.send(attrs.clone());
                                         failing[3] = None;
+                                        quick_looks = 0;
                                         host_steps.set("underlay", None);
                                         // The table again, with the new source addresses.
                                         break;
+                                    }
+                                    // Detection under way on the new address (a routine
+                                    // change, over in a second or so): looked at again in a
+                                    // second, quietly, for up to DAD_QUICK_LOOKS seconds;
+                                    // then reported, and checked every 5 s.
+                                    Err(waiting) if waiting.soon && quick_looks < DAD_QUICK_LOOKS => {
+                                        quick_looks += 1;
+                                        tracing::debug!(why = %waiting.why, "the advertised underlay address is gone; looking again in a second");
+                                        check_at = tokio::time::Instant::now() + DAD_RECHECK;
                                     }
                                     Err(waiting) => {
                                         retry_failed(
@@ -864,9 +877,6 @@ pub async fn run(args: RunArgs) -> Result<()> {
                                                 waiting.why
                                             ),
                                         );
-                                        if waiting.soon {
-                                            check_at = tokio::time::Instant::now() + DAD_RECHECK;
-                                        }
                                     }
                                 }
                             }
@@ -1099,10 +1109,12 @@ async fn follow_underlay(
     // detection runs for a second or so) or ever (it failed) is not advertised: peers would
     // send to it in vain, and a failed one would stay advertised for good. The old one stays
     // while it is still here (the IPv4 address alone changed); when it is gone too, nothing
-    // changes until the new one is ready.
+    // changes until a new one is ready (so a new IPv4 address waits too: one that failed
+    // detection holds it until another IPv6 address comes).
     let mut waiting = Waiting::from(waiting);
     if let (Some(new), Some(dad)) = (v6, underlay.ipv6_dad)
         && v6 == underlay.ipv6
+        && current.public_ipv6.is_some()
         && v6 != current.public_ipv6
     {
         waiting = Waiting {
@@ -1186,6 +1198,11 @@ impl From<String> for Waiting {
 /// address detection takes about a second (one probe, a second's wait), not the 5 s between
 /// checks.
 const DAD_RECHECK: Duration = Duration::from_secs(1);
+
+/// How many such looks are made before the wait is reported (an address can stay tentative
+/// for long: `dad_transmits` set high, or a link without carrier), and checks go back to
+/// every 5 s. Each look runs the TUN check too.
+const DAD_QUICK_LOOKS: u32 = 10;
 
 /// The most a worker's receive buffer grows to without `--socket-buffer-max` (or
 /// `--socket-buffer`, when that is larger).
@@ -1598,14 +1615,15 @@ mod test {
     }
 
     /// On a dual-stack host whose IPv4 address changed, a new IPv6 address still tentative is
-    /// not advertised: the old one is kept while it is still there (a ready address comes
-    /// before a tentative one), and nothing is followed while it is gone too. Root, in a
+    /// not advertised: the old one (deprecated, so that the new one is the one chosen) is
+    /// kept while it is still there, and nothing is followed while it is gone too. Root, in a
     /// network namespace of its own thread.
     #[test]
     fn a_tentative_ipv6_address_is_not_followed_along_with_a_new_ipv4_one() {
         host::test::in_own_namespace(|ip, runtime| {
             ip("addr add 198.18.0.12/24 dev lt0");
-            ip("-6 addr add fd00:18::2/64 dev lt0 nodad");
+            // Deprecated: the tentative one is then the interface's first lasting address.
+            ip("-6 addr add fd00:18::2/64 dev lt0 nodad preferred_lft 0");
             for (key, value) in [("accept_dad", "1"), ("dad_transmits", "50")] {
                 std::fs::write(format!("/proc/sys/net/ipv6/conf/lt0/{key}"), value).unwrap();
             }

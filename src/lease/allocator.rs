@@ -140,7 +140,8 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     //    (an operator placed it on purpose), and the dynamic ones are then given up. Of two
     //    dynamic ones, the previous subnet's, else the first listed (flannel takes the first);
     //    the other is left to expire, as in flannel. (Two come about when a host that followed
-    //    a new address, keeping its subnet, got one another host's lease still names. Its
+    //    a new address, keeping its subnet, took one that another host's unexpired lease
+    //    still names. Its
     //    writer may be alive: still advertising the address for a moment, or configured with
     //    it. So it is not deleted here.)
     let mut incompatible = Vec::new();
