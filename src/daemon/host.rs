@@ -34,7 +34,7 @@ pub struct Underlay {
     /// deprecated or DAD-failed (and, among those, not tentative when another is not).
     pub ipv6: Option<Ipv6Addr>,
     /// Where `ipv6` is not yet or never usable as a source: duplicate address detection
-    /// still runs on it, or found another host holding it.
+    /// still runs on it, or found another node on the link claiming it.
     pub ipv6_dad: Option<Dad>,
 }
 
@@ -91,10 +91,10 @@ pub async fn local_addresses(handle: &Handle) -> Result<Vec<IpAddr>> {
 
 /// Which of `wanted` are on some interface of this host: one address dump, no device one (the
 /// underlay check runs every 5 s, or every second for a while when a new IPv6 address is
-/// still tentative, on hosts that may have a veth per container). An IPv6
-/// address that failed duplicate address detection does not count: the kernel sends nothing
-/// from it. (Detection runs again on an address already there only when the link comes up
-/// again with `keep_addr_on_down` set; by default a link going down takes IPv6 addresses.)
+/// still tentative, on hosts that may have a veth per container). An IPv6 address that failed
+/// duplicate address detection does not count: the kernel sends nothing from it. (Detection
+/// runs again on an address already there only when the link comes up again with
+/// `keep_addr_on_down` set; by default a link going down takes IPv6 addresses.)
 pub async fn present_addresses(handle: &Handle, wanted: &[IpAddr]) -> Result<Vec<IpAddr>> {
     let mut found = Vec::new();
     let mut stream = handle.address().get().execute();
