@@ -141,9 +141,8 @@ pub fn plan(req: &Request<'_>, rng: &mut impl Rng) -> Result<Plan, AllocError> {
     //    dynamic ones, the previous subnet's, else the first listed (flannel takes the first);
     //    the other is left to expire, as in flannel. (Two come about when a host that followed
     //    a new address, keeping its subnet, took one that another host's unexpired lease
-    //    still names. Its
-    //    writer may be alive: still advertising the address for a moment, or configured with
-    //    it. So it is not deleted here.)
+    //    still names. Its writer may be alive: still advertising the address for a moment, or
+    //    configured with it. So it is not deleted here.)
     let mut incompatible = Vec::new();
     let mut reuse: Option<&Lease> = None;
     for lease in req.leases.iter().filter(|l| is_ours(config, req.ours, l)) {

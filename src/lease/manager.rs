@@ -639,12 +639,12 @@ impl LeaseManager {
     /// [`PARTIAL_REWRITE_GAP`] after the last such rewrite.
     fn partial_rewrite_at(&mut self, key: SubnetKey, now_anyway: bool) -> Instant {
         let now = Instant::now();
+        if now_anyway {
+            let told = self.partial_rewrite.is_some_and(|(_, told)| told);
+            self.partial_rewrite = Some((now, told));
+            return now;
+        }
         match self.partial_rewrite {
-            _ if now_anyway => {
-                let told = self.partial_rewrite.is_some_and(|(_, told)| told);
-                self.partial_rewrite = Some((now, told));
-                now
-            }
             // One is put off already: not further.
             Some((due, _)) if now < due => due,
             Some((last, told)) if now < last + PARTIAL_REWRITE_GAP => {
