@@ -33,9 +33,23 @@ pub struct Underlay {
     /// The IPv6 address that chose it, else its first global one that is not temporary,
     /// deprecated or DAD-failed (and, among those, not tentative when another is not).
     pub ipv6: Option<Ipv6Addr>,
-    /// Where `ipv6` is not yet or never usable as a source: duplicate address detection
-    /// still runs on it, or found another node on the link claiming it.
-    pub ipv6_dad: Option<Dad>,
+    /// The interface's IPv6 addresses the kernel does not yet or never sends from (usually
+    /// none): duplicate address detection still runs on them, or found another node on the
+    /// link claiming them.
+    pub dad_v6: Vec<(Ipv6Addr, Dad)>,
+}
+
+impl Underlay {
+    /// Where duplicate address detection stands on the interface's address `a`, if it keeps
+    /// the kernel from sending from it (`None` too for an address not on the interface).
+    pub fn dad(&self, a: Ipv6Addr) -> Option<Dad> {
+        self.dad_v6.iter().find(|(v6, _)| *v6 == a).map(|(_, d)| *d)
+    }
+
+    /// [`Underlay::dad`] of `ipv6`.
+    pub fn ipv6_dad(&self) -> Option<Dad> {
+        self.ipv6.and_then(|a| self.dad(a))
+    }
 }
 
 /// Where duplicate address detection stands on an IPv6 address the kernel will not send from
@@ -573,7 +587,7 @@ fn underlay_of(link: &Link, ipv4: Option<Ipv4Addr>, ipv6: Option<Ipv6Addr>) -> U
         mtu: link.mtu,
         ipv4,
         ipv6,
-        ipv6_dad: ipv6.and_then(|a| dad_of(link, a)),
+        dad_v6: link.dad_v6.clone(),
     }
 }
 
@@ -1163,7 +1177,7 @@ pub(crate) mod test {
                 assert_eq!(present, all[1..]);
                 let underlay = || async {
                     let u = underlay_named(&nl, "lt0").await.unwrap().unwrap();
-                    (u.ipv6, u.ipv6_dad)
+                    (u.ipv6, u.ipv6_dad())
                 };
                 assert_eq!(underlay().await, (Some(v6("fd00:18::8")), None));
                 ip("-6 addr del fd00:18::8/64 dev lt0");
@@ -1263,11 +1277,11 @@ pub(crate) mod test {
         link.dad_v6.push((v6("fd00:18::12"), Dad::Tentative));
         assert_eq!(first_v6(&link), Some(v6("fd00:18::2")));
         let underlay = underlay_of(&link, None, first_v6(&link));
-        assert_eq!(underlay.ipv6_dad, None);
+        assert_eq!(underlay.ipv6_dad(), None);
         link.addrs.pop();
         assert_eq!(first_v6(&link), Some(v6("fd00:18::12")));
         let underlay = underlay_of(&link, None, first_v6(&link));
-        assert_eq!(underlay.ipv6_dad, Some(Dad::Tentative));
+        assert_eq!(underlay.ipv6_dad(), Some(Dad::Tentative));
     }
 
     /// A link-local IPv4 address listed first gives way to another one; alone, it is taken.

@@ -201,6 +201,29 @@ fn advertised_addresses(
     (public_ip, public_ipv6)
 }
 
+/// Refuses to advertise an IPv6 address of the underlay interface that failed duplicate
+/// address detection, whether chosen there or `given` with `--public-ipv6`: the kernel never
+/// receives on it, so peers would send to it in vain. Warns of one still tentative.
+fn check_ipv6_dad(
+    public_ipv6: Option<Ipv6Addr>,
+    given: bool,
+    underlay: &host::Underlay,
+) -> Result<()> {
+    let Some((v6, dad)) = public_ipv6.and_then(|v6| Some((v6, underlay.dad(v6)?))) else {
+        return Ok(());
+    };
+    if dad == host::Dad::Failed {
+        let fix = if given {
+            "pass --public-ipv6 an address that passed it, or give the interface another one"
+        } else {
+            "give the interface another one, or pass --public-ipv6"
+        };
+        bail!("the IPv6 address {v6} on {} {dad}: {fix}", underlay.name);
+    }
+    tracing::warn!(address = %v6, interface = %underlay.name, "the advertised IPv6 address {dad}: datagrams reach it once detection has passed, a second or so");
+    Ok(())
+}
+
 /// The TUN addresses for a lease: the subnets' network addresses (flannel's choice; `.1` stays
 /// free for a bridge).
 fn tun_addrs(key: &SubnetKey) -> (Option<Ipv4Addr>, Option<Ipv6Addr>) {
@@ -326,20 +349,7 @@ pub async fn run(args: RunArgs) -> Result<()> {
     .await?;
     let (public_ip, public_ipv6) =
         advertised_addresses((args.public_ip, args.public_ipv6), &config, &underlay);
-    if let (Some(v6), Some(dad)) = (public_ipv6, underlay.ipv6_dad)
-        && public_ipv6 == underlay.ipv6
-        && args.public_ipv6.is_none()
-    {
-        // A failed address is never used by the kernel: peers would send to it in vain.
-        if dad == host::Dad::Failed {
-            bail!(
-                "the IPv6 address {v6} on {} {dad}: give the interface another one, or pass \
-                 --public-ipv6",
-                underlay.name
-            );
-        }
-        tracing::warn!(address = %v6, interface = %underlay.name, "the IPv6 underlay address {dad}: datagrams leave from it once detection has passed, a second or so");
-    }
+    check_ipv6_dad(public_ipv6, args.public_ipv6.is_some(), &underlay)?;
     if public_ip.is_none() && public_ipv6.is_none() {
         bail!(
             "interface {} has no usable address to advertise; pass --public-ip or --public-ipv6",
@@ -1112,7 +1122,7 @@ async fn follow_underlay(
     // changes until a new one is ready (so a new IPv4 address waits too: one that failed
     // detection holds it until another IPv6 address comes).
     let mut waiting = Waiting::from(waiting);
-    if let (Some(new), Some(dad)) = (v6, underlay.ipv6_dad)
+    if let (Some(new), Some(dad)) = (v6, underlay.ipv6_dad())
         && v6 == underlay.ipv6
         && current.public_ipv6.is_some()
         && v6 != current.public_ipv6
@@ -1494,6 +1504,48 @@ impl StopSignals {
 #[cfg(test)]
 mod test {
     use super::*;
+
+    /// An advertised IPv6 address of the underlay that failed duplicate address detection is
+    /// refused at start, also when `--public-ipv6` named it; a tentative one, another
+    /// interface's and one DAD never ran on pass.
+    #[test]
+    fn an_advertised_ipv6_address_that_failed_detection_is_refused() {
+        let v6 = |s: &str| s.parse::<Ipv6Addr>().unwrap();
+        let underlay = host::Underlay {
+            name: "eth0".into(),
+            index: 2,
+            mtu: 1500,
+            ipv4: None,
+            ipv6: Some(v6("fd00:18::2")),
+            dad_v6: vec![
+                (v6("fd00:18::7"), host::Dad::Failed),
+                (v6("fd00:18::9"), host::Dad::Tentative),
+            ],
+        };
+        for given in [false, true] {
+            let err = check_ipv6_dad(Some(v6("fd00:18::7")), given, &underlay).unwrap_err();
+            let fix = if given {
+                "pass --public-ipv6 an address that passed it"
+            } else {
+                "give the interface another one"
+            };
+            assert!(
+                err.to_string().starts_with(&format!(
+                    "the IPv6 address fd00:18::7 on eth0 failed duplicate address detection \
+                     (another node on the link claims it): {fix}"
+                )),
+                "{err}"
+            );
+            for fine in [
+                None,
+                Some("fd00:18::9"),
+                Some("fd00:18::2"),
+                Some("fd00:99::7"),
+            ] {
+                check_ipv6_dad(fine.map(v6), given, &underlay).unwrap();
+            }
+        }
+    }
 
     /// After a follow, the addresses sent from are watched, and a local `--public-ip` one
     /// stays watched (reported while gone) though the source no longer holds it.
