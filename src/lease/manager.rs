@@ -635,8 +635,14 @@ impl LeaseManager {
     }
 
     /// When to rewrite the own key `key` after a write that named only some of this host's
-    /// addresses: now (at once anyway with `now_anyway`), when the one put off is due, or
-    /// [`PARTIAL_REWRITE_GAP`] after the last such rewrite.
+    /// addresses: now (at once anyway with `now_anyway`), when the one put off is due,
+    /// [`PARTIAL_REWRITE_GAP`] after the last such rewrite, or, when such writes keep coming
+    /// (one within two gaps of the last rewrite), a gap after this one.
+    ///
+    /// The last is for the second of two hosts sharing the key: the first answers each of its
+    /// rewrites a gap after its own, which is a gap after the second's too, so without it the
+    /// second would answer at once every time, never warn, and the key be written twice a
+    /// minute (once, with it, each host's addresses standing in turn).
     fn partial_rewrite_at(&mut self, key: SubnetKey, now_anyway: bool) -> Instant {
         let now = Instant::now();
         if now_anyway {
@@ -647,10 +653,14 @@ impl LeaseManager {
         match self.partial_rewrite {
             // One is put off already: not further.
             Some((due, _)) if now < due => due,
-            Some((last, told)) if now < last + PARTIAL_REWRITE_GAP => {
-                let at = last + PARTIAL_REWRITE_GAP;
+            Some((last, told)) if now < last + 2 * PARTIAL_REWRITE_GAP => {
+                let at = if now < last + PARTIAL_REWRITE_GAP {
+                    last + PARTIAL_REWRITE_GAP
+                } else {
+                    now + PARTIAL_REWRITE_GAP
+                };
                 if !told {
-                    tracing::warn!(subnet = %key, "our key was written again with only some of this host's addresses, soon after it was rewritten: another host writes it too (two hosts configured with one PublicIP, behind one NAT?); rewriting it at most once a minute");
+                    tracing::warn!(subnet = %key, "our key was written again with only some of this host's addresses, within two minutes of our rewrite: another host writes it too (two hosts configured with one PublicIP, behind one NAT?); rewriting it at most once a minute");
                 }
                 self.partial_rewrite = Some((at, true));
                 at
@@ -1103,6 +1113,9 @@ mod test {
         snapshots: AtomicUsize,
         /// Leases are written for a day, not for sixty seconds: no renewal falls due in a test.
         day_long: std::sync::atomic::AtomicBool,
+        /// Every renewal is shown to the watches (managers sharing the registry see each
+        /// other's writes).
+        echo_renewals: std::sync::atomic::AtomicBool,
     }
 
     impl OutageShared {
@@ -1256,6 +1269,9 @@ mod test {
             self.renewals.lock().unwrap().push(Instant::now());
             let lease = self.shared.written(l.key, attrs);
             *self.shared.leases.lock().unwrap() = vec![lease.clone()];
+            if self.shared.echo_renewals.load(Ordering::SeqCst) {
+                self.shared.generation.fetch_add(1, Ordering::SeqCst);
+            }
             if self.shared.lost_answers.load(Ordering::SeqCst) {
                 self.shared.generation.fetch_add(1, Ordering::SeqCst);
                 return Err(RegistryError::Unavailable {
@@ -1674,7 +1690,8 @@ mod test {
     /// Another host writing our key with only some of our addresses (two hosts configured
     /// with one PublicIP share it) gets a rewrite at once; a second such write within a
     /// minute, one a minute after the first rewrite, which a third meanwhile does not put off
-    /// further.
+    /// further; one soon after that minute, one a minute after it; one after two quiet minutes,
+    /// one at once again.
     #[tokio::test(start_paused = true)]
     async fn partial_writes_are_answered_at_once_then_once_a_minute() {
         let reg = Arc::new(Outage::default());
@@ -1705,12 +1722,75 @@ mod test {
         partial("fd00:18::3");
         tokio::time::sleep_until(first + PARTIAL_REWRITE_GAP + Duration::from_secs(1)).await;
         assert_eq!(rewrites(), 2, "not rewritten a minute after the first");
-        tokio::time::sleep(Duration::from_secs(120)).await;
-        assert_eq!(rewrites(), 2);
+        // As the other host writes it again a minute after each of our rewrites: answered a
+        // minute after it comes, not at once.
+        let second = reg.renewals.lock().unwrap()[1];
+        tokio::time::sleep_until(second + PARTIAL_REWRITE_GAP + Duration::from_secs(10)).await;
+        partial("fd00:18::2");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(
+            rewrites(),
+            2,
+            "rewritten at once while such writes keep coming"
+        );
+        tokio::time::sleep(PARTIAL_REWRITE_GAP).await;
+        assert_eq!(rewrites(), 3, "not rewritten a minute after the write");
+        // After a quiet spell, at once again.
+        let third = reg.renewals.lock().unwrap()[2];
+        tokio::time::sleep_until(third + 2 * PARTIAL_REWRITE_GAP + Duration::from_secs(1)).await;
+        assert_eq!(rewrites(), 3);
+        partial("fd00:18::3");
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(rewrites(), 4, "not rewritten at once after a quiet spell");
         let written = reg.shared.leases.lock().unwrap()[0].attrs.clone();
         cancel.cancel();
         task.await.unwrap();
         assert_eq!(written, own.attrs);
+    }
+
+    /// Two hosts configured with one PublicIP and their own IPv6 addresses share a key: each
+    /// one's write names only some of the other's addresses. Over ten minutes the two write
+    /// it about once a minute together, each answering the other's write a minute later.
+    #[tokio::test(start_paused = true)]
+    async fn two_hosts_sharing_a_key_write_it_once_a_minute_together() {
+        let shared = Arc::new(OutageShared::default());
+        shared.day_long.store(true, Ordering::SeqCst);
+        shared.echo_renewals.store(true, Ordering::SeqCst);
+        let json = r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#;
+        let mut hosts = Vec::new();
+        for v6 in ["fd00:18::1", "fd00:18::2"] {
+            let reg = Arc::new(Outage {
+                shared: Arc::clone(&shared),
+                ..Outage::default()
+            });
+            let (state, cancel, task) = run_manager_in(&reg, json, |o| {
+                o.attrs.public_ipv6 = Some(v6.parse().unwrap())
+            })
+            .await;
+            hosts.push((reg, state, cancel, task));
+        }
+        let keys: Vec<_> = hosts
+            .iter()
+            .map(|h| h.1.borrow().own.as_ref().map(|l| l.key))
+            .collect();
+        assert!(keys[0].is_some() && keys[0] == keys[1], "{keys:?}");
+        let writes = || {
+            hosts
+                .iter()
+                .map(|h| h.0.renew_attempts.load(Ordering::SeqCst))
+                .collect::<Vec<_>>()
+        };
+        tokio::time::sleep(Duration::from_secs(600)).await;
+        let each = writes();
+        let total: usize = each.iter().sum();
+        // About one a minute, each host answering the other: not two a minute, nor one host
+        // alone.
+        assert!((9..=13).contains(&total), "{each:?}");
+        assert!(each.iter().all(|n| *n >= 4), "{each:?}");
+        for (_, _, cancel, task) in hosts {
+            cancel.cancel();
+            task.await.unwrap();
+        }
     }
 
     /// A new address for this host (its underlay address moved) rewrites its lease in place,
