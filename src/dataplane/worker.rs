@@ -584,6 +584,8 @@ impl Worker {
                     if sent.gso_refused {
                         gso_refused = true;
                         self.family_gso.refuse(self.id, peer, now);
+                    } else if r.n > 1 && !sent.too_big {
+                        self.family_gso.worked(peer, now);
                     }
                 }
             };
@@ -1543,6 +1545,13 @@ fn family(peer: SocketAddr) -> usize {
 /// cost the other its GSO: the worker instead sends that family's datagrams one per call for
 /// [`REPROBE_EVERY`], gives the socket its GSO back at once, and then tries the family again
 /// (one refused call a second at most, whose datagrams go out singly: nothing is lost).
+///
+/// A refusal can also concern one peer only: the route to it leaves through IPsec (xfrm) or,
+/// before Linux 6.11 (upstream 10154dbded6d), a device without checksum offload (some VPN
+/// devices), where the kernel refuses GSO (EIO) while other peers' routes take it. When a GSO send to another peer of the family went through lately, only the refused
+/// peer is sent to singly (up to [`PEERS_REFUSED`] of them at once), so that one such peer
+/// does not cost all the others their GSO; the peer that worked being refused, or no room
+/// for another, refuses the family.
 #[derive(Clone, Copy, Debug)]
 struct FamilyGso {
     /// The most segments a run to a peer of each family may have in this batch.
@@ -1550,7 +1559,23 @@ struct FamilyGso {
     refused_until: [Option<Instant>; 2],
     /// Whether a refusal was logged, per family (once per worker).
     told: [bool; 2],
+    /// The last peer of each family a GSO send went to without a refusal, and when.
+    worked: [Option<(SocketAddr, Instant)>; 2],
+    /// Peers refused alone, until when.
+    peers: [Option<(SocketAddr, Instant)>; PEERS_REFUSED],
+    /// Whether `peers` holds any (runs look them up only then).
+    any_peer: bool,
+    /// Whether a refusal of one peer alone was logged (once per worker).
+    told_peer: bool,
 }
+
+/// How many peers [`FamilyGso`] sends to singly at once, each refused alone.
+const PEERS_REFUSED: usize = 4;
+
+/// How recent a GSO send to another peer of the family must be for a refusal to concern the
+/// refused peer alone: a few reprobes, so that the family's GSO that a first refusal took for
+/// a second does not make the next refusal look like the family's too.
+const WORKED_LATELY: Duration = Duration::from_secs(3);
 
 impl Default for FamilyGso {
     fn default() -> FamilyGso {
@@ -1558,6 +1583,10 @@ impl Default for FamilyGso {
             limits: [1; 2],
             refused_until: [None; 2],
             told: [false; 2],
+            worked: [None; 2],
+            peers: [None; PEERS_REFUSED],
+            any_peer: false,
+            told_peer: false,
         }
     }
 }
@@ -1575,12 +1604,30 @@ impl FamilyGso {
                 *limit = max;
             }
         }
+        if self.any_peer {
+            for slot in &mut self.peers {
+                if slot.is_some_and(|(_, until)| now >= until) {
+                    *slot = None;
+                }
+            }
+            self.any_peer = self.peers.iter().any(Option::is_some);
+        }
     }
 
     /// The most segments a run to `peer` may have.
     #[inline]
     fn limit(&self, peer: SocketAddr) -> usize {
-        self.limits[family(peer)]
+        let limit = self.limits[family(peer)];
+        if self.any_peer && self.peers.iter().flatten().any(|(p, _)| *p == peer) {
+            return 1;
+        }
+        limit
+    }
+
+    /// A GSO send to `peer` went without a refusal at `now`.
+    #[inline]
+    fn worked(&mut self, peer: SocketAddr, now: Instant) {
+        self.worked[family(peer)] = Some((peer, now));
     }
 
     /// Whether both families are waiting after a refusal (GSO may be refused for the socket
@@ -1594,6 +1641,28 @@ impl FamilyGso {
     #[cold]
     fn refuse(&mut self, worker: usize, peer: SocketAddr, now: Instant) {
         let f = family(peer);
+        let others_work =
+            self.worked[f].is_some_and(|(other, at)| other != peer && now < at + WORKED_LATELY);
+        if others_work
+            && let Some(slot) = self
+                .peers
+                .iter_mut()
+                .find(|s| s.is_none_or(|(p, _)| p == peer))
+        {
+            *slot = Some((peer, now + REPROBE_EVERY));
+            self.any_peer = true;
+            if !std::mem::replace(&mut self.told_peer, true) {
+                tracing::info!(
+                    worker,
+                    %peer,
+                    "the kernel refused a UDP GSO send to this peer while sends to others \
+                     take it (IPsec, or a device without checksum offload, on the way?); this \
+                     worker sends to it one datagram per call for a second at a time, then \
+                     tries again"
+                );
+            }
+            return;
+        }
         self.limits[f] = 1;
         self.refused_until[f] = Some(now + REPROBE_EVERY);
         if !std::mem::replace(&mut self.told[f], true) {
@@ -2003,6 +2072,59 @@ mod test {
         assert_eq!([f.limit(v4), f.limit(v6)], [1, 1]);
         f.update(64, t0 + REPROBE_EVERY * 2);
         assert_eq!([f.limit(v4), f.limit(v6)], [64, 64]);
+    }
+
+    /// A peer refused while GSO sends to another peer of its family work is sent to singly
+    /// alone, for a second; the peer that worked being refused, or a refusal with no such
+    /// send lately, refuses the family.
+    #[test]
+    fn a_peer_refused_alone_costs_the_others_no_gso() {
+        let t0 = Instant::now();
+        let peer = |s: &str| s.parse::<SocketAddr>().unwrap();
+        let (good, bad, other) = (
+            peer("198.18.0.2:8285"),
+            peer("198.18.0.3:8285"),
+            peer("198.18.0.4:8285"),
+        );
+        let limits = |f: &FamilyGso| [good, bad, other].map(|p| f.limit(p));
+        let mut f = FamilyGso::default();
+        f.update(64, t0);
+        f.worked(good, t0);
+        f.refuse(0, bad, t0);
+        assert_eq!(limits(&f), [64, 1, 64], "at once, in the same batch");
+        f.update(64, t0 + Duration::from_millis(999));
+        assert_eq!(limits(&f), [64, 1, 64]);
+        f.update(64, t0 + REPROBE_EVERY);
+        assert_eq!(limits(&f), [64, 64, 64], "tried again");
+        // Refused again two seconds after the last send to `good` that worked: alone still.
+        f.refuse(0, bad, t0 + REPROBE_EVERY * 2);
+        assert_eq!(limits(&f), [64, 1, 64]);
+        // The peer that worked refused too: the family.
+        f.refuse(0, good, t0 + REPROBE_EVERY * 2);
+        assert_eq!(limits(&f), [1, 1, 1]);
+        // With no send that worked lately: the family.
+        let mut f = FamilyGso::default();
+        f.update(64, t0);
+        f.worked(good, t0);
+        f.update(64, t0 + WORKED_LATELY);
+        f.refuse(0, bad, t0 + WORKED_LATELY);
+        assert_eq!(limits(&f), [1, 1, 1]);
+        // Only the refused peer's own sends worked: the family.
+        let mut f = FamilyGso::default();
+        f.update(64, t0);
+        f.worked(bad, t0);
+        f.refuse(0, bad, t0);
+        assert_eq!(limits(&f), [1, 1, 1]);
+        // No room for another peer alone: the family.
+        let mut f = FamilyGso::default();
+        f.update(64, t0);
+        f.worked(good, t0);
+        for i in 0..PEERS_REFUSED {
+            f.refuse(0, peer(&format!("198.18.1.{i}:8285")), t0);
+        }
+        assert_eq!(limits(&f), [64, 64, 64]);
+        f.refuse(0, bad, t0);
+        assert_eq!(limits(&f), [1, 1, 1]);
     }
 
     /// A refusal that comes again within the rate limit is not forgotten: the probe happens
