@@ -635,14 +635,15 @@ impl LeaseManager {
     }
 
     /// When to rewrite the own key `key` after a write that named only some of this host's
-    /// addresses: now (at once anyway with `now_anyway`), when the one put off is due,
-    /// [`PARTIAL_REWRITE_GAP`] after the last such rewrite, or, when such writes keep coming
-    /// (one within two gaps of the last rewrite), a gap after this one.
+    /// addresses: now for the first (and anyway with `now_anyway`), when the one put off is
+    /// due, or, for one within two gaps of the last rewrite (such writes keep coming: another
+    /// host writes the key too), [`PARTIAL_REWRITE_GAP`] after this write.
     ///
-    /// The last is for the second of two hosts sharing the key: the first answers each of its
-    /// rewrites a gap after its own, which is a gap after the second's too, so without it the
-    /// second would answer at once every time, never warn, and the key be written twice a
-    /// minute (once, with it, each host's addresses standing in turn).
+    /// A gap after the write, not after the last rewrite: two hosts sharing the key then keep
+    /// a gap apart whatever delays they see each other's writes with, and write it once a
+    /// minute together, each one's addresses standing in turn. Measured from the last rewrite,
+    /// the one that sees the other's write sooner after its own rewrite than the other does
+    /// would answer a few seconds after it, and the key be written twice a minute.
     fn partial_rewrite_at(&mut self, key: SubnetKey, now_anyway: bool) -> Instant {
         let now = Instant::now();
         if now_anyway {
@@ -654,11 +655,7 @@ impl LeaseManager {
             // One is put off already: not further.
             Some((due, _)) if now < due => due,
             Some((last, told)) if now < last + 2 * PARTIAL_REWRITE_GAP => {
-                let at = if now < last + PARTIAL_REWRITE_GAP {
-                    last + PARTIAL_REWRITE_GAP
-                } else {
-                    now + PARTIAL_REWRITE_GAP
-                };
+                let at = now + PARTIAL_REWRITE_GAP;
                 if !told {
                     tracing::warn!(subnet = %key, "our key was written again with only some of this host's addresses, within two minutes of our rewrite: another host writes it too (two hosts configured with one PublicIP, behind one NAT?); rewriting it at most once a minute");
                 }
@@ -770,13 +767,15 @@ impl LeaseManager {
                         self.write_answered(None);
                     }
                     let key = lease.key;
+                    let pending = self.renew_at;
                     self.hold(lease);
                     // hold() scheduled the next renewal from the new expiry: the one due at
                     // once stays so. So does the retry of a failed write: another host's write
                     // is no answer to it, and no back and forth comes of failing writes.
                     if partial {
+                        // A rewrite due sooner (this host's address changed) stays so.
                         let at = self.partial_rewrite_at(key, settle || failed);
-                        self.renew_at = Some(at);
+                        self.renew_at = Some(pending.map_or(at, |p| p.min(at)));
                     } else if settle {
                         self.renew_at = Some(Instant::now());
                     }
@@ -1690,10 +1689,9 @@ mod test {
     }
 
     /// Another host writing our key with only some of our addresses (two hosts configured
-    /// with one PublicIP share it) gets a rewrite at once; a second such write within a
-    /// minute, one a minute after the first rewrite, which a third meanwhile does not put off
-    /// further; one soon after that minute, one a minute after it; one after two quiet minutes,
-    /// one at once again.
+    /// with one PublicIP share it) gets a rewrite at once; a second such write soon after, one
+    /// a minute after it, which a third meanwhile does not put off further; one soon after
+    /// that minute, one a minute after it; one after two quiet minutes, one at once again.
     #[tokio::test(start_paused = true)]
     async fn partial_writes_are_answered_at_once_then_once_a_minute() {
         let reg = Arc::new(Outage::default());
@@ -1722,8 +1720,12 @@ mod test {
         tokio::time::sleep(Duration::from_secs(30)).await;
         assert_eq!(rewrites(), 1, "rewritten again within the minute");
         partial("fd00:18::3");
-        tokio::time::sleep_until(first + PARTIAL_REWRITE_GAP + Duration::from_secs(1)).await;
-        assert_eq!(rewrites(), 2, "not rewritten a minute after the first");
+        tokio::time::sleep_until(first + PARTIAL_REWRITE_GAP + Duration::from_secs(2)).await;
+        assert_eq!(
+            rewrites(),
+            2,
+            "not rewritten a minute after the second write"
+        );
         // As the other host writes it again a minute after each of our rewrites: answered a
         // minute after it comes, not at once.
         let second = reg.renewals.lock().unwrap()[1];
@@ -1752,21 +1754,34 @@ mod test {
 
     /// Two hosts configured with one PublicIP and their own IPv6 addresses share a key: each
     /// one's write names only some of the other's addresses. Over ten minutes the two write
-    /// it about once a minute together, each answering the other's write a minute later.
+    /// it about once a minute together, each answering the other's write a minute later, also
+    /// when the second sees the first's first rewrite late (its watch opens 5 s late) but
+    /// later ones at once: measured from its own last rewrite, it would answer each a few
+    /// seconds after it comes, and the key be written twice a minute.
     #[tokio::test(start_paused = true)]
     async fn two_hosts_sharing_a_key_write_it_once_a_minute_together() {
+        for late in [false, true] {
+            two_hosts_share_a_key(late).await;
+        }
+    }
+
+    async fn two_hosts_share_a_key(late: bool) {
         let shared = Arc::new(OutageShared::default());
         shared.day_long.store(true, Ordering::SeqCst);
         shared.echo_renewals.store(true, Ordering::SeqCst);
         let json = r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#;
         let mut hosts = Vec::new();
-        for v6 in ["fd00:18::1", "fd00:18::2"] {
+        for (i, v6) in ["fd00:18::1", "fd00:18::2"].into_iter().enumerate() {
             let reg = Arc::new(Outage {
                 shared: Arc::clone(&shared),
                 ..Outage::default()
             });
+            if late && i == 1 {
+                shared.failing_watch_opens.store(1, Ordering::SeqCst);
+            }
             let (state, cancel, task) = run_manager_in(&reg, json, |o| {
-                o.attrs.public_ipv6 = Some(v6.parse().unwrap())
+                o.attrs.public_ipv6 = Some(v6.parse().unwrap());
+                o.backoff_min = Duration::from_secs(5);
             })
             .await;
             hosts.push((reg, state, cancel, task));
@@ -1787,8 +1802,8 @@ mod test {
         let total: usize = each.iter().sum();
         // About one a minute, each host answering the other: not two a minute, nor one host
         // alone.
-        assert!((9..=13).contains(&total), "{each:?}");
-        assert!(each.iter().all(|n| *n >= 4), "{each:?}");
+        assert!((9..=13).contains(&total), "late {late}: {each:?}");
+        assert!(each.iter().all(|n| *n >= 4), "late {late}: {each:?}");
         for (_, _, cancel, task) in hosts {
             cancel.cancel();
             task.await.unwrap();
@@ -1820,6 +1835,46 @@ mod test {
         let task = tokio::spawn(m.run(cancel.clone()));
         tokio::time::sleep(Duration::from_secs(1)).await;
         (first, addresses, state, cancel, task)
+    }
+
+    /// A fake registry writing day-long leases, and a dual-stack network.
+    fn day_long_dual_stack() -> (Arc<Outage>, NetworkConfig) {
+        let reg = Arc::new(Outage::default());
+        reg.shared.day_long.store(true, Ordering::SeqCst);
+        let config = NetworkConfig::from_json(
+            r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#,
+        )
+        .unwrap();
+        (reg, config)
+    }
+
+    /// Another host's partial write seen while the rewrite for a new address of this host is
+    /// due does not put that rewrite off by the minute partial writes wait.
+    #[tokio::test(start_paused = true)]
+    async fn a_partial_write_does_not_put_off_the_rewrite_for_a_new_address() {
+        let (reg, config) = day_long_dual_stack();
+        let mut attrs = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
+        let with_v6 = |v6: &str, attrs: &mut LeaseAttrs| {
+            attrs.public_ipv6 = Some(v6.parse().unwrap());
+            attrs.clone()
+        };
+        let old = with_v6("fd00:18::1", &mut attrs);
+        let mut m = LeaseManager::new(
+            Arc::clone(&reg) as Arc<dyn Registry>,
+            config,
+            ManagerOptions::new(old),
+        );
+        let first = m.acquire().await.unwrap();
+        // Partial writes came lately: the next would wait a minute.
+        m.partial_rewrite = Some((Instant::now(), true));
+        m.readdress(with_v6("fd00:18::9", &mut attrs));
+        let due = m.renew_at.expect("a rewrite due");
+        let other = with_v6("fd00:18::2", &mut attrs);
+        m.on_event(WatchEvent::Snapshot(LeaseList {
+            leases: vec![reg.shared.written(first.key, &other)],
+            revision: 2,
+        }));
+        assert_eq!(m.renew_at, Some(due));
     }
 
     /// A new address for this host (its underlay address moved) rewrites its lease in place,
@@ -1884,12 +1939,7 @@ mod test {
     /// not another host's write naming only some of its addresses, and brings no rewrite.
     #[tokio::test(start_paused = true)]
     async fn an_old_write_after_an_ipv6_move_brings_no_rewrite() {
-        let reg = Arc::new(Outage::default());
-        reg.shared.day_long.store(true, Ordering::SeqCst);
-        let config = NetworkConfig::from_json(
-            r#"{"Network":"198.19.0.0/16","EnableIPv6":true,"IPv6Network":"fd00:19::/48"}"#,
-        )
-        .unwrap();
+        let (reg, config) = day_long_dual_stack();
         let mut old = LeaseAttrs::with_public_ip("198.18.1.1".parse().unwrap());
         old.public_ipv6 = Some("fd00:18::1".parse().unwrap());
         let mut new = old.clone();
@@ -1898,7 +1948,11 @@ mod test {
         addresses.send(new.clone()).unwrap();
         tokio::time::sleep(Duration::from_secs(1)).await;
         let rewrites = || reg.renew_attempts.load(Ordering::SeqCst);
-        assert_eq!(rewrites(), 1, "no rewrite");
+        assert_eq!(
+            rewrites(),
+            1,
+            "the rewrite with the new address was not made"
+        );
         // The old write, then the rewrite's echo.
         for attrs in [&old, &new] {
             *reg.shared.leases.lock().unwrap() = vec![reg.shared.written(first.key, attrs)];
