@@ -584,7 +584,7 @@ impl Worker {
                     if sent.gso_refused {
                         gso_refused = true;
                         self.family_gso.refuse(self.id, peer, now);
-                    } else if r.n > 1 && !sent.too_big {
+                    } else if sent.gso_sent {
                         self.family_gso.worked(peer, now);
                     }
                 }
@@ -1531,6 +1531,8 @@ struct Outcome {
     too_big: bool,
     /// GSO as such was refused (EIO/EINVAL), and quinn-udp has stopped using it on the socket.
     gso_refused: bool,
+    /// The datagrams went out in one GSO send.
+    gso_sent: bool,
 }
 
 /// The address family of a peer, as an index: 0 IPv4, 1 IPv6.
@@ -1548,10 +1550,11 @@ fn family(peer: SocketAddr) -> usize {
 ///
 /// A refusal can also concern one peer only: the route to it leaves through IPsec (xfrm) or,
 /// before Linux 6.11 (upstream 10154dbded6d), a device without checksum offload (some VPN
-/// devices), where the kernel refuses GSO (EIO) while other peers' routes take it. When a GSO send to another peer of the family went through lately, only the refused
-/// peer is sent to singly (up to [`PEERS_REFUSED`] of them at once), so that one such peer
-/// does not cost all the others their GSO; the peer that worked being refused, or no room
-/// for another, refuses the family.
+/// devices), where the kernel refuses GSO (EIO) while other peers' routes take it. When a GSO
+/// send to another peer of the family went through lately, only the refused peer is sent to
+/// singly (up to [`PEERS_REFUSED`] of them at once), so that one such peer does not cost all
+/// the others their GSO; the peer that worked being refused, or no room for another, refuses
+/// the family.
 #[derive(Clone, Copy, Debug)]
 struct FamilyGso {
     /// The most segments a run to a peer of each family may have in this batch.
@@ -1758,6 +1761,7 @@ fn send_gso(
                 news,
                 too_big: false,
                 gso_refused: false,
+                gso_sent: n > 1,
             }
         }
         // The kernel refused the batch, and its datagrams may go one by one: send this run's
@@ -1803,6 +1807,7 @@ fn send_gso(
                 news,
                 too_big: true,
                 gso_refused,
+                gso_sent: false,
             }
         }
         Err(_) => {
@@ -1813,6 +1818,7 @@ fn send_gso(
                 news: SourceNews::Nothing,
                 too_big: false,
                 gso_refused: false,
+                gso_sent: false,
             }
         }
     }
@@ -1964,6 +1970,7 @@ mod test {
                 news: SourceNews::Nothing,
                 too_big: true,
                 gso_refused: true,
+                gso_sent: false,
             }
         );
         assert_eq!(state.max_gso_segments(), 1, "the kernel took 200 segments");
