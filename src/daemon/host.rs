@@ -43,7 +43,7 @@ impl Underlay {
     /// Where duplicate address detection stands on the interface's address `a`, if it keeps
     /// the kernel from sending from it (`None` too for an address not on the interface).
     pub fn dad(&self, a: Ipv6Addr) -> Option<Dad> {
-        self.dad_v6.iter().find(|(v6, _)| *v6 == a).map(|(_, d)| *d)
+        dad_in(&self.dad_v6, a)
     }
 
     /// [`Underlay::dad`] of `ipv6`.
@@ -568,15 +568,15 @@ fn first_v6(link: &Link) -> Option<Ipv6Addr> {
     };
     let lasting = || global().filter(|a| !link.poor_v6.contains(a));
     lasting()
-        .find(|a| dad_of(link, *a).is_none())
+        .find(|a| dad_in(&link.dad_v6, *a).is_none())
         .or_else(|| lasting().next())
         .or_else(|| global().next())
 }
 
-/// Where duplicate address detection stands on the link's address `a`, if it keeps the
-/// kernel from sending from it.
-fn dad_of(link: &Link, a: Ipv6Addr) -> Option<Dad> {
-    link.dad_v6.iter().find(|(v6, _)| *v6 == a).map(|(_, d)| *d)
+/// Where duplicate address detection stands on the address `a`, by the states of the
+/// addresses it keeps the kernel from sending from (`None` for one not among them).
+fn dad_in(states: &[(Ipv6Addr, Dad)], a: Ipv6Addr) -> Option<Dad> {
+    states.iter().find(|(v6, _)| *v6 == a).map(|(_, d)| *d)
 }
 
 /// The underlay `link` with the addresses chosen on it.
