@@ -1562,7 +1562,7 @@ struct FamilyGso {
     refused_until: [Option<Instant>; 2],
     /// Whether a refusal was logged, per family (once per worker).
     told: [bool; 2],
-    /// The last peer of each family a GSO send went to without a refusal, and when.
+    /// The last peer of each family a GSO send went out to, and when.
     worked: [Option<(SocketAddr, Instant)>; 2],
     /// Peers refused alone, until when.
     peers: [Option<(SocketAddr, Instant)>; PEERS_REFUSED],
@@ -1627,7 +1627,7 @@ impl FamilyGso {
         limit
     }
 
-    /// A GSO send to `peer` went without a refusal at `now`.
+    /// A GSO send to `peer` went out at `now`.
     #[inline]
     fn worked(&mut self, peer: SocketAddr, now: Instant) {
         self.worked[family(peer)] = Some((peer, now));
