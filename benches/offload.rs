@@ -175,9 +175,9 @@ fn bench_gso_batch(c: &mut Criterion) {
     ] {
         let mut arena = vec![0x5au8; MTU * count];
         let run_of = || {
-            let mut run = Run::new(peer, 0, len);
+            let mut run = Run::new(peer, 0, len, 64);
             for _ in 1..count {
-                assert!(run.try_extend(peer, len, 64));
+                assert!(run.try_extend(peer, len));
             }
             run
         };

@@ -24,29 +24,32 @@ pub struct Run {
     pub seg: usize,
     /// Bytes in all.
     pub bytes: usize,
+    /// The most segments one GSO send to `peer` may have (1: none, GSO refused lately).
+    pub max_segments: usize,
 }
 
 impl Run {
-    /// A run of one packet of `len` bytes at slot `first`.
-    pub fn new(peer: SocketAddr, first: usize, len: usize) -> Run {
+    /// A run of one packet of `len` bytes at slot `first`, which may grow to `max_segments`.
+    pub fn new(peer: SocketAddr, first: usize, len: usize, max_segments: usize) -> Run {
         Run {
             peer,
             first,
             n: 1,
             seg: len.max(1),
             bytes: len,
+            max_segments,
         }
     }
 
     /// Takes the next packet (`len` bytes for `peer`, in the slot after the run's last) when it
     /// may join: same peer, every packet so far the run's size, this one no larger, and room
-    /// left in one GSO send of at most `max_segments` segments and [`GSO_BYTES`].
+    /// left in one GSO send of at most the run's `max_segments` segments and [`GSO_BYTES`].
     #[inline]
-    pub fn try_extend(&mut self, peer: SocketAddr, len: usize, max_segments: usize) -> bool {
+    pub fn try_extend(&mut self, peer: SocketAddr, len: usize) -> bool {
         let joins = self.peer == peer
             && self.bytes == self.n * self.seg
             && len <= self.seg
-            && self.n < max_segments.min(GSO_BYTES / self.seg);
+            && self.n < self.max_segments.min(GSO_BYTES / self.seg);
         if joins {
             self.n += 1;
             self.bytes += len;
@@ -80,25 +83,19 @@ mod test {
 
     #[test]
     fn equal_sizes_to_one_peer_join_and_the_last_may_be_shorter() {
-        let mut run = Run::new(peer(2), 0, 100);
-        assert!(run.try_extend(peer(2), 100, 64));
-        assert!(!run.try_extend(peer(3), 100, 64), "another peer");
-        assert!(
-            !run.try_extend(peer(2), 101, 64),
-            "larger than the run's size"
-        );
-        assert!(run.try_extend(peer(2), 40, 64), "a shorter last packet");
-        assert!(
-            !run.try_extend(peer(2), 40, 64),
-            "nothing after a short one"
-        );
+        let mut run = Run::new(peer(2), 0, 100, 64);
+        assert!(run.try_extend(peer(2), 100));
+        assert!(!run.try_extend(peer(3), 100), "another peer");
+        assert!(!run.try_extend(peer(2), 101), "larger than the run's size");
+        assert!(run.try_extend(peer(2), 40), "a shorter last packet");
+        assert!(!run.try_extend(peer(2), 40), "nothing after a short one");
         assert_eq!((run.n, run.bytes), (3, 240));
         // The segment limit and the 64 KiB bound.
-        let mut run = Run::new(peer(2), 0, 100);
-        while run.try_extend(peer(2), 100, 4) {}
+        let mut run = Run::new(peer(2), 0, 100, 4);
+        while run.try_extend(peer(2), 100) {}
         assert_eq!(run.n, 4);
-        let mut run = Run::new(peer(2), 0, 1472);
-        while run.try_extend(peer(2), 1472, 128) {}
+        let mut run = Run::new(peer(2), 0, 1472, 128);
+        while run.try_extend(peer(2), 1472) {}
         assert_eq!(run.n, GSO_BYTES / 1472);
     }
 
@@ -111,9 +108,9 @@ mod test {
         for (i, len) in lens.iter().enumerate() {
             arena[i * stride..i * stride + len].fill(i as u8 + 1);
         }
-        let mut run = Run::new(peer(2), 0, 5);
+        let mut run = Run::new(peer(2), 0, 5, 64);
         for len in &lens[1..] {
-            assert!(run.try_extend(peer(2), *len, 64));
+            assert!(run.try_extend(peer(2), *len));
         }
         let range = run.gather(&mut arena, stride);
         assert_eq!(range, 0..18);
@@ -123,8 +120,8 @@ mod test {
         );
         // A run of full-size packets is left where it is.
         let mut arena: Vec<u8> = (0..64).collect();
-        let mut run = Run::new(peer(2), 1, stride);
-        assert!(run.try_extend(peer(2), stride, 64));
+        let mut run = Run::new(peer(2), 1, stride, 64);
+        assert!(run.try_extend(peer(2), stride));
         assert_eq!(run.gather(&mut arena, stride), 16..48);
         assert_eq!(arena, (0..64).collect::<Vec<u8>>());
     }

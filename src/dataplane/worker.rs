@@ -634,12 +634,10 @@ impl Worker {
                 }
                 continue;
             };
-            let extended = run
-                .as_mut()
-                .is_some_and(|r| r.try_extend(peer, len, self.family_gso.limit(peer)));
-            if !extended {
+            if !run.as_mut().is_some_and(|r| r.try_extend(peer, len)) {
                 flush!(run);
-                run = Some(Run::new(peer, i, len));
+                // Looked up once per run: a refusal changes the limit only in a flush.
+                run = Some(Run::new(peer, i, len, self.family_gso.limit(peer)));
             }
         }
         flush!(run);
